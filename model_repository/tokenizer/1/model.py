@@ -1,0 +1,89 @@
+"""Tokenizer step: texts (or a prompt's token ids) to input ids padded to a length bucket.
+
+The encoder's dynamic batcher only merges requests whose shapes are equal, so every request is padded
+to the smallest bucket that holds its longest sequence rather than to its own length.
+The same file serves two models: `tokenizer` (input TEXT) and `token_ids` (input TOKEN_IDS, used as
+they are and framed by the model's special tokens like a text would be).
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from tokenizers import Tokenizer
+
+
+def _special_token_frame(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the post-processor puts before and after a sequence, e.g. [CLS] and [SEP]."""
+    probe = "hello"
+    framed = tokenizer.encode(probe).ids
+    bare = tokenizer.encode(probe, add_special_tokens=False).ids
+    start = next(i for i in range(len(framed)) if framed[i : i + len(bare)] == bare)
+    return framed[:start], framed[start + len(bare) :]
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {key: value["string_value"] for key, value in config["parameters"].items()}
+        self.buckets = sorted(int(b) for b in params["length_buckets"].split(","))
+        self.max_length = int(params["max_sequence_length"])
+        self.pad_id = int(params["pad_token_id"])
+        tokenizer_file = str(Path(args["model_repository"]) / args["model_version"] / "tokenizer.json")
+        self.tokenizer = Tokenizer.from_file(tokenizer_file)
+        self.truncating = Tokenizer.from_file(tokenizer_file)
+        self.truncating.enable_truncation(self.max_length)
+        self.prefix, self.suffix = _special_token_frame(self.tokenizer)
+        self.input_name = config["input"][0]["name"]
+
+    def _encode_texts(self, texts: list[str]) -> list[tuple[list[int], int]]:
+        """(ids cut to max_length, untruncated count): the gateway rejects or accepts overlong texts."""
+        encoded = [e.ids for e in self.tokenizer.encode_batch(texts)]
+        overlong = [i for i, ids in enumerate(encoded) if len(ids) > self.max_length]
+        truncated = self.truncating.encode_batch([texts[i] for i in overlong]) if overlong else []
+        result = [(ids, len(ids)) for ids in encoded]
+        for i, encoding in zip(overlong, truncated):
+            result[i] = (encoding.ids, len(encoded[i]))
+        return result
+
+    def _frame_ids(self, rows: np.ndarray) -> list[tuple[list[int], int]]:
+        room = self.max_length - len(self.prefix) - len(self.suffix)
+        result = []
+        for row in rows:
+            content = row.tolist()
+            result.append((self.prefix + content[:room] + self.suffix, len(self.prefix) + len(content) + len(self.suffix)))
+        return result
+
+    def _bucket(self, length: int) -> int:
+        return next((b for b in self.buckets if b >= length), self.max_length)
+
+    def _response(self, sequences: list[tuple[list[int], int]]):
+        width = self._bucket(max(len(ids) for ids, _ in sequences))
+        input_ids = np.full((len(sequences), width), self.pad_id, dtype=np.int64)
+        attention_mask = np.zeros((len(sequences), width), dtype=np.int64)
+        for row, (ids, _) in enumerate(sequences):
+            input_ids[row, : len(ids)] = ids
+            attention_mask[row, : len(ids)] = 1
+        counts = np.array([[count] for _, count in sequences], dtype=np.int32)
+        return pb_utils.InferenceResponse(
+            output_tensors=[
+                pb_utils.Tensor("INPUT_IDS", input_ids),
+                pb_utils.Tensor("ATTENTION_MASK", attention_mask),
+                pb_utils.Tensor("TOKEN_COUNT", counts),
+            ]
+        )
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            values = pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy()
+            try:
+                if self.input_name == "TEXT":
+                    sequences = self._encode_texts([v.decode("utf-8") for v in values.reshape(-1)])
+                else:
+                    sequences = self._frame_ids(values)
+                responses.append(self._response(sequences))
+            except (UnicodeDecodeError, ValueError) as error:
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"tokenizer: {error}")))
+        return responses
