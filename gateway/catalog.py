@@ -1,0 +1,67 @@
+"""The models this gateway serves, read from the manifests the export wrote into the model repository."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from gateway.errors import ErrorKind, ServiceError
+
+MANIFEST = "embedding_manifest.json"
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    name: str
+    model_version: str
+    dimensions: int
+    num_layers: int
+    max_sequence_length: int
+    max_batch_size: int
+    prefixes: dict[str, str]
+    text_ensemble: str
+    token_ids_ensemble: str
+    tokenizer: Tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+
+def _load(manifest_path: Path) -> ServedModel:
+    manifest = json.loads(manifest_path.read_text())
+    tokenizer = Tokenizer.from_file(str(manifest_path.parent.parent / manifest["tokenizer"]))
+    return ServedModel(
+        name=manifest["name"],
+        model_version=manifest["model_version"],
+        dimensions=manifest["dimensions"],
+        num_layers=manifest["num_layers"],
+        max_sequence_length=manifest["max_sequence_length"],
+        max_batch_size=manifest["max_batch_size"],
+        prefixes=manifest["prefixes"],
+        text_ensemble=manifest["ensembles"]["text"],
+        token_ids_ensemble=manifest["ensembles"]["token_ids"],
+        tokenizer=tokenizer,
+    )
+
+
+class Catalog:
+    def __init__(self, models: list[ServedModel]):
+        if not models:
+            raise ValueError("no exported model found: run `python -m export` first")
+        self.models = {m.name: m for m in models}
+
+    @classmethod
+    def from_repository(cls, repository: Path) -> "Catalog":
+        return cls([_load(path) for path in sorted(repository.glob(f"*/{MANIFEST}"))])
+
+    def get(self, name: str) -> ServedModel:
+        try:
+            return self.models[name]
+        except KeyError:
+            raise ServiceError(
+                ErrorKind.NOT_FOUND, f"model '{name}' is not served here; available: {sorted(self.models)}", "model"
+            ) from None

@@ -1,0 +1,69 @@
+"""Request body reading and JSON responses shared by every HTTP contract."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import orjson
+from pydantic import TypeAdapter, ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.errors import ErrorKind, ServiceError, invalid
+
+JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+
+
+def json_response(content: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(content, option=JSON_OPTIONS), status_code, headers, media_type="application/json")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed the limit, before it is all read."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ServiceError(ErrorKind.PAYLOAD_TOO_LARGE, f"request body of {declared} bytes exceeds the {limit}-byte limit")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ServiceError(ErrorKind.PAYLOAD_TOO_LARGE, f"request body exceeds the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _describe(error: ValidationError) -> ServiceError:
+    first = error.errors(include_url=False)[0]
+    location = [str(part) for part in first["loc"] if not str(part).startswith(("function-", "list[", "str", "int"))]
+    param = location[0] if location else None
+    where = ".".join(location) or "body"
+    return invalid(f"'{where}': {first['msg']}", param)
+
+
+async def parse_body(request: Request, adapter: TypeAdapter, limit: int):
+    body = await read_body(request, limit)
+    try:
+        return adapter.validate_json(body)
+    except ValidationError as error:
+        if any(e["type"] == "json_invalid" for e in error.errors()):
+            raise invalid("request body is not valid JSON") from None
+        raise _describe(error) from None
+
+
+def contract_errors(render: Callable[[ServiceError], Response]):
+    """Wraps an endpoint so every ServiceError leaves in its contract's own error shape."""
+
+    def wrap(endpoint):
+        async def handle(request: Request) -> Response:
+            try:
+                return await endpoint(request)
+            except ServiceError as error:
+                response = render(error)
+                if error.retry_after_s is not None:
+                    response.headers["Retry-After"] = str(error.retry_after_s)
+                return response
+
+        handle.__name__ = endpoint.__name__
+        return handle
+
+    return wrap

@@ -1,0 +1,68 @@
+"""Every setting is a CLI flag and an EMBED_* environment variable; the flag wins."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    http_port: int = 8080
+    grpc_port: int = 50051
+    model_repository: Path = ROOT / "model_repository"
+    triton_url: str = ""
+    triton_http_port: int = 8000
+    triton_grpc_port: int = 8001
+    triton_metrics_port: int = 8002
+    run_dir: Path = ROOT / ".run"
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_inputs: int = 2048
+    max_in_flight: int = 512
+    truncate: bool = False
+
+
+HELP = {
+    "host": "address the HTTP and gRPC listeners bind to",
+    "http_port": "HTTP port of the gateway",
+    "grpc_port": "gRPC port of the gateway",
+    "model_repository": "Triton model repository written by `python -m export`",
+    "triton_url": "host:grpc_port of a running Triton to use instead of starting one (e.g. a GPU deployment)",
+    "triton_http_port": "HTTP port of the Triton the gateway starts",
+    "triton_grpc_port": "gRPC port of the Triton the gateway starts",
+    "triton_metrics_port": "metrics port of the Triton the gateway starts",
+    "run_dir": "where logs of the started Triton go",
+    "max_body_bytes": "largest request body; larger ones get 413 before any work is done",
+    "max_inputs": "most texts in one request; each is one row in Triton's batches",
+    "max_in_flight": "requests processed at once; past it callers get 429 with Retry-After instead of queueing without bound",
+    "truncate": "cut texts longer than the model's limit instead of answering 400 (a request may also ask per call)",
+}
+
+
+def _env_name(field_name: str) -> str:
+    return f"EMBED_{field_name.upper()}"
+
+
+def _parse_bool(value: str) -> bool:
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Settings:
+    environ = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(prog="python -m gateway", description="Serve embeddings over HTTP and gRPC from Triton.")
+    for field in fields(Settings):
+        flag = "--" + field.name.replace("_", "-")
+        kind = {int: int, bool: _parse_bool, Path: Path}.get(type(field.default), str)
+        env_value = environ.get(_env_name(field.name))
+        default = kind(env_value) if env_value is not None else field.default
+        help_text = f"{HELP[field.name]} (env {_env_name(field.name)}, default {default})"
+        if kind is _parse_bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=default, help=help_text)
+    return Settings(**vars(parser.parse_args(argv)))
