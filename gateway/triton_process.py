@@ -89,6 +89,8 @@ class TritonProcess:
         with open(self.log_file, "ab") as log:
             # A session of its own so that Ctrl-C in a terminal reaches the gateway first, which then stops Triton.
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=_environment(), start_new_session=True)
+        # Whoever supervises the gateway can still stop Triton by PID if the gateway dies without cleaning up.
+        (self.work_dir / "triton.pid").write_text(str(self.process.pid))
         self._wait_ready(ready_model, timeout_s)
 
     def _wait_ready(self, model: str, timeout_s: float) -> None:

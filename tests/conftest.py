@@ -1,0 +1,26 @@
+import json
+
+import pytest
+
+from tests.servers import ROOT, start_service
+
+MODEL_REPOSITORY = ROOT / "model_repository"
+
+
+@pytest.fixture(scope="session")
+def manifest() -> dict:
+    (path,) = MODEL_REPOSITORY.glob("*/embedding_manifest.json")
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="session")
+def model_name(manifest) -> str:
+    return manifest["name"]
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory):
+    """One real Triton and gateway for the whole test session."""
+    running = start_service(tmp_path_factory.mktemp("service"))
+    yield running
+    running.stop()

@@ -1,0 +1,91 @@
+"""Starts the real gateway (which starts the real Triton) on free ports and stops both by PID."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@dataclass
+class RunningService:
+    process: subprocess.Popen
+    run_dir: Path
+    http_port: int
+    grpc_port: int
+    triton_http_port: int
+    triton_grpc_port: int
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def triton_http_url(self) -> str:
+        return f"http://127.0.0.1:{self.triton_http_port}"
+
+    @property
+    def triton_grpc_url(self) -> str:
+        return f"127.0.0.1:{self.triton_grpc_port}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        pid_file = self.run_dir / "triton.pid"
+        if pid_file.exists():
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def start_service(run_dir: Path, model_repository: Path = ROOT / "model_repository", extra_args: list[str] = (), timeout_s: float = 180) -> RunningService:
+    http, grpc, t_http, t_grpc, t_metrics = free_ports(5)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable, "-m", "gateway",
+        f"--http-port={http}", f"--grpc-port={grpc}",
+        f"--triton-http-port={t_http}", f"--triton-grpc-port={t_grpc}", f"--triton-metrics-port={t_metrics}",
+        f"--model-repository={model_repository}", f"--run-dir={run_dir}", *extra_args,
+    ]
+    log = open(run_dir / "gateway.log", "wb")
+    process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    service = RunningService(process, run_dir, http, grpc, t_http, t_grpc)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            service.stop()
+            raise RuntimeError(f"gateway exited early:\n{(run_dir / 'gateway.log').read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"{service.http_url}/health", timeout=2) as response:
+                if json.loads(response.read())["status"] == "ok":
+                    return service
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.3)
+    service.stop()
+    raise RuntimeError(f"gateway not healthy after {timeout_s}s; logs in {run_dir}")
