@@ -19,6 +19,13 @@ def model_name(manifest) -> str:
 
 
 @pytest.fixture(scope="session")
+def tokenizer(manifest):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(MODEL_REPOSITORY / manifest["tokenizer"]))
+
+
+@pytest.fixture(scope="session")
 def service(tmp_path_factory):
     """One real Triton and gateway for the whole test session."""
     running = start_service(tmp_path_factory.mktemp("service"))
