@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from enum import Enum
 
+import grpc
+
 
 class ErrorKind(Enum):
     VALIDATION = "validation"
@@ -23,6 +25,15 @@ HTTP_STATUS = {
     ErrorKind.BACKEND: 500,
 }
 
+GRPC_STATUS = {
+    ErrorKind.VALIDATION: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorKind.PAYLOAD_TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.OVERLOADED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorKind.BACKEND: grpc.StatusCode.INTERNAL,
+}
+
 # Seconds a client should wait before retrying; both official clients honour Retry-After on 429 and 503.
 RETRY_AFTER_S = {ErrorKind.OVERLOADED: 1, ErrorKind.UNAVAILABLE: 2}
 
@@ -37,6 +48,10 @@ class ServiceError(Exception):
     @property
     def http_status(self) -> int:
         return HTTP_STATUS[self.kind]
+
+    @property
+    def grpc_status(self) -> grpc.StatusCode:
+        return GRPC_STATUS[self.kind]
 
     @property
     def retry_after_s(self) -> int | None:
