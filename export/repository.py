@@ -7,10 +7,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from export.compression import Projection
 from export.source_model import SourceModel
 
 STEP_SOURCES = Path(__file__).resolve().parent.parent / "model_repository"
 MANIFEST = "embedding_manifest.json"
+# The order of the layer_pooling step's POOLED output; the manifest hands it to the gateway.
+LAYER_POOLINGS = ("mean", "weighted_mean", "max", "last_token", "abs_max")
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,8 @@ def _model_config(name: str, backend: str, inputs, outputs, options: RepositoryO
         f"max_batch_size: {options.max_batch_size}",
         _tensors("input", inputs),
         _tensors("output", outputs),
-        f"dynamic_batching {{ max_queue_delay_microseconds: {options.queue_delay_us} }}",
+        # Level 1 is normal traffic, level 2 is `nice`: queued nice requests wait until no normal one is queued.
+        f"dynamic_batching {{ max_queue_delay_microseconds: {options.queue_delay_us} priority_levels: 2 default_priority_level: 1 }}",
         f"instance_group [{{ count: 1 kind: {'KIND_GPU' if gpu else 'KIND_CPU'} }}]",
     ]
     if params is not None:
@@ -57,7 +61,7 @@ def _python_params(options: RepositoryOptions, **extra: str) -> dict[str, str]:
     return {"EXECUTION_ENV_PATH": str(options.execution_env), **extra}
 
 
-def _ensemble_config(name: str, input_tensor, steps: list[dict], dims: int, options: RepositoryOptions) -> str:
+def _ensemble_config(name: str, input_tensor, steps: list[dict], output_tensor, options: RepositoryOptions) -> str:
     rendered = []
     for step in steps:
         maps = "".join(
@@ -70,7 +74,7 @@ def _ensemble_config(name: str, input_tensor, steps: list[dict], dims: int, opti
             'platform: "ensemble"',
             f"max_batch_size: {options.max_batch_size}",
             _tensors("input", [input_tensor]),
-            _tensors("output", [("EMBEDDING", "TYPE_FP32", [dims]), ("TOKEN_COUNT", "TYPE_INT32", [1])]),
+            _tensors("output", [output_tensor, ("TOKEN_COUNT", "TYPE_INT32", [1])]),
             "ensemble_scheduling {\n  step [\n" + ",\n".join(rendered) + "\n  ]\n}",
         ]
     ) + "\n"
@@ -97,7 +101,13 @@ def _encoder_tensor(name: str, options: RepositoryOptions) -> str:
 
 
 def write_repository(
-    source: SourceModel, onnx_path: Path, tokenizer_json: Path, out_dir: Path, options: RepositoryOptions, manifest: dict
+    source: SourceModel,
+    onnx_path: Path,
+    tokenizer_json: Path,
+    out_dir: Path,
+    options: RepositoryOptions,
+    manifest: dict,
+    projection: Projection,
 ) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     token_step = {
@@ -125,42 +135,83 @@ def write_repository(
     shutil.copy(onnx_path, encoder_dir / plan_name)
     (encoder_dir.parent / "config.pbtxt").write_text(_encoder_config(source, options))
 
-    pooling_dir = _fresh_model_dir(out_dir / "pooling")
-    _copy_step_source("pooling", pooling_dir)
-    pooling_config = _model_config(
+    hidden = source.hidden_size
+    _write_python_step(
         "pooling",
-        'backend: "python"',
-        [("TOKEN_EMBEDDINGS", "TYPE_FP32", [-1, source.hidden_size]), ("ATTENTION_MASK", "TYPE_INT64", [-1])],
-        [("EMBEDDING", "TYPE_FP32", [source.hidden_size])],
+        [("TOKEN_EMBEDDINGS", "TYPE_FP32", [-1, hidden]), ("ATTENTION_MASK", "TYPE_INT64", [-1])],
+        [("EMBEDDING", "TYPE_FP32", [hidden])],
+        out_dir,
         options,
-        params=_python_params(options, normalize="true" if source.normalize else "false"),
+        normalize="true" if source.normalize else "false",
     )
-    (pooling_dir.parent / "config.pbtxt").write_text(pooling_config)
+    compression_dir = _write_python_step(
+        "compression", [("EMBEDDING", "TYPE_FP32", [hidden])], [("EMBEDDING", "TYPE_FP32", [projection.size])], out_dir, options
+    )
+    projection.save(compression_dir / "projection.npz")
+    layers_shape = [source.num_layers + 1, len(LAYER_POOLINGS), hidden]
+    _write_python_step(
+        "layer_pooling",
+        [("HIDDEN_STATES", "TYPE_FP32", [source.num_layers + 1, -1, hidden]), ("ATTENTION_MASK", "TYPE_INT64", [-1])],
+        [("POOLED", "TYPE_FP32", layers_shape)],
+        out_dir,
+        options,
+        poolings=",".join(LAYER_POOLINGS),
+    )
 
+    pooled = {"model": "pooling", "input_map": {"TOKEN_EMBEDDINGS": "token_embeddings", "ATTENTION_MASK": "attention_mask"}}
+    # Each pipeline: encoder output it needs, the steps after the encoder, the ensemble output.
+    pipelines = {
+        "embedding": ("TOKEN_EMBEDDINGS", [{**pooled, "output_map": {"EMBEDDING": "EMBEDDING"}}], ("EMBEDDING", "TYPE_FP32", [hidden])),
+        "compression": (
+            "TOKEN_EMBEDDINGS",
+            [
+                {**pooled, "output_map": {"EMBEDDING": "embedding"}},
+                {"model": "compression", "input_map": {"EMBEDDING": "embedding"}, "output_map": {"EMBEDDING": "EMBEDDING"}},
+            ],
+            ("EMBEDDING", "TYPE_FP32", [projection.size]),
+        ),
+        "layers": (
+            "HIDDEN_STATES",
+            [
+                {
+                    "model": "layer_pooling",
+                    "input_map": {"HIDDEN_STATES": "hidden_states", "ATTENTION_MASK": "attention_mask"},
+                    "output_map": {"POOLED": "POOLED"},
+                }
+            ],
+            ("POOLED", "TYPE_FP32", layers_shape),
+        ),
+    }
     for input_name, (model_name, input_tensor) in token_step.items():
-        ensemble_name = manifest["ensembles"]["text" if input_name == "TEXT" else "token_ids"]
-        steps = [
-            {
-                "model": model_name,
-                "input_map": {input_name: input_name},
-                "output_map": {"INPUT_IDS": "input_ids", "ATTENTION_MASK": "attention_mask", "TOKEN_COUNT": "TOKEN_COUNT"},
-            },
-            {
-                "model": "encoder",
-                "input_map": {_encoder_tensor("INPUT_IDS", options): "input_ids", _encoder_tensor("ATTENTION_MASK", options): "attention_mask"},
-                "output_map": {_encoder_tensor("TOKEN_EMBEDDINGS", options): "token_embeddings"},
-            },
-            {
-                "model": "pooling",
-                "input_map": {"TOKEN_EMBEDDINGS": "token_embeddings", "ATTENTION_MASK": "attention_mask"},
-                "output_map": {"EMBEDDING": "EMBEDDING"},
-            },
-        ]
-        ensemble_dir = _fresh_model_dir(out_dir / ensemble_name)
-        (ensemble_dir.parent / "config.pbtxt").write_text(
-            _ensemble_config(ensemble_name, input_tensor, steps, source.hidden_size, options)
-        )
+        kind = "text" if input_name == "TEXT" else "token_ids"
+        for pipeline, (encoder_output, tail, output_tensor) in pipelines.items():
+            ensemble_name = (manifest if pipeline == "embedding" else manifest[pipeline])["ensembles"][kind]
+            steps = [
+                {
+                    "model": model_name,
+                    "input_map": {input_name: input_name},
+                    "output_map": {"INPUT_IDS": "input_ids", "ATTENTION_MASK": "attention_mask", "TOKEN_COUNT": "TOKEN_COUNT"},
+                },
+                {
+                    "model": "encoder",
+                    "input_map": {_encoder_tensor("INPUT_IDS", options): "input_ids", _encoder_tensor("ATTENTION_MASK", options): "attention_mask"},
+                    "output_map": {_encoder_tensor(encoder_output, options): encoder_output.lower()},
+                },
+                *tail,
+            ]
+            ensemble_dir = _fresh_model_dir(out_dir / ensemble_name)
+            (ensemble_dir.parent / "config.pbtxt").write_text(
+                _ensemble_config(ensemble_name, input_tensor, steps, output_tensor, options)
+            )
     (out_dir / manifest["ensembles"]["text"] / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _write_python_step(name: str, inputs, outputs, out_dir: Path, options: RepositoryOptions, **params: str) -> Path:
+    version_dir = _fresh_model_dir(out_dir / name)
+    _copy_step_source(name, version_dir)
+    config = _model_config(name, 'backend: "python"', inputs, outputs, options, params=_python_params(options, **params))
+    (version_dir.parent / "config.pbtxt").write_text(config)
+    return version_dir
 
 
 def _copy_step_source(step: str, version_dir: Path) -> None:

@@ -14,6 +14,18 @@ MANIFEST = "embedding_manifest.json"
 
 
 @dataclass(frozen=True)
+class EnsemblePair:
+    """One pipeline's two entry points: raw text (tokenized in Triton) or token ids."""
+
+    text: str
+    token_ids: str
+
+    @classmethod
+    def of(cls, names: dict) -> "EnsemblePair":
+        return cls(names["text"], names["token_ids"])
+
+
+@dataclass(frozen=True)
 class ServedModel:
     name: str
     model_version: str
@@ -25,6 +37,11 @@ class ServedModel:
     text_ensemble: str
     token_ids_ensemble: str
     tokenizer: Tokenizer
+    compress_to_size: int
+    compressed_model_version: str
+    compressed: EnsemblePair
+    layer_poolings: tuple[str, ...]
+    layers: EnsemblePair
 
     @property
     def vocab_size(self) -> int:
@@ -45,6 +62,14 @@ def _load(manifest_path: Path) -> ServedModel:
         text_ensemble=manifest["ensembles"]["text"],
         token_ids_ensemble=manifest["ensembles"]["token_ids"],
         tokenizer=tokenizer,
+        compress_to_size=manifest["compression"]["size"],
+        compressed_model_version=(
+            f"{manifest['model_version']}-{manifest['compression']['method']}{manifest['compression']['size']}"
+            f"-{manifest['compression']['digest']}"
+        ),
+        compressed=EnsemblePair.of(manifest["compression"]["ensembles"]),
+        layer_poolings=tuple(manifest["layers"]["poolings"]),
+        layers=EnsemblePair.of(manifest["layers"]["ensembles"]),
     )
 
 

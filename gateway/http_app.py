@@ -7,7 +7,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway import openai_api
+from gateway import aleph_alpha_api, openai_api
 from gateway.embedding_service import EmbeddingService
 from gateway.http_io import json_response
 
@@ -20,5 +20,9 @@ def build_app(service: EmbeddingService, max_body_bytes: int) -> Starlette:
         headers = None if status == 200 else {"Retry-After": "2"}
         return json_response({"status": "ok" if status == 200 else "unavailable", "models": ready}, status, headers)
 
-    routes = [Route("/health", health, methods=["GET"]), *openai_api.routes(service, max_body_bytes)]
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        *openai_api.routes(service, max_body_bytes),
+        *aleph_alpha_api.routes(service, max_body_bytes),
+    ]
     return Starlette(routes=routes)

@@ -1,0 +1,59 @@
+"""Prompts made of items (text, token ids, images), resolved to one model input.
+
+Transport-neutral: the Aleph Alpha HTTP contract and the gRPC contract both turn their own prompt
+shapes into PromptItems. A prompt that is a single text goes to the ensemble's own tokenizer step,
+so it embeds exactly like the same text sent to /v1/embeddings; anything else is tokenized here,
+item by item, and concatenated in order into one token id sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+from tokenizers import Tokenizer
+
+from gateway.errors import invalid
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    kind: str  # "text", "token_ids" or "image"
+    data: Union[str, list[int]]
+    has_controls: bool = False
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What the model is fed: exactly one of a text or a token id sequence (without special tokens)."""
+
+    text: str | None = None
+    token_ids: list[int] | None = None
+
+
+def resolve(items: list[PromptItem], tokenizer: Tokenizer, prefix: str, field: str) -> Prompt:
+    """One Prompt from a prompt's items, with the representation's prefix in front; errors name `field`."""
+    if not items:
+        raise invalid(f"'{field}' must not be empty", field)
+    for item in items:
+        if item.kind == "image":
+            raise invalid(f"'{field}': this model does not accept images", field)
+        if item.has_controls:
+            raise invalid(f"'{field}': attention controls are not supported yet", field)
+    if len(items) == 1 and items[0].kind == "text":
+        if not items[0].data:
+            raise invalid(f"'{field}' must not be empty", field)
+        return Prompt(text=prefix + items[0].data)
+    vocab = tokenizer.get_vocab_size()
+    ids: list[int] = tokenizer.encode(prefix, add_special_tokens=False).ids if prefix else []
+    for item in items:
+        if item.kind == "text":
+            ids += tokenizer.encode(item.data, add_special_tokens=False).ids
+            continue
+        bad = next((i for i in item.data if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise invalid(f"'{field}' holds token id {bad}, outside the vocabulary [0, {vocab})", field)
+        ids += item.data
+    if not ids:
+        raise invalid(f"'{field}' must not be empty", field)
+    return Prompt(token_ids=ids)
