@@ -206,8 +206,7 @@ class EmbeddingService:
         prefix = model.prefixes[call.representation]
         single = len(call.prompts) == 1
         prompts = [
-            resolve(items, model.tokenizer, prefix, call.prompt_field if single else f"{call.prompt_field}[{index}]")
-            for index, items in enumerate(call.prompts)
+            resolve(items, model.tokenizer, prefix, call.prompt_field, None if single else index) for index, items in enumerate(call.prompts)
         ]
         if call.compress_to_size is None:
             ensembles, model_version = EnsemblePair(model.text_ensemble, model.token_ids_ensemble), model.model_version

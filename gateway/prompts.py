@@ -31,18 +31,22 @@ class Prompt:
     token_ids: list[int] | None = None
 
 
-def resolve(items: list[PromptItem], tokenizer: Tokenizer, prefix: str, field: str) -> Prompt:
-    """One Prompt from a prompt's items, with the representation's prefix in front; errors name `field`."""
+def resolve(items: list[PromptItem], tokenizer: Tokenizer, prefix: str, field: str, index: int | None = None) -> Prompt:
+    """One Prompt from a prompt's items, with the representation's prefix in front.
+
+    Errors name `field` as the parameter and `field[index]` in the message when the prompt is one of many.
+    """
+    where = field if index is None else f"{field}[{index}]"
     if not items:
-        raise invalid(f"'{field}' must not be empty", field)
+        raise invalid(f"'{where}' must not be empty", field)
     for item in items:
         if item.kind == "image":
-            raise invalid(f"'{field}': this model does not accept images", field)
+            raise invalid(f"'{where}': this model does not accept images", field)
         if item.has_controls:
-            raise invalid(f"'{field}': attention controls are not supported yet", field)
+            raise invalid(f"'{where}': attention controls are not supported yet", field)
     if len(items) == 1 and items[0].kind == "text":
         if not items[0].data:
-            raise invalid(f"'{field}' must not be empty", field)
+            raise invalid(f"'{where}' must not be empty", field)
         return Prompt(text=prefix + items[0].data)
     vocab = tokenizer.get_vocab_size()
     ids: list[int] = tokenizer.encode(prefix, add_special_tokens=False).ids if prefix else []
@@ -52,8 +56,8 @@ def resolve(items: list[PromptItem], tokenizer: Tokenizer, prefix: str, field: s
             continue
         bad = next((i for i in item.data if not 0 <= i < vocab), None)
         if bad is not None:
-            raise invalid(f"'{field}' holds token id {bad}, outside the vocabulary [0, {vocab})", field)
+            raise invalid(f"'{where}' holds token id {bad}, outside the vocabulary [0, {vocab})", field)
         ids += item.data
     if not ids:
-        raise invalid(f"'{field}' must not be empty", field)
+        raise invalid(f"'{where}' must not be empty", field)
     return Prompt(token_ids=ids)
