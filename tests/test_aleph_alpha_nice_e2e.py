@@ -1,0 +1,49 @@
+"""?nice=true lowers the Triton priority: under a load of nice requests, normal requests are not held up."""
+
+import asyncio
+import statistics
+import time
+
+from aleph_alpha_client import AsyncClient, BatchSemanticEmbeddingRequest, Prompt, SemanticEmbeddingRequest, SemanticRepresentation
+
+from export.datasets import sts_sentences
+
+LOAD_PROMPTS = 600
+PROBES = 5
+
+
+async def probe_latencies_under_load(service, model_name, load_is_nice: bool) -> tuple[list[float], float]:
+    """Latencies of normal single-prompt requests sent together while a big batch load fills Triton's queues."""
+    load = BatchSemanticEmbeddingRequest(
+        prompts=[Prompt.from_text(t) for t in sts_sentences()[:LOAD_PROMPTS]], representation=SemanticRepresentation.Symmetric
+    )
+    probes = [
+        SemanticEmbeddingRequest(prompt=Prompt.from_text(f"Is request {i} held up?"), representation=SemanticRepresentation.Symmetric)
+        for i in range(PROBES)
+    ]
+    async with (
+        AsyncClient(token="unused", host=service.http_url, nice=load_is_nice, total_retries=0) as load_client,
+        AsyncClient(token="unused", host=service.http_url, total_retries=0) as probe_client,
+    ):
+
+        async def timed(probe) -> float:
+            sent = time.monotonic()
+            await probe_client.semantic_embed(probe, model=model_name)
+            return time.monotonic() - sent
+
+        started = time.monotonic()
+        load_task = asyncio.create_task(load_client.batch_semantic_embed(load, model=model_name, num_concurrent_requests=6, batch_size=100))
+        await asyncio.sleep(0.5)
+        latencies = await asyncio.gather(*(timed(probe) for probe in probes))
+        assert len((await load_task).embeddings) == LOAD_PROMPTS
+        return latencies, time.monotonic() - started
+
+
+async def test_nice_load_does_not_delay_normal_requests(service, model_name):
+    behind_normal, normal_load_s = await probe_latencies_under_load(service, model_name, load_is_nice=False)
+    behind_nice, nice_load_s = await probe_latencies_under_load(service, model_name, load_is_nice=True)
+    report = f"probe latencies (s) behind a normal load {behind_normal} ({normal_load_s:.1f}s), behind a nice load {behind_nice} ({nice_load_s:.1f}s)"
+    print(report)
+    # Behind a normal load the probes wait for the queue; behind a nice load only for the batches already executing.
+    assert statistics.median(behind_nice) * 3 < statistics.median(behind_normal), report
+    assert max(behind_nice) < nice_load_s / 2, report
