@@ -8,9 +8,10 @@ import inspect
 import grpc
 import numpy as np
 
-from gateway.embedding_service import EmbedCall, EmbeddingService
-from gateway.errors import ServiceError
+from gateway.embedding_service import EmbedCall, EmbeddingService, EmbedLayersCall, SemanticEmbedCall, SemanticEmbedResult
+from gateway.errors import ServiceError, invalid
 from gateway.grpc_stream import StreamBatcher
+from gateway.prompts import PromptItem
 from proto.embedding.v1 import embedding_pb2 as pb
 from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
 
@@ -23,6 +24,33 @@ def vector_message(vector: np.ndarray, encoding: int, index: int = 0, token_coun
 
 def _optional(message, field: str):
     return getattr(message, field) if message.HasField(field) else None
+
+
+def _enum_name(enum, value: int) -> str:
+    """'POOLING_WEIGHTED_MEAN' -> 'weighted_mean'; a value this server does not know reaches the core's check as is."""
+    prefix = enum.DESCRIPTOR.name.upper() + "_"
+    return enum.Name(value).removeprefix(prefix).lower() if value in enum.values() else str(value)
+
+
+def _representation(value: int) -> str:
+    return "symmetric" if value == pb.REPRESENTATION_UNSPECIFIED else _enum_name(pb.Representation, value)
+
+
+def _prompt_items(prompt: pb.Prompt, field: str) -> list[PromptItem]:
+    items = []
+    for item in prompt.items:
+        kind = item.WhichOneof("item")
+        if kind is None:
+            raise invalid(f"'{field}' holds an item with neither text nor token_ids", field)
+        items.append(PromptItem("text", item.text) if kind == "text" else PromptItem("token_ids", list(item.token_ids.ids)))
+    return items
+
+
+def _semantic_embeddings(result: SemanticEmbedResult, encoding: int) -> list[pb.Embedding]:
+    return [
+        vector_message(vector, encoding, index, count)
+        for index, (vector, count) in enumerate(zip(result.embeddings, result.token_counts.tolist()))
+    ]
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: ServiceError):
@@ -63,6 +91,8 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 
     @contract_errors
     async def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
+        if request.representation != pb.REPRESENTATION_UNSPECIFIED or request.HasField("compress_to_size") or request.normalize:
+            return await self._embed_semantic(request)
         call = EmbedCall(
             model=request.model,
             texts=list(request.inputs),
@@ -72,11 +102,79 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         )
         result = await self.service.embed(call)
         embeddings = [
-            vector_message(vector, request.encoding, index, int(count))
-            for index, (vector, count) in enumerate(zip(result.embeddings, result.token_counts))
+            vector_message(vector, request.encoding, index, count)
+            for index, (vector, count) in enumerate(zip(result.embeddings, result.token_counts.tolist()))
         ]
         usage = pb.Usage(prompt_tokens=result.total_tokens, total_tokens=result.total_tokens)
         return pb.EmbedResponse(model=result.model.name, model_version=result.model.model_version, embeddings=embeddings, usage=usage)
+
+    async def _embed_semantic(self, request: pb.EmbedRequest) -> pb.EmbedResponse:
+        """Aleph Alpha's options take the semantic_embed path, which has no dimensions or truncate of its own."""
+        for field in ("dimensions", "truncate"):
+            if request.HasField(field):
+                raise invalid(f"'{field}' cannot be combined with representation, compress_to_size or normalize", field)
+        result = await self.service.semantic_embed(self._semantic_call(request, [[PromptItem("text", t)] for t in request.inputs], "inputs"))
+        usage = pb.Usage(prompt_tokens=result.total_tokens, total_tokens=result.total_tokens)
+        embeddings = _semantic_embeddings(result, request.encoding)
+        return pb.EmbedResponse(model=request.model, model_version=result.model_version, embeddings=embeddings, usage=usage)
+
+    @staticmethod
+    def _semantic_call(request, prompts: list[list[PromptItem]], field: str) -> SemanticEmbedCall:
+        return SemanticEmbedCall(
+            model=request.model,
+            prompts=prompts,
+            representation=_representation(request.representation),
+            compress_to_size=_optional(request, "compress_to_size"),
+            normalize=request.normalize,
+            prompt_field=field,
+        )
+
+    @contract_errors
+    async def SemanticEmbed(self, request: pb.SemanticEmbedRequest, context) -> pb.SemanticEmbedResponse:
+        call = self._semantic_call(request, [_prompt_items(request.prompt, "prompt")], "prompt")
+        result = await self.service.semantic_embed(call)
+        (embedding,) = _semantic_embeddings(result, request.encoding)
+        return pb.SemanticEmbedResponse(model_version=result.model_version, embedding=embedding, num_tokens_prompt_total=result.total_tokens)
+
+    @contract_errors
+    async def BatchSemanticEmbed(self, request: pb.BatchSemanticEmbedRequest, context) -> pb.BatchSemanticEmbedResponse:
+        prompts = [_prompt_items(prompt, f"prompts[{index}]") for index, prompt in enumerate(request.prompts)]
+        result = await self.service.semantic_embed(self._semantic_call(request, prompts, "prompts"))
+        return pb.BatchSemanticEmbedResponse(
+            model_version=result.model_version,
+            embeddings=_semantic_embeddings(result, request.encoding),
+            num_tokens_prompt_total=result.total_tokens,
+        )
+
+    @contract_errors
+    async def EmbedLayers(self, request: pb.EmbedLayersRequest, context) -> pb.EmbedLayersResponse:
+        poolings = [_enum_name(pb.Pooling, p) for p in request.poolings]
+        call = EmbedLayersCall(
+            model=request.model,
+            prompt=_prompt_items(request.prompt, "prompt"),
+            layers=list(request.layers),
+            poolings=poolings,
+            tokens=request.tokens,
+            normalize=request.normalize,
+        )
+        result = await self.service.embed_layers(call)
+        embeddings = [
+            pb.LayerPooling(layer=layer, pooling=pooling, embedding=vector_message(pooled[name], request.encoding))
+            for layer, pooled in result.layers
+            for pooling, name in zip(request.poolings, poolings)
+        ]
+        return pb.EmbedLayersResponse(
+            model_version=result.model_version, embeddings=embeddings, tokens=result.tokens or [], num_tokens_prompt_total=result.num_tokens
+        )
+
+    @contract_errors
+    async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
+        tokens, token_ids = self.service.tokenize(request.model, request.prompt)
+        return pb.TokenizeResponse(tokens=tokens, token_ids=token_ids)
+
+    @contract_errors
+    async def Detokenize(self, request: pb.DetokenizeRequest, context) -> pb.DetokenizeResponse:
+        return pb.DetokenizeResponse(result=self.service.detokenize(request.model, list(request.token_ids)))
 
     @contract_errors
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
