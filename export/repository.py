@@ -147,7 +147,7 @@ def write_repository(
     compression_dir = _write_python_step(
         "compression", [("EMBEDDING", "TYPE_FP32", [hidden])], [("EMBEDDING", "TYPE_FP32", [projection.size])], out_dir, options
     )
-    projection.save(compression_dir / "projection.npz")
+    projection.save(compression_dir / "projection.npy")
     layers_shape = [source.num_layers + 1, len(LAYER_POOLINGS), hidden]
     _write_python_step(
         "layer_pooling",
