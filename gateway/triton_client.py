@@ -24,6 +24,20 @@ def _backend_error(error: InferenceServerException) -> ServiceError:
     return ServiceError(ErrorKind.BACKEND, f"inference failed: {error.message()}")
 
 
+# Texts per request when a long list is split by length; small enough that one long text pads few others.
+SORTED_CHUNK = 32
+
+
+def _in_order(groups: list[list[int]], results: list[tuple[np.ndarray, np.ndarray]], total: int) -> tuple[np.ndarray, np.ndarray]:
+    """Puts each group's rows back at the input positions the group lists."""
+    order = np.concatenate([np.array(members) for members in groups])
+    values = np.empty((total, *results[0][0].shape[1:]), dtype=np.float32)
+    counts = np.empty(total, dtype=np.int64)
+    values[order] = np.concatenate([r[0] for r in results])
+    counts[order] = np.concatenate([r[1] for r in results])
+    return values, counts
+
+
 class TritonClient:
     def __init__(self, url: str):
         self.url = url
@@ -50,15 +64,22 @@ class TritonClient:
         return result.as_numpy(output), result.as_numpy("TOKEN_COUNT").reshape(-1)
 
     async def embed_texts(self, ensemble: str, texts: list[str], max_batch: int, priority: int = PRIORITY_NORMAL, output: str = "EMBEDDING"):
-        """The ensemble's `output` rows and untruncated token counts, in input order; chunks of max_batch run concurrently."""
+        """The ensemble's `output` rows and untruncated token counts, in input order; chunks run concurrently.
 
-        async def chunk(part: list[str]):
-            tensor = grpcclient.InferInput("TEXT", [len(part), 1], "BYTES")
-            tensor.set_data_from_numpy(np.array([t.encode("utf-8") for t in part], dtype=np.object_).reshape(-1, 1))
+        The tokenizer step pads each request to the bucket of its longest text, so texts are sent sorted by
+        length in chunks of SORTED_CHUNK: short texts are not padded to a long one's bucket, and the
+        encoder's batcher merges the chunks that land in the same bucket again.
+        """
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        size = min(max_batch, SORTED_CHUNK)
+        chunks = [order[i : i + size] for i in range(0, len(order), size)]
+
+        async def chunk(members: list[int]):
+            tensor = grpcclient.InferInput("TEXT", [len(members), 1], "BYTES")
+            tensor.set_data_from_numpy(np.array([texts[i].encode("utf-8") for i in members], dtype=np.object_).reshape(-1, 1))
             return await self._infer(ensemble, tensor, priority, output)
 
-        results = await asyncio.gather(*(chunk(texts[i : i + max_batch]) for i in range(0, len(texts), max_batch)))
-        return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
+        return _in_order(chunks, await asyncio.gather(*(chunk(members) for members in chunks)), len(texts))
 
     async def embed_token_ids(
         self, ensemble: str, sequences: list[list[int]], max_batch: int, priority: int = PRIORITY_NORMAL, output: str = "EMBEDDING"
@@ -74,10 +95,4 @@ class TritonClient:
             tensor.set_data_from_numpy(np.array([sequences[i] for i in members], dtype=np.int64))
             return await self._infer(ensemble, tensor, priority, output)
 
-        results = await asyncio.gather(*(group(members) for members in groups))
-        order = np.concatenate([np.array(members) for members in groups])
-        embeddings = np.empty((len(sequences), *results[0][0].shape[1:]), dtype=np.float32)
-        counts = np.empty(len(sequences), dtype=np.int64)
-        embeddings[order] = np.concatenate([r[0] for r in results])
-        counts[order] = np.concatenate([r[1] for r in results])
-        return embeddings, counts
+        return _in_order(groups, await asyncio.gather(*(group(members) for members in groups)), len(sequences))
