@@ -12,6 +12,7 @@ from aleph_alpha_client import (
     Client,
     DetokenizationRequest,
     EmbeddingRequest,
+    EmbeddingV2Request,
     Prompt,
     SemanticEmbeddingRequest,
     SemanticRepresentation,
@@ -86,6 +87,19 @@ def test_symmetric_semantic_embed_equals_openai_embeddings(service, client, mode
         SemanticEmbeddingRequest(prompt=Prompt.from_text(text), representation=SemanticRepresentation.Symmetric), model=model_name
     )
     np.testing.assert_array_equal(np.array(response.embedding, dtype=np.float32), openai_vectors(service, model_name, [text])[0])
+
+
+def test_embeddings_v2_and_aleph_alpha_hosting(service, model_name):
+    client = Client(token="unused", host=service.http_url, hosting="aleph-alpha", total_retries=0)
+    texts = ["A man is playing a guitar.", "The cat sits outside."]
+    response = client.embeddings(EmbeddingV2Request(input=texts), model=model_name)
+    assert [d.index for d in response.data] == [0, 1]
+    np.testing.assert_array_equal(np.array([d.embedding for d in response.data], dtype=np.float32), openai_vectors(service, model_name, texts))
+    assert response.usage.total_tokens == response.usage.prompt_tokens > 0
+    semantic = client.semantic_embed(
+        SemanticEmbeddingRequest(prompt=Prompt.from_text(texts[0]), representation=SemanticRepresentation.Document), model=model_name
+    )
+    np.testing.assert_array_equal(np.array(semantic.embedding, dtype=np.float32), np.array(response.data[0].embedding, dtype=np.float32))
 
 
 def test_text_and_token_id_items_are_concatenated_in_order(service, client, model_name, tokenizer):
