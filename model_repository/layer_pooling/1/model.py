@@ -11,27 +11,27 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 
-def mean(states, mask, positions):
+def mean(states, mask):
     return (states * mask).sum(axis=2) / np.maximum(mask.sum(axis=2), 1e-9)
 
 
-def weighted_mean(states, mask, positions):
+def weighted_mean(states, mask):
     # Position-weighted mean: token i (1-based) weighs i, so later tokens count more.
-    weights = mask * positions
+    weights = mask * np.arange(1, mask.shape[2] + 1, dtype=np.float32)[None, None, :, None]
     return (states * weights).sum(axis=2) / np.maximum(weights.sum(axis=2), 1e-9)
 
 
-def max_(states, mask, positions):
+def max_(states, mask):
     return np.where(mask > 0, states, -np.inf).max(axis=2)
 
 
-def last_token(states, mask, positions):
+def last_token(states, mask):
     # Sequences are right-padded, so the last real token sits at (number of real tokens - 1).
     last = (mask[:, 0, :, 0].sum(axis=1).astype(np.int64) - 1).clip(min=0)
     return states[np.arange(states.shape[0]), :, last, :]
 
 
-def abs_max(states, mask, positions):
+def abs_max(states, mask):
     return np.where(mask > 0, np.abs(states), 0.0).max(axis=2)
 
 
@@ -41,8 +41,7 @@ POOLINGS = {"mean": mean, "weighted_mean": weighted_mean, "max": max_, "last_tok
 def pool_all(hidden_states: np.ndarray, attention_mask: np.ndarray, names: list[str]) -> np.ndarray:
     """hidden_states [batch, layers, seq, hidden], attention_mask [batch, seq] -> [batch, layers, poolings, hidden]."""
     mask = attention_mask[:, None, :, None].astype(np.float32)
-    positions = np.arange(1, attention_mask.shape[1] + 1, dtype=np.float32)[None, None, :, None]
-    return np.stack([POOLINGS[name](hidden_states, mask, positions) for name in names], axis=2).astype(np.float32)
+    return np.stack([POOLINGS[name](hidden_states, mask) for name in names], axis=2).astype(np.float32)
 
 
 class TritonPythonModel:
