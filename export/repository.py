@@ -48,7 +48,8 @@ def _model_config(name: str, backend: str, inputs, outputs, options: RepositoryO
         _tensors("input", inputs),
         _tensors("output", outputs),
         # Level 1 is normal traffic, level 2 is `nice`: queued nice requests wait until no normal one is queued.
-        f"dynamic_batching {{ max_queue_delay_microseconds: {options.queue_delay_us} priority_levels: 2 default_priority_level: 1 }}",
+        f"dynamic_batching {{ max_queue_delay_microseconds: {options.queue_delay_us} "
+        "priority_levels: 2 default_priority_level: 1 }",
         f"instance_group [{{ count: 1 kind: {'KIND_GPU' if gpu else 'KIND_CPU'} }}]",
     ]
     if params is not None:
@@ -161,7 +162,11 @@ def write_repository(
     pooled = {"model": "pooling", "input_map": {"TOKEN_EMBEDDINGS": "token_embeddings", "ATTENTION_MASK": "attention_mask"}}
     # Each pipeline: encoder output it needs, the steps after the encoder, the ensemble output.
     pipelines = {
-        "embedding": ("TOKEN_EMBEDDINGS", [{**pooled, "output_map": {"EMBEDDING": "EMBEDDING"}}], ("EMBEDDING", "TYPE_FP32", [hidden])),
+        "embedding": (
+            "TOKEN_EMBEDDINGS",
+            [{**pooled, "output_map": {"EMBEDDING": "EMBEDDING"}}],
+            ("EMBEDDING", "TYPE_FP32", [hidden]),
+        ),
         "compression": (
             "TOKEN_EMBEDDINGS",
             [

@@ -96,7 +96,8 @@ class DetokenizeRequest(BaseModel):
 
 
 ADAPTERS = {
-    cls: TypeAdapter(cls) for cls in (SemanticEmbedRequest, BatchSemanticEmbedRequest, EmbedRequest, TokenizeRequest, DetokenizeRequest)
+    cls: TypeAdapter(cls)
+    for cls in (SemanticEmbedRequest, BatchSemanticEmbedRequest, EmbedRequest, TokenizeRequest, DetokenizeRequest)
 }
 
 
@@ -144,7 +145,11 @@ def routes(service: EmbeddingService, max_body_bytes: int) -> list[Route]:
         body = await parse(request, SemanticEmbedRequest)
         result = await semantic(request, body, [body.prompt], "prompt")
         return json_response(
-            {"model_version": result.model_version, "embedding": result.embeddings[0], "num_tokens_prompt_total": result.total_tokens}
+            {
+                "model_version": result.model_version,
+                "embedding": result.embeddings[0],
+                "num_tokens_prompt_total": result.total_tokens,
+            }
         )
 
     @contract_errors(render_error)
@@ -152,7 +157,11 @@ def routes(service: EmbeddingService, max_body_bytes: int) -> list[Route]:
         body = await parse(request, BatchSemanticEmbedRequest)
         result = await semantic(request, body, body.prompts, "prompts")
         return json_response(
-            {"model_version": result.model_version, "embeddings": result.embeddings, "num_tokens_prompt_total": result.total_tokens}
+            {
+                "model_version": result.model_version,
+                "embeddings": result.embeddings,
+                "num_tokens_prompt_total": result.total_tokens,
+            }
         )
 
     @contract_errors(render_error)

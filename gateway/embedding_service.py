@@ -173,7 +173,7 @@ class EmbeddingService:
     async def _infer_prompts(
         self, model: ServedModel, prompts: list[Prompt], ensembles: EnsemblePair, output: str, priority: int, field: str
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Texts go through the ensemble's tokenizer step, resolved token ids through its token_ids step; rows keep prompt order."""
+        """Texts go through the ensemble's tokenizer step, resolved token ids through its token_ids step, in prompt order."""
         text_rows = [i for i, p in enumerate(prompts) if p.text is not None]
         id_rows = [i for i, p in enumerate(prompts) if p.text is None]
         parts = []
@@ -183,7 +183,8 @@ class EmbeddingService:
                 parts.append((text_rows, self.triton.embed_texts(ensembles.text, texts, model.max_batch_size, priority, output)))
             if id_rows:
                 ids = [prompts[i].token_ids for i in id_rows]
-                parts.append((id_rows, self.triton.embed_token_ids(ensembles.token_ids, ids, model.max_batch_size, priority, output)))
+                by_ids = self.triton.embed_token_ids(ensembles.token_ids, ids, model.max_batch_size, priority, output)
+                parts.append((id_rows, by_ids))
             results = await asyncio.gather(*(coroutine for _, coroutine in parts))
         values = np.empty((len(prompts), *results[0][0].shape[1:]), dtype=np.float32)
         counts = np.empty(len(prompts), dtype=np.int64)
@@ -195,10 +196,12 @@ class EmbeddingService:
     async def semantic_embed(self, call: SemanticEmbedCall) -> SemanticEmbedResult:
         model = self.catalog.get(call.model)
         if call.representation not in model.prefixes:
-            raise invalid(f"representation must be one of {sorted(model.prefixes)}, got {call.representation!r}", "representation")
+            choices = sorted(model.prefixes)
+            raise invalid(f"representation must be one of {choices}, got {call.representation!r}", "representation")
         if call.compress_to_size not in (None, model.compress_to_size):
             raise invalid(
-                f"compress_to_size {call.compress_to_size} is not supported by {model.name}; supported: [{model.compress_to_size}] or null",
+                f"compress_to_size {call.compress_to_size} is not supported by {model.name}; "
+                f"supported: [{model.compress_to_size}] or null",
                 "compress_to_size",
             )
         if not call.prompts or len(call.prompts) > self.max_inputs:
@@ -206,7 +209,8 @@ class EmbeddingService:
         prefix = model.prefixes[call.representation]
         single = len(call.prompts) == 1
         prompts = [
-            resolve(items, model.tokenizer, prefix, call.prompt_field, None if single else index) for index, items in enumerate(call.prompts)
+            resolve(items, model.tokenizer, prefix, call.prompt_field, None if single else index)
+            for index, items in enumerate(call.prompts)
         ]
         if call.compress_to_size is None:
             ensembles, model_version = EnsemblePair(model.text_ensemble, model.token_ids_ensemble), model.model_version
@@ -223,8 +227,8 @@ class EmbeddingService:
         for layer in call.layers:
             if not -depth <= layer < depth:
                 raise invalid(
-                    f"layer {layer} is out of range for {model.name}: 0 is the word embeddings, 1..{model.num_layers} the layers, "
-                    f"-1..-{depth} count from the last",
+                    f"layer {layer} is out of range for {model.name}: 0 is the word embeddings, "
+                    f"1..{model.num_layers} the layers, -1..-{depth} count from the last",
                     "layers",
                 )
         unknown = [p for p in call.poolings if p not in model.layer_poolings]

@@ -55,7 +55,9 @@ class TritonClient:
     async def model_statistics(self, model: str) -> dict:
         return await self._client.get_inference_statistics(model, as_json=True)
 
-    async def _infer(self, ensemble: str, tensor: grpcclient.InferInput, priority: int, output: str) -> tuple[np.ndarray, np.ndarray]:
+    async def _infer(
+        self, ensemble: str, tensor: grpcclient.InferInput, priority: int, output: str
+    ) -> tuple[np.ndarray, np.ndarray]:
         outputs = [grpcclient.InferRequestedOutput(output), grpcclient.InferRequestedOutput("TOKEN_COUNT")]
         try:
             result = await self._client.infer(ensemble, [tensor], outputs=outputs, priority=priority)
@@ -63,7 +65,9 @@ class TritonClient:
             raise _backend_error(error) from None
         return result.as_numpy(output), result.as_numpy("TOKEN_COUNT").reshape(-1)
 
-    async def embed_texts(self, ensemble: str, texts: list[str], max_batch: int, priority: int = PRIORITY_NORMAL, output: str = "EMBEDDING"):
+    async def embed_texts(
+        self, ensemble: str, texts: list[str], max_batch: int, priority: int = PRIORITY_NORMAL, output: str = "EMBEDDING"
+    ):
         """The ensemble's `output` rows and untruncated token counts, in input order; chunks run concurrently.
 
         The tokenizer step pads each request to the bucket of its longest text, so texts are sent sorted by
@@ -82,7 +86,12 @@ class TritonClient:
         return _in_order(chunks, await asyncio.gather(*(chunk(members) for members in chunks)), len(texts))
 
     async def embed_token_ids(
-        self, ensemble: str, sequences: list[list[int]], max_batch: int, priority: int = PRIORITY_NORMAL, output: str = "EMBEDDING"
+        self,
+        ensemble: str,
+        sequences: list[list[int]],
+        max_batch: int,
+        priority: int = PRIORITY_NORMAL,
+        output: str = "EMBEDDING",
     ):
         """Like embed_texts for token id sequences; sequences of equal length share a request."""
         by_length: dict[int, list[int]] = {}

@@ -32,6 +32,11 @@ def client(service):
     return Client(token="unused", host=service.http_url, total_retries=0)
 
 
+def semantic(prompt: str | Prompt, representation=SemanticRepresentation.Symmetric, **options) -> SemanticEmbeddingRequest:
+    prompt = Prompt.from_text(prompt) if isinstance(prompt, str) else prompt
+    return SemanticEmbeddingRequest(prompt=prompt, representation=representation, **options)
+
+
 def openai_vectors(service, model_name, texts):
     body = {"model": model_name, "input": texts, "encoding_format": "float"}
     response = requests.post(f"{service.http_url}/v1/embeddings", json=body, timeout=120)
@@ -72,20 +77,16 @@ def test_semantic_embed(client, model_name, manifest, representation, compress_t
 
 
 def test_compressed_vector_is_the_exported_projection_of_the_full_one(client, model_name):
-    prompt = Prompt.from_text("The new movie is awesome.")
-    full = np.array(client.semantic_embed(SemanticEmbeddingRequest(prompt=prompt, representation=SemanticRepresentation.Symmetric), model=model_name).embedding)
-    compressed = client.semantic_embed(
-        SemanticEmbeddingRequest(prompt=prompt, representation=SemanticRepresentation.Symmetric, compress_to_size=128), model=model_name
-    ).embedding
+    text = "The new movie is awesome."
+    full = np.array(client.semantic_embed(semantic(text), model=model_name).embedding)
+    compressed = client.semantic_embed(semantic(text, compress_to_size=128), model=model_name).embedding
     components = np.load(MODEL_REPOSITORY / "compression" / "1" / "projection.npy")
     np.testing.assert_allclose(compressed, full @ components.T, atol=1e-5)
 
 
 def test_symmetric_semantic_embed_equals_openai_embeddings(service, client, model_name):
     text = "A man is playing a guitar."
-    response = client.semantic_embed(
-        SemanticEmbeddingRequest(prompt=Prompt.from_text(text), representation=SemanticRepresentation.Symmetric), model=model_name
-    )
+    response = client.semantic_embed(semantic(text), model=model_name)
     np.testing.assert_array_equal(np.array(response.embedding, dtype=np.float32), openai_vectors(service, model_name, [text])[0])
 
 
@@ -94,18 +95,17 @@ def test_embeddings_v2_and_aleph_alpha_hosting(service, model_name):
     texts = ["A man is playing a guitar.", "The cat sits outside."]
     response = client.embeddings(EmbeddingV2Request(input=texts), model=model_name)
     assert [d.index for d in response.data] == [0, 1]
-    np.testing.assert_array_equal(np.array([d.embedding for d in response.data], dtype=np.float32), openai_vectors(service, model_name, texts))
+    vectors = np.array([d.embedding for d in response.data], dtype=np.float32)
+    np.testing.assert_array_equal(vectors, openai_vectors(service, model_name, texts))
     assert response.usage.total_tokens == response.usage.prompt_tokens > 0
-    semantic = client.semantic_embed(
-        SemanticEmbeddingRequest(prompt=Prompt.from_text(texts[0]), representation=SemanticRepresentation.Document), model=model_name
-    )
-    np.testing.assert_array_equal(np.array(semantic.embedding, dtype=np.float32), np.array(response.data[0].embedding, dtype=np.float32))
+    document = client.semantic_embed(semantic(texts[0], SemanticRepresentation.Document), model=model_name)
+    np.testing.assert_array_equal(np.array(document.embedding, dtype=np.float32), vectors[0])
 
 
 def test_text_and_token_id_items_are_concatenated_in_order(service, client, model_name, tokenizer):
     world_ids = tokenizer.encode(" is playing a guitar.", add_special_tokens=False).ids
     prompt = Prompt([Text.from_text("A man"), Tokens.from_token_ids(world_ids)])
-    response = client.semantic_embed(SemanticEmbeddingRequest(prompt=prompt, representation=SemanticRepresentation.Symmetric), model=model_name)
+    response = client.semantic_embed(semantic(prompt), model=model_name)
     expected = openai_vectors(service, model_name, ["A man is playing a guitar."])[0]
     np.testing.assert_allclose(response.embedding, expected, atol=1e-6)
     assert response.num_tokens_prompt_total == len(tokenizer.encode("A man is playing a guitar.").ids)
@@ -155,9 +155,8 @@ def reference_poolings(hidden: np.ndarray) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("normalize", [False, True])
 def test_embed_layers_and_poolings_match_the_onnx_hidden_states(client, model_name, manifest, tokenizer, normalize):
     text = "Triton batches requests of equal shape together."
-    response = client.embed(
-        EmbeddingRequest(prompt=Prompt.from_text(text), layers=[0, -1], pooling=POOLINGS, tokens=True, normalize=normalize), model=model_name
-    )
+    request = EmbeddingRequest(prompt=Prompt.from_text(text), layers=[0, -1], pooling=POOLINGS, tokens=True, normalize=normalize)
+    response = client.embed(request, model=model_name)
     encoding = tokenizer.encode(text)
     session = ort.InferenceSession(str(MODEL_REPOSITORY / "encoder" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
     ids = np.array([encoding.ids], dtype=np.int64)
@@ -186,12 +185,13 @@ def test_tokenize_and_detokenize_round_trip(client, model_name, tokenizer):
 
 
 async def test_async_client_semantic_embed_and_embed(service, client, model_name):
-    request = SemanticEmbeddingRequest(prompt=Prompt.from_text("Hello there"), representation=SemanticRepresentation.Query)
+    request = semantic("Hello there", SemanticRepresentation.Query)
+    layers_request = EmbeddingRequest(prompt=Prompt.from_text("Hello there"), layers=[-1], pooling=["mean"])
     async with AsyncClient(token="unused", host=service.http_url, total_retries=0) as async_client:
         await async_client.validate_version()
         served, layers = await asyncio.gather(
             async_client.semantic_embed(request, model=model_name),
-            async_client.embed(EmbeddingRequest(prompt=Prompt.from_text("Hello there"), layers=[-1], pooling=["mean"]), model=model_name),
+            async_client.embed(layers_request, model=model_name),
         )
     assert served.embedding == client.semantic_embed(request, model=model_name).embedding
     # all-MiniLM's sentence embedding is the normalized mean of its last layer.

@@ -11,6 +11,8 @@ from aleph_alpha_client import Client, Prompt, SemanticEmbeddingRequest, Semanti
 from tests.servers import ROOT, free_ports
 
 SEMANTIC = {"prompt": "hello", "representation": "symmetric"}
+CONTROLS = "attention controls are not supported yet"
+CONTROLLED_TEXT = {"type": "text", "data": "hi", "controls": [{"start": 0, "length": 2, "factor": 2.0}]}
 EMBED = {"prompt": "hello", "layers": [-1], "pooling": ["mean"]}
 
 
@@ -18,8 +20,8 @@ EMBED = {"prompt": "hello", "layers": [-1], "pooling": ["mean"]}
     ("path", "body", "status", "field", "says"),
     [
         ("/semantic_embed", {"prompt": [{"type": "image", "data": "iVBORw0KGgo="}]}, 400, "prompt", "does not accept images"),
-        ("/semantic_embed", {"prompt": [{"type": "text", "data": "hi", "controls": [{"start": 0, "length": 2, "factor": 2.0}]}]}, 400, "prompt", "attention controls are not supported yet"),
-        ("/semantic_embed", {"contextual_control_threshold": 0.7}, 400, "contextual_control_threshold", "attention controls are not supported yet"),
+        ("/semantic_embed", {"prompt": [CONTROLLED_TEXT]}, 400, "prompt", CONTROLS),
+        ("/semantic_embed", {"contextual_control_threshold": 0.7}, 400, "contextual_control_threshold", CONTROLS),
         ("/semantic_embed", {"hosting": "elsewhere"}, 400, "hosting", ""),
         ("/semantic_embed", {"compress_to_size": 64}, 400, "compress_to_size", "[128]"),
         ("/semantic_embed", {"representation": "sideways"}, 400, "representation", "symmetric"),
@@ -34,7 +36,7 @@ EMBED = {"prompt": "hello", "layers": [-1], "pooling": ["mean"]}
         ("/semantic_embed", {"representation": None}, 400, "representation", ""),
         ("/embed", {**EMBED, "layers": ["last"]}, 400, "layers", ""),
         ("/batch_semantic_embed", {"prompt": None, "prompts": ["x"] * 101}, 400, "prompts", "100"),
-        ("/batch_semantic_embed", {"prompt": None, "prompts": ["fine", [{"type": "image", "data": ""}]]}, 400, "prompts", "prompts[1]"),
+        ("/batch_semantic_embed", {"prompt": None, "prompts": ["ok", [{"type": "image"}]]}, 400, "prompts", "prompts[1]"),
         ("/embed", {**EMBED, "layers": [7]}, 400, "layers", "out of range"),
         ("/embed", {**EMBED, "layers": [-8]}, 400, "layers", "out of range"),
         ("/embed", {**EMBED, "layers": []}, 400, "layers", ""),
@@ -69,7 +71,8 @@ def test_unknown_tokenizer_model_is_404(service):
 
 def test_client_sees_a_value_error_for_a_400(service, model_name):
     client = Client(token="unused", host=service.http_url, total_retries=0)
-    request = SemanticEmbeddingRequest(prompt=Prompt.from_text("hi"), representation=SemanticRepresentation.Symmetric, compress_to_size=256)
+    prompt = Prompt.from_text("hi")
+    request = SemanticEmbeddingRequest(prompt=prompt, representation=SemanticRepresentation.Query, compress_to_size=9)
     with pytest.raises(ValueError, match="compress_to_size"):
         client.semantic_embed(request, model=model_name)
 

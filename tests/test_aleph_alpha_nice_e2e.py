@@ -4,21 +4,28 @@ import asyncio
 import statistics
 import time
 
-from aleph_alpha_client import AsyncClient, BatchSemanticEmbeddingRequest, Prompt, SemanticEmbeddingRequest, SemanticRepresentation
+from aleph_alpha_client import (
+    AsyncClient,
+    BatchSemanticEmbeddingRequest,
+    Prompt,
+    SemanticEmbeddingRequest,
+    SemanticRepresentation,
+)
 
 from export.datasets import sts_sentences
 
 LOAD_PROMPTS = 600
 PROBES = 5
+SYMMETRIC = SemanticRepresentation.Symmetric
 
 
 async def probe_latencies_under_load(service, model_name, load_is_nice: bool) -> tuple[list[float], float]:
     """Latencies of normal single-prompt requests sent together while a big batch load fills Triton's queues."""
     load = BatchSemanticEmbeddingRequest(
-        prompts=[Prompt.from_text(t) for t in sts_sentences()[:LOAD_PROMPTS]], representation=SemanticRepresentation.Symmetric
+        prompts=[Prompt.from_text(t) for t in sts_sentences()[:LOAD_PROMPTS]], representation=SYMMETRIC
     )
     probes = [
-        SemanticEmbeddingRequest(prompt=Prompt.from_text(f"Is request {i} held up?"), representation=SemanticRepresentation.Symmetric)
+        SemanticEmbeddingRequest(prompt=Prompt.from_text(f"Is request {i} held up?"), representation=SYMMETRIC)
         for i in range(PROBES)
     ]
     async with (
@@ -32,7 +39,8 @@ async def probe_latencies_under_load(service, model_name, load_is_nice: bool) ->
             return time.monotonic() - sent
 
         started = time.monotonic()
-        load_task = asyncio.create_task(load_client.batch_semantic_embed(load, model=model_name, num_concurrent_requests=6, batch_size=100))
+        batches = load_client.batch_semantic_embed(load, model=model_name, num_concurrent_requests=6, batch_size=100)
+        load_task = asyncio.create_task(batches)
         await asyncio.sleep(0.5)
         latencies = await asyncio.gather(*(timed(probe) for probe in probes))
         assert len((await load_task).embeddings) == LOAD_PROMPTS
@@ -42,7 +50,10 @@ async def probe_latencies_under_load(service, model_name, load_is_nice: bool) ->
 async def test_nice_load_does_not_delay_normal_requests(service, model_name):
     behind_normal, normal_load_s = await probe_latencies_under_load(service, model_name, load_is_nice=False)
     behind_nice, nice_load_s = await probe_latencies_under_load(service, model_name, load_is_nice=True)
-    report = f"probe latencies (s) behind a normal load {behind_normal} ({normal_load_s:.1f}s), behind a nice load {behind_nice} ({nice_load_s:.1f}s)"
+    report = (
+        f"probe latencies (s) behind a normal load {behind_normal} ({normal_load_s:.1f}s), "
+        f"behind a nice load {behind_nice} ({nice_load_s:.1f}s)"
+    )
     print(report)
     # Behind a normal load the probes wait for the queue; behind a nice load only for the batches already executing.
     assert statistics.median(behind_nice) * 3 < statistics.median(behind_normal), report

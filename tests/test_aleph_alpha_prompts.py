@@ -7,12 +7,14 @@ from gateway.prompts import Prompt, PromptItem, resolve
 
 
 def test_single_text_keeps_the_tokenizer_step_and_gets_the_prefix(tokenizer):
-    assert resolve([PromptItem("text", "what is triton?")], tokenizer, "query: ", "prompt") == Prompt(text="query: what is triton?")
+    prompt = resolve([PromptItem("text", "what is triton?")], tokenizer, "query: ", "prompt")
+    assert prompt == Prompt(text="query: what is triton?")
 
 
 def test_items_concatenate_in_order_after_the_prefix(tokenizer):
     ids = tokenizer.encode("guitar", add_special_tokens=False).ids
-    prompt = resolve([PromptItem("text", "a man plays"), PromptItem("token_ids", ids), PromptItem("text", "loudly")], tokenizer, "passage: ", "prompt")
+    items = [PromptItem("text", "a man plays"), PromptItem("token_ids", ids), PromptItem("text", "loudly")]
+    prompt = resolve(items, tokenizer, "passage: ", "prompt")
     assert prompt.token_ids == tokenizer.encode("passage: a man plays guitar loudly", add_special_tokens=False).ids
 
 

@@ -20,5 +20,6 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             embeddings = pb_utils.get_input_tensor_by_name(request, "EMBEDDING").as_numpy()
-            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("EMBEDDING", embeddings @ self.components_t)]))
+            projected = pb_utils.Tensor("EMBEDDING", embeddings @ self.components_t)
+            responses.append(pb_utils.InferenceResponse(output_tensors=[projected]))
         return responses
