@@ -1,6 +1,6 @@
 """STS quality of the served vectors, full size and compress_to_size=128, through the Aleph Alpha contract.
 
-    python -m gateway --http-port 8080 &
+    python -m export && python -m gateway --http-port 8080 &
     python -m bench.sts_quality --url http://127.0.0.1:8080 --out bench/results/sts_quality.md
 
 Spearman correlation between the cosine similarity of each STS pair and its gold score. The served
@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="all-minilm-l6-v2")
     parser.add_argument("--sts", type=Path, default=DEFAULT_STS_PATH, help="STS file: gold score and the two sentences per row")
     parser.add_argument("--out", type=Path, default=None, help="write the markdown table here as well as to stdout")
+    parser.add_argument("--export-args", default="", help="options the served repository was exported with, recorded in the report")
     args = parser.parse_args(argv)
 
     pairs = read_sts_pairs(args.sts)
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         "Produced by:",
         "",
         "```",
-        "python -m export && python -m gateway --http-port PORT &",
+        f"python -m export {args.export_args} --output-dir REPO && python -m gateway --model-repository REPO --http-port PORT &",
         " ".join(["python -m bench.sts_quality", *(argv if argv is not None else sys.argv[1:])]),
         "```",
     ]
