@@ -69,7 +69,9 @@ async def serve(settings: Settings, catalog: Catalog, triton_url: str) -> None:
         raise SystemExit(f"gateway: could not listen on {settings.host}:{settings.http_port}")
     for model in catalog.models.values():
         print(f"model      {model.name} ({model.model_version}, {model.dimensions} dims)")
-    print(f"HTTP       http://{settings.host}:{settings.http_port}  (POST /v1/embeddings, GET /v1/models, GET /health)")
+    print(f"HTTP       http://{settings.host}:{settings.http_port}")
+    print("           OpenAI: POST /v1/embeddings, GET /v1/models; GET /health")
+    print("           Aleph Alpha: POST /semantic_embed /batch_semantic_embed /embed /tokenize /detokenize, GET /models_available /version")
     print(f"gRPC       {settings.host}:{grpc_port}  (embedding.v1.EmbeddingService, grpc.health.v1.Health, reflection)")
     print(f"Triton     {triton_url} (gRPC, KServe v2)")
     print("ready; Ctrl-C stops", flush=True)
