@@ -90,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.force and manifest_path.exists() and json.loads(manifest_path.read_text()).get("fingerprint") == fingerprint:
         _progress(f"{manifest_path} is up to date, reusing it", started)
         return 0
+    if not args.calibration_texts.exists() and not (set(source.matryoshka_dims) & {args.compress_to}):
+        print(f"export: no calibration corpus for the {args.compress_to}-dim PCA at {args.calibration_texts}; "
+              "pass --calibration-texts with an STS-format TSV", file=sys.stderr)
+        return 2
     # Intermediate files live in a private directory so that concurrent exports never share them.
     with tempfile.TemporaryDirectory(prefix=f"export-{source.name}-") as build_dir:
         return _build(args, source, model_dir, fingerprint, Path(build_dir), started)
