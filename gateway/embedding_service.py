@@ -29,15 +29,21 @@ class EmbedCall:
     input_field: str = "input"
 
 
-@dataclass(frozen=True)
-class EmbedResult:
-    model: ServedModel
-    embeddings: np.ndarray
+class _TokenUsage:
+    """Usage as both contracts report it: the tokens the model saw, summed over the inputs."""
+
     token_counts: np.ndarray
 
     @property
     def total_tokens(self) -> int:
         return int(self.token_counts.sum())
+
+
+@dataclass(frozen=True)
+class EmbedResult(_TokenUsage):
+    model: ServedModel
+    embeddings: np.ndarray
+    token_counts: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -54,14 +60,10 @@ class SemanticEmbedCall:
 
 
 @dataclass(frozen=True)
-class SemanticEmbedResult:
+class SemanticEmbedResult(_TokenUsage):
     model_version: str
     embeddings: np.ndarray
     token_counts: np.ndarray
-
-    @property
-    def total_tokens(self) -> int:
-        return int(self.token_counts.sum())
 
 
 @dataclass(frozen=True)
