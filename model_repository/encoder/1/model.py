@@ -1,4 +1,9 @@
-"""Encoder step for CPU deployments: onnxruntime on the exported ONNX, one run per batch shape.
+"""Encoder step for CPU deployments: onnxruntime on the exported ONNX.
+
+The inputs allow ragged batches, so one execute gets every queued request whatever its padded length.
+All their rows are pooled, cut to their real lengths, sorted by length and run in slices padded only to
+each slice's longest row: the padding a length-sorted in-process caller would have, however the rows
+arrived. Outputs go back to each request at the width it was sent with; padded positions hold zeros.
 
 GPU deployments replace this model with Triton's onnxruntime or tensorrt backend on the same ONNX and
 the same tensor names.
@@ -11,6 +16,8 @@ import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
+ONNX_NAMES = {"TOKEN_EMBEDDINGS": "token_embeddings", "HIDDEN_STATES": "hidden_states"}
+
 
 class TritonPythonModel:
     def initialize(self, args):
@@ -22,30 +29,52 @@ class TritonPythonModel:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         model_file = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
         self.session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
-        self.output_names = {"TOKEN_EMBEDDINGS": "token_embeddings", "HIDDEN_STATES": "hidden_states"}
+        self.slice_rows = int(params["slice_rows"])
+        # The exported outputs name their axes: [batch, sequence, hidden] and [batch, layers, sequence, hidden].
+        self.output_axes = {o.name: o.shape for o in self.session.get_outputs()}
 
     def execute(self, requests):
-        # The dynamic batcher merges only equal shapes, but a batch can still hold several shapes when
-        # requests arrive with different buckets; each shape gets its own onnxruntime run.
-        groups: dict[tuple, list[int]] = {}
-        inputs = []
+        # Requests that want the same outputs share onnxruntime runs (the layers pipeline wants HIDDEN_STATES).
+        by_outputs: dict[tuple, list[int]] = {}
         for index, request in enumerate(requests):
-            ids = pb_utils.get_input_tensor_by_name(request, "INPUT_IDS").as_numpy()
-            mask = pb_utils.get_input_tensor_by_name(request, "ATTENTION_MASK").as_numpy()
-            inputs.append((ids, mask))
-            wanted = tuple(sorted(request.requested_output_names()))
-            groups.setdefault((ids.shape[1], wanted), []).append(index)
+            by_outputs.setdefault(tuple(sorted(request.requested_output_names())), []).append(index)
         responses = [None] * len(requests)
-        for (_, wanted), members in groups.items():
-            feeds = {
-                "input_ids": np.concatenate([inputs[i][0] for i in members]),
-                "attention_mask": np.concatenate([inputs[i][1] for i in members]),
-            }
-            outputs = self.session.run([self.output_names[name] for name in wanted], feeds)
-            start = 0
-            for i in members:
-                rows = inputs[i][0].shape[0]
-                tensors = [pb_utils.Tensor(name, out[start : start + rows]) for name, out in zip(wanted, outputs)]
-                responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
-                start += rows
+        for wanted, members in by_outputs.items():
+            for index, tensors in zip(members, self._encode([requests[i] for i in members], wanted)):
+                responses[index] = pb_utils.InferenceResponse(output_tensors=tensors)
         return responses
+
+    def _encode(self, requests, wanted: tuple) -> list[list]:
+        ids = [pb_utils.get_input_tensor_by_name(r, "INPUT_IDS").as_numpy() for r in requests]
+        masks = [pb_utils.get_input_tensor_by_name(r, "ATTENTION_MASK").as_numpy() for r in requests]
+        all_ids, all_masks = np.concatenate([a.reshape(-1) for a in ids]), np.concatenate([m.reshape(-1) for m in masks])
+        # Row r of the pooled batch starts at starts[r] in the flattened inputs and has lengths[r] real tokens.
+        widths = np.concatenate([np.full(a.shape[0], a.shape[1]) for a in ids])
+        starts = np.concatenate([[0], np.cumsum(widths)[:-1]])
+        lengths = np.concatenate([m.sum(axis=1) for m in masks])
+        first_row = np.concatenate([[0], np.cumsum([a.shape[0] for a in ids])])
+
+        outputs = {name: [np.zeros(self._output_shape(name, *a.shape), dtype=np.float32) for a in ids] for name in wanted}
+        request_of_row = np.repeat(np.arange(len(ids)), [a.shape[0] for a in ids])
+        order = np.argsort(lengths, kind="stable")
+        for begin in range(0, len(order), self.slice_rows):
+            rows = order[begin : begin + self.slice_rows]
+            width = max(int(lengths[rows].max()), 1)
+            columns = starts[rows, None] + np.arange(width)
+            valid = np.arange(width) < lengths[rows, None]
+            feeds = {
+                "input_ids": np.where(valid, all_ids[np.minimum(columns, len(all_ids) - 1)], 0),
+                "attention_mask": valid.astype(np.int64),
+            }
+            results = self.session.run([ONNX_NAMES[name] for name in wanted], feeds)
+            for name, result in zip(wanted, results):
+                for slot, row in enumerate(rows):
+                    request = request_of_row[row]
+                    target = outputs[name][request][row - first_row[request]]
+                    real = (slice(None),) * (self.output_axes[ONNX_NAMES[name]].index("sequence") - 1) + (slice(0, lengths[row]),)
+                    target[real] = result[slot][real]
+        return [[pb_utils.Tensor(name, outputs[name][i]) for name in wanted] for i in range(len(ids))]
+
+    def _output_shape(self, name: str, rows: int, width: int) -> tuple:
+        axes = self.output_axes[ONNX_NAMES[name]]
+        return (rows, *(width if axis == "sequence" else axis for axis in axes[1:]))

@@ -1,17 +1,21 @@
 """Tokenizer step: texts (or a prompt's token ids) to input ids padded to a length bucket.
 
-The encoder's dynamic batcher only merges requests whose shapes are equal, so every request is padded
-to the smallest bucket that holds its longest sequence rather than to its own length.
+Each request is padded to its longest sequence. Where length buckets are configured (GPU encoders,
+whose dynamic batcher merges only equal shapes) it is padded to the smallest bucket that holds it.
 The same file serves two models: `tokenizer` (input TEXT) and `token_ids` (input TOKEN_IDS, used as
 they are and framed by the model's special tokens like a text would be).
 """
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from tokenizers import Tokenizer
+
+# Batches here are a few short texts; tokenizers' thread pool costs more than it saves on 2 shared cores.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _special_token_frame(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
@@ -27,7 +31,7 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         params = {key: value["string_value"] for key, value in config["parameters"].items()}
-        self.buckets = sorted(int(b) for b in params["length_buckets"].split(","))
+        self.buckets = sorted(int(b) for b in params["length_buckets"].split(",") if b)
         self.max_length = int(params["max_sequence_length"])
         self.pad_id = int(params["pad_token_id"])
         tokenizer_file = str(Path(args["model_repository"]) / args["model_version"] / "tokenizer.json")
@@ -56,7 +60,7 @@ class TritonPythonModel:
         return result
 
     def _bucket(self, length: int) -> int:
-        return next((b for b in self.buckets if b >= length), self.max_length)
+        return next((b for b in self.buckets if b >= length), length)
 
     def _response(self, sequences: list[tuple[list[int], int]]):
         width = self._bucket(max(len(ids) for ids, _ in sequences))
@@ -75,15 +79,25 @@ class TritonPythonModel:
         )
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            values = pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy()
+        if self.input_name != "TEXT":
+            return [self._response(self._frame_ids(self._input(r))) for r in requests]
+        # One encode_batch for every text of every request: per call overhead is paid once per batch.
+        texts, counts, responses = [], [], [None] * len(requests)
+        for index, request in enumerate(requests):
             try:
-                if self.input_name == "TEXT":
-                    sequences = self._encode_texts([v.decode("utf-8") for v in values.reshape(-1)])
-                else:
-                    sequences = self._frame_ids(values)
-                responses.append(self._response(sequences))
-            except (UnicodeDecodeError, ValueError) as error:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"tokenizer: {error}")))
+                decoded = [v.decode("utf-8") for v in self._input(request).reshape(-1)]
+            except UnicodeDecodeError as error:
+                responses[index] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"tokenizer: {error}"))
+                decoded = []
+            texts += decoded
+            counts.append(len(decoded))
+        sequences = self._encode_texts(texts) if texts else []
+        start = 0
+        for index, count in enumerate(counts):
+            if responses[index] is None:
+                responses[index] = self._response(sequences[start : start + count])
+            start += count
         return responses
+
+    def _input(self, request) -> np.ndarray:
+        return pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy()
