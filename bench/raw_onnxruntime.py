@@ -1,0 +1,78 @@
+"""The ceiling: the exported encoder run by onnxruntime in this process, with the same tokenizer, no server.
+
+Texts are tokenized as a batch, padded to the batch's longest text (not to a bucket), encoded, mean-pooled
+and normalized: what a caller embedding in-process would do. Like sentence-transformers, a list is sorted
+by length first, so a batch pads as little as it can.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+
+@dataclass(frozen=True)
+class Throughput:
+    batch_size: int
+    texts_per_s: float
+
+
+class RawEncoder:
+    def __init__(self, repository: Path, threads: int):
+        (manifest_path,) = repository.glob("*/embedding_manifest.json")
+        manifest = json.loads(manifest_path.read_text())
+        self.precision = manifest["precision"]
+        self.tokenizer = Tokenizer.from_file(str(repository / manifest["tokenizer"]))
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(manifest["max_sequence_length"])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(repository / "encoder" / "1" / "model.onnx"), options, providers=["CPUExecutionProvider"])
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        encodings = self.tokenizer.encode_batch(texts)
+        width = max(len(e.ids) for e in encodings)
+        ids = np.zeros((len(texts), width), dtype=np.int64)
+        mask = np.zeros((len(texts), width), dtype=np.int64)
+        for row, encoding in enumerate(encodings):
+            ids[row, : len(encoding.ids)] = encoding.ids
+            mask[row, : len(encoding.ids)] = 1
+        (tokens,) = self.session.run(["token_embeddings"], {"input_ids": ids, "attention_mask": mask})
+        weights = mask[:, :, None].astype(np.float32)
+        pooled = (tokens * weights).sum(axis=1) / weights.sum(axis=1)
+        return pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+
+    def throughput(self, texts: list[str], batch_size: int) -> Throughput:
+        """Texts per second over one pass of `texts`, after one warm-up batch."""
+        ordered = sorted(texts, key=len)
+        self.embed(ordered[:batch_size])
+        start = time.perf_counter()
+        for i in range(0, len(ordered), batch_size):
+            self.embed(ordered[i : i + batch_size])
+        return Throughput(batch_size, len(ordered) / (time.perf_counter() - start))
+
+    def best_throughput(self, texts: list[str], batch_sizes: list[int], progress: Callable[[str], None]) -> list[Throughput]:
+        results = []
+        for size in batch_sizes:
+            results.append(self.throughput(texts, size))
+            progress(f"raw onnxruntime {self.precision} batch {size}: {results[-1].texts_per_s:.0f} texts/s")
+        return results
+
+    def single_latency_ms(self, texts: list[str], count: int) -> float:
+        """p50 of embedding one text at a time: the floor for a concurrency-1 request."""
+        self.embed(texts[:1])
+        timings = []
+        for text in texts[:count]:
+            start = time.perf_counter()
+            self.embed([text])
+            timings.append(time.perf_counter() - start)
+        return 1000 * float(np.median(timings))

@@ -1,0 +1,32 @@
+"""Request bodies for the load generator, serialized once before a run so the generator only sends bytes."""
+
+from __future__ import annotations
+
+import orjson
+
+# The gRPC method the load generator calls; its request is EmbedRequest.
+GRPC_EMBED = "/embedding.v1.EmbeddingService/Embed"
+
+
+def _groups(texts: list[str], per_request: int) -> list[list[str]]:
+    """Consecutive runs of texts, wrapping around so every request holds exactly per_request texts."""
+    count = max(1, len(texts) // per_request)
+    return [[texts[(start + i) % len(texts)] for i in range(per_request)] for start in range(0, count * per_request, per_request)]
+
+
+def openai_bodies(model: str, texts: list[str], per_request: int, encoding: str) -> list[bytes]:
+    """POST /v1/embeddings bodies; one text is sent as a bare string, as the openai client does."""
+    bodies = []
+    for group in _groups(texts, per_request):
+        body = {"model": model, "input": group[0] if per_request == 1 else group}
+        if encoding == "base64":
+            body["encoding_format"] = "base64"
+        bodies.append(orjson.dumps(body))
+    return bodies
+
+
+def grpc_bodies(model: str, texts: list[str], per_request: int, encoding: str) -> list[bytes]:
+    from proto.embedding.v1 import embedding_pb2 as pb
+
+    wire = pb.VECTOR_ENCODING_PACKED_FLOAT32 if encoding == "packed" else pb.VECTOR_ENCODING_FLOAT
+    return [pb.EmbedRequest(model=model, inputs=group, encoding=wire).SerializeToString() for group in _groups(texts, per_request)]

@@ -1,0 +1,261 @@
+"""Throughput suite: the service against raw onnxruntime and infinity-emb, measured in one run.
+
+    bin/bench                      # the full run, about 10 minutes; writes bench/results/throughput.*
+    bin/bench --smoke --out DIR    # seconds per step: proves the suite works (the test suite runs it)
+
+Order of a run, each step printed as it starts:
+1. raw onnxruntime in this process, fp32: the ceiling every service figure is divided by;
+2. the service (gateway + Triton) on the default export: single-text requests at several concurrencies
+   and 100-text requests, over HTTP float, HTTP base64 and gRPC; then passages;
+3. infinity-emb (torch engine, CPU, same model) under the same load;
+4. the int8 export: raw onnxruntime, the service, and STS quality next to fp32.
+Memory (RSS of the gateway, and of Triton with its stubs) is sampled idle and under load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from bench import requests, workload
+from bench.machine import describe
+from bench.process_memory import PeakSampler, rss_mib
+from bench.raw_onnxruntime import RawEncoder
+from bench.report import write_report
+from export.source_model import default_model_path
+from tests.servers import ROOT, RunningService, free_ports, start_service
+
+RESULTS = ROOT / "bench" / "results"
+
+
+def progress(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+@dataclass(frozen=True)
+class Plan:
+    warmup_s: float
+    duration_s: float
+    concurrencies: list[int]
+    headline_concurrency: int  # the single-text point that the int8 and peer comparisons use
+    batch_concurrency: int
+    raw_batch_sizes: list[int]
+    raw_texts: int
+    protocols: list[tuple[str, str]]
+
+    @staticmethod
+    def full() -> "Plan":
+        return Plan(3.0, 12.0, [1, 8, 32, 128], 32, 4, [1, 8, 16, 32, 64, 128], 1030,
+                    [("http", "float"), ("http", "base64"), ("grpc", "float")])
+
+    @staticmethod
+    def smoke() -> "Plan":
+        return Plan(0.3, 1.5, [1, 8], 8, 2, [1, 32], 128, [("http", "float"), ("grpc", "float")])
+
+
+@dataclass
+class Measurement:
+    server: str
+    protocol: str
+    encoding: str
+    corpus: str
+    texts_per_request: int
+    concurrency: int
+    requests_per_s: float
+    texts_per_s: float
+    p50_ms: float
+    p99_ms: float
+    loadgen_cpu_share: float
+    errors: int
+    first_error: str | None
+    encoder_batch: float | None = None
+    memory_mib: dict[str, float] = field(default_factory=dict)
+
+
+def _encoder_counts(service: RunningService) -> tuple[int, int]:
+    with urllib.request.urlopen(f"{service.triton_http_url}/v2/models/encoder/stats", timeout=10) as response:
+        stats = json.loads(response.read())["model_stats"][0]
+    return int(stats["inference_count"]), int(stats["execution_count"])
+
+
+def _load(spec: dict, work: Path) -> dict:
+    spec_path, result_path = work / "spec.pickle", work / "result.json"
+    spec_path.write_bytes(pickle.dumps(spec))
+    timeout = spec["warmup_s"] + spec["duration_s"] + 120
+    subprocess.run([sys.executable, "-m", "bench.loadgen", str(spec_path), str(result_path)], cwd=ROOT, check=True, timeout=timeout)
+    return json.loads(result_path.read_text())
+
+
+class Runner:
+    def __init__(self, plan: Plan, work: Path):
+        self.plan = plan
+        self.work = work
+        self.measurements: list[Measurement] = []
+
+    def measure(self, server: str, port: int, protocol: str, encoding: str, corpus: str, bodies: list[bytes],
+                texts_per_request: int, concurrency: int, pids: dict[str, tuple[int, bool]], service: RunningService | None = None) -> Measurement:
+        spec = {
+            "protocol": protocol, "port": port, "bodies": bodies, "concurrency": concurrency,
+            "target": (requests.GRPC_EMBED if server != "triton-direct" else "/inference.GRPCInferenceService/ModelInfer") if protocol == "grpc" else "/v1/embeddings",
+            "warmup_s": self.plan.warmup_s, "duration_s": self.plan.duration_s, "max_requests": 500_000,
+        }
+        before = _encoder_counts(service) if service else None
+        with PeakSampler(pids) as memory:
+            result = _load(spec, self.work)
+        batch = None
+        if service:
+            after = _encoder_counts(service)
+            executions = after[1] - before[1]
+            batch = (after[0] - before[0]) / executions if executions else None
+        m = Measurement(
+            server, protocol, encoding, corpus, texts_per_request, concurrency, result["requests_per_s"],
+            result["requests_per_s"] * texts_per_request, result["p50_ms"], result["p99_ms"], result["loadgen_cpu_share"],
+            result["errors"], result["first_error"], batch, {k: round(v, 1) for k, v in memory.peaks.items()},
+        )
+        self.measurements.append(m)
+        progress(
+            f"  {server} {protocol} {encoding} {corpus} x{texts_per_request} c{concurrency}: {m.texts_per_s:.0f} texts/s, "
+            f"p50 {m.p50_ms:.1f} ms, p99 {m.p99_ms:.1f} ms, load generator {100 * m.loadgen_cpu_share:.0f}% of a core"
+            + (f", {m.errors} errors: {m.first_error}" if m.errors else "")
+        )
+        return m
+
+
+def _service_pids(service: RunningService) -> dict[str, tuple[int, bool]]:
+    """The gateway on its own (Triton is its child), and Triton with its Python-backend stubs."""
+    return {"gateway": (service.process.pid, False), "triton": (int((service.run_dir / "triton.pid").read_text()), True)}
+
+
+def run_service(runner: Runner, label: str, repository: Path, texts: list[str], passages: list[str], full_matrix: bool) -> dict:
+    """Drives one service instance; returns its idle memory."""
+    plan = runner.plan
+    progress(f"starting the service on {repository}")
+    service = start_service(runner.work / label.replace(" ", "-"), repository)
+    try:
+        pids = _service_pids(service)
+        model = json.loads(next(repository.glob("*/embedding_manifest.json")).read_text())["name"]
+        idle = {name: round(rss_mib(*pid), 1) for name, pid in pids.items()}
+        progress(f"{label} idle memory: {idle}")
+        for protocol, encoding in plan.protocols if full_matrix else plan.protocols[:1]:
+            port = service.grpc_port if protocol == "grpc" else service.http_port
+            build = requests.grpc_bodies if protocol == "grpc" else requests.openai_bodies
+            singles, hundreds = build(model, texts, 1, encoding), build(model, texts, 100, encoding)
+            for concurrency in plan.concurrencies if full_matrix else [plan.headline_concurrency]:
+                runner.measure(label, port, protocol, encoding, "sentences", singles, 1, concurrency, pids, service)
+            runner.measure(label, port, protocol, encoding, "sentences", hundreds, 100, plan.batch_concurrency, pids, service)
+        if full_matrix:
+            port = service.http_port
+            runner.measure(label, port, "http", "float", "passages", requests.openai_bodies(model, passages, 1, "float"),
+                           1, plan.headline_concurrency, pids, service)
+            runner.measure(label, port, "http", "float", "passages", requests.openai_bodies(model, passages, 100, "float"),
+                           100, plan.batch_concurrency, pids, service)
+        quality = _sts_quality(service, model)
+        progress(f"{label} STS Spearman {quality:.4f}")
+        return {"idle_memory_mib": idle, "sts_spearman": quality}
+    finally:
+        service.stop()
+
+
+def _sts_quality(service: RunningService, model: str) -> float:
+    import numpy as np
+    from aleph_alpha_client import Client
+
+    from bench.sts_quality import pair_cosines, served, spearman
+    from export.datasets import read_sts_pairs
+
+    pairs = read_sts_pairs()
+    texts = [t for p in pairs for t in (p.first, p.second)]
+    vectors, _ = served(Client(token="unused", host=service.http_url), model, texts, None)
+    return spearman(pair_cosines(vectors), np.array([p.score for p in pairs]))
+
+
+def run_peer(runner: Runner, model_dir: Path, texts: list[str]) -> dict:
+    from bench import infinity_peer
+
+    plan = runner.plan
+    python = infinity_peer.ensure_installed(ROOT, progress)
+    (port,) = free_ports(1)
+    progress("starting infinity-emb (torch engine, CPU)")
+    process = infinity_peer.start_infinity(python, model_dir, port, runner.work / "infinity.log")
+    try:
+        infinity_peer.wait_ready(f"http://127.0.0.1:{port}", process, timeout_s=300)
+        pids = {"infinity": (process.pid, True)}
+        idle = {"infinity": round(rss_mib(process.pid, True), 1)}
+        name = infinity_peer.SERVED_NAME
+        singles, hundreds = requests.openai_bodies(name, texts, 1, "float"), requests.openai_bodies(name, texts, 100, "float")
+        for concurrency in plan.concurrencies:
+            runner.measure("infinity-emb", port, "http", "float", "sentences", singles, 1, concurrency, pids)
+        runner.measure("infinity-emb", port, "http", "float", "sentences", hundreds, 100, plan.batch_concurrency, pids)
+        return {"idle_memory_mib": idle, "version": infinity_peer.VERSION}
+    finally:
+        infinity_peer.stop(process)
+
+
+def raw_baseline(repository: Path, texts: list[str], passages: list[str], plan: Plan, threads: int) -> dict:
+    encoder = RawEncoder(repository, threads)
+    sentence_runs = encoder.best_throughput(texts, plan.raw_batch_sizes, progress)
+    passage_runs = encoder.best_throughput(passages, [s for s in plan.raw_batch_sizes if 8 <= s <= 32] or [8], progress)
+    single = encoder.single_latency_ms(texts, min(200, len(texts)))
+    progress(f"raw onnxruntime {encoder.precision} single text p50 {single:.2f} ms")
+    return {
+        "precision": encoder.precision,
+        "sentences": {r.batch_size: r.texts_per_s for r in sentence_runs},
+        "passages": {r.batch_size: r.texts_per_s for r in passage_runs},
+        "single_p50_ms": single,
+    }
+
+
+def export_int8(work: Path) -> Path:
+    target = work / "int8_repository"
+    progress("exporting the int8 model (reused when unchanged)")
+    subprocess.run([sys.executable, "-m", "export", "--precision", "int8", "--output-dir", str(target)], cwd=ROOT, check=True)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny durations and fewer points, to prove the suite runs")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for throughput.md, .json and .png")
+    parser.add_argument("--repository", type=Path, default=ROOT / "model_repository", help="the exported fp32 repository")
+    parser.add_argument("--work-dir", type=Path, default=ROOT / ".bench", help="logs, the int8 export and the peer's venv state")
+    parser.add_argument("--no-peer", action="store_true", help="leave infinity-emb out")
+    parser.add_argument("--no-int8", action="store_true", help="leave the int8 export out")
+    args = parser.parse_args(argv)
+    plan = Plan.smoke() if args.smoke else Plan.full()
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="run-", dir=args.work_dir))
+
+    texts = workload.sentences()[: plan.raw_texts]
+    passages = workload.passages()
+    threads = len(__import__("os").sched_getaffinity(0))
+    results: dict = {"command": "bin/bench " + " ".join(argv if argv is not None else sys.argv[1:]), "plan": asdict(plan),
+                     "machine": describe(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    progress(f"machine: {results['machine']['cores (usable)']} cores, {results['machine']['CPU']}")
+    runner = Runner(plan, work)
+
+    results["raw"] = {"fp32": raw_baseline(args.repository, texts, passages, plan, threads)}
+    results["service"] = {"fp32": run_service(runner, "service", args.repository, texts, passages, full_matrix=True)}
+    if not args.no_peer:
+        results["peer"] = run_peer(runner, default_model_path(), texts)
+    if not args.no_int8:
+        int8 = export_int8(args.work_dir)
+        results["raw"]["int8"] = raw_baseline(int8, texts, passages, plan, threads)
+        results["service"]["int8"] = run_service(runner, "service int8", int8, texts, passages, full_matrix=False)
+    results["measurements"] = [asdict(m) for m in runner.measurements]
+    results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    paths = write_report(results, args.out)
+    progress("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
