@@ -112,6 +112,14 @@ def markdown(results: dict) -> str:
                      f"{m['p50_ms']:.1f}", f"{m['p99_ms']:.1f}", batch, f"{100 * m['loadgen_cpu_share']:.0f}%", m["errors"]])
     lines += _table(["server", "protocol", "texts", "texts/request", "concurrency", "requests/s", "texts/s", "ratio",
                      "p50 ms", "p99 ms", "encoder batch", "load generator CPU", "errors"], rows)
+    lines += ["", "## Where the CPU went (share of one core per component over each run; the machine has "
+              f"{results['machine']['cores (usable)']})", ""]
+    service_runs = [m for m in results["measurements"] if m["cpu_share"]]
+    components = sorted({k for m in service_runs for k in m["cpu_share"]}, key=lambda k: (k != "gateway", k))
+    rows = [[m["server"], f"{m['protocol']} {m['encoding']}", m["corpus"], m["texts_per_request"], m["concurrency"],
+             *(f"{100 * m['cpu_share'].get(k, 0):.0f}%" for k in components), f"{100 * m['loadgen_cpu_share']:.0f}%",
+             f"{100 * (sum(m['cpu_share'].values()) + m['loadgen_cpu_share']):.0f}%"] for m in service_runs]
+    lines += _table(["server", "protocol", "texts", "texts/request", "concurrency", *components, "load generator", "total"], rows)
     lines += ["", "## Memory (RSS, MiB; Triton includes its Python-backend stubs, shared pages counted per process)", ""]
     rows = []
     for precision, service in results["service"].items():

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from bench import requests, workload
 from bench.machine import describe
-from bench.process_memory import PeakSampler, rss_mib
+from bench.process_stats import PeakSampler, cpu_seconds, rss_mib
 from bench.raw_onnxruntime import RawEncoder
 from bench.report import write_report
 from export.source_model import default_model_path
@@ -50,15 +50,16 @@ class Plan:
     raw_batch_sizes: list[int]
     raw_texts: int
     protocols: list[tuple[str, str]]
+    passages_per_request: int
 
     @staticmethod
     def full() -> "Plan":
         return Plan(3.0, 12.0, [1, 8, 32, 128], 32, 4, [1, 8, 16, 32, 64, 128], 1030,
-                    [("http", "float"), ("http", "base64"), ("grpc", "float")])
+                    [("http", "float"), ("http", "base64"), ("grpc", "float")], 100)
 
     @staticmethod
     def smoke() -> "Plan":
-        return Plan(0.3, 1.5, [1, 8], 8, 2, [1, 32], 128, [("http", "float"), ("grpc", "float")])
+        return Plan(0.3, 1.5, [1, 8], 8, 2, [1, 32], 128, [("http", "float"), ("grpc", "float")], 10)
 
 
 @dataclass
@@ -78,6 +79,8 @@ class Measurement:
     first_error: str | None
     encoder_batch: float | None = None
     memory_mib: dict[str, float] = field(default_factory=dict)
+    # Share of one core each server component used over the run (warm-up included).
+    cpu_share: dict[str, float] = field(default_factory=dict)
 
 
 def _encoder_counts(service: RunningService) -> tuple[int, int]:
@@ -108,8 +111,12 @@ class Runner:
             "warmup_s": self.plan.warmup_s, "duration_s": self.plan.duration_s, "max_requests": 500_000,
         }
         before = _encoder_counts(service) if service else None
+        cpu_root = next(iter(pids.values()))[0]
+        cpu_before, started = cpu_seconds(cpu_root), time.monotonic()
         with PeakSampler(pids) as memory:
             result = _load(spec, self.work)
+        elapsed, cpu_after = time.monotonic() - started, cpu_seconds(cpu_root)
+        cpu_share = {k: round((v - cpu_before.get(k, 0.0)) / elapsed, 3) for k, v in cpu_after.items() if v > cpu_before.get(k, 0.0)}
         batch = None
         if service:
             after = _encoder_counts(service)
@@ -118,7 +125,7 @@ class Runner:
         m = Measurement(
             server, protocol, encoding, corpus, texts_per_request, concurrency, result["requests_per_s"],
             result["requests_per_s"] * texts_per_request, result["p50_ms"], result["p99_ms"], result["loadgen_cpu_share"],
-            result["errors"], result["first_error"], batch, {k: round(v, 1) for k, v in memory.peaks.items()},
+            result["errors"], result["first_error"], batch, {k: round(v, 1) for k, v in memory.peaks.items()}, cpu_share,
         )
         self.measurements.append(m)
         progress(
@@ -129,7 +136,7 @@ class Runner:
         return m
 
 
-def _service_pids(service: RunningService) -> dict[str, tuple[int, bool]]:
+def service_pids(service: RunningService) -> dict[str, tuple[int, bool]]:
     """The gateway on its own (Triton is its child), and Triton with its Python-backend stubs."""
     return {"gateway": (service.process.pid, False), "triton": (int((service.run_dir / "triton.pid").read_text()), True)}
 
@@ -140,7 +147,7 @@ def run_service(runner: Runner, label: str, repository: Path, texts: list[str], 
     progress(f"starting the service on {repository}")
     service = start_service(runner.work / label.replace(" ", "-"), repository)
     try:
-        pids = _service_pids(service)
+        pids = service_pids(service)
         model = json.loads(next(repository.glob("*/embedding_manifest.json")).read_text())["name"]
         idle = {name: round(rss_mib(*pid), 1) for name, pid in pids.items()}
         progress(f"{label} idle memory: {idle}")
@@ -155,8 +162,9 @@ def run_service(runner: Runner, label: str, repository: Path, texts: list[str], 
             port = service.http_port
             runner.measure(label, port, "http", "float", "passages", requests.openai_bodies(model, passages, 1, "float"),
                            1, plan.headline_concurrency, pids, service)
-            runner.measure(label, port, "http", "float", "passages", requests.openai_bodies(model, passages, 100, "float"),
-                           100, plan.batch_concurrency, pids, service)
+            many = plan.passages_per_request
+            runner.measure(label, port, "http", "float", "passages", requests.openai_bodies(model, passages, many, "float"),
+                           many, plan.batch_concurrency, pids, service)
         quality = _sts_quality(service, model)
         progress(f"{label} STS Spearman {quality:.4f}")
         return {"idle_memory_mib": idle, "sts_spearman": quality}

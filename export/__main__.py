@@ -76,11 +76,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--target", choices=["cpu", "gpu-onnxruntime", "gpu-tensorrt"], default="cpu", help="cpu: Python-backend onnxruntime encoder; gpu-*: Triton's onnxruntime or tensorrt_plan backend")
     parser.add_argument("--length-buckets", default=None, help="padding lengths, comma-separated, for encoders that batch equal shapes only "
                         f"(default: {GPU_LENGTH_BUCKETS} on gpu targets; none on cpu, whose encoder takes ragged batches)")
-    parser.add_argument("--max-batch-size", type=int, default=32, help="largest batch a model takes, in rows; the gateway splits bigger requests. It bounds one encoder execution, and so how long a newly queued request (a `nice=false` one behind a nice load, say) can wait for an instance")
+    parser.add_argument("--max-batch-size", type=int, default=64, help="largest batch a model takes, in rows; the gateway splits bigger requests. It bounds one encoder execution, and so how long a newly queued request (a `nice=false` one behind a nice load, say) can wait for an instance")
     parser.add_argument("--queue-delay-us", type=int, default=0, help="how long the dynamic batchers wait to fill a batch (0: take what queued while the model was busy)")
     parser.add_argument("--encoder-instances", type=int, default=len(os.sched_getaffinity(0)), help="CPU encoder instances (default: one per core)")
     parser.add_argument("--intra-op-threads", type=int, default=1, help="onnxruntime threads per CPU encoder instance")
-    parser.add_argument("--slice-rows", type=int, default=32, help="rows per onnxruntime run of the CPU encoder, which sorts a batch's rows by length first")
+    parser.add_argument("--slice-rows", type=int, default=8, help="rows per onnxruntime run of the CPU encoder, which sorts a batch's rows by length first")
     parser.add_argument("--validation-texts", type=Path, default=DEFAULT_STS_PATH, help="STS file whose sentences check the export")
     parser.add_argument("--compress-to", type=int, default=128, help="size that compress_to_size serves: Matryoshka truncation when the model declares it, else PCA")
     parser.add_argument("--calibration-texts", type=Path, default=DEFAULT_STS_PATH, help="STS file whose sentences the compression PCA is fitted on")

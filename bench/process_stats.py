@@ -1,12 +1,15 @@
-"""Resident memory of a process and everything it started (Triton and its Python-backend stubs), from /proc."""
+"""Memory and CPU time of a process and everything it started (Triton and its Python-backend stubs), from /proc."""
 
 from __future__ import annotations
 
 import os
+import re
 import threading
 from pathlib import Path
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
+TICK = os.sysconf("SC_CLK_TCK")
+INSTANCE_NAME = re.compile(r"^([\w.-]+)_\d+_\d+$")
 
 
 def _children(pid: int) -> list[int]:
@@ -19,18 +22,47 @@ def _children(pid: int) -> list[int]:
     return result
 
 
+def _descendants(pid: int) -> list[int]:
+    found, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        found.append(current)
+        pending += _children(current)
+    return found
+
+
+def _label(pid: int, root: int) -> str:
+    """gateway for the root, the model name for a Python-backend stub, else the program name."""
+    if pid == root:
+        return "gateway"
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    # A stub's arguments include its instance name, <model>_<group>_<index>.
+    instance = next((a for a in argv[1:] if INSTANCE_NAME.match(a)), None) if argv[0].endswith("_stub") else None
+    return INSTANCE_NAME.match(instance).group(1) if instance else Path(argv[0]).name
+
+
+def cpu_seconds(root: int) -> dict[str, float]:
+    """User+system CPU seconds per component of root's process tree; stubs of one model are summed."""
+    totals: dict[str, float] = {}
+    for pid in _descendants(root):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            label = _label(pid, root)
+        except OSError:
+            continue
+        totals[label] = totals.get(label, 0.0) + (int(fields[11]) + int(fields[12])) / TICK
+    return totals
+
+
 def rss_mib(pid: int, with_descendants: bool) -> float:
     """RSS of pid, summed over its descendants when asked. Pages shared between them (libraries, Triton's
     shared-memory pool mapped by every stub) count once per process: an upper bound on what the tree holds."""
-    total, pending = 0, [pid]
-    while pending:
-        current = pending.pop()
+    total = 0
+    for current in _descendants(pid) if with_descendants else [pid]:
         try:
             total += int(Path(f"/proc/{current}/statm").read_text().split()[1]) * PAGE
         except OSError:
             continue
-        if with_descendants:
-            pending += _children(current)
     return total / 2**20
 
 

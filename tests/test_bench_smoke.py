@@ -1,0 +1,45 @@
+"""The throughput suite's smoke run: every step of `bin/bench` for a second or so, so the suite cannot rot.
+
+It starts its own gateway and Triton (and the peer and int8 servers), measures raw onnxruntime, drives the
+load generator in its own process, and writes the report; the figures are too short-lived to judge, so
+this checks that each is there and sane, not how fast anything is.
+"""
+
+import json
+import subprocess
+import sys
+
+from tests.servers import ROOT
+
+
+def test_smoke_run_writes_every_part_of_the_report(tmp_path):
+    out = tmp_path / "results"
+    subprocess.run([sys.executable, "-m", "bench.throughput", "--smoke", "--out", str(out)], cwd=ROOT, check=True, timeout=1500)
+
+    results = json.loads((out / "throughput.json").read_text())
+    assert (out / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (out / "throughput.md").read_text()
+
+    raw = results["raw"]
+    assert set(raw) == {"fp32", "int8"}
+    assert all(rate > 0 for figures in raw.values() for rate in figures["sentences"].values())
+    assert all(figures["single_p50_ms"] > 0 for figures in raw.values())
+
+    servers = {m["server"] for m in results["measurements"]}
+    assert servers == {"service", "service int8", "infinity-emb"}
+    protocols = {(m["protocol"], m["encoding"]) for m in results["measurements"] if m["server"] == "service"}
+    assert protocols == {("http", "float"), ("grpc", "float")}
+    for m in results["measurements"]:
+        assert m["errors"] == 0, m
+        assert m["texts_per_s"] > 0 and m["p50_ms"] <= m["p99_ms"], m
+        assert 0 < m["loadgen_cpu_share"] < 2, m
+        assert all(mib > 0 for mib in m["memory_mib"].values()), m
+    service_runs = [m for m in results["measurements"] if m["server"].startswith("service")]
+    assert all({"gateway", "tritonserver", "tokenizer", "encoder", "pooling"} <= set(m["cpu_share"]) for m in service_runs)
+
+    for quality in results["service"].values():
+        assert 0.7 < quality["sts_spearman"] < 0.8
+    # Every target has a verdict in the table, met or missed by how much.
+    target_rows = report.split("## Targets", 1)[1].strip().splitlines()[2:]
+    assert len(target_rows) >= 6
+    assert all(row.rstrip(" |").endswith("met") or "missed by" in row for row in target_rows)
