@@ -25,6 +25,7 @@ class RepositoryOptions:
     queue_delay_us: int
     encoder_instances: int
     intra_op_threads: int
+    alone_intra_op_threads: int
     slice_rows: int
     execution_env: Path
 
@@ -93,7 +94,12 @@ def _encoder_config(source: SourceModel, options: RepositoryOptions) -> str:
         ("HIDDEN_STATES", "TYPE_FP32", [source.num_layers + 1, -1, source.hidden_size]),
     ]
     if options.target == "cpu":
-        params = _python_params(options, intra_op_threads=str(options.intra_op_threads), slice_rows=str(options.slice_rows))
+        params = _python_params(
+            options,
+            intra_op_threads=str(options.intra_op_threads),
+            alone_intra_op_threads=str(options.alone_intra_op_threads),
+            slice_rows=str(options.slice_rows),
+        )
         return _model_config("encoder", 'backend: "python"', inputs, outputs, options, params=params, instances=options.encoder_instances)
     # Triton's ONNX and TensorRT backends bind tensors by name, so the config speaks the ONNX names.
     onnx_inputs = [(n.lower(), t, d) for n, t, d, _ in inputs]
