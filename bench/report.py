@@ -99,6 +99,8 @@ def markdown(results: dict) -> str:
                 rows.append([precision, corpus, size, f"{value:.0f}"])
         rows.append([precision, "one sentence at a time, p50 latency", 1, f"{figures['single_p50_ms']:.2f} ms"])
     lines += _table(["precision", "texts", "batch", "texts/s"], rows)
+    lines += ["", f"The same fp32 batch-32 figure measured again after everything else: {results['raw_fp32_batch32_at_end']:.0f} texts/s "
+              f"({results['raw_fp32_batch32_at_end'] / raw['fp32']['sentences'][32] - 1:+.0%}): how much the machine drifted during the run."]
     lines += ["", "## Service and peer", "",
               f"Ratio: to raw onnxruntime's best fp32 batch on the same texts ({best:.0f} sentences/s; int8 rows to raw int8). "
               "Encoder batch: Triton's inferences per encoder execution. Load generator: its CPU time as a share of one core.", ""]

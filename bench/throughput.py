@@ -25,7 +25,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench import requests, workload
+from bench import infinity_peer, requests, workload
 from bench.machine import describe
 from bench.process_stats import PeakSampler, cpu_seconds, rss_mib
 from bench.raw_onnxruntime import RawEncoder
@@ -104,10 +104,11 @@ class Runner:
         self.measurements: list[Measurement] = []
 
     def measure(self, server: str, port: int, protocol: str, encoding: str, corpus: str, bodies: list[bytes],
-                texts_per_request: int, concurrency: int, pids: dict[str, tuple[int, bool]], service: RunningService | None = None) -> Measurement:
+                texts_per_request: int, concurrency: int, pids: dict[str, tuple[int, bool]], service: RunningService | None = None,
+                target: str | None = None) -> Measurement:
         spec = {
             "protocol": protocol, "port": port, "bodies": bodies, "concurrency": concurrency,
-            "target": (requests.GRPC_EMBED if server != "triton-direct" else "/inference.GRPCInferenceService/ModelInfer") if protocol == "grpc" else "/v1/embeddings",
+            "target": target or (requests.GRPC_EMBED if protocol == "grpc" else "/v1/embeddings"),
             "warmup_s": self.plan.warmup_s, "duration_s": self.plan.duration_s, "max_requests": 500_000,
         }
         before = _encoder_counts(service) if service else None
@@ -186,8 +187,6 @@ def _sts_quality(service: RunningService, model: str) -> float:
 
 
 def run_peer(runner: Runner, model_dir: Path, texts: list[str]) -> dict:
-    from bench import infinity_peer
-
     plan = runner.plan
     python = infinity_peer.ensure_installed(ROOT, progress)
     (port,) = free_ports(1)
@@ -200,8 +199,9 @@ def run_peer(runner: Runner, model_dir: Path, texts: list[str]) -> dict:
         name = infinity_peer.SERVED_NAME
         singles, hundreds = requests.openai_bodies(name, texts, 1, "float"), requests.openai_bodies(name, texts, 100, "float")
         for concurrency in plan.concurrencies:
-            runner.measure("infinity-emb", port, "http", "float", "sentences", singles, 1, concurrency, pids)
-        runner.measure("infinity-emb", port, "http", "float", "sentences", hundreds, 100, plan.batch_concurrency, pids)
+            runner.measure("infinity-emb", port, "http", "float", "sentences", singles, 1, concurrency, pids, target=infinity_peer.PATH)
+        runner.measure("infinity-emb", port, "http", "float", "sentences", hundreds, 100, plan.batch_concurrency, pids,
+                       target=infinity_peer.PATH)
         return {"idle_memory_mib": idle, "version": infinity_peer.VERSION}
     finally:
         infinity_peer.stop(process)
@@ -258,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         int8 = export_int8(args.work_dir)
         results["raw"]["int8"] = raw_baseline(int8, texts, passages, plan, threads)
         results["service"]["int8"] = run_service(runner, "service int8", int8, texts, passages, full_matrix=False)
+    # The machine's speed drifts (shared hosts); the same raw figure again at the end shows by how much.
+    results["raw_fp32_batch32_at_end"] = RawEncoder(args.repository, threads).throughput(texts, 32).texts_per_s
+    progress(f"raw onnxruntime fp32 batch 32 at the end: {results['raw_fp32_batch32_at_end']:.0f} texts/s")
     results["measurements"] = [asdict(m) for m in runner.measurements]
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     paths = write_report(results, args.out)

@@ -32,8 +32,10 @@ def test_smoke_run_writes_every_part_of_the_report(tmp_path):
     for m in results["measurements"]:
         assert m["errors"] == 0, m
         assert m["texts_per_s"] > 0 and m["p50_ms"] <= m["p99_ms"], m
-        assert 0 < m["loadgen_cpu_share"] < 2, m
+        # CPU time is counted in 10 ms ticks: a run of a few 100-text requests can read 0.
+        assert 0 <= m["loadgen_cpu_share"] < 2, m
         assert all(mib > 0 for mib in m["memory_mib"].values()), m
+    assert any(m["loadgen_cpu_share"] > 0 for m in results["measurements"])
     service_runs = [m for m in results["measurements"] if m["server"].startswith("service")]
     assert all({"gateway", "tritonserver", "tokenizer", "encoder", "pooling"} <= set(m["cpu_share"]) for m in service_runs)
 
