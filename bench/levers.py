@@ -22,13 +22,16 @@ from tests.servers import start_service
 
 # (name, export flags, what it tests). The first is the shipped default.
 VARIANTS = [
-    ("default", [], "ragged batches, 2 instances x 1 thread, no queue delay, batches of <= 32 rows"),
+    ("default", [], "ragged batches of <= 64 rows, slices of 8, 2 instances (2 threads alone, 1 when both busy), no queue delay"),
+    ("always 1 thread", ["--alone-intra-op-threads=1"], "an instance running alone does not take the second core"),
     ("1 instance x 2 threads", ["--encoder-instances=1", "--intra-op-threads=2"], "one onnxruntime run at a time, both cores inside it"),
     ("2 instances x 2 threads", ["--intra-op-threads=2"], "oversubscribed: 4 busy threads on 2 cores"),
     ("queue delay 2 ms", ["--queue-delay-us=2000"], "every step waits up to 2 ms to fill a batch"),
     ("length buckets", ["--length-buckets=16,32,64,128,256"], "the tokenizer pads to buckets (the encoder still cuts to real lengths)"),
-    ("batches of <= 128 rows", ["--max-batch-size=128"], "longer executions, more head-of-line waiting"),
-    ("onnxruntime slices of 8 rows", ["--slice-rows=8"], "less padding per run, more runs"),
+    ("batches of <= 32 rows", ["--max-batch-size=32"], "fewer rows sorted together"),
+    ("batches of <= 128 rows", ["--max-batch-size=128"], "more rows sorted together, longer executions"),
+    ("slices of 32 rows", ["--slice-rows=32"], "fewer onnxruntime runs, more padding in each"),
+    ("default, again", [], "the first row repeated last: how far two runs of one setting differ on this machine"),
 ]
 CONCURRENCIES = [1, 32, 128]
 
@@ -74,10 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     progress(f"raw onnxruntime batch 32: {raw_before:.0f} texts/s")
     rows = []
     for name, flags, about in VARIANTS:
-        repository = args.work_dir / "levers" / name.replace(" ", "-").replace("<=", "max")
+        # Named by its flags, so a repeated setting reuses its export.
+        repository = args.work_dir / "levers" / ("".join(flags).replace("--", "_").strip("_") or "default")
         progress(f"variant '{name}': exporting with {flags or 'the defaults'}")
         export_variant(flags, repository)
-        service = start_service(work / repository.name, repository)
+        service = start_service(work / f"{len(rows)}-{repository.name}", repository)
         try:
             model = "all-minilm-l6-v2"
             singles = requests.openai_bodies(model, texts, 1, "float")

@@ -54,6 +54,13 @@ def cpu_seconds(root: int) -> dict[str, float]:
     return totals
 
 
+def machine_ticks() -> tuple[int, int, int]:
+    """(idle, steal, total) ticks of all cores since boot, from /proc/stat. Steal is time the hypervisor gave
+    this VM's cores to someone else: where it is high, a run measured a slower machine."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return fields[3] + fields[4], fields[7], sum(fields[:8])
+
+
 def rss_mib(pid: int, with_descendants: bool) -> float:
     """RSS of pid, summed over its descendants when asked. Pages shared between them (libraries, Triton's
     shared-memory pool mapped by every stub) count once per process: an upper bound on what the tree holds."""

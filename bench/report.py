@@ -120,8 +120,12 @@ def markdown(results: dict) -> str:
     components = sorted({k for m in service_runs for k in m["cpu_share"]}, key=lambda k: (k != "gateway", k))
     rows = [[m["server"], f"{m['protocol']} {m['encoding']}", m["corpus"], m["texts_per_request"], m["concurrency"],
              *(f"{100 * m['cpu_share'].get(k, 0):.0f}%" for k in components), f"{100 * m['loadgen_cpu_share']:.0f}%",
-             f"{100 * (sum(m['cpu_share'].values()) + m['loadgen_cpu_share']):.0f}%"] for m in service_runs]
-    lines += _table(["server", "protocol", "texts", "texts/request", "concurrency", *components, "load generator", "total"], rows)
+             f"{100 * (sum(m['cpu_share'].values()) + m['loadgen_cpu_share']):.0f}%",
+             f"{100 * m['machine_idle']:.0f}%", f"{100 * m['machine_steal']:.0f}%"] for m in service_runs]
+    lines += ["Machine idle and steal are shares of all cores; steal is time the hypervisor gave these cores to other "
+              "machines, and where it is high the run measured a slower machine.", ""]
+    lines += _table(["server", "protocol", "texts", "texts/request", "concurrency", *components, "load generator", "total",
+                     "machine idle", "steal"], rows)
     lines += ["", "## Memory (RSS, MiB; Triton includes its Python-backend stubs, shared pages counted per process)", ""]
     rows = []
     for precision, service in results["service"].items():

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from bench import infinity_peer, requests, workload
 from bench.machine import describe
-from bench.process_stats import PeakSampler, cpu_seconds, rss_mib
+from bench.process_stats import PeakSampler, cpu_seconds, machine_ticks, rss_mib
 from bench.raw_onnxruntime import RawEncoder
 from bench.report import write_report
 from export.source_model import default_model_path
@@ -55,7 +55,7 @@ class Plan:
     @staticmethod
     def full() -> "Plan":
         return Plan(3.0, 12.0, [1, 8, 32, 128], 32, 4, [1, 8, 16, 32, 64, 128], 1030,
-                    [("http", "float"), ("http", "base64"), ("grpc", "float")], 100)
+                    [("http", "float"), ("http", "base64"), ("grpc", "float")], 25)
 
     @staticmethod
     def smoke() -> "Plan":
@@ -81,6 +81,9 @@ class Measurement:
     memory_mib: dict[str, float] = field(default_factory=dict)
     # Share of one core each server component used over the run (warm-up included).
     cpu_share: dict[str, float] = field(default_factory=dict)
+    # Shares of the whole machine over the run: left idle, and stolen by the hypervisor.
+    machine_idle: float = 0.0
+    machine_steal: float = 0.0
 
 
 def _encoder_counts(service: RunningService) -> tuple[int, int]:
@@ -113,10 +116,11 @@ class Runner:
         }
         before = _encoder_counts(service) if service else None
         cpu_root = next(iter(pids.values()))[0]
-        cpu_before, started = cpu_seconds(cpu_root), time.monotonic()
+        cpu_before, ticks_before, started = cpu_seconds(cpu_root), machine_ticks(), time.monotonic()
         with PeakSampler(pids) as memory:
             result = _load(spec, self.work)
         elapsed, cpu_after = time.monotonic() - started, cpu_seconds(cpu_root)
+        idle, steal, total = (after - before for after, before in zip(machine_ticks(), ticks_before))
         cpu_share = {k: round((v - cpu_before.get(k, 0.0)) / elapsed, 3) for k, v in cpu_after.items() if v > cpu_before.get(k, 0.0)}
         batch = None
         if service:
@@ -127,6 +131,7 @@ class Runner:
             server, protocol, encoding, corpus, texts_per_request, concurrency, result["requests_per_s"],
             result["requests_per_s"] * texts_per_request, result["p50_ms"], result["p99_ms"], result["loadgen_cpu_share"],
             result["errors"], result["first_error"], batch, {k: round(v, 1) for k, v in memory.peaks.items()}, cpu_share,
+            round(idle / total, 3), round(steal / total, 3),
         )
         self.measurements.append(m)
         progress(

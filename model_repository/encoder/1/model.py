@@ -12,6 +12,7 @@ the same tensor names.
 import fcntl
 import hashlib
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -26,11 +27,12 @@ class Siblings:
     """Whether another instance of this model is executing now, so this one can take every core or one.
 
     Each instance holds an exclusive flock on its own file while it executes and probes the others' files
-    without blocking: microseconds per execute. A file left by a dead process holds no lock.
+    without blocking: microseconds per execute. A file left by a dead process holds no lock. The directory
+    is per Triton process (the stub's parent), so two servers on one repository never wait on each other.
     """
 
     def __init__(self, repository: str, instance_name: str):
-        key = hashlib.sha256(repository.encode()).hexdigest()[:16]
+        key = hashlib.sha256(f"{os.getppid()}:{repository}".encode()).hexdigest()[:16]
         self.directory = Path(tempfile.gettempdir()) / f"triton-encoder-busy-{key}"
         self.directory.mkdir(exist_ok=True)
         self.own = open(self.directory / instance_name, "w")
