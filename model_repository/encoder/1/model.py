@@ -77,10 +77,9 @@ class TritonPythonModel:
         self.busy_session = _session(model_file, int(params["intra_op_threads"]))
         self.alone_session = _session(model_file, int(params["alone_intra_op_threads"]))
         self.siblings = Siblings(args["model_repository"], args["model_instance_name"])
-        self.session = self.busy_session
         self.slice_rows = int(params["slice_rows"])
         # The exported outputs name their axes: [batch, sequence, hidden] and [batch, layers, sequence, hidden].
-        self.output_axes = {o.name: o.shape for o in self.session.get_outputs()}
+        self.output_axes = {o.name: o.shape for o in self.busy_session.get_outputs()}
 
     def execute(self, requests):
         # Requests that want the same outputs share onnxruntime runs (the layers pipeline wants HIDDEN_STATES).
@@ -89,7 +88,6 @@ class TritonPythonModel:
             by_outputs.setdefault(tuple(sorted(request.requested_output_names())), []).append(index)
         responses = [None] * len(requests)
         with self.siblings:
-            self.session = self.busy_session if self.siblings.others_busy() else self.alone_session
             for wanted, members in by_outputs.items():
                 for index, tensors in zip(members, self._encode([requests[i] for i in members], wanted)):
                     responses[index] = pb_utils.InferenceResponse(output_tensors=tensors)
@@ -117,7 +115,10 @@ class TritonPythonModel:
                 "input_ids": np.where(valid, all_ids[np.minimum(columns, len(all_ids) - 1)], 0),
                 "attention_mask": valid.astype(np.int64),
             }
-            results = self.session.run([ONNX_NAMES[name] for name in wanted], feeds)
+            # Chosen per slice, not per batch: a long batch started alone gives up the second core within
+            # one slice of another instance starting.
+            session = self.busy_session if self.siblings.others_busy() else self.alone_session
+            results = session.run([ONNX_NAMES[name] for name in wanted], feeds)
             for name, result in zip(wanted, results):
                 for slot, row in enumerate(rows):
                     request = request_of_row[row]
