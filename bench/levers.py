@@ -77,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     progress(f"raw onnxruntime batch 32: {raw_before:.0f} texts/s")
     rows = []
     for name, flags, about in VARIANTS:
-        # Named by its flags, so a repeated setting reuses its export.
-        repository = args.work_dir / "levers" / ("".join(flags).replace("--", "_").strip("_") or "default")
+        # Named by its flags, so a repeated setting reuses its export; no "=" in it, because the Python
+        # backend starts its stubs through `env`, which would read such a path as a variable assignment.
+        repository = args.work_dir / "levers" / ("".join(flags).replace("--", "_").replace("=", "-").strip("_") or "default")
         progress(f"variant '{name}': exporting with {flags or 'the defaults'}")
         export_variant(flags, repository)
         service = start_service(work / f"{len(rows)}-{repository.name}", repository)

@@ -168,8 +168,10 @@ def plot(results: dict, path: Path) -> None:
         right.plot(x, [m["p99_ms"] for m in points], marker="x", linestyle="--", color=line.get_color(), label=f"{label} p99")
     raw = results["raw"]["fp32"]["sentences"]
     left.axhline(max(raw.values()), color="black", linestyle=":", label="raw onnxruntime fp32, best batch")
+    concurrencies = results["plan"]["concurrencies"]
     for axis in (left, right):
         axis.set_xscale("log", base=2)
+        axis.set_xticks(concurrencies, [str(c) for c in concurrencies])
         axis.set_xlabel("concurrency (single-text requests)")
     left.set_ylabel("texts/s")
     left.set_title("Throughput")

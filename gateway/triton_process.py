@@ -70,6 +70,10 @@ class TritonProcess:
         return f"127.0.0.1:{self.ports.grpc}"
 
     def start(self, ready_model: str, timeout_s: float = 180.0) -> None:
+        if "=" in str(self.work_dir.resolve()):
+            # The Python backend starts its stubs through `env`, which reads a path with "=" as a variable
+            # assignment: every model would fail to load with a confusing "No such file or directory".
+            raise TritonStartError(f"the run directory {self.work_dir} must not contain '='")
         backends = prepare_backends(self.work_dir)
         command = [
             str(_pytriton_root() / "tritonserver" / "bin" / "tritonserver"),
