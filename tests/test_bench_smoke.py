@@ -1,4 +1,4 @@
-"""The throughput suite's smoke run: every step of `bin/bench` for a second or so, so the suite cannot rot.
+"""The throughput suite's smoke run: every step of `bin/bench` for a few seconds, so the suite cannot rot.
 
 It starts its own gateway and Triton (and the peer and int8 servers), measures raw onnxruntime, drives the
 load generator in its own process, and writes the report; the figures are too short-lived to judge, so
