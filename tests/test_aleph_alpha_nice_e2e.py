@@ -14,7 +14,10 @@ from aleph_alpha_client import (
 
 from export.datasets import sts_sentences
 
-LOAD_PROMPTS = 600
+# The queue a probe finds holds LOAD_CONCURRENCY requests of 100 prompts: seconds to drain when it is normal,
+# against at most one encoder execution (<= 64 rows, a fraction of a second) when it is nice.
+LOAD_PROMPTS = 1800
+LOAD_CONCURRENCY = 12
 PROBES = 5
 SYMMETRIC = SemanticRepresentation.Symmetric
 
@@ -22,7 +25,7 @@ SYMMETRIC = SemanticRepresentation.Symmetric
 async def probe_latencies_under_load(service, model_name, load_is_nice: bool) -> tuple[list[float], float]:
     """Latencies of normal single-prompt requests sent together while a big batch load fills Triton's queues."""
     load = BatchSemanticEmbeddingRequest(
-        prompts=[Prompt.from_text(t) for t in sts_sentences()[:LOAD_PROMPTS]], representation=SYMMETRIC
+        prompts=[Prompt.from_text(t) for t in (sts_sentences() * 2)[:LOAD_PROMPTS]], representation=SYMMETRIC
     )
     probes = [
         SemanticEmbeddingRequest(prompt=Prompt.from_text(f"Is request {i} held up?"), representation=SYMMETRIC)
@@ -39,7 +42,7 @@ async def probe_latencies_under_load(service, model_name, load_is_nice: bool) ->
             return time.monotonic() - sent
 
         started = time.monotonic()
-        batches = load_client.batch_semantic_embed(load, model=model_name, num_concurrent_requests=6, batch_size=100)
+        batches = load_client.batch_semantic_embed(load, model=model_name, num_concurrent_requests=LOAD_CONCURRENCY, batch_size=100)
         load_task = asyncio.create_task(batches)
         await asyncio.sleep(0.5)
         latencies = await asyncio.gather(*(timed(probe) for probe in probes))
