@@ -80,6 +80,8 @@ class TritonPythonModel:
         self.slice_rows = int(params["slice_rows"])
         # The exported outputs name their axes: [batch, sequence, hidden] and [batch, layers, sequence, hidden].
         self.output_axes = {o.name: o.shape for o in self.busy_session.get_outputs()}
+        # Where the sequence axis is in one row of each output.
+        self.row_sequence_axis = {name: self.output_axes[onnx].index("sequence") - 1 for name, onnx in ONNX_NAMES.items()}
 
     def execute(self, requests):
         # Requests that want the same outputs share onnxruntime runs (the layers pipeline wants HIDDEN_STATES).
@@ -96,7 +98,7 @@ class TritonPythonModel:
     def _encode(self, requests, wanted: tuple) -> list[list]:
         ids = [pb_utils.get_input_tensor_by_name(r, "INPUT_IDS").as_numpy() for r in requests]
         masks = [pb_utils.get_input_tensor_by_name(r, "ATTENTION_MASK").as_numpy() for r in requests]
-        all_ids, all_masks = np.concatenate([a.reshape(-1) for a in ids]), np.concatenate([m.reshape(-1) for m in masks])
+        all_ids = np.concatenate([a.reshape(-1) for a in ids])
         # Row r of the pooled batch starts at starts[r] in the flattened inputs and has lengths[r] real tokens.
         widths = np.concatenate([np.full(a.shape[0], a.shape[1]) for a in ids])
         starts = np.concatenate([[0], np.cumsum(widths)[:-1]])
@@ -123,7 +125,7 @@ class TritonPythonModel:
                 for slot, row in enumerate(rows):
                     request = request_of_row[row]
                     target = outputs[name][request][row - first_row[request]]
-                    real = (slice(None),) * (self.output_axes[ONNX_NAMES[name]].index("sequence") - 1) + (slice(0, lengths[row]),)
+                    real = (slice(None),) * self.row_sequence_axis[name] + (slice(0, lengths[row]),)
                     target[real] = result[slot][real]
         return [[pb_utils.Tensor(name, outputs[name][i]) for name in wanted] for i in range(len(ids))]
 

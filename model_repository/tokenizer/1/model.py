@@ -1,4 +1,4 @@
-"""Tokenizer step: texts (or a prompt's token ids) to input ids padded to a length bucket.
+"""Tokenizer step: texts (or a prompt's token ids) to padded input ids and an attention mask.
 
 Each request is padded to its longest sequence. Where length buckets are configured (GPU encoders,
 whose dynamic batcher merges only equal shapes) it is padded to the smallest bucket that holds it.
@@ -25,6 +25,10 @@ def _special_token_frame(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
     bare = tokenizer.encode(probe, add_special_tokens=False).ids
     start = next(i for i in range(len(framed)) if framed[i : i + len(bare)] == bare)
     return framed[:start], framed[start + len(bare) :]
+
+
+def _error(error: Exception):
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"tokenizer: {error}"))
 
 
 class TritonPythonModel:
@@ -80,14 +84,14 @@ class TritonPythonModel:
 
     def execute(self, requests):
         if self.input_name != "TEXT":
-            return [self._response(self._frame_ids(self._input(r))) for r in requests]
+            return [self._answer(self._frame_ids(self._input(r))) for r in requests]
         # One encode_batch for every text of every request: per call overhead is paid once per batch.
         texts, counts, responses = [], [], [None] * len(requests)
         for index, request in enumerate(requests):
             try:
                 decoded = [v.decode("utf-8") for v in self._input(request).reshape(-1)]
             except UnicodeDecodeError as error:
-                responses[index] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"tokenizer: {error}"))
+                responses[index] = _error(error)
                 decoded = []
             texts += decoded
             counts.append(len(decoded))
@@ -95,9 +99,16 @@ class TritonPythonModel:
         start = 0
         for index, count in enumerate(counts):
             if responses[index] is None:
-                responses[index] = self._response(sequences[start : start + count])
+                responses[index] = self._answer(sequences[start : start + count])
             start += count
         return responses
+
+    def _answer(self, sequences):
+        """The response for one request; a request that cannot be padded (no rows) fails alone."""
+        try:
+            return self._response(sequences)
+        except ValueError as error:
+            return _error(error)
 
     def _input(self, request) -> np.ndarray:
         return pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy()
