@@ -1,8 +1,8 @@
 """The ceiling: the exported encoder run by onnxruntime in this process, with the same tokenizer, no server.
 
-Texts are tokenized as a batch, padded to the batch's longest text (not to a bucket), encoded, mean-pooled
-and normalized: what a caller embedding in-process would do. Like sentence-transformers, a list is sorted
-by length first, so a batch pads as little as it can.
+Texts are tokenized as a batch, padded to the batch's longest text (not to a bucket), encoded and mean-pooled
+by the export's own validation code, then normalized as the model asks: what a caller embedding in-process
+would do. Like sentence-transformers, a list is sorted by length first, so a batch pads as little as it can.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from export.validate import mean_pooled
+
 
 @dataclass(frozen=True)
 class Throughput:
@@ -29,6 +31,7 @@ class RawEncoder:
         (manifest_path,) = repository.glob("*/embedding_manifest.json")
         manifest = json.loads(manifest_path.read_text())
         self.precision = manifest["precision"]
+        self.normalize = manifest["normalize"]
         self.tokenizer = Tokenizer.from_file(str(repository / manifest["tokenizer"]))
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(manifest["max_sequence_length"])
@@ -39,17 +42,8 @@ class RawEncoder:
         self.session = ort.InferenceSession(str(repository / "encoder" / "1" / "model.onnx"), options, providers=["CPUExecutionProvider"])
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        encodings = self.tokenizer.encode_batch(texts)
-        width = max(len(e.ids) for e in encodings)
-        ids = np.zeros((len(texts), width), dtype=np.int64)
-        mask = np.zeros((len(texts), width), dtype=np.int64)
-        for row, encoding in enumerate(encodings):
-            ids[row, : len(encoding.ids)] = encoding.ids
-            mask[row, : len(encoding.ids)] = 1
-        (tokens,) = self.session.run(["token_embeddings"], {"input_ids": ids, "attention_mask": mask})
-        weights = mask[:, :, None].astype(np.float32)
-        pooled = (tokens * weights).sum(axis=1) / weights.sum(axis=1)
-        return pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+        pooled = mean_pooled(self.session, self.tokenizer, texts)
+        return pooled / np.linalg.norm(pooled, axis=1, keepdims=True) if self.normalize else pooled
 
     def throughput(self, texts: list[str], batch_size: int) -> Throughput:
         """Texts per second over one pass of `texts`, after one warm-up batch."""

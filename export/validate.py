@@ -28,21 +28,23 @@ class ValidationReport:
         return self.min_cosine >= least and self.mean_cosine >= mean
 
 
+def mean_pooled(session: ort.InferenceSession, tokenizer: Tokenizer, texts: list[str]) -> np.ndarray:
+    """Masked mean of the token embeddings, the texts tokenized as one batch padded to its longest."""
+    encodings = tokenizer.encode_batch(texts)
+    width = max(len(e.ids) for e in encodings)
+    ids = np.zeros((len(encodings), width), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for row, e in enumerate(encodings):
+        ids[row, : len(e.ids)] = e.ids
+        mask[row, : len(e.ids)] = 1
+    (tokens,) = session.run(["token_embeddings"], {"input_ids": ids, "attention_mask": mask})
+    weights = mask[..., None].astype(np.float32)
+    return (tokens * weights).sum(1) / np.maximum(weights.sum(1), 1e-9)
+
+
 def onnx_sentence_embeddings(onnx_path: Path, tokenizer: Tokenizer, texts: list[str], normalize: bool, batch_size=32):
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    out = []
-    for start in range(0, len(texts), batch_size):
-        encodings = tokenizer.encode_batch(texts[start : start + batch_size])
-        width = max(len(e.ids) for e in encodings)
-        ids = np.zeros((len(encodings), width), dtype=np.int64)
-        mask = np.zeros_like(ids)
-        for row, e in enumerate(encodings):
-            ids[row, : len(e.ids)] = e.ids
-            mask[row, : len(e.ids)] = 1
-        (tokens,) = session.run(["token_embeddings"], {"input_ids": ids, "attention_mask": mask})
-        weights = mask[..., None].astype(np.float32)
-        out.append((tokens * weights).sum(1) / np.maximum(weights.sum(1), 1e-9))
-    embeddings = np.concatenate(out)
+    embeddings = np.concatenate([mean_pooled(session, tokenizer, texts[s : s + batch_size]) for s in range(0, len(texts), batch_size)])
     if normalize:
         embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
     return embeddings
