@@ -13,6 +13,7 @@ class ErrorKind(Enum):
     PAYLOAD_TOO_LARGE = "payload_too_large"
     OVERLOADED = "overloaded"
     UNAVAILABLE = "unavailable"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
     BACKEND = "backend"
 
 
@@ -22,6 +23,8 @@ HTTP_STATUS = {
     ErrorKind.PAYLOAD_TOO_LARGE: 413,
     ErrorKind.OVERLOADED: 429,
     ErrorKind.UNAVAILABLE: 503,
+    # Not 504: both official clients retry a 503 after Retry-After, and the work is idempotent.
+    ErrorKind.DEADLINE_EXCEEDED: 503,
     ErrorKind.BACKEND: 500,
 }
 
@@ -31,19 +34,22 @@ GRPC_STATUS = {
     ErrorKind.PAYLOAD_TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorKind.OVERLOADED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorKind.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
     ErrorKind.BACKEND: grpc.StatusCode.INTERNAL,
 }
 
-# Seconds a client should wait before retrying; both official clients honour Retry-After on 429 and 503.
-RETRY_AFTER_S = {ErrorKind.OVERLOADED: 1, ErrorKind.UNAVAILABLE: 2}
+# Seconds a client should wait before retrying when the error does not say; both official clients honour
+# Retry-After on 429 and 503. Overload errors carry their own, estimated from the backlog.
+RETRY_AFTER_S = {ErrorKind.OVERLOADED: 1, ErrorKind.UNAVAILABLE: 2, ErrorKind.DEADLINE_EXCEEDED: 1}
 
 
 class ServiceError(Exception):
-    def __init__(self, kind: ErrorKind, message: str, param: str | None = None):
+    def __init__(self, kind: ErrorKind, message: str, param: str | None = None, retry_after_s: int | None = None):
         super().__init__(message)
         self.kind = kind
         self.message = message
         self.param = param
+        self._retry_after_s = retry_after_s
 
     @property
     def http_status(self) -> int:
@@ -55,8 +61,13 @@ class ServiceError(Exception):
 
     @property
     def retry_after_s(self) -> int | None:
-        return RETRY_AFTER_S.get(self.kind)
+        return self._retry_after_s if self._retry_after_s is not None else RETRY_AFTER_S.get(self.kind)
 
 
 def invalid(message: str, param: str | None = None) -> ServiceError:
     return ServiceError(ErrorKind.VALIDATION, message, param)
+
+
+def internal() -> ServiceError:
+    """What a caller sees of an unexpected failure: the details go to the log, never to the answer."""
+    return ServiceError(ErrorKind.BACKEND, "internal error; it has been logged")
