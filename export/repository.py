@@ -54,8 +54,11 @@ def _model_config(name: str, backend: str, inputs, outputs, options: RepositoryO
         _tensors("input", inputs),
         _tensors("output", outputs),
         # Level 1 is normal traffic, level 2 is `nice`: queued nice requests wait until no normal one is queued.
+        # A request may carry its own timeout (the gateway sends its deadline); once it has waited that long
+        # in a step's queue it is rejected there instead of computed for a caller who has given up.
         f"dynamic_batching {{ max_queue_delay_microseconds: {options.queue_delay_us} "
-        "priority_levels: 2 default_priority_level: 1 }",
+        "priority_levels: 2 default_priority_level: 1 "
+        "default_queue_policy { timeout_action: REJECT allow_timeout_override: true } }",
         f"instance_group [{{ count: {instances} kind: {'KIND_GPU' if gpu else 'KIND_CPU'} }}]",
     ]
     if params is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import sys
 
@@ -13,13 +14,13 @@ from gateway.catalog import Catalog
 from gateway.embedding_service import EmbeddingService
 from gateway.grpc_server import create_server
 from gateway.http_app import build_app
+from gateway.scheduler import Scheduler
 from gateway.settings import Settings, parse_settings
+from gateway.supervisor import TritonHealth, TritonSupervisor
 from gateway.triton_client import TritonClient
 from gateway.triton_process import TritonPorts, TritonProcess, TritonStartError
 
-
-# How long calls in flight may run on after a stop signal before gRPC cancels them.
-GRPC_GRACE_S = 30.0
+log = logging.getLogger("gateway")
 
 
 class _HttpServer(uvicorn.Server):
@@ -29,11 +30,22 @@ class _HttpServer(uvicorn.Server):
         return contextlib.nullcontext()
 
 
-async def serve(settings: Settings, catalog: Catalog, triton_url: str) -> None:
+def _cancel(tasks: list[asyncio.Task]) -> None:
+    for task in tasks:
+        task.cancel()
+
+
+async def serve(settings: Settings, catalog: Catalog, triton_url: str, process: TritonProcess | None) -> None:
     triton = TritonClient(triton_url)
+    health = TritonHealth(triton)
+    await health.check()
+    scheduler = Scheduler(health, max_pending_texts=settings.max_pending_texts, max_rows_in_flight=settings.max_rows_in_flight)
     service = EmbeddingService(
-        catalog, triton, max_inputs=settings.max_inputs, max_in_flight=settings.max_in_flight, truncate=settings.truncate
+        catalog, triton, scheduler, max_inputs=settings.max_inputs, truncate=settings.truncate, timeout_s=settings.request_timeout_s
     )
+    background = [asyncio.create_task(health.run())]
+    if process is not None:
+        background.append(asyncio.create_task(TritonSupervisor(process, health, settings.triton_stall_restart_s).run()))
     config = uvicorn.Config(
         build_app(service, settings.max_body_bytes),
         host=settings.host,
@@ -42,20 +54,25 @@ async def serve(settings: Settings, catalog: Catalog, triton_url: str) -> None:
         http="httptools",
         log_level="warning",
         access_log=False,
+        # Requests still running this long after a stop signal are cancelled, so a stalled Triton cannot hold the exit.
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
     server = _HttpServer(config)
     try:
         grpc_server, grpc_port = create_server(service, settings.host, settings.grpc_port)
     except RuntimeError as error:
+        _cancel(background)
         await triton.close()
         raise SystemExit(f"gateway: {error}") from None
     await grpc_server.start()
     draining: list[asyncio.Task] = []  # holds the drain task so it is not garbage-collected midway
 
     def stop() -> None:
-        # Both listeners drain at once: uvicorn finishes its requests while gRPC finishes its calls.
+        # Nothing restarts Triton from here on. Both listeners drain at once: uvicorn finishes its requests
+        # while gRPC finishes its calls, each for at most the grace period.
+        _cancel(background)
         server.should_exit = True
-        draining.append(asyncio.create_task(grpc_server.stop(GRPC_GRACE_S)))
+        draining.append(asyncio.create_task(grpc_server.stop(settings.shutdown_grace_s)))
 
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -64,6 +81,7 @@ async def serve(settings: Settings, catalog: Catalog, triton_url: str) -> None:
     while not server.started and not http_task.done():
         await asyncio.sleep(0.05)
     if http_task.done():
+        _cancel(background)
         await grpc_server.stop(0)
         await triton.close()
         raise SystemExit(f"gateway: could not listen on {settings.host}:{settings.http_port}")
@@ -78,11 +96,13 @@ async def serve(settings: Settings, catalog: Catalog, triton_url: str) -> None:
     try:
         await http_task
     finally:
-        await grpc_server.stop(GRPC_GRACE_S)
+        _cancel(background)
+        await grpc_server.stop(settings.shutdown_grace_s)
         await triton.close()
 
 
 def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = parse_settings(argv)
     catalog = Catalog.from_repository(settings.model_repository)
     triton = None
@@ -93,16 +113,16 @@ def main(argv: list[str] | None = None) -> int:
         triton = TritonProcess(settings.model_repository, ports, settings.run_dir, settings.run_dir / "triton.log")
         print(f"starting Triton (log: {triton.log_file})", flush=True)
         try:
-            triton.start(ready_model=next(iter(catalog.models.values())).text_ensemble)
+            triton.start()
         except TritonStartError as error:
             print(f"gateway: {error}", file=sys.stderr)
             return 1
         triton_url = triton.grpc_url
     try:
-        asyncio.run(serve(settings, catalog, triton_url))
+        asyncio.run(serve(settings, catalog, triton_url, triton))
     finally:
         if triton is not None:
-            triton.stop()
+            triton.stop(timeout_s=5.0)
             print("stopped Triton and the gateway", flush=True)
     return 0
 

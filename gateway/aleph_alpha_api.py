@@ -16,8 +16,9 @@ from starlette.routing import Route
 from gateway.embedding_service import EmbeddingService, EmbedLayersCall, SemanticEmbedCall
 from gateway.errors import ServiceError, invalid
 from gateway.http_io import contract_errors, json_response, parse_body
+from gateway.http_lifecycle import cancel_on_disconnect, deadline, refuse_early
 from gateway.prompts import PromptItem
-from gateway.triton_client import PRIORITY_NICE, PRIORITY_NORMAL
+from gateway.scheduler import PRIORITY_NICE, PRIORITY_NORMAL
 
 # The client's validate_version() requires major version 1 and at least 1.19.0.
 API_VERSION = "1.19.0"
@@ -127,7 +128,13 @@ def routes(service: EmbeddingService, max_body_bytes: int) -> list[Route]:
     async def parse(request: Request, cls):
         return await parse_body(request, ADAPTERS[cls], max_body_bytes)
 
-    async def semantic(request: Request, body, prompts: list, field: str):
+    async def parse_embedding(request: Request, cls):
+        """Refused before its body is read when the backlog is full; its deadline starts when it arrives."""
+        refuse_early(service)
+        expires = deadline(request, service)
+        return await parse(request, cls), expires
+
+    async def semantic(request: Request, body, expires, prompts: list, field: str):
         _refuse_contextual_controls(body)
         call = SemanticEmbedCall(
             model=body.model,
@@ -137,13 +144,14 @@ def routes(service: EmbeddingService, max_body_bytes: int) -> list[Route]:
             normalize=body.normalize,
             priority=_priority(request),
             prompt_field=field,
+            deadline=expires,
         )
-        return await service.semantic_embed(call)
+        return await cancel_on_disconnect(request, service.semantic_embed(call))
 
     @contract_errors(render_error)
     async def semantic_embed(request: Request):
-        body = await parse(request, SemanticEmbedRequest)
-        result = await semantic(request, body, [body.prompt], "prompt")
+        body, expires = await parse_embedding(request, SemanticEmbedRequest)
+        result = await semantic(request, body, expires, [body.prompt], "prompt")
         return json_response(
             {
                 "model_version": result.model_version,
@@ -154,8 +162,8 @@ def routes(service: EmbeddingService, max_body_bytes: int) -> list[Route]:
 
     @contract_errors(render_error)
     async def batch_semantic_embed(request: Request):
-        body = await parse(request, BatchSemanticEmbedRequest)
-        result = await semantic(request, body, body.prompts, "prompts")
+        body, expires = await parse_embedding(request, BatchSemanticEmbedRequest)
+        result = await semantic(request, body, expires, body.prompts, "prompts")
         return json_response(
             {
                 "model_version": result.model_version,
@@ -166,7 +174,7 @@ def routes(service: EmbeddingService, max_body_bytes: int) -> list[Route]:
 
     @contract_errors(render_error)
     async def embed(request: Request):
-        body = await parse(request, EmbedRequest)
+        body, expires = await parse_embedding(request, EmbedRequest)
         _refuse_contextual_controls(body)
         if body.type is not None:
             raise invalid(f"'type' {body.type!r} is not supported; use /semantic_embed for semantic embeddings", "type")
@@ -178,8 +186,9 @@ def routes(service: EmbeddingService, max_body_bytes: int) -> list[Route]:
             tokens=bool(body.tokens),
             normalize=body.normalize,
             priority=_priority(request),
+            deadline=expires,
         )
-        result = await service.embed_layers(call)
+        result = await cancel_on_disconnect(request, service.embed_layers(call))
         return json_response(
             {
                 "model_version": result.model_version,
@@ -192,13 +201,13 @@ def routes(service: EmbeddingService, max_body_bytes: int) -> list[Route]:
     @contract_errors(render_error)
     async def tokenize(request: Request):
         body = await parse(request, TokenizeRequest)
-        tokens, token_ids = service.tokenize(body.model, body.prompt)
+        tokens, token_ids = await service.tokenize(body.model, body.prompt)
         return json_response({"tokens": tokens if body.tokens else None, "token_ids": token_ids if body.token_ids else None})
 
     @contract_errors(render_error)
     async def detokenize(request: Request):
         body = await parse(request, DetokenizeRequest)
-        return json_response({"result": service.detokenize(body.model, body.token_ids)})
+        return json_response({"result": await service.detokenize(body.model, body.token_ids)})
 
     @contract_errors(render_error)
     async def tokenizer(request: Request):

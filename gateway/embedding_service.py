@@ -7,15 +7,21 @@ knows about either transport.
 from __future__ import annotations
 
 import asyncio
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 
 from gateway.catalog import Catalog, EnsemblePair, ServedModel
-from gateway.errors import ErrorKind, ServiceError, invalid
+from gateway.deadline import Deadline
+from gateway.errors import invalid
 from gateway.prompts import Prompt, PromptItem, resolve
-from gateway.triton_client import PRIORITY_NORMAL, TritonClient
+from gateway.scheduler import PRIORITY_NORMAL, Scheduler
+from gateway.triton_client import ChunkedInput, TritonClient
+
+# No token of the models served here spans more characters (WordPiece gives up on words over 100), so a text
+# longer than this many characters per token of the model's limit is over it: refused, or cut when truncating,
+# before anything tokenizes megabytes.
+MAX_CHARS_PER_TOKEN = 100
 
 
 @dataclass(frozen=True)
@@ -27,6 +33,7 @@ class EmbedCall:
     truncate: bool | None = None
     priority: int = PRIORITY_NORMAL
     input_field: str = "input"
+    deadline: Deadline | None = None
 
 
 class _TokenUsage:
@@ -57,6 +64,7 @@ class SemanticEmbedCall:
     normalize: bool = False
     priority: int = PRIORITY_NORMAL
     prompt_field: str = "prompt"
+    deadline: Deadline | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,7 @@ class EmbedLayersCall:
     tokens: bool = False
     normalize: bool = False
     priority: int = PRIORITY_NORMAL
+    deadline: Deadline | None = None
 
 
 @dataclass(frozen=True)
@@ -86,24 +95,6 @@ class EmbedLayersResult:
     layers: list[tuple[int, dict[str, np.ndarray]]]
     tokens: list[str] | None
     num_tokens: int
-
-
-class Admission:
-    """Caps requests in flight so that overload answers 429 at once instead of growing a queue."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.in_flight = 0
-
-    @contextmanager
-    def slot(self):
-        if self.in_flight >= self.limit:
-            raise ServiceError(ErrorKind.OVERLOADED, f"more than {self.limit} requests in flight, retry shortly")
-        self.in_flight += 1
-        try:
-            yield
-        finally:
-            self.in_flight -= 1
 
 
 def _normalized(vectors: np.ndarray) -> np.ndarray:
@@ -120,12 +111,43 @@ def _resize(embeddings: np.ndarray, dimensions: int | None, model: ServedModel) 
 
 
 class EmbeddingService:
-    def __init__(self, catalog: Catalog, triton: TritonClient, *, max_inputs: int, max_in_flight: int, truncate: bool):
+    def __init__(
+        self, catalog: Catalog, triton: TritonClient, scheduler: Scheduler, *, max_inputs: int, truncate: bool, timeout_s: float
+    ):
         self.catalog = catalog
         self.triton = triton
+        self.scheduler = scheduler
+        self.health = scheduler.health
         self.max_inputs = max_inputs
-        self.admission = Admission(max_in_flight)
         self.truncate_default = truncate
+        self.timeout_s = timeout_s
+
+    def deadline(self, requested_s: float | None = None) -> Deadline:
+        """A new request's deadline: the server's timeout, or sooner if the caller asks."""
+        return Deadline.within(self.timeout_s, requested_s)
+
+    async def _run(self, inputs: list[ChunkedInput], deadline: Deadline | None, priority: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Every input's (values, token counts) from one scheduled job, so admission and fairness see the whole request."""
+        chunks = [chunk for chunked in inputs for chunk in chunked.chunks]
+        results = await self.scheduler.run(chunks, deadline or self.deadline(), priority)
+        assembled, start = [], 0
+        for chunked in inputs:
+            assembled.append(chunked.assemble(results[start : start + len(chunked.chunks)]))
+            start += len(chunked.chunks)
+        return assembled
+
+    def _capped(self, texts: list[str], field: str, truncate: bool | None, model: ServedModel) -> list[str]:
+        """The texts, each refused or (when truncating) cut if far longer than the model reads."""
+        limit = model.max_sequence_length * MAX_CHARS_PER_TOKEN
+        truncate = self.truncate_default if truncate is None else truncate
+        for index, text in enumerate(texts):
+            if len(text) > limit and not truncate:
+                raise invalid(
+                    f"'{field}[{index}]' has {len(text)} characters, more than the {model.max_sequence_length} tokens "
+                    f"{model.name} accepts can hold (at most {limit}); shorten it or ask for truncation",
+                    field,
+                )
+        return [text[:limit] for text in texts]
 
     def _validate(self, call: EmbedCall, model: ServedModel) -> None:
         items = call.texts if call.texts is not None else call.token_ids
@@ -161,39 +183,54 @@ class EmbeddingService:
     async def embed(self, call: EmbedCall) -> EmbedResult:
         model = self.catalog.get(call.model)
         self._validate(call, model)
-        with self.admission.slot():
-            if call.texts is not None:
-                embeddings, counts = await self.triton.embed_texts(model.text_ensemble, call.texts, model.max_batch_size, call.priority)
-            else:
-                embeddings, counts = await self.triton.embed_token_ids(
-                    model.token_ids_ensemble, call.token_ids, model.max_batch_size, call.priority
-                )
+        if call.texts is not None:
+            texts = self._capped(call.texts, call.input_field, call.truncate, model)
+            chunked = self.triton.text_input(model.text_ensemble, texts, model.max_batch_size, call.priority)
+        else:
+            chunked = self.triton.token_ids_input(model.token_ids_ensemble, call.token_ids, model.max_batch_size, call.priority)
+        ((embeddings, counts),) = await self._run([chunked], call.deadline, call.priority)
         self._check_lengths(call.input_field, call.truncate, model, counts)
         # Usage counts the tokens the model saw, which truncation caps at its limit.
         return EmbedResult(model, _resize(embeddings, call.dimensions, model), np.minimum(counts, model.max_sequence_length))
 
     async def _infer_prompts(
-        self, model: ServedModel, prompts: list[Prompt], ensembles: EnsemblePair, output: str, priority: int, field: str
+        self,
+        model: ServedModel,
+        prompts: list[Prompt],
+        ensembles: EnsemblePair,
+        output: str,
+        call: SemanticEmbedCall | EmbedLayersCall,
+        field: str,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Texts go through the ensemble's tokenizer step, resolved token ids through its token_ids step, in prompt order."""
         text_rows = [i for i, p in enumerate(prompts) if p.text is not None]
         id_rows = [i for i, p in enumerate(prompts) if p.text is None]
-        parts = []
-        with self.admission.slot():
-            if text_rows:
-                texts = [prompts[i].text for i in text_rows]
-                parts.append((text_rows, self.triton.embed_texts(ensembles.text, texts, model.max_batch_size, priority, output)))
-            if id_rows:
-                ids = [prompts[i].token_ids for i in id_rows]
-                by_ids = self.triton.embed_token_ids(ensembles.token_ids, ids, model.max_batch_size, priority, output)
-                parts.append((id_rows, by_ids))
-            results = await asyncio.gather(*(coroutine for _, coroutine in parts))
+        parts: list[tuple[list[int], ChunkedInput]] = []
+        if text_rows:
+            texts = self._capped([prompts[i].text for i in text_rows], field, None, model)
+            parts.append((text_rows, self.triton.text_input(ensembles.text, texts, model.max_batch_size, call.priority, output)))
+        if id_rows:
+            ids = [prompts[i].token_ids for i in id_rows]
+            parts.append((id_rows, self.triton.token_ids_input(ensembles.token_ids, ids, model.max_batch_size, call.priority, output)))
+        results = await self._run([chunked for _, chunked in parts], call.deadline, call.priority)
         values = np.empty((len(prompts), *results[0][0].shape[1:]), dtype=np.float32)
         counts = np.empty(len(prompts), dtype=np.int64)
         for (rows, _), (part_values, part_counts) in zip(parts, results):
             values[rows], counts[rows] = part_values, part_counts
         self._check_lengths(field, None, model, counts)
         return values, np.minimum(counts, model.max_sequence_length)
+
+    async def _resolve(self, model: ServedModel, prompts: list[list[PromptItem]], prefix: str, field: str) -> list[Prompt]:
+        """Prompts made of several items are tokenized here: in a thread, so that no request waits for another's."""
+        single = len(prompts) == 1
+        limit = model.max_sequence_length * MAX_CHARS_PER_TOKEN
+
+        def resolve_all() -> list[Prompt]:
+            return [resolve(items, model.tokenizer, prefix, field, None if single else i, limit) for i, items in enumerate(prompts)]
+
+        if all(len(items) == 1 and items[0].kind == "text" for items in prompts):
+            return resolve_all()
+        return await asyncio.to_thread(resolve_all)
 
     async def semantic_embed(self, call: SemanticEmbedCall) -> SemanticEmbedResult:
         model = self.catalog.get(call.model)
@@ -208,17 +245,12 @@ class EmbeddingService:
             )
         if not call.prompts or len(call.prompts) > self.max_inputs:
             raise invalid(f"'{call.prompt_field}' must hold 1 to {self.max_inputs} prompts", call.prompt_field)
-        prefix = model.prefixes[call.representation]
-        single = len(call.prompts) == 1
-        prompts = [
-            resolve(items, model.tokenizer, prefix, call.prompt_field, None if single else index)
-            for index, items in enumerate(call.prompts)
-        ]
+        prompts = await self._resolve(model, call.prompts, model.prefixes[call.representation], call.prompt_field)
         if call.compress_to_size is None:
             ensembles, model_version = EnsemblePair(model.text_ensemble, model.token_ids_ensemble), model.model_version
         else:
             ensembles, model_version = model.compressed, model.compressed_model_version
-        embeddings, counts = await self._infer_prompts(model, prompts, ensembles, "EMBEDDING", call.priority, call.prompt_field)
+        embeddings, counts = await self._infer_prompts(model, prompts, ensembles, "EMBEDDING", call, call.prompt_field)
         return SemanticEmbedResult(model_version, _normalized(embeddings) if call.normalize else embeddings, counts)
 
     async def embed_layers(self, call: EmbedLayersCall) -> EmbedLayersResult:
@@ -236,26 +268,31 @@ class EmbeddingService:
         unknown = [p for p in call.poolings if p not in model.layer_poolings]
         if not call.poolings or unknown:
             raise invalid(f"'pooling' must hold one or more of {list(model.layer_poolings)}, got {call.poolings}", "pooling")
-        prompt = resolve(call.prompt, model.tokenizer, "", "prompt")
-        pooled, counts = await self._infer_prompts(model, [prompt], model.layers, "POOLED", call.priority, "prompt")
+        (prompt,) = await self._resolve(model, [call.prompt], "", "prompt")
+        pooled, counts = await self._infer_prompts(model, [prompt], model.layers, "POOLED", call, "prompt")
         pooled = _normalized(pooled[0]) if call.normalize else pooled[0]  # [layers + 1, poolings, hidden]
         column = {name: index for index, name in enumerate(model.layer_poolings)}
         layers = [(layer, {p: pooled[layer % depth, column[p]] for p in call.poolings}) for layer in call.layers]
         tokens = None
         if call.tokens:
             # The prompt's own tokens; num_tokens also counts the special tokens the model frames them with.
-            ids = prompt.token_ids if prompt.text is None else model.tokenizer.encode(prompt.text, add_special_tokens=False).ids
+            if prompt.text is None:
+                ids = prompt.token_ids
+            else:
+                ids = (await asyncio.to_thread(model.tokenizer.encode, prompt.text, add_special_tokens=False)).ids
             tokens = [model.tokenizer.id_to_token(i) for i in ids]
         return EmbedLayersResult(model.model_version, layers, tokens, int(counts[0]))
 
-    def tokenize(self, model_name: str, text: str) -> tuple[list[str], list[int]]:
-        encoding = self.catalog.get(model_name).tokenizer.encode(text, add_special_tokens=False)
+    async def tokenize(self, model_name: str, text: str) -> tuple[list[str], list[int]]:
+        """In a thread: a long text takes seconds to tokenize, and other requests must not wait for it."""
+        tokenizer = self.catalog.get(model_name).tokenizer
+        encoding = await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=False)
         return encoding.tokens, encoding.ids
 
-    def detokenize(self, model_name: str, token_ids: list[int]) -> str:
+    async def detokenize(self, model_name: str, token_ids: list[int]) -> str:
         tokenizer = self.catalog.get(model_name).tokenizer
         vocab = tokenizer.get_vocab_size()
         bad = next((i for i in token_ids if not 0 <= i < vocab), None)
         if bad is not None:
             raise invalid(f"token id {bad} is outside the vocabulary [0, {vocab})", "token_ids")
-        return tokenizer.decode(token_ids)
+        return await asyncio.to_thread(tokenizer.decode, token_ids)

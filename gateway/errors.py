@@ -14,6 +14,7 @@ class ErrorKind(Enum):
     OVERLOADED = "overloaded"
     UNAVAILABLE = "unavailable"
     DEADLINE_EXCEEDED = "deadline_exceeded"
+    CANCELLED = "cancelled"
     BACKEND = "backend"
 
 
@@ -25,6 +26,8 @@ HTTP_STATUS = {
     ErrorKind.UNAVAILABLE: 503,
     # Not 504: both official clients retry a 503 after Retry-After, and the work is idempotent.
     ErrorKind.DEADLINE_EXCEEDED: 503,
+    # nginx's "client closed request": logged and counted, never seen by the caller, who is gone.
+    ErrorKind.CANCELLED: 499,
     ErrorKind.BACKEND: 500,
 }
 
@@ -35,6 +38,7 @@ GRPC_STATUS = {
     ErrorKind.OVERLOADED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     ErrorKind.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ErrorKind.CANCELLED: grpc.StatusCode.CANCELLED,
     ErrorKind.BACKEND: grpc.StatusCode.INTERNAL,
 }
 

@@ -13,8 +13,15 @@ from starlette.routing import Route
 from gateway.embedding_service import EmbedCall, EmbeddingService
 from gateway.errors import ServiceError
 from gateway.http_io import contract_errors, json_response, parse_body
+from gateway.http_lifecycle import cancel_on_disconnect, deadline, refuse_early
 
-ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
 
 
 class EmbeddingsRequest(BaseModel):
@@ -37,7 +44,7 @@ def render_error(error: ServiceError):
     return json_response({"error": body}, status)
 
 
-def _to_call(request: EmbeddingsRequest) -> EmbedCall:
+def _to_call(request: EmbeddingsRequest, deadline) -> EmbedCall:
     items = [request.input] if isinstance(request.input, str) else request.input
     is_ids = bool(items) and isinstance(items[0], (int, list))
     if is_ids and isinstance(items[0], int):
@@ -48,6 +55,7 @@ def _to_call(request: EmbeddingsRequest) -> EmbedCall:
         token_ids=items if is_ids else None,
         dimensions=request.dimensions,
         truncate=request.truncate,
+        deadline=deadline,
     )
 
 
@@ -60,8 +68,10 @@ def _encode(vector, encoding_format: str | None):
 def routes(service: EmbeddingService, max_body_bytes: int) -> list[Route]:
     @contract_errors(render_error)
     async def embeddings(request: Request):
+        refuse_early(service)
+        expires = deadline(request, service)
         body = await parse_body(request, REQUEST, max_body_bytes)
-        result = await service.embed(_to_call(body))
+        result = await cancel_on_disconnect(request, service.embed(_to_call(body, expires)))
         data = [
             {"object": "embedding", "embedding": _encode(vector, body.encoding_format), "index": index}
             for index, vector in enumerate(result.embeddings)

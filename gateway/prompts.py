@@ -31,10 +31,13 @@ class Prompt:
     token_ids: list[int] | None = None
 
 
-def resolve(items: list[PromptItem], tokenizer: Tokenizer, prefix: str, field: str, index: int | None = None) -> Prompt:
+def resolve(
+    items: list[PromptItem], tokenizer: Tokenizer, prefix: str, field: str, index: int | None = None, max_chars: int | None = None
+) -> Prompt:
     """One Prompt from a prompt's items, with the representation's prefix in front.
 
     Errors name `field` as the parameter and `field[index]` in the message when the prompt is one of many.
+    A text item over max_chars is refused before it is tokenized.
     """
     where = field if index is None else f"{field}[{index}]"
     if not items:
@@ -52,6 +55,8 @@ def resolve(items: list[PromptItem], tokenizer: Tokenizer, prefix: str, field: s
     ids: list[int] = tokenizer.encode(prefix, add_special_tokens=False).ids if prefix else []
     for item in items:
         if item.kind == "text":
+            if max_chars is not None and len(item.data) > max_chars:
+                raise invalid(f"'{where}' holds a text of {len(item.data)} characters, more than the model can read ({max_chars})", field)
             ids += tokenizer.encode(item.data, add_special_tokens=False).ids
             continue
         bad = next((i for i in item.data if not 0 <= i < vocab), None)

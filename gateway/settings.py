@@ -23,7 +23,11 @@ class Settings:
     run_dir: Path = ROOT / ".run"
     max_body_bytes: int = 4 * 1024 * 1024
     max_inputs: int = 2048
-    max_in_flight: int = 512
+    max_pending_texts: int = 8192
+    max_rows_in_flight: int = 128
+    request_timeout_s: float = 30.0
+    triton_stall_restart_s: float = 10.0
+    shutdown_grace_s: float = 15.0
     truncate: bool = False
 
 
@@ -39,7 +43,15 @@ HELP = {
     "run_dir": "where logs of the started Triton go",
     "max_body_bytes": "largest request body; larger ones get 413 before any work is done",
     "max_inputs": "most texts in one request; each is one row in Triton's batches",
-    "max_in_flight": "requests processed at once; past it callers get 429 with Retry-After instead of queueing without bound",
+    "max_pending_texts": "texts admitted and not yet answered; past it (or past what the backlog can serve before a request's "
+    "deadline) callers get 429 with Retry-After from the estimated drain time instead of queueing without bound",
+    "max_rows_in_flight": "rows sent to Triton at once; more batches better on a fast encoder, fewer lets a one-text request "
+    "overtake a big one sooner",
+    "request_timeout_s": "deadline of every request (a gRPC deadline or the X-Request-Timeout header may ask for less); "
+    "past it the caller gets 503 / DEADLINE_EXCEEDED and Triton drops the work",
+    "triton_stall_restart_s": "how long the Triton the gateway started may stay unready (stalled, stuck loading) before it is "
+    "restarted; too short restarts a Triton that would have recovered",
+    "shutdown_grace_s": "on SIGTERM, how long calls in flight may run on before they are cancelled and Triton is stopped",
     "truncate": "cut texts longer than the model's limit instead of answering 400 (a request may also ask per call)",
 }
 
@@ -57,7 +69,7 @@ def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None
     parser = argparse.ArgumentParser(prog="python -m gateway", description="Serve embeddings over HTTP and gRPC from Triton.")
     for field in fields(Settings):
         flag = "--" + field.name.replace("_", "-")
-        kind = Path if isinstance(field.default, Path) else {int: int, bool: _parse_bool}.get(type(field.default), str)
+        kind = Path if isinstance(field.default, Path) else {int: int, float: float, bool: _parse_bool}.get(type(field.default), str)
         env_value = environ.get(_env_name(field.name))
         default = kind(env_value) if env_value is not None else field.default
         help_text = f"{HELP[field.name]} (env {_env_name(field.name)}, default {default})"

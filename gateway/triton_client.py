@@ -1,41 +1,63 @@
-"""The one place that talks to Triton: builds inference requests for the ensembles and maps its failures."""
+"""The one place that talks to Triton: builds inference requests for the ensembles and maps its failures.
+
+Triton errors that a retry can cure (Triton down or restarting, a dead stub) become UNAVAILABLE, which the
+scheduler retries; anything else unexpected is logged here and reaches the caller as a generic internal error.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from dataclasses import dataclass
 
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from gateway.errors import ErrorKind, ServiceError
+from gateway.errors import ErrorKind, ServiceError, internal
+from gateway.scheduler import Chunk
 
-# Triton's dynamic batcher serves lower numbers first; level 1 is normal traffic, 2 is `nice`.
-PRIORITY_NORMAL = 1
-PRIORITY_NICE = 2
+log = logging.getLogger("gateway.triton")
+
+# Triton's words for a model it cannot serve right now: loading after a restart, or a stub that died. The call
+# is retried (until its deadline) like one that found Triton down, and the instance name never reaches a caller.
+_TRANSIENT = ("stub process", "is not healthy", "unknown model", "is not ready", "request timeout expired", "failed to connect")
 
 
 def _backend_error(error: InferenceServerException) -> ServiceError:
     status = str(error.status() or "")
-    if "UNAVAILABLE" in status or "DEADLINE_EXCEEDED" in status:
-        return ServiceError(ErrorKind.UNAVAILABLE, "the inference server is unavailable, retry shortly")
+    message = str(error.message() or "")
+    if "DEADLINE_EXCEEDED" in status:
+        return ServiceError(ErrorKind.DEADLINE_EXCEEDED, "the inference server did not answer within the request's deadline")
+    if "UNAVAILABLE" in status or any(marker in message.lower() for marker in _TRANSIENT):
+        return ServiceError(ErrorKind.UNAVAILABLE, f"the inference server is unavailable ({status or 'no connection'}), retry shortly")
     if "RESOURCE_EXHAUSTED" in status:
         return ServiceError(ErrorKind.OVERLOADED, "the inference server is overloaded, retry shortly")
-    return ServiceError(ErrorKind.BACKEND, f"inference failed: {error.message()}")
+    log.error("Triton failed a request: %s %s", status, message)
+    return internal()
 
 
-# Texts per request when a long list is split by length; small enough that one long text pads few others.
+# Texts per request when a long list is split by length; small enough that one long text pads few others, and
+# one turn of the scheduler's round robin.
 SORTED_CHUNK = 32
 
 
-def _in_order(groups: list[list[int]], results: list[tuple[np.ndarray, np.ndarray]], total: int) -> tuple[np.ndarray, np.ndarray]:
-    """Puts each group's rows back at the input positions the group lists."""
-    order = np.concatenate([np.array(members) for members in groups])
-    values = np.empty((total, *results[0][0].shape[1:]), dtype=np.float32)
-    counts = np.empty(total, dtype=np.int64)
-    values[order] = np.concatenate([r[0] for r in results])
-    counts[order] = np.concatenate([r[1] for r in results])
-    return values, counts
+@dataclass(frozen=True)
+class ChunkedInput:
+    """A request's rows as Triton calls: chunks[i] carries the input rows at positions members[i]."""
+
+    chunks: list[Chunk]
+    members: list[list[int]]
+    total: int
+
+    def assemble(self, results: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+        """Puts each chunk's rows back at the input positions it holds."""
+        order = np.concatenate([np.array(members) for members in self.members])
+        values = np.empty((self.total, *results[0][0].shape[1:]), dtype=np.float32)
+        counts = np.empty(self.total, dtype=np.int64)
+        values[order] = np.concatenate([r[0] for r in results])
+        counts[order] = np.concatenate([r[1] for r in results])
+        return values, counts
 
 
 class TritonClient:
@@ -46,62 +68,65 @@ class TritonClient:
     async def close(self) -> None:
         await self._client.close()
 
-    async def is_ready(self, model: str) -> bool:
+    async def server_ready(self, timeout_s: float) -> bool:
         try:
-            return await self._client.is_model_ready(model)
-        except InferenceServerException:
+            return await self._client.is_server_ready(client_timeout=timeout_s)
+        except (InferenceServerException, asyncio.TimeoutError):
             return False
 
     async def model_statistics(self, model: str) -> dict:
         return await self._client.get_inference_statistics(model, as_json=True)
 
     async def _infer(
-        self, ensemble: str, tensor: grpcclient.InferInput, priority: int, output: str
+        self, ensemble: str, tensor: grpcclient.InferInput, priority: int, output: str, timeout_s: float
     ) -> tuple[np.ndarray, np.ndarray]:
         outputs = [grpcclient.InferRequestedOutput(output), grpcclient.InferRequestedOutput("TOKEN_COUNT")]
         try:
-            result = await self._client.infer(ensemble, [tensor], outputs=outputs, priority=priority)
+            # The deadline travels twice: the client gives up at it, and every step's queue policy drops the
+            # request once it has waited that long, so Triton does not compute answers nobody waits for.
+            result = await self._client.infer(
+                ensemble,
+                [tensor],
+                outputs=outputs,
+                priority=priority,
+                timeout=max(int(timeout_s * 1e6), 1),
+                client_timeout=timeout_s,
+            )
         except InferenceServerException as error:
             raise _backend_error(error) from None
         return result.as_numpy(output), result.as_numpy("TOKEN_COUNT").reshape(-1)
 
-    async def embed_texts(
-        self, ensemble: str, texts: list[str], max_batch: int, priority: int = PRIORITY_NORMAL, output: str = "EMBEDDING"
-    ):
-        """The ensemble's `output` rows and untruncated token counts, in input order; chunks run concurrently.
+    def _chunk(self, ensemble: str, tensor: grpcclient.InferInput, priority: int, output: str, rows: int) -> Chunk:
+        return Chunk(rows, lambda timeout_s: self._infer(ensemble, tensor, priority, output, timeout_s))
 
-        The tokenizer step pads each request to the bucket of its longest text, so texts are sent sorted by
-        length in chunks of SORTED_CHUNK: short texts are not padded to a long one's bucket, and the
-        encoder's batcher merges the chunks that land in the same bucket again.
+    def text_input(self, ensemble: str, texts: list[str], max_batch: int, priority: int, output: str = "EMBEDDING") -> ChunkedInput:
+        """The ensemble's calls for `texts`, sorted by length in chunks of SORTED_CHUNK.
+
+        The tokenizer step pads each request to its longest text, so short texts sent apart from long ones
+        are not padded to their length; the encoder's batcher merges the chunks again.
         """
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         size = min(max_batch, SORTED_CHUNK)
-        chunks = [order[i : i + size] for i in range(0, len(order), size)]
+        members = [order[i : i + size] for i in range(0, len(order), size)]
+        chunks = []
+        for rows in members:
+            tensor = grpcclient.InferInput("TEXT", [len(rows), 1], "BYTES")
+            tensor.set_data_from_numpy(np.array([texts[i].encode("utf-8") for i in rows], dtype=np.object_).reshape(-1, 1))
+            chunks.append(self._chunk(ensemble, tensor, priority, output, len(rows)))
+        return ChunkedInput(chunks, members, len(texts))
 
-        async def chunk(members: list[int]):
-            tensor = grpcclient.InferInput("TEXT", [len(members), 1], "BYTES")
-            tensor.set_data_from_numpy(np.array([texts[i].encode("utf-8") for i in members], dtype=np.object_).reshape(-1, 1))
-            return await self._infer(ensemble, tensor, priority, output)
-
-        return _in_order(chunks, await asyncio.gather(*(chunk(members) for members in chunks)), len(texts))
-
-    async def embed_token_ids(
-        self,
-        ensemble: str,
-        sequences: list[list[int]],
-        max_batch: int,
-        priority: int = PRIORITY_NORMAL,
-        output: str = "EMBEDDING",
-    ):
-        """Like embed_texts for token id sequences; sequences of equal length share a request."""
+    def token_ids_input(
+        self, ensemble: str, sequences: list[list[int]], max_batch: int, priority: int, output: str = "EMBEDDING"
+    ) -> ChunkedInput:
+        """Like text_input for token id sequences; sequences of equal length share a call."""
         by_length: dict[int, list[int]] = {}
         for index, ids in enumerate(sequences):
             by_length.setdefault(len(ids), []).append(index)
-        groups = [members[i : i + max_batch] for members in by_length.values() for i in range(0, len(members), max_batch)]
-
-        async def group(members: list[int]):
-            tensor = grpcclient.InferInput("TOKEN_IDS", [len(members), len(sequences[members[0]])], "INT64")
-            tensor.set_data_from_numpy(np.array([sequences[i] for i in members], dtype=np.int64))
-            return await self._infer(ensemble, tensor, priority, output)
-
-        return _in_order(groups, await asyncio.gather(*(group(members) for members in groups)), len(sequences))
+        size = min(max_batch, SORTED_CHUNK)
+        members = [rows[i : i + size] for rows in by_length.values() for i in range(0, len(rows), size)]
+        chunks = []
+        for rows in members:
+            tensor = grpcclient.InferInput("TOKEN_IDS", [len(rows), len(sequences[rows[0]])], "INT64")
+            tensor.set_data_from_numpy(np.array([sequences[i] for i in rows], dtype=np.int64))
+            chunks.append(self._chunk(ensemble, tensor, priority, output, len(rows)))
+        return ChunkedInput(chunks, members, len(sequences))

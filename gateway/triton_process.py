@@ -1,7 +1,13 @@
-"""Starts the Triton server shipped in the nvidia-pytriton wheel, waits until it is ready, and stops it by PID."""
+"""Starts the Triton server shipped in the nvidia-pytriton wheel and owns it: its process group, its stubs, its /dev/shm.
+
+Triton runs in a process group of its own with its Python-backend stubs, so that ending the group leaves no
+orphan, and the shared-memory regions the stubs were started with are unlinked after the group is gone: a
+tritonserver killed with -9 otherwise leaves stubs holding hundreds of MB and segments in /dev/shm.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -13,6 +19,14 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
+
+log = logging.getLogger("gateway.triton")
+
+SHM_DIR = Path("/dev/shm")
+# The stub's command line names the region it shares with tritonserver: `stub <model.py> <region> ...`.
+_STUB_SHM_ARG = 2
 
 
 class TritonStartError(RuntimeError):
@@ -53,6 +67,13 @@ def _environment() -> dict[str, str]:
     return env
 
 
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 class TritonProcess:
     def __init__(self, model_repository: Path, ports: TritonPorts, work_dir: Path, log_file: Path):
         self.model_repository = model_repository
@@ -60,6 +81,8 @@ class TritonProcess:
         self.work_dir = work_dir
         self.log_file = log_file
         self.process: subprocess.Popen | None = None
+        self._stubs: list[psutil.Process] = []
+        self._shm_regions: set[str] = set()
 
     @property
     def http_url(self) -> str:
@@ -69,7 +92,12 @@ class TritonProcess:
     def grpc_url(self) -> str:
         return f"127.0.0.1:{self.ports.grpc}"
 
-    def start(self, ready_model: str, timeout_s: float = 180.0) -> None:
+    @property
+    def pid_file(self) -> Path:
+        return self.work_dir / "triton.pid"
+
+    def start(self, timeout_s: float = 180.0) -> None:
+        """Starts tritonserver and returns once every model is ready, with its stubs recorded."""
         if "=" in str(self.work_dir.resolve()):
             # The Python backend starts its stubs through `env`, which reads a path with "=" as a variable
             # assignment: every model would fail to load with a confusing "No such file or directory".
@@ -88,39 +116,90 @@ class TritonProcess:
             "--allow-metrics=true",
             "--exit-on-error=true",
             "--strict-readiness=true",
+            # The gateway's own grace period covers calls in flight; Triton's default 30 s would only add to it.
+            "--exit-timeout-secs=5",
         ]
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_file, "ab") as log:
-            # A session of its own so that Ctrl-C in a terminal reaches the gateway first, which then stops Triton.
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=_environment(), start_new_session=True)
-        # Whoever supervises the gateway can still stop Triton by PID if the gateway dies without cleaning up.
-        (self.work_dir / "triton.pid").write_text(str(self.process.pid))
-        self._wait_ready(ready_model, timeout_s)
+        with open(self.log_file, "ab") as log_file:
+            # A session (and process group) of its own: Ctrl-C in a terminal reaches the gateway first, which
+            # then stops Triton, and the stubs Triton forks stay in the group, so one killpg ends them all.
+            self.process = subprocess.Popen(
+                command, stdout=log_file, stderr=subprocess.STDOUT, env=_environment(), start_new_session=True
+            )
+        # Whoever supervises the gateway can still end the group by PID if the gateway dies without cleaning up.
+        self.pid_file.write_text(str(self.process.pid))
+        self._stubs, self._shm_regions = [], set()
+        self._wait_ready(timeout_s)
+        self._record_stubs()
 
-    def _wait_ready(self, model: str, timeout_s: float) -> None:
+    def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise TritonStartError(f"tritonserver exited with {self.process.returncode}; see {self.log_file}")
-            if self.model_ready(model):
+                code = self.process.returncode
+                self.stop()
+                raise TritonStartError(f"tritonserver exited with {code}; see {self.log_file}")
+            if self.server_ready():
                 return
-            time.sleep(0.25)
+            time.sleep(0.1)
         self.stop()
-        raise TritonStartError(f"{model} was not ready after {timeout_s:.0f}s; see {self.log_file}")
+        raise TritonStartError(f"Triton's models were not ready after {timeout_s:.0f}s; see {self.log_file}")
 
-    def model_ready(self, model: str) -> bool:
+    def server_ready(self) -> bool:
+        """Triton's own view: with strict readiness, every model in the repository is ready."""
         try:
-            with urllib.request.urlopen(f"{self.http_url}/v2/models/{model}/ready", timeout=2) as response:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=1) as response:
                 return response.status == 200
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             return False
 
-    def stop(self, timeout_s: float = 30.0) -> None:
-        if self.process is None or self.process.poll() is not None:
+    def _record_stubs(self) -> None:
+        self._stubs = psutil.Process(self.process.pid).children()
+        for stub in self._stubs:
+            arguments = stub.cmdline()
+            if len(arguments) > _STUB_SHM_ARG and arguments[_STUB_SHM_ARG].startswith("triton_python_backend_shm"):
+                self._shm_regions.add(arguments[_STUB_SHM_ARG])
+
+    def fault(self) -> str | None:
+        """Why this Triton can no longer serve (it exited, or a stub it will never replace died), or None."""
+        if self.process is None:
+            return "not started"
+        if self.process.poll() is not None:
+            return f"tritonserver exited with {self.process.returncode}"
+        lost = [stub for stub in self._stubs if not _alive(stub)]
+        if lost:
+            return f"{len(lost)} Python-backend stub(s) died (pid {', '.join(str(s.pid) for s in lost)})"
+        return None
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Ends tritonserver and every stub, then unlinks their shared memory. SIGTERM first unless timeout_s is 0."""
+        if self.process is None:
             return
-        self.process.send_signal(signal.SIGTERM)
+        group = self.process.pid
+        if self.process.poll() is None and timeout_s > 0:
+            try:
+                # SIGCONT too: a stopped Triton would otherwise never see the SIGTERM.
+                os.killpg(group, signal.SIGTERM)
+                os.killpg(group, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("tritonserver did not stop within %.0f s of SIGTERM; killing its process group", timeout_s)
         try:
-            self.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+        # Stubs that had already left the group (none should) are ended one by one.
+        for stub in self._stubs:
+            try:
+                stub.kill()
+                stub.wait(timeout=5)
+            except psutil.NoSuchProcess:
+                pass
+        for region in self._shm_regions:
+            (SHM_DIR / region).unlink(missing_ok=True)
+        self._stubs, self._shm_regions = [], set()
+        self.pid_file.unlink(missing_ok=True)

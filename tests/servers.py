@@ -55,10 +55,11 @@ class RunningService:
                 self.process.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+        # The gateway removes the file when it stopped Triton itself; if it is still there, end Triton's group.
         pid_file = self.run_dir / "triton.pid"
         if pid_file.exists():
             try:
-                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+                os.killpg(int(pid_file.read_text()), signal.SIGKILL)
             except ProcessLookupError:
                 pass
 

@@ -10,6 +10,8 @@ from export.datasets import sts_sentences
 from gateway.catalog import Catalog
 from gateway.embedding_service import EmbeddingService
 from gateway.grpc_server import create_server
+from gateway.scheduler import Scheduler
+from gateway.supervisor import TritonHealth
 from gateway.triton_client import TritonClient
 from proto.embedding.v1 import embedding_pb2 as pb
 from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
@@ -17,9 +19,12 @@ from tests.conftest import MODEL_REPOSITORY
 from tests.servers import free_ports
 
 
-async def running_server(triton_url: str, max_in_flight: int = 64):
+async def running_server(triton_url: str, max_pending_texts: int = 8192):
     triton = TritonClient(triton_url)
-    service = EmbeddingService(Catalog.from_repository(MODEL_REPOSITORY), triton, max_inputs=2048, max_in_flight=max_in_flight, truncate=False)
+    health = TritonHealth(triton)
+    await health.check()
+    scheduler = Scheduler(health, max_pending_texts=max_pending_texts, max_rows_in_flight=128)
+    service = EmbeddingService(Catalog.from_repository(MODEL_REPOSITORY), triton, scheduler, max_inputs=2048, truncate=False, timeout_s=5)
     server, port = create_server(service, "127.0.0.1", 0)
     await server.start()
     return server, port, triton
@@ -69,7 +74,7 @@ async def test_without_triton_health_is_not_serving_and_calls_are_unavailable(mo
 
 
 async def test_overload_is_resource_exhausted_at_once(service, model_name):
-    server, port, triton = await running_server(service.triton_grpc_url, max_in_flight=1)
+    server, port, triton = await running_server(service.triton_grpc_url, max_pending_texts=128)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.EmbeddingServiceStub(channel)

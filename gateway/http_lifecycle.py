@@ -1,0 +1,59 @@
+"""What every HTTP embedding call shares before and around the core: early refusal, its deadline, its client leaving."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Awaitable, TypeVar
+
+from starlette.requests import Request
+
+from gateway.deadline import Deadline
+from gateway.embedding_service import EmbeddingService
+from gateway.errors import ErrorKind, ServiceError, invalid
+
+T = TypeVar("T")
+
+# Seconds, as a decimal number: the caller's own deadline for this request when shorter than the server's.
+TIMEOUT_HEADER = "x-request-timeout"
+
+
+def deadline(request: Request, service: EmbeddingService) -> Deadline:
+    value = request.headers.get(TIMEOUT_HEADER)
+    if value is None:
+        return service.deadline()
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise invalid(f"header 'X-Request-Timeout' must be a positive number of seconds, got {value!r}", "X-Request-Timeout")
+    return service.deadline(seconds)
+
+
+def refuse_early(service: EmbeddingService) -> None:
+    """Called before the body is read: when the backlog is already full, a 429 costs nothing to parse."""
+    service.scheduler.check_open()
+
+
+async def _disconnected(request: Request) -> None:
+    # Once the body is read, the server's receive() returns only when the client has gone (or the response is sent).
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Awaits `work`, cancelling it (and so its queued Triton calls) as soon as the client disconnects."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    raise ServiceError(ErrorKind.CANCELLED, "the client disconnected; its work was cancelled")

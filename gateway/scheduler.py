@@ -1,0 +1,206 @@
+"""Every request's life from admission to answer: admission by work, fair dispatch, deadline, retry, cancellation.
+
+A request arrives as chunks (at most a few dozen rows each, see gateway.triton_client). Admission counts the
+texts of every admitted request not yet answered and refuses a request that would exceed the limit, or that
+the backlog could not serve before its deadline, with 429 and a Retry-After estimated from the backlog.
+
+Triton's queue is kept short: at most max_rows_in_flight rows are sent at once, and the next chunk is taken
+from the requests in turn (round robin, normal traffic before `nice`). A one-text request therefore waits for
+about one turn of the rows in flight, not behind another client's 2048 texts, and a request that gives up
+(deadline, disconnect, cancelled call) drops its chunks that were not sent yet.
+
+A chunk that meets an unavailable Triton (down, restarting, a dead stub) is retried until its request's
+deadline: an embedding is idempotent, so a restart within the deadline costs the caller only time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from gateway.deadline import Deadline
+from gateway.errors import ErrorKind, ServiceError
+from gateway.supervisor import TritonHealth
+
+log = logging.getLogger("gateway.scheduler")
+
+# Triton's dynamic batcher serves lower numbers first; level 1 is normal traffic, 2 is `nice`.
+PRIORITY_NORMAL = 1
+PRIORITY_NICE = 2
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One Triton call of a request: `rows` input rows, sent by `send(timeout_s)`."""
+
+    rows: int
+    send: Callable[[float], Awaitable[Any]]
+
+
+@dataclass(eq=False)
+class _Job:
+    chunks: list[Chunk]
+    deadline: Deadline
+    texts: int
+    done: asyncio.Future
+    next_chunk: int = 0
+    results: list = field(default_factory=list)
+    unanswered: int = 0
+    tasks: set = field(default_factory=set)
+
+    @property
+    def has_pending(self) -> bool:
+        return self.next_chunk < len(self.chunks)
+
+
+class ThroughputMeter:
+    """Rows per second while busy, decayed over about `horizon_s` of busy time; idle time does not count."""
+
+    def __init__(self, horizon_s: float = 10.0):
+        self.horizon_s = horizon_s
+        self._rows = 0.0
+        self._busy_s = 0.0
+        self._since = time.monotonic()
+
+    def busy_from(self, now: float) -> None:
+        self._since = now
+
+    def completed(self, rows: int, now: float) -> None:
+        elapsed = max(now - self._since, 0.0)
+        decay = math.exp(-elapsed / self.horizon_s)
+        self._rows = self._rows * decay + rows
+        self._busy_s = self._busy_s * decay + elapsed
+        self._since = now
+
+    @property
+    def rows_per_s(self) -> float | None:
+        # Too little busy time measured yet to say; admission then relies on the text limit alone.
+        return self._rows / self._busy_s if self._busy_s > 0.5 else None
+
+
+class Scheduler:
+    def __init__(self, health: TritonHealth, *, max_pending_texts: int, max_rows_in_flight: int):
+        self.health = health
+        self.max_pending_texts = max_pending_texts
+        self.max_rows_in_flight = max_rows_in_flight
+        self.pending_texts = 0
+        self.rows_in_flight = 0
+        self.meter = ThroughputMeter()
+        self._queues: dict[int, deque[_Job]] = {PRIORITY_NORMAL: deque(), PRIORITY_NICE: deque()}
+
+    # -- admission ------------------------------------------------------------------------------------
+
+    def _drain_s(self, texts: int) -> float | None:
+        rate = self.meter.rows_per_s
+        return texts / rate if rate else None
+
+    def _overloaded(self, why: str) -> ServiceError:
+        drain_s = self._drain_s(self.pending_texts)
+        retry_after = max(1, math.ceil(drain_s)) if drain_s is not None else 1
+        return ServiceError(ErrorKind.OVERLOADED, f"{why}; retry in about {retry_after} s", retry_after_s=retry_after)
+
+    def check_open(self) -> None:
+        """The cheap check made before a request's body is read: is there room for any work at all?"""
+        if self.pending_texts >= self.max_pending_texts:
+            raise self._overloaded(f"{self.pending_texts} texts are already waiting")
+
+    def _admit(self, texts: int, deadline: Deadline) -> None:
+        # A lone request larger than the limit is still served; refusing it would refuse it forever.
+        if self.pending_texts and self.pending_texts + texts > self.max_pending_texts:
+            raise self._overloaded(f"{self.pending_texts} texts are already waiting and this request adds {texts}")
+        drain_s = self._drain_s(self.pending_texts + texts)
+        if self.pending_texts and drain_s is not None and drain_s > deadline.remaining():
+            raise self._overloaded(
+                f"the backlog would take about {drain_s:.1f} s, longer than this request's deadline of {deadline.remaining():.1f} s"
+            )
+
+    # -- a request's life -------------------------------------------------------------------------------
+
+    async def run(self, chunks: list[Chunk], deadline: Deadline, priority: int = PRIORITY_NORMAL) -> list:
+        """Each chunk's result, in chunk order, or the first error; gives up (and drops its work) at the deadline."""
+        texts = sum(c.rows for c in chunks)
+        self._admit(texts, deadline)
+        job = _Job(chunks, deadline, texts, asyncio.get_running_loop().create_future(), results=[None] * len(chunks))
+        job.unanswered = len(chunks)
+        self.pending_texts += texts
+        self._queues[priority].append(job)
+        try:
+            self._dispatch()
+            async with asyncio.timeout(deadline.remaining()):
+                return await job.done
+        except TimeoutError:
+            raise ServiceError(ErrorKind.DEADLINE_EXCEEDED, "the request did not complete within its deadline") from None
+        finally:
+            self._forget(job, priority)
+
+    def _forget(self, job: _Job, priority: int) -> None:
+        """Drops what a finished, failed, timed-out or cancelled job had not sent, and cancels what it had."""
+        if job in self._queues[priority]:
+            self._queues[priority].remove(job)
+        for task in job.tasks:
+            task.cancel()
+        self.pending_texts -= job.texts
+        if not job.done.done():
+            job.done.cancel()
+
+    def _next_job(self) -> _Job | None:
+        for queue in self._queues.values():
+            if queue:
+                return queue[0]
+        return None
+
+    def _dispatch(self) -> None:
+        while (job := self._next_job()) is not None:
+            chunk = job.chunks[job.next_chunk]
+            if self.rows_in_flight and self.rows_in_flight + chunk.rows > self.max_rows_in_flight:
+                return
+            queue = next(q for q in self._queues.values() if q and q[0] is job)
+            queue.popleft()
+            index = job.next_chunk
+            job.next_chunk += 1
+            if job.has_pending:
+                queue.append(job)  # round robin: its next chunk waits for every other request's turn
+            if self.rows_in_flight == 0:
+                self.meter.busy_from(time.monotonic())
+            self.rows_in_flight += chunk.rows
+            task = asyncio.create_task(self._execute(job, index, chunk))
+            job.tasks.add(task)
+
+    async def _execute(self, job: _Job, index: int, chunk: Chunk) -> None:
+        try:
+            result = await self._send_with_retry(chunk, job.deadline)
+        except Exception as error:  # noqa: BLE001 - delivered to the request, whose transport answers (and logs) it
+            if not job.done.done():
+                job.done.set_exception(error)
+        else:
+            self.meter.completed(chunk.rows, time.monotonic())
+            job.results[index] = result
+            job.unanswered -= 1
+            if job.unanswered == 0 and not job.done.done():
+                job.done.set_result(job.results)
+        finally:
+            job.tasks.discard(asyncio.current_task())
+            self.rows_in_flight -= chunk.rows
+            self._dispatch()
+
+    async def _send_with_retry(self, chunk: Chunk, deadline: Deadline):
+        backoff_s = 0.05
+        while True:
+            try:
+                return await chunk.send(deadline.remaining())
+            except ServiceError as error:
+                if error.kind is not ErrorKind.UNAVAILABLE:
+                    raise
+                if deadline.remaining() <= backoff_s:
+                    raise ServiceError(
+                        ErrorKind.UNAVAILABLE, f"the inference server stayed unavailable until the deadline: {error.message}"
+                    ) from None
+                log.debug("retrying a chunk of %d rows: %s", chunk.rows, error.message)
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, 1.0)
+            await self.health.wait_ready(deadline.remaining())

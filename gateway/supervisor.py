@@ -1,0 +1,126 @@
+"""Keeps track of whether Triton can serve, and restarts the Triton the gateway started when it cannot.
+
+Readiness is polled in the background, so /health and gRPC health answer from memory at once even while
+Triton is stalled, and calls waiting to retry wake up as soon as Triton is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from gateway.triton_process import TritonProcess, TritonStartError
+
+if TYPE_CHECKING:
+    from gateway.triton_client import TritonClient
+
+log = logging.getLogger("gateway.supervisor")
+
+
+class TritonHealth:
+    """Whether Triton answers and every model is ready, checked every poll_s with a probe that gives up after timeout_s."""
+
+    def __init__(self, triton: TritonClient, poll_s: float = 0.25, timeout_s: float = 1.0):
+        self.triton = triton
+        self.poll_s = poll_s
+        self.timeout_s = timeout_s
+        self.reason = "not checked yet"
+        self.not_ready_since = time.monotonic()
+        self._ready = asyncio.Event()
+        # A fault the supervisor found (a dead stub) outweighs Triton's own ready endpoint, which stays green.
+        self.fault: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def set(self, ready: bool, reason: str = "") -> None:
+        if ready == self.ready:
+            return
+        if ready:
+            self._ready.set()
+            log.info("Triton is ready (it was not for %.1f s: %s)", time.monotonic() - self.not_ready_since, self.reason)
+        else:
+            self._ready.clear()
+            self.not_ready_since = time.monotonic()
+            log.warning("Triton is not ready: %s", reason)
+        self.reason = reason
+
+    async def wait_ready(self, timeout_s: float) -> bool:
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def check(self) -> None:
+        if self.fault is not None:
+            self.set(False, self.fault)
+        elif await self.triton.server_ready(self.timeout_s):
+            self.set(True)
+        else:
+            self.set(False, f"Triton at {self.triton.url} did not answer ready within {self.timeout_s:.0f} s")
+
+    async def run(self) -> None:
+        while True:
+            await self.check()
+            await asyncio.sleep(self.poll_s)
+
+
+class TritonSupervisor:
+    """Restarts the gateway's own Triton when it exits, loses a stub, or stays unready for stall_restart_s."""
+
+    MIN_BACKOFF_S = 0.5
+    MAX_BACKOFF_S = 30.0
+    # A Triton that served this long after a restart starts the next backoff from the minimum again.
+    STABLE_S = 60.0
+
+    def __init__(self, process: TritonProcess, health: TritonHealth, stall_restart_s: float, check_s: float = 0.1):
+        self.process = process
+        self.health = health
+        self.stall_restart_s = stall_restart_s
+        self.check_s = check_s
+        self.restarts = 0
+
+    def _fault(self) -> str | None:
+        fault = self.process.fault()
+        if fault is None and not self.health.ready:
+            stalled_s = time.monotonic() - self.health.not_ready_since
+            if stalled_s > self.stall_restart_s:
+                fault = f"not ready for {stalled_s:.0f} s ({self.health.reason})"
+        return fault
+
+    async def run(self) -> None:
+        backoff = self.MIN_BACKOFF_S
+        started = time.monotonic()
+        while True:
+            await asyncio.sleep(self.check_s)
+            fault = self._fault()
+            if fault is None:
+                continue
+            self.health.fault = fault
+            self.health.set(False, fault)
+            log.warning("restarting Triton: %s", fault)
+            # Killed at once: a broken Triton has nothing worth draining, and calls in flight are retried.
+            await asyncio.to_thread(self.process.stop, 0)
+            if self.restarts and time.monotonic() - started < self.STABLE_S:
+                # It failed again soon after the last restart: back off instead of crash-looping.
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.MAX_BACKOFF_S)
+            else:
+                backoff = self.MIN_BACKOFF_S
+            while True:
+                try:
+                    await asyncio.to_thread(self.process.start)
+                    break
+                except TritonStartError as error:
+                    log.error("Triton restart failed (%s); next try in %.1f s", error, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, self.MAX_BACKOFF_S)
+            self.restarts += 1
+            started = time.monotonic()
+            self.health.fault = None
+            await self.health.check()
+            log.warning("Triton restarted (restart %d)", self.restarts)
