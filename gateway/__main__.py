@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(serve(settings, catalog, triton_url, triton))
     finally:
         if triton is not None:
-            triton.stop(timeout_s=5.0)
+            triton.stop(timeout_s=3.0)
             print("stopped Triton and the gateway", flush=True)
     return 0
 

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 
 import grpc
 import numpy as np
 
 from gateway.embedding_service import EmbedCall, EmbeddingService, EmbedLayersCall, SemanticEmbedCall, SemanticEmbedResult
-from gateway.errors import ServiceError, invalid
+from gateway.errors import ServiceError, internal, invalid
 from gateway.grpc_stream import StreamBatcher
 from gateway.prompts import PromptItem
 from proto.embedding.v1 import embedding_pb2 as pb
 from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
+
+logger = logging.getLogger("gateway")
 
 
 def vector_message(vector: np.ndarray, encoding: int, index: int = 0, token_count: int = 0) -> pb.Embedding:
@@ -54,13 +57,19 @@ def _semantic_embeddings(result: SemanticEmbedResult, encoding: int) -> list[pb.
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: ServiceError):
-    # The offending field also travels as metadata, so clients can point at it without parsing the message.
-    metadata = (("field", error.param),) if error.param else ()
+    # The offending field also travels as metadata, so clients can point at it without parsing the message
+    # (ASCII only: gRPC refuses other metadata values, and field names are ASCII).
+    metadata = (("field", error.param),) if error.param and error.param.isascii() and error.param.isprintable() else ()
     await context.abort(error.grpc_status, error.message, metadata)
 
 
 def contract_errors(method):
-    """Every ServiceError leaves as the gRPC status its kind maps to; handlers never pick codes themselves."""
+    """Every error leaves as a gRPC status; handlers never pick codes themselves.
+
+    A ServiceError becomes the status its kind maps to, any other exception is logged and answered INTERNAL
+    with internal()'s message. context.abort's own AbortError and asyncio.CancelledError (a BaseException)
+    pass through untouched.
+    """
     if inspect.isasyncgenfunction(method):
 
         @functools.wraps(method)
@@ -68,8 +77,13 @@ def contract_errors(method):
             try:
                 async for reply in method(self, request, context):
                     yield reply
+            except grpc.aio.AbortError:
+                raise
             except ServiceError as error:
                 await _abort(context, error)
+            except Exception as error:
+                logger.error("unexpected error in gRPC %s", method.__name__, exc_info=error)
+                await _abort(context, internal())
 
         return stream
 
@@ -77,8 +91,13 @@ def contract_errors(method):
     async def unary(self, request, context):
         try:
             return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
         except ServiceError as error:
             await _abort(context, error)
+        except Exception as error:
+            logger.error("unexpected error in gRPC %s", method.__name__, exc_info=error)
+            await _abort(context, internal())
 
     return unary
 
@@ -92,13 +111,14 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     @contract_errors
     async def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
         if request.representation != pb.REPRESENTATION_UNSPECIFIED or request.HasField("compress_to_size") or request.normalize:
-            return await self._embed_semantic(request)
+            return await self._embed_semantic(request, context)
         call = EmbedCall(
             model=request.model,
             texts=list(request.inputs),
             dimensions=_optional(request, "dimensions"),
             truncate=_optional(request, "truncate"),
             input_field="inputs",
+            deadline=self._deadline(context),
         )
         result = await self.service.embed(call)
         embeddings = [
@@ -108,18 +128,21 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         usage = pb.Usage(prompt_tokens=result.total_tokens, total_tokens=result.total_tokens)
         return pb.EmbedResponse(model=result.model.name, model_version=result.model.model_version, embeddings=embeddings, usage=usage)
 
-    async def _embed_semantic(self, request: pb.EmbedRequest) -> pb.EmbedResponse:
+    def _deadline(self, context: grpc.aio.ServicerContext):
+        """The client's gRPC deadline when it set one sooner than the server's timeout."""
+        return self.service.deadline(context.time_remaining())
+
+    async def _embed_semantic(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
         """Aleph Alpha's options take the semantic_embed path, which has no dimensions or truncate of its own."""
         for field in ("dimensions", "truncate"):
             if request.HasField(field):
                 raise invalid(f"'{field}' cannot be combined with representation, compress_to_size or normalize", field)
-        result = await self.service.semantic_embed(self._semantic_call(request, [[PromptItem("text", t)] for t in request.inputs], "inputs"))
+        result = await self.service.semantic_embed(self._semantic_call(request, context, [[PromptItem("text", t)] for t in request.inputs], "inputs"))
         usage = pb.Usage(prompt_tokens=result.total_tokens, total_tokens=result.total_tokens)
         embeddings = _semantic_embeddings(result, request.encoding)
         return pb.EmbedResponse(model=request.model, model_version=result.model_version, embeddings=embeddings, usage=usage)
 
-    @staticmethod
-    def _semantic_call(request, prompts: list[list[PromptItem]], field: str) -> SemanticEmbedCall:
+    def _semantic_call(self, request, context, prompts: list[list[PromptItem]], field: str) -> SemanticEmbedCall:
         return SemanticEmbedCall(
             model=request.model,
             prompts=prompts,
@@ -127,11 +150,12 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             compress_to_size=_optional(request, "compress_to_size"),
             normalize=request.normalize,
             prompt_field=field,
+            deadline=self._deadline(context),
         )
 
     @contract_errors
     async def SemanticEmbed(self, request: pb.SemanticEmbedRequest, context) -> pb.SemanticEmbedResponse:
-        call = self._semantic_call(request, [_prompt_items(request.prompt, "prompt")], "prompt")
+        call = self._semantic_call(request, context, [_prompt_items(request.prompt, "prompt")], "prompt")
         result = await self.service.semantic_embed(call)
         (embedding,) = _semantic_embeddings(result, request.encoding)
         return pb.SemanticEmbedResponse(model_version=result.model_version, embedding=embedding, num_tokens_prompt_total=result.total_tokens)
@@ -139,7 +163,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     @contract_errors
     async def BatchSemanticEmbed(self, request: pb.BatchSemanticEmbedRequest, context) -> pb.BatchSemanticEmbedResponse:
         prompts = [_prompt_items(prompt, f"prompts[{index}]") for index, prompt in enumerate(request.prompts)]
-        result = await self.service.semantic_embed(self._semantic_call(request, prompts, "prompts"))
+        result = await self.service.semantic_embed(self._semantic_call(request, context, prompts, "prompts"))
         return pb.BatchSemanticEmbedResponse(
             model_version=result.model_version,
             embeddings=_semantic_embeddings(result, request.encoding),
@@ -156,6 +180,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             poolings=poolings,
             tokens=request.tokens,
             normalize=request.normalize,
+            deadline=self._deadline(context),
         )
         result = await self.service.embed_layers(call)
         embeddings = [
@@ -169,12 +194,12 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 
     @contract_errors
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
-        tokens, token_ids = self.service.tokenize(request.model, request.prompt)
+        tokens, token_ids = await self.service.tokenize(request.model, request.prompt)
         return pb.TokenizeResponse(tokens=tokens, token_ids=token_ids)
 
     @contract_errors
     async def Detokenize(self, request: pb.DetokenizeRequest, context) -> pb.DetokenizeResponse:
-        return pb.DetokenizeResponse(result=self.service.detokenize(request.model, list(request.token_ids)))
+        return pb.DetokenizeResponse(result=await self.service.detokenize(request.model, list(request.token_ids)))
 
     @contract_errors
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
@@ -192,5 +217,13 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 
     @contract_errors
     async def EmbedStream(self, requests, context):
-        async for request, vector, token_count in self.stream_batcher.embed(requests):
-            yield pb.EmbedStreamResponse(id=request.id, embedding=vector_message(vector, request.encoding, token_count=token_count))
+        # Every id gets one reply: its embedding, or the error of its batch (the stream goes on). Only a broken
+        # request stream (an undecodable message, say) ends the call with a status.
+        async for reply in self.stream_batcher.embed(requests):
+            item = reply.item
+            if reply.error is not None:
+                error = pb.StreamError(code=reply.error.kind.value, message=reply.error.message, field=reply.error.param or "")
+                yield pb.EmbedStreamResponse(id=item.id, error=error)
+            else:
+                embedding = vector_message(reply.vector, item.encoding, token_count=reply.token_count)
+                yield pb.EmbedStreamResponse(id=item.id, embedding=embedding)

@@ -3,17 +3,117 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 
 import grpc
+from google.protobuf import message_factory
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gateway.embedding_service import EmbeddingService
+from gateway.errors import ServiceError, invalid
 from gateway.grpc_api import EmbeddingServicer
 from proto.embedding.v1 import embedding_pb2 as pb
-from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
+
+
+class _Undecodable:
+    """What a request deserializer hands over instead of raising: bytes that are not the method's request type."""
+
+    def __init__(self, message_class):
+        self.type_name = message_class.DESCRIPTOR.full_name
+
+    def error(self) -> ServiceError:
+        return invalid(f"the request is not a valid {self.type_name} message")
+
+
+def _lenient_deserializer(message_class):
+    """grpc answers a deserializer that raises with UNKNOWN naming the exception; this one never raises."""
+
+    def deserialize(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except Exception:  # DecodeError, and whatever else the parser may raise on hostile bytes
+            return _Undecodable(message_class)
+
+    return deserialize
+
+
+async def _decoded(requests):
+    """A request stream that ends the call with INVALID_ARGUMENT (through the handler) at its first undecodable message."""
+    async for request in requests:
+        if isinstance(request, _Undecodable):
+            raise request.error()
+        yield request
+
+
+async def _refuse(request: _Undecodable, context: grpc.aio.ServicerContext):
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.error().message)
+
+
+def _unary_request(implementation):
+    if inspect.isasyncgenfunction(implementation):
+
+        async def streaming(request, context):
+            if isinstance(request, _Undecodable):
+                await _refuse(request, context)
+            async for reply in implementation(request, context):
+                yield reply
+
+        return streaming
+
+    async def unary(request, context):
+        if isinstance(request, _Undecodable):
+            await _refuse(request, context)
+        return await implementation(request, context)
+
+    return unary
+
+
+def _stream_request(implementation):
+    if inspect.isasyncgenfunction(implementation):
+
+        async def streaming(requests, context):
+            async for reply in implementation(_decoded(requests), context):
+                yield reply
+
+        return streaming
+
+    async def unary(requests, context):
+        return await implementation(_decoded(requests), context)
+
+    return unary
+
+
+def method_handlers(servicer: EmbeddingServicer) -> dict[str, grpc.RpcMethodHandler]:
+    """What the generated add_EmbeddingServiceServicer_to_server registers, built from the service descriptor, but
+    with deserializers that never raise: an undecodable request is answered INVALID_ARGUMENT by the handler."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["EmbeddingService"].methods:
+        request_class = message_factory.GetMessageClass(method.input_type)
+        response_class = message_factory.GetMessageClass(method.output_type)
+        implementation = getattr(servicer, method.name)
+        options = {
+            "request_deserializer": _lenient_deserializer(request_class),
+            "response_serializer": response_class.SerializeToString,
+        }
+        if method.client_streaming and method.server_streaming:
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(_stream_request(implementation), **options)
+        elif method.client_streaming:
+            handlers[method.name] = grpc.stream_unary_rpc_method_handler(_stream_request(implementation), **options)
+        elif method.server_streaming:
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(_unary_request(implementation), **options)
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(_unary_request(implementation), **options)
+    return handlers
+
+
+def add_servicer(servicer: EmbeddingServicer, server: grpc.aio.Server) -> None:
+    """Registers the servicer as the generated add_EmbeddingServiceServicer_to_server would, with method_handlers()."""
+    handlers = method_handlers(servicer)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 class GrpcServer:
@@ -39,8 +139,7 @@ class GrpcServer:
         await self.server.stop(grace_s)
 
     async def _report_health(self) -> None:
-        ensembles = [m.text_ensemble for m in self.service.catalog.models.values()]
-        ready = all([await self.service.triton.is_ready(name) for name in ensembles])
+        ready = self.service.health.ready
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
@@ -51,10 +150,10 @@ class GrpcServer:
             await self._report_health()
 
 
-def create_server(service: EmbeddingService, host: str, port: int, health_poll_s: float = 1.0) -> tuple[GrpcServer, int]:
+def create_server(service: EmbeddingService, host: str, port: int, health_poll_s: float = 0.1) -> tuple[GrpcServer, int]:
     """The server, not started yet, and the port it is bound to (port 0 picks a free one)."""
     server = grpc.aio.server()
-    pb_grpc.add_EmbeddingServiceServicer_to_server(EmbeddingServicer(service), server)
+    add_servicer(EmbeddingServicer(service), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

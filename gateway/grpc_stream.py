@@ -3,17 +3,27 @@
 While the stream's batches in flight are at their limit, new texts wait in a bounded inbox; the next batch
 takes everything waiting (up to max_batch). Light streams so get low latency and busy ones big batches, and
 a client that sends faster than the service embeds is slowed by gRPC flow control instead of filling memory.
+
+Every item is answered, with its vector or with an error, and a failed batch never ends the stream: a
+ServiceError answers each id of the batch with that error, and any other exception is logged and answers
+each id with internal(). A validation error of a batch of several texts is first narrowed down by embedding
+its texts one by one, so that one bad text does not fail its neighbours. Only a request stream that breaks
+(a message that does not decode, say) ends the stream, with that error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from dataclasses import dataclass
 from typing import AsyncIterator, Protocol
 
 import numpy as np
 
 from gateway.embedding_service import EmbedCall, EmbeddingService
-from gateway.errors import ServiceError
+from gateway.errors import ErrorKind, ServiceError, internal
+
+logger = logging.getLogger("gateway")
 
 _END = object()
 
@@ -24,6 +34,16 @@ class StreamItem(Protocol):
     model: str
 
     def HasField(self, name: str) -> bool: ...
+
+
+@dataclass(frozen=True)
+class StreamReply:
+    """The answer to one item: its vector and token count, or the error that kept it from being embedded."""
+
+    item: StreamItem
+    vector: np.ndarray | None = None
+    token_count: int = 0
+    error: ServiceError | None = None
 
 
 def _options(item: StreamItem) -> tuple:
@@ -38,8 +58,8 @@ class StreamBatcher:
         self.max_batch = max_batch
         self.batches_in_flight = batches_in_flight
 
-    async def embed(self, items: AsyncIterator[StreamItem]) -> AsyncIterator[tuple[StreamItem, np.ndarray, int]]:
-        """(item, vector, token count) for every item, in completion order; a ServiceError ends the stream."""
+    async def embed(self, items: AsyncIterator[StreamItem]) -> AsyncIterator[StreamReply]:
+        """One StreamReply per item, in completion order; raises only what breaks the request stream itself."""
         inbox: asyncio.Queue = asyncio.Queue(maxsize=self.max_batch * self.batches_in_flight)
         outbox: asyncio.Queue = asyncio.Queue()
         tasks = [asyncio.create_task(self._read(items, inbox, outbox)), asyncio.create_task(self._dispatch(inbox, outbox))]
@@ -47,8 +67,8 @@ class StreamBatcher:
             while (done := await outbox.get()) is not _END:
                 if isinstance(done, BaseException):
                     raise done
-                for result in done:
-                    yield result
+                for reply in done:
+                    yield reply
         finally:
             for task in tasks:
                 task.cancel()
@@ -90,8 +110,13 @@ class StreamBatcher:
                 running.add(task)
                 task.add_done_callback(finished)
             await asyncio.gather(*running)
+        except Exception as error:
+            # _embed_batch answers its own failures, so this is a bug here; end the stream rather than hang it.
+            logger.error("EmbedStream batching failed", exc_info=error)
+            outbox.put_nowait(internal())
+            return
         finally:
-            # Reached early only when the stream is gone; its batches in flight have nobody to answer.
+            # Reached early only when the stream is gone (or broken); its batches in flight have nobody to answer.
             for task in running:
                 task.cancel()
         outbox.put_nowait(_END)
@@ -100,12 +125,30 @@ class StreamBatcher:
         groups: dict[tuple, list[StreamItem]] = {}
         for item in batch:
             groups.setdefault(_options(item), []).append(item)
-        for (model, dimensions, truncate), members in groups.items():
-            call = EmbedCall(model=model, texts=[m.text for m in members], dimensions=dimensions, truncate=truncate, input_field="text")
-            try:
-                result = await self.service.embed(call)
-            except ServiceError as error:
-                ids = ", ".join(repr(m.id) for m in members)
-                outbox.put_nowait(ServiceError(error.kind, f"batch of ids [{ids}]: {error.message}", error.param))
-                return
-            outbox.put_nowait(list(zip(members, result.embeddings, result.token_counts.tolist())))
+        for options, members in groups.items():
+            outbox.put_nowait(await self._embed_group(options, members))
+
+    async def _embed_group(self, options: tuple, members: list[StreamItem]) -> list[StreamReply]:
+        """One reply per member: the vectors of one core call, or each member's error."""
+        model, dimensions, truncate = options
+        texts = [m.text for m in members]
+        call = EmbedCall(model=model, texts=texts, dimensions=dimensions, truncate=truncate, input_field="text")
+        try:
+            result = await self.service.embed(call)
+        except ServiceError as error:
+            if error.kind is ErrorKind.VALIDATION and len(members) > 1:
+                # Which text is at fault: each one alone, one after the other so as not to take more admission
+                # slots than the batch did. Only on failure, and at most one extra call per text.
+                replies = []
+                for member in members:
+                    replies += await self._embed_group(options, [member])
+                return replies
+            return [StreamReply(member, error=error) for member in members]
+        except Exception as error:
+            ids = ", ".join(repr(m.id) for m in members)
+            logger.error("EmbedStream batch of ids [%s] failed", ids, exc_info=error)
+            return [StreamReply(member, error=internal()) for member in members]
+        return [
+            StreamReply(member, vector, count)
+            for member, vector, count in zip(members, result.embeddings, result.token_counts.tolist())
+        ]

@@ -1,28 +1,86 @@
-"""The HTTP application: every contract's routes, plus /health."""
+"""The HTTP application: every contract's routes, plus /health.
+
+Every error leaves in the shape of the contract at its path, including the ones no route answers itself:
+an unknown path (404), a method a route does not take (405, with Allow) and any exception that escapes a
+route (500). Paths under /v1/ and /embeddings belong to the OpenAI contract, everything else to Aleph Alpha's.
+"""
 
 from __future__ import annotations
 
+from typing import Callable
+
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway import aleph_alpha_api, openai_api
 from gateway.embedding_service import EmbeddingService
-from gateway.http_io import json_response
+from gateway.errors import ErrorKind, ServiceError
+from gateway.http_io import contract_errors, error_response, json_response, unexpected_error_response
+
+# The ErrorKind whose code and type describe an HTTP status that a route did not choose itself.
+_KIND_OF_STATUS = {
+    404: ErrorKind.NOT_FOUND,
+    413: ErrorKind.PAYLOAD_TOO_LARGE,
+    429: ErrorKind.OVERLOADED,
+    503: ErrorKind.UNAVAILABLE,
+}
+
+
+def renderer_for(path: str) -> Callable[[ServiceError], Response]:
+    """The error renderer of the contract that owns a path."""
+    if path == "/v1" or path.startswith("/v1/") or path == "/embeddings" or path.startswith("/embeddings/"):
+        return openai_api.render_error
+    return aleph_alpha_api.render_error
+
+
+def _message(request: Request, error: HTTPException, headers: dict[str, str]) -> str:
+    path = request.url.path
+    if error.status_code == 404:
+        return f"no route for path '{path}'"
+    if error.status_code == 405:
+        return f"method {request.method} is not allowed on '{path}'; allowed: {headers.get('Allow', '')}"
+    return f"{error.detail} on '{path}'"
+
+
+async def _http_exception(request: Request, error: Exception) -> Response:
+    """Starlette's own errors (unknown path, wrong method) in the contract's shape, status and headers kept."""
+    assert isinstance(error, HTTPException)
+    status = error.status_code
+    headers = dict(error.headers or {})
+    if "Allow" in headers:  # Starlette joins a set; sorted, the header is the same on every run
+        headers["Allow"] = ", ".join(sorted(method.strip() for method in headers["Allow"].split(",")))
+    kind = _KIND_OF_STATUS.get(status, ErrorKind.BACKEND if status >= 500 else ErrorKind.VALIDATION)
+    response = error_response(renderer_for(request.url.path), ServiceError(kind, _message(request, error, headers)))
+    response.status_code = status
+    for name, value in headers.items():
+        response.headers[name] = value
+    return response
+
+
+async def _escaped(request: Request, error: Exception) -> Response:
+    """Whatever escapes a route: a ServiceError keeps its status, anything else is logged and answered 500."""
+    render = renderer_for(request.url.path)
+    if isinstance(error, ServiceError):
+        return error_response(render, error)
+    return unexpected_error_response(render, request, error)
 
 
 def build_app(service: EmbeddingService, max_body_bytes: int) -> Starlette:
+    @contract_errors(aleph_alpha_api.render_error)
     async def health(request: Request) -> Response:
-        ensembles = [m.text_ensemble for m in service.catalog.models.values()]
-        ready = {name: await service.triton.is_ready(name) for name in ensembles}
-        status = 200 if all(ready.values()) else 503
-        headers = None if status == 200 else {"Retry-After": "2"}
-        return json_response({"status": "ok" if status == 200 else "unavailable", "models": ready}, status, headers)
+        # Answered from the state the background probe keeps, so a stalled Triton cannot stall the probe.
+        if service.health.ready:
+            return json_response({"status": "ok"})
+        return json_response({"status": "unavailable", "reason": service.health.reason}, 503, {"Retry-After": "2"})
 
     routes = [
         Route("/health", health, methods=["GET"]),
         *openai_api.routes(service, max_body_bytes),
         *aleph_alpha_api.routes(service, max_body_bytes),
     ]
-    return Starlette(routes=routes)
+    # Exception (or 500) is the handler of Starlette's ServerErrorMiddleware, the outermost layer; it answers
+    # and then re-raises, so the server also logs what escaped.
+    return Starlette(routes=routes, exception_handlers={HTTPException: _http_exception, Exception: _escaped})

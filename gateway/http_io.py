@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import orjson
@@ -9,7 +10,9 @@ from pydantic import TypeAdapter, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.errors import ErrorKind, ServiceError, invalid
+from gateway.errors import ErrorKind, ServiceError, internal, invalid
+
+logger = logging.getLogger("gateway")
 
 JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 
@@ -50,18 +53,35 @@ async def parse_body(request: Request, adapter: TypeAdapter, limit: int):
         raise _describe(error) from None
 
 
+def error_response(render: Callable[[ServiceError], Response], error: ServiceError) -> Response:
+    """The error in its contract's shape, with Retry-After when the error says when to come back."""
+    response = render(error)
+    if error.retry_after_s is not None:
+        response.headers["Retry-After"] = str(error.retry_after_s)
+    return response
+
+
+def unexpected_error_response(render: Callable[[ServiceError], Response], request: Request, error: Exception) -> Response:
+    """A failure no handler foresaw: its traceback goes to the log, the caller gets a 500 that names nothing inside."""
+    logger.error("unexpected error on %s %s", request.method, request.url.path, exc_info=error)
+    return error_response(render, internal())
+
+
 def contract_errors(render: Callable[[ServiceError], Response]):
-    """Wraps an endpoint so every ServiceError leaves in its contract's own error shape."""
+    """Wraps an endpoint so that every error leaves in its contract's own shape.
+
+    A ServiceError keeps its kind's status; any other exception is logged and answered as internal() (500).
+    asyncio.CancelledError is not an Exception and passes through untouched.
+    """
 
     def wrap(endpoint):
         async def handle(request: Request) -> Response:
             try:
                 return await endpoint(request)
             except ServiceError as error:
-                response = render(error)
-                if error.retry_after_s is not None:
-                    response.headers["Retry-After"] = str(error.retry_after_s)
-                return response
+                return error_response(render, error)
+            except Exception as error:
+                return unexpected_error_response(render, request, error)
 
         handle.__name__ = endpoint.__name__
         return handle

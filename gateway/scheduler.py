@@ -1,13 +1,16 @@
 """Every request's life from admission to answer: admission by work, fair dispatch, deadline, retry, cancellation.
 
-A request arrives as chunks (at most a few dozen rows each, see gateway.triton_client). Admission counts the
-texts of every admitted request not yet answered and refuses a request that would exceed the limit, or that
-the backlog could not serve before its deadline, with 429 and a Retry-After estimated from the backlog.
+A request arrives as chunks (at most a few dozen rows each, see gateway.triton_client). Triton's queue is kept
+short: at most max_rows_in_flight rows are sent at once, and the next chunk comes from the request with the
+fewest rows left to send (normal traffic before `nice`; ties in arrival order). A one-text request therefore
+waits for the rows in flight, not behind another client's 2048 texts, and big requests finish one after the
+other instead of all progressing together and all missing their deadlines together, as a round robin would
+under overload. A request that gives up (deadline, disconnect, cancelled call) drops its chunks not yet sent.
 
-Triton's queue is kept short: at most max_rows_in_flight rows are sent at once, and the next chunk is taken
-from the requests in turn (round robin, normal traffic before `nice`). A one-text request therefore waits for
-about one turn of the rows in flight, not behind another client's 2048 texts, and a request that gives up
-(deadline, disconnect, cancelled call) drops its chunks that were not sent yet.
+Admission follows the same order: a request of n rows is served after the rows in flight and the requests
+with at most n rows left, so it is refused, with 429 and a Retry-After from the measured throughput, when
+those could not be served before its deadline. A one-text request is admitted behind any number of big
+ones. A hard limit on texts admitted and not yet answered bounds memory.
 
 A chunk that meets an unavailable Triton (down, restarting, a dead stub) is retried until its request's
 deadline: an embedding is idempotent, so a restart within the deadline costs the caller only time.
@@ -19,7 +22,6 @@ import asyncio
 import logging
 import math
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
@@ -32,6 +34,15 @@ log = logging.getLogger("gateway.scheduler")
 # Triton's dynamic batcher serves lower numbers first; level 1 is normal traffic, 2 is `nice`.
 PRIORITY_NORMAL = 1
 PRIORITY_NICE = 2
+# Until the throughput is measured (half a second of busy time), admit only this many rows ahead of a request:
+# a few seconds of work on the slowest CPU this runs on, so a cold start cannot admit minutes of it.
+COLD_START_ROWS = 2048
+# The throughput estimate moves with the mix of text lengths; a request admitted on the edge of its deadline
+# would be computed and then thrown away, so admission keeps this much room.
+ESTIMATE_MARGIN = 1.25
+# A Triton unready for longer than this is not restarting (measured: 6-9 s from kill -9 to serving on 2 cores):
+# new requests are then answered 503 at once instead of waiting out their deadline; accepted ones still retry.
+RECOVERY_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -51,6 +62,8 @@ class _Job:
     next_chunk: int = 0
     results: list = field(default_factory=list)
     unanswered: int = 0
+    rows_unsent: int = 0
+    arrival: int = 0
     tasks: set = field(default_factory=set)
 
     @property
@@ -91,7 +104,8 @@ class Scheduler:
         self.pending_texts = 0
         self.rows_in_flight = 0
         self.meter = ThroughputMeter()
-        self._queues: dict[int, deque[_Job]] = {PRIORITY_NORMAL: deque(), PRIORITY_NICE: deque()}
+        self._queues: dict[int, list[_Job]] = {PRIORITY_NORMAL: [], PRIORITY_NICE: []}
+        self._arrivals = 0
 
     # -- admission ------------------------------------------------------------------------------------
 
@@ -99,24 +113,40 @@ class Scheduler:
         rate = self.meter.rows_per_s
         return texts / rate if rate else None
 
-    def _overloaded(self, why: str) -> ServiceError:
-        drain_s = self._drain_s(self.pending_texts)
-        retry_after = max(1, math.ceil(drain_s)) if drain_s is not None else 1
+    def _overloaded(self, why: str, retry_after_s: float | None) -> ServiceError:
+        retry_after = max(1, math.ceil(retry_after_s)) if retry_after_s is not None else 1
         return ServiceError(ErrorKind.OVERLOADED, f"{why}; retry in about {retry_after} s", retry_after_s=retry_after)
+
+    def _rows_ahead(self, rows: int) -> int:
+        """Rows served before a new request of `rows` rows completes: those in flight, the requests that go first
+        (no more rows left to send than it has), and its own."""
+        first = sum(job.rows_unsent for queue in self._queues.values() for job in queue if job.rows_unsent <= rows)
+        return self.rows_in_flight + first + rows
 
     def check_open(self) -> None:
         """The cheap check made before a request's body is read: is there room for any work at all?"""
+        if self.health.down_for_good(RECOVERY_S):
+            raise ServiceError(ErrorKind.UNAVAILABLE, f"the inference server is unavailable: {self.health.reason}")
         if self.pending_texts >= self.max_pending_texts:
-            raise self._overloaded(f"{self.pending_texts} texts are already waiting")
+            raise self._overloaded(f"{self.pending_texts} texts are already waiting", self._drain_s(self.pending_texts))
 
     def _admit(self, texts: int, deadline: Deadline) -> None:
         # A lone request larger than the limit is still served; refusing it would refuse it forever.
         if self.pending_texts and self.pending_texts + texts > self.max_pending_texts:
-            raise self._overloaded(f"{self.pending_texts} texts are already waiting and this request adds {texts}")
-        drain_s = self._drain_s(self.pending_texts + texts)
-        if self.pending_texts and drain_s is not None and drain_s > deadline.remaining():
             raise self._overloaded(
-                f"the backlog would take about {drain_s:.1f} s, longer than this request's deadline of {deadline.remaining():.1f} s"
+                f"{self.pending_texts} texts are already waiting and this request adds {texts}", self._drain_s(self.pending_texts)
+            )
+        rows_ahead = self._rows_ahead(texts)
+        if not self.pending_texts:
+            return
+        finish_s = self._drain_s(rows_ahead)
+        if finish_s is None and rows_ahead > COLD_START_ROWS:
+            raise self._overloaded(f"{rows_ahead} rows are ahead of this request and the throughput is not measured yet", None)
+        if finish_s is not None and finish_s * ESTIMATE_MARGIN > deadline.remaining():
+            raise self._overloaded(
+                f"the backlog would take about {finish_s:.1f} s to serve this request, longer than its deadline of "
+                f"{deadline.remaining():.1f} s",
+                finish_s - deadline.remaining(),
             )
 
     # -- a request's life -------------------------------------------------------------------------------
@@ -124,9 +154,13 @@ class Scheduler:
     async def run(self, chunks: list[Chunk], deadline: Deadline, priority: int = PRIORITY_NORMAL) -> list:
         """Each chunk's result, in chunk order, or the first error; gives up (and drops its work) at the deadline."""
         texts = sum(c.rows for c in chunks)
+        self.check_open()
         self._admit(texts, deadline)
         job = _Job(chunks, deadline, texts, asyncio.get_running_loop().create_future(), results=[None] * len(chunks))
         job.unanswered = len(chunks)
+        job.rows_unsent = texts
+        self._arrivals += 1
+        job.arrival = self._arrivals
         self.pending_texts += texts
         self._queues[priority].append(job)
         try:
@@ -151,7 +185,7 @@ class Scheduler:
     def _next_job(self) -> _Job | None:
         for queue in self._queues.values():
             if queue:
-                return queue[0]
+                return min(queue, key=lambda job: (job.rows_unsent, job.arrival))
         return None
 
     def _dispatch(self) -> None:
@@ -159,12 +193,11 @@ class Scheduler:
             chunk = job.chunks[job.next_chunk]
             if self.rows_in_flight and self.rows_in_flight + chunk.rows > self.max_rows_in_flight:
                 return
-            queue = next(q for q in self._queues.values() if q and q[0] is job)
-            queue.popleft()
             index = job.next_chunk
             job.next_chunk += 1
-            if job.has_pending:
-                queue.append(job)  # round robin: its next chunk waits for every other request's turn
+            job.rows_unsent -= chunk.rows
+            if not job.has_pending:
+                next(q for q in self._queues.values() if job in q).remove(job)
             if self.rows_in_flight == 0:
                 self.meter.busy_from(time.monotonic())
             self.rows_in_flight += chunk.rows

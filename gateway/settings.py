@@ -23,7 +23,7 @@ class Settings:
     run_dir: Path = ROOT / ".run"
     max_body_bytes: int = 4 * 1024 * 1024
     max_inputs: int = 2048
-    max_pending_texts: int = 8192
+    max_pending_texts: int = 32768
     max_rows_in_flight: int = 128
     request_timeout_s: float = 30.0
     triton_stall_restart_s: float = 10.0
@@ -43,8 +43,8 @@ HELP = {
     "run_dir": "where logs of the started Triton go",
     "max_body_bytes": "largest request body; larger ones get 413 before any work is done",
     "max_inputs": "most texts in one request; each is one row in Triton's batches",
-    "max_pending_texts": "texts admitted and not yet answered; past it (or past what the backlog can serve before a request's "
-    "deadline) callers get 429 with Retry-After from the estimated drain time instead of queueing without bound",
+    "max_pending_texts": "texts admitted and not yet answered, a bound on memory; requests past it, or that the backlog "
+    "cannot serve before their deadline, get 429 with Retry-After from the measured throughput instead of queueing",
     "max_rows_in_flight": "rows sent to Triton at once; more batches better on a fast encoder, fewer lets a one-text request "
     "overtake a big one sooner",
     "request_timeout_s": "deadline of every request (a gRPC deadline or the X-Request-Timeout header may ask for less); "

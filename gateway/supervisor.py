@@ -28,6 +28,7 @@ class TritonHealth:
         self.timeout_s = timeout_s
         self.reason = "not checked yet"
         self.not_ready_since = time.monotonic()
+        self.ever_ready = False
         self._ready = asyncio.Event()
         # A fault the supervisor found (a dead stub) outweighs Triton's own ready endpoint, which stays green.
         self.fault: str | None = None
@@ -40,6 +41,7 @@ class TritonHealth:
         if ready == self.ready:
             return
         if ready:
+            self.ever_ready = True
             self._ready.set()
             log.info("Triton is ready (it was not for %.1f s: %s)", time.monotonic() - self.not_ready_since, self.reason)
         else:
@@ -47,6 +49,10 @@ class TritonHealth:
             self.not_ready_since = time.monotonic()
             log.warning("Triton is not ready: %s", reason)
         self.reason = reason
+
+    def down_for_good(self, recovery_s: float) -> bool:
+        """Never ready yet, or unready for longer than a restart takes: a new request would only wait for its deadline."""
+        return not self.ready and (not self.ever_ready or time.monotonic() - self.not_ready_since > recovery_s)
 
     async def wait_ready(self, timeout_s: float) -> bool:
         try:

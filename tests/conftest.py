@@ -2,9 +2,7 @@ import json
 
 import pytest
 
-from tests.servers import ROOT, start_service
-
-MODEL_REPOSITORY = ROOT / "model_repository"
+from tests.servers import MODEL_REPOSITORY, start_service
 
 
 @pytest.fixture(scope="session")

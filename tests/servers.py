@@ -64,7 +64,35 @@ class RunningService:
                 pass
 
 
-def start_service(run_dir: Path, model_repository: Path = ROOT / "model_repository", extra_args: list[str] = (), timeout_s: float = 180) -> RunningService:
+MODEL_REPOSITORY = ROOT / "model_repository"
+
+
+def start_service(
+    run_dir: Path,
+    model_repository: Path = MODEL_REPOSITORY,
+    extra_args: list[str] = (),
+    timeout_s: float = 180,
+    wait_healthy: bool = True,
+) -> RunningService:
+    """The gateway once /health says ok, or (wait_healthy=False) once it answers at all.
+
+    A free port can be taken by another process between free_ports() and the server binding it; the start
+    is then tried again on new ports rather than failing the test.
+    """
+    for attempt in range(3):
+        try:
+            return _start_service(run_dir, model_repository, extra_args, timeout_s, wait_healthy)
+        except PortTaken:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+class PortTaken(RuntimeError):
+    pass
+
+
+def _start_service(run_dir: Path, model_repository: Path, extra_args, timeout_s: float, wait_healthy: bool) -> RunningService:
     http, grpc, t_http, t_grpc, t_metrics = free_ports(5)
     run_dir.mkdir(parents=True, exist_ok=True)
     command = [
@@ -80,11 +108,17 @@ def start_service(run_dir: Path, model_repository: Path = ROOT / "model_reposito
     while time.monotonic() < deadline:
         if process.poll() is not None:
             service.stop()
-            raise RuntimeError(f"gateway exited early:\n{(run_dir / 'gateway.log').read_text()[-4000:]}")
+            logs = "".join(p.read_text(errors="replace") for p in (run_dir / "gateway.log", run_dir / "triton.log") if p.exists())
+            if "already in use" in logs or "could not listen" in logs:
+                raise PortTaken(logs[-2000:])
+            raise RuntimeError(f"gateway exited early:\n{logs[-4000:]}")
         try:
             with urllib.request.urlopen(f"{service.http_url}/health", timeout=2) as response:
                 if json.loads(response.read())["status"] == "ok":
                     return service
+        except urllib.error.HTTPError:
+            if not wait_healthy:
+                return service
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         time.sleep(0.3)

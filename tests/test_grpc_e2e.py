@@ -120,16 +120,21 @@ async def test_embed_stream_answers_1000_sts_sentences_from_4_streams(service, c
     np.testing.assert_allclose(served, expected, rtol=0, atol=1e-6)
 
 
-async def test_embed_stream_reports_a_bad_text_with_its_ids(stub, model_name):
+async def test_embed_stream_answers_a_bad_text_with_an_error_and_goes_on(stub, model_name):
     async def requests_():
         yield pb.EmbedStreamRequest(id="good", text="fine", model=model_name)
         yield pb.EmbedStreamRequest(id="empty", text="", model=model_name)
+        yield pb.EmbedStreamRequest(id="after", text="still fine", model=model_name)
 
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        async for _ in stub.EmbedStream(requests_()):
-            pass
-    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "'empty'" in raised.value.details()
+    by_id = {reply.id: reply async for reply in stub.EmbedStream(requests_())}
+    assert sorted(by_id) == ["after", "empty", "good"]
+    for good in ("good", "after"):
+        assert not by_id[good].HasField("error")
+        assert len(by_id[good].embedding.values) == 384
+    bad = by_id["empty"]
+    assert not bad.HasField("embedding")
+    assert (bad.error.code, bad.error.field) == ("validation", "text")
+    assert "empty" in bad.error.message
 
 
 async def test_health_reports_serving_while_triton_is_ready(channel):
