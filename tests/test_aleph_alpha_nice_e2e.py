@@ -8,14 +8,14 @@ from aleph_alpha_client import (
     AsyncClient,
     BatchSemanticEmbeddingRequest,
     Prompt,
-    SemanticEmbeddingRequest,
     SemanticRepresentation,
 )
 
 from export.datasets import sts_sentences
 
-# The queue a probe finds holds LOAD_CONCURRENCY requests of 100 prompts: seconds to drain when it is normal,
-# against at most one encoder execution (<= 64 rows, a fraction of a second) when it is nice.
+# The queue a probe finds holds LOAD_CONCURRENCY requests of 100 prompts. The probes are as big: the gateway's
+# scheduler serves requests with fewer rows first, so a one-prompt probe would overtake either load. Behind a
+# normal load a 100-prompt probe waits its turn (seconds); behind a nice load only for the rows in flight.
 LOAD_PROMPTS = 1800
 LOAD_CONCURRENCY = 12
 PROBES = 5
@@ -23,12 +23,14 @@ SYMMETRIC = SemanticRepresentation.Symmetric
 
 
 async def probe_latencies_under_load(service, model_name, load_is_nice: bool) -> tuple[list[float], float]:
-    """Latencies of normal single-prompt requests sent together while a big batch load fills Triton's queues."""
+    """Latencies of normal 100-prompt requests sent together while a load of such requests fills the queue."""
     load = BatchSemanticEmbeddingRequest(
         prompts=[Prompt.from_text(t) for t in (sts_sentences() * 2)[:LOAD_PROMPTS]], representation=SYMMETRIC
     )
     probes = [
-        SemanticEmbeddingRequest(prompt=Prompt.from_text(f"Is request {i} held up?"), representation=SYMMETRIC)
+        BatchSemanticEmbeddingRequest(
+            prompts=[Prompt.from_text(f"Is request {i}.{j} held up?") for j in range(100)], representation=SYMMETRIC
+        )
         for i in range(PROBES)
     ]
     async with (
@@ -38,7 +40,7 @@ async def probe_latencies_under_load(service, model_name, load_is_nice: bool) ->
 
         async def timed(probe) -> float:
             sent = time.monotonic()
-            await probe_client.semantic_embed(probe, model=model_name)
+            await probe_client.batch_semantic_embed(probe, model=model_name)
             return time.monotonic() - sent
 
         started = time.monotonic()
