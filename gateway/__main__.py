@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import sys
-
-import uvicorn
 
 from gateway.catalog import Catalog
 from gateway.embedding_service import EmbeddingService
 from gateway.grpc_server import create_server
 from gateway.http_app import build_app
+from gateway.http_server import ConnectionLimits, create_http_server
 from gateway.scheduler import Scheduler
 from gateway.settings import Settings, parse_settings
 from gateway.supervisor import TritonHealth, TritonSupervisor
@@ -21,13 +19,6 @@ from gateway.triton_client import TritonClient
 from gateway.triton_process import TritonPorts, TritonProcess, TritonStartError
 
 log = logging.getLogger("gateway")
-
-
-class _HttpServer(uvicorn.Server):
-    """uvicorn without its own signal handling: main() stops every listener, then Triton, on one signal."""
-
-    def capture_signals(self):
-        return contextlib.nullcontext()
 
 
 def _cancel(tasks: list[asyncio.Task]) -> None:
@@ -46,18 +37,18 @@ async def serve(settings: Settings, catalog: Catalog, triton_url: str, process: 
     background = [asyncio.create_task(health.run())]
     if process is not None:
         background.append(asyncio.create_task(TritonSupervisor(process, health, settings.triton_stall_restart_s).run()))
-    config = uvicorn.Config(
+    limits = ConnectionLimits(settings.header_timeout_s, settings.max_header_bytes, settings.max_headers, settings.max_connections)
+    server = create_http_server(
         build_app(service, settings.max_body_bytes),
-        host=settings.host,
-        port=settings.http_port,
+        settings.host,
+        settings.http_port,
+        limits,
         loop="uvloop",
-        http="httptools",
         log_level="warning",
         access_log=False,
         # Requests still running this long after a stop signal are cancelled, so a stalled Triton cannot hold the exit.
         timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
-    server = _HttpServer(config)
     try:
         grpc_server, grpc_port = create_server(service, settings.host, settings.grpc_port)
     except RuntimeError as error:

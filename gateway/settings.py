@@ -28,6 +28,10 @@ class Settings:
     request_timeout_s: float = 30.0
     triton_stall_restart_s: float = 10.0
     shutdown_grace_s: float = 15.0
+    header_timeout_s: float = 10.0
+    max_header_bytes: int = 64 * 1024
+    max_headers: int = 100
+    max_connections: int = 0
     truncate: bool = False
 
 
@@ -52,6 +56,12 @@ HELP = {
     "triton_stall_restart_s": "how long the Triton the gateway started may stay unready (stalled, stuck loading) before it is "
     "restarted; too short restarts a Triton that would have recovered",
     "shutdown_grace_s": "on SIGTERM, how long calls in flight may run on before they are cancelled and Triton is stopped",
+    "header_timeout_s": "time a connection has to send its request headers (from opening, or from its previous response); "
+    "longer tolerates slower clients, shorter frees slow-header connections sooner",
+    "max_header_bytes": "request line and headers together; past it 431 and the connection is closed",
+    "max_headers": "header lines per request; past it 431 and the connection is closed",
+    "max_connections": "open HTTP connections at most (0: the open-file limit, raised to its hard limit, less a reserve); "
+    "a new one over the cap replaces the one waiting longest for its headers",
     "truncate": "cut texts longer than the model's limit instead of answering 400 (a request may also ask per call)",
 }
 
