@@ -17,7 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from contextlib import closing, contextmanager, suppress
 from pathlib import Path
@@ -121,9 +120,11 @@ def read_response(sock: socket.socket, timeout: float = 3.0) -> bytes:
     head, _, body = received.partition(b"\r\n\r\n")
     length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")))
     while len(body) < length:
-        body += sock.recv(65536)
+        chunk = sock.recv(65536)
+        assert chunk, f"closed after {head + body!r}"
+        body += chunk
     assert len(body) == length
-    return received
+    return head + b"\r\n\r\n" + body
 
 
 def is_closed(sock: socket.socket) -> bool:
@@ -164,6 +165,7 @@ def test_slow_headers_are_answered_408_and_closed_after_the_timeout(tmp_path, lo
             time.sleep(0.2)
         response, closed = read_until_closed(slow, timeout=TIMEOUT_S + MARGIN_S)
         closed_at = closed_at or time.monotonic()
+        slow.close()
         assert closed, "the slow connection is still open"
         assert TIMEOUT_S - 0.1 <= closed_at - started <= TIMEOUT_S + MARGIN_S
         status, error = status_and_error(response)
@@ -175,6 +177,7 @@ def test_slow_headers_are_answered_408_and_closed_after_the_timeout(tmp_path, lo
         idle = socket.create_connection(("127.0.0.1", server.port))
         started = time.monotonic()
         response, closed = read_until_closed(idle, timeout=TIMEOUT_S + MARGIN_S)
+        idle.close()
         assert closed and response == b""
         assert TIMEOUT_S - 0.1 <= time.monotonic() - started <= TIMEOUT_S + MARGIN_S
 
@@ -189,6 +192,7 @@ def test_slow_headers_are_answered_408_and_closed_after_the_timeout(tmp_path, lo
         answered = time.monotonic()
         kept.sendall(b"GET / HTTP/1.1\r\n")  # then too slow again
         response, closed = read_until_closed(kept, timeout=TIMEOUT_S + MARGIN_S)
+        kept.close()
         assert closed and response.startswith(b"HTTP/1.1 408 ")
         assert TIMEOUT_S - 0.1 <= time.monotonic() - answered <= TIMEOUT_S + MARGIN_S
 
@@ -311,6 +315,7 @@ def test_at_the_cap_with_every_connection_busy_a_new_one_is_closed_at_once(tmp_p
         turned_away = socket.create_connection(("127.0.0.1", server.port))
         started = time.monotonic()
         response, closed = read_until_closed(turned_away, timeout=1)
+        turned_away.close()
         assert closed and response == b"" and time.monotonic() - started < 0.5
         for sock in busy:
             sock.settimeout(3)
