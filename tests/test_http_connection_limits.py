@@ -109,22 +109,17 @@ def read_until_closed(sock: socket.socket, timeout: float) -> tuple[bytes, bool]
     return received, True
 
 
-def read_response(sock: socket.socket, timeout: float = 3.0) -> bytes:
-    """One Content-Length-framed response from a keep-alive connection."""
-    sock.settimeout(timeout)
-    received = b""
-    while b"\r\n\r\n" not in received:
-        chunk = sock.recv(65536)
-        assert chunk, f"closed after {received!r}"
-        received += chunk
-    head, _, body = received.partition(b"\r\n\r\n")
+def read_response(reader) -> bytes:
+    """One Content-Length-framed response from a keep-alive connection; reader is sock.makefile("rb")."""
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        line = reader.readline()
+        assert line, f"closed after {head!r}"
+        head += line
     length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")))
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        assert chunk, f"closed after {head + body!r}"
-        body += chunk
-    assert len(body) == length
-    return head + b"\r\n\r\n" + body
+    body = reader.read(length)
+    assert len(body) == length, f"closed after {head + body!r}"
+    return head + body
 
 
 def is_closed(sock: socket.socket) -> bool:
@@ -182,16 +177,18 @@ def test_slow_headers_are_answered_408_and_closed_after_the_timeout(tmp_path, lo
         assert TIMEOUT_S - 0.1 <= time.monotonic() - started <= TIMEOUT_S + MARGIN_S
 
         # On a keep-alive connection the clock restarts when a response ends, not when the connection opened.
-        kept = socket.create_connection(("127.0.0.1", server.port))
+        kept = socket.create_connection(("127.0.0.1", server.port), timeout=3)
+        kept_reader = kept.makefile("rb")
         time.sleep(TIMEOUT_S * 0.7)
         kept.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert read_response(kept).startswith(b"HTTP/1.1 200 ")
+        assert read_response(kept_reader).startswith(b"HTTP/1.1 200 ")
         time.sleep(TIMEOUT_S * 0.7)
         kept.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # 1.4 timeouts after opening, 0.7 after the answer
-        assert read_response(kept).startswith(b"HTTP/1.1 200 ")
+        assert read_response(kept_reader).startswith(b"HTTP/1.1 200 ")
         answered = time.monotonic()
         kept.sendall(b"GET / HTTP/1.1\r\n")  # then too slow again
         response, closed = read_until_closed(kept, timeout=TIMEOUT_S + MARGIN_S)
+        kept_reader.close()
         kept.close()
         assert closed and response.startswith(b"HTTP/1.1 408 ")
         assert TIMEOUT_S - 0.1 <= time.monotonic() - answered <= TIMEOUT_S + MARGIN_S
@@ -213,6 +210,23 @@ def test_a_100_kib_header_is_answered_431_and_closed(tmp_path, loop):
             sock.settimeout(3)
             assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
         assert get(server.port) == (200, b"ok")
+
+
+def test_bodies_and_pipelined_requests_are_not_counted_as_header_bytes(tmp_path):
+    """The header budget ends where the headers do: a big body sent with them, and requests pipelined behind
+    a first one in the same packet, are served."""
+    with tiny_server(tmp_path, "--max-header-bytes=4096") as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=3) as sock, sock.makefile("rb") as reader:
+            body = b"x" * (1024 * 1024)
+            sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            assert read_response(reader).startswith(b"HTTP/1.1 200 ")
+            request = b"GET / HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 3000 + b"\r\n\r\n"
+            sock.sendall(request * 5)  # 15 KB in one write, each request under the 4 KB limit
+            for _ in range(5):
+                assert read_response(reader).startswith(b"HTTP/1.1 200 ")
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 5000 + b"\r\n\r\n")
+            response, closed = read_until_closed(sock, timeout=3)  # the reader holds nothing more: all 5 were read
+        assert closed and response.startswith(b"HTTP/1.1 431 ")
 
 
 def test_200_headers_are_answered_431_and_100_are_served(tmp_path):
