@@ -82,6 +82,7 @@ class TritonProcess:
         self.log_file = log_file
         self.process: subprocess.Popen | None = None
         self._stubs: list[psutil.Process] = []
+        self._serving: list[psutil.Process] = []
         self._shm_regions: set[str] = set()
 
     @property
@@ -128,9 +129,11 @@ class TritonProcess:
             )
         # Whoever supervises the gateway can still end the group by PID if the gateway dies without cleaning up.
         self.pid_file.write_text(str(self.process.pid))
-        self._stubs, self._shm_regions = [], set()
+        self._stubs, self._serving, self._shm_regions = [], [], set()
         self._wait_ready(timeout_s)
         self._record_stubs()
+        # Watched from now on: the stubs serving the ready models (one a loading step started and ended is not lost).
+        self._serving = [stub for stub in self._stubs if _alive(stub)]
 
     def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -139,6 +142,8 @@ class TritonProcess:
                 code = self.process.returncode
                 self.stop()
                 raise TritonStartError(f"tritonserver exited with {code}; see {self.log_file}")
+            # Recorded while loading too: a start that fails must still leave no stub and no region behind.
+            self._record_stubs()
             if self.server_ready():
                 return
             time.sleep(0.1)
@@ -154,9 +159,18 @@ class TritonProcess:
             return False
 
     def _record_stubs(self) -> None:
-        self._stubs = psutil.Process(self.process.pid).children()
-        for stub in self._stubs:
-            arguments = stub.cmdline()
+        """Adds the stubs tritonserver has now, and their regions, to those recorded (none are forgotten)."""
+        try:
+            children = psutil.Process(self.process.pid).children()
+        except psutil.NoSuchProcess:
+            return
+        known = {stub.pid for stub in self._stubs}
+        self._stubs += [child for child in children if child.pid not in known]
+        for stub in children:
+            try:
+                arguments = stub.cmdline()
+            except psutil.NoSuchProcess:
+                continue
             if len(arguments) > _STUB_SHM_ARG and arguments[_STUB_SHM_ARG].startswith("triton_python_backend_shm"):
                 self._shm_regions.add(arguments[_STUB_SHM_ARG])
 
@@ -166,7 +180,7 @@ class TritonProcess:
             return "not started"
         if self.process.poll() is not None:
             return f"tritonserver exited with {self.process.returncode}"
-        lost = [stub for stub in self._stubs if not _alive(stub)]
+        lost = [stub for stub in self._serving if not _alive(stub)]
         if lost:
             return f"{len(lost)} Python-backend stub(s) died (pid {', '.join(str(s.pid) for s in lost)})"
         return None
@@ -176,6 +190,8 @@ class TritonProcess:
         if self.process is None:
             return
         group = self.process.pid
+        if self.process.poll() is None:
+            self._record_stubs()
         if self.process.poll() is None and timeout_s > 0:
             try:
                 # SIGCONT too: a stopped Triton would otherwise never see the SIGTERM.
@@ -186,7 +202,7 @@ class TritonProcess:
             try:
                 self.process.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
-                log.warning("tritonserver did not stop within %.0f s of SIGTERM; killing its process group", timeout_s)
+                log.info("tritonserver did not stop within %.0f s of SIGTERM; killing its process group", timeout_s)
         try:
             os.killpg(group, signal.SIGKILL)
         except ProcessLookupError:
@@ -201,5 +217,5 @@ class TritonProcess:
                 pass
         for region in self._shm_regions:
             (SHM_DIR / region).unlink(missing_ok=True)
-        self._stubs, self._shm_regions = [], set()
+        self._stubs, self._serving, self._shm_regions = [], [], set()
         self.pid_file.unlink(missing_ok=True)
