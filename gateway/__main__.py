@@ -1,21 +1,31 @@
-"""CLI: python -m gateway. Starts Triton (unless --triton-url is given) and serves the HTTP and gRPC contracts."""
+"""CLI: python -m gateway. Starts Triton (unless --triton-url is given) and serves the HTTP and gRPC contracts.
+
+`python -m gateway users ...` and `python -m gateway tokens ...` manage users and API tokens (gateway.admin_cli).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 import sys
 
+from gateway import admin_cli
+from gateway.auth import Authenticator
 from gateway.catalog import Catalog
 from gateway.embedding_service import EmbeddingService
 from gateway.grpc_server import create_server
 from gateway.http_app import build_app
+from gateway.policy import RequestPolicy
 from gateway.http_server import ConnectionLimits, create_http_server
+from gateway.logs import configure_logging
+from gateway.metrics import Metrics
 from gateway.scheduler import Scheduler
 from gateway.settings import Settings, parse_settings
 from gateway.supervisor import TritonHealth, TritonSupervisor
 from gateway.triton_client import TritonClient
+from gateway.token_store import StoreUnavailable, open_store
 from gateway.triton_process import TritonPorts, TritonProcess, TritonStartError
 
 log = logging.getLogger("gateway")
@@ -26,7 +36,28 @@ def _cancel(tasks: list[asyncio.Task]) -> None:
         task.cancel()
 
 
-async def serve(settings: Settings, catalog: Catalog, triton_url: str, process: TritonProcess | None) -> None:
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def refusal_to_listen(settings: Settings) -> str | None:
+    """Why the gateway must not start: an open gateway on a network address serves anyone who can reach it."""
+    if settings.auth or settings.allow_unauthenticated or is_loopback(settings.host):
+        return None
+    return (
+        f"refusing to listen on {settings.host} without authentication. Turn it on with --auth (EMBED_AUTH=1) after "
+        "creating a user and a token: python -m gateway users add you@example.com --role admin, then "
+        "python -m gateway tokens create --user you@example.com --description ops. "
+        "Pass --allow-unauthenticated only when something in front of the gateway authenticates callers."
+    )
+
+
+async def serve(settings: Settings, catalog: Catalog, triton_url: str, process: TritonProcess | None, authenticator) -> None:
     triton = TritonClient(triton_url)
     health = TritonHealth(triton)
     await health.check()
@@ -34,12 +65,24 @@ async def serve(settings: Settings, catalog: Catalog, triton_url: str, process: 
     service = EmbeddingService(
         catalog, triton, scheduler, max_inputs=settings.max_inputs, truncate=settings.truncate, timeout_s=settings.request_timeout_s
     )
+    metrics = Metrics()
+    metrics.watch_scheduler(lambda: scheduler.rows_in_flight, lambda: scheduler.pending_texts)
+    metrics.watch_triton(lambda: health.ready)
     background = [asyncio.create_task(health.run())]
+    if authenticator is not None:
+        background.append(asyncio.create_task(authenticator.run()))
     if process is not None:
-        background.append(asyncio.create_task(TritonSupervisor(process, health, settings.triton_stall_restart_s).run()))
+        supervisor = TritonSupervisor(process, health, settings.triton_stall_restart_s, on_restart=metrics.triton_restarted)
+        background.append(asyncio.create_task(supervisor.run()))
     limits = ConnectionLimits(settings.header_timeout_s, settings.max_header_bytes, settings.max_headers, settings.max_connections)
+    policy = RequestPolicy(
+        authenticator,
+        metrics,
+        loopback_host_only=authenticator is None and is_loopback(settings.host),
+        metrics_open=not settings.metrics_auth,
+    )
     server = create_http_server(
-        build_app(service, settings.max_body_bytes),
+        build_app(service, settings.max_body_bytes, policy),
         settings.host,
         settings.http_port,
         limits,
@@ -50,7 +93,7 @@ async def serve(settings: Settings, catalog: Catalog, triton_url: str, process: 
         timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
     try:
-        grpc_server, grpc_port = create_server(service, settings.host, settings.grpc_port)
+        grpc_server, grpc_port = create_server(service, settings.host, settings.grpc_port, policy)
     except RuntimeError as error:
         _cancel(background)
         await triton.close()
@@ -79,10 +122,15 @@ async def serve(settings: Settings, catalog: Catalog, triton_url: str, process: 
     for model in catalog.models.values():
         print(f"model      {model.name} ({model.model_version}, {model.dimensions} dims)")
     print(f"HTTP       http://{settings.host}:{settings.http_port}")
-    print("           OpenAI: POST /v1/embeddings, GET /v1/models; GET /health")
+    print("           OpenAI: POST /v1/embeddings, GET /v1/models")
     print("           Aleph Alpha: POST /semantic_embed /batch_semantic_embed /embed /tokenize /detokenize, GET /models_available /version")
     print(f"gRPC       {settings.host}:{grpc_port}  (embedding.v1.EmbeddingService, grpc.health.v1.Health, reflection)")
+    print("           probes: GET /health/live /health/ready /health; Prometheus: GET /metrics")
     print(f"Triton     {triton_url} (gRPC, KServe v2)")
+    if authenticator is None:
+        print("auth       off (loopback only); turn on with --auth")
+    else:
+        print(f"auth       on; tokens in {_redacted(settings.auth_store_location)}; POST /get_token, /users/me/tokens")
     print("ready; Ctrl-C stops", flush=True)
     try:
         await http_task
@@ -92,9 +140,39 @@ async def serve(settings: Settings, catalog: Catalog, triton_url: str, process: 
         await triton.close()
 
 
+def _redacted(location: str) -> str:
+    """A database location fit to print: a URL's password is replaced."""
+    if "://" not in location or "@" not in location:
+        return location
+    scheme, rest = location.split("://", 1)
+    credentials, host = rest.rsplit("@", 1)
+    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}" if ":" in credentials else location
+
+
+def _authenticator(settings: Settings) -> Authenticator | None:
+    if not settings.auth:
+        return None
+    try:
+        return Authenticator(open_store(settings.auth_store_location))
+    except StoreUnavailable as error:
+        raise SystemExit(f"gateway: the token store {_redacted(settings.auth_store_location)} is unavailable: {error}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in admin_cli.COMMANDS:
+        return admin_cli.main(argv)
     settings = parse_settings(argv)
+    try:
+        configure_logging(settings.log_level, settings.log_format)
+    except ValueError as error:
+        print(f"gateway: {error}", file=sys.stderr)
+        return 2
+    refusal = refusal_to_listen(settings)
+    if refusal is not None:
+        print(f"gateway: {refusal}", file=sys.stderr)
+        return 2
+    authenticator = _authenticator(settings)
     catalog = Catalog.from_repository(settings.model_repository)
     triton = None
     if settings.triton_url:
@@ -110,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         triton_url = triton.grpc_url
     try:
-        asyncio.run(serve(settings, catalog, triton_url, triton))
+        asyncio.run(serve(settings, catalog, triton_url, triton, authenticator))
     finally:
         if triton is not None:
             triton.stop(timeout_s=3.0)

@@ -18,6 +18,7 @@ from gateway.errors import ServiceError, invalid
 from gateway.http_io import contract_errors, json_response, parse_body
 from gateway.http_lifecycle import cancel_on_disconnect, deadline, refuse_early
 from gateway.prompts import PromptItem
+from gateway.request_context import request_id_field
 from gateway.scheduler import PRIORITY_NICE, PRIORITY_NORMAL
 
 # The client's validate_version() requires major version 1 and at least 1.19.0.
@@ -103,7 +104,8 @@ ADAPTERS = {
 
 
 def render_error(error: ServiceError) -> Response:
-    return json_response({"error": error.message, "code": error.kind.value.upper(), "field": error.param}, error.http_status)
+    body = {"error": error.message, "code": error.kind.value.upper(), "field": error.param}
+    return json_response(body | request_id_field(), error.http_status)
 
 
 def _items(prompt) -> list[PromptItem]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gateway import request_context
 from gateway.catalog import Catalog, EnsemblePair, ServedModel
 from gateway.deadline import Deadline
 from gateway.errors import invalid
@@ -110,6 +111,13 @@ def _resize(embeddings: np.ndarray, dimensions: int | None, model: ServedModel) 
     return _normalized(embeddings[:, :dimensions])
 
 
+def _account(texts: int, tokens: int) -> None:
+    """Adds what a request embedded to its usage (per-token counters, metrics, the access log)."""
+    context = request_context.current()
+    if context is not None:
+        context.add_usage(texts, tokens)
+
+
 class EmbeddingService:
     def __init__(
         self, catalog: Catalog, triton: TritonClient, scheduler: Scheduler, *, max_inputs: int, truncate: bool, timeout_s: float
@@ -191,7 +199,9 @@ class EmbeddingService:
         ((embeddings, counts),) = await self._run([chunked], call.deadline, call.priority)
         self._check_lengths(call.input_field, call.truncate, model, counts)
         # Usage counts the tokens the model saw, which truncation caps at its limit.
-        return EmbedResult(model, _resize(embeddings, call.dimensions, model), np.minimum(counts, model.max_sequence_length))
+        counts = np.minimum(counts, model.max_sequence_length)
+        _account(len(counts), int(counts.sum()))
+        return EmbedResult(model, _resize(embeddings, call.dimensions, model), counts)
 
     async def _infer_prompts(
         self,
@@ -251,6 +261,7 @@ class EmbeddingService:
         else:
             ensembles, model_version = model.compressed, model.compressed_model_version
         embeddings, counts = await self._infer_prompts(model, prompts, ensembles, "EMBEDDING", call, call.prompt_field)
+        _account(len(prompts), int(counts.sum()))
         return SemanticEmbedResult(model_version, _normalized(embeddings) if call.normalize else embeddings, counts)
 
     async def embed_layers(self, call: EmbedLayersCall) -> EmbedLayersResult:
@@ -281,6 +292,7 @@ class EmbeddingService:
             else:
                 ids = (await asyncio.to_thread(model.tokenizer.encode, prompt.text, add_special_tokens=False)).ids
             tokens = [model.tokenizer.id_to_token(i) for i in ids]
+        _account(1, int(counts[0]))
         return EmbedLayersResult(model.model_version, layers, tokens, int(counts[0]))
 
     async def tokenize(self, model_name: str, text: str) -> tuple[list[str], list[int]]:

@@ -56,7 +56,7 @@ def _semantic_embeddings(result: SemanticEmbedResult, encoding: int) -> list[pb.
     ]
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: ServiceError):
+async def abort_with(context: grpc.aio.ServicerContext, error: ServiceError):
     # The offending field also travels as metadata, so clients can point at it without parsing the message
     # (ASCII only: gRPC refuses other metadata values, and field names are ASCII).
     metadata = (("field", error.param),) if error.param and error.param.isascii() and error.param.isprintable() else ()
@@ -80,10 +80,10 @@ def contract_errors(method):
             except grpc.aio.AbortError:
                 raise
             except ServiceError as error:
-                await _abort(context, error)
+                await abort_with(context, error)
             except Exception as error:
                 logger.error("unexpected error in gRPC %s", method.__name__, exc_info=error)
-                await _abort(context, internal())
+                await abort_with(context, internal())
 
         return stream
 
@@ -94,10 +94,10 @@ def contract_errors(method):
         except grpc.aio.AbortError:
             raise
         except ServiceError as error:
-            await _abort(context, error)
+            await abort_with(context, error)
         except Exception as error:
             logger.error("unexpected error in gRPC %s", method.__name__, exc_info=error)
-            await _abort(context, internal())
+            await abort_with(context, internal())
 
     return unary
 

@@ -13,6 +13,8 @@ from grpc_reflection.v1alpha import reflection
 from gateway.embedding_service import EmbeddingService
 from gateway.errors import ServiceError, invalid
 from gateway.grpc_api import EmbeddingServicer
+from gateway.grpc_lifecycle import with_lifecycle
+from gateway.policy import RequestPolicy
 from proto.embedding.v1 import embedding_pb2 as pb
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
@@ -86,9 +88,10 @@ def _stream_request(implementation):
     return unary
 
 
-def method_handlers(servicer: EmbeddingServicer) -> dict[str, grpc.RpcMethodHandler]:
+def method_handlers(servicer: EmbeddingServicer, policy: RequestPolicy) -> dict[str, grpc.RpcMethodHandler]:
     """What the generated add_EmbeddingServiceServicer_to_server registers, built from the service descriptor, but
-    with deserializers that never raise: an undecodable request is answered INVALID_ARGUMENT by the handler."""
+    with deserializers that never raise (an undecodable request is answered INVALID_ARGUMENT by the handler) and
+    every method inside its call's life cycle (request id, caller, metrics, access log)."""
     handlers = {}
     for method in pb.DESCRIPTOR.services_by_name["EmbeddingService"].methods:
         request_class = message_factory.GetMessageClass(method.input_type)
@@ -98,20 +101,22 @@ def method_handlers(servicer: EmbeddingServicer) -> dict[str, grpc.RpcMethodHand
             "request_deserializer": _lenient_deserializer(request_class),
             "response_serializer": response_class.SerializeToString,
         }
+        decoded = _stream_request(implementation) if method.client_streaming else _unary_request(implementation)
+        behavior = with_lifecycle(decoded, method.name, policy)
         if method.client_streaming and method.server_streaming:
-            handlers[method.name] = grpc.stream_stream_rpc_method_handler(_stream_request(implementation), **options)
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(behavior, **options)
         elif method.client_streaming:
-            handlers[method.name] = grpc.stream_unary_rpc_method_handler(_stream_request(implementation), **options)
+            handlers[method.name] = grpc.stream_unary_rpc_method_handler(behavior, **options)
         elif method.server_streaming:
-            handlers[method.name] = grpc.unary_stream_rpc_method_handler(_unary_request(implementation), **options)
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(behavior, **options)
         else:
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(_unary_request(implementation), **options)
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(behavior, **options)
     return handlers
 
 
-def add_servicer(servicer: EmbeddingServicer, server: grpc.aio.Server) -> None:
+def add_servicer(servicer: EmbeddingServicer, server: grpc.aio.Server, policy: RequestPolicy) -> None:
     """Registers the servicer as the generated add_EmbeddingServiceServicer_to_server would, with method_handlers()."""
-    handlers = method_handlers(servicer)
+    handlers = method_handlers(servicer, policy)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
@@ -150,10 +155,12 @@ class GrpcServer:
             await self._report_health()
 
 
-def create_server(service: EmbeddingService, host: str, port: int, health_poll_s: float = 0.1) -> tuple[GrpcServer, int]:
+def create_server(
+    service: EmbeddingService, host: str, port: int, policy: RequestPolicy, health_poll_s: float = 0.1
+) -> tuple[GrpcServer, int]:
     """The server, not started yet, and the port it is bound to (port 0 picks a free one)."""
     server = grpc.aio.server()
-    add_servicer(EmbeddingServicer(service), server)
+    add_servicer(EmbeddingServicer(service), server, policy)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

@@ -1,4 +1,4 @@
-"""The HTTP application: every contract's routes, plus /health.
+"""The HTTP application: every contract's routes, the token routes, the probes and /metrics.
 
 Every error leaves in the shape of the contract at its path, including the ones no route answers itself:
 an unknown path (404), a method a route does not take (405, with Allow) and any exception that escapes a
@@ -14,14 +14,19 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
-from gateway import aleph_alpha_api, openai_api
+from gateway import aleph_alpha_api, openai_api, token_api
 from gateway.embedding_service import EmbeddingService
 from gateway.errors import ErrorKind, ServiceError
 from gateway.http_io import contract_errors, error_response, json_response, unexpected_error_response
+from gateway.http_middleware import RequestMiddleware
+from gateway.policy import RequestPolicy
 
 # The ErrorKind whose code and type describe an HTTP status that a route did not choose itself.
 _KIND_OF_STATUS = {
+    401: ErrorKind.UNAUTHENTICATED,
+    403: ErrorKind.FORBIDDEN,
     404: ErrorKind.NOT_FOUND,
     413: ErrorKind.PAYLOAD_TOO_LARGE,
     429: ErrorKind.OVERLOADED,
@@ -29,11 +34,23 @@ _KIND_OF_STATUS = {
 }
 
 
+OPS_PATHS = frozenset({"/health", "/health/live", "/health/ready", "/metrics"})
+
+
+def _is_openai(path: str) -> bool:
+    return path == "/v1" or path.startswith("/v1/") or path == "/embeddings" or path.startswith("/embeddings/")
+
+
 def renderer_for(path: str) -> Callable[[ServiceError], Response]:
     """The error renderer of the contract that owns a path."""
-    if path == "/v1" or path.startswith("/v1/") or path == "/embeddings" or path.startswith("/embeddings/"):
-        return openai_api.render_error
-    return aleph_alpha_api.render_error
+    return openai_api.render_error if _is_openai(path) else aleph_alpha_api.render_error
+
+
+def contract_of(path: str) -> str:
+    """The contract label of a path in metrics and logs."""
+    if path in OPS_PATHS:
+        return "ops"
+    return "openai" if _is_openai(path) else "aleph_alpha"
 
 
 def _message(request: Request, error: HTTPException, headers: dict[str, str]) -> str:
@@ -68,19 +85,43 @@ async def _escaped(request: Request, error: Exception) -> Response:
     return unexpected_error_response(render, request, error)
 
 
-def build_app(service: EmbeddingService, max_body_bytes: int) -> Starlette:
+def _unready(reason: str) -> Response:
+    return json_response({"status": "unavailable", "reason": reason}, 503, {"Retry-After": "2"})
+
+
+def build_app(service: EmbeddingService, max_body_bytes: int, policy: RequestPolicy) -> ASGIApp:
+    authenticator = policy.authenticator
+
+    # The probes answer from the state background tasks keep, so a stalled Triton or database cannot stall them.
     @contract_errors(aleph_alpha_api.render_error)
     async def health(request: Request) -> Response:
-        # Answered from the state the background probe keeps, so a stalled Triton cannot stall the probe.
-        if service.health.ready:
-            return json_response({"status": "ok"})
-        return json_response({"status": "unavailable", "reason": service.health.reason}, 503, {"Retry-After": "2"})
+        return json_response({"status": "ok"}) if service.health.ready else _unready(service.health.reason)
+
+    async def live(request: Request) -> Response:
+        return json_response({"status": "ok"})
+
+    @contract_errors(aleph_alpha_api.render_error)
+    async def ready(request: Request) -> Response:
+        if not service.health.ready:
+            return _unready(service.health.reason)
+        if authenticator is not None and not authenticator.store_ok:
+            return _unready("the token store is unreachable")
+        return json_response({"status": "ok"})
+
+    async def metrics(request: Request) -> Response:
+        body, content_type = policy.metrics.render(request.headers.get("accept"))
+        return Response(body, headers={"Content-Type": content_type})
 
     routes = [
         Route("/health", health, methods=["GET"]),
+        Route("/health/live", live, methods=["GET"]),
+        Route("/health/ready", ready, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
         *openai_api.routes(service, max_body_bytes),
+        *token_api.routes(authenticator, max_body_bytes),
         *aleph_alpha_api.routes(service, max_body_bytes),
     ]
     # Exception (or 500) is the handler of Starlette's ServerErrorMiddleware, the outermost layer; it answers
     # and then re-raises, so the server also logs what escaped.
-    return Starlette(routes=routes, exception_handlers={HTTPException: _http_exception, Exception: _escaped})
+    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_exception, Exception: _escaped})
+    return RequestMiddleware(app, routes, policy, contract_of, renderer_for)

@@ -54,10 +54,13 @@ async def parse_body(request: Request, adapter: TypeAdapter, limit: int):
 
 
 def error_response(render: Callable[[ServiceError], Response], error: ServiceError) -> Response:
-    """The error in its contract's shape, with Retry-After when the error says when to come back."""
+    """The error in its contract's shape, with Retry-After when the error says when to come back (and the scheme to
+    authenticate with when it asks for credentials, as RFC 9110 requires of a 401)."""
     response = render(error)
     if error.retry_after_s is not None:
         response.headers["Retry-After"] = str(error.retry_after_s)
+    if error.kind is ErrorKind.UNAUTHENTICATED:
+        response.headers["WWW-Authenticate"] = "Bearer"
     return response
 
 

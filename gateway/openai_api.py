@@ -14,11 +14,15 @@ from gateway.embedding_service import EmbedCall, EmbeddingService
 from gateway.errors import ServiceError
 from gateway.http_io import contract_errors, json_response, parse_body
 from gateway.http_lifecycle import cancel_on_disconnect, deadline, refuse_early
+from gateway.request_context import request_id_field
 
 ERROR_TYPES = {
     400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
     404: "not_found_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     429: "rate_limit_error",
     503: "service_unavailable",
 }
@@ -41,7 +45,7 @@ REQUEST = TypeAdapter(EmbeddingsRequest)
 def render_error(error: ServiceError):
     status = error.http_status
     body = {"message": error.message, "type": ERROR_TYPES.get(status, "server_error"), "param": error.param, "code": error.kind.value}
-    return json_response({"error": body}, status)
+    return json_response({"error": body | request_id_field()}, status)
 
 
 def _to_call(request: EmbeddingsRequest, deadline) -> EmbedCall:

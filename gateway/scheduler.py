@@ -25,8 +25,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
+from gateway import request_context
 from gateway.deadline import Deadline
 from gateway.errors import ErrorKind, ServiceError
+from gateway.request_context import RequestContext
 from gateway.supervisor import TritonHealth
 
 log = logging.getLogger("gateway.scheduler")
@@ -65,10 +67,24 @@ class _Job:
     rows_unsent: int = 0
     arrival: int = 0
     tasks: set = field(default_factory=set)
+    # The request's context, to which the job adds its time waiting here and its time in Triton.
+    context: RequestContext | None = None
+    submitted: float = 0.0
+    first_sent: float | None = None
 
     @property
     def has_pending(self) -> bool:
         return self.next_chunk < len(self.chunks)
+
+
+def _timed(job: _Job) -> None:
+    """Splits a finished job's time into waiting in this queue and being served by Triton, for metrics and logs."""
+    if job.context is None:
+        return
+    now = time.monotonic()
+    sent = job.first_sent if job.first_sent is not None else now
+    job.context.queue_s += sent - job.submitted
+    job.context.triton_s += now - sent
 
 
 class ThroughputMeter:
@@ -157,6 +173,8 @@ class Scheduler:
         self.check_open()
         self._admit(texts, deadline)
         job = _Job(chunks, deadline, texts, asyncio.get_running_loop().create_future(), results=[None] * len(chunks))
+        job.context = request_context.current()
+        job.submitted = time.monotonic()
         job.unanswered = len(chunks)
         job.rows_unsent = texts
         self._arrivals += 1
@@ -171,6 +189,7 @@ class Scheduler:
             raise ServiceError(ErrorKind.DEADLINE_EXCEEDED, "the request did not complete within its deadline") from None
         finally:
             self._forget(job, priority)
+            _timed(job)
 
     def _forget(self, job: _Job, priority: int) -> None:
         """Drops what a finished, failed, timed-out or cancelled job had not sent, and cancels what it had."""
@@ -198,8 +217,11 @@ class Scheduler:
             job.rows_unsent -= chunk.rows
             if not job.has_pending:
                 next(q for q in self._queues.values() if job in q).remove(job)
+            now = time.monotonic()
+            if job.first_sent is None:
+                job.first_sent = now
             if self.rows_in_flight == 0:
-                self.meter.busy_from(time.monotonic())
+                self.meter.busy_from(now)
             self.rows_in_flight += chunk.rows
             task = asyncio.create_task(self._execute(job, index, chunk))
             job.tasks.add(task)

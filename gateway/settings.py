@@ -33,6 +33,16 @@ class Settings:
     max_headers: int = 100
     max_connections: int = 0
     truncate: bool = False
+    auth: bool = False
+    auth_database: str = ""
+    allow_unauthenticated: bool = False
+    metrics_auth: bool = False
+    log_level: str = "INFO"
+    log_format: str = "text"
+
+    @property
+    def auth_store_location(self) -> str:
+        return auth_store_location(self.run_dir, self.auth_database)
 
 
 HELP = {
@@ -63,7 +73,18 @@ HELP = {
     "max_connections": "open HTTP connections at most (0: the open-file limit, raised to its hard limit, less a reserve); "
     "a new one over the cap replaces the one waiting longest for its headers",
     "truncate": "cut texts longer than the model's limit instead of answering 400 (a request may also ask per call)",
+    "auth": "require an API token (Authorization: Bearer) on every route but the probes, /version and the login",
+    "auth_database": "users and tokens: a SQLite file, or a postgresql:// URL that several replicas share "
+    "(empty: auth.sqlite3 in --run-dir)",
+    "allow_unauthenticated": "listen on a non-loopback --host without --auth (only behind something that authenticates callers)",
+    "metrics_auth": "with --auth, require a token on /metrics too",
+    "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "log_format": "text, or json for one JSON object per line",
 }
+
+
+def auth_store_location(run_dir: Path, auth_database: str) -> str:
+    return auth_database or str(run_dir / "auth.sqlite3")
 
 
 def _env_name(field_name: str) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from gateway.triton_process import TritonProcess, TritonStartError
 
@@ -83,11 +83,19 @@ class TritonSupervisor:
     # A Triton that served this long after a restart starts the next backoff from the minimum again.
     STABLE_S = 60.0
 
-    def __init__(self, process: TritonProcess, health: TritonHealth, stall_restart_s: float, check_s: float = 0.1):
+    def __init__(
+        self,
+        process: TritonProcess,
+        health: TritonHealth,
+        stall_restart_s: float,
+        check_s: float = 0.1,
+        on_restart: Callable[[], None] = lambda: None,
+    ):
         self.process = process
         self.health = health
         self.stall_restart_s = stall_restart_s
         self.check_s = check_s
+        self.on_restart = on_restart
         self.restarts = 0
 
     def _fault(self) -> str | None:
@@ -126,6 +134,7 @@ class TritonSupervisor:
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, self.MAX_BACKOFF_S)
             self.restarts += 1
+            self.on_restart()
             started = time.monotonic()
             self.health.fault = None
             await self.health.check()

@@ -14,6 +14,7 @@ import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from gateway import request_context
 from gateway.errors import ErrorKind, ServiceError, internal
 from gateway.scheduler import Chunk
 
@@ -78,7 +79,7 @@ class TritonClient:
         return await self._client.get_inference_statistics(model, as_json=True)
 
     async def _infer(
-        self, ensemble: str, tensor: grpcclient.InferInput, priority: int, output: str, timeout_s: float
+        self, ensemble: str, tensor: grpcclient.InferInput, priority: int, output: str, timeout_s: float, request_id: str
     ) -> tuple[np.ndarray, np.ndarray]:
         outputs = [grpcclient.InferRequestedOutput(output), grpcclient.InferRequestedOutput("TOKEN_COUNT")]
         try:
@@ -89,6 +90,7 @@ class TritonClient:
                 [tensor],
                 outputs=outputs,
                 priority=priority,
+                request_id=request_id,
                 timeout=max(int(timeout_s * 1e6), 1),
                 client_timeout=timeout_s,
             )
@@ -97,7 +99,11 @@ class TritonClient:
         return result.as_numpy(output), result.as_numpy("TOKEN_COUNT").reshape(-1)
 
     def _chunk(self, ensemble: str, tensor: grpcclient.InferInput, priority: int, output: str, rows: int) -> Chunk:
-        return Chunk(rows, lambda timeout_s: self._infer(ensemble, tensor, priority, output, timeout_s))
+        # Taken now, in the request's context: the call itself runs in a task of the scheduler's. Triton's own
+        # logs and traces then name the gateway's request.
+        context = request_context.current()
+        request_id = context.request_id if context is not None else ""
+        return Chunk(rows, lambda timeout_s: self._infer(ensemble, tensor, priority, output, timeout_s, request_id))
 
     def text_input(self, ensemble: str, texts: list[str], max_batch: int, priority: int, output: str = "EMBEDDING") -> ChunkedInput:
         """The ensemble's calls for `texts`, sorted by length in chunks of SORTED_CHUNK.

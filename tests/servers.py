@@ -11,6 +11,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+
+import requests
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,7 @@ class RunningService:
     grpc_port: int
     triton_http_port: int
     triton_grpc_port: int
+    triton_metrics_port: int
 
     @property
     def http_url(self) -> str:
@@ -65,6 +68,13 @@ class RunningService:
 
 
 MODEL_REPOSITORY = ROOT / "model_repository"
+
+
+def gateway_cli(*args: str, stdin: str | None = None) -> str:
+    """`python -m gateway ARGS` (users, tokens): its stdout, or an AssertionError with its stderr."""
+    done = subprocess.run([sys.executable, "-m", "gateway", *args], cwd=ROOT, input=stdin, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, f"python -m gateway {' '.join(args)} exited {done.returncode}: {done.stderr}"
+    return done.stdout
 
 
 def start_service(
@@ -103,7 +113,7 @@ def _start_service(run_dir: Path, model_repository: Path, extra_args, timeout_s:
     ]
     log = open(run_dir / "gateway.log", "wb")
     process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    service = RunningService(process, run_dir, http, grpc, t_http, t_grpc)
+    service = RunningService(process, run_dir, http, grpc, t_http, t_grpc, t_metrics)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -124,3 +134,34 @@ def _start_service(run_dir: Path, model_repository: Path, extra_args, timeout_s:
         time.sleep(0.3)
     service.stop()
     raise RuntimeError(f"gateway not healthy after {timeout_s}s; logs in {run_dir}")
+
+
+class HttpApi:
+    """A requests session bound to one base URL, with default headers: what the end-to-end tests call routes with."""
+
+    def __init__(self, base_url: str, headers: dict[str, str] | None = None, timeout_s: float = 60):
+        self.base_url = base_url
+        self.timeout_s = timeout_s
+        self.session = requests.Session()
+        self.session.headers.update(headers or {})
+
+    def request(self, method: str, path: str, **kwargs) -> requests.Response:
+        return self.session.request(method, self.base_url + path, timeout=self.timeout_s, **kwargs)
+
+    def get(self, path: str, **kwargs) -> requests.Response:
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, **kwargs) -> requests.Response:
+        return self.request("POST", path, **kwargs)
+
+    def patch(self, path: str, **kwargs) -> requests.Response:
+        return self.request("PATCH", path, **kwargs)
+
+    def delete(self, path: str, **kwargs) -> requests.Response:
+        return self.request("DELETE", path, **kwargs)
+
+    def __enter__(self) -> HttpApi:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.session.close()

@@ -19,6 +19,8 @@ from gateway.grpc_api import EmbeddingServicer, contract_errors as grpc_contract
 from gateway.grpc_server import add_servicer
 from gateway.http_app import build_app
 from gateway.http_io import contract_errors as http_contract_errors
+from gateway.metrics import Metrics
+from gateway.policy import RequestPolicy
 from proto.embedding.v1 import embedding_pb2 as pb
 from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
 
@@ -42,14 +44,14 @@ def http_call(base_url: str, method: str, path: str, body: bytes | None = None, 
 
 def assert_openai_error(body: bytes, code: str) -> dict:
     error = json.loads(body)["error"]
-    assert set(error) == {"message", "type", "param", "code"}
+    assert set(error) == {"message", "type", "param", "code", "request_id"}
     assert error["code"] == code and isinstance(error["message"], str) and error["message"]
     return error
 
 
 def assert_aleph_alpha_error(body: bytes, code: str) -> dict:
     error = json.loads(body)
-    assert set(error) == {"error", "code", "field"}
+    assert set(error) == {"error", "code", "field", "request_id"}
     assert error["code"] == code and isinstance(error["error"], str) and error["error"]
     return error
 
@@ -171,7 +173,7 @@ ALEPH_ALPHA_BODY = json.dumps({"model": "m", "prompt": "hello", "representation"
     ],
 )
 async def test_an_unexpected_exception_is_a_json_500_in_the_contract_shape(caplog, method, path, body, shape):
-    app = build_app(_Exploding(), 4 * 1024 * 1024)
+    app = build_app(_Exploding(), 4 * 1024 * 1024, RequestPolicy(None, Metrics()))
     with caplog.at_level(logging.ERROR, logger="gateway"):
         status, headers, content, raised = await asgi_call(app, method, path, body)
     assert raised is None  # answered by the route's contract_errors, not by a crash
@@ -193,8 +195,8 @@ async def test_an_exception_escaping_a_route_is_a_json_500_in_the_contract_shape
     async def boom(request):
         raise RuntimeError(SECRET)
 
-    app = build_app(_Exploding(), 1024)
-    app.router.routes.append(Route(path, boom, methods=["GET"]))
+    app = build_app(_Exploding(), 1024, RequestPolicy(None, Metrics()))
+    app.app.router.routes.append(Route(path, boom, methods=["GET"]))
     with caplog.at_level(logging.ERROR, logger="gateway"):
         status, headers, content, raised = await asgi_call(app, "GET", path)
     assert isinstance(raised, RuntimeError)  # re-raised after the answer, for the server to log
@@ -342,7 +344,7 @@ class _FakeService:
 @pytest.fixture
 async def fake_stub():
     server = grpc.aio.server()
-    add_servicer(EmbeddingServicer(_FakeService()), server)
+    add_servicer(EmbeddingServicer(_FakeService()), server, RequestPolicy(None, Metrics()))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:

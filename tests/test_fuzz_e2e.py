@@ -226,12 +226,14 @@ def check_http(method: str, path: str, status: int, headers: dict, body: bytes) 
     if is_openai_path(path):
         assert set(data) == {"error"}, where
         error = data["error"]
-        assert set(error) == {"message", "type", "param", "code"}, where
+        assert set(error) == {"message", "type", "param", "code", "request_id"}, where
+        assert error["request_id"] == headers["x-request-id"], where
         assert isinstance(error["message"], str) and error["message"], where
         assert isinstance(error["type"], str) and isinstance(error["code"], str), where
         assert error["param"] is None or isinstance(error["param"], str), where
     else:
-        assert set(data) == {"error", "code", "field"}, where
+        assert set(data) == {"error", "code", "field", "request_id"}, where
+        assert data["request_id"] == headers["x-request-id"], where
         assert isinstance(data["error"], str) and data["error"], where
         assert isinstance(data["code"], str) and data["code"].isupper(), where
         assert data["field"] is None or isinstance(data["field"], str), where

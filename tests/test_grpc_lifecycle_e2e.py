@@ -10,6 +10,8 @@ from export.datasets import sts_sentences
 from gateway.catalog import Catalog
 from gateway.embedding_service import EmbeddingService
 from gateway.grpc_server import create_server
+from gateway.metrics import Metrics
+from gateway.policy import RequestPolicy
 from gateway.scheduler import Scheduler
 from gateway.supervisor import TritonHealth
 from gateway.triton_client import TritonClient
@@ -25,7 +27,7 @@ async def running_server(triton_url: str, max_pending_texts: int = 8192):
     await health.check()
     scheduler = Scheduler(health, max_pending_texts=max_pending_texts, max_rows_in_flight=128)
     service = EmbeddingService(Catalog.from_repository(MODEL_REPOSITORY), triton, scheduler, max_inputs=2048, truncate=False, timeout_s=5)
-    server, port = create_server(service, "127.0.0.1", 0)
+    server, port = create_server(service, "127.0.0.1", 0, RequestPolicy(None, Metrics()))
     await server.start()
     return server, port, triton
 

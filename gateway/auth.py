@@ -1,0 +1,188 @@
+"""Who is calling: bearer tokens checked against the token store, per-token limits, and per-token usage.
+
+The store is asked at most every CACHE_TTL_S per token, so authentication costs a dictionary lookup on the
+request path, and a token revoked on any replica sharing the store is refused everywhere within that time.
+Usage is counted in memory and written in one transaction every FLUSH_INTERVAL_S, so a busy token costs the
+database two writes a second, not one per request. A store that stops answering makes the gateway not ready and
+every authenticated call 503: nothing is let through on a stale answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from gateway.errors import ErrorKind, ServiceError
+from gateway.rate_limit import RateLimiter
+from gateway.request_context import RequestContext
+from gateway.token_store import Principal, StoreUnavailable, TokenMetadata, TokenStore, Usage
+
+log = logging.getLogger("gateway.auth")
+
+# How stale an answer about a token may be: also the bound on how long a revoked token keeps working elsewhere.
+CACHE_TTL_S = 0.5
+FLUSH_INTERVAL_S = 0.5
+PING_INTERVAL_S = 1.0
+# Entries beyond this are dropped wholesale; it bounds the memory a flood of made-up tokens can take.
+CACHE_MAX_ENTRIES = 10_000
+# argon2 takes tens of milliseconds and 64 MiB per login; more at once would starve the event loop's threads.
+MAX_CONCURRENT_LOGINS = 2
+
+
+def unauthenticated(message: str) -> ServiceError:
+    return ServiceError(ErrorKind.UNAUTHENTICATED, message)
+
+
+def forbidden(message: str) -> ServiceError:
+    return ServiceError(ErrorKind.FORBIDDEN, message)
+
+
+def store_unavailable() -> ServiceError:
+    return ServiceError(ErrorKind.UNAVAILABLE, "the token store is unavailable; retry shortly")
+
+
+def bearer_secret(authorization: str | None) -> str:
+    """The token of an `Authorization: Bearer <token>` header (gRPC metadata `authorization` alike)."""
+    if not authorization:
+        raise unauthenticated("missing credentials: send 'Authorization: Bearer <token>'")
+    scheme, _, secret = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        raise unauthenticated("unsupported credentials: send 'Authorization: Bearer <token>'")
+    return secret.strip()
+
+
+def _added(a: Usage, b: Usage) -> Usage:
+    return Usage(a.requests + b.requests, a.texts + b.texts, a.prompt_tokens + b.prompt_tokens)
+
+
+@dataclass
+class _Cached:
+    principal: Principal | None
+    expires: float
+
+
+class Authenticator:
+    def __init__(self, store: TokenStore):
+        self.store = store
+        self.limiter = RateLimiter()
+        self.store_ok = True
+        self._cache: dict[bytes, _Cached] = {}
+        self._lookups: dict[bytes, asyncio.Future] = {}
+        self._unflushed: dict[int, Usage] = {}
+        self._logins = asyncio.Semaphore(MAX_CONCURRENT_LOGINS)
+
+    # -- the request path ---------------------------------------------------------------------------------
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        """The caller of a request, or UNAUTHENTICATED; UNAVAILABLE when the store cannot say."""
+        secret = bearer_secret(authorization)
+        if not self.store_ok:
+            raise store_unavailable()
+        key = hashlib.sha256(secret.encode()).digest()
+        cached = self._cache.get(key)
+        if cached is None or cached.expires < time.monotonic():
+            principal = await self._lookup(key, secret)
+        else:
+            principal = cached.principal
+        if principal is None:
+            raise unauthenticated("invalid or revoked token")
+        return principal
+
+    async def _lookup(self, key: bytes, secret: str) -> Principal | None:
+        # Concurrent requests with one token whose entry expired share a single query.
+        pending = self._lookups.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(asyncio.to_thread(self.store.authenticate, secret))
+            self._lookups[key] = pending
+            pending.add_done_callback(lambda _: self._lookups.pop(key, None))
+        try:
+            principal = await asyncio.shield(pending)
+        except StoreUnavailable:
+            self.store_ok = False
+            raise store_unavailable() from None
+        if len(self._cache) >= CACHE_MAX_ENTRIES:
+            self._cache.clear()
+        self._cache[key] = _Cached(principal, time.monotonic() + CACHE_TTL_S)
+        return principal
+
+    def admit(self, principal: Principal) -> None:
+        self.limiter.admit(principal.token_id, principal.limits)
+
+    def record(self, context: RequestContext) -> None:
+        """Counts a finished request against its token: usage for the store, prompt tokens for the limiter."""
+        if context.token_id is None:
+            return
+        self._count(context.token_id, Usage(1, context.texts, context.tokens))
+        self.limiter.charge_tokens(context.token_id, context.tokens)
+
+    def _count(self, token_id: int, usage: Usage) -> None:
+        self._unflushed[token_id] = _added(self._unflushed.get(token_id, Usage()), usage)
+
+    # -- token management -------------------------------------------------------------------------------
+
+    def forget_cached(self) -> None:
+        """After a revocation here, this replica refuses the token at once instead of after CACHE_TTL_S."""
+        self._cache.clear()
+
+    def with_unflushed(self, metadata: TokenMetadata) -> TokenMetadata:
+        """Metadata with the usage this replica has counted but not yet written."""
+        extra = self._unflushed.get(metadata.token_id)
+        if extra is None:
+            return metadata
+        return dataclasses.replace(metadata, usage=_added(metadata.usage, extra))
+
+    async def call_store(self, method, *args):
+        """A store call off the event loop; a store that cannot be reached answers 503."""
+        try:
+            return await asyncio.to_thread(method, *args)
+        except StoreUnavailable:
+            self.store_ok = False
+            raise store_unavailable() from None
+
+    async def login(self, email: str, password: str):
+        async with self._logins:
+            return await self.call_store(self.store.login, email, password)
+
+    # -- background -------------------------------------------------------------------------------------
+
+    async def flush(self) -> None:
+        if not self._unflushed:
+            return
+        usage, self._unflushed = self._unflushed, {}
+        try:
+            await asyncio.to_thread(self.store.add_usage, usage, datetime.now(timezone.utc))
+        except Exception as error:  # noqa: BLE001 - kept for the next flush; the store's state is probed separately
+            log.warning("could not write token usage, will retry: %s", error)
+            for token_id, counted in usage.items():
+                self._count(token_id, counted)
+
+    async def _probe(self) -> None:
+        try:
+            await asyncio.to_thread(self.store.ping)
+        except StoreUnavailable as error:
+            if self.store_ok:
+                log.error("token store unavailable: %s", error)
+            self.store_ok = False
+            return
+        if not self.store_ok:
+            log.info("token store reachable again")
+            self._cache.clear()
+        self.store_ok = True
+
+    async def run(self) -> None:
+        """Probes the store and writes usage until cancelled; writes what is left when cancelled."""
+        last_ping = 0.0
+        try:
+            while True:
+                if time.monotonic() - last_ping >= PING_INTERVAL_S:
+                    await self._probe()
+                    last_ping = time.monotonic()
+                await self.flush()
+                await asyncio.sleep(FLUSH_INTERVAL_S)
+        finally:
+            await asyncio.shield(self.flush())

@@ -1,0 +1,117 @@
+"""Around every HTTP request: its id, the checks no route should repeat (host, content type, caller, rate limit),
+then one metrics update and one access-log line when it ends, whatever the outcome.
+
+A pure ASGI middleware rather than Starlette's BaseHTTPMiddleware: it adds no task or stream per request, and
+the request's context variable stays bound while the route runs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway import request_context
+from gateway.auth import forbidden
+from gateway.errors import ErrorKind, ServiceError
+from gateway.http_io import error_response
+from gateway.logs import log_access
+from gateway.policy import RequestPolicy
+from gateway.request_context import RequestContext, request_id_from
+
+# Answered without a token: probes and orchestration must work before anyone has one, and the login makes one.
+OPEN_PATHS = frozenset({"/health", "/health/live", "/health/ready", "/version", "/get_token"})
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
+
+
+def _host_name(host: str) -> str:
+    if host.startswith("["):
+        return host[: host.find("]") + 1]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _is_json(content_type: str | None) -> bool:
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
+
+
+class RequestMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        routes: list[BaseRoute],
+        policy: RequestPolicy,
+        contract_of: Callable[[str], str],
+        render_for: Callable[[str], Callable[[ServiceError], Response]],
+    ):
+        self.app = app
+        self.routes = routes
+        self.policy = policy
+        self.contract_of = contract_of
+        self.render_for = render_for
+
+    def _route(self, scope: Scope) -> tuple[str, bool]:
+        """The route's template (a bounded label, where the raw path would make one time series per token id), and
+        whether it takes the request's method."""
+        for route in self.routes:
+            match, _ = route.matches(scope)
+            if match is not Match.NONE:
+                return getattr(route, "path", "other"), match is Match.FULL
+        return "unmatched", False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        path = scope["path"]
+        route, routed = self._route(scope)
+        context = RequestContext(request_id_from(request.headers.get("x-request-id")), self.contract_of(path), route)
+        status = {"code": 500}
+        rejection = None
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message.setdefault("headers", []).append((b"x-request-id", context.request_id.encode()))
+            await send(message)
+
+        bound = request_context.bind(context)
+        self.policy.metrics.request_started(context)
+        try:
+            try:
+                await self._check(request, context, routed)
+            except ServiceError as error:
+                rejection = "rate_limited" if error.kind is ErrorKind.RATE_LIMITED else None
+                response = error_response(self.render_for(path), error)
+                await response(scope, receive, send_with_id)
+                return
+            await self.app(scope, receive, send_with_id)
+        finally:
+            self._finish(context, status["code"], rejection)
+            request_context.unbind(bound)
+
+    async def _check(self, request: Request, context: RequestContext, routed: bool) -> None:
+        policy = self.policy
+        if policy.loopback_host_only and _host_name(request.headers.get("host", "")).lower() not in LOOPBACK_HOSTS:
+            raise forbidden("this gateway answers only requests addressed to localhost while authentication is off")
+        # An unknown path or method is answered 404 or 405 by the router (after authentication, when it is on).
+        if routed and request.method in BODY_METHODS and not _is_json(request.headers.get("content-type")):
+            raise ServiceError(ErrorKind.UNSUPPORTED_MEDIA_TYPE, "the request body must be JSON: send 'Content-Type: application/json'")
+        path = request.url.path
+        if policy.authenticator is None or path in OPEN_PATHS or (path == "/metrics" and policy.metrics_open):
+            return
+        principal = await policy.authenticator.authenticate(request.headers.get("authorization"))
+        context.token_id = principal.token_id
+        request.scope.setdefault("state", {})["principal"] = principal
+        policy.authenticator.admit(principal)
+
+    def _finish(self, context: RequestContext, status: int, rejection: str | None) -> None:
+        if self.policy.authenticator is not None:
+            self.policy.authenticator.record(context)
+        self.policy.metrics.request_finished(context, str(status), rejection)
+        log_access(context, str(status))

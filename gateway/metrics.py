@@ -1,0 +1,162 @@
+"""The gateway's Prometheus metrics: what each request cost, what was refused and why, and how the scheduler
+and Triton are doing, exposed at GET /metrics.
+
+Each Metrics owns its own CollectorRegistry rather than prometheus_client's global one, so that several can live
+in one process (tests, or two gateways) without "Duplicated timeseries" errors, and /metrics shows only these.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+
+from gateway.request_context import RequestContext
+
+NAMESPACE = "embed_gateway"
+
+# From a 1 ms cache-warm call to the 60 s a request may wait at most; roughly x2.5 per step keeps the series few.
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+REJECTION_REASONS = (
+    "overloaded",
+    "rate_limited",
+    "unauthenticated",
+    "forbidden",
+    "invalid",
+    "unavailable",
+    "deadline_exceeded",
+    "too_large",
+)
+
+_REASON_BY_STATUS = {
+    400: "invalid",
+    401: "unauthenticated",
+    403: "forbidden",
+    404: "invalid",
+    405: "invalid",
+    413: "too_large",
+    415: "invalid",
+    422: "invalid",
+    429: "overloaded",
+    503: "unavailable",
+    504: "deadline_exceeded",
+}
+
+# Token ids beyond the bound share this label value.
+OTHER_TOKENS = "other"
+
+
+def reason_for_status(status: int, rate_limited: bool = False) -> str | None:
+    """The rejection an HTTP status stands for, or None when it is no rejection (2xx, or an error of the gateway's own).
+
+    429 means the gateway was overloaded unless the caller says it was the caller's rate limit: the status alone
+    cannot tell the two apart.
+    """
+    if status == 429 and rate_limited:
+        return "rate_limited"
+    return _REASON_BY_STATUS.get(status)
+
+
+class Metrics:
+    def __init__(self, max_token_labels: int = 100) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = self._counter("requests_total", "Requests answered", "contract", "route", "status")
+        self.request_duration = self._histogram("request_duration_seconds", "Time from arrival to answer", "contract", "route")
+        # No contract label: the scheduler batches the texts of all contracts together, so their waits do not differ.
+        self.queue_duration = self._histogram(
+            "queue_duration_seconds", "Time a request's chunks waited in the gateway's scheduler before going to Triton"
+        )
+        self.triton_duration = self._histogram("triton_duration_seconds", "Time a request spent in Triton calls")
+        self.texts = self._counter("texts_total", "Texts embedded", "contract")
+        self.prompt_tokens = self._counter("prompt_tokens_total", "Tokens of the texts embedded", "contract")
+        self.in_flight = self._gauge("requests_in_flight", "Requests being served", "contract")
+        self.rows_in_flight = self._gauge("rows_in_flight", "Rows sent to Triton and not answered yet")
+        self.pending_texts = self._gauge("pending_texts", "Texts waiting in the scheduler")
+        self.rejections = self._counter("rejections_total", "Requests refused, by reason", "reason")
+        # Every reason is exported from the start, at 0: rate() and alerts over a series that appears only with
+        # the first rejection would miss that first increase.
+        for reason in REJECTION_REASONS:
+            self.rejections.labels(reason)
+        self.triton_up = self._gauge("triton_up", "1 when Triton is ready to serve, else 0")
+        self.triton_restarts = self._counter("triton_restarts_total", "Times the gateway restarted Triton")
+        self.token_requests = self._counter("token_requests_total", "Requests by API token", "token_id")
+        self.token_texts = self._counter("token_texts_total", "Texts embedded by API token", "token_id")
+        self.token_prompt_tokens = self._counter("token_prompt_tokens_total", "Prompt tokens by API token", "token_id")
+        # Each label value is a time series that Prometheus keeps in memory and on disk, and token ids only grow
+        # as tokens are created: unbounded, they would let the metrics outgrow the monitoring. The first
+        # max_token_labels tokens seen get their own series; later ones add up under token_id="other". Exact
+        # usage per token belongs in the token store, not here.
+        self._max_token_labels = max_token_labels
+        self._token_labels: set[str] = set()
+        # Requests finish on the event loop, but gRPC or a test may record from other threads.
+        self._token_labels_lock = threading.Lock()
+
+    def _counter(self, name: str, documentation: str, *labels: str) -> Counter:
+        return Counter(name, documentation, labels, namespace=NAMESPACE, registry=self.registry)
+
+    def _gauge(self, name: str, documentation: str, *labels: str) -> Gauge:
+        return Gauge(name, documentation, labels, namespace=NAMESPACE, registry=self.registry)
+
+    def _histogram(self, name: str, documentation: str, *labels: str) -> Histogram:
+        return Histogram(name, documentation, labels, namespace=NAMESPACE, registry=self.registry, buckets=DURATION_BUCKETS)
+
+    def watch_scheduler(self, rows_in_flight: Callable[[], float], pending_texts: Callable[[], float]) -> None:
+        """Read the scheduler's state at each scrape; the callbacks run on the scraping request, so must be cheap."""
+        self.rows_in_flight.set_function(rows_in_flight)
+        self.pending_texts.set_function(pending_texts)
+
+    def watch_triton(self, ready: Callable[[], bool]) -> None:
+        """triton_up reads ready() at each scrape; it must be a cached flag, not a call to Triton."""
+        self.triton_up.set_function(lambda: 1.0 if ready() else 0.0)
+
+    def triton_restarted(self) -> None:
+        self.triton_restarts.inc()
+
+    def request_started(self, context: RequestContext) -> None:
+        self.in_flight.labels(context.contract).inc()
+
+    def request_finished(self, context: RequestContext, status: str, rejection: str | None = None) -> None:
+        """Record a request that request_started saw. The rejection is derived from a numeric (HTTP) status when
+        not given; a gRPC status name says too little (RESOURCE_EXHAUSTED: overloaded or too large?), so gRPC
+        callers pass it."""
+        if rejection is None and status.isdigit():
+            rejection = reason_for_status(int(status))
+        if rejection is not None and rejection not in REJECTION_REASONS:
+            raise ValueError(f"unknown rejection reason {rejection!r}; expected one of {', '.join(REJECTION_REASONS)}")
+        contract = context.contract
+        self.in_flight.labels(contract).dec()
+        self.requests.labels(contract, context.route, status).inc()
+        self.request_duration.labels(contract, context.route).observe(context.elapsed_s())
+        if rejection is not None:
+            self.rejections.labels(rejection).inc()
+        # Requests that never reached the scheduler or Triton (refused, or not an embedding) would only pile up
+        # in the lowest bucket and hide the waits of those that did.
+        if context.queue_s > 0:
+            self.queue_duration.observe(context.queue_s)
+        if context.triton_s > 0:
+            self.triton_duration.observe(context.triton_s)
+        self.texts.labels(contract).inc(context.texts)
+        self.prompt_tokens.labels(contract).inc(context.tokens)
+        if context.token_id is not None:
+            token = self._token_label(context.token_id)
+            self.token_requests.labels(token).inc()
+            self.token_texts.labels(token).inc(context.texts)
+            self.token_prompt_tokens.labels(token).inc(context.tokens)
+
+    def _token_label(self, token_id: int) -> str:
+        label = str(token_id)
+        with self._token_labels_lock:
+            if label in self._token_labels:
+                return label
+            if len(self._token_labels) < self._max_token_labels:
+                self._token_labels.add(label)
+                return label
+        return OTHER_TOKENS
+
+    def render(self, accept_header: str | None) -> tuple[bytes, str]:
+        """The exposition body and its content type, in the format the scraper asked for (OpenMetrics or text)."""
+        encoder, content_type = choose_encoder(accept_header)
+        return encoder(self.registry), content_type

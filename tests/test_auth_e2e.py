@@ -1,0 +1,255 @@
+"""Authentication end to end: a real gateway with --auth over a real Triton, called by the real aleph-alpha-client,
+openai and gRPC clients, with users and tokens bootstrapped by the admin CLI into the default SQLite store."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import grpc
+import openai
+import pytest
+from aleph_alpha_client import Client, Prompt, SemanticEmbeddingRequest, SemanticRepresentation
+
+from proto.embedding.v1 import embedding_pb2 as pb
+from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
+from tests.servers import HttpApi, gateway_cli, start_service
+
+ADMIN, CLIENT = "admin@example.com", "client@example.com"
+ADMIN_PASSWORD = "correct horse battery staple"
+TEXTS = ["A man is playing a guitar.", "The cat sits outside.", "A woman is slicing an onion."]
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("auth")
+    where = f"--run-dir={run_dir}"
+    gateway_cli("users", "add", ADMIN, "--role", "admin", "--password-stdin", where, stdin=ADMIN_PASSWORD + "\n")
+    gateway_cli("users", "add", CLIENT, "--role", "client", where)
+    tokens = {
+        "admin": gateway_cli("tokens", "create", "--user", ADMIN, "--description", "bootstrap", where).strip(),
+        "client": gateway_cli("tokens", "create", "--user", CLIENT, "--description", "tests", where).strip(),
+        "limited": gateway_cli(
+            "tokens", "create", "--user", CLIENT, "--description", "limited", "--requests-per-second", "0.5", where
+        ).strip(),
+    }
+    service = start_service(run_dir, extra_args=["--auth"])
+    try:
+        yield service, tokens
+    finally:
+        service.stop()
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def embed_body(model_name: str, texts=TEXTS) -> dict:
+    return {"model": model_name, "input": texts}
+
+
+def test_the_cli_prints_the_token_alone_and_it_has_256_bits(secured):
+    _, tokens = secured
+    for token in tokens.values():
+        assert token.startswith("emb_") and "\n" not in token
+        assert len(token) >= 4 + 43  # 32 random bytes in URL-safe base64
+
+
+def test_the_real_clients_are_refused_without_a_valid_token_and_served_with_one(secured, model_name):
+    service, tokens = secured
+    for wrong in ("", "emb_not-a-token", tokens["client"] + "x"):
+        with pytest.raises(openai.AuthenticationError) as refused:
+            openai.OpenAI(api_key=wrong or "-", base_url=f"{service.http_url}/v1", max_retries=0).embeddings.create(
+                model=model_name, input=TEXTS
+            )
+        assert refused.value.status_code == 401
+        assert refused.value.body["code"] == "unauthenticated" and refused.value.body["request_id"]
+        with pytest.raises(PermissionError) as refused_aa:
+            Client(token=wrong or "-", host=service.http_url).semantic_embed(
+                SemanticEmbeddingRequest(prompt=Prompt.from_text(TEXTS[0]), representation=SemanticRepresentation.Symmetric),
+                model=model_name,
+            )
+        assert refused_aa.value.args[0] == 401 and json.loads(refused_aa.value.args[1])["code"] == "UNAUTHENTICATED"
+
+    served = openai.OpenAI(api_key=tokens["client"], base_url=f"{service.http_url}/v1", max_retries=0).embeddings.create(
+        model=model_name, input=TEXTS
+    )
+    assert len(served.data) == 3 and len(served.data[0].embedding) == 384
+    semantic = Client(token=tokens["client"], host=service.http_url).semantic_embed(
+        SemanticEmbeddingRequest(prompt=Prompt.from_text(TEXTS[0]), representation=SemanticRepresentation.Symmetric),
+        model=model_name,
+    )
+    assert len(semantic.embedding) == 384
+
+
+def test_missing_credentials_get_a_401_with_the_bearer_challenge_on_every_protected_route(secured, model_name):
+    service, _ = secured
+    with HttpApi(service.http_url) as http:
+        for method, path in [("GET", "/v1/models"), ("GET", "/models_available"), ("POST", "/v1/embeddings"), ("POST", "/embed"),
+                             ("GET", "/users/me/tokens"), ("GET", "/metrics/nothing-here")]:
+            response = http.request(method, path, json=embed_body(model_name))
+            assert response.status_code == 401, (method, path, response.text)
+            assert response.headers["www-authenticate"] == "Bearer"
+        basic = http.get("/v1/models", headers={"Authorization": "Basic YWRtaW46YWRtaW4="})
+        assert basic.status_code == 401 and "Bearer" in basic.json()["error"]["message"]
+        # The probes, /version and /metrics (open by default) need no token.
+        for path in ("/health", "/health/live", "/health/ready", "/version", "/metrics"):
+            assert http.get(path).status_code == 200, path
+
+
+def test_tokens_are_created_listed_and_revoked_through_the_contract_routes_and_never_shown_again(secured, model_name):
+    service, tokens = secured
+    seen: list[str] = []
+    with HttpApi(service.http_url, headers=bearer(tokens["client"])) as http:
+        created = http.post("/users/me/tokens", json={"description": "token used on my laptop"})
+        assert created.status_code == 200, created.text
+        new_token, metadata = created.json()["token"], created.json()["metadata"]
+        assert metadata["description"] == "token used on my laptop" and isinstance(metadata["token_id"], int)
+
+        used = http.post("/v1/embeddings", json=embed_body(model_name), headers=bearer(new_token))
+        assert used.status_code == 200
+        listed = http.get("/users/me/tokens")
+        assert listed.status_code == 200
+        mine = {token["token_id"]: token for token in listed.json()}
+        assert metadata["token_id"] in mine and all("token" not in token for token in listed.json())
+        assert mine[metadata["token_id"]]["usage"]["requests"] == 1
+        seen += [used.text, listed.text]
+
+        revoked = http.delete(f"/users/me/tokens/{metadata['token_id']}")
+        assert revoked.status_code == 204
+        after = http.post("/v1/embeddings", json=embed_body(model_name), headers=bearer(new_token))
+        assert after.status_code == 401
+        assert metadata["token_id"] not in {token["token_id"] for token in http.get("/users/me/tokens").json()}
+        again = http.delete(f"/users/me/tokens/{metadata['token_id']}")
+        assert again.status_code == 404 and again.json()["code"] == "NOT_FOUND"
+        seen += [after.text, again.text]
+
+    time.sleep(1.0)  # usage is written every half second; the store must not hold the token either way
+    assert all(new_token not in text for text in seen)
+    stored = b"".join(path.read_bytes() for path in service.run_dir.glob("auth.sqlite3*"))
+    assert stored and new_token.encode() not in stored and tokens["client"].encode() not in stored
+    logged = (service.run_dir / "gateway.log").read_text()
+    assert new_token not in logged and tokens["client"] not in logged
+
+
+def test_a_client_cannot_manage_other_users_tokens_or_set_limits(secured):
+    service, tokens = secured
+    with HttpApi(service.http_url, headers=bearer(tokens["client"])) as http:
+        assert http.get(f"/users/{ADMIN}/tokens").status_code == 403
+        limited = http.post("/users/me/tokens", json={"description": "x", "limits": {"requests_per_second": 100}})
+        assert limited.status_code == 403 and limited.json()["code"] == "FORBIDDEN"
+    with HttpApi(service.http_url, headers=bearer(tokens["admin"])) as http:
+        listed = http.get(f"/users/{CLIENT}/tokens")
+        assert listed.status_code == 200 and {t["description"] for t in listed.json()} >= {"tests", "limited"}
+        created = http.post(f"/users/{CLIENT}/tokens", json={"description": "by admin", "limits": {"tokens_per_minute": 1000}})
+        assert created.status_code == 200 and created.json()["metadata"]["limits"]["tokens_per_minute"] == 1000
+        token_id = created.json()["metadata"]["token_id"]
+        updated = http.patch(f"/users/{CLIENT}/tokens/{token_id}", json={"limits": {"requests_per_second": 2}})
+        assert updated.status_code == 200 and updated.json()["limits"] == {"requests_per_second": 2, "tokens_per_minute": None}
+        assert http.delete(f"/users/{CLIENT}/tokens/{token_id}").status_code == 204
+
+
+def test_login_with_email_and_password_returns_a_working_token_and_its_role(secured, model_name):
+    service, _ = secured
+    with HttpApi(service.http_url) as http:
+        wrong = http.post("/get_token", json={"email": ADMIN, "password": "wrong"})
+        assert wrong.status_code == 401 and wrong.json()["code"] == "UNAUTHENTICATED"
+        unknown = http.post("/get_token", json={"email": "nobody@example.com", "password": ADMIN_PASSWORD})
+        assert unknown.status_code == 401
+        login = http.post("/get_token", json={"email": ADMIN, "password": ADMIN_PASSWORD})
+        assert login.status_code == 200 and login.json()["role"] == "admin"
+        served = http.post("/v1/embeddings", json=embed_body(model_name), headers=bearer(login.json()["token"]))
+        assert served.status_code == 200
+
+
+def test_a_rate_limited_token_gets_429_with_retry_after(secured, model_name):
+    service, tokens = secured
+    with HttpApi(service.http_url, headers=bearer(tokens["limited"])) as http:
+        first = http.post("/v1/embeddings", json=embed_body(model_name))
+        second = http.post("/v1/embeddings", json=embed_body(model_name))
+        assert first.status_code == 200
+        assert second.status_code == 429 and second.json()["error"]["code"] == "rate_limited"
+        # 0.5 requests per second: the next one is allowed about 2 s after the first.
+        assert 1 <= int(second.headers["retry-after"]) <= 2
+        # Other tokens are not affected.
+        assert http.post("/v1/embeddings", json=embed_body(model_name), headers=bearer(tokens["client"])).status_code == 200
+        time.sleep(int(second.headers["retry-after"]) + 0.1)
+        assert http.post("/v1/embeddings", json=embed_body(model_name)).status_code == 200
+
+
+def test_usage_counters_match_what_was_sent(secured, model_name):
+    service, tokens = secured
+    with HttpApi(service.http_url, headers=bearer(tokens["admin"])) as http:
+        created = http.post("/users/me/tokens", json={"description": "usage"}).json()
+        token, token_id = created["token"], created["metadata"]["token_id"]
+        prompt_tokens = 0
+        batches = [TEXTS, TEXTS[:1], TEXTS[:2]]
+        for texts in batches:
+            answer = http.post("/v1/embeddings", json=embed_body(model_name, texts), headers=bearer(token))
+            prompt_tokens += answer.json()["usage"]["prompt_tokens"]
+        semantic = http.post(
+            "/semantic_embed", json={"model": model_name, "prompt": TEXTS[0], "representation": "symmetric"}, headers=bearer(token)
+        )
+        prompt_tokens += semantic.json()["num_tokens_prompt_total"]
+        refused = http.post("/v1/embeddings", json={"model": model_name, "input": []}, headers=bearer(token))
+        assert refused.status_code == 400
+        time.sleep(1.0)  # written to the store by now; the listing is read back from it
+        (usage,) = [t["usage"] for t in http.get("/users/me/tokens").json() if t["token_id"] == token_id]
+    assert usage == {"requests": 5, "texts": sum(map(len, batches)) + 1, "prompt_tokens": prompt_tokens}
+
+
+def test_grpc_authenticates_from_the_authorization_metadata(secured, model_name):
+    service, tokens = secured
+    request = pb.EmbedRequest(model=model_name, inputs=TEXTS)
+    with grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
+        stub = pb_grpc.EmbeddingServiceStub(channel)
+        for metadata in [(), (("authorization", "Bearer emb_wrong"),), (("authorization", "Basic YQ=="),)]:
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Embed(request, metadata=metadata, timeout=30)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        reply, call = stub.Embed.with_call(
+            request, metadata=(("authorization", f"Bearer {tokens['client']}"), ("x-request-id", "grpc-test-1")), timeout=30
+        )
+        assert len(reply.embeddings) == 3
+        assert ("x-request-id", "grpc-test-1") in call.initial_metadata()
+        limited = (("authorization", f"Bearer {tokens['limited']}"),)
+        time.sleep(2.1)  # the limited token's bucket is full again
+        stub.Embed(request, metadata=limited, timeout=30)
+        with pytest.raises(grpc.RpcError) as throttled:
+            stub.Embed(request, metadata=limited, timeout=30)
+        assert throttled.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "rate limit" in throttled.value.details()
+        # The health service stays open, as the HTTP probes do.
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_request_ids_are_echoed_logged_and_in_error_bodies(secured, model_name):
+    service, tokens = secured
+    with HttpApi(service.http_url, headers=bearer(tokens["client"])) as http:
+        kept = http.post("/v1/embeddings", json=embed_body(model_name), headers={"X-Request-Id": "trace-abc-123"})
+        assert kept.headers["x-request-id"] == "trace-abc-123"
+        minted = http.post("/semantic_embed", json={"model": model_name, "prompt": 3, "representation": "symmetric"})
+        assert minted.status_code == 400
+        assert minted.json()["request_id"] == minted.headers["x-request-id"] and len(minted.headers["x-request-id"]) == 32
+        hostile = http.post("/v1/embeddings", json=embed_body(model_name), headers={"X-Request-Id": "a b\tc"})
+        assert hostile.headers["x-request-id"] != "a b\tc"
+    time.sleep(0.2)
+    lines = (service.run_dir / "gateway.log").read_text().splitlines()
+    access = [line for line in lines if "trace-abc-123" in line]
+    assert access and any("status=200" in line and "texts=3" in line and "route=/v1/embeddings" in line for line in access)
+    assert all(TEXTS[0] not in line for line in lines)
+
+
+def test_a_post_that_is_not_json_gets_415_in_the_contract_shape(secured, model_name):
+    service, tokens = secured
+    body = json.dumps(embed_body(model_name))
+    with HttpApi(service.http_url, headers=bearer(tokens["client"])) as http:
+        for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+            openai_answer = http.post("/v1/embeddings", data=body, headers={"Content-Type": content_type})
+            assert openai_answer.status_code == 415 and openai_answer.json()["error"]["code"] == "unsupported_media_type"
+            aleph_answer = http.post("/semantic_embed", data=body, headers={"Content-Type": content_type})
+            assert aleph_answer.status_code == 415 and aleph_answer.json()["code"] == "UNSUPPORTED_MEDIA_TYPE"
+        assert http.post("/v1/embeddings", data=body, headers={"Content-Type": "application/json; charset=utf-8"}).status_code == 200
