@@ -87,6 +87,8 @@ async def serve(settings: Settings, catalog: Catalog, triton_url: str, process: 
         settings.http_port,
         limits,
         loop="uvloop",
+        # Our logging configuration stays in force: uvicorn's lines get the same format and request ids.
+        log_config=None,
         log_level="warning",
         access_log=False,
         # Requests still running this long after a stop signal are cancelled, so a stalled Triton cannot hold the exit.

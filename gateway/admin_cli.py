@@ -82,7 +82,13 @@ def main(argv: list[str], environ: dict[str, str] | None = None) -> int:
         return 1
     try:
         output = _run(args, store)
-    except (UserExists, UnknownUser, ValueError, StoreUnavailable) as error:
+    except UserExists as error:
+        print(f"gateway: user {error} already exists", file=sys.stderr)
+        return 1
+    except UnknownUser as error:
+        print(f"gateway: no user {error}; add it with: python -m gateway users add EMAIL --role client", file=sys.stderr)
+        return 1
+    except (ValueError, StoreUnavailable) as error:
         print(f"gateway: {error}", file=sys.stderr)
         return 1
     finally:

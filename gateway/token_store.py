@@ -16,6 +16,7 @@ import math
 import secrets
 import sqlite3
 import threading
+import time
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -92,7 +93,10 @@ class TokenMetadata:
             "created": _iso(self.created),
             "last_used": None if self.last_used is None else _iso(self.last_used),
             "user": self.user_email,
-            "limits": {"requests_per_second": self.limits.requests_per_second, "tokens_per_minute": self.limits.tokens_per_minute},
+            "limits": {
+                "requests_per_second": self.limits.requests_per_second,
+                "tokens_per_minute": self.limits.tokens_per_minute,
+            },
             "usage": {"requests": self.usage.requests, "texts": self.usage.texts, "prompt_tokens": self.usage.prompt_tokens},
         }
 
@@ -245,7 +249,8 @@ class TokenStore(ABC):
         password_hash = None if password is None else self._hash_password(password)
         with self._transaction() as tx:
             rows = tx.rows(
-                "INSERT INTO users (email, role, password_hash, created) VALUES (?, ?, ?, ?) ON CONFLICT (email) DO NOTHING RETURNING id",
+                "INSERT INTO users (email, role, password_hash, created) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (email) DO NOTHING RETURNING id",
                 (email, role, password_hash, _now()),
             )
         if not rows:
@@ -335,7 +340,8 @@ class TokenStore(ABC):
     def revoke(self, token_id: int) -> bool:
         """False when the token is unknown or already revoked. The row stays, marked, so its usage remains on record."""
         with self._transaction() as tx:
-            return bool(tx.rows("UPDATE tokens SET revoked = ? WHERE id = ? AND revoked IS NULL RETURNING id", (_now(), token_id)))
+            revoked = tx.rows("UPDATE tokens SET revoked = ? WHERE id = ? AND revoked IS NULL RETURNING id", (_now(), token_id))
+        return bool(revoked)
 
     def set_limits(self, token_id: int, limits: Limits) -> TokenMetadata | None:
         with self._transaction() as tx:
@@ -354,8 +360,8 @@ class TokenStore(ABC):
         with self._transaction() as tx:
             for token_id, used in usage.items():
                 tx.rows(
-                    "UPDATE tokens SET requests = requests + ?, texts = texts + ?, prompt_tokens = prompt_tokens + ?, last_used = ? "
-                    "WHERE id = ?",
+                    "UPDATE tokens SET requests = requests + ?, texts = texts + ?, prompt_tokens = prompt_tokens + ?, "
+                    "last_used = ? WHERE id = ?",
                     (used.requests, used.texts, used.prompt_tokens, used_at, token_id),
                 )
 
@@ -370,6 +376,21 @@ def _sqlite_value(value: Any) -> Any:
     return value.isoformat() if isinstance(value, datetime) else value
 
 
+def _enable_wal(connection: sqlite3.Connection) -> None:
+    # Switching to WAL needs the file to itself, and SQLite answers "locked" at once, without busy_timeout, when another
+    # process opens the same new file at that moment. The mode is stored in the file, so only the first opens can race.
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            connection.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            # Extended result codes (SQLITE_BUSY_RECOVERY, ...) keep the primary code in the low byte.
+            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 class SqliteTokenStore(TokenStore):
     _ID_COLUMN = "INTEGER PRIMARY KEY AUTOINCREMENT"  # AUTOINCREMENT: an id is never handed out twice
     _TIMESTAMP_COLUMN = "TEXT"  # SQLite has no timestamp type: ISO 8601, always UTC
@@ -380,16 +401,18 @@ class SqliteTokenStore(TokenStore):
             path.parent.mkdir(parents=True, exist_ok=True)
             # One connection for all threads, serialized by the lock; isolation_level=None leaves BEGIN/COMMIT to us.
             self._connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-            # WAL lets other processes read while one writes; busy_timeout waits for their locks instead of failing.
-            self._connection.execute("PRAGMA journal_mode = WAL")
+            # busy_timeout waits for other processes' locks instead of failing. WAL: a commit appends to the log rather than
+            # rewriting pages, and readers outside this module (sqlite3 shell, backups) do not block the gateway's writes.
             self._connection.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+            _enable_wal(self._connection)
             self._connection.execute("PRAGMA foreign_keys = ON")
 
     @contextmanager
     def _transaction(self) -> Iterator[_Transaction]:
         with self._lock, _unavailable_on((sqlite3.OperationalError,), "SQLite"):
-            # Deferred BEGIN is safe: every write transaction here starts with its write, so it never upgrades a read lock.
-            self._connection.execute("BEGIN")
+            # IMMEDIATE takes the write lock up front, where SQLite waits for it (busy_timeout). A deferred transaction that
+            # read first would fail at once with "database is locked" on its first write if another process wrote meanwhile.
+            self._connection.execute("BEGIN IMMEDIATE")
             try:
                 yield _Transaction(self._connection.cursor(), "?", _sqlite_value)
             except BaseException:

@@ -40,7 +40,9 @@ def ensure_postgres_installed() -> Path:
     if found is not None:
         return found
     if os.geteuid() != 0:
-        raise RuntimeError(f"PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb): install the Debian package {DEBIAN_PACKAGE!r}")
+        raise RuntimeError(
+            f"PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb): install the Debian package {DEBIAN_PACKAGE!r}"
+        )
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update"], check=True, env=env)
     subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", DEBIAN_PACKAGE], check=True, env=env)
@@ -57,7 +59,8 @@ def _server_account() -> pwd.struct_passwd | None:
     try:
         return pwd.getpwnam(SERVER_USER)
     except KeyError:
-        subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin", SERVER_USER], check=True)
+        command = ["useradd", "--system", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin", SERVER_USER]
+        subprocess.run(command, check=True)
         return pwd.getpwnam(SERVER_USER)
 
 
@@ -87,7 +90,7 @@ class PostgresServer:
                 for path in (self.root, self.sockets):
                     os.chown(path, self._account.pw_uid, self._account.pw_gid)
             self._run_as_server(
-                [self.bin / "initdb", "-D", self.data, "-U", "postgres", "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync"]
+                [self.bin / "initdb", "-D", self.data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"]
             )
             self._start_on_free_port()
             self.url = self.create_database(dbname)
@@ -109,6 +112,13 @@ class PostgresServer:
         with psycopg.connect(self.url_for("postgres"), autocommit=True) as connection:
             connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
         return self.url_for(dbname)
+
+    def create_schema(self, schema: str) -> str:
+        """A new empty schema in the server's database; a URL whose connections use it (a hundred times cheaper than a
+        new database, for a fresh one per test)."""
+        with psycopg.connect(self.url, autocommit=True) as connection:
+            connection.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        return f"{self.url}?options=-csearch_path%3D{schema}"
 
     def _as_server(self) -> dict:
         if self._account is None:

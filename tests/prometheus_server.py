@@ -219,7 +219,8 @@ class PrometheusServer:
         return self._api("/api/v1/query", query=promql)["result"]
 
     def wait_for(self, promql: str, predicate: Callable[[list[dict]], bool], timeout_s: float = 20) -> list[dict]:
-        """The first result of `promql` that satisfies predicate, polled until timeout_s has passed."""
+        """The first result of `promql` that satisfies predicate, polled until timeout_s has passed. Allow for some
+        5 s before the first scrape: Prometheus passes newly discovered targets on to its scrapers every 5 s."""
         deadline = time.monotonic() + timeout_s
         while True:
             result = self.query(promql)

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.logs import QUIET_LOGGERS, configure_logging, log_access
 from gateway.metrics import REJECTION_REASONS, Metrics, reason_for_status
 from gateway.request_context import RequestContext, bind, unbind
+from tests import prometheus_server
 from tests.prometheus_server import PrometheusServer
 
 
@@ -201,8 +202,8 @@ def test_json_lines_name_the_request_and_carry_fields_and_tracebacks(restore_log
     assert failed["exc_info"].startswith("Traceback (most recent call last):")
     assert "ZeroDivisionError: division by zero" in failed["exc_info"]
     # Counts and ids only: no key that could hold a text or a credential.
-    assert set(access) == {"ts", "level", "logger", "message", "request_id", "contract", "route", "status", "texts", "tokens", "ms",
-                           "token_id"}
+    fields = {"contract", "route", "status", "texts", "tokens", "ms", "token_id"}
+    assert set(access) == {"ts", "level", "logger", "message", "request_id"} | fields
     assert access["logger"] == "gateway.access"
     assert (access["contract"], access["route"], access["status"]) == ("openai", "/v1/embeddings", "200")
     assert (access["texts"], access["tokens"], access["token_id"]) == (2, 11, 7)
@@ -293,8 +294,8 @@ def test_a_real_prometheus_scrapes_what_was_recorded():
         target = f"127.0.0.1:{exporter.server_port}"
         with PrometheusServer({"gateway": [target]}, bearer_tokens={"gateway": "s3cret"}) as prometheus:
             pid = prometheus.process.pid
-            total = prometheus.wait_for("sum(embed_gateway_requests_total)", lambda result: result and result[0]["value"][1] == "5")
-            assert len(total) == 1
+            # The first scrape comes a few seconds after the start: Prometheus passes on discovered targets every 5 s.
+            prometheus.wait_for("sum(embed_gateway_requests_total)", lambda result: result and result[0]["value"][1] == "5")
             assert prometheus.query('embed_gateway_rejections_total{reason="overloaded"}')[0]["value"][1] == "1"
             assert prometheus.query('embed_gateway_rejections_total{reason="unauthenticated"}')[0]["value"][1] == "1"
             assert prometheus.query('embed_gateway_token_texts_total{token_id="5"}')[0]["value"][1] == "10"
@@ -309,3 +310,16 @@ def test_a_real_prometheus_scrapes_what_was_recorded():
     finally:
         exporter.shutdown()
         exporter.server_close()
+
+
+def test_service_starts_are_forbidden_during_the_install_and_the_policy_restored(tmp_path, monkeypatch):
+    policy = tmp_path / "policy-rc.d"
+    monkeypatch.setattr(prometheus_server, "POLICY_RC_D", policy)
+    with prometheus_server._service_starts_forbidden():
+        assert policy.read_text().endswith("exit 101\n") and os.access(policy, os.X_OK)
+    assert not policy.exists()
+    policy.write_text("#!/bin/sh\nexit 0\n")
+    policy.chmod(0o700)
+    with prometheus_server._service_starts_forbidden():
+        assert policy.read_text().endswith("exit 101\n")
+    assert policy.read_text() == "#!/bin/sh\nexit 0\n" and policy.stat().st_mode & 0o777 == 0o700
