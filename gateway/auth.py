@@ -161,7 +161,7 @@ class Authenticator:
             for token_id, counted in usage.items():
                 self._count(token_id, counted)
 
-    async def _probe(self) -> None:
+    async def probe(self) -> None:
         try:
             await asyncio.to_thread(self.store.ping)
         except StoreUnavailable as error:
@@ -180,7 +180,7 @@ class Authenticator:
         try:
             while True:
                 if time.monotonic() - last_ping >= PING_INTERVAL_S:
-                    await self._probe()
+                    await self.probe()
                     last_ping = time.monotonic()
                 await self.flush()
                 await asyncio.sleep(FLUSH_INTERVAL_S)
