@@ -11,6 +11,8 @@ import openai
 import pytest
 from aleph_alpha_client import Client, Prompt, SemanticEmbeddingRequest, SemanticRepresentation
 
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from proto.embedding.v1 import embedding_pb2 as pb
 from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
 from tests.servers import HttpApi, gateway_cli, start_service
@@ -220,10 +222,21 @@ def test_grpc_authenticates_from_the_authorization_metadata(secured, model_name)
         assert throttled.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "rate limit" in throttled.value.details()
         # The health service stays open, as the HTTP probes do.
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
         status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
         assert status.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_grpc_calls_are_counted_in_the_tokens_usage(secured, model_name):
+    service, tokens = secured
+    with HttpApi(service.http_url, headers=bearer(tokens["client"])) as http:
+        created = http.post("/users/me/tokens", json={"description": "grpc usage"}).json()
+        with grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
+            stub = pb_grpc.EmbeddingServiceStub(channel)
+            metadata = (("authorization", f"Bearer {created['token']}"),)
+            replies = [stub.Embed(pb.EmbedRequest(model=model_name, inputs=texts), metadata=metadata, timeout=30) for texts in (TEXTS, TEXTS[:1])]
+        time.sleep(1.0)
+        (usage,) = [t["usage"] for t in http.get("/users/me/tokens").json() if t["token_id"] == created["metadata"]["token_id"]]
+    assert usage == {"requests": 2, "texts": 4, "prompt_tokens": sum(reply.usage.prompt_tokens for reply in replies)}
 
 
 def test_request_ids_are_echoed_logged_and_in_error_bodies(secured, model_name):
