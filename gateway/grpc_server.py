@@ -122,12 +122,21 @@ def add_servicer(servicer: EmbeddingServicer, server: grpc.aio.Server, policy: R
 
 
 class GrpcServer:
-    """A grpc.aio server whose health follows Triton: SERVING only while every model's ensemble is ready."""
+    """A grpc.aio server whose health follows readiness: SERVING only while every model's ensemble is ready and the
+    token store (with authentication on) answers."""
 
-    def __init__(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer, service: EmbeddingService, poll_s: float):
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        health_servicer: health.aio.HealthServicer,
+        service: EmbeddingService,
+        policy: RequestPolicy,
+        poll_s: float,
+    ):
         self.server = server
         self.health = health_servicer
         self.service = service
+        self.policy = policy
         self.poll_s = poll_s
         self._watch: asyncio.Task | None = None
 
@@ -144,7 +153,7 @@ class GrpcServer:
         await self.server.stop(grace_s)
 
     async def _report_health(self) -> None:
-        ready = self.service.health.ready
+        ready = self.policy.unready_reason(self.service.health) is None
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
@@ -165,4 +174,4 @@ def create_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     bound = server.add_insecure_port(f"{host}:{port}")
-    return GrpcServer(server, health_servicer, service, health_poll_s), bound
+    return GrpcServer(server, health_servicer, service, policy, health_poll_s), bound

@@ -90,7 +90,6 @@ def _unready(reason: str) -> Response:
 
 
 def build_app(service: EmbeddingService, max_body_bytes: int, policy: RequestPolicy) -> ASGIApp:
-    authenticator = policy.authenticator
 
     # The probes answer from the state background tasks keep, so a stalled Triton or database cannot stall them.
     @contract_errors(aleph_alpha_api.render_error)
@@ -102,11 +101,8 @@ def build_app(service: EmbeddingService, max_body_bytes: int, policy: RequestPol
 
     @contract_errors(aleph_alpha_api.render_error)
     async def ready(request: Request) -> Response:
-        if not service.health.ready:
-            return _unready(service.health.reason)
-        if authenticator is not None and not authenticator.store_ok:
-            return _unready("the token store is unreachable")
-        return json_response({"status": "ok"})
+        reason = policy.unready_reason(service.health)
+        return json_response({"status": "ok"}) if reason is None else _unready(reason)
 
     async def metrics(request: Request) -> Response:
         body, content_type = policy.metrics.render(request.headers.get("accept"))
@@ -118,7 +114,7 @@ def build_app(service: EmbeddingService, max_body_bytes: int, policy: RequestPol
         Route("/health/ready", ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         *openai_api.routes(service, max_body_bytes),
-        *token_api.routes(authenticator, max_body_bytes),
+        *token_api.routes(policy.authenticator, max_body_bytes),
         *aleph_alpha_api.routes(service, max_body_bytes),
     ]
     # Exception (or 500) is the handler of Starlette's ServerErrorMiddleware, the outermost layer; it answers

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from gateway.auth import Authenticator
 from gateway.metrics import Metrics
+from gateway.supervisor import TritonHealth
 
 
 @dataclass(frozen=True)
@@ -18,3 +19,11 @@ class RequestPolicy:
     loopback_host_only: bool = False
     # /metrics without a token even when authentication is on, so Prometheus needs no credentials.
     metrics_open: bool = True
+
+    def unready_reason(self, health: TritonHealth) -> str | None:
+        """Why the gateway cannot serve now (Triton or a model not ready, the token store unreachable), or None."""
+        if not health.ready:
+            return health.reason
+        if self.authenticator is not None and not self.authenticator.store_ok:
+            return "the token store is unreachable"
+        return None

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import time
 
+import grpc
 import pytest
 import requests
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.postgres_server import PostgresServer
 from tests.servers import gateway_cli, start_service
@@ -32,6 +34,11 @@ def replicas(tmp_path_factory):
                 second.stop()
         finally:
             first.stop()
+
+
+def grpc_health(service) -> int:
+    with grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
 
 
 def embed(service, token: str, model_name: str) -> requests.Response:
@@ -85,6 +92,7 @@ def test_a_store_that_goes_down_makes_both_replicas_unready_and_refuse_with_503(
                 assert time.monotonic() < deadline, "still ready with the token store down"
                 time.sleep(0.1)
             assert requests.get(f"{service.http_url}/health/live", timeout=5).status_code == 200
+            assert grpc_health(service) == health_pb2.HealthCheckResponse.NOT_SERVING
             refused = embed(service, token, model_name)
             assert refused.status_code == 503 and "token store" in refused.json()["error"]["message"]
             assert refused.headers["retry-after"]
@@ -96,3 +104,4 @@ def test_a_store_that_goes_down_makes_both_replicas_unready_and_refuse_with_503(
             assert time.monotonic() < deadline, "not ready again after the token store came back"
             time.sleep(0.2)
         assert embed(service, token, model_name).status_code == 200
+        assert grpc_health(service) == health_pb2.HealthCheckResponse.SERVING
