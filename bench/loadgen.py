@@ -14,6 +14,8 @@ The spec is a pickled dict:
     warmup_s     run, but not measured
     duration_s   measured window
     max_requests upper bound on requests sent, warm-up included
+    headers      optional dict of extra headers sent with every request (e.g. Authorization); gRPC sends them
+                 as call metadata, names lower-cased as gRPC requires
 """
 
 from __future__ import annotations
@@ -36,9 +38,10 @@ class RequestFailed(Exception):
 class HttpCaller:
     """One keep-alive HTTP/1.1 connection; a request is one write and a Content-Length-framed read."""
 
-    def __init__(self, port: int, path: str):
+    def __init__(self, port: int, path: str, headers: dict[str, str]):
         self.port = port
-        self.head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n".encode()
+        extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        self.head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n{extra}".encode()
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
@@ -64,14 +67,15 @@ class HttpCaller:
 class GrpcCaller:
     """Calls one unary method with pre-serialized request bytes on a shared channel."""
 
-    def __init__(self, channel, method: str):
+    def __init__(self, channel, method: str, headers: dict[str, str]):
         self.method = channel.unary_unary(method)  # no (de)serializers: bytes in, bytes out
+        self.metadata = tuple((name.lower(), value) for name, value in headers.items()) or None
 
     async def call(self, body: bytes) -> None:
         import grpc
 
         try:
-            await self.method(body)
+            await self.method(body, metadata=self.metadata)
         except grpc.aio.AioRpcError as error:
             raise RequestFailed(f"gRPC {error.code().name}: {error.details()}") from None
 
@@ -87,14 +91,15 @@ def _percentile(sorted_values: list[float], fraction: float) -> float:
 
 async def run(spec: dict) -> dict:
     bodies = spec["bodies"]
+    headers = spec.get("headers") or {}
     channel = None
     if spec["protocol"] == "grpc":
         import grpc
 
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{spec['port']}")
-        callers = [GrpcCaller(channel, spec["target"]) for _ in range(spec["concurrency"])]
+        callers = [GrpcCaller(channel, spec["target"], headers) for _ in range(spec["concurrency"])]
     else:
-        callers = [HttpCaller(spec["port"], spec["target"]) for _ in range(spec["concurrency"])]
+        callers = [HttpCaller(spec["port"], spec["target"], headers) for _ in range(spec["concurrency"])]
 
     next_body = itertools.cycle(range(len(bodies))).__next__
     budget = [spec["max_requests"]]

@@ -111,11 +111,12 @@ class Runner:
 
     def measure(self, server: str, port: int, protocol: str, encoding: str, corpus: str, bodies: list[bytes],
                 texts_per_request: int, concurrency: int, pids: dict[str, tuple[int, bool]], service: RunningService | None = None,
-                target: str | None = None) -> Measurement:
+                target: str | None = None, headers: dict[str, str] | None = None) -> Measurement:
         spec = {
             "protocol": protocol, "port": port, "bodies": bodies, "concurrency": concurrency,
             "target": target or (requests.GRPC_EMBED if protocol == "grpc" else "/v1/embeddings"),
             "warmup_s": self.plan.warmup_s, "duration_s": self.plan.duration_s, "max_requests": 500_000,
+            "headers": headers or {},
         }
         before = _encoder_counts(service) if service else None
         cpu_root = next(iter(pids.values()))[0]

@@ -1,7 +1,7 @@
-"""The throughput suite's smoke run: every step of `bin/bench` for a few seconds, so the suite cannot rot.
+"""The benchmarks' smoke runs: every step of `bin/bench` and of `bench.auth_overhead` for a few seconds, so they cannot rot.
 
-It starts its own gateway and Triton (and the peer and int8 servers), measures raw onnxruntime, drives the
-load generator in its own process, and writes the report; the figures are too short-lived to judge, so
+Each starts its own gateway and Triton (bin/bench also the peer and int8 servers), measures raw onnxruntime, drives
+the load generator in its own process, and writes the report; the figures are too short-lived to judge, so
 this checks that each is there and sane, not how fast anything is.
 """
 
@@ -45,3 +45,21 @@ def test_smoke_run_writes_every_part_of_the_report(tmp_path):
     target_rows = report.split("## Targets", 1)[1].strip().splitlines()[2:]
     assert len(target_rows) >= 6
     assert all(row.rstrip(" |").endswith("met") or "missed by" in row for row in target_rows)
+
+
+def _cells(report: str, first_cell: str) -> list[str]:
+    """The cells after the first of each markdown table row whose first cell is first_cell."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in report.splitlines() if line.startswith("|")]
+    return [cell for row in rows if row[0] == first_cell for cell in row[1:]]
+
+
+def test_auth_overhead_smoke_run_reports_the_on_off_ratio_with_no_failed_request(tmp_path):
+    out = tmp_path / "results"
+    command = [sys.executable, "-m", "bench.auth_overhead", "--smoke", "--out", str(out), "--work-dir", str(tmp_path / "work")]
+    subprocess.run(command, cwd=ROOT, check=True, timeout=300)
+
+    report = (out / "auth_overhead.md").read_text()
+    off, on, ratio = (float(cell) for cell in _cells(report, "texts/s, median of rounds"))
+    assert off > 0 and on > 0
+    assert abs(ratio - on / off) < 0.03  # the texts/s it is computed from are printed rounded
+    assert _cells(report, "failed requests")[:2] == ["0", "0"]
