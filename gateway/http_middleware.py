@@ -26,6 +26,7 @@ from gateway.request_context import RequestContext, request_id_from
 OPEN_PATHS = frozenset({"/health", "/health/live", "/health/ready", "/version", "/get_token"})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
+ROUTES_SEEN_MAX = 4096
 
 
 def _host_name(host: str) -> str:
@@ -53,10 +54,22 @@ class RequestMiddleware:
         self.policy = policy
         self.contract_of = contract_of
         self.render_for = render_for
+        self._routes_seen: dict[tuple[str, str], tuple[str, bool]] = {}
 
     def _route(self, scope: Scope) -> tuple[str, bool]:
         """The route's template (a bounded label, where the raw path would make one time series per token id), and
-        whether it takes the request's method."""
+        whether it takes the request's method. Remembered per method and path: matching every route's pattern
+        again on each request costs more than the rest of this middleware."""
+        key = (scope["method"], scope["path"])
+        found = self._routes_seen.get(key)
+        if found is None:
+            found = self._match(scope)
+            if len(self._routes_seen) >= ROUTES_SEEN_MAX:  # arbitrary paths must not grow it without bound
+                self._routes_seen.clear()
+            self._routes_seen[key] = found
+        return found
+
+    def _match(self, scope: Scope) -> tuple[str, bool]:
         for route in self.routes:
             match, _ = route.matches(scope)
             if match is not Match.NONE:

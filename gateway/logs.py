@@ -9,6 +9,7 @@ stream and rotates it.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from typing import Any, TextIO
@@ -55,12 +56,15 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
     return fields
 
 
+_NEEDS_QUOTES = re.compile(r'[\s"=]')
+
+
 def _text_value(value: Any) -> str:
     if value is None:
         return "-"
     text = str(value)
     # Quoted when a reader could not tell where it ends; json quoting escapes quotes and newlines too.
-    if not text or any(c.isspace() or c in '"=' for c in text):
+    if not text or _NEEDS_QUOTES.search(text):
         return orjson.dumps(text).decode()
     return text
 

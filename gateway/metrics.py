@@ -93,6 +93,9 @@ class Metrics:
         self._token_labels: set[str] = set()
         # Requests finish on the event loop, but gRPC or a test may record from other threads.
         self._token_labels_lock = threading.Lock()
+        # Bounded like the labels they hold: contracts, route templates and status codes.
+        self._contract_children: dict[str, tuple] = {}
+        self._route_children: dict[tuple[str, str, str], tuple] = {}
 
     def _counter(self, name: str, documentation: str, *labels: str) -> Counter:
         return Counter(name, documentation, labels, namespace=NAMESPACE, registry=self.registry)
@@ -115,8 +118,25 @@ class Metrics:
     def triton_restarted(self) -> None:
         self.triton_restarts.inc()
 
+    def _of_contract(self, contract: str) -> tuple:
+        """The contract's labelled children (in flight, texts, tokens): labels() costs microseconds a call, and the
+        label values are few, so each is looked up once."""
+        children = self._contract_children.get(contract)
+        if children is None:
+            children = (self.in_flight.labels(contract), self.texts.labels(contract), self.prompt_tokens.labels(contract))
+            self._contract_children[contract] = children
+        return children
+
+    def _of_route(self, contract: str, route: str, status: str) -> tuple:
+        key = (contract, route, status)
+        children = self._route_children.get(key)
+        if children is None:
+            children = (self.requests.labels(contract, route, status), self.request_duration.labels(contract, route))
+            self._route_children[key] = children
+        return children
+
     def request_started(self, context: RequestContext) -> None:
-        self.in_flight.labels(context.contract).inc()
+        self._of_contract(context.contract)[0].inc()
 
     def request_finished(self, context: RequestContext, status: str, rejection: str | None = None) -> None:
         """Record a request that request_started saw. The rejection is derived from a numeric (HTTP) status when
@@ -126,10 +146,11 @@ class Metrics:
             rejection = reason_for_status(int(status))
         if rejection is not None and rejection not in REJECTION_REASONS:
             raise ValueError(f"unknown rejection reason {rejection!r}; expected one of {', '.join(REJECTION_REASONS)}")
-        contract = context.contract
-        self.in_flight.labels(contract).dec()
-        self.requests.labels(contract, context.route, status).inc()
-        self.request_duration.labels(contract, context.route).observe(context.elapsed_s())
+        in_flight, texts, tokens = self._of_contract(context.contract)
+        requests, duration = self._of_route(context.contract, context.route, status)
+        in_flight.dec()
+        requests.inc()
+        duration.observe(context.elapsed_s())
         if rejection is not None:
             self.rejections.labels(rejection).inc()
         # Requests that never reached the scheduler or Triton (refused, or not an embedding) would only pile up
@@ -138,8 +159,8 @@ class Metrics:
             self.queue_duration.observe(context.queue_s)
         if context.triton_s > 0:
             self.triton_duration.observe(context.triton_s)
-        self.texts.labels(contract).inc(context.texts)
-        self.prompt_tokens.labels(contract).inc(context.tokens)
+        texts.inc(context.texts)
+        tokens.inc(context.tokens)
         if context.token_id is not None:
             token = self._token_label(context.token_id)
             self.token_requests.labels(token).inc()
