@@ -36,8 +36,8 @@ import psutil
 from bench import requests, workload
 from bench.machine import describe
 from bench.raw_onnxruntime import RawEncoder
-from bench.report import _find as find_measurement
-from bench.report import _table as table
+from bench.report import find_measurement
+from bench.report import markdown_table as table
 from bench.throughput import RESULTS, Measurement, Plan, Runner, progress, service_pids
 from tests.servers import MODEL_REPOSITORY, ROOT, RunningService, gateway_cli, start_service
 

@@ -26,7 +26,7 @@ class Target:
         return f"missed by {100 * gap:.0f}%"
 
 
-def _find(results: dict, server: str, protocol: str, encoding: str, corpus: str, per_request: int, concurrency: int | None = None):
+def find_measurement(results: dict, server: str, protocol: str, encoding: str, corpus: str, per_request: int, concurrency: int | None = None):
     for m in results["measurements"]:
         if (m["server"], m["protocol"], m["encoding"], m["corpus"], m["texts_per_request"]) == (server, protocol, encoding, corpus, per_request):
             if concurrency is None or m["concurrency"] == concurrency:
@@ -42,24 +42,24 @@ def targets(results: dict) -> list[Target]:
     found: list[Target] = []
     for protocol, encoding in plan["protocols"]:
         label = f"{protocol} {encoding}"
-        m = _find(results, "service", protocol, encoding, "sentences", 100)
+        m = find_measurement(results, "service", protocol, encoding, "sentences", 100)
         if m:
             found.append(Target(f"100-text requests, {label}: share of raw onnxruntime (best batch)", m["texts_per_s"] / best, 0.90, "ratio"))
         for concurrency in [c for c in plan["concurrencies"] if c >= 32]:
-            m = _find(results, "service", protocol, encoding, "sentences", 1, concurrency)
+            m = find_measurement(results, "service", protocol, encoding, "sentences", 1, concurrency)
             if m:
                 found.append(Target(f"single text, c{concurrency}, {label}: share of raw onnxruntime batch 32", m["texts_per_s"] / at32, 0.75, "ratio"))
-        m = _find(results, "service", protocol, encoding, "sentences", 1, 1)
+        m = find_measurement(results, "service", protocol, encoding, "sentences", 1, 1)
         if m:
             found.append(Target(f"single text, c1, {label}: p50 latency", m["p50_ms"], raw["single_p50_ms"] + 5, "ms", lower_is_better=True))
     headline = plan["headline_concurrency"]
-    ours = _find(results, "service", "http", "float", "sentences", 1, headline)
-    peer = _find(results, "infinity-emb", "http", "float", "sentences", 1, headline)
+    ours = find_measurement(results, "service", "http", "float", "sentences", 1, headline)
+    peer = find_measurement(results, "infinity-emb", "http", "float", "sentences", 1, headline)
     if ours and peer:
         found.append(Target(f"single text, c{headline}, http float: service / infinity-emb", ours["texts_per_s"] / peer["texts_per_s"], 2.0, "x"))
     for per_request, concurrency in ((1, headline), (100, None)):
-        fp32 = _find(results, "service", "http", "float", "sentences", per_request, concurrency)
-        int8 = _find(results, "service int8", "http", "float", "sentences", per_request, concurrency)
+        fp32 = find_measurement(results, "service", "http", "float", "sentences", per_request, concurrency)
+        int8 = find_measurement(results, "service int8", "http", "float", "sentences", per_request, concurrency)
         if fp32 and int8:
             found.append(Target(f"int8 / fp32 service throughput, {per_request}-text requests", int8["texts_per_s"] / fp32["texts_per_s"], 2.0, "x"))
     quality = results["service"]
@@ -69,7 +69,7 @@ def targets(results: dict) -> list[Target]:
     return found
 
 
-def _table(header: list[str], rows: list[list]) -> list[str]:
+def markdown_table(header: list[str], rows: list[list]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return lines
@@ -87,7 +87,7 @@ def markdown(results: dict) -> str:
         "",
         "## Machine",
         "",
-        *_table(["", ""], [[k, v] for k, v in results["machine"].items()]),
+        *markdown_table(["", ""], [[k, v] for k, v in results["machine"].items()]),
         "",
         "## Raw onnxruntime (in-process, same encoder and tokenizer, sorted by length)",
         "",
@@ -98,7 +98,7 @@ def markdown(results: dict) -> str:
             for size, value in figures[corpus].items():
                 rows.append([precision, corpus, size, f"{value:.0f}"])
         rows.append([precision, "one sentence at a time, p50 latency", 1, f"{figures['single_p50_ms']:.2f} ms"])
-    lines += _table(["precision", "texts", "batch", "texts/s"], rows)
+    lines += markdown_table(["precision", "texts", "batch", "texts/s"], rows)
     lines += ["", f"The same fp32 batch-32 figure measured again after everything else: {results['raw_fp32_batch32_at_end']:.0f} texts/s "
               f"({results['raw_fp32_batch32_at_end'] / raw['fp32']['sentences'][32] - 1:+.0%}): how much the machine drifted during the run."]
     lines += ["", "## Service and peer", "",
@@ -112,7 +112,7 @@ def markdown(results: dict) -> str:
         rows.append([m["server"], f"{m['protocol']} {m['encoding']}", m["corpus"], m["texts_per_request"], m["concurrency"],
                      f"{m['requests_per_s']:.0f}", f"{m['texts_per_s']:.0f}", f"{m['texts_per_s'] / ceiling:.2f}",
                      f"{m['p50_ms']:.1f}", f"{m['p99_ms']:.1f}", batch, f"{100 * m['loadgen_cpu_share']:.0f}%", m["errors"]])
-    lines += _table(["server", "protocol", "texts", "texts/request", "concurrency", "requests/s", "texts/s", "ratio",
+    lines += markdown_table(["server", "protocol", "texts", "texts/request", "concurrency", "requests/s", "texts/s", "ratio",
                      "p50 ms", "p99 ms", "encoder batch", "load generator CPU", "errors"], rows)
     lines += ["", "## Where the CPU went (share of one core per component over each run; the machine has "
               f"{results['machine']['cores (usable)']})", ""]
@@ -124,7 +124,7 @@ def markdown(results: dict) -> str:
              f"{100 * m['machine_idle']:.0f}%", f"{100 * m['machine_steal']:.0f}%"] for m in service_runs]
     lines += ["Machine idle and steal are shares of all cores; steal is time the hypervisor gave these cores to other "
               "machines, and where it is high the run measured a slower machine.", ""]
-    lines += _table(["server", "protocol", "texts", "texts/request", "concurrency", *components, "load generator", "total",
+    lines += markdown_table(["server", "protocol", "texts", "texts/request", "concurrency", *components, "load generator", "total",
                      "machine idle", "steal"], rows)
     lines += ["", "## Memory (RSS, MiB; Triton includes its Python-backend stubs, shared pages counted per process)", ""]
     rows = []
@@ -139,11 +139,11 @@ def markdown(results: dict) -> str:
     if "peer" in results:
         peak = max((m["memory_mib"].get("infinity", 0) for m in results["measurements"] if m["server"] == "infinity-emb"), default=0)
         rows.append([f"infinity-emb {results['peer']['version']}", "infinity", results["peer"]["idle_memory_mib"]["infinity"], peak])
-    lines += _table(["server", "process tree", "idle", "peak under load"], rows)
+    lines += markdown_table(["server", "process tree", "idle", "peak under load"], rows)
     lines += ["", "## Quality", ""]
-    lines += _table(["export", "STS Spearman through the service"], [[p, f"{s['sts_spearman']:.4f}"] for p, s in results["service"].items()])
+    lines += markdown_table(["export", "STS Spearman through the service"], [[p, f"{s['sts_spearman']:.4f}"] for p, s in results["service"].items()])
     lines += ["", "## Targets", ""]
-    lines += _table(["target", "measured", "required", "result"],
+    lines += markdown_table(["target", "measured", "required", "result"],
                     [[t.name, f"{t.measured:.2f} {t.unit}", f"{'<=' if t.lower_is_better else '>='} {t.required:.2f} {t.unit}", t.verdict()]
                      for t in targets(results)])
     return "\n".join(lines) + "\n"

@@ -16,7 +16,9 @@ def http(service):
 
 def post(http, body):
     url = f"{http.base_url}/v1/embeddings"
-    return http.post(url, data=body, timeout=60) if isinstance(body, bytes) else http.post(url, json=body, timeout=60)
+    if isinstance(body, bytes):
+        return http.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=60)
+    return http.post(url, json=body, timeout=60)
 
 
 @pytest.mark.parametrize(
