@@ -145,8 +145,11 @@ class PostgresServer:
         """Starts the server on self.port and waits until it accepts connections."""
         command = [self.bin / "postgres", "-D", self.data, "-p", str(self.port), "-k", self.sockets]
         # Throwaway data, so no fsync. synchronous_commit stays on: a commit is then in the WAL (in the page cache) before
-        # it is acknowledged, and survives kill(), which tests rely on.
-        for setting in ("listen_addresses=127.0.0.1", "fsync=off", "full_page_writes=off"):
+        # it is acknowledged, and survives kill(), which tests rely on. Dynamic shared memory in files of the data
+        # directory rather than /dev/shm: a server killed with SIGKILL cannot remove its segments, and the data
+        # directory goes with stop().
+        settings = ("listen_addresses=127.0.0.1", "fsync=off", "full_page_writes=off", "dynamic_shared_memory_type=mmap")
+        for setting in settings:
             command += ["-c", setting]
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=self.root, **self._as_server())
