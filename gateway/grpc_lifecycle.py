@@ -13,10 +13,9 @@ import inspect
 import grpc
 
 from gateway import request_context
-from gateway.errors import ErrorKind, ServiceError
+from gateway.errors import ServiceError
 from gateway.grpc_api import abort_with
-from gateway.policy import RequestPolicy
-from gateway.logs import log_access
+from gateway.policy import RequestPolicy, rejection_of
 from gateway.request_context import RequestContext, request_id_from
 
 
@@ -38,26 +37,17 @@ class _Call:
         self._bound = request_context.bind(self.context)
         self.policy.metrics.request_started(self.context)
         await self.grpc.send_initial_metadata((("x-request-id", self.context.request_id),))
-        authenticator = self.policy.authenticator
-        if authenticator is None:
-            return
         try:
-            principal = await authenticator.authenticate(self.metadata.get("authorization"))
-            self.context.token_id = principal.token_id
-            authenticator.admit(principal)
+            await self.policy.admit(self.context, self.metadata.get("authorization"))
         except ServiceError as error:
-            self.rejection = "rate_limited" if error.kind is ErrorKind.RATE_LIMITED else None
+            self.rejection = rejection_of(error)
             await abort_with(self.grpc, error)
 
     def close(self, failed: BaseException | None) -> None:
         code = self.grpc.code()
         if code is None:
             code = grpc.StatusCode.OK if failed is None else grpc.StatusCode.CANCELLED
-        status = code.name
-        if self.policy.authenticator is not None:
-            self.policy.authenticator.record(self.context)
-        self.policy.metrics.request_finished(self.context, status, self.rejection or _rejection(code))
-        log_access(self.context, status)
+        self.policy.finish(self.context, code.name, self.rejection or _REJECTIONS.get(code))
         request_context.unbind(self._bound)
 
 
@@ -71,10 +61,6 @@ _REJECTIONS = {
     grpc.StatusCode.UNAVAILABLE: "unavailable",
     grpc.StatusCode.DEADLINE_EXCEEDED: "deadline_exceeded",
 }
-
-
-def _rejection(code: grpc.StatusCode) -> str | None:
-    return _REJECTIONS.get(code)
 
 
 def with_lifecycle(behavior, method: str, policy: RequestPolicy):

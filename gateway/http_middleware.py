@@ -18,8 +18,7 @@ from gateway import request_context
 from gateway.auth import forbidden
 from gateway.errors import ErrorKind, ServiceError
 from gateway.http_io import error_response
-from gateway.logs import log_access
-from gateway.policy import RequestPolicy
+from gateway.policy import RequestPolicy, rejection_of
 from gateway.request_context import RequestContext, request_id_from
 
 # Answered without a token: probes and orchestration must work before anyone has one, and the login makes one.
@@ -97,34 +96,26 @@ class RequestMiddleware:
         self.policy.metrics.request_started(context)
         try:
             try:
-                await self._check(request, context, routed)
+                await self._check(request, context, path, routed)
             except ServiceError as error:
-                rejection = "rate_limited" if error.kind is ErrorKind.RATE_LIMITED else None
+                rejection = rejection_of(error)
                 response = error_response(self.render_for(path), error)
                 await response(scope, receive, send_with_id)
                 return
             await self.app(scope, receive, send_with_id)
         finally:
-            self._finish(context, status["code"], rejection)
+            self.policy.finish(context, str(status["code"]), rejection)
             request_context.unbind(bound)
 
-    async def _check(self, request: Request, context: RequestContext, routed: bool) -> None:
+    async def _check(self, request: Request, context: RequestContext, path: str, routed: bool) -> None:
         policy = self.policy
         if policy.loopback_host_only and _host_name(request.headers.get("host", "")).lower() not in LOOPBACK_HOSTS:
             raise forbidden("this gateway answers only requests addressed to localhost while authentication is off")
         # An unknown path or method is answered 404 or 405 by the router (after authentication, when it is on).
         if routed and request.method in BODY_METHODS and not _is_json(request.headers.get("content-type")):
             raise ServiceError(ErrorKind.UNSUPPORTED_MEDIA_TYPE, "the request body must be JSON: send 'Content-Type: application/json'")
-        path = request.url.path
-        if policy.authenticator is None or path in OPEN_PATHS or (path == "/metrics" and policy.metrics_open):
+        if path in OPEN_PATHS or (path == "/metrics" and policy.metrics_open):
             return
-        principal = await policy.authenticator.authenticate(request.headers.get("authorization"))
-        context.token_id = principal.token_id
-        request.scope.setdefault("state", {})["principal"] = principal
-        policy.authenticator.admit(principal)
-
-    def _finish(self, context: RequestContext, status: int, rejection: str | None) -> None:
-        if self.policy.authenticator is not None:
-            self.policy.authenticator.record(context)
-        self.policy.metrics.request_finished(context, str(status), rejection)
-        log_access(context, str(status))
+        principal = await policy.admit(context, request.headers.get("authorization"))
+        if principal is not None:
+            request.scope.setdefault("state", {})["principal"] = principal

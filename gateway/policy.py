@@ -5,8 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway.auth import Authenticator
+from gateway.errors import ErrorKind, ServiceError
+from gateway.logs import log_access
 from gateway.metrics import Metrics
+from gateway.request_context import RequestContext
 from gateway.supervisor import TritonHealth
+from gateway.token_store import Principal
+
+
+def rejection_of(error: ServiceError) -> str | None:
+    """The rejection reason that the status alone cannot tell: a 429 or RESOURCE_EXHAUSTED may be overload too."""
+    return "rate_limited" if error.kind is ErrorKind.RATE_LIMITED else None
 
 
 @dataclass(frozen=True)
@@ -27,3 +36,19 @@ class RequestPolicy:
         if self.authenticator is not None and not self.authenticator.store_ok:
             return "the token store is unreachable"
         return None
+
+    async def admit(self, context: RequestContext, authorization: str | None) -> Principal | None:
+        """The caller, checked when authentication is on, with one request taken from its token's rate limit."""
+        if self.authenticator is None:
+            return None
+        principal = await self.authenticator.authenticate(authorization)
+        context.token_id = principal.token_id
+        self.authenticator.admit(principal)
+        return principal
+
+    def finish(self, context: RequestContext, status: str, rejection: str | None) -> None:
+        """What every call leaves behind, once: its token's usage, the metrics and the access-log line."""
+        if self.authenticator is not None:
+            self.authenticator.record(context)
+        self.metrics.request_finished(context, status, rejection)
+        log_access(context, status)
