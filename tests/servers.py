@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -68,6 +69,19 @@ class RunningService:
 
 
 MODEL_REPOSITORY = ROOT / "model_repository"
+
+
+def raw_http(port: int, method: str, target: str, body: bytes | None = None, headers: dict | None = None, timeout_s: float = 120):
+    """(status, lower-cased headers, body) of one request on a fresh connection to 127.0.0.1:port, sent as given:
+    http.client adds only Host (unless given), Accept-Encoding and Content-Length, where a client library would
+    add or normalize more."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
+    try:
+        connection.request(method, target, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        connection.close()
 
 
 def gateway_cli(*args: str, stdin: str | None = None) -> str:

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import subprocess
 import sys
 
-from tests.servers import ROOT
+from tests.servers import ROOT, raw_http
 
 
 def request(service, method: str, path: str, body: dict | None = None, headers: dict | None = None):
-    connection = http.client.HTTPConnection("127.0.0.1", service.http_port, timeout=60)
-    try:
-        data = json.dumps(body).encode() if body is not None else None
-        connection.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
+    data = json.dumps(body).encode() if body is not None else None
+    status, _, content = raw_http(service.http_port, method, path, data, {"Content-Type": "application/json", **(headers or {})}, 60)
+    return status, content
 
 
 def test_an_open_gateway_refuses_to_listen_on_a_network_address(tmp_path):

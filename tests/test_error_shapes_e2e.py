@@ -4,7 +4,6 @@ failures nobody foresaw, and EmbedStream items that fail (answered per id while 
 from __future__ import annotations
 
 import asyncio
-import http.client
 import json
 import logging
 from types import SimpleNamespace
@@ -23,6 +22,7 @@ from gateway.metrics import Metrics
 from gateway.policy import RequestPolicy
 from proto.embedding.v1 import embedding_pb2 as pb
 from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
+from tests.servers import raw_http
 
 SERVICE = "/embedding.v1.EmbeddingService"
 UNARY_METHODS = ["Embed", "SemanticEmbed", "BatchSemanticEmbed", "EmbedLayers", "Tokenize", "Detokenize", "ListModels"]
@@ -31,15 +31,8 @@ GARBAGE = [b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff", b"\x0a\x02\xff\xfe"]
 SECRET = "secret-internal-detail-0x7f3a"
 
 
-def http_call(base_url: str, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
-    host, port = base_url.removeprefix("http://").split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=60)
-    try:
-        connection.request(method, path, body=body, headers=headers or {})
-        response = connection.getresponse()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-    finally:
-        connection.close()
+def http_call(service, method: str, path: str, body: bytes | None = None):
+    return raw_http(service.http_port, method, path, body, timeout_s=60)
 
 
 def assert_openai_error(body: bytes, code: str) -> dict:
@@ -61,7 +54,7 @@ def assert_aleph_alpha_error(body: bytes, code: str) -> dict:
 
 @pytest.mark.parametrize(("method", "path"), [("GET", "/v1/nothing-here"), ("POST", "/v1/embeddings/extra"), ("GET", "/v1")])
 def test_unknown_openai_path_is_404_in_openai_shape(service, method, path):
-    status, headers, body = http_call(service.http_url, method, path, b"{}" if method == "POST" else None)
+    status, headers, body = http_call(service, method, path, b"{}" if method == "POST" else None)
     assert status == 404
     assert headers["content-type"] == "application/json"
     error = assert_openai_error(body, "not_found")
@@ -71,7 +64,7 @@ def test_unknown_openai_path_is_404_in_openai_shape(service, method, path):
 
 @pytest.mark.parametrize(("method", "path"), [("GET", "/nothing-here"), ("POST", "/semantic_embed/extra"), ("DELETE", "/")])
 def test_unknown_aleph_alpha_path_is_404_in_aleph_alpha_shape(service, method, path):
-    status, headers, body = http_call(service.http_url, method, path)
+    status, headers, body = http_call(service, method, path)
     assert status == 404
     assert headers["content-type"] == "application/json"
     assert path in assert_aleph_alpha_error(body, "NOT_FOUND")["error"]
@@ -82,7 +75,7 @@ def test_unknown_aleph_alpha_path_is_404_in_aleph_alpha_shape(service, method, p
     [("GET", "/v1/embeddings", "POST"), ("PUT", "/embeddings", "POST"), ("POST", "/v1/models", "GET, HEAD")],
 )
 def test_wrong_method_on_openai_path_is_405_in_openai_shape(service, method, path, allow):
-    status, headers, body = http_call(service.http_url, method, path, b"{}" if method != "GET" else None)
+    status, headers, body = http_call(service, method, path, b"{}" if method != "GET" else None)
     assert status == 405
     assert sorted(headers["allow"].split(", ")) == allow.split(", ")
     assert headers["content-type"] == "application/json"
@@ -101,7 +94,7 @@ def test_wrong_method_on_openai_path_is_405_in_openai_shape(service, method, pat
     ],
 )
 def test_wrong_method_on_aleph_alpha_path_is_405_in_aleph_alpha_shape(service, method, path, allow):
-    status, headers, body = http_call(service.http_url, method, path)
+    status, headers, body = http_call(service, method, path)
     assert status == 405
     assert sorted(headers["allow"].split(", ")) == allow.split(", ")
     assert headers["content-type"] == "application/json"

@@ -11,7 +11,6 @@ Bounded for a 2-core CPU box (about a minute): short texts, few examples per rou
 
 from __future__ import annotations
 
-import http.client
 import json
 import math
 from urllib.parse import quote, urlencode
@@ -24,6 +23,7 @@ from hypothesis import strategies as st
 
 from proto.embedding.v1 import embedding_pb2 as pb
 from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
+from tests.servers import raw_http
 
 FUZZ = settings(
     max_examples=300,
@@ -199,13 +199,7 @@ def is_openai_path(path: str) -> bool:
 
 
 def request(service, method: str, target: str, body: bytes | None = None, headers: dict | None = None):
-    connection = http.client.HTTPConnection("127.0.0.1", service.http_port, timeout=120)
-    try:
-        connection.request(method, target, body=body, headers=headers or {})
-        response = connection.getresponse()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-    finally:
-        connection.close()
+    return raw_http(service.http_port, method, target, body, headers)
 
 
 def check_http(method: str, path: str, status: int, headers: dict, body: bytes) -> None:
