@@ -7,8 +7,11 @@ Order of a run, each step printed as it starts:
 1. raw onnxruntime in this process, fp32: the ceiling every service figure is divided by;
 2. the service (gateway + Triton) on the default export: single-text requests at several concurrencies
    and 100-text requests, over HTTP float, HTTP base64 and gRPC; then passages;
-3. infinity-emb (torch engine, CPU, same model) under the same load;
-4. the int8 export: raw onnxruntime, the service, and STS quality next to fp32.
+3. the pipeline ceiling: the same service on a bench-only copy of the export whose encoder answers zeros at
+   no cost (bench/pipeline_ceiling.py), single texts over HTTP float at c1, c32 and c128 and gRPC at c128:
+   the most the rest of the pipeline can carry;
+4. infinity-emb (torch engine, CPU, same model) under the same load;
+5. the int8 export: raw onnxruntime, the service, and STS quality next to fp32.
 Memory (RSS of the gateway, and of Triton with its stubs) is sampled idle and under load.
 """
 
@@ -23,10 +26,11 @@ import sys
 import tempfile
 import time
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench import infinity_peer, requests, workload
+from bench import infinity_peer, pipeline_ceiling, requests, workload
 from bench.machine import describe
 from bench.process_stats import PeakSampler, cpu_seconds, machine_ticks, rss_mib
 from bench.raw_onnxruntime import RawEncoder
@@ -52,17 +56,20 @@ class Plan:
     raw_texts: int
     protocols: list[tuple[str, str]]
     passages_per_request: int
+    ceiling_points: list[tuple[str, str, int]]  # (protocol, encoding, concurrency) of the single-text ceiling runs
 
     @staticmethod
     def full() -> "Plan":
         return Plan(3.0, 12.0, [1, 8, 32, 128], 32, 4, [1, 8, 16, 32, 64, 128], 1030,
-                    [("http", "float"), ("http", "base64"), ("grpc", "float")], 25)
+                    [("http", "float"), ("http", "base64"), ("grpc", "float")], 25,
+                    [("http", "float", 1), ("http", "float", 32), ("http", "float", 128), ("grpc", "float", 128)])
 
     @staticmethod
     def smoke() -> "Plan":
         # Only requests that start and end inside the window count, so the window must hold a few of the
         # slowest (a 5-passage request on a cold server); a 1 s warm-up takes the cold start.
-        return Plan(1.0, 2.5, [1, 8], 8, 2, [1, 32], 128, [("http", "float"), ("grpc", "float")], 5)
+        return Plan(1.0, 2.5, [1, 8], 8, 2, [1, 32], 128, [("http", "float"), ("grpc", "float")], 5,
+                    [("http", "float", 1), ("http", "float", 8), ("grpc", "float", 8)])
 
 
 @dataclass
@@ -151,19 +158,38 @@ def service_pids(service: RunningService) -> dict[str, tuple[int, bool]]:
     return {"gateway": (service.process.pid, False), "triton": (int((service.run_dir / "triton.pid").read_text()), True)}
 
 
-def run_service(runner: Runner, label: str, repository: Path, texts: list[str], passages: list[str], full_matrix: bool) -> dict:
-    """Drives one service instance; returns its idle memory."""
-    plan = runner.plan
+@contextmanager
+def serving(runner: Runner, label: str, repository: Path):
+    """A service on `repository` for the block, its logs in the run's work dir under `label`."""
     progress(f"starting the service on {repository}")
     service = start_service(runner.work / label.replace(" ", "-"), repository)
     try:
+        yield service
+    finally:
+        service.stop()
+
+
+def served_model(repository: Path) -> str:
+    return json.loads(next(repository.glob("*/embedding_manifest.json")).read_text())["name"]
+
+
+def endpoint(service: RunningService, protocol: str):
+    """The service's port for `protocol` and the function that builds its request bodies."""
+    if protocol == "grpc":
+        return service.grpc_port, requests.grpc_bodies
+    return service.http_port, requests.openai_bodies
+
+
+def run_service(runner: Runner, label: str, repository: Path, texts: list[str], passages: list[str], full_matrix: bool) -> dict:
+    """Drives one service instance; returns its idle memory."""
+    plan = runner.plan
+    with serving(runner, label, repository) as service:
         pids = service_pids(service)
-        model = json.loads(next(repository.glob("*/embedding_manifest.json")).read_text())["name"]
+        model = served_model(repository)
         idle = {name: round(rss_mib(*pid), 1) for name, pid in pids.items()}
         progress(f"{label} idle memory: {idle}")
         for protocol, encoding in plan.protocols if full_matrix else plan.protocols[:1]:
-            port = service.grpc_port if protocol == "grpc" else service.http_port
-            build = requests.grpc_bodies if protocol == "grpc" else requests.openai_bodies
+            port, build = endpoint(service, protocol)
             singles, hundreds = build(model, texts, 1, encoding), build(model, texts, 100, encoding)
             for concurrency in plan.concurrencies if full_matrix else [plan.headline_concurrency]:
                 runner.measure(label, port, protocol, encoding, "sentences", singles, 1, concurrency, pids, service)
@@ -178,8 +204,18 @@ def run_service(runner: Runner, label: str, repository: Path, texts: list[str], 
         quality = _sts_quality(service, model)
         progress(f"{label} STS Spearman {quality:.4f}")
         return {"idle_memory_mib": idle, "sts_spearman": quality}
-    finally:
-        service.stop()
+
+
+def run_pipeline_ceiling(runner: Runner, repository: Path, texts: list[str]) -> None:
+    """Single texts through the service on the zero-encoder copy of `repository` (bench.pipeline_ceiling)."""
+    label = pipeline_ceiling.LABEL
+    variant = pipeline_ceiling.build(repository, runner.work / "pipeline-ceiling-repository")
+    with serving(runner, label, variant) as service:
+        pids = service_pids(service)
+        model = served_model(variant)
+        for protocol, encoding, concurrency in runner.plan.ceiling_points:
+            port, build = endpoint(service, protocol)
+            runner.measure(label, port, protocol, encoding, "sentences", build(model, texts, 1, encoding), 1, concurrency, pids, service)
 
 
 def _sts_quality(service: RunningService, model: str) -> float:
@@ -261,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results["raw"] = {"fp32": raw_baseline(args.repository, texts, passages, plan, threads)}
     results["service"] = {"fp32": run_service(runner, "service", args.repository, texts, passages, full_matrix=True)}
+    run_pipeline_ceiling(runner, args.repository, texts)
     if not args.no_peer:
         results["peer"] = run_peer(runner, default_model_path(), texts)
     if not args.no_int8:

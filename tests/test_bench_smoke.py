@@ -1,6 +1,6 @@
 """The benchmarks' smoke runs: every step of `bin/bench` and of `bench.auth_overhead` for a few seconds, so they cannot rot.
 
-Each starts its own gateway and Triton (bin/bench also the peer and int8 servers), measures raw onnxruntime, drives
+Each starts its own gateway and Triton (bin/bench also the pipeline-ceiling, peer and int8 servers), measures raw onnxruntime, drives
 the load generator in its own process, and writes the report; the figures are too short-lived to judge, so
 this checks that each is there and sane, not how fast anything is.
 """
@@ -9,6 +9,8 @@ import json
 import subprocess
 import sys
 
+from bench.pipeline_ceiling import LABEL as CEILING
+from bench.report import find_measurement
 from tests.servers import ROOT
 
 
@@ -26,9 +28,12 @@ def test_smoke_run_writes_every_part_of_the_report(tmp_path):
     assert all(figures["single_p50_ms"] > 0 for figures in raw.values())
 
     servers = {m["server"] for m in results["measurements"]}
-    assert servers == {"service", "service int8", "infinity-emb"}
+    assert servers == {"service", CEILING, "infinity-emb", "service int8"}
     protocols = {(m["protocol"], m["encoding"]) for m in results["measurements"] if m["server"] == "service"}
     assert protocols == {("http", "float"), ("grpc", "float")}
+    ceiling = [m for m in results["measurements"] if m["server"] == CEILING]
+    assert {(m["protocol"], m["encoding"], m["concurrency"]) for m in ceiling} == {tuple(p) for p in results["plan"]["ceiling_points"]}
+    assert all(m["texts_per_request"] == 1 and m["encoder_batch"] >= 1 for m in ceiling), ceiling
     for m in results["measurements"]:
         assert m["errors"] == 0, m
         assert m["texts_per_s"] > 0 and m["p50_ms"] <= m["p99_ms"], m
@@ -36,8 +41,12 @@ def test_smoke_run_writes_every_part_of_the_report(tmp_path):
         assert 0 <= m["loadgen_cpu_share"] < 2, m
         assert all(mib > 0 for mib in m["memory_mib"].values()), m
     assert any(m["loadgen_cpu_share"] > 0 for m in results["measurements"])
-    service_runs = [m for m in results["measurements"] if m["server"].startswith("service")]
+    service_runs = [m for m in results["measurements"] if m["server"] != "infinity-emb"]
     assert all({"gateway", "tritonserver", "tokenizer", "encoder", "pooling"} <= set(m["cpu_share"]) for m in service_runs)
+    # The zero encoder does no encoding: a small part of what the real one costs at the same point.
+    for m in ceiling:
+        real = find_measurement(results, "service", m["protocol"], m["encoding"], "sentences", 1, m["concurrency"])
+        assert m["cpu_share"]["encoder"] < real["cpu_share"]["encoder"] / 2, (m, real)
 
     for quality in results["service"].values():
         assert 0.7 < quality["sts_spearman"] < 0.8
@@ -45,6 +54,9 @@ def test_smoke_run_writes_every_part_of_the_report(tmp_path):
     target_rows = report.split("## Targets", 1)[1].strip().splitlines()[2:]
     assert len(target_rows) >= 6
     assert all(row.rstrip(" |").endswith("met") or "missed by" in row for row in target_rows)
+    assert sum(row.startswith(f"| {CEILING}, ") for row in target_rows) == 2  # requests/s at its top concurrency, c1 p50
+    # Its rows in the service and CPU tables.
+    assert sum(line.startswith(f"| {CEILING} |") for line in report.splitlines()) == 2 * len(ceiling)
 
 
 def _cells(report: str, first_cell: str) -> list[str]:
