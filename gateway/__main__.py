@@ -61,7 +61,13 @@ async def serve(settings: Settings, catalog: Catalog, triton_url: str, process: 
     triton = TritonClient(triton_url)
     health = TritonHealth(triton)
     await health.check()
-    scheduler = Scheduler(health, max_pending_texts=settings.max_pending_texts, max_rows_in_flight=settings.max_rows_in_flight)
+    scheduler = Scheduler(
+        health,
+        triton.infer,
+        max_pending_texts=settings.max_pending_texts,
+        max_rows_in_flight=settings.max_rows_in_flight,
+        max_calls_per_lane=settings.max_calls_per_lane,
+    )
     service = EmbeddingService(
         catalog, triton, scheduler, max_inputs=settings.max_inputs, truncate=settings.truncate, timeout_s=settings.request_timeout_s
     )

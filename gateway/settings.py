@@ -25,6 +25,7 @@ class Settings:
     max_inputs: int = 2048
     max_pending_texts: int = 32768
     max_rows_in_flight: int = 128
+    max_calls_per_lane: int = 4
     request_timeout_s: float = 30.0
     triton_stall_restart_s: float = 10.0
     shutdown_grace_s: float = 15.0
@@ -61,6 +62,8 @@ HELP = {
     "cannot serve before their deadline, get 429 with Retry-After from the measured throughput instead of queueing",
     "max_rows_in_flight": "rows sent to Triton at once; more batches better on a fast encoder, fewer lets a one-text request "
     "overtake a big one sooner",
+    "max_calls_per_lane": "Triton calls in flight at once per ensemble and priority; requests that arrive meanwhile share "
+    "the next call. More keeps more of Triton's steps busy at once, fewer makes bigger batches",
     "request_timeout_s": "deadline of every request (a gRPC deadline or the X-Request-Timeout header may ask for less); "
     "past it the caller gets 503 / DEADLINE_EXCEEDED and Triton drops the work",
     "triton_stall_restart_s": "how long the Triton the gateway started may stay unready (stalled, stuck loading) before it is "

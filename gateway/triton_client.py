@@ -16,7 +16,7 @@ from tritonclient.utils import InferenceServerException
 
 from gateway import request_context
 from gateway.errors import ErrorKind, ServiceError, internal
-from gateway.scheduler import Chunk
+from gateway.scheduler import Chunk, Lane
 
 log = logging.getLogger("gateway.triton")
 
@@ -38,14 +38,14 @@ def _backend_error(error: InferenceServerException) -> ServiceError:
     return internal()
 
 
-# Texts per request when a long list is split by length; small enough that one long text pads few others, and
-# one turn of the scheduler's round robin.
+# Rows per chunk when a long list is split by length, and per call when chunks share one: small enough that one
+# long text pads few others, and the unit in which the scheduler lets a small request overtake a big one.
 SORTED_CHUNK = 32
 
 
 @dataclass(frozen=True)
 class ChunkedInput:
-    """A request's rows as Triton calls: chunks[i] carries the input rows at positions members[i]."""
+    """A request's rows as chunks for the scheduler: chunks[i] carries the input rows at positions members[i]."""
 
     chunks: list[Chunk]
     members: list[list[int]]
@@ -59,6 +59,13 @@ class ChunkedInput:
         values[order] = np.concatenate([r[0] for r in results])
         counts[order] = np.concatenate([r[1] for r in results])
         return values, counts
+
+
+def _request_id() -> str:
+    """The calling request's id, taken in its context: the Triton call runs in a task of the scheduler's, and
+    Triton's own logs and traces then name the gateway's request."""
+    context = request_context.current()
+    return context.request_id if context is not None else ""
 
 
 class TritonClient:
@@ -78,61 +85,56 @@ class TritonClient:
     async def model_statistics(self, model: str) -> dict:
         return await self._client.get_inference_statistics(model, as_json=True)
 
-    async def _infer(
-        self, ensemble: str, tensor: grpcclient.InferInput, priority: int, output: str, timeout_s: float, request_id: str
-    ) -> tuple[np.ndarray, np.ndarray]:
-        outputs = [grpcclient.InferRequestedOutput(output), grpcclient.InferRequestedOutput("TOKEN_COUNT")]
+    async def infer(self, lane: Lane, data: np.ndarray, timeout_s: float, request_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """One ensemble call for `data` (rows of the lane's input): its output and token count per row."""
+        tensor = grpcclient.InferInput(lane.input_name, list(data.shape), lane.datatype)
+        tensor.set_data_from_numpy(data)
+        outputs = [grpcclient.InferRequestedOutput(lane.output), grpcclient.InferRequestedOutput("TOKEN_COUNT")]
         try:
             # The deadline travels twice: the client gives up at it, and every step's queue policy drops the
             # request once it has waited that long, so Triton does not compute answers nobody waits for.
             result = await self._client.infer(
-                ensemble,
+                lane.ensemble,
                 [tensor],
                 outputs=outputs,
-                priority=priority,
+                priority=lane.priority,
                 request_id=request_id,
                 timeout=max(int(timeout_s * 1e6), 1),
                 client_timeout=timeout_s,
             )
         except InferenceServerException as error:
             raise _backend_error(error) from None
-        return result.as_numpy(output), result.as_numpy("TOKEN_COUNT").reshape(-1)
-
-    def _chunk(self, ensemble: str, tensor: grpcclient.InferInput, priority: int, output: str, rows: int) -> Chunk:
-        # Taken now, in the request's context: the call itself runs in a task of the scheduler's. Triton's own
-        # logs and traces then name the gateway's request.
-        context = request_context.current()
-        request_id = context.request_id if context is not None else ""
-        return Chunk(rows, lambda timeout_s: self._infer(ensemble, tensor, priority, output, timeout_s, request_id))
+        return result.as_numpy(lane.output), result.as_numpy("TOKEN_COUNT").reshape(-1)
 
     def text_input(self, ensemble: str, texts: list[str], max_batch: int, priority: int, output: str = "EMBEDDING") -> ChunkedInput:
-        """The ensemble's calls for `texts`, sorted by length in chunks of SORTED_CHUNK.
+        """The ensemble's chunks for `texts`, sorted by length in chunks of SORTED_CHUNK.
 
-        The tokenizer step pads each request to its longest text, so short texts sent apart from long ones
+        The tokenizer step pads each call to its longest text, so short texts sent apart from long ones
         are not padded to their length; the encoder's batcher merges the chunks again.
         """
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         size = min(max_batch, SORTED_CHUNK)
         members = [order[i : i + size] for i in range(0, len(order), size)]
-        chunks = []
-        for rows in members:
-            tensor = grpcclient.InferInput("TEXT", [len(rows), 1], "BYTES")
-            tensor.set_data_from_numpy(np.array([texts[i].encode("utf-8") for i in rows], dtype=np.object_).reshape(-1, 1))
-            chunks.append(self._chunk(ensemble, tensor, priority, output, len(rows)))
+        lane = Lane(ensemble, "TEXT", "BYTES", output, priority, size, (1,))
+        request_id = _request_id()
+        chunks = [
+            Chunk(lane, np.array([texts[i].encode("utf-8") for i in part], dtype=np.object_).reshape(-1, 1), request_id)
+            for part in members
+        ]
         return ChunkedInput(chunks, members, len(texts))
 
     def token_ids_input(
         self, ensemble: str, sequences: list[list[int]], max_batch: int, priority: int, output: str = "EMBEDDING"
     ) -> ChunkedInput:
-        """Like text_input for token id sequences; sequences of equal length share a call."""
+        """Like text_input for token id sequences; sequences of equal length share a chunk (and a lane)."""
         by_length: dict[int, list[int]] = {}
         for index, ids in enumerate(sequences):
             by_length.setdefault(len(ids), []).append(index)
         size = min(max_batch, SORTED_CHUNK)
         members = [rows[i : i + size] for rows in by_length.values() for i in range(0, len(rows), size)]
+        request_id = _request_id()
         chunks = []
-        for rows in members:
-            tensor = grpcclient.InferInput("TOKEN_IDS", [len(rows), len(sequences[rows[0]])], "INT64")
-            tensor.set_data_from_numpy(np.array([sequences[i] for i in rows], dtype=np.int64))
-            chunks.append(self._chunk(ensemble, tensor, priority, output, len(rows)))
+        for part in members:
+            lane = Lane(ensemble, "TOKEN_IDS", "INT64", output, priority, size, (len(sequences[part[0]]),))
+            chunks.append(Chunk(lane, np.array([sequences[i] for i in part], dtype=np.int64), request_id))
         return ChunkedInput(chunks, members, len(sequences))
