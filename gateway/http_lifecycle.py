@@ -43,17 +43,28 @@ async def _disconnected(request: Request) -> None:
 
 
 async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Awaits `work`, cancelling it (and so its queued Triton calls) as soon as the client disconnects."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
+    """Awaits `work`, cancelling it (and so its queued Triton calls) as soon as the client disconnects.
+
+    The work runs in the handler's own task, which the watcher cancels: one task per request instead of two
+    and an asyncio.wait, which is measurable per request at thousands of requests a second.
+    """
+    handler = asyncio.current_task()
+    answered = False
+
+    def client_left(watcher: asyncio.Task) -> None:
+        # The work may have finished while this callback was queued: then the response must not be cancelled.
+        if not answered and not watcher.cancelled():
+            handler.cancel()
+
+    watcher = asyncio.create_task(_disconnected(request))
+    watcher.add_done_callback(client_left)
     try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        return await work
     except asyncio.CancelledError:
-        task.cancel()
+        if watcher.done() and not watcher.cancelled():
+            handler.uncancel()
+            raise ServiceError(ErrorKind.CANCELLED, "the client disconnected; its work was cancelled") from None
         raise
     finally:
+        answered = True
         watcher.cancel()
-    if task in done:
-        return task.result()
-    task.cancel()
-    raise ServiceError(ErrorKind.CANCELLED, "the client disconnected; its work was cancelled")
