@@ -1,6 +1,8 @@
 """What each serving lever gives: the same load against repositories exported with one option changed.
 
-    .venv/bin/python -m bench.levers            # about 10 minutes; writes bench/results/levers.md
+    .venv/bin/python -m bench.levers            # about 15 minutes; writes bench/results/levers_export.md
+
+bench/results/levers.md is the record of every lever, these and the gateway's (bench.gateway_levers).
 
 Every variant is a real export (`python -m export --output-dir ... <flags>`) served by the real gateway and
 Triton. Raw onnxruntime is measured before and after the variants, and each figure is shown as a ratio to it.
@@ -64,7 +66,7 @@ def markdown(rows: list[dict], raw_before: float, raw_after: float, command: str
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.levers", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "levers.md")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "levers_export.md")
     parser.add_argument("--work-dir", type=Path, default=ROOT / ".bench")
     args = parser.parse_args(argv)
     args.work_dir.mkdir(parents=True, exist_ok=True)

@@ -159,10 +159,10 @@ def service_pids(service: RunningService) -> dict[str, tuple[int, bool]]:
 
 
 @contextmanager
-def serving(runner: Runner, label: str, repository: Path):
+def serving(runner: Runner, label: str, repository: Path, gateway_args: list[str] = ()):
     """A service on `repository` for the block, its logs in the run's work dir under `label`."""
     progress(f"starting the service on {repository}")
-    service = start_service(runner.work / label.replace(" ", "-"), repository)
+    service = start_service(runner.work / label.replace(" ", "-"), repository, list(gateway_args))
     try:
         yield service
     finally:
