@@ -54,10 +54,16 @@ def current() -> RequestContext | None:
     return _current.get()
 
 
+def current_request_id() -> str:
+    """The id of the request being served; empty outside a request."""
+    context = _current.get()
+    return context.request_id if context is not None else ""
+
+
 def request_id_field() -> dict[str, str]:
     """{"request_id": ...} for an error body, so a caller can quote it when reporting the error; empty outside a request."""
-    context = _current.get()
-    return {"request_id": context.request_id} if context is not None else {}
+    request_id = current_request_id()
+    return {"request_id": request_id} if request_id else {}
 
 
 def bind(context: RequestContext) -> contextvars.Token:

@@ -29,6 +29,7 @@ import asyncio
 import logging
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
@@ -185,7 +186,7 @@ class Scheduler:
         self.max_calls_per_lane = max_calls_per_lane
         self.pending_texts = 0
         self.rows_in_flight = 0
-        self._lane_calls: dict[Lane, int] = {}
+        self._lane_calls: Counter[Lane] = Counter()
         self.meter = ThroughputMeter()
         self._queues: dict[int, list[_Job]] = {PRIORITY_NORMAL: [], PRIORITY_NICE: []}
         self._arrivals = 0
@@ -284,11 +285,11 @@ class Scheduler:
                         return
                     call = forming.get(chunk.lane)
                     if call is None or call.rows + chunk.rows > chunk.lane.max_rows:
-                        if self._lane_calls.get(chunk.lane, 0) >= self.max_calls_per_lane:
+                        if self._lane_calls[chunk.lane] >= self.max_calls_per_lane:
                             break
                         call = forming[chunk.lane] = _Call(chunk.lane)
                         opened.append(call)
-                        self._lane_calls[chunk.lane] = self._lane_calls.get(chunk.lane, 0) + 1
+                        self._lane_calls[chunk.lane] += 1
                     self._place(job, chunk, call)
                 if not job.has_pending:
                     queue.remove(job)

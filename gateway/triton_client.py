@@ -61,13 +61,6 @@ class ChunkedInput:
         return values, counts
 
 
-def _request_id() -> str:
-    """The calling request's id, taken in its context: the Triton call runs in a task of the scheduler's, and
-    Triton's own logs and traces then name the gateway's request."""
-    context = request_context.current()
-    return context.request_id if context is not None else ""
-
-
 class TritonClient:
     def __init__(self, url: str):
         self.url = url
@@ -116,7 +109,9 @@ class TritonClient:
         size = min(max_batch, SORTED_CHUNK)
         members = [order[i : i + size] for i in range(0, len(order), size)]
         lane = Lane(ensemble, "TEXT", "BYTES", output, priority, size, (1,))
-        request_id = _request_id()
+        # Taken here, in the request's context: the call runs in a task of the scheduler's, and Triton's logs
+        # and traces then name the gateway's request.
+        request_id = request_context.current_request_id()
         chunks = [
             Chunk(lane, np.array([texts[i].encode("utf-8") for i in part], dtype=np.object_).reshape(-1, 1), request_id)
             for part in members
@@ -132,7 +127,7 @@ class TritonClient:
             by_length.setdefault(len(ids), []).append(index)
         size = min(max_batch, SORTED_CHUNK)
         members = [rows[i : i + size] for rows in by_length.values() for i in range(0, len(rows), size)]
-        request_id = _request_id()
+        request_id = request_context.current_request_id()
         chunks = []
         for part in members:
             lane = Lane(ensemble, "TOKEN_IDS", "INT64", output, priority, size, (len(sequences[part[0]]),))
