@@ -11,6 +11,8 @@ import logging
 import signal
 import sys
 
+import uvloop
+
 from gateway import admin_cli
 from gateway.auth import Authenticator
 from gateway.catalog import Catalog
@@ -92,7 +94,6 @@ async def serve(settings: Settings, catalog: Catalog, triton_url: str, process: 
         settings.host,
         settings.http_port,
         limits,
-        loop="uvloop",
         # Our logging configuration stays in force: uvicorn's lines get the same format and request ids.
         log_config=None,
         log_level="warning",
@@ -196,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         triton_url = triton.grpc_url
     try:
-        asyncio.run(serve(settings, catalog, triton_url, triton, authenticator))
+        # uvloop for the whole gateway: uvicorn's loop="uvloop" only applies when uvicorn creates the loop itself.
+        uvloop.run(serve(settings, catalog, triton_url, triton, authenticator))
     finally:
         if triton is not None:
             triton.stop(timeout_s=3.0)

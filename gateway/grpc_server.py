@@ -121,27 +121,38 @@ def add_servicer(servicer: EmbeddingServicer, server: grpc.aio.Server, policy: R
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
-class GrpcServer:
-    """A grpc.aio server whose health follows readiness: SERVING only while every model's ensemble is ready and the
-    token store (with authentication on) answers."""
+class ReadinessHealth(health.aio.HealthServicer):
+    """grpc.health.v1 that follows readiness: SERVING only while every model's ensemble is ready and the token store
+    (with authentication on) answers. Check looks at readiness itself, as /health/ready does, so the two never
+    disagree; Watch streams follow the updates GrpcServer makes every poll."""
 
-    def __init__(
-        self,
-        server: grpc.aio.Server,
-        health_servicer: health.aio.HealthServicer,
-        service: EmbeddingService,
-        policy: RequestPolicy,
-        poll_s: float,
-    ):
-        self.server = server
-        self.health = health_servicer
+    def __init__(self, service: EmbeddingService, policy: RequestPolicy):
+        super().__init__()
         self.service = service
         self.policy = policy
+
+    async def report(self) -> None:
+        ready = self.policy.unready_reason(self.service.health) is None
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.set(name, status)
+
+    async def Check(self, request, context):  # noqa: N802 - the gRPC method's name
+        await self.report()
+        return await super().Check(request, context)
+
+
+class GrpcServer:
+    """A grpc.aio server whose health service follows readiness (ReadinessHealth), updated every poll_s."""
+
+    def __init__(self, server: grpc.aio.Server, health_servicer: ReadinessHealth, poll_s: float):
+        self.server = server
+        self.health = health_servicer
         self.poll_s = poll_s
         self._watch: asyncio.Task | None = None
 
     async def start(self) -> None:
-        await self._report_health()
+        await self.health.report()
         await self.server.start()
         self._watch = asyncio.create_task(self._watch_health())
 
@@ -152,16 +163,10 @@ class GrpcServer:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
 
-    async def _report_health(self) -> None:
-        ready = self.policy.unready_reason(self.service.health) is None
-        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, status)
-
     async def _watch_health(self) -> None:
         while True:
             await asyncio.sleep(self.poll_s)
-            await self._report_health()
+            await self.health.report()
 
 
 def create_server(
@@ -170,8 +175,8 @@ def create_server(
     """The server, not started yet, and the port it is bound to (port 0 picks a free one)."""
     server = grpc.aio.server()
     add_servicer(EmbeddingServicer(service), server, policy)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = ReadinessHealth(service, policy)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     bound = server.add_insecure_port(f"{host}:{port}")
-    return GrpcServer(server, health_servicer, service, policy, health_poll_s), bound
+    return GrpcServer(server, health_servicer, health_poll_s), bound

@@ -17,13 +17,23 @@ logger = logging.getLogger("gateway")
 JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 
 
+def header(request: Request, name: str) -> str | None:
+    """The request's first header called `name` (lower case). Starlette's request.headers scans the list and raises
+    and catches a KeyError for every absent header, several times per request; one dict per request is cheaper."""
+    found = request.scope.get("gateway.headers")
+    if found is None:
+        found = request.scope["gateway.headers"] = {key.decode("latin-1"): value for key, value in reversed(request.scope["headers"])}
+    value = found.get(name)
+    return None if value is None else value.decode("latin-1")
+
+
 def json_response(content: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps(content, option=JSON_OPTIONS), status_code, headers, media_type="application/json")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The body, refused with 413 as soon as it is known to exceed the limit, before it is all read."""
-    declared = request.headers.get("content-length")
+    declared = header(request, "content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ServiceError(ErrorKind.PAYLOAD_TOO_LARGE, f"request body of {declared} bytes exceeds the {limit}-byte limit")
     chunks, size = [], 0

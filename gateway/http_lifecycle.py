@@ -11,6 +11,7 @@ from starlette.requests import Request
 from gateway.deadline import Deadline
 from gateway.embedding_service import EmbeddingService
 from gateway.errors import ErrorKind, ServiceError, invalid
+from gateway.http_io import header
 
 T = TypeVar("T")
 
@@ -19,7 +20,7 @@ TIMEOUT_HEADER = "x-request-timeout"
 
 
 def deadline(request: Request, service: EmbeddingService) -> Deadline:
-    value = request.headers.get(TIMEOUT_HEADER)
+    value = header(request, TIMEOUT_HEADER)
     if value is None:
         return service.deadline()
     try:

@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway import request_context
 from gateway.auth import forbidden
 from gateway.errors import ErrorKind, ServiceError
-from gateway.http_io import error_response
+from gateway.http_io import error_response, header
 from gateway.policy import RequestPolicy, rejection_of
 from gateway.request_context import RequestContext, request_id_from
 
@@ -82,7 +82,7 @@ class RequestMiddleware:
         request = Request(scope)
         path = scope["path"]
         route, routed = self._route(scope)
-        context = RequestContext(request_id_from(request.headers.get("x-request-id")), self.contract_of(path), route)
+        context = RequestContext(request_id_from(header(request, "x-request-id")), self.contract_of(path), route)
         status = {"code": 500}
         rejection = None
 
@@ -109,13 +109,13 @@ class RequestMiddleware:
 
     async def _check(self, request: Request, context: RequestContext, path: str, routed: bool) -> None:
         policy = self.policy
-        if policy.loopback_host_only and _host_name(request.headers.get("host", "")).lower() not in LOOPBACK_HOSTS:
+        if policy.loopback_host_only and _host_name(header(request, "host") or "").lower() not in LOOPBACK_HOSTS:
             raise forbidden("this gateway answers only requests addressed to localhost while authentication is off")
         # An unknown path or method is answered 404 or 405 by the router (after authentication, when it is on).
-        if routed and request.method in BODY_METHODS and not _is_json(request.headers.get("content-type")):
+        if routed and request.method in BODY_METHODS and not _is_json(header(request, "content-type")):
             raise ServiceError(ErrorKind.UNSUPPORTED_MEDIA_TYPE, "the request body must be JSON: send 'Content-Type: application/json'")
         if path in OPEN_PATHS or (path == "/metrics" and policy.metrics_open):
             return
-        principal = await policy.admit(context, request.headers.get("authorization"))
+        principal = await policy.admit(context, header(request, "authorization"))
         if principal is not None:
             request.scope.setdefault("state", {})["principal"] = principal

@@ -53,6 +53,8 @@ class ChunkedInput:
 
     def assemble(self, results: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
         """Puts each chunk's rows back at the input positions it holds."""
+        if len(results) == 1 and self.members[0] == list(range(self.total)):
+            return results[0]  # one chunk already in input order, as every single-text request is
         order = np.concatenate([np.array(members) for members in self.members])
         values = np.empty((self.total, *results[0][0].shape[1:]), dtype=np.float32)
         counts = np.empty(self.total, dtype=np.int64)

@@ -189,7 +189,7 @@ async def test_an_exception_escaping_a_route_is_a_json_500_in_the_contract_shape
         raise RuntimeError(SECRET)
 
     app = build_app(_Exploding(), 1024, RequestPolicy(None, Metrics()))
-    app.app.router.routes.append(Route(path, boom, methods=["GET"]))
+    app.app.app.router.routes.append(Route(path, boom, methods=["GET"]))  # the Starlette app behind StaticRoutes
     with caplog.at_level(logging.ERROR, logger="gateway"):
         status, headers, content, raised = await asgi_call(app, "GET", path)
     assert isinstance(raised, RuntimeError)  # re-raised after the answer, for the server to log
