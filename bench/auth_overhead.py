@@ -34,6 +34,7 @@ from pathlib import Path
 import psutil
 
 from bench import requests, workload
+from bench.cli import command_line, fresh_work_dir
 from bench.machine import describe
 from bench.raw_onnxruntime import RawEncoder
 from bench.report import find_measurement
@@ -284,8 +285,7 @@ def main(argv: list[str] | None = None) -> int:
 
     plan = Plan.smoke() if args.smoke else Plan.full()
     rounds = args.rounds or (1 if args.smoke else 6)
-    args.work_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="auth-", dir=args.work_dir))
+    work = fresh_work_dir(args.work_dir, "auth-")
     started, clock = time.strftime("%Y-%m-%d %H:%M:%S"), time.monotonic()
     machine = describe()
     progress(f"machine: {machine['cores (usable)']} cores, {machine['CPU']}; servers' logs in {work}")
@@ -297,9 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     measured = measure_rounds(runner, args.repository, requests.openai_bodies(model, texts, 1, "float"), rounds, interrupts)
     raw_end = raw_batch32(args.repository, texts, "end")
 
-    command = ".venv/bin/python -m bench.auth_overhead " + " ".join(argv if argv is not None else sys.argv[1:])
     run = {
-        "command": command.strip(), "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": command_line(".venv/bin/python -m bench.auth_overhead", argv),
+        "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         "wall_s": time.monotonic() - clock, "texts": len(texts), "warmup_s": plan.warmup_s, "duration_s": plan.duration_s,
         "rounds": rounds, "rounds_measured": measured, "raw_start": raw_start, "raw_end": raw_end,
         "summary": summarize(measured, raw_start), "reference": committed_reference(), "machine": machine,

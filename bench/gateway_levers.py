@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from bench import pipeline_ceiling, requests, workload
+from bench import pipeline_ceiling, workload
+from bench.cli import command_line, fresh_work_dir
 from bench.raw_onnxruntime import RawEncoder
 from bench.throughput import ROOT, Plan, Runner, endpoint, progress, served_model, service_pids, serving
 
@@ -76,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=ROOT / ".bench")
     parser.add_argument("--duration-s", type=float, default=Plan.full().duration_s, help="measured seconds per point")
     args = parser.parse_args(argv)
-    args.work_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="gateway-levers-", dir=args.work_dir))
+    work = fresh_work_dir(args.work_dir, "gateway-levers-")
     runner = Runner(dataclasses.replace(Plan.full(), duration_s=args.duration_s), work)
     texts = workload.sentences()
     repository = ROOT / "model_repository"
@@ -96,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
     raw_after = raw.throughput(texts, 32).texts_per_s
     progress(f"raw onnxruntime batch 32: {raw_after:.0f} texts/s")
-    command = "python -m bench.gateway_levers" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    command = command_line("python -m bench.gateway_levers", argv)
     args.out.write_text(markdown(rows, raw_before, raw_after, command, args.duration_s))
     progress(f"wrote {args.out}")
     return 0

@@ -15,11 +15,11 @@ import json
 import pickle
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from bench import pipeline_ceiling, requests, workload
+from bench.cli import command_line, fresh_work_dir
 from bench.process_stats import cpu_seconds, machine_ticks
 from bench.throughput import ROOT, progress, served_model
 from tests.servers import RunningService, start_service
@@ -89,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration-s", type=float, default=8.0, help="measured seconds per row")
     parser.add_argument("--concurrency", type=int, default=128, help="callers in all, split between the gateways")
     args = parser.parse_args(argv)
-    args.work_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="gateway-processes-", dir=args.work_dir))
+    work = fresh_work_dir(args.work_dir, "gateway-processes-")
     ceiling = pipeline_ceiling.build(ROOT / "model_repository", work / "pipeline-ceiling-repository")
     bodies = requests.openai_bodies(served_model(ceiling), workload.sentences(), 1, "float")
     rows = []
@@ -108,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             second.stop()
     finally:
         first.stop()
-    command = "python -m bench.gateway_processes" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    command = command_line("python -m bench.gateway_processes", argv)
     args.out.write_text(markdown(rows, command, args.concurrency, args.duration_s))
     progress(f"wrote {args.out}")
     return 0

@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from bench import requests, workload
+from bench.cli import fresh_work_dir
 from bench.raw_onnxruntime import RawEncoder
 from bench.throughput import ROOT, Plan, Runner, progress, service_pids
 from tests.servers import start_service
@@ -69,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "levers_export.md")
     parser.add_argument("--work-dir", type=Path, default=ROOT / ".bench")
     args = parser.parse_args(argv)
-    args.work_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="levers-", dir=args.work_dir))
+    work = fresh_work_dir(args.work_dir, "levers-")
     plan = Plan.full()
     runner = Runner(plan, work)
     texts = workload.sentences()

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from aleph_alpha_client import BatchSemanticEmbeddingRequest, Client, Prompt, SemanticRepresentation
 
+from bench.cli import command_line
 from export.compression import fit_pca
 from export.datasets import DEFAULT_STS_PATH, read_sts_pairs
 
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "```",
         f"python -m export {args.export_args} --output-dir REPO && python -m gateway --model-repository REPO --http-port PORT &",
-        " ".join(["python -m bench.sts_quality", *(argv if argv is not None else sys.argv[1:])]),
+        command_line("python -m bench.sts_quality", argv),
         "```",
     ]
     report = "\n".join(lines) + "\n"

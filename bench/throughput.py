@@ -23,7 +23,6 @@ import os
 import pickle
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -31,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bench import infinity_peer, pipeline_ceiling, requests, workload
+from bench.cli import command_line, fresh_work_dir
 from bench.machine import describe
 from bench.process_stats import PeakSampler, cpu_seconds, machine_ticks, rss_mib
 from bench.raw_onnxruntime import RawEncoder
@@ -284,13 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-int8", action="store_true", help="leave the int8 export out")
     args = parser.parse_args(argv)
     plan = Plan.smoke() if args.smoke else Plan.full()
-    args.work_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="run-", dir=args.work_dir))
+    work = fresh_work_dir(args.work_dir, "run-")
 
     texts = workload.sentences()[: plan.raw_texts]
     passages = workload.passages()
     threads = len(os.sched_getaffinity(0))
-    results: dict = {"command": "bin/bench " + " ".join(argv if argv is not None else sys.argv[1:]), "plan": asdict(plan),
+    results: dict = {"command": command_line("bin/bench", argv), "plan": asdict(plan),
                      "machine": describe(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     progress(f"machine: {results['machine']['cores (usable)']} cores, {results['machine']['CPU']}")
     runner = Runner(plan, work)

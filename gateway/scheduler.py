@@ -275,7 +275,10 @@ class Scheduler:
         """Whether a new job could start a call. If every lane it uses is at its limit, a dispatch would find what the
         last one found, and at high request rates sorting the queue on every arrival costs more than anything else here.
         """
-        return any(self._lane_calls[chunk.lane] < self.max_calls_per_lane for chunk in job.chunks)
+        return any(self._lane_has_room(chunk.lane) for chunk in job.chunks)
+
+    def _lane_has_room(self, lane: Lane) -> bool:
+        return self._lane_calls[lane] < self.max_calls_per_lane
 
     def _dispatch(self) -> None:
         """Sends what can go now: in order (priority, then fewest rows left, then arrival), each chunk joins the
@@ -292,7 +295,7 @@ class Scheduler:
                         return
                     call = forming.get(chunk.lane)
                     if call is None or call.rows + chunk.rows > chunk.lane.max_rows:
-                        if self._lane_calls[chunk.lane] >= self.max_calls_per_lane:
+                        if not self._lane_has_room(chunk.lane):
                             break
                         call = forming[chunk.lane] = _Call(chunk.lane)
                         opened.append(call)

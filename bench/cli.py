@@ -1,0 +1,18 @@
+"""What every bench command does around its measurement: a fresh work dir per run, and the command line it records."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+
+def fresh_work_dir(base: Path, prefix: str) -> Path:
+    """A new directory under `base` (made if missing) for one run's servers, logs and copies."""
+    base.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+
+
+def command_line(program: str, argv: list[str] | None) -> str:
+    """How this run was started, for the results it writes: `program` and its arguments (argv, else the process's)."""
+    return " ".join([program, *(argv if argv is not None else sys.argv[1:])])
