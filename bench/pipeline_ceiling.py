@@ -11,9 +11,11 @@ never shipped. The ONNX is left out since the zero encoder never opens it (about
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
+from export.repository import MANIFEST
 from tests.servers import MODEL_REPOSITORY
 
 LABEL = "pipeline ceiling"
@@ -25,8 +27,10 @@ def build(repository: Path, target: Path) -> Path:
     if target.resolve().is_relative_to(MODEL_REPOSITORY.resolve()):
         raise ValueError(f"the pipeline-ceiling repository must stay out of {MODEL_REPOSITORY}: its vectors are zeros")
     # GPU exports give the encoder to Triton's onnxruntime or TensorRT backend, with lower-case tensor names.
-    if 'backend: "python"' not in (repository / "encoder" / "config.pbtxt").read_text():
+    (manifest_path,) = repository.glob(f"*/{MANIFEST}")
+    encoder = json.loads(manifest_path.read_text())["steps"]["encoder"]
+    if 'backend: "python"' not in (repository / encoder / "config.pbtxt").read_text():
         raise ValueError(f"{repository} is not a CPU export: its encoder is not a Python-backend step")
     shutil.copytree(repository, target, ignore=shutil.ignore_patterns("model.onnx", "__pycache__"))
-    shutil.copy(ZERO_ENCODER, target / "encoder" / "1" / "model.py")
+    shutil.copy(ZERO_ENCODER, target / encoder / "1" / "model.py")
     return target

@@ -7,6 +7,8 @@ import re
 import threading
 from pathlib import Path
 
+from export.repository import STEP_ROLES
+
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TICK = os.sysconf("SC_CLK_TCK")
 INSTANCE_NAME = re.compile(r"^([\w.-]+)_\d+_\d+$")
@@ -32,13 +34,17 @@ def _descendants(pid: int) -> list[int]:
 
 
 def _label(pid: int, root: int) -> str:
-    """gateway for the root, the model name for a Python-backend stub, else the program name."""
+    """gateway for the root, the step (tokenizer, encoder, ...) for a Python-backend stub, else the program name."""
     if pid == root:
         return "gateway"
     argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     # A stub's arguments include its instance name, <model>_<group>_<index>.
     instance = next((a for a in argv[1:] if INSTANCE_NAME.match(a)), None) if argv[0].endswith("_stub") else None
-    return INSTANCE_NAME.match(instance).group(1) if instance else Path(argv[0]).name
+    if not instance:
+        return Path(argv[0]).name
+    model = INSTANCE_NAME.match(instance).group(1)
+    # Step models are named <served model>-<step>; every model's steps of one kind count together.
+    return next((role for role in STEP_ROLES if model.endswith(f"-{role}")), model)
 
 
 def cpu_seconds(root: int) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """The ceiling: the exported encoder run by onnxruntime in this process, with the same tokenizer, no server.
 
 Texts are tokenized as a batch, padded to the batch's longest text (not to a bucket), encoded and mean-pooled
-by the export's own validation code, then normalized as the model asks: what a caller embedding in-process
+by the export's own validation code, which applies the model's head (pooling, Dense, Normalize): what a caller embedding in-process
 would do. Like sentence-transformers, a list is sorted by length first, so a batch pads as little as it can.
 """
 
@@ -17,7 +17,8 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from export.validate import mean_pooled
+from export.steps.sentence_head import SentenceHead
+from export.validate import head_embeddings
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class RawEncoder:
         (manifest_path,) = repository.glob("*/embedding_manifest.json")
         manifest = json.loads(manifest_path.read_text())
         self.precision = manifest["precision"]
-        self.normalize = manifest["normalize"]
+        self.head = SentenceHead.load(repository / manifest["steps"]["pooling"] / "1")
         self.tokenizer = Tokenizer.from_file(str(repository / manifest["tokenizer"]))
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(manifest["max_sequence_length"])
@@ -39,11 +40,10 @@ class RawEncoder:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(repository / "encoder" / "1" / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(repository / manifest["steps"]["encoder"] / "1" / "model.onnx"), options, providers=["CPUExecutionProvider"])
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        pooled = mean_pooled(self.session, self.tokenizer, texts)
-        return pooled / np.linalg.norm(pooled, axis=1, keepdims=True) if self.normalize else pooled
+        return head_embeddings(self.session, self.tokenizer, texts, self.head)
 
     def throughput(self, texts: list[str], batch_size: int) -> Throughput:
         """Texts per second over one pass of `texts`, after one warm-up batch."""

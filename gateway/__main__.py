@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         triton_url = settings.triton_url
     else:
         ports = TritonPorts(settings.triton_http_port, settings.triton_grpc_port, settings.triton_metrics_port)
-        triton = TritonProcess(settings.model_repository, ports, settings.run_dir, settings.run_dir / "triton.log")
+        triton = TritonProcess(settings.model_repository, catalog.triton_models, ports, settings.run_dir, settings.run_dir / "triton.log")
         print(f"starting Triton (log: {triton.log_file})", flush=True)
         try:
             triton.start()

@@ -11,6 +11,7 @@ from tokenizers import Tokenizer
 from gateway.errors import ErrorKind, ServiceError
 
 MANIFEST = "embedding_manifest.json"
+REPRESENTATIONS = ("query", "document", "symmetric")
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,8 @@ class ServedModel:
     num_layers: int
     max_sequence_length: int
     max_batch_size: int
-    prefixes: dict[str, str]
+    prefixes: dict[str, str]  # per representation: query, document, symmetric
+    default_prefix: str  # what sentence-transformers' encode() prepends without a prompt_name; the OpenAI contract's
     text_ensemble: str
     token_ids_ensemble: str
     tokenizer: Tokenizer
@@ -42,6 +44,7 @@ class ServedModel:
     compressed: EnsemblePair
     layer_poolings: tuple[str, ...]
     layers: EnsemblePair
+    triton_models: tuple[str, ...]  # every Triton model it takes: steps and ensembles
 
     @property
     def vocab_size(self) -> int:
@@ -58,7 +61,8 @@ def _load(manifest_path: Path) -> ServedModel:
         num_layers=manifest["num_layers"],
         max_sequence_length=manifest["max_sequence_length"],
         max_batch_size=manifest["max_batch_size"],
-        prefixes=manifest["prefixes"],
+        prefixes={r: manifest["prefixes"][r] for r in REPRESENTATIONS},
+        default_prefix=manifest["prefixes"]["default"],
         text_ensemble=manifest["ensembles"]["text"],
         token_ids_ensemble=manifest["ensembles"]["token_ids"],
         tokenizer=tokenizer,
@@ -70,6 +74,7 @@ def _load(manifest_path: Path) -> ServedModel:
         compressed=EnsemblePair.of(manifest["compression"]["ensembles"]),
         layer_poolings=tuple(manifest["layers"]["poolings"]),
         layers=EnsemblePair.of(manifest["layers"]["ensembles"]),
+        triton_models=tuple(manifest["directories"]),
     )
 
 
@@ -82,6 +87,11 @@ class Catalog:
     @classmethod
     def from_repository(cls, repository: Path) -> "Catalog":
         return cls([_load(path) for path in sorted(repository.glob(f"*/{MANIFEST}"))])
+
+    @property
+    def triton_models(self) -> list[str]:
+        """What Triton loads: the models the manifests name, and nothing else left in the repository."""
+        return sorted(name for model in self.models.values() for name in model.triton_models)
 
     def get(self, name: str) -> ServedModel:
         try:

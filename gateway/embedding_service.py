@@ -193,6 +193,9 @@ class EmbeddingService:
         self._validate(call, model)
         if call.texts is not None:
             texts = self._capped(call.texts, call.input_field, call.truncate, model)
+            if model.default_prefix:
+                # As sentence-transformers' encode() does with no prompt_name; token ids are taken as they are.
+                texts = [model.default_prefix + text for text in texts]
             chunked = self.triton.text_input(model.text_ensemble, texts, model.max_batch_size, call.priority)
         else:
             chunked = self.triton.token_ids_input(model.token_ids_ensemble, call.token_ids, model.max_batch_size, call.priority)

@@ -75,8 +75,9 @@ def _alive(process: psutil.Process) -> bool:
 
 
 class TritonProcess:
-    def __init__(self, model_repository: Path, ports: TritonPorts, work_dir: Path, log_file: Path):
+    def __init__(self, model_repository: Path, models: list[str], ports: TritonPorts, work_dir: Path, log_file: Path):
         self.model_repository = model_repository
+        self.models = models
         self.ports = ports
         self.work_dir = work_dir
         self.log_file = log_file
@@ -107,6 +108,10 @@ class TritonProcess:
         command = [
             str(_pytriton_root() / "tritonserver" / "bin" / "tritonserver"),
             f"--model-repository={self.model_repository}",
+            # Only the models the manifests name: whatever else is left in the repository (a model removed by
+            # hand, steps of an older layout) is never loaded, so removing a model and restarting drops it.
+            "--model-control-mode=explicit",
+            *(f"--load-model={name}" for name in self.models),
             f"--backend-directory={backends}",
             f"--cache-directory={_pytriton_root() / 'tritonserver' / 'caches'}",
             f"--http-port={self.ports.http}",

@@ -133,7 +133,7 @@ async def test_a_client_that_disconnects_has_its_work_cancelled(fresh):
     body = json.dumps({"model": resilience.MODEL, "input": texts}).encode()
 
     def encoder_rows() -> int:
-        with urllib.request.urlopen(f"{service.triton_http_url}/v2/models/encoder/stats") as response:
+        with urllib.request.urlopen(f"{service.triton_http_url}/v2/models/{resilience.MODEL}-encoder/stats") as response:
             return json.loads(response.read())["model_stats"][0]["inference_count"]
 
     before = encoder_rows()
@@ -169,10 +169,12 @@ async def test_big_batches_do_not_hold_up_one_text_requests(fresh):
 
 async def test_an_external_triton_is_reconnected_when_it_comes_back(tmp_path):
     """With --triton-url the gateway only watches: not ready while that Triton is away, serving once it is back."""
+    from gateway.catalog import Catalog
     from gateway.triton_process import TritonPorts, TritonProcess
     from tests.servers import MODEL_REPOSITORY, free_ports
 
-    triton = TritonProcess(MODEL_REPOSITORY, TritonPorts(*free_ports(3)), tmp_path / "triton", tmp_path / "triton" / "triton.log")
+    models = Catalog.from_repository(MODEL_REPOSITORY).triton_models
+    triton = TritonProcess(MODEL_REPOSITORY, models, TritonPorts(*free_ports(3)), tmp_path / "triton", tmp_path / "triton" / "triton.log")
     gateway = start_service(tmp_path / "gateway", extra_args=[f"--triton-url={triton.grpc_url}"], wait_healthy=False)
     try:
         with pytest.raises(urllib.error.HTTPError) as raised:

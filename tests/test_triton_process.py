@@ -8,7 +8,7 @@ from tests.servers import ROOT
 
 def test_a_run_directory_with_an_equals_sign_is_refused_before_triton_starts(tmp_path):
     run_dir = tmp_path / "variant=1"
-    triton = TritonProcess(ROOT / "model_repository", TritonPorts(1, 2, 3), run_dir, run_dir / "triton.log")
+    triton = TritonProcess(ROOT / "model_repository", [], TritonPorts(1, 2, 3), run_dir, run_dir / "triton.log")
     with pytest.raises(TritonStartError, match="must not contain '='"):
         triton.start(timeout_s=1)
     assert triton.process is None

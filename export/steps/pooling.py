@@ -1,0 +1,28 @@
+"""Pooling step: what the model does after its transformer (pooling, Dense layers, Normalize) on the token embeddings.
+
+The head itself, and its weights, sit next to this file (sentence_head.py, head.json, head.npz): the export
+checked that same code against sentence-transformers before writing it here.
+"""
+
+import sys
+from pathlib import Path
+
+import triton_python_backend_utils as pb_utils
+
+sys.path.insert(0, str(Path(__file__).parent))
+from sentence_head import SentenceHead  # noqa: E402  (found next to this file only once the line above ran)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.head = SentenceHead.load(Path(args["model_repository"]) / args["model_version"])
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            embeddings = self.head(
+                pb_utils.get_input_tensor_by_name(request, "TOKEN_EMBEDDINGS").as_numpy(),
+                pb_utils.get_input_tensor_by_name(request, "ATTENTION_MASK").as_numpy(),
+            )
+            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("EMBEDDING", embeddings)]))
+        return responses
