@@ -97,9 +97,10 @@ class Measurement:
 
 
 def _encoder_counts(service: RunningService) -> tuple[int, int]:
-    with urllib.request.urlopen(f"{service.triton_http_url}/v2/models/encoder/stats", timeout=10) as response:
-        stats = json.loads(response.read())["model_stats"][0]
-    return int(stats["inference_count"]), int(stats["execution_count"])
+    """Inferences and executions of every served model's encoder step (one model in a bench repository)."""
+    with urllib.request.urlopen(f"{service.triton_http_url}/v2/models/stats", timeout=10) as response:
+        encoders = [s for s in json.loads(response.read())["model_stats"] if s["name"].endswith("-encoder")]
+    return sum(int(s["inference_count"]) for s in encoders), sum(int(s["execution_count"]) for s in encoders)
 
 
 def _load(spec: dict, work: Path) -> dict:

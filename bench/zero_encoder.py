@@ -1,6 +1,6 @@
 """Bench-only encoder step: zeros of the shapes the real encoder answers, computed in no time.
 
-bench.pipeline_ceiling installs this file as encoder/1/model.py in a copy of an exported repository, so a
+bench.pipeline_ceiling installs this file as <model>-encoder/1/model.py in a copy of an exported repository, so a
 service on that copy costs everything but the encoder's work: the Triton hop to the step is kept, onnxruntime
 is not. It runs only inside Triton's Python backend; it is never part of model_repository/ or of an export.
 """

@@ -76,11 +76,11 @@ def test_semantic_embed(client, model_name, manifest, representation, compress_t
         assert abs(np.linalg.norm(vector) - 1) <= 1e-5
 
 
-def test_compressed_vector_is_the_exported_projection_of_the_full_one(client, model_name):
+def test_compressed_vector_is_the_exported_projection_of_the_full_one(client, model_name, manifest):
     text = "The new movie is awesome."
     full = np.array(client.semantic_embed(semantic(text), model=model_name).embedding)
     compressed = client.semantic_embed(semantic(text, compress_to_size=128), model=model_name).embedding
-    components = np.load(MODEL_REPOSITORY / "compression" / "1" / "projection.npy")
+    components = np.load(MODEL_REPOSITORY / manifest["steps"]["compression"] / "1" / "projection.npy")
     np.testing.assert_allclose(compressed, full @ components.T, atol=1e-5)
 
 

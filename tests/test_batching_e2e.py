@@ -9,8 +9,8 @@ import openai
 from export.datasets import sts_sentences
 
 
-def encoder_counts(service) -> tuple[int, int]:
-    with urllib.request.urlopen(f"{service.triton_http_url}/v2/models/encoder/stats") as response:
+def encoder_counts(service, model_name) -> tuple[int, int]:
+    with urllib.request.urlopen(f"{service.triton_http_url}/v2/models/{model_name}-encoder/stats") as response:
         stats = json.loads(response.read())["model_stats"][0]
     return stats["inference_count"], stats["execution_count"]
 
@@ -20,9 +20,9 @@ async def test_concurrent_single_text_requests_share_encoder_executions(service,
     texts = [t for t in sts_sentences() if len(t.split()) <= 8][:32]
     assert len(texts) == 32
     client = openai.AsyncOpenAI(base_url=f"{service.http_url}/v1", api_key="unused", max_retries=0)
-    inferences_before, executions_before = encoder_counts(service)
+    inferences_before, executions_before = encoder_counts(service, model_name)
     responses = await asyncio.gather(*(client.embeddings.create(model=model_name, input=text) for text in texts))
-    inferences, executions = (a - b for a, b in zip(encoder_counts(service), (inferences_before, executions_before)))
+    inferences, executions = (a - b for a, b in zip(encoder_counts(service, model_name), (inferences_before, executions_before)))
     assert all(len(r.data) == 1 for r in responses)
     assert inferences == 32
     assert executions <= inferences // 4, f"{executions} encoder executions for {inferences} inferences"
