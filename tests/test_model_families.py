@@ -166,3 +166,15 @@ def test_the_served_dimensions_follow_the_head(minilm):
     (minilm / "2_Dense" / "config.json").write_text(json.dumps({"in_features": 384, "out_features": 96, "activation_function": "torch.nn.modules.activation.Tanh"}))
     source = load_source_model(minilm, "renamed")
     assert (source.name, source.dimensions, [m.kind for m in source.head]) == ("renamed", 96, ["Dense", "Normalize"])
+
+
+def test_a_name_whose_triton_models_another_model_owns_is_refused(minilm, tmp_path):
+    from export.__main__ import _clashes
+    from export.repository import MANIFEST, model_directories
+
+    (tmp_path / "a-ids").mkdir()
+    (tmp_path / "a-ids" / MANIFEST).write_text(json.dumps({"name": "a-ids", "directories": model_directories("a-ids", 128)}))
+    clash = _clashes(load_source_model(minilm, "a"), 128, tmp_path)
+    assert clash is not None and "a-ids" in clash and "--name" in clash
+    assert _clashes(load_source_model(minilm, "b"), 128, tmp_path) is None
+    assert _clashes(load_source_model(minilm, "a-ids"), 128, tmp_path) is None, "re-exporting a model over itself is no clash"
