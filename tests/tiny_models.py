@@ -11,12 +11,11 @@ shows as a different vector.
 
 from __future__ import annotations
 
-import csv
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-STS = ROOT.parent / "shared" / "data" / "sts-forums.tsv"
+from export.datasets import sts_sentences
+
 INIT_RANGE = 0.3
 # More than 128 dimensions everywhere, so that compress_to_size=128 is a real projection for each.
 HIDDEN = 192
@@ -35,11 +34,6 @@ def _minilm_tokenizer(out: Path, model_input_names: list[str]) -> None:
     from transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(str(_minilm_dir()), model_input_names=model_input_names).save_pretrained(str(out))
-
-
-def _sentences() -> list[str]:
-    with STS.open(newline="") as f:
-        return [text for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) for text in row[5:7]]
 
 
 def _save(modules: list, out: Path, prompts: dict[str, str], default_prompt_name: str | None = None) -> Path:
@@ -104,7 +98,7 @@ def _byte_level_bpe(out: Path):
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=1200, special_tokens=[eos], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(_sentences(), trainer)
+    tokenizer.train_from_iterator(sts_sentences(), trainer)
     tokenizer.post_processor = processors.TemplateProcessing(single=f"$A {eos}", pair=f"$A {eos} $B {eos}",
                                                              special_tokens=[(eos, tokenizer.token_to_id(eos))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos, pad_token=eos, padding_side="left")
