@@ -153,17 +153,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         sources = [(model_dir, load_source_model(model_dir, name)) for model_dir, name in _sources(args)]
+        names = [source.name for _, source in sources]
+        if len(set(names)) != len(names):
+            raise UnsupportedModel(f"two models would be served under one name: {names}; pass --name for each")
+        for model_dir, source in sources:
+            status = _export(args, model_dir, source, started)
+            if status:
+                return status
     except UnsupportedModel as error:
         print(f"export: {error}", file=sys.stderr)
         return 2
-    names = [source.name for _, source in sources]
-    if len(set(names)) != len(names):
-        print(f"export: two models would be served under one name: {names}; pass --name for each", file=sys.stderr)
-        return 2
-    for model_dir, source in sources:
-        status = _export(args, model_dir, source, started)
-        if status:
-            return status
     return 0
 
 
@@ -188,11 +187,7 @@ def _export(args: argparse.Namespace, model_dir: Path, source, started: float) -
         return 2
     # Intermediate files live in a private directory so that concurrent exports never share them.
     with tempfile.TemporaryDirectory(prefix=f"export-{source.name}-") as build_dir:
-        try:
-            return _build(args, source, model_dir, fingerprint, Path(build_dir), started)
-        except UnsupportedModel as error:
-            print(f"export: {error}", file=sys.stderr)
-            return 2
+        return _build(args, source, model_dir, fingerprint, Path(build_dir), started)
 
 
 def _build(args: argparse.Namespace, source, model_dir: Path, fingerprint: str, build_dir: Path, started: float) -> int:

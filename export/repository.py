@@ -165,9 +165,10 @@ def write_repository(
     once its manifest is there, and by then all its steps are."""
     out_dir.mkdir(parents=True, exist_ok=True)
     steps = manifest["steps"]
+    # Per entry step: its ensemble input, which of an ensemble pair it starts, and the input tensor.
     token_step = {
-        "TEXT": (steps["tokenizer"], ("TEXT", "TYPE_STRING", [1])),
-        "TOKEN_IDS": (steps["token-ids"], ("TOKEN_IDS", "TYPE_INT64", [-1])),
+        "tokenizer": ("TEXT", "text", ("TEXT", "TYPE_STRING", [1])),
+        "token-ids": ("TOKEN_IDS", "token_ids", ("TOKEN_IDS", "TYPE_INT64", [-1])),
     }
     tokenizer_outputs = [("INPUT_IDS", "TYPE_INT64", [-1]), ("ATTENTION_MASK", "TYPE_INT64", [-1]), ("TOKEN_COUNT", "TYPE_INT32", [1])]
     tokenizer_params = _python_params(
@@ -176,34 +177,35 @@ def write_repository(
         max_sequence_length=str(source.max_sequence_length),
         pad_token_id=str(manifest["pad_token_id"]),
     )
-    for model_name, input_tensor in token_step.values():
-        version_dir = _fresh_model_dir(out_dir / model_name)
-        _copy_step_source("tokenizer.py", version_dir)
+    for role, (_, _, input_tensor) in token_step.items():
+        version_dir = _fresh_model_dir(out_dir / steps[role])
+        _copy_step_source(role, version_dir)
         shutil.copy(tokenizer_json, version_dir / "tokenizer.json")
-        config = _model_config(model_name, 'backend: "python"', [input_tensor], tokenizer_outputs, options, params=tokenizer_params)
+        config = _model_config(steps[role], 'backend: "python"', [input_tensor], tokenizer_outputs, options, params=tokenizer_params)
         (version_dir.parent / "config.pbtxt").write_text(config)
 
     encoder_dir = _fresh_model_dir(out_dir / steps["encoder"])
     if options.target == "cpu":
-        _copy_step_source("encoder.py", encoder_dir)
+        _copy_step_source("encoder", encoder_dir)
     plan_name = "model.onnx" if options.target != "gpu-tensorrt" else "model.onnx.for-trtexec"
     shutil.copy(onnx_path, encoder_dir / plan_name)
     (encoder_dir.parent / "config.pbtxt").write_text(_encoder_config(steps["encoder"], source, options))
 
     hidden, dims = source.hidden_size, source.dimensions
     pooling_dir = _write_python_step(
-        steps["pooling"],
-        "pooling.py",
+        steps,
+        "pooling",
         [("TOKEN_EMBEDDINGS", "TYPE_FP32", [-1, hidden], True), ("ATTENTION_MASK", "TYPE_INT64", [-1], True)],
         [("EMBEDDING", "TYPE_FP32", [dims])],
         out_dir,
         options,
     )
-    _copy_step_source("sentence_head.py", pooling_dir)
+    # The pooling step imports the head from next to itself.
+    shutil.copy(STEP_SOURCES / "sentence_head.py", pooling_dir)
     head.save(pooling_dir)
     compression_dir = _write_python_step(
-        steps["compression"],
-        "compression.py",
+        steps,
+        "compression",
         [("EMBEDDING", "TYPE_FP32", [dims])],
         [("EMBEDDING", "TYPE_FP32", [projection.size])],
         out_dir,
@@ -212,8 +214,8 @@ def write_repository(
     projection.save(compression_dir / "projection.npy")
     layers_shape = [source.num_layers + 1, len(LAYER_POOLINGS), hidden]
     _write_python_step(
-        steps["layer-pooling"],
-        "layer_pooling.py",
+        steps,
+        "layer-pooling",
         [("HIDDEN_STATES", "TYPE_FP32", [source.num_layers + 1, -1, hidden], True), ("ATTENTION_MASK", "TYPE_INT64", [-1], True)],
         [("POOLED", "TYPE_FP32", layers_shape)],
         out_dir,
@@ -250,13 +252,12 @@ def write_repository(
         ),
     }
     ensembles = ensemble_names(source.name, projection.size)
-    for input_name, (model_name, input_tensor) in token_step.items():
-        kind = "text" if input_name == "TEXT" else "token_ids"
+    for role, (input_name, kind, input_tensor) in token_step.items():
         for pipeline, (encoder_output, tail, output_tensor) in pipelines.items():
             ensemble_name = ensembles[pipeline][kind]
             ensemble_steps = [
                 {
-                    "model": model_name,
+                    "model": steps[role],
                     "input_map": {input_name: input_name},
                     "output_map": {"INPUT_IDS": "input_ids", "ATTENTION_MASK": "attention_mask", "TOKEN_COUNT": "TOKEN_COUNT"},
                 },
@@ -274,18 +275,16 @@ def write_repository(
     (out_dir / ensembles["embedding"]["text"] / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def _write_python_step(name: str, source_file: str, inputs, outputs, out_dir: Path, options: RepositoryOptions, **params: str) -> Path:
-    version_dir = _fresh_model_dir(out_dir / name)
-    _copy_step_source(source_file, version_dir)
-    config = _model_config(name, 'backend: "python"', inputs, outputs, options, params=_python_params(options, **params))
+def _write_python_step(steps: dict[str, str], role: str, inputs, outputs, out_dir: Path, options: RepositoryOptions, **params: str) -> Path:
+    version_dir = _fresh_model_dir(out_dir / steps[role])
+    _copy_step_source(role, version_dir)
+    config = _model_config(steps[role], 'backend: "python"', inputs, outputs, options, params=_python_params(options, **params))
     (version_dir.parent / "config.pbtxt").write_text(config)
     return version_dir
 
 
-def _copy_step_source(source_file: str, version_dir: Path) -> None:
-    """The step's source as model.py; a helper module keeps its own name."""
-    target = "model.py" if source_file in STEP_ROLES.values() else source_file
-    shutil.copy(STEP_SOURCES / source_file, version_dir / target)
+def _copy_step_source(role: str, version_dir: Path) -> None:
+    shutil.copy(STEP_SOURCES / STEP_ROLES[role], version_dir / "model.py")
 
 
 def _fresh_model_dir(model_dir: Path) -> Path:

@@ -4,8 +4,6 @@ real tiny models end to end."""
 
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,7 +14,7 @@ from sentence_transformers.sentence_transformer.modules import Pooling as StPool
 
 from export.source_model import UnsupportedModel, _prefixes, default_model_path, load_source_model
 from export.steps.sentence_head import ACTIVATIONS, POOLINGS, Dense, Normalize, SentenceHead
-from tests.servers import ROOT
+from tests.test_export import export
 
 
 def batch(rng: np.random.Generator, rows=5, width=11, hidden=24):
@@ -142,8 +140,7 @@ def test_an_unsupported_model_is_refused_with_what_is_supported(minilm, case):
 def test_the_export_cli_refuses_before_exporting_and_writes_nothing(minilm, tmp_path):
     add_module(minilm, "my_package.modules.Reranker")
     out = tmp_path / "repository"
-    result = subprocess.run([sys.executable, "-m", "export", "--model-dir", str(minilm), "--output-dir", str(out)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = export("--model-dir", str(minilm), "--output-dir", str(out))
     assert result.returncode == 2
     assert "my_package.modules.Reranker" in result.stderr and "supported:" in result.stderr
     assert not out.exists()
@@ -151,7 +148,7 @@ def test_the_export_cli_refuses_before_exporting_and_writes_nothing(minilm, tmp_
 
 def test_names_must_pair_with_model_dirs_and_be_distinct(minilm, tmp_path):
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "export", "--output-dir", str(tmp_path / "r"), *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        return export("--output-dir", str(tmp_path / "r"), *args)
 
     unpaired = run("--model-dir", str(minilm), "--model-dir", str(minilm), "--name", "one")
     assert unpaired.returncode == 2 and "once per model" in unpaired.stderr

