@@ -12,8 +12,6 @@ import concurrent.futures
 import json
 import random
 import shutil
-import subprocess
-import sys
 
 import grpc
 import numpy as np
@@ -26,7 +24,8 @@ from export.datasets import sts_sentences
 from export.steps.sentence_head import SentenceHead
 from proto.embedding.v1 import embedding_pb2 as pb
 from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
-from tests.servers import MODEL_REPOSITORY, ROOT, start_service
+from tests.servers import MODEL_REPOSITORY, start_service
+from tests.test_export import export
 from tests.tiny_models import BUILDERS
 
 # Served name -> (directory name in tests/tiny_models, the prompt_name sentence-transformers uses per representation
@@ -40,10 +39,6 @@ MINILM = "all-minilm-l6-v2"
 REPRESENTATIONS = {"query": SemanticRepresentation.Query, "document": SemanticRepresentation.Document, "symmetric": SemanticRepresentation.Symmetric}
 GRPC_REPRESENTATIONS = {"query": pb.REPRESENTATION_QUERY, "document": pb.REPRESENTATION_DOCUMENT, "symmetric": pb.REPRESENTATION_SYMMETRIC}
 MIN_COSINE = 0.9999
-
-
-def export(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "export", *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
 def copy_model(source_repository, target_repository, name: str) -> None:
@@ -224,6 +219,8 @@ def test_concurrent_mixed_traffic_gets_every_vector_from_the_right_model(served,
 
 
 def test_a_removed_model_is_dropped_cleanly_on_restart(tmp_path, repository):
+    """One model removed with --remove, another by deleting only its entry directory (manifest and all): after a
+    restart neither is served, and Triton loads none of the second one's steps left on disk."""
     copy = tmp_path / "repository"
     for name in (MINILM, *MODELS):
         copy_model(repository, copy, name)
@@ -232,14 +229,18 @@ def test_a_removed_model_is_dropped_cleanly_on_restart(tmp_path, repository):
     assert not any(p.name.startswith("distilbert-max") for p in copy.iterdir())
     unknown = export("--remove", "distilbert-max", "--output-dir", str(copy))
     assert unknown.returncode == 2 and "not found" in unknown.stderr and "bert-cls" in unknown.stderr
+    shutil.rmtree(copy / "qwen3-embedding")
     running = start_service(tmp_path / "run", copy)
     try:
-        assert {m["id"] for m in requests.get(f"{running.http_url}/v1/models", timeout=10).json()["data"]} == {MINILM, "bert-cls", "qwen3-embedding"}
-        gone = requests.post(f"{running.http_url}/v1/embeddings", json={"model": "distilbert-max", "input": "hello"}, timeout=10)
-        assert gone.status_code == 404 and "distilbert-max" in gone.json()["error"]["message"]
+        assert {m["id"] for m in requests.get(f"{running.http_url}/v1/models", timeout=10).json()["data"]} == {MINILM, "bert-cls"}
+        for name in ("distilbert-max", "qwen3-embedding"):
+            gone = requests.post(f"{running.http_url}/v1/embeddings", json={"model": name, "input": "hello"}, timeout=10)
+            assert gone.status_code == 404 and name in gone.json()["error"]["message"]
         kept = requests.post(f"{running.http_url}/v1/embeddings", json={"model": "bert-cls", "input": "hello"}, timeout=30)
         assert kept.status_code == 200
-        loaded = requests.post(f"{running.triton_http_url}/v2/repository/index", json={}, timeout=10).json()
-        assert not any(m["name"].startswith("distilbert-max") for m in loaded)
+        index = requests.post(f"{running.triton_http_url}/v2/repository/index", json={}, timeout=10).json()
+        assert "qwen3-embedding-encoder" in {m["name"] for m in index}, "the leftover steps are still on disk"
+        loaded = {m["name"] for m in index if m.get("state") == "READY"}
+        assert not any(name.startswith(("distilbert-max", "qwen3-embedding")) for name in loaded), loaded
     finally:
         running.stop()
