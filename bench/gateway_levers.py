@@ -10,14 +10,13 @@ around the encoder, which a fast accelerator would expose. Raw onnxruntime is me
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import time
 from pathlib import Path
 
 from bench import pipeline_ceiling, workload
-from bench.cli import command_line, fresh_work_dir
+from bench.cli import command_line, fresh_work_dir, table_parser
 from bench.raw_onnxruntime import RawEncoder
 from bench.throughput import ROOT, Plan, Runner, endpoint, progress, served_model, service_pids, serving
 
@@ -70,10 +69,7 @@ def markdown(rows: list[dict], raw_before: float, raw_after: float, command: str
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.gateway_levers", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "levers_gateway.md")
-    parser.add_argument("--work-dir", type=Path, default=ROOT / ".bench")
+    parser = table_parser("bench.gateway_levers", __doc__, "levers_gateway.md")
     parser.add_argument("--duration-s", type=float, default=Plan.full().duration_s, help="measured seconds per point")
     args = parser.parse_args(argv)
     work = fresh_work_dir(args.work_dir, "gateway-levers-")

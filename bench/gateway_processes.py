@@ -10,7 +10,6 @@ copy of the export (bench.pipeline_ceiling), so the encoder costs nothing and th
 
 from __future__ import annotations
 
-import argparse
 import json
 import pickle
 import subprocess
@@ -19,7 +18,7 @@ import time
 from pathlib import Path
 
 from bench import pipeline_ceiling, requests, workload
-from bench.cli import command_line, fresh_work_dir
+from bench.cli import command_line, fresh_work_dir, table_parser
 from bench.process_stats import cpu_seconds, machine_ticks
 from bench.throughput import ROOT, progress, served_model
 from tests.servers import RunningService, start_service
@@ -82,10 +81,7 @@ def markdown(rows: list[dict], command: str, concurrency: int, duration_s: float
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.gateway_processes", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gateway_processes.md")
-    parser.add_argument("--work-dir", type=Path, default=ROOT / ".bench")
+    parser = table_parser("bench.gateway_processes", __doc__, "gateway_processes.md")
     parser.add_argument("--duration-s", type=float, default=8.0, help="measured seconds per row")
     parser.add_argument("--concurrency", type=int, default=128, help="callers in all, split between the gateways")
     args = parser.parse_args(argv)

@@ -10,14 +10,13 @@ Triton. Raw onnxruntime is measured before and after the variants, and each figu
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from bench import requests, workload
-from bench.cli import fresh_work_dir
+from bench.cli import fresh_work_dir, table_parser
 from bench.raw_onnxruntime import RawEncoder
 from bench.throughput import ROOT, Plan, Runner, progress, service_pids
 from tests.servers import start_service
@@ -65,9 +64,7 @@ def markdown(rows: list[dict], raw_before: float, raw_after: float, command: str
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.levers", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "levers_export.md")
-    parser.add_argument("--work-dir", type=Path, default=ROOT / ".bench")
+    parser = table_parser("bench.levers", __doc__, "levers_export.md")
     args = parser.parse_args(argv)
     work = fresh_work_dir(args.work_dir, "levers-")
     plan = Plan.full()
