@@ -74,6 +74,8 @@ class Authenticator:
         self._cache: dict[bytes, _Cached] = {}
         self._lookups: dict[bytes, asyncio.Future] = {}
         self._unflushed: dict[int, Usage] = {}
+        # Held while a flush writes: usage swapped out of _unflushed but not yet committed is in neither place.
+        self._flushing = asyncio.Lock()
         self._logins = asyncio.Semaphore(MAX_CONCURRENT_LOGINS)
 
     # -- the request path ---------------------------------------------------------------------------------
@@ -129,8 +131,18 @@ class Authenticator:
         """After a revocation here, this replica refuses the token at once instead of after CACHE_TTL_S."""
         self._cache.clear()
 
-    def with_unflushed(self, metadata: TokenMetadata) -> TokenMetadata:
-        """Metadata with the usage this replica has counted but not yet written."""
+    async def with_usage(self, method, *args):
+        """A store read of token metadata (one or a list) with the usage this replica has counted but not yet written.
+
+        Waits for a flush in progress, so that a request counted here is never missing from what a caller reads.
+        """
+        async with self._flushing:
+            result = await self.call_store(method, *args)
+        if isinstance(result, list):
+            return [self._with_unflushed(metadata) for metadata in result]
+        return self._with_unflushed(result)
+
+    def _with_unflushed(self, metadata: TokenMetadata) -> TokenMetadata:
         extra = self._unflushed.get(metadata.token_id)
         if extra is None:
             return metadata
@@ -153,13 +165,14 @@ class Authenticator:
     async def flush(self) -> None:
         if not self._unflushed:
             return
-        usage, self._unflushed = self._unflushed, {}
-        try:
-            await asyncio.to_thread(self.store.add_usage, usage, datetime.now(timezone.utc))
-        except Exception as error:  # noqa: BLE001 - kept for the next flush; the store's state is probed separately
-            log.warning("could not write token usage, will retry: %s", error)
-            for token_id, counted in usage.items():
-                self._count(token_id, counted)
+        async with self._flushing:
+            usage, self._unflushed = self._unflushed, {}
+            try:
+                await asyncio.to_thread(self.store.add_usage, usage, datetime.now(timezone.utc))
+            except Exception as error:  # noqa: BLE001 - kept for the next flush; the store's state is probed separately
+                log.warning("could not write token usage, will retry: %s", error)
+                for token_id, counted in usage.items():
+                    self._count(token_id, counted)
 
     async def probe(self) -> None:
         try:

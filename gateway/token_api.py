@@ -22,7 +22,7 @@ from gateway.aleph_alpha_api import render_error
 from gateway.auth import Authenticator, forbidden, unauthenticated
 from gateway.errors import ErrorKind, ServiceError, invalid
 from gateway.http_io import contract_errors, json_response, parse_body
-from gateway.token_store import Limits, Principal, TokenMetadata
+from gateway.token_store import Limits, Principal
 
 MAX_DESCRIPTION_CHARS = 200
 MAX_TOKEN_ID = 2**31 - 1  # the contract's token_id is an int32
@@ -105,8 +105,8 @@ def _endpoints(authenticator: Authenticator, max_body_bytes: int) -> list:
     async def parse(request: Request, cls):
         return await parse_body(request, ADAPTERS[cls], max_body_bytes)
 
-    def listing(tokens: list[TokenMetadata]) -> Response:
-        return json_response([authenticator.with_unflushed(token).to_json() for token in tokens])
+    async def listing(email: str) -> Response:
+        return json_response([token.to_json() for token in await authenticator.with_usage(store.tokens, email)])
 
     async def create(request: Request, email: str) -> Response:
         body = await parse(request, CreateTokenBody)
@@ -141,7 +141,7 @@ def _endpoints(authenticator: Authenticator, max_body_bytes: int) -> list:
         email = _caller(request).user_email
         if request.method == "POST":
             return await create(request, email)
-        return listing(await store_call(store.tokens, email))
+        return await listing(email)
 
     @contract_errors(render_error)
     async def my_token(request: Request):
@@ -155,7 +155,7 @@ def _endpoints(authenticator: Authenticator, max_body_bytes: int) -> list:
             raise ServiceError(ErrorKind.NOT_FOUND, f"no user {email!r}", "email")
         if request.method == "POST":
             return await create(request, email)
-        return listing(await store_call(store.tokens, email))
+        return await listing(email)
 
     @contract_errors(render_error)
     async def user_token(request: Request):
@@ -168,7 +168,7 @@ def _endpoints(authenticator: Authenticator, max_body_bytes: int) -> list:
         token = await store_call(store.token, token_id)
         if token is None or token.user_email != email:
             raise ServiceError(ErrorKind.NOT_FOUND, f"no token {token_id}", "token_id")
-        updated = await store_call(store.set_limits, token_id, body.limits.limits())
-        return json_response(authenticator.with_unflushed(updated).to_json())
+        updated = await authenticator.with_usage(store.set_limits, token_id, body.limits.limits())
+        return json_response(updated.to_json())
 
     return [login, my_tokens, my_token, user_tokens, user_token]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -68,14 +69,37 @@ async def test_usage_is_written_on_flush_and_shown_before_it(store):
         context = RequestContext("r", "openai", "/v1/embeddings", token_id=metadata.token_id)
         context.add_usage(texts, tokens)
         authenticator.record(context)
-    shown = authenticator.with_unflushed(store.token(metadata.token_id))
+    shown = await authenticator.with_usage(store.token, metadata.token_id)
     assert (shown.usage.requests, shown.usage.texts, shown.usage.prompt_tokens) == (2, 4, 37)
     assert store.token(metadata.token_id).usage.requests == 0
     await authenticator.flush()
     stored = store.token(metadata.token_id)
     assert (stored.usage.requests, stored.usage.texts, stored.usage.prompt_tokens) == (2, 4, 37)
     assert stored.last_used is not None
-    assert authenticator.with_unflushed(stored).usage == stored.usage
+    assert (await authenticator.with_usage(store.token, metadata.token_id)).usage == stored.usage
+
+
+async def test_usage_being_written_is_counted_by_a_read_during_the_write(store, monkeypatch):
+    metadata, _ = store.create_token("a@example.com", "t")
+    authenticator = Authenticator(store)
+    authenticator.record(RequestContext("r", "openai", "/v1/embeddings", token_id=metadata.token_id))
+    writing, release = threading.Event(), threading.Event()
+    original = store.add_usage
+
+    def slow(*args):
+        writing.set()
+        release.wait(5)
+        original(*args)
+
+    monkeypatch.setattr(store, "add_usage", slow)
+    flush = asyncio.ensure_future(authenticator.flush())
+    await asyncio.to_thread(writing.wait, 5)
+    read = asyncio.ensure_future(authenticator.with_usage(store.tokens, "a@example.com"))
+    await asyncio.sleep(0.1)
+    release.set()
+    await flush
+    [listed] = await read
+    assert listed.usage.requests == 1
 
 
 async def test_usage_that_cannot_be_written_is_kept_for_the_next_flush(store, monkeypatch):
