@@ -194,19 +194,22 @@ def _build(args: argparse.Namespace, source, model_dir: Path, fingerprint: str, 
     from tokenizers import Tokenizer
 
     from export.onnx_export import convert_fp16, export_fp32, quantize_int8
-    from export.validate import MIN_COSINE, validate
+    from export.validate import MAX_UNCONTROLLED_DIFFERENCE, MIN_COSINE, uncontrolled_difference, validate
 
     kind = "decoder" if source.decoder else "encoder"
     _progress(f"exporting {source.name} from {model_dir} to ONNX ({kind}, {source.num_layers} layers, {source.hidden_size} hidden, "
               f"pooling {'+'.join(source.poolings)}, head {[m.kind for m in source.head]}, {source.dimensions} dims)", started)
     head = source.sentence_head()
-    onnx_path = export_fp32(source, build_dir / "model.fp32.onnx")
+    onnx_path, controlled_path = build_dir / "model.fp32.onnx", build_dir / "controlled.fp32.onnx"
+    token_embeddings = export_fp32(source, onnx_path, controlled_path)
     if args.precision == "int8":
         _progress("quantizing to int8 (dynamic)", started)
         onnx_path = quantize_int8(onnx_path, build_dir / "model.int8.onnx")
+        controlled_path = quantize_int8(controlled_path, build_dir / "controlled.int8.onnx")
     elif args.precision == "fp16":
         _progress("converting to fp16", started)
         onnx_path = convert_fp16(onnx_path, build_dir / "model.fp16.onnx")
+        controlled_path = convert_fp16(controlled_path, build_dir / "controlled.fp16.onnx")
 
     # Serving pads to buckets itself, so the tokenizer file must not pad; it truncates at the model's limit.
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
@@ -231,6 +234,11 @@ def _build(args: argparse.Namespace, source, model_dir: Path, fingerprint: str, 
         )
         if not report.passes(args.precision):
             print(f"export: {args.precision} export of {source.name} does not match the original model", file=sys.stderr)
+            return 1
+        difference = uncontrolled_difference(onnx_path, controlled_path, tokenizer, texts[:64])
+        _progress(f"attention-controlled graph, no position controlled: max-abs-diff {difference:.2e} to the plain graph", started)
+        if difference > MAX_UNCONTROLLED_DIFFERENCE:
+            print(f"export: the attention-controlled graph of {source.name} differs from the plain one", file=sys.stderr)
             return 1
 
     projection = _fit_projection(source, head, args, onnx_path, tokenizer, started)
@@ -266,6 +274,7 @@ def _build(args: argparse.Namespace, source, model_dir: Path, fingerprint: str, 
             "ensembles": ensembles["compression"],
         },
         "layers": {"poolings": list(LAYER_POOLINGS), "ensembles": ensembles["layers"]},
+        "controls": {"token_embeddings": f"{steps['controlled-ids']}/1/token_embeddings.npy"},
     }
     options = RepositoryOptions(
         target=args.target,
@@ -280,7 +289,8 @@ def _build(args: argparse.Namespace, source, model_dir: Path, fingerprint: str, 
         execution_env=Path(sys.prefix),
     )
     _progress(f"writing the model repository to {args.output_dir}", started)
-    write_repository(source, head, onnx_path, tokenizer_json, args.output_dir, options, manifest, projection)
+    onnx_paths = {"encoder": onnx_path, "controlled-encoder": controlled_path}
+    write_repository(source, head, onnx_paths, token_embeddings.numpy(), tokenizer_json, args.output_dir, options, manifest, projection)
     if args.target == "gpu-tensorrt":
         encoder = f"{steps['encoder']}/1/model"
         _progress(f"build the plan on the deployment GPU: trtexec --onnx={encoder}.onnx.for-trtexec --saveEngine={encoder}.plan", started)

@@ -9,9 +9,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModel
 
+from export.attention_controls import attention_controls
 from export.source_model import SourceModel
 
 INPUT_NAMES = ["input_ids", "attention_mask"]
+# The controlled graph's extra inputs: a factor per position ([batch, sequence], 1 = uncontrolled) and the mode
+# per row ([batch, 1], true = log-additive).
+CONTROL_NAMES = ["control_factors", "control_log_additive"]
 # token_embeddings is the last layer; hidden_states stacks the word embeddings (index 0) and every
 # layer's output (1..N) so that /embed can pool any layer from one encoder run.
 OUTPUT_NAMES = ["token_embeddings", "hidden_states"]
@@ -36,6 +40,12 @@ class _EncoderWithAllLayers(torch.nn.Module):
         return out.last_hidden_state, torch.stack(out.hidden_states, dim=1)
 
 
+class _ControlledEncoder(_EncoderWithAllLayers):
+    def forward(self, input_ids, attention_mask, control_factors, control_log_additive):
+        with attention_controls(control_factors, control_log_additive.reshape(-1)):
+            return super().forward(input_ids, attention_mask)
+
+
 def _causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """The additive [batch, 1, query, key] mask a decoder's eager attention adds: each token sees itself, the
     real tokens before it, and no padding.
@@ -49,31 +59,43 @@ def _causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed, torch.finfo(torch.float32).min)
 
 
-def export_fp32(source: SourceModel, out_path: Path) -> Path:
+def export_fp32(source: SourceModel, plain_path: Path, controlled_path: Path) -> torch.Tensor:
+    """Writes the plain encoder and the one with attention controls; returns the input token embedding matrix,
+    which contextual controls compare tokens with."""
     model = AutoModel.from_pretrained(str(source.path), attn_implementation="eager").eval()
     sample_ids = torch.ones(2, 8, dtype=torch.long)
     # One padded row in the sample, so that no shortcut a model takes for an all-ones mask is traced.
     sample_mask = torch.ones_like(sample_ids)
     sample_mask[1, 5:] = 0
+    # Both modes and a factor of 0 in the sample, so that no branch is folded away at trace time.
+    sample_factors = torch.tensor([[1.0, 0.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0]] * 2)
+    sample_modes = torch.tensor([[True], [False]])
     dynamic = {0: "batch", 1: "sequence"}
+    axes = {
+        "input_ids": dynamic,
+        "attention_mask": dynamic,
+        "control_factors": dynamic,
+        "control_log_additive": {0: "batch"},
+        "token_embeddings": dynamic,
+        "hidden_states": {0: "batch", 2: "sequence"},
+    }
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            _EncoderWithAllLayers(model, source.decoder).eval(),
-            (sample_ids, sample_mask),
-            str(out_path),
-            input_names=INPUT_NAMES,
-            output_names=OUTPUT_NAMES,
-            dynamic_axes={
-                "input_ids": dynamic,
-                "attention_mask": dynamic,
-                "token_embeddings": dynamic,
-                "hidden_states": {0: "batch", 2: "sequence"},
-            },
-            opset_version=OPSET,
-            dynamo=False,
-        )
-    return out_path
+        for wrapper, inputs, names, path in [
+            (_EncoderWithAllLayers, (sample_ids, sample_mask), INPUT_NAMES, plain_path),
+            (_ControlledEncoder, (sample_ids, sample_mask, sample_factors, sample_modes), INPUT_NAMES + CONTROL_NAMES, controlled_path),
+        ]:
+            torch.onnx.export(
+                wrapper(model, source.decoder).eval(),
+                inputs,
+                str(path),
+                input_names=names,
+                output_names=OUTPUT_NAMES,
+                dynamic_axes={name: axes[name] for name in names + OUTPUT_NAMES},
+                opset_version=OPSET,
+                dynamo=False,
+            )
+    return model.get_input_embeddings().weight.detach().float()
 
 
 def quantize_int8(fp32_path: Path, out_path: Path) -> Path:

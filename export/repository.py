@@ -7,6 +7,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from export.compression import Projection
 from export.source_model import SourceModel
 from export.steps.sentence_head import SentenceHead
@@ -19,7 +21,10 @@ MANIFEST = "embedding_manifest.json"
 STEP_ROLES = {
     "tokenizer": "tokenizer.py",
     "token-ids": "tokenizer.py",
+    "controlled-ids": "tokenizer.py",
     "encoder": "encoder.py",
+    # The same step on the graph with attention controls: controlled requests batch apart from the fast path.
+    "controlled-encoder": "encoder.py",
     "pooling": "pooling.py",
     "compression": "compression.py",
     "layer-pooling": "layer_pooling.py",
@@ -83,7 +88,7 @@ def _python_params(options: RepositoryOptions, **extra: str) -> dict[str, str]:
     return {"EXECUTION_ENV_PATH": str(options.execution_env), **extra}
 
 
-def _ensemble_config(name: str, input_tensor, steps: list[dict], output_tensor, options: RepositoryOptions) -> str:
+def _ensemble_config(name: str, input_tensors: list, steps: list[dict], output_tensor, options: RepositoryOptions) -> str:
     rendered = []
     for step in steps:
         maps = "".join(
@@ -95,7 +100,7 @@ def _ensemble_config(name: str, input_tensor, steps: list[dict], output_tensor, 
             f'name: "{name}"',
             'platform: "ensemble"',
             f"max_batch_size: {options.max_batch_size}",
-            _tensors("input", [input_tensor]),
+            _tensors("input", input_tensors),
             _tensors("output", [output_tensor, ("TOKEN_COUNT", "TYPE_INT32", [1])]),
             "ensemble_scheduling {\n  step [\n" + ",\n".join(rendered) + "\n  ]\n}",
         ]
@@ -107,11 +112,15 @@ def step_names(model: str) -> dict[str, str]:
 
 
 def ensemble_names(model: str, compress_to: int) -> dict[str, dict[str, str]]:
-    """The entry points per pipeline, each for raw text and for token ids."""
+    """The entry points per pipeline: raw text, token ids, and token ids with attention controls."""
     return {
-        "embedding": {"text": model, "token_ids": f"{model}-ids"},
-        "compression": {"text": f"{model}-c{compress_to}", "token_ids": f"{model}-ids-c{compress_to}"},
-        "layers": {"text": f"{model}-layers", "token_ids": f"{model}-ids-layers"},
+        "embedding": {"text": model, "token_ids": f"{model}-ids", "controlled": f"{model}-ids-controlled"},
+        "compression": {
+            "text": f"{model}-c{compress_to}",
+            "token_ids": f"{model}-ids-c{compress_to}",
+            "controlled": f"{model}-ids-controlled-c{compress_to}",
+        },
+        "layers": {"text": f"{model}-layers", "token_ids": f"{model}-ids-layers", "controlled": f"{model}-ids-controlled-layers"},
     }
 
 
@@ -126,8 +135,11 @@ def remove_model(out_dir: Path, manifest: dict) -> None:
         shutil.rmtree(out_dir / directory, ignore_errors=True)
 
 
-def _encoder_config(name: str, source: SourceModel, options: RepositoryOptions) -> str:
-    inputs = [("INPUT_IDS", "TYPE_INT64", [-1], options.target == "cpu"), ("ATTENTION_MASK", "TYPE_INT64", [-1], options.target == "cpu")]
+def _encoder_config(name: str, source: SourceModel, options: RepositoryOptions, controlled: bool) -> str:
+    ragged = options.target == "cpu"
+    inputs = [("INPUT_IDS", "TYPE_INT64", [-1], ragged), ("ATTENTION_MASK", "TYPE_INT64", [-1], ragged)]
+    if controlled:
+        inputs += [("CONTROL_FACTORS", "TYPE_FP32", [-1], ragged), ("CONTROL_LOG_ADDITIVE", "TYPE_BOOL", [1], False)]
     outputs = [
         ("TOKEN_EMBEDDINGS", "TYPE_FP32", [-1, source.hidden_size]),
         ("HIDDEN_STATES", "TYPE_FP32", [source.num_layers + 1, -1, source.hidden_size]),
@@ -154,7 +166,8 @@ def _encoder_tensor(name: str, options: RepositoryOptions) -> str:
 def write_repository(
     source: SourceModel,
     head: SentenceHead,
-    onnx_path: Path,
+    onnx_paths: dict[str, Path],
+    token_embeddings: np.ndarray,
     tokenizer_json: Path,
     out_dir: Path,
     options: RepositoryOptions,
@@ -162,14 +175,23 @@ def write_repository(
     projection: Projection,
 ) -> None:
     """Writes every Triton model of `source` into out_dir, the manifest last: the gateway serves a model only
-    once its manifest is there, and by then all its steps are."""
+    once its manifest is there, and by then all its steps are.
+
+    onnx_paths: the graph of each encoder role, plain and with attention controls. token_embeddings: the input
+    embedding matrix, which the gateway reads for contextual controls (at manifest["controls"]["token_embeddings"]).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     steps = manifest["steps"]
-    # Per entry step: its ensemble input, which of an ensemble pair it starts, and the input tensor.
+    token_ids = ("TOKEN_IDS", "TYPE_INT64", [-1])
+    factors = ("CONTROL_FACTORS", "TYPE_FP32", [-1])
+    # Per entry step: which ensemble of a pipeline it starts, the encoder behind it, its inputs and the mode,
+    # which goes from the ensemble's input straight to the encoder.
     token_step = {
-        "tokenizer": ("TEXT", "text", ("TEXT", "TYPE_STRING", [1])),
-        "token-ids": ("TOKEN_IDS", "token_ids", ("TOKEN_IDS", "TYPE_INT64", [-1])),
+        "tokenizer": ("text", "encoder", [("TEXT", "TYPE_STRING", [1])]),
+        "token-ids": ("token_ids", "encoder", [token_ids]),
+        "controlled-ids": ("controlled", "controlled-encoder", [token_ids, factors]),
     }
+    mode = ("CONTROL_LOG_ADDITIVE", "TYPE_BOOL", [1])
     tokenizer_outputs = [("INPUT_IDS", "TYPE_INT64", [-1]), ("ATTENTION_MASK", "TYPE_INT64", [-1]), ("TOKEN_COUNT", "TYPE_INT32", [1])]
     tokenizer_params = _python_params(
         options,
@@ -177,19 +199,23 @@ def write_repository(
         max_sequence_length=str(source.max_sequence_length),
         pad_token_id=str(manifest["pad_token_id"]),
     )
-    for role, (_, _, input_tensor) in token_step.items():
+    for role, (kind, _, inputs) in token_step.items():
         version_dir = _fresh_model_dir(out_dir / steps[role])
         _copy_step_source(role, version_dir)
         shutil.copy(tokenizer_json, version_dir / "tokenizer.json")
-        config = _model_config(steps[role], 'backend: "python"', [input_tensor], tokenizer_outputs, options, params=tokenizer_params)
+        # The controlled step frames and pads the factors with the ids: 1 (uncontrolled) at special tokens and padding.
+        outputs = tokenizer_outputs + ([factors] if kind == "controlled" else [])
+        config = _model_config(steps[role], 'backend: "python"', inputs, outputs, options, params=tokenizer_params)
         (version_dir.parent / "config.pbtxt").write_text(config)
+    np.save(out_dir / steps["controlled-ids"] / "1" / "token_embeddings.npy", token_embeddings)
 
-    encoder_dir = _fresh_model_dir(out_dir / steps["encoder"])
-    if options.target == "cpu":
-        _copy_step_source("encoder", encoder_dir)
-    plan_name = "model.onnx" if options.target != "gpu-tensorrt" else "model.onnx.for-trtexec"
-    shutil.copy(onnx_path, encoder_dir / plan_name)
-    (encoder_dir.parent / "config.pbtxt").write_text(_encoder_config(steps["encoder"], source, options))
+    for role, onnx_path in onnx_paths.items():
+        encoder_dir = _fresh_model_dir(out_dir / steps[role])
+        if options.target == "cpu":
+            _copy_step_source(role, encoder_dir)
+        plan_name = "model.onnx" if options.target != "gpu-tensorrt" else "model.onnx.for-trtexec"
+        shutil.copy(onnx_path, encoder_dir / plan_name)
+        (encoder_dir.parent / "config.pbtxt").write_text(_encoder_config(steps[role], source, options, role == "controlled-encoder"))
 
     hidden, dims = source.hidden_size, source.dimensions
     pooling_dir = _write_python_step(
@@ -252,25 +278,31 @@ def write_repository(
         ),
     }
     ensembles = ensemble_names(source.name, projection.size)
-    for role, (input_name, kind, input_tensor) in token_step.items():
+    for role, (kind, encoder, inputs) in token_step.items():
+        controlled = kind == "controlled"
+        entry_outputs = ["INPUT_IDS", "ATTENTION_MASK"] + (["CONTROL_FACTORS"] if controlled else [])
+        encoder_inputs = {_encoder_tensor(name, options): name.lower() for name in entry_outputs}
+        if controlled:
+            encoder_inputs[_encoder_tensor(mode[0], options)] = mode[0]
         for pipeline, (encoder_output, tail, output_tensor) in pipelines.items():
             ensemble_name = ensembles[pipeline][kind]
             ensemble_steps = [
                 {
                     "model": steps[role],
-                    "input_map": {input_name: input_name},
-                    "output_map": {"INPUT_IDS": "input_ids", "ATTENTION_MASK": "attention_mask", "TOKEN_COUNT": "TOKEN_COUNT"},
+                    "input_map": {name: name for name, _, _ in inputs},
+                    "output_map": {name: name.lower() for name in entry_outputs} | {"TOKEN_COUNT": "TOKEN_COUNT"},
                 },
                 {
-                    "model": steps["encoder"],
-                    "input_map": {_encoder_tensor("INPUT_IDS", options): "input_ids", _encoder_tensor("ATTENTION_MASK", options): "attention_mask"},
+                    "model": steps[encoder],
+                    "input_map": encoder_inputs,
                     "output_map": {_encoder_tensor(encoder_output, options): encoder_output.lower()},
                 },
                 *tail,
             ]
             ensemble_dir = _fresh_model_dir(out_dir / ensemble_name)
+            ensemble_inputs = inputs + ([mode] if controlled else [])
             (ensemble_dir.parent / "config.pbtxt").write_text(
-                _ensemble_config(ensemble_name, input_tensor, ensemble_steps, output_tensor, options)
+                _ensemble_config(ensemble_name, ensemble_inputs, ensemble_steps, output_tensor, options)
             )
     (out_dir / ensembles["embedding"]["text"] / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 

@@ -15,6 +15,8 @@ from export.steps.sentence_head import SentenceHead
 # Cosine to the original model that each precision must reach: (on every sentence, on average).
 # fp32 must be exact up to float rounding; int8 trades a little accuracy for ~2x CPU speed.
 MIN_COSINE = {"fp32": (0.9999, 0.9999), "fp16": (0.999, 0.9995), "int8": (0.95, 0.98)}
+# The controlled graph with every factor 1 computes the same attention, up to the rounding of the other mode's shift.
+MAX_UNCONTROLLED_DIFFERENCE = 1e-4
 
 
 @dataclass(frozen=True)
@@ -29,8 +31,8 @@ class ValidationReport:
         return self.min_cosine >= least and self.mean_cosine >= mean
 
 
-def head_embeddings(session: ort.InferenceSession, tokenizer: Tokenizer, texts: list[str], head: SentenceHead) -> np.ndarray:
-    """The head on the token embeddings, the texts tokenized as one batch right-padded to its longest, as serving pads."""
+def _padded_batch(tokenizer: Tokenizer, texts: list[str]) -> dict[str, np.ndarray]:
+    """The texts tokenized as one batch right-padded to its longest, as serving pads."""
     encodings = tokenizer.encode_batch(texts)
     width = max(len(e.ids) for e in encodings)
     ids = np.zeros((len(encodings), width), dtype=np.int64)
@@ -38,8 +40,31 @@ def head_embeddings(session: ort.InferenceSession, tokenizer: Tokenizer, texts: 
     for row, e in enumerate(encodings):
         ids[row, : len(e.ids)] = e.ids
         mask[row, : len(e.ids)] = 1
-    (tokens,) = session.run(["token_embeddings"], {"input_ids": ids, "attention_mask": mask})
-    return head(tokens, mask)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def head_embeddings(session: ort.InferenceSession, tokenizer: Tokenizer, texts: list[str], head: SentenceHead) -> np.ndarray:
+    feeds = _padded_batch(tokenizer, texts)
+    (tokens,) = session.run(["token_embeddings"], feeds)
+    return head(tokens, feeds["attention_mask"])
+
+
+def uncontrolled_difference(plain_path: Path, controlled_path: Path, tokenizer: Tokenizer, texts: list[str]) -> float:
+    """Max abs difference of the token embeddings of the two graphs when no position is controlled, in both modes:
+    what a controlled request with factors of 1 would get differently from the fast path."""
+    feeds = _padded_batch(tokenizer, texts)
+    (plain,) = ort.InferenceSession(str(plain_path), providers=["CPUExecutionProvider"]).run(["token_embeddings"], feeds)
+    controlled = ort.InferenceSession(str(controlled_path), providers=["CPUExecutionProvider"])
+    difference = 0.0
+    for mode in (True, False):
+        control = {
+            "control_factors": np.ones(feeds["input_ids"].shape, dtype=np.float32),
+            "control_log_additive": np.full((len(texts), 1), mode),
+        }
+        (tokens,) = controlled.run(["token_embeddings"], feeds | control)
+        real = feeds["attention_mask"].astype(bool)
+        difference = max(difference, float(np.abs(tokens - plain)[real].max()))
+    return difference
 
 
 def onnx_sentence_embeddings(onnx_path: Path, tokenizer: Tokenizer, texts: list[str], head: SentenceHead, batch_size=32):

@@ -6,13 +6,15 @@ Works with the unmodified aleph-alpha-client (sync and async); what it sends and
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, TypeAdapter
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from gateway.controls import ControlOptions, TextControl, TokenControl
 from gateway.embedding_service import EmbeddingService, EmbedLayersCall, SemanticEmbedCall
 from gateway.errors import ServiceError, invalid
 from gateway.http_io import contract_errors, json_response, parse_body
@@ -25,28 +27,51 @@ from gateway.scheduler import PRIORITY_NICE, PRIORITY_NORMAL
 API_VERSION = "1.19.0"
 # The client sends batch_semantic_embed in chunks of at most 100 prompts.
 MAX_BATCH_PROMPTS = 100
-ATTENTION_CONTROLS = "attention controls are not supported yet"
+Factor = Union[StrictFloat, StrictInt]
 
 
 class _Item(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    controls: list[Any] | None = None
+
+
+class TextControlBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    start: StrictInt
+    length: StrictInt
+    factor: Factor
+    # Checked with the other controls' rules, so that an unknown value gets the same 400 over HTTP and gRPC.
+    token_overlap: StrictStr | None = None
+
+    def control(self) -> TextControl:
+        return TextControl(self.start, self.length, float(self.factor), self.token_overlap or "partial")
+
+
+class TokenControlBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    index: StrictInt
+    factor: Factor
+
+    def control(self) -> TokenControl:
+        return TokenControl(self.index, float(self.factor))
 
 
 class TextItem(_Item):
     type: Literal["text"]
     data: StrictStr
+    controls: list[TextControlBody] | None = None
 
 
 class TokenIdsItem(_Item):
     type: Literal["token_ids"]
     data: list[StrictInt]
+    controls: list[TokenControlBody] | None = None
 
 
 class ImageItem(_Item):
     # Accepted by the schema only so that the answer can say why images are refused.
     type: Literal["image"]
     data: Any = None
+    controls: list[Any] | None = None
 
 
 PromptField = Union[StrictStr, list[Annotated[Union[TextItem, TokenIdsItem, ImageItem], Field(discriminator="type")]]]
@@ -58,9 +83,14 @@ class _EmbeddingRequest(BaseModel):
     model: StrictStr
     hosting: Literal["aleph-alpha"] | None = None
     normalize: StrictBool = False
-    contextual_control_threshold: float | None = None
-    # Only meaningful with controls, which are refused; accepted so the client's default passes.
+    contextual_control_threshold: Factor | None = None
     control_log_additive: StrictBool | None = True
+
+    def control_options(self) -> ControlOptions:
+        threshold = self.contextual_control_threshold
+        if threshold is not None and not math.isfinite(threshold):
+            raise invalid(f"'contextual_control_threshold' must be a finite number, got {threshold}", "contextual_control_threshold")
+        return ControlOptions(self.control_log_additive is not False, None if threshold is None else float(threshold))
 
 
 class SemanticEmbedRequest(_EmbeddingRequest):
@@ -111,7 +141,13 @@ def render_error(error: ServiceError) -> Response:
 def _items(prompt) -> list[PromptItem]:
     if isinstance(prompt, str):
         return [PromptItem("text", prompt)]
-    return [PromptItem(item.type, item.data, bool(item.controls)) for item in prompt]
+    return [PromptItem(item.type, item.data, _controls(item)) for item in prompt]
+
+
+def _controls(item) -> tuple:
+    if isinstance(item, ImageItem):
+        return ()
+    return tuple(control.control() for control in item.controls or ())
 
 
 def _priority(request: Request) -> int:
@@ -119,11 +155,6 @@ def _priority(request: Request) -> int:
     if nice not in ("true", "false"):
         raise invalid(f"query parameter 'nice' must be true or false, got {nice!r}", "nice")
     return PRIORITY_NICE if nice == "true" else PRIORITY_NORMAL
-
-
-def _refuse_contextual_controls(body: _EmbeddingRequest) -> None:
-    if body.contextual_control_threshold is not None:
-        raise invalid(f"'contextual_control_threshold': {ATTENTION_CONTROLS}", "contextual_control_threshold")
 
 
 def routes(service: EmbeddingService, max_body_bytes: int) -> list[Route]:
@@ -137,7 +168,6 @@ def routes(service: EmbeddingService, max_body_bytes: int) -> list[Route]:
         return await parse(request, cls), expires
 
     async def semantic(request: Request, body, expires, prompts: list, field: str):
-        _refuse_contextual_controls(body)
         call = SemanticEmbedCall(
             model=body.model,
             prompts=[_items(p) for p in prompts],
@@ -147,6 +177,7 @@ def routes(service: EmbeddingService, max_body_bytes: int) -> list[Route]:
             priority=_priority(request),
             prompt_field=field,
             deadline=expires,
+            controls=body.control_options(),
         )
         return await cancel_on_disconnect(request, service.semantic_embed(call))
 
@@ -177,7 +208,6 @@ def routes(service: EmbeddingService, max_body_bytes: int) -> list[Route]:
     @contract_errors(render_error)
     async def embed(request: Request):
         body, expires = await parse_embedding(request, EmbedRequest)
-        _refuse_contextual_controls(body)
         if body.type is not None:
             raise invalid(f"'type' {body.type!r} is not supported; use /semantic_embed for semantic embeddings", "type")
         call = EmbedLayersCall(
@@ -189,6 +219,7 @@ def routes(service: EmbeddingService, max_body_bytes: int) -> list[Route]:
             normalize=body.normalize,
             priority=_priority(request),
             deadline=expires,
+            controls=body.control_options(),
         )
         result = await cancel_on_disconnect(request, service.embed_layers(call))
         return json_response(

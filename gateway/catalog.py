@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from gateway.controls import TokenSimilarity
 from gateway.errors import ErrorKind, ServiceError
 
 MANIFEST = "embedding_manifest.json"
@@ -15,15 +16,16 @@ REPRESENTATIONS = ("query", "document", "symmetric")
 
 
 @dataclass(frozen=True)
-class EnsemblePair:
-    """One pipeline's two entry points: raw text (tokenized in Triton) or token ids."""
+class Ensembles:
+    """One pipeline's entry points: raw text (tokenized in Triton), token ids, and token ids with attention controls."""
 
     text: str
     token_ids: str
+    controlled: str
 
     @classmethod
-    def of(cls, names: dict) -> "EnsemblePair":
-        return cls(names["text"], names["token_ids"])
+    def of(cls, names: dict) -> "Ensembles":
+        return cls(names["text"], names["token_ids"], names["controlled"])
 
 
 @dataclass(frozen=True)
@@ -36,14 +38,14 @@ class ServedModel:
     max_batch_size: int
     prefixes: dict[str, str]  # per representation: query, document, symmetric
     default_prefix: str  # what sentence-transformers' encode() prepends without a prompt_name; the OpenAI contract's
-    text_ensemble: str
-    token_ids_ensemble: str
+    embedding: Ensembles
     tokenizer: Tokenizer
+    token_similarity: TokenSimilarity  # for contextual attention controls
     compress_to_size: int
     compressed_model_version: str
-    compressed: EnsemblePair
+    compressed: Ensembles
     layer_poolings: tuple[str, ...]
-    layers: EnsemblePair
+    layers: Ensembles
     triton_models: tuple[str, ...]  # every Triton model it takes: steps and ensembles
 
     @property
@@ -53,7 +55,10 @@ class ServedModel:
 
 def _load(manifest_path: Path) -> ServedModel:
     manifest = json.loads(manifest_path.read_text())
-    tokenizer = Tokenizer.from_file(str(manifest_path.parent.parent / manifest["tokenizer"]))
+    if "controls" not in manifest:
+        raise ValueError(f"{manifest_path} was written by an older export, without attention controls: export {manifest['name']} again")
+    repository = manifest_path.parent.parent
+    tokenizer = Tokenizer.from_file(str(repository / manifest["tokenizer"]))
     return ServedModel(
         name=manifest["name"],
         model_version=manifest["model_version"],
@@ -63,17 +68,17 @@ def _load(manifest_path: Path) -> ServedModel:
         max_batch_size=manifest["max_batch_size"],
         prefixes={r: manifest["prefixes"][r] for r in REPRESENTATIONS},
         default_prefix=manifest["prefixes"]["default"],
-        text_ensemble=manifest["ensembles"]["text"],
-        token_ids_ensemble=manifest["ensembles"]["token_ids"],
+        embedding=Ensembles.of(manifest["ensembles"]),
         tokenizer=tokenizer,
+        token_similarity=TokenSimilarity(repository / manifest["controls"]["token_embeddings"]),
         compress_to_size=manifest["compression"]["size"],
         compressed_model_version=(
             f"{manifest['model_version']}-{manifest['compression']['method']}{manifest['compression']['size']}"
             f"-{manifest['compression']['digest']}"
         ),
-        compressed=EnsemblePair.of(manifest["compression"]["ensembles"]),
+        compressed=Ensembles.of(manifest["compression"]["ensembles"]),
         layer_poolings=tuple(manifest["layers"]["poolings"]),
-        layers=EnsemblePair.of(manifest["layers"]["ensembles"]),
+        layers=Ensembles.of(manifest["layers"]["ensembles"]),
         triton_models=tuple(manifest["directories"]),
     )
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from gateway import request_context
-from gateway.catalog import Catalog, EnsemblePair, ServedModel
+from gateway.catalog import Catalog, Ensembles, ServedModel
+from gateway.controls import ControlOptions, position_factors
 from gateway.deadline import Deadline
 from gateway.errors import invalid
 from gateway.prompts import Prompt, PromptItem, resolve
@@ -66,6 +67,7 @@ class SemanticEmbedCall:
     priority: int = PRIORITY_NORMAL
     prompt_field: str = "prompt"
     deadline: Deadline | None = None
+    controls: ControlOptions = ControlOptions()
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class EmbedLayersCall:
     normalize: bool = False
     priority: int = PRIORITY_NORMAL
     deadline: Deadline | None = None
+    controls: ControlOptions = ControlOptions()
 
 
 @dataclass(frozen=True)
@@ -196,9 +199,9 @@ class EmbeddingService:
             if model.default_prefix:
                 # As sentence-transformers' encode() does with no prompt_name; token ids are taken as they are.
                 texts = [model.default_prefix + text for text in texts]
-            chunked = self.triton.text_input(model.text_ensemble, texts, model.max_batch_size, call.priority)
+            chunked = self.triton.text_input(model.embedding.text, texts, model.max_batch_size, call.priority)
         else:
-            chunked = self.triton.token_ids_input(model.token_ids_ensemble, call.token_ids, model.max_batch_size, call.priority)
+            chunked = self.triton.token_ids_input(model.embedding.token_ids, call.token_ids, model.max_batch_size, call.priority)
         ((embeddings, counts),) = await self._run([chunked], call.deadline, call.priority)
         self._check_lengths(call.input_field, call.truncate, model, counts)
         # Usage counts the tokens the model saw, which truncation caps at its limit.
@@ -210,14 +213,16 @@ class EmbeddingService:
         self,
         model: ServedModel,
         prompts: list[Prompt],
-        ensembles: EnsemblePair,
+        ensembles: Ensembles,
         output: str,
         call: SemanticEmbedCall | EmbedLayersCall,
         field: str,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Texts go through the ensemble's tokenizer step, resolved token ids through its token_ids step, in prompt order."""
+        """Texts go through the ensemble's tokenizer step, resolved token ids through its token_ids step, and prompts
+        with attention controls through the controlled one, in prompt order."""
         text_rows = [i for i, p in enumerate(prompts) if p.text is not None]
-        id_rows = [i for i, p in enumerate(prompts) if p.text is None]
+        id_rows = [i for i, p in enumerate(prompts) if p.text is None and p.controls is None]
+        controlled_rows = [i for i, p in enumerate(prompts) if p.controls is not None]
         parts: list[tuple[list[int], ChunkedInput]] = []
         if text_rows:
             texts = self._capped([prompts[i].text for i in text_rows], field, None, model)
@@ -225,6 +230,15 @@ class EmbeddingService:
         if id_rows:
             ids = [prompts[i].token_ids for i in id_rows]
             parts.append((id_rows, self.triton.token_ids_input(ensembles.token_ids, ids, model.max_batch_size, call.priority, output)))
+        if controlled_rows:
+            ids = [prompts[i].token_ids for i in controlled_rows]
+            threshold = call.controls.contextual_threshold
+            factors = await asyncio.to_thread(
+                lambda: [position_factors(prompts[i].token_ids, prompts[i].controls, threshold, model.token_similarity) for i in controlled_rows]
+            )
+            controls = (factors, call.controls.log_additive)
+            chunked = self.triton.token_ids_input(ensembles.controlled, ids, model.max_batch_size, call.priority, output, controls)
+            parts.append((controlled_rows, chunked))
         results = await self._run([chunked for _, chunked in parts], call.deadline, call.priority)
         values = np.empty((len(prompts), *results[0][0].shape[1:]), dtype=np.float32)
         counts = np.empty(len(prompts), dtype=np.int64)
@@ -241,7 +255,7 @@ class EmbeddingService:
         def resolve_all() -> list[Prompt]:
             return [resolve(items, model.tokenizer, prefix, field, None if single else i, limit) for i, items in enumerate(prompts)]
 
-        if all(len(items) == 1 and items[0].kind == "text" for items in prompts):
+        if all(len(items) == 1 and items[0].kind == "text" and not items[0].controls for items in prompts):
             return resolve_all()
         return await asyncio.to_thread(resolve_all)
 
@@ -260,7 +274,7 @@ class EmbeddingService:
             raise invalid(f"'{call.prompt_field}' must hold 1 to {self.max_inputs} prompts", call.prompt_field)
         prompts = await self._resolve(model, call.prompts, model.prefixes[call.representation], call.prompt_field)
         if call.compress_to_size is None:
-            ensembles, model_version = EnsemblePair(model.text_ensemble, model.token_ids_ensemble), model.model_version
+            ensembles, model_version = model.embedding, model.model_version
         else:
             ensembles, model_version = model.compressed, model.compressed_model_version
         embeddings, counts = await self._infer_prompts(model, prompts, ensembles, "EMBEDDING", call, call.prompt_field)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import functools
 import inspect
 import logging
@@ -9,6 +11,7 @@ import logging
 import grpc
 import numpy as np
 
+from gateway.controls import ControlOptions, TextControl, TokenControl
 from gateway.embedding_service import EmbedCall, EmbeddingService, EmbedLayersCall, SemanticEmbedCall, SemanticEmbedResult
 from gateway.errors import ServiceError, internal, invalid
 from gateway.grpc_stream import StreamBatcher
@@ -45,8 +48,30 @@ def _prompt_items(prompt: pb.Prompt, field: str) -> list[PromptItem]:
         kind = item.WhichOneof("item")
         if kind is None:
             raise invalid(f"'{field}' holds an item with neither text nor token_ids", field)
-        items.append(PromptItem("text", item.text) if kind == "text" else PromptItem("token_ids", list(item.token_ids.ids)))
+        if kind == "text":
+            if item.token_controls:
+                raise invalid(f"'{field}': a text item takes text_controls, not token_controls", f"{field}.controls")
+            controls = tuple(
+                TextControl(c.start, c.length, c.factor, _enum_name(pb.TokenOverlap, c.token_overlap or pb.TOKEN_OVERLAP_PARTIAL))
+                for c in item.text_controls
+            )
+            items.append(PromptItem("text", item.text, controls))
+        else:
+            if item.text_controls:
+                raise invalid(f"'{field}': a token_ids item takes token_controls, not text_controls", f"{field}.controls")
+            controls = tuple(TokenControl(c.index, c.factor) for c in item.token_controls)
+            items.append(PromptItem("token_ids", list(item.token_ids.ids), controls))
     return items
+
+
+def _control_options(request) -> ControlOptions:
+    if "controls" not in request.DESCRIPTOR.fields_by_name:
+        return ControlOptions()  # the OpenAI-shaped Embed, which has no controls
+    options = request.controls
+    threshold = options.contextual_threshold if options.HasField("contextual_threshold") else None
+    if threshold is not None and not math.isfinite(threshold):
+        raise invalid(f"'controls.contextual_threshold' must be a finite number, got {threshold}", "controls.contextual_threshold")
+    return ControlOptions(options.log_additive if options.HasField("log_additive") else True, threshold)
 
 
 def _semantic_embeddings(result: SemanticEmbedResult, encoding: int) -> list[pb.Embedding]:
@@ -151,6 +176,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             normalize=request.normalize,
             prompt_field=field,
             deadline=self._deadline(context),
+            controls=_control_options(request),
         )
 
     @contract_errors
@@ -181,6 +207,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             tokens=request.tokens,
             normalize=request.normalize,
             deadline=self._deadline(context),
+            controls=_control_options(request),
         )
         result = await self.service.embed_layers(call)
         embeddings = [

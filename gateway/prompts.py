@@ -3,7 +3,8 @@
 Transport-neutral: the Aleph Alpha HTTP contract and the gRPC contract both turn their own prompt
 shapes into PromptItems. A prompt that is a single text goes to the ensemble's own tokenizer step,
 so it embeds exactly like the same text sent to /v1/embeddings; anything else is tokenized here,
-item by item, and concatenated in order into one token id sequence.
+item by item, and concatenated in order into one token id sequence. A prompt with attention controls
+is always tokenized here, since its controls are resolved through the tokenizer's offsets.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Union
 
 from tokenizers import Tokenizer
 
+from gateway.controls import Control, PositionControl, check, span_positions
 from gateway.errors import invalid
 
 
@@ -20,15 +22,19 @@ from gateway.errors import invalid
 class PromptItem:
     kind: str  # "text", "token_ids" or "image"
     data: Union[str, list[int]]
-    has_controls: bool = False
+    controls: tuple[Control, ...] = ()
 
 
 @dataclass(frozen=True)
 class Prompt:
-    """What the model is fed: exactly one of a text or a token id sequence (without special tokens)."""
+    """What the model is fed: exactly one of a text or a token id sequence (without special tokens).
+
+    controls is None for an uncontrolled prompt; otherwise token_ids is set and the controls name its positions.
+    """
 
     text: str | None = None
     token_ids: list[int] | None = None
+    controls: tuple[PositionControl, ...] | None = None
 
 
 def resolve(
@@ -45,24 +51,38 @@ def resolve(
     for item in items:
         if item.kind == "image":
             raise invalid(f"'{where}': this model does not accept images", field)
-        if item.has_controls:
-            raise invalid(f"'{where}': attention controls are not supported yet", field)
+        for control in item.controls:
+            check(control, len(item.data), where, f"{field}.controls")
+    controlled = any(item.controls for item in items)
     if len(items) == 1 and items[0].kind == "text":
         if not items[0].data:
             raise invalid(f"'{where}' must not be empty", field)
-        return Prompt(text=prefix + items[0].data)
+        if not controlled:
+            return Prompt(text=prefix + items[0].data)
+    # Tokenized here: refuse what no tokenizer should spend seconds on.
+    for item in items:
+        if item.kind == "text" and max_chars is not None and len(item.data) > max_chars:
+            raise invalid(f"'{where}' holds a text of {len(item.data)} characters, more than the model can read ({max_chars})", field)
+    if len(items) == 1 and items[0].kind == "text":
+        # Tokenized with its prefix as one string, as the uncontrolled text is, so a factor of 1 changes nothing.
+        encoding = tokenizer.encode(prefix + items[0].data, add_special_tokens=False)
+        controls = tuple(PositionControl(tuple(span_positions(encoding, c, len(prefix))), c.factor) for c in items[0].controls)
+        return Prompt(token_ids=encoding.ids, controls=controls)
     vocab = tokenizer.get_vocab_size()
     ids: list[int] = tokenizer.encode(prefix, add_special_tokens=False).ids if prefix else []
+    controls: list[PositionControl] = []
     for item in items:
         if item.kind == "text":
-            if max_chars is not None and len(item.data) > max_chars:
-                raise invalid(f"'{where}' holds a text of {len(item.data)} characters, more than the model can read ({max_chars})", field)
-            ids += tokenizer.encode(item.data, add_special_tokens=False).ids
+            encoding = tokenizer.encode(item.data, add_special_tokens=False)
+            for c in item.controls:
+                controls.append(PositionControl(tuple(len(ids) + p for p in span_positions(encoding, c)), c.factor))
+            ids += encoding.ids
             continue
         bad = next((i for i in item.data if not 0 <= i < vocab), None)
         if bad is not None:
             raise invalid(f"'{where}' holds token id {bad}, outside the vocabulary [0, {vocab})", field)
+        controls += [PositionControl((len(ids) + c.index,), c.factor) for c in item.controls]
         ids += item.data
     if not ids:
         raise invalid(f"'{where}' must not be empty", field)
-    return Prompt(token_ids=ids)
+    return Prompt(token_ids=ids, controls=tuple(controls) if controlled else None)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from gateway import request_context
 from gateway.errors import ErrorKind, ServiceError, internal
@@ -82,15 +82,13 @@ class TritonClient:
 
     async def infer(self, lane: Lane, data: np.ndarray, timeout_s: float, request_id: str) -> tuple[np.ndarray, np.ndarray]:
         """One ensemble call for `data` (rows of the lane's input): its output and token count per row."""
-        tensor = grpcclient.InferInput(lane.input_name, list(data.shape), lane.datatype)
-        tensor.set_data_from_numpy(data)
         outputs = [grpcclient.InferRequestedOutput(lane.output), grpcclient.InferRequestedOutput("TOKEN_COUNT")]
         try:
             # The deadline travels twice: the client gives up at it, and every step's queue policy drops the
             # request once it has waited that long, so Triton does not compute answers nobody waits for.
             result = await self._client.infer(
                 lane.ensemble,
-                [tensor],
+                _input_tensors(lane, data),
                 outputs=outputs,
                 priority=lane.priority,
                 request_id=request_id,
@@ -121,9 +119,18 @@ class TritonClient:
         return ChunkedInput(chunks, members, len(texts))
 
     def token_ids_input(
-        self, ensemble: str, sequences: list[list[int]], max_batch: int, priority: int, output: str = "EMBEDDING"
+        self,
+        ensemble: str,
+        sequences: list[list[int]],
+        max_batch: int,
+        priority: int,
+        output: str = "EMBEDDING",
+        controls: tuple[list[np.ndarray], bool] | None = None,
     ) -> ChunkedInput:
-        """Like text_input for token id sequences; sequences of equal length share a chunk (and a lane)."""
+        """Like text_input for token id sequences; sequences of equal length share a chunk (and a lane).
+
+        controls: per sequence its factors, and the mode, for an ensemble that takes attention controls.
+        """
         by_length: dict[int, list[int]] = {}
         for index, ids in enumerate(sequences):
             by_length.setdefault(len(ids), []).append(index)
@@ -133,5 +140,29 @@ class TritonClient:
         chunks = []
         for part in members:
             lane = Lane(ensemble, "TOKEN_IDS", "INT64", output, priority, size, (len(sequences[part[0]]),))
-            chunks.append(Chunk(lane, np.array([sequences[i] for i in part], dtype=np.int64), request_id))
+            ids = np.array([sequences[i] for i in part], dtype=np.int64)
+            if controls is not None:
+                factors, log_additive = controls
+                ids = _controlled_rows(ids, np.array([factors[i] for i in part], dtype=np.float32), log_additive)
+            chunks.append(Chunk(lane, ids, request_id))
         return ChunkedInput(chunks, members, len(sequences))
+
+
+def _controlled_rows(ids: np.ndarray, factors: np.ndarray, log_additive: bool) -> np.ndarray:
+    """Rows that carry their attention controls with their ids, as records: the scheduler concatenates and splits
+    them like any other rows, and _input_tensors sends each field as its own tensor."""
+    width = ids.shape[1]
+    rows = np.empty(len(ids), dtype=[("TOKEN_IDS", np.int64, (width,)), ("CONTROL_FACTORS", np.float32, (width,)), ("CONTROL_LOG_ADDITIVE", np.bool_, (1,))])
+    rows["TOKEN_IDS"], rows["CONTROL_FACTORS"], rows["CONTROL_LOG_ADDITIVE"] = ids, factors, log_additive
+    return rows
+
+
+def _input_tensors(lane: Lane, data: np.ndarray) -> list[grpcclient.InferInput]:
+    fields = [(lane.input_name, data)] if data.dtype.names is None else [(name, data[name]) for name in data.dtype.names]
+    tensors = []
+    for name, values in fields:
+        datatype = np_to_triton_dtype(values.dtype) if data.dtype.names else lane.datatype
+        tensor = grpcclient.InferInput(name, list(values.shape), datatype)
+        tensor.set_data_from_numpy(values)
+        tensors.append(tensor)
+    return tensors

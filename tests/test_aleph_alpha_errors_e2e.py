@@ -11,8 +11,12 @@ from aleph_alpha_client import Client, Prompt, SemanticEmbeddingRequest, Semanti
 from tests.servers import ROOT, free_ports
 
 SEMANTIC = {"prompt": "hello", "representation": "symmetric"}
-CONTROLS = "attention controls are not supported yet"
-CONTROLLED_TEXT = {"type": "text", "data": "hi", "controls": [{"start": 0, "length": 2, "factor": 2.0}]}
+
+
+def controlled(control: dict, kind: str = "text") -> dict:
+    item = {"type": "text", "data": "hi"} if kind == "text" else {"type": "token_ids", "data": [2023, 2003]}
+    return {"prompt": [{**item, "controls": [control]}]}
+
 EMBED = {"prompt": "hello", "layers": [-1], "pooling": ["mean"]}
 
 
@@ -20,8 +24,17 @@ EMBED = {"prompt": "hello", "layers": [-1], "pooling": ["mean"]}
     ("path", "body", "status", "field", "says"),
     [
         ("/semantic_embed", {"prompt": [{"type": "image", "data": "iVBORw0KGgo="}]}, 400, "prompt", "does not accept images"),
-        ("/semantic_embed", {"prompt": [CONTROLLED_TEXT]}, 400, "prompt", CONTROLS),
-        ("/semantic_embed", {"contextual_control_threshold": 0.7}, 400, "contextual_control_threshold", CONTROLS),
+        ("/semantic_embed", controlled({"start": 1, "length": 2, "factor": 2.0}), 400, "prompt.controls.start", "[1, 3) is outside"),
+        ("/semantic_embed", controlled({"start": -1, "length": 1, "factor": 2.0}), 400, "prompt.controls.start", "outside its text"),
+        ("/semantic_embed", controlled({"start": 0, "length": 1, "factor": -0.5}), 400, "prompt.controls.factor", ">= 0"),
+        ("/semantic_embed", controlled({"start": 0, "length": 1, "factor": 1, "token_overlap": "most"}), 400,
+         "prompt.controls.token_overlap", "'most'"),
+        ("/semantic_embed", controlled({"index": 2, "factor": 0.5}, "token_ids"), 400, "prompt.controls.index", "outside its item of 2"),
+        ("/semantic_embed", controlled({"index": 0, "factor": "big"}, "token_ids"), 400, "prompt", ""),
+        ("/batch_semantic_embed", {"prompt": None, "prompts": ["ok", controlled({"index": 0, "factor": -1}, "token_ids")["prompt"]]},
+         400, "prompts.controls.factor", "'prompts[1]'"),
+        ("/embed", {**EMBED, **controlled({"start": 0, "length": 9, "factor": 0})}, 400, "prompt.controls.start", "outside"),
+        ("/semantic_embed", {"contextual_control_threshold": "near"}, 400, "contextual_control_threshold", ""),
         ("/semantic_embed", {"hosting": "elsewhere"}, 400, "hosting", ""),
         ("/semantic_embed", {"compress_to_size": 64}, 400, "compress_to_size", "[128]"),
         ("/semantic_embed", {"representation": "sideways"}, 400, "representation", "symmetric"),

@@ -22,7 +22,6 @@ def test_items_concatenate_in_order_after_the_prefix(tokenizer):
     ("items", "says"),
     [
         ([PromptItem("image", "iVBORw0KGgo=")], "'prompts[3]': this model does not accept images"),
-        ([PromptItem("text", "hi", has_controls=True)], "'prompts[3]': attention controls are not supported yet"),
         ([PromptItem("token_ids", [101, 10**9])], "'prompts[3]' holds token id 1000000000"),
         ([PromptItem("token_ids", [])], "'prompts[3]' must not be empty"),
         ([], "'prompts[3]' must not be empty"),

@@ -5,6 +5,9 @@ All their rows are pooled, cut to their real lengths, sorted by length and run i
 each slice's longest row: the padding a length-sorted in-process caller would have, however the rows
 arrived. Outputs go back to each request at the width it was sent with; padded positions hold zeros.
 
+The same file serves the encoder with attention controls, whose graph also takes a factor per position
+(CONTROL_FACTORS, gathered like the ids, 1 at padding) and a mode per row (CONTROL_LOG_ADDITIVE).
+
 GPU deployments replace this model with Triton's onnxruntime or tensorrt backend on the same ONNX and
 the same tensor names.
 """
@@ -78,6 +81,7 @@ class TritonPythonModel:
         self.alone_session = _session(model_file, int(params["alone_intra_op_threads"]))
         self.siblings = Siblings(args["model_repository"], args["model_instance_name"])
         self.slice_rows = int(params["slice_rows"])
+        self.controlled = "control_factors" in {i.name for i in self.busy_session.get_inputs()}
         # The exported outputs name their axes: [batch, sequence, hidden] and [batch, layers, sequence, hidden].
         self.output_axes = {o.name: o.shape for o in self.busy_session.get_outputs()}
         # Where the sequence axis is in one row of each output.
@@ -96,14 +100,17 @@ class TritonPythonModel:
         return responses
 
     def _encode(self, requests, wanted: tuple) -> list[list]:
-        ids = [pb_utils.get_input_tensor_by_name(r, "INPUT_IDS").as_numpy() for r in requests]
-        masks = [pb_utils.get_input_tensor_by_name(r, "ATTENTION_MASK").as_numpy() for r in requests]
+        ids = [self._input(r, "INPUT_IDS") for r in requests]
+        masks = [self._input(r, "ATTENTION_MASK") for r in requests]
         all_ids = np.concatenate([a.reshape(-1) for a in ids])
         # Row r of the pooled batch starts at starts[r] in the flattened inputs and has lengths[r] real tokens.
         widths = np.concatenate([np.full(a.shape[0], a.shape[1]) for a in ids])
         starts = np.concatenate([[0], np.cumsum(widths)[:-1]])
         lengths = np.concatenate([m.sum(axis=1) for m in masks])
         first_row = np.concatenate([[0], np.cumsum([a.shape[0] for a in ids])])
+        if self.controlled:
+            all_factors = np.concatenate([self._input(r, "CONTROL_FACTORS").reshape(-1) for r in requests])
+            modes = np.concatenate([self._input(r, "CONTROL_LOG_ADDITIVE").reshape(-1) for r in requests])
 
         outputs = {name: [np.zeros(self._output_shape(name, *a.shape), dtype=np.float32) for a in ids] for name in wanted}
         request_of_row = np.repeat(np.arange(len(ids)), [a.shape[0] for a in ids])
@@ -113,10 +120,11 @@ class TritonPythonModel:
             width = max(int(lengths[rows].max()), 1)
             columns = starts[rows, None] + np.arange(width)
             valid = np.arange(width) < lengths[rows, None]
-            feeds = {
-                "input_ids": np.where(valid, all_ids[np.minimum(columns, len(all_ids) - 1)], 0),
-                "attention_mask": valid.astype(np.int64),
-            }
+            gathered = np.minimum(columns, len(all_ids) - 1)
+            feeds = {"input_ids": np.where(valid, all_ids[gathered], 0), "attention_mask": valid.astype(np.int64)}
+            if self.controlled:
+                feeds["control_factors"] = np.where(valid, all_factors[gathered], 1.0).astype(np.float32)
+                feeds["control_log_additive"] = modes[rows, None]
             # Chosen per slice, not per batch: a long batch started alone gives up the second core within
             # one slice of another instance starting.
             session = self.busy_session if self.siblings.others_busy() else self.alone_session
@@ -128,6 +136,10 @@ class TritonPythonModel:
                     real = (slice(None),) * self.row_sequence_axis[name] + (slice(0, lengths[row]),)
                     target[real] = result[slot][real]
         return [[pb_utils.Tensor(name, outputs[name][i]) for name in wanted] for i in range(len(ids))]
+
+    @staticmethod
+    def _input(request, name: str) -> np.ndarray:
+        return pb_utils.get_input_tensor_by_name(request, name).as_numpy()
 
     def _output_shape(self, name: str, rows: int, width: int) -> tuple:
         axes = self.output_axes[ONNX_NAMES[name]]

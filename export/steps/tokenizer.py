@@ -2,8 +2,10 @@
 
 Each request is padded to its longest sequence. Where length buckets are configured (GPU encoders,
 whose dynamic batcher merges only equal shapes) it is padded to the smallest bucket that holds it.
-The same file serves two models: `tokenizer` (input TEXT) and `token_ids` (input TOKEN_IDS, used as
-they are and framed by the model's special tokens like a text would be).
+The same file serves three models: `tokenizer` (input TEXT), `token-ids` (input TOKEN_IDS, used as
+they are and framed by the model's special tokens like a text would be) and `controlled-ids` (TOKEN_IDS
+with a CONTROL_FACTORS row each, framed and padded alongside with 1: special tokens and padding are never
+controlled).
 """
 
 import json
@@ -44,6 +46,7 @@ class TritonPythonModel:
         self.truncating.enable_truncation(self.max_length)
         self.prefix, self.suffix = _special_token_frame(self.tokenizer)
         self.input_name = config["input"][0]["name"]
+        self.controlled = any(i["name"] == "CONTROL_FACTORS" for i in config["input"])
 
     def _encode_texts(self, texts: list[str]) -> list[tuple[list[int], int]]:
         """(ids cut to max_length, untruncated count): the gateway rejects or accepts overlong texts."""
@@ -63,10 +66,14 @@ class TritonPythonModel:
             result.append((self.prefix + content[:room] + self.suffix, len(self.prefix) + len(content) + len(self.suffix)))
         return result
 
+    def _frame_factors(self, rows: np.ndarray) -> list[list[float]]:
+        room = self.max_length - len(self.prefix) - len(self.suffix)
+        return [[1.0] * len(self.prefix) + row.tolist()[:room] + [1.0] * len(self.suffix) for row in rows]
+
     def _bucket(self, length: int) -> int:
         return next((b for b in self.buckets if b >= length), length)
 
-    def _response(self, sequences: list[tuple[list[int], int]]):
+    def _response(self, sequences: list[tuple[list[int], int]], factors: list[list[float]] | None = None):
         width = self._bucket(max(len(ids) for ids, _ in sequences))
         input_ids = np.full((len(sequences), width), self.pad_id, dtype=np.int64)
         attention_mask = np.zeros((len(sequences), width), dtype=np.int64)
@@ -74,15 +81,21 @@ class TritonPythonModel:
             input_ids[row, : len(ids)] = ids
             attention_mask[row, : len(ids)] = 1
         counts = np.array([[count] for _, count in sequences], dtype=np.int32)
-        return pb_utils.InferenceResponse(
-            output_tensors=[
-                pb_utils.Tensor("INPUT_IDS", input_ids),
-                pb_utils.Tensor("ATTENTION_MASK", attention_mask),
-                pb_utils.Tensor("TOKEN_COUNT", counts),
-            ]
-        )
+        tensors = [
+            pb_utils.Tensor("INPUT_IDS", input_ids),
+            pb_utils.Tensor("ATTENTION_MASK", attention_mask),
+            pb_utils.Tensor("TOKEN_COUNT", counts),
+        ]
+        if factors is not None:
+            padded = np.ones((len(sequences), width), dtype=np.float32)
+            for row, values in enumerate(factors):
+                padded[row, : len(values)] = values
+            tensors.append(pb_utils.Tensor("CONTROL_FACTORS", padded))
+        return pb_utils.InferenceResponse(output_tensors=tensors)
 
     def execute(self, requests):
+        if self.controlled:
+            return [self._answer(self._frame_ids(self._input(r)), self._frame_factors(self._factors(r))) for r in requests]
         if self.input_name != "TEXT":
             return [self._answer(self._frame_ids(self._input(r))) for r in requests]
         # One encode_batch for every text of every request: per call overhead is paid once per batch.
@@ -103,12 +116,15 @@ class TritonPythonModel:
             start += count
         return responses
 
-    def _answer(self, sequences):
+    def _answer(self, sequences, factors=None):
         """The response for one request; a request that cannot be padded (no rows) fails alone."""
         try:
-            return self._response(sequences)
+            return self._response(sequences, factors)
         except ValueError as error:
             return _error(error)
 
     def _input(self, request) -> np.ndarray:
         return pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy()
+
+    def _factors(self, request) -> np.ndarray:
+        return pb_utils.get_input_tensor_by_name(request, "CONTROL_FACTORS").as_numpy()
