@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import functools
 import inspect
 import logging
+import math
+import re
 
 import grpc
 import numpy as np
@@ -34,7 +34,7 @@ def _optional(message, field: str):
 
 def _enum_name(enum, value: int) -> str:
     """'POOLING_WEIGHTED_MEAN' -> 'weighted_mean'; a value this server does not know reaches the core's check as is."""
-    prefix = enum.DESCRIPTOR.name.upper() + "_"
+    prefix = re.sub(r"(?<!^)(?=[A-Z])", "_", enum.DESCRIPTOR.name).upper() + "_"  # TokenOverlap -> TOKEN_OVERLAP_
     return enum.Name(value).removeprefix(prefix).lower() if value in enum.values() else str(value)
 
 
