@@ -71,13 +71,21 @@ def models(model_name: str):
     return st.sampled_from([model_name] * 20 + ["", "no-such-model", "ALL-MINILM-L6-V2", "é\u0000", "\ud800"])
 
 
+factor = st.sampled_from([0.0, 0.1, 1.0, 10.0, 1e30, 1e300]) | st.floats(allow_nan=True, allow_infinity=True) | small_int | huge_int
+text_control = st.fixed_dictionaries(
+    {"start": small_int | huge_int, "length": small_int | huge_int, "factor": factor},
+    optional={"token_overlap": st.sampled_from(["partial", "complete", "most", "", None])},
+)
+token_control = st.fixed_dictionaries({"index": small_int | huge_int, "factor": factor})
+
+
 def aleph_alpha_item():
     return st.fixed_dictionaries(
         {
             "type": st.sampled_from(["text", "token_ids", "image", "video", ""]),
             "data": short_text | st.lists(token_id, max_size=6) | wild,
         },
-        optional={"controls": st.lists(wild, max_size=2) | st.none()},
+        optional={"controls": st.lists(text_control | token_control | wild, max_size=3) | st.none()},
     )
 
 
@@ -348,6 +356,13 @@ def maybe(strategy):
     return st.none() | strategy
 
 
+grpc_factor = st.sampled_from([0.0, 0.1, 1.0, 10.0, 1e30]) | st.floats(allow_nan=True, allow_infinity=True)
+grpc_text_control = st.builds(
+    pb.TextControl, start=st.integers(0, 20) | uint32, length=st.integers(0, 20) | uint32, factor=grpc_factor, token_overlap=st.integers(0, 3)
+)
+grpc_token_control = st.builds(pb.TokenControl, index=st.integers(0, 8) | uint32, factor=grpc_factor)
+
+
 @st.composite
 def prompts(draw) -> pb.Prompt:
     items = []
@@ -359,7 +374,11 @@ def prompts(draw) -> pb.Prompt:
             items.append(pb.PromptItem(token_ids=pb.TokenIds(ids=draw(st.lists(uint32 | st.integers(0, VOCAB - 1), max_size=6)))))
         else:
             items.append(pb.PromptItem())  # neither text nor token_ids
+        # Controls of either kind on any item: the wrong kind for the item is refused too.
+        items[-1].text_controls.extend(draw(st.lists(grpc_text_control, max_size=2)))
+        items[-1].token_controls.extend(draw(st.lists(grpc_token_control, max_size=2)))
     return pb.Prompt(items=items)
+
 
 
 def with_optionals(message, **optionals):
@@ -387,7 +406,12 @@ def embed_requests(draw, model_name: str) -> pb.EmbedRequest:
 
 def grpc_requests(model_name: str) -> dict:
     model = grpc_models(model_name)
-    semantic_common = dict(representation=enum(4), normalize=st.booleans(), encoding=enum(3))
+    control_options = st.builds(
+        lambda log_additive, threshold: with_optionals(pb.ControlOptions(), log_additive=log_additive, contextual_threshold=threshold),
+        maybe(st.booleans()),
+        maybe(st.floats(allow_nan=True, allow_infinity=True)),
+    )
+    semantic_common = dict(representation=enum(4), normalize=st.booleans(), encoding=enum(3), controls=control_options)
     return {
         "Embed": embed_requests(model_name),
         "SemanticEmbed": st.builds(
@@ -411,6 +435,7 @@ def grpc_requests(model_name: str) -> dict:
             tokens=st.booleans(),
             normalize=st.booleans(),
             encoding=enum(3),
+            controls=control_options,
         ),
         "Tokenize": st.builds(pb.TokenizeRequest, model=model, prompt=proto_text),
         "Detokenize": st.builds(

@@ -244,3 +244,19 @@ def test_a_removed_model_is_dropped_cleanly_on_restart(tmp_path, repository):
         assert not any(name.startswith(("distilbert-max", "qwen3-embedding")) for name in loaded), loaded
     finally:
         running.stop()
+
+
+@pytest.mark.parametrize("representation", ["query", "symmetric"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_attention_controls_match_the_reference_for_every_family(served, repository, model_dirs, texts, name, representation):
+    """The controlled cases of tests/test_attention_controls_e2e.py, on each family, with the representation's prompt
+    as the prefix the controls' positions are shifted by."""
+    from tokenizers import Tokenizer
+
+    from tests.test_attention_controls_e2e import assert_cases_match_the_reference, cases, served_vectors
+
+    manifest = json.loads((repository / name / "embedding_manifest.json").read_text())
+    tokenizer = Tokenizer.from_file(str(repository / manifest["tokenizer"]))
+    case_list = cases(texts, lambda text: tokenizer.encode(text, add_special_tokens=False).ids)[::3]
+    vectors = served_vectors(served.http_url, served.grpc_port, name, case_list, representation)
+    assert_cases_match_the_reference(model_dirs[name], manifest["prefixes"][representation], case_list, vectors)
