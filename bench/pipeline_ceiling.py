@@ -28,9 +28,12 @@ def build(repository: Path, target: Path) -> Path:
         raise ValueError(f"the pipeline-ceiling repository must stay out of {MODEL_REPOSITORY}: its vectors are zeros")
     # GPU exports give the encoder to Triton's onnxruntime or TensorRT backend, with lower-case tensor names.
     (manifest_path,) = repository.glob(f"*/{MANIFEST}")
-    encoder = json.loads(manifest_path.read_text())["steps"]["encoder"]
-    if 'backend: "python"' not in (repository / encoder / "config.pbtxt").read_text():
-        raise ValueError(f"{repository} is not a CPU export: its encoder is not a Python-backend step")
+    steps = json.loads(manifest_path.read_text())["steps"]
+    # Both encoders, the plain one and the one with attention controls, answer zeros.
+    encoders = [steps["encoder"], steps["controlled-encoder"]]
+    if any('backend: "python"' not in (repository / encoder / "config.pbtxt").read_text() for encoder in encoders):
+        raise ValueError(f"{repository} is not a CPU export: its encoders are not Python-backend steps")
     shutil.copytree(repository, target, ignore=shutil.ignore_patterns("model.onnx", "__pycache__"))
-    shutil.copy(ZERO_ENCODER, target / encoder / "1" / "model.py")
+    for encoder in encoders:
+        shutil.copy(ZERO_ENCODER, target / encoder / "1" / "model.py")
     return target
