@@ -6,6 +6,7 @@ import orjson
 
 # The gRPC method the load generator calls; its request is EmbedRequest.
 GRPC_EMBED = "/embedding.v1.EmbeddingService/Embed"
+SEMANTIC_EMBED = "/semantic_embed"
 
 
 def _groups(texts: list[str], per_request: int) -> list[list[str]]:
@@ -30,3 +31,15 @@ def grpc_bodies(model: str, texts: list[str], per_request: int, encoding: str) -
 
     wire = pb.VECTOR_ENCODING_PACKED_FLOAT32 if encoding == "packed" else pb.VECTOR_ENCODING_FLOAT
     return [pb.EmbedRequest(model=model, inputs=group, encoding=wire).SerializeToString() for group in _groups(texts, per_request)]
+
+
+def semantic_bodies(model: str, words: list, factor: float | None) -> list[bytes]:
+    """POST /semantic_embed bodies, one sentence each; with a factor, a control on the sentence's content word
+    (bench.control_effect.Case), so the request takes the attention-controlled path."""
+    bodies = []
+    for case in words:
+        prompt = case.text if factor is None else [
+            {"type": "text", "data": case.text, "controls": [{"start": case.start, "length": case.length, "factor": factor}]}
+        ]
+        bodies.append(orjson.dumps({"model": model, "prompt": prompt, "representation": "symmetric"}))
+    return bodies

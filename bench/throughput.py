@@ -6,7 +6,8 @@
 Order of a run, each step printed as it starts:
 1. raw onnxruntime in this process, fp32: the ceiling every service figure is divided by;
 2. the service (gateway + Triton) on the default export: single-text requests at several concurrencies
-   and 100-text requests, over HTTP float, HTTP base64 and gRPC; then passages;
+   and 100-text requests, over HTTP float, HTTP base64 and gRPC; then passages; then single sentences over
+   /semantic_embed without and with an attention control on a content word (the controlled path);
 3. the pipeline ceiling: the same service on a bench-only copy of the export whose encoder answers zeros at
    no cost (bench/pipeline_ceiling.py), single texts over HTTP float at c1, c32 and c128 and gRPC at c128:
    the most the rest of the pipeline can carry;
@@ -31,6 +32,7 @@ from pathlib import Path
 
 from bench import infinity_peer, pipeline_ceiling, requests, workload
 from bench.cli import command_line, fresh_work_dir
+from bench.control_effect import content_word_cases
 from bench.machine import describe
 from bench.process_stats import PeakSampler, cpu_seconds, machine_ticks, rss_mib
 from bench.raw_onnxruntime import RawEncoder
@@ -202,6 +204,11 @@ def run_service(runner: Runner, label: str, repository: Path, texts: list[str], 
             many = plan.passages_per_request
             runner.measure(label, port, "http", "float", "passages", requests.openai_bodies(model, passages, many, "float"),
                            many, plan.batch_concurrency, pids, service)
+            # The same sentences over /semantic_embed, without and with an attention control on a content word.
+            words = content_word_cases(texts)
+            for encoding, factor in (("semantic_embed", None), ("semantic_embed controlled", 0.0)):
+                runner.measure(label, port, "http", encoding, "sentences", requests.semantic_bodies(model, words, factor),
+                               1, plan.headline_concurrency, pids, service, target=requests.SEMANTIC_EMBED)
         quality = _sts_quality(service, model)
         progress(f"{label} STS Spearman {quality:.4f}")
         return {"idle_memory_mib": idle, "sts_spearman": quality}

@@ -13,8 +13,9 @@ from contextlib import contextmanager
 
 import torch
 
-# Masked positions hold about finfo.min (fp32) or -65504 (fp16 graphs); real scores are never near this.
-MASKED_BELOW = -1.0e4
+# Masked positions hold about finfo.min in fp32 graphs and -65504 plus the score in fp16 ones (the conversion turns
+# finfo.min into fp16's lowest); real attention scores stay within a few hundred of 0.
+MASKED_BELOW = -5.0e3
 
 
 def controlled_scores(scores: torch.Tensor, factors: torch.Tensor, log_additive: torch.Tensor) -> torch.Tensor:

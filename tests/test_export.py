@@ -31,10 +31,13 @@ def test_int8_export_passes_validation_and_is_smaller(tmp_path):
     result = export("--precision", "int8", "--output-dir", str(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "cosine min" in result.stdout
+    # The controlled graph is quantized too and checked against the plain one (int8 rounding is its only difference).
+    assert "attention-controlled graph with no position controlled" in result.stdout
     assert manifest(tmp_path)["precision"] == "int8"
-    encoder = manifest(tmp_path)["steps"]["encoder"]
-    fp32_size = (ROOT / "model_repository" / encoder / "1" / "model.onnx").stat().st_size
-    assert (tmp_path / encoder / "1" / "model.onnx").stat().st_size < fp32_size / 2
+    for role in ("encoder", "controlled-encoder"):
+        encoder = manifest(tmp_path)["steps"][role]
+        fp32_size = (ROOT / "model_repository" / encoder / "1" / "model.onnx").stat().st_size
+        assert (tmp_path / encoder / "1" / "model.onnx").stat().st_size < fp32_size / 2
 
 
 def test_gpu_target_uses_tritons_onnxruntime_backend_on_the_gpu(gpu_repository):
@@ -46,6 +49,13 @@ def test_gpu_target_uses_tritons_onnxruntime_backend_on_the_gpu(gpu_repository):
         assert f'name: "{name}"' in config
     assert not (gpu_repository / steps["encoder"] / "1" / "model.py").exists()
     assert "KIND_CPU" in (gpu_repository / steps["tokenizer"] / "config.pbtxt").read_text()
+    # The attention-controlled encoder gets the same backend, with its control tensors by their ONNX names.
+    controlled = (gpu_repository / steps["controlled-encoder"] / "config.pbtxt").read_text()
+    assert 'backend: "onnxruntime"' in controlled and "KIND_GPU" in controlled
+    for name in ("input_ids", "attention_mask", "control_factors", "control_log_additive"):
+        assert f'name: "{name}"' in controlled
+    ensemble = (gpu_repository / f"{manifest(gpu_repository)['name']}-ids-controlled" / "config.pbtxt").read_text()
+    assert 'key: "control_log_additive" value: "CONTROL_LOG_ADDITIVE"' in ensemble
 
 
 def test_fp16_export_keeps_float32_inputs_and_outputs(gpu_repository):
@@ -71,3 +81,26 @@ def test_second_run_reuses_the_export(tmp_path):
     assert export("--output-dir", str(tmp_path)).returncode == 0
     again = export("--output-dir", str(tmp_path))
     assert again.returncode == 0 and "up to date" in again.stdout
+
+
+def test_fp16_controlled_encoder_takes_controls_like_the_fp32_one(gpu_repository):
+    """The GPU graph's controls, run here by onnxruntime on the CPU: in fp16 the masks and constants change (finfo.min
+    becomes -65504), and padding must still be told from real keys with a control of 0 or 10 in either mode."""
+    import numpy as np
+    import onnxruntime as ort
+
+    role = manifest(gpu_repository)["steps"]["controlled-encoder"]
+    fp16 = ort.InferenceSession(str(gpu_repository / role / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    fp32 = ort.InferenceSession(str(ROOT / "model_repository" / role / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    ids = np.array([[101, 2023, 2003, 1037, 3899, 2770, 1999, 1996, 2380, 102], [101, 2023, 2003, 102, 0, 0, 0, 0, 0, 0]])
+    mask = (ids > 0).astype(np.int64)
+    for factor, log_additive in [(0.0, True), (10.0, True), (0.0, False), (10.0, False)]:
+        factors = np.ones(ids.shape, dtype=np.float32)
+        factors[:, 2] = factor
+        feeds = {"input_ids": ids, "attention_mask": mask, "control_factors": factors, "control_log_additive": np.full((2, 1), log_additive)}
+        vectors = []
+        for session in (fp16, fp32):
+            (tokens,) = session.run(["token_embeddings"], feeds)
+            vectors.append((tokens * mask[..., None]).sum(1) / mask.sum(1, keepdims=True))
+        cosine = (vectors[0] * vectors[1]).sum(1) / (np.linalg.norm(vectors[0], axis=1) * np.linalg.norm(vectors[1], axis=1))
+        assert cosine.min() >= 0.999, (factor, log_additive, cosine)
