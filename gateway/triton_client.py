@@ -38,6 +38,11 @@ def _backend_error(error: InferenceServerException) -> ServiceError:
     return internal()
 
 
+# Token id rows sent to Triton are padded with ID_PADDING (never a token id: the gateway refuses negative ids) to a
+# multiple of ID_WIDTH_STEP; the token-ids steps drop it. Without it every distinct length would be a lane of its own.
+ID_PADDING = -1
+ID_WIDTH_STEP = 16
+
 # Rows per chunk when a long list is split by length, and per call when chunks share one: small enough that one
 # long text pads few others, and the unit in which the scheduler lets a small request overtake a big one.
 SORTED_CHUNK = 32
@@ -127,25 +132,30 @@ class TritonClient:
         output: str = "EMBEDDING",
         controls: tuple[list[np.ndarray], bool] | None = None,
     ) -> ChunkedInput:
-        """Like text_input for token id sequences; sequences of equal length share a chunk (and a lane).
+        """Like text_input for token id sequences. Rows are padded with ID_PADDING to a multiple of ID_WIDTH_STEP, so
+        that sequences of nearby lengths share a chunk and a lane, which the scheduler coalesces across requests.
 
         controls: per sequence its factors, and the mode, for an ensemble that takes attention controls.
         """
-        by_length: dict[int, list[int]] = {}
+        by_width: dict[int, list[int]] = {}
         for index, ids in enumerate(sequences):
-            by_length.setdefault(len(ids), []).append(index)
+            by_width.setdefault(-(-len(ids) // ID_WIDTH_STEP) * ID_WIDTH_STEP, []).append(index)
         size = min(max_batch, SORTED_CHUNK)
-        members = [rows[i : i + size] for rows in by_length.values() for i in range(0, len(rows), size)]
+        members = [(width, rows[i : i + size]) for width, rows in by_width.items() for i in range(0, len(rows), size)]
         request_id = request_context.current_request_id()
         chunks = []
-        for part in members:
-            lane = Lane(ensemble, "TOKEN_IDS", "INT64", output, priority, size, (len(sequences[part[0]]),))
-            ids = np.array([sequences[i] for i in part], dtype=np.int64)
+        for width, part in members:
+            lane = Lane(ensemble, "TOKEN_IDS", "INT64", output, priority, size, (width,))
+            ids = np.full((len(part), width), ID_PADDING, dtype=np.int64)
+            for row, index in enumerate(part):
+                ids[row, : len(sequences[index])] = sequences[index]
             if controls is not None:
-                factors, log_additive = controls
-                ids = _controlled_rows(ids, np.array([factors[i] for i in part], dtype=np.float32), log_additive)
+                factors = np.ones((len(part), width), dtype=np.float32)
+                for row, index in enumerate(part):
+                    factors[row, : len(sequences[index])] = controls[0][index]
+                ids = _controlled_rows(ids, factors, controls[1])
             chunks.append(Chunk(lane, ids, request_id))
-        return ChunkedInput(chunks, members, len(sequences))
+        return ChunkedInput(chunks, [part for _, part in members], len(sequences))
 
 
 def _controlled_rows(ids: np.ndarray, factors: np.ndarray, log_additive: bool) -> np.ndarray:

@@ -3,7 +3,7 @@
 Each request is padded to its longest sequence. Where length buckets are configured (GPU encoders,
 whose dynamic batcher merges only equal shapes) it is padded to the smallest bucket that holds it.
 The same file serves three models: `tokenizer` (input TEXT), `token-ids` (input TOKEN_IDS, used as
-they are and framed by the model's special tokens like a text would be) and `controlled-ids` (TOKEN_IDS
+they are, without any -1 padding, and framed by the model's special tokens like a text would be) and `controlled-ids` (TOKEN_IDS
 with a CONTROL_FACTORS row each, framed and padded alongside with 1: special tokens and padding are never
 controlled).
 """
@@ -16,6 +16,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from tokenizers import Tokenizer
 
+# Pads rows of token ids of different lengths sent in one request; dropped before framing (ids are never negative).
+ID_PADDING = -1
 # Batches here are a few short texts; tokenizers' thread pool costs more than it saves on 2 shared cores.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -62,13 +64,14 @@ class TritonPythonModel:
         room = self.max_length - len(self.prefix) - len(self.suffix)
         result = []
         for row in rows:
-            content = row.tolist()
+            content = row[row != ID_PADDING].tolist()
             result.append((self.prefix + content[:room] + self.suffix, len(self.prefix) + len(content) + len(self.suffix)))
         return result
 
-    def _frame_factors(self, rows: np.ndarray) -> list[list[float]]:
+    def _frame_factors(self, id_rows: np.ndarray, rows: np.ndarray) -> list[list[float]]:
         room = self.max_length - len(self.prefix) - len(self.suffix)
-        return [[1.0] * len(self.prefix) + row.tolist()[:room] + [1.0] * len(self.suffix) for row in rows]
+        frame = [1.0] * len(self.prefix), [1.0] * len(self.suffix)
+        return [frame[0] + row[ids != ID_PADDING].tolist()[:room] + frame[1] for ids, row in zip(id_rows, rows)]
 
     def _bucket(self, length: int) -> int:
         return next((b for b in self.buckets if b >= length), length)
@@ -95,7 +98,7 @@ class TritonPythonModel:
 
     def execute(self, requests):
         if self.controlled:
-            return [self._answer(self._frame_ids(self._input(r)), self._frame_factors(self._factors(r))) for r in requests]
+            return [self._answer(self._frame_ids(self._input(r)), self._frame_factors(self._input(r), self._factors(r))) for r in requests]
         if self.input_name != "TEXT":
             return [self._answer(self._frame_ids(self._input(r))) for r in requests]
         # One encode_batch for every text of every request: per call overhead is paid once per batch.
