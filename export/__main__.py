@@ -96,6 +96,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-batch-size", type=int, default=64, help="largest batch a model takes, in rows; the gateway splits bigger requests. It bounds one encoder execution, and so how long a newly queued request (a `nice=false` one behind a nice load, say) can wait for an instance")
     parser.add_argument("--queue-delay-us", type=int, default=0, help="how long the dynamic batchers wait to fill a batch (0: take what queued while the model was busy)")
     parser.add_argument("--encoder-instances", type=int, default=len(os.sched_getaffinity(0)), help="CPU encoder instances (default: one per core)")
+    parser.add_argument(
+        "--controlled-encoder-instances",
+        type=int,
+        default=1,
+        help="CPU instances of the encoder with attention controls (default 1: each holds the model twice, and alone it uses every core)",
+    )
     parser.add_argument("--intra-op-threads", type=int, default=1, help="onnxruntime threads per CPU encoder instance while another instance is busy")
     parser.add_argument("--alone-intra-op-threads", type=int, default=len(os.sched_getaffinity(0)), help="onnxruntime threads of a CPU encoder instance that runs alone (default: one per core)")
     parser.add_argument("--slice-rows", type=int, default=8, help="rows per onnxruntime run of the CPU encoder, which sorts a batch's rows by length first")
@@ -284,6 +290,7 @@ def _build(args: argparse.Namespace, source, model_dir: Path, fingerprint: str, 
         length_buckets=_length_buckets(args, max_length),
         queue_delay_us=args.queue_delay_us,
         encoder_instances=args.encoder_instances,
+        controlled_encoder_instances=args.controlled_encoder_instances,
         intra_op_threads=args.intra_op_threads,
         alone_intra_op_threads=args.alone_intra_op_threads,
         slice_rows=args.slice_rows,

@@ -41,6 +41,7 @@ class RepositoryOptions:
     length_buckets: tuple[int, ...]  # empty: each request padded to its own longest sequence
     queue_delay_us: int
     encoder_instances: int
+    controlled_encoder_instances: int
     intra_op_threads: int
     alone_intra_op_threads: int
     slice_rows: int
@@ -151,7 +152,8 @@ def _encoder_config(name: str, source: SourceModel, options: RepositoryOptions, 
             alone_intra_op_threads=str(options.alone_intra_op_threads),
             slice_rows=str(options.slice_rows),
         )
-        return _model_config(name, 'backend: "python"', inputs, outputs, options, params=params, instances=options.encoder_instances)
+        instances = options.controlled_encoder_instances if controlled else options.encoder_instances
+        return _model_config(name, 'backend: "python"', inputs, outputs, options, params=params, instances=instances)
     # Triton's ONNX and TensorRT backends bind tensors by name, so the config speaks the ONNX names.
     onnx_inputs = [(n.lower(), t, d) for n, t, d, _ in inputs]
     onnx_outputs = [(n.lower(), t, d) for n, t, d in outputs]
