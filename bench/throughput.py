@@ -105,7 +105,8 @@ def _encoder_counts(service: RunningService) -> tuple[int, int]:
     return sum(int(s["inference_count"]) for s in encoders), sum(int(s["execution_count"]) for s in encoders)
 
 
-def _load(spec: dict, work: Path) -> dict:
+def run_load(spec: dict, work: Path) -> dict:
+    """One load generator run in its own process: its result (requests/s, latencies, errors)."""
     spec_path, result_path = work / "spec.pickle", work / "result.json"
     spec_path.write_bytes(pickle.dumps(spec))
     timeout = spec["warmup_s"] + spec["duration_s"] + 120
@@ -132,7 +133,7 @@ class Runner:
         cpu_root = next(iter(pids.values()))[0]
         cpu_before, ticks_before, started = cpu_seconds(cpu_root), machine_ticks(), time.monotonic()
         with PeakSampler(pids) as memory:
-            result = _load(spec, self.work)
+            result = run_load(spec, self.work)
         elapsed, cpu_after = time.monotonic() - started, cpu_seconds(cpu_root)
         idle, steal, total = (after - before for after, before in zip(machine_ticks(), ticks_before))
         cpu_share = {k: round((v - cpu_before.get(k, 0.0)) / elapsed, 3) for k, v in cpu_after.items() if v > cpu_before.get(k, 0.0)}

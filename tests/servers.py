@@ -97,15 +97,17 @@ def start_service(
     extra_args: list[str] = (),
     timeout_s: float = 180,
     wait_healthy: bool = True,
+    root: Path = ROOT,
 ) -> RunningService:
-    """The gateway once /health says ok, or (wait_healthy=False) once it answers at all.
+    """The gateway once /health says ok, or (wait_healthy=False) once it answers at all. `root` is the checkout whose
+    gateway runs (another revision's, for a comparison).
 
     A free port can be taken by another process between free_ports() and the server binding it; the start
     is then tried again on new ports rather than failing the test.
     """
     for attempt in range(3):
         try:
-            return _start_service(run_dir, model_repository, extra_args, timeout_s, wait_healthy)
+            return _start_service(run_dir, model_repository, extra_args, timeout_s, wait_healthy, root)
         except PortTaken:
             if attempt == 2:
                 raise
@@ -116,7 +118,7 @@ class PortTaken(RuntimeError):
     pass
 
 
-def _start_service(run_dir: Path, model_repository: Path, extra_args, timeout_s: float, wait_healthy: bool) -> RunningService:
+def _start_service(run_dir: Path, model_repository: Path, extra_args, timeout_s: float, wait_healthy: bool, root: Path) -> RunningService:
     http, grpc, t_http, t_grpc, t_metrics = free_ports(5)
     run_dir.mkdir(parents=True, exist_ok=True)
     command = [
@@ -126,7 +128,7 @@ def _start_service(run_dir: Path, model_repository: Path, extra_args, timeout_s:
         f"--model-repository={model_repository}", f"--run-dir={run_dir}", *extra_args,
     ]
     log = open(run_dir / "gateway.log", "wb")
-    process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(command, cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stdout=log, stderr=subprocess.STDOUT)
     service = RunningService(process, run_dir, http, grpc, t_http, t_grpc, t_metrics)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
