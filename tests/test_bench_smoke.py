@@ -30,7 +30,7 @@ def test_smoke_run_writes_every_part_of_the_report(tmp_path):
     servers = {m["server"] for m in results["measurements"]}
     assert servers == {"service", CEILING, "infinity-emb", "service int8"}
     protocols = {(m["protocol"], m["encoding"]) for m in results["measurements"] if m["server"] == "service"}
-    assert protocols == {("http", "float"), ("grpc", "float")}
+    assert protocols == {("http", "float"), ("grpc", "float"), ("http", "semantic_embed"), ("http", "semantic_embed controlled")}
     ceiling = [m for m in results["measurements"] if m["server"] == CEILING]
     assert {(m["protocol"], m["encoding"], m["concurrency"]) for m in ceiling} == {tuple(p) for p in results["plan"]["ceiling_points"]}
     assert all(m["texts_per_request"] == 1 and m["encoder_batch"] >= 1 for m in ceiling), ceiling
@@ -42,7 +42,10 @@ def test_smoke_run_writes_every_part_of_the_report(tmp_path):
         assert all(mib > 0 for mib in m["memory_mib"].values()), m
     assert any(m["loadgen_cpu_share"] > 0 for m in results["measurements"])
     service_runs = [m for m in results["measurements"] if m["server"] != "infinity-emb"]
-    assert all({"gateway", "tritonserver", "tokenizer", "encoder", "pooling"} <= set(m["cpu_share"]) for m in service_runs)
+    # Controlled prompts are tokenized by the gateway and enter Triton at the controlled-ids step.
+    controlled = [m for m in service_runs if m["encoding"] == "semantic_embed controlled"]
+    assert all({"gateway", "tritonserver", "controlled-ids", "encoder", "pooling"} <= set(m["cpu_share"]) for m in controlled)
+    assert all({"gateway", "tritonserver", "tokenizer", "encoder", "pooling"} <= set(m["cpu_share"]) for m in service_runs if m not in controlled)
     # The zero encoder does no encoding: a small part of what the real one costs at the same point.
     for m in ceiling:
         real = find_measurement(results, "service", m["protocol"], m["encoding"], "sentences", 1, m["concurrency"])
