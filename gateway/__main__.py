@@ -182,7 +182,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gateway: {refusal}", file=sys.stderr)
         return 2
     authenticator = _authenticator(settings)
-    catalog = Catalog.from_repository(settings.model_repository)
+    try:
+        catalog = Catalog.from_repository(settings.model_repository)
+    except ValueError as error:  # nothing exported yet, or a model exported by an older version
+        print(f"gateway: {error}", file=sys.stderr)
+        return 2
     triton = None
     if settings.triton_url:
         triton_url = settings.triton_url
