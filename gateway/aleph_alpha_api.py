@@ -6,7 +6,6 @@ Works with the unmodified aleph-alpha-client (sync and async); what it sends and
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, TypeAdapter
@@ -87,10 +86,7 @@ class _EmbeddingRequest(BaseModel):
     control_log_additive: StrictBool | None = True
 
     def control_options(self) -> ControlOptions:
-        threshold = self.contextual_control_threshold
-        if threshold is not None and not math.isfinite(threshold):
-            raise invalid(f"'contextual_control_threshold' must be a finite number, got {threshold}", "contextual_control_threshold")
-        return ControlOptions(self.control_log_additive is not False, None if threshold is None else float(threshold))
+        return ControlOptions.checked(self.control_log_additive is not False, self.contextual_control_threshold, "contextual_control_threshold")
 
 
 class SemanticEmbedRequest(_EmbeddingRequest):

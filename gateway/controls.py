@@ -48,6 +48,13 @@ class ControlOptions:
     log_additive: bool = True
     contextual_threshold: float | None = None
 
+    @classmethod
+    def checked(cls, log_additive: bool, threshold: float | None, field: str) -> "ControlOptions":
+        """The options as a transport received them; a threshold that is not a finite number is a 400 naming `field`."""
+        if threshold is not None and not math.isfinite(threshold):
+            raise invalid(f"'{field}' must be a finite number, got {threshold}", field)
+        return cls(log_additive, None if threshold is None else float(threshold))
+
 
 def check(control: Control, item_length: int, where: str, field: str) -> None:
     """A 400 naming the field for a control that cannot apply to its item (of item_length characters or ids)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import math
 import re
 
 import grpc
@@ -69,9 +68,7 @@ def _control_options(request) -> ControlOptions:
         return ControlOptions()  # the OpenAI-shaped Embed, which has no controls
     options = request.controls
     threshold = options.contextual_threshold if options.HasField("contextual_threshold") else None
-    if threshold is not None and not math.isfinite(threshold):
-        raise invalid(f"'controls.contextual_threshold' must be a finite number, got {threshold}", "controls.contextual_threshold")
-    return ControlOptions(options.log_additive if options.HasField("log_additive") else True, threshold)
+    return ControlOptions.checked(options.log_additive if options.HasField("log_additive") else True, threshold, "controls.contextual_threshold")
 
 
 def _semantic_embeddings(result: SemanticEmbedResult, encoding: int) -> list[pb.Embedding]:

@@ -54,16 +54,16 @@ def resolve(
         for control in item.controls:
             check(control, len(item.data), where, f"{field}.controls")
     controlled = any(item.controls for item in items)
-    if len(items) == 1 and items[0].kind == "text":
-        if not items[0].data:
-            raise invalid(f"'{where}' must not be empty", field)
-        if not controlled:
-            return Prompt(text=prefix + items[0].data)
+    single_text = len(items) == 1 and items[0].kind == "text"
+    if single_text and not items[0].data:
+        raise invalid(f"'{where}' must not be empty", field)
+    if single_text and not controlled:
+        return Prompt(text=prefix + items[0].data)
     # Tokenized here: refuse what no tokenizer should spend seconds on.
     for item in items:
         if item.kind == "text" and max_chars is not None and len(item.data) > max_chars:
             raise invalid(f"'{where}' holds a text of {len(item.data)} characters, more than the model can read ({max_chars})", field)
-    if len(items) == 1 and items[0].kind == "text":
+    if single_text:
         # Tokenized with its prefix as one string, as the uncontrolled text is, so a factor of 1 changes nothing.
         encoding = tokenizer.encode(prefix + items[0].data, add_special_tokens=False)
         controls = tuple(PositionControl(tuple(span_positions(encoding, c, len(prefix))), c.factor) for c in items[0].controls)

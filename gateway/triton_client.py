@@ -146,16 +146,20 @@ class TritonClient:
         chunks = []
         for width, part in members:
             lane = Lane(ensemble, "TOKEN_IDS", "INT64", output, priority, size, (width,))
-            ids = np.full((len(part), width), ID_PADDING, dtype=np.int64)
-            for row, index in enumerate(part):
-                ids[row, : len(sequences[index])] = sequences[index]
+            ids = _right_padded([sequences[i] for i in part], width, ID_PADDING, np.int64)
             if controls is not None:
-                factors = np.ones((len(part), width), dtype=np.float32)
-                for row, index in enumerate(part):
-                    factors[row, : len(sequences[index])] = controls[0][index]
+                # Factors of 1 under the padding: the step drops those positions with the ids anyway.
+                factors = _right_padded([controls[0][i] for i in part], width, 1.0, np.float32)
                 ids = _controlled_rows(ids, factors, controls[1])
             chunks.append(Chunk(lane, ids, request_id))
         return ChunkedInput(chunks, [part for _, part in members], len(sequences))
+
+
+def _right_padded(rows: list, width: int, fill, dtype) -> np.ndarray:
+    padded = np.full((len(rows), width), fill, dtype=dtype)
+    for index, row in enumerate(rows):
+        padded[index, : len(row)] = row
+    return padded
 
 
 def _controlled_rows(ids: np.ndarray, factors: np.ndarray, log_additive: bool) -> np.ndarray:

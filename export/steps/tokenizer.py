@@ -3,9 +3,9 @@
 Each request is padded to its longest sequence. Where length buckets are configured (GPU encoders,
 whose dynamic batcher merges only equal shapes) it is padded to the smallest bucket that holds it.
 The same file serves three models: `tokenizer` (input TEXT), `token-ids` (input TOKEN_IDS, used as
-they are, without any -1 padding, and framed by the model's special tokens like a text would be) and `controlled-ids` (TOKEN_IDS
-with a CONTROL_FACTORS row each, framed and padded alongside with 1: special tokens and padding are never
-controlled).
+they are without their -1 padding, and framed by the model's special tokens like a text would be) and
+`controlled-ids` (TOKEN_IDS with a CONTROL_FACTORS row each, framed and padded alongside with 1: special
+tokens and padding are never controlled).
 """
 
 import json
@@ -60,18 +60,21 @@ class TritonPythonModel:
             result[i] = (encoding.ids, len(encoded[i]))
         return result
 
-    def _frame_ids(self, rows: np.ndarray) -> list[tuple[list[int], int]]:
+    def _frame_ids(self, request) -> tuple[list[tuple[list[int], int]], list[list[float]] | None]:
+        """Each row without its padding, cut to fit and framed by the special tokens, with its untruncated count;
+        and for the controlled model each row's factors cut and framed alike (1 at the special tokens)."""
         room = self.max_length - len(self.prefix) - len(self.suffix)
-        result = []
-        for row in rows:
-            content = row[row != ID_PADDING].tolist()
-            result.append((self.prefix + content[:room] + self.suffix, len(self.prefix) + len(content) + len(self.suffix)))
-        return result
-
-    def _frame_factors(self, id_rows: np.ndarray, rows: np.ndarray) -> list[list[float]]:
-        room = self.max_length - len(self.prefix) - len(self.suffix)
+        rows = self._input(request)
+        real = rows != ID_PADDING
+        sequences = [
+            (self.prefix + row[keep].tolist()[:room] + self.suffix, len(self.prefix) + int(keep.sum()) + len(self.suffix))
+            for row, keep in zip(rows, real)
+        ]
+        if not self.controlled:
+            return sequences, None
         frame = [1.0] * len(self.prefix), [1.0] * len(self.suffix)
-        return [frame[0] + row[ids != ID_PADDING].tolist()[:room] + frame[1] for ids, row in zip(id_rows, rows)]
+        factors = [frame[0] + row[keep].tolist()[:room] + frame[1] for row, keep in zip(self._input(request, "CONTROL_FACTORS"), real)]
+        return sequences, factors
 
     def _bucket(self, length: int) -> int:
         return next((b for b in self.buckets if b >= length), length)
@@ -97,10 +100,8 @@ class TritonPythonModel:
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
     def execute(self, requests):
-        if self.controlled:
-            return [self._answer(self._frame_ids(self._input(r)), self._frame_factors(self._input(r), self._factors(r))) for r in requests]
         if self.input_name != "TEXT":
-            return [self._answer(self._frame_ids(self._input(r))) for r in requests]
+            return [self._answer(*self._frame_ids(r)) for r in requests]
         # One encode_batch for every text of every request: per call overhead is paid once per batch.
         texts, counts, responses = [], [], [None] * len(requests)
         for index, request in enumerate(requests):
@@ -126,8 +127,5 @@ class TritonPythonModel:
         except ValueError as error:
             return _error(error)
 
-    def _input(self, request) -> np.ndarray:
-        return pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy()
-
-    def _factors(self, request) -> np.ndarray:
-        return pb_utils.get_input_tensor_by_name(request, "CONTROL_FACTORS").as_numpy()
+    def _input(self, request, name: str | None = None) -> np.ndarray:
+        return pb_utils.get_input_tensor_by_name(request, name or self.input_name).as_numpy()
