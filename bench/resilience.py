@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import itertools
 import json
 import os
 import signal
@@ -55,15 +56,24 @@ class Load:
     """`concurrency` closed-loop callers posting `texts` to /v1/embeddings until stopped; every outcome is kept.
 
     A caller refused with 429 waits as Retry-After says, or retry_delay_s when given (a client that ignores it).
+    With `distinct`, every call's texts end in a serial number of their own, so that no embedding cache answers them.
     """
 
     def __init__(
-        self, url: str, concurrency: int, texts: list[str], headers: dict[str, str] | None = None, retry_delay_s: float | None = None
+        self,
+        url: str,
+        concurrency: int,
+        texts: list[str],
+        headers: dict[str, str] | None = None,
+        retry_delay_s: float | None = None,
+        distinct: bool = False,
     ):
         self.url = url
         self.retry_delay_s = retry_delay_s
         self.concurrency = concurrency
-        self.body = {"model": MODEL, "input": texts}
+        self.texts = texts
+        self.distinct = distinct
+        self._serials = itertools.count()
         self.headers = headers or {}
         self.outcomes: list[Outcome] = []
         self._stop = asyncio.Event()
@@ -85,7 +95,7 @@ class Load:
         while not self._stop.is_set():
             sent = time.monotonic()
             try:
-                async with self._session.post(f"{self.url}/v1/embeddings", json=self.body, headers=self.headers) as response:
+                async with self._session.post(f"{self.url}/v1/embeddings", json=self._body(), headers=self.headers) as response:
                     body = await response.read()
                     status = response.status
             except aiohttp.ClientError as error:
@@ -94,6 +104,12 @@ class Load:
             if status == 429:
                 delay = self.retry_delay_s if self.retry_delay_s is not None else float(response.headers.get("Retry-After", "1"))
                 await asyncio.sleep(delay)
+
+    def _body(self) -> dict:
+        if not self.distinct:
+            return {"model": MODEL, "input": self.texts}
+        serial = next(self._serials)
+        return {"model": MODEL, "input": [f"{text} ({serial})" for text in self.texts]}
 
     def figures(self, scenario: str) -> Figures:
         statuses = collections.Counter(o.status for o in self.outcomes)

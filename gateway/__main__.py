@@ -21,12 +21,14 @@ from gateway.grpc_server import create_server
 from gateway.http_app import build_app
 from gateway.policy import RequestPolicy
 from gateway.http_server import ConnectionLimits, create_http_server
-from gateway.logs import configure_logging
+from gateway.embedding_cache import EmbeddingCache
+from gateway.logs import configure_logging, redacted_url
 from gateway.metrics import Metrics
 from gateway.scheduler import Scheduler
 from gateway.settings import Settings, parse_settings
 from gateway.supervisor import TritonHealth, TritonSupervisor
 from gateway.triton_client import TritonClient
+from gateway.triton_pool import TritonPool
 from gateway.token_store import StoreUnavailable, open_store
 from gateway.triton_process import TritonPorts, TritonProcess, TritonStartError
 
@@ -59,29 +61,52 @@ def refusal_to_listen(settings: Settings) -> str | None:
     )
 
 
-async def serve(settings: Settings, catalog: Catalog, triton_url: str, process: TritonProcess | None, authenticator) -> None:
-    triton = TritonClient(triton_url)
-    health = TritonHealth(triton)
-    await health.check()
+async def _triton_pool(settings: Settings, process: TritonProcess | None) -> TritonPool:
+    """The Tritons to use: those of --triton-url, or the one the gateway started."""
+    if process is None:
+        try:
+            return await TritonPool.connect(settings.triton_url, dns_refresh_s=settings.triton_dns_refresh_s)
+        except ValueError as error:
+            raise SystemExit(f"gateway: {error}") from None
+    pool = TritonPool([])
+    pool.adopt(TritonHealth(TritonClient(process.grpc_url)))
+    await pool.check()
+    return pool
+
+
+async def serve(settings: Settings, catalog: Catalog, process: TritonProcess | None, authenticator) -> None:
+    pool = await _triton_pool(settings, process)
+    metrics = Metrics()
+    cache = None
+    if settings.cache_url:
+        cache = EmbeddingCache(settings.cache_url, metrics, ttl_s=settings.cache_ttl_s, max_bytes=settings.cache_max_bytes)
     scheduler = Scheduler(
-        health,
-        triton.infer,
+        pool,
+        pool.infer,
         max_pending_texts=settings.max_pending_texts,
         max_rows_in_flight=settings.max_rows_in_flight,
         max_calls_per_lane=settings.max_calls_per_lane,
     )
     service = EmbeddingService(
-        catalog, triton, scheduler, max_inputs=settings.max_inputs, truncate=settings.truncate, timeout_s=settings.request_timeout_s
+        catalog, scheduler, max_inputs=settings.max_inputs, truncate=settings.truncate, timeout_s=settings.request_timeout_s, cache=cache
     )
-    metrics = Metrics()
     metrics.watch_scheduler(lambda: scheduler.rows_in_flight, lambda: scheduler.pending_texts)
-    metrics.watch_triton(lambda: health.ready)
-    background = [asyncio.create_task(health.run())]
+    metrics.watch_triton(lambda: pool.ready_count, lambda: len(pool.endpoints))
+    background = [asyncio.create_task(pool.run())]
+    if cache is not None:
+        background.append(asyncio.create_task(cache.run()))
     if authenticator is not None:
         background.append(asyncio.create_task(authenticator.run()))
     if process is not None:
+        (health,) = (endpoint.health for endpoint in pool.endpoints.values())
         supervisor = TritonSupervisor(process, health, settings.triton_stall_restart_s, on_restart=metrics.triton_restarted)
         background.append(asyncio.create_task(supervisor.run()))
+
+    async def close_clients() -> None:
+        await pool.close()
+        if cache is not None:
+            await cache.close()
+
     limits = ConnectionLimits(settings.header_timeout_s, settings.max_header_bytes, settings.max_headers, settings.max_connections)
     policy = RequestPolicy(
         authenticator,
@@ -105,7 +130,7 @@ async def serve(settings: Settings, catalog: Catalog, triton_url: str, process: 
         grpc_server, grpc_port = create_server(service, settings.host, settings.grpc_port, policy)
     except RuntimeError as error:
         _cancel(background)
-        await triton.close()
+        await close_clients()
         raise SystemExit(f"gateway: {error}") from None
     await grpc_server.start()
     draining: list[asyncio.Task] = []  # holds the drain task so it is not garbage-collected midway
@@ -126,7 +151,7 @@ async def serve(settings: Settings, catalog: Catalog, triton_url: str, process: 
     if http_task.done():
         _cancel(background)
         await grpc_server.stop(0)
-        await triton.close()
+        await close_clients()
         raise SystemExit(f"gateway: could not listen on {settings.host}:{settings.http_port}")
     for model in catalog.models.values():
         print(f"model      {model.name} ({model.model_version}, {model.dimensions} dims)")
@@ -135,27 +160,20 @@ async def serve(settings: Settings, catalog: Catalog, triton_url: str, process: 
     print("           Aleph Alpha: POST /semantic_embed /batch_semantic_embed /embed /tokenize /detokenize, GET /models_available /version")
     print(f"gRPC       {settings.host}:{grpc_port}  (embedding.v1.EmbeddingService, grpc.health.v1.Health, reflection)")
     print("           probes: GET /health/live /health/ready /health; Prometheus: GET /metrics")
-    print(f"Triton     {triton_url} (gRPC, KServe v2)")
+    print(f"Triton     {', '.join(pool.endpoints) or settings.triton_url} (gRPC, KServe v2)")
+    if cache is not None:
+        print(f"cache      {redacted_url(settings.cache_url)} (TTL {settings.cache_ttl_s} s)")
     if authenticator is None:
         print("auth       off (loopback only); turn on with --auth")
     else:
-        print(f"auth       on; tokens in {_redacted(settings.auth_store_location)}; POST /get_token, /users/me/tokens")
+        print(f"auth       on; tokens in {redacted_url(settings.auth_store_location)}; POST /get_token, /users/me/tokens")
     print("ready; Ctrl-C stops", flush=True)
     try:
         await http_task
     finally:
         _cancel(background)
         await grpc_server.stop(settings.shutdown_grace_s)
-        await triton.close()
-
-
-def _redacted(location: str) -> str:
-    """A database location fit to print: a URL's password is replaced."""
-    if "://" not in location or "@" not in location:
-        return location
-    scheme, rest = location.split("://", 1)
-    credentials, host = rest.rsplit("@", 1)
-    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}" if ":" in credentials else location
+        await close_clients()
 
 
 def _authenticator(settings: Settings) -> Authenticator | None:
@@ -164,7 +182,7 @@ def _authenticator(settings: Settings) -> Authenticator | None:
     try:
         return Authenticator(open_store(settings.auth_store_location))
     except StoreUnavailable as error:
-        raise SystemExit(f"gateway: the token store {_redacted(settings.auth_store_location)} is unavailable: {error}") from None
+        raise SystemExit(f"gateway: the token store {redacted_url(settings.auth_store_location)} is unavailable: {error}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,9 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gateway: {error}", file=sys.stderr)
         return 2
     triton = None
-    if settings.triton_url:
-        triton_url = settings.triton_url
-    else:
+    if not settings.triton_url:
         ports = TritonPorts(settings.triton_http_port, settings.triton_grpc_port, settings.triton_metrics_port)
         triton = TritonProcess(settings.model_repository, catalog.triton_models, ports, settings.run_dir, settings.run_dir / "triton.log")
         print(f"starting Triton (log: {triton.log_file})", flush=True)
@@ -199,10 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         except TritonStartError as error:
             print(f"gateway: {error}", file=sys.stderr)
             return 1
-        triton_url = triton.grpc_url
     try:
         # uvloop for the whole gateway: uvicorn's loop="uvloop" only applies when uvicorn creates the loop itself.
-        uvloop.run(serve(settings, catalog, triton_url, triton, authenticator))
+        uvloop.run(serve(settings, catalog, triton, authenticator))
     finally:
         if triton is not None:
             triton.stop(timeout_s=3.0)

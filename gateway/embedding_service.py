@@ -17,13 +17,26 @@ from gateway.controls import ControlOptions, position_factors
 from gateway.deadline import Deadline
 from gateway.errors import invalid
 from gateway.prompts import Prompt, PromptItem, resolve
+from gateway.embedding_cache import EmbeddingCache
 from gateway.scheduler import PRIORITY_NORMAL, Scheduler
-from gateway.triton_client import ChunkedInput, TritonClient
+from gateway.triton_client import ChunkedInput, text_input, token_ids_input
 
 # No token of the models served here spans more characters (WordPiece gives up on words over 100), so a text
 # longer than this many characters per token of the model's limit is over it: refused, or cut when truncating,
 # before anything tokenizes megabytes.
 MAX_CHARS_PER_TOKEN = 100
+
+
+@dataclass(frozen=True)
+class CacheAs:
+    """What a cached vector of this call is filed under: the output's model_version, and its size."""
+
+    model_version: str
+    dimensions: int
+
+    def key(self, model: ServedModel) -> str:
+        # Truncation cuts long texts at the model's limit, which the export chooses: another limit, another vector.
+        return f"{self.model_version}/{model.max_sequence_length}"
 
 
 @dataclass(frozen=True)
@@ -123,11 +136,18 @@ def _account(texts: int, tokens: int) -> None:
 
 class EmbeddingService:
     def __init__(
-        self, catalog: Catalog, triton: TritonClient, scheduler: Scheduler, *, max_inputs: int, truncate: bool, timeout_s: float
+        self,
+        catalog: Catalog,
+        scheduler: Scheduler,
+        *,
+        max_inputs: int,
+        truncate: bool,
+        timeout_s: float,
+        cache: EmbeddingCache | None = None,
     ):
         self.catalog = catalog
-        self.triton = triton
         self.scheduler = scheduler
+        self.cache = cache
         self.health = scheduler.health
         self.max_inputs = max_inputs
         self.truncate_default = truncate
@@ -195,17 +215,14 @@ class EmbeddingService:
         model = self.catalog.get(call.model)
         self._validate(call, model)
         if call.texts is not None:
-            texts = self._capped(call.texts, call.input_field, call.truncate, model)
-            if model.default_prefix:
-                # As sentence-transformers' encode() does with no prompt_name; token ids are taken as they are.
-                texts = [model.default_prefix + text for text in texts]
-            chunked = self.triton.text_input(model.embedding.text, texts, model.max_batch_size, call.priority)
+            # As sentence-transformers' encode() does with no prompt_name; token ids are taken as they are.
+            prompts = [Prompt(text=model.default_prefix + text) for text in call.texts]
         else:
-            chunked = self.triton.token_ids_input(model.embedding.token_ids, call.token_ids, model.max_batch_size, call.priority)
-        ((embeddings, counts),) = await self._run([chunked], call.deadline, call.priority)
-        self._check_lengths(call.input_field, call.truncate, model, counts)
-        # Usage counts the tokens the model saw, which truncation caps at its limit.
-        counts = np.minimum(counts, model.max_sequence_length)
+            prompts = [Prompt(token_ids=ids) for ids in call.token_ids]
+        cache_as = CacheAs(model.model_version, model.dimensions)
+        embeddings, counts = await self._infer_prompts(
+            model, prompts, model.embedding, "EMBEDDING", call, call.input_field, cache_as, call.truncate
+        )
         _account(len(counts), int(counts.sum()))
         return EmbedResult(model, _resize(embeddings, call.dimensions, model), counts)
 
@@ -215,21 +232,32 @@ class EmbeddingService:
         prompts: list[Prompt],
         ensembles: Ensembles,
         output: str,
-        call: SemanticEmbedCall | EmbedLayersCall,
+        call: EmbedCall | SemanticEmbedCall | EmbedLayersCall,
         field: str,
+        cache_as: CacheAs | None = None,
+        truncate: bool | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Texts go through the ensemble's tokenizer step, resolved token ids through its token_ids step, and prompts
-        with attention controls through the controlled one, in prompt order."""
+        with attention controls through the controlled one, in prompt order. With a cache, texts found in it skip
+        Triton, and the texts computed are written to it."""
         text_rows = [i for i, p in enumerate(prompts) if p.text is not None]
         id_rows = [i for i, p in enumerate(prompts) if p.text is None and p.controls is None]
         controlled_rows = [i for i, p in enumerate(prompts) if p.controls is not None]
         parts: list[tuple[list[int], ChunkedInput]] = []
+        hits: list[tuple[int, tuple[np.ndarray, int]]] = []
+        computed_texts: list[str] = []
         if text_rows:
-            texts = self._capped([prompts[i].text for i in text_rows], field, None, model)
-            parts.append((text_rows, self.triton.text_input(ensembles.text, texts, model.max_batch_size, call.priority, output)))
+            texts = self._capped([prompts[i].text for i in text_rows], field, truncate, model)
+            found = await self._cached(cache_as, texts, model)
+            hits = [(row, entry) for row, entry in zip(text_rows, found) if entry is not None]
+            missing = [i for i, entry in enumerate(found) if entry is None]
+            if missing:
+                computed_texts = [texts[i] for i in missing]
+                chunked = text_input(ensembles.text, computed_texts, model.max_batch_size, call.priority, output)
+                parts.append(([text_rows[i] for i in missing], chunked))
         if id_rows:
             ids = [prompts[i].token_ids for i in id_rows]
-            parts.append((id_rows, self.triton.token_ids_input(ensembles.token_ids, ids, model.max_batch_size, call.priority, output)))
+            parts.append((id_rows, token_ids_input(ensembles.token_ids, ids, model.max_batch_size, call.priority, output)))
         if controlled_rows:
             ids = [prompts[i].token_ids for i in controlled_rows]
             threshold = call.controls.contextual_threshold
@@ -237,15 +265,26 @@ class EmbeddingService:
                 lambda: [position_factors(prompts[i].token_ids, prompts[i].controls, threshold, model.token_similarity) for i in controlled_rows]
             )
             controls = (factors, call.controls.log_additive)
-            chunked = self.triton.token_ids_input(ensembles.controlled, ids, model.max_batch_size, call.priority, output, controls)
+            chunked = token_ids_input(ensembles.controlled, ids, model.max_batch_size, call.priority, output, controls)
             parts.append((controlled_rows, chunked))
-        results = await self._run([chunked for _, chunked in parts], call.deadline, call.priority)
-        values = np.empty((len(prompts), *results[0][0].shape[1:]), dtype=np.float32)
+        results = await self._run([chunked for _, chunked in parts], call.deadline, call.priority) if parts else []
+        shape = results[0][0].shape[1:] if results else hits[0][1][0].shape
+        values = np.empty((len(prompts), *shape), dtype=np.float32)
         counts = np.empty(len(prompts), dtype=np.int64)
+        for row, (vector, count) in hits:
+            values[row], counts[row] = vector, count
         for (rows, _), (part_values, part_counts) in zip(parts, results):
             values[rows], counts[rows] = part_values, part_counts
-        self._check_lengths(field, None, model, counts)
+        if computed_texts and cache_as is not None and self.cache is not None:
+            # parts[0] holds the computed texts, in the order of computed_texts.
+            self.cache.store(cache_as.key(model), computed_texts, results[0][0], results[0][1])
+        self._check_lengths(field, truncate, model, counts)
         return values, np.minimum(counts, model.max_sequence_length)
+
+    async def _cached(self, cache_as: CacheAs | None, texts: list[str], model: ServedModel) -> list[tuple[np.ndarray, int] | None]:
+        if cache_as is None or self.cache is None:
+            return [None] * len(texts)
+        return await self.cache.lookup(cache_as.key(model), texts, cache_as.dimensions, model.max_sequence_length)
 
     async def _resolve(self, model: ServedModel, prompts: list[list[PromptItem]], prefix: str, field: str) -> list[Prompt]:
         """Prompts made of several items are tokenized here: in a thread, so that no request waits for another's."""
@@ -274,10 +313,11 @@ class EmbeddingService:
             raise invalid(f"'{call.prompt_field}' must hold 1 to {self.max_inputs} prompts", call.prompt_field)
         prompts = await self._resolve(model, call.prompts, model.prefixes[call.representation], call.prompt_field)
         if call.compress_to_size is None:
-            ensembles, model_version = model.embedding, model.model_version
+            ensembles, model_version, size = model.embedding, model.model_version, model.dimensions
         else:
-            ensembles, model_version = model.compressed, model.compressed_model_version
-        embeddings, counts = await self._infer_prompts(model, prompts, ensembles, "EMBEDDING", call, call.prompt_field)
+            ensembles, model_version, size = model.compressed, model.compressed_model_version, model.compress_to_size
+        cache_as = CacheAs(model_version, size)
+        embeddings, counts = await self._infer_prompts(model, prompts, ensembles, "EMBEDDING", call, call.prompt_field, cache_as)
         _account(len(prompts), int(counts.sum()))
         return SemanticEmbedResult(model_version, _normalized(embeddings) if call.normalize else embeddings, counts)
 

@@ -143,3 +143,12 @@ def log_access(context: RequestContext, status: str) -> None:
         "token_id": context.token_id,
     }
     ACCESS_LOG.info("request", extra={"request_id": context.request_id, "fields": fields})
+
+
+def redacted_url(location: str) -> str:
+    """A database or cache location fit to print: a URL's password is replaced."""
+    if "://" not in location or "@" not in location:
+        return location
+    scheme, rest = location.split("://", 1)
+    credentials, host = rest.rsplit("@", 1)
+    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}" if ":" in credentials else location

@@ -45,6 +45,9 @@ _REASON_BY_STATUS = {
     504: "deadline_exceeded",
 }
 
+CACHE_RESULTS = ("hit", "miss", "unavailable")
+CACHE_WRITE_RESULTS = ("stored", "failed", "skipped")
+
 # Token ids beyond the bound share this label value.
 OTHER_TOKENS = "other"
 
@@ -80,7 +83,16 @@ class Metrics:
         # the first rejection would miss that first increase.
         for reason in REJECTION_REASONS:
             self.rejections.labels(reason)
-        self.triton_up = self._gauge("triton_up", "1 when Triton is ready to serve, else 0")
+        self.triton_up = self._gauge("triton_up", "1 when a Triton is ready to serve, else 0")
+        self.triton_endpoints = self._gauge("triton_endpoints", "Tritons the gateway knows of, by readiness", "state")
+        self.cache_texts = self._counter("cache_texts_total", "Texts looked up in the embedding cache, by result", "result")
+        self.cache_tokens_saved = self._counter("cache_tokens_saved_total", "Tokens that cache hits spared the encoder")
+        self.cache_writes = self._counter("cache_writes_total", "Embeddings written to the cache, by result", "result")
+        self.cache_up = self._gauge("cache_up", "1 while the embedding cache answers, else 0 (requests then skip it)")
+        for result in CACHE_RESULTS:
+            self.cache_texts.labels(result)
+        for result in CACHE_WRITE_RESULTS:
+            self.cache_writes.labels(result)
         self.triton_restarts = self._counter("triton_restarts_total", "Times the gateway restarted Triton")
         self.token_requests = self._counter("token_requests_total", "Requests by API token", "token_id")
         self.token_texts = self._counter("token_texts_total", "Texts embedded by API token", "token_id")
@@ -111,9 +123,22 @@ class Metrics:
         self.rows_in_flight.set_function(rows_in_flight)
         self.pending_texts.set_function(pending_texts)
 
-    def watch_triton(self, ready: Callable[[], bool]) -> None:
-        """triton_up reads ready() at each scrape; it must be a cached flag, not a call to Triton."""
+    def watch_triton(self, ready: Callable[[], int], known: Callable[[], int]) -> None:
+        """Read at each scrape: ready() counts the Tritons ready now, known() all of them. Both must be cached
+        counts, not calls to Triton."""
         self.triton_up.set_function(lambda: 1.0 if ready() else 0.0)
+        self.triton_endpoints.labels("ready").set_function(ready)
+        self.triton_endpoints.labels("unready").set_function(lambda: known() - ready())
+
+    def watch_cache(self, up: Callable[[], bool]) -> None:
+        self.cache_up.set_function(lambda: 1.0 if up() else 0.0)
+
+    def cache_looked_up(self, result: str, texts: int, tokens_saved: int = 0) -> None:
+        self.cache_texts.labels(result).inc(texts)
+        self.cache_tokens_saved.inc(tokens_saved)
+
+    def cache_written(self, result: str, texts: int) -> None:
+        self.cache_writes.labels(result).inc(texts)
 
     def triton_restarted(self) -> None:
         self.triton_restarts.inc()

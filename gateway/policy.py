@@ -9,7 +9,7 @@ from gateway.errors import ErrorKind, ServiceError
 from gateway.logs import log_access
 from gateway.metrics import Metrics
 from gateway.request_context import RequestContext
-from gateway.supervisor import TritonHealth
+from gateway.scheduler import Backend
 from gateway.token_store import Principal
 
 
@@ -29,7 +29,7 @@ class RequestPolicy:
     # /metrics without a token even when authentication is on, so Prometheus needs no credentials.
     metrics_open: bool = True
 
-    def unready_reason(self, health: TritonHealth) -> str | None:
+    def unready_reason(self, health: Backend) -> str | None:
         """Why the gateway cannot serve now (Triton or a model not ready, the token store unreachable), or None."""
         if not health.ready:
             return health.reason

@@ -1,14 +1,14 @@
 """Every request's life from admission to answer: admission by work, fair dispatch, coalescing, deadline, retry, cancellation.
 
 A request arrives as chunks (at most a few dozen rows each, see gateway.triton_client). Triton's queue is kept
-short: at most max_rows_in_flight rows are sent at once, and the next chunk comes from the request with the
+short: at most max_rows_in_flight rows per ready Triton are sent at once, and the next chunk comes from the request with the
 fewest rows left to send (normal traffic before `nice`; ties in arrival order). A one-text request therefore
 waits for the rows in flight, not behind another client's 2048 texts, and big requests finish one after the
 other instead of all progressing together and all missing their deadlines together, as a round robin would
 under overload. A request that gives up (deadline, disconnect, cancelled call) drops its chunks not yet sent.
 
 Chunks of one lane (same ensemble, output, priority and row shape) share Triton calls: at most
-max_calls_per_lane calls of a lane are in flight, and when one returns, every chunk of that lane that queued
+max_calls_per_lane calls of a lane per ready Triton are in flight, and when one returns, every chunk of that lane that queued
 meanwhile leaves in the next call (up to a chunk's size). Nothing waits to fill a batch: an idle lane
 sends at once. Under load, 32 concurrent one-text requests cost Triton a few calls instead of 32, which is
 where a fast encoder's time went (every call crosses tritonserver's gRPC front end and each Python step). A
@@ -31,7 +31,7 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Protocol
 
 import numpy as np
 
@@ -39,7 +39,6 @@ from gateway import request_context
 from gateway.deadline import Deadline
 from gateway.errors import ErrorKind, ServiceError
 from gateway.request_context import RequestContext
-from gateway.supervisor import TritonHealth
 
 log = logging.getLogger("gateway.scheduler")
 
@@ -86,6 +85,22 @@ class Chunk:
     @property
     def rows(self) -> int:
         return len(self.data)
+
+
+class Backend(Protocol):
+    """What the scheduler needs to know of its Tritons (gateway.triton_pool.TritonPool; one TritonHealth in tests)."""
+
+    reason: str
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def ready_count(self) -> int: ...
+
+    def down_for_good(self, recovery_s: float) -> bool: ...
+
+    async def wait_ready(self, timeout_s: float) -> bool: ...
 
 
 # Sends one call's rows to Triton within timeout_s under a request id; returns (values, token counts) per row.
@@ -178,7 +193,7 @@ class ThroughputMeter:
 
 
 class Scheduler:
-    def __init__(self, health: TritonHealth, send: Send, *, max_pending_texts: int, max_rows_in_flight: int, max_calls_per_lane: int):
+    def __init__(self, health: Backend, send: Send, *, max_pending_texts: int, max_rows_in_flight: int, max_calls_per_lane: int):
         self.health = health
         self.send = send
         self.max_pending_texts = max_pending_texts
@@ -277,8 +292,12 @@ class Scheduler:
         """
         return any(self._lane_has_room(chunk.lane) for chunk in job.chunks)
 
+    def _width(self) -> int:
+        """Tritons that share the work: the limits on rows and calls in flight hold for each of them."""
+        return max(1, self.health.ready_count)
+
     def _lane_has_room(self, lane: Lane) -> bool:
-        return self._lane_calls[lane] < self.max_calls_per_lane
+        return self._lane_calls[lane] < self.max_calls_per_lane * self._width()
 
     def _dispatch(self) -> None:
         """Sends what can go now: in order (priority, then fewest rows left, then arrival), each chunk joins the
@@ -286,11 +305,12 @@ class Scheduler:
         """
         forming: dict[Lane, _Call] = {}
         opened: list[_Call] = []
+        max_rows_in_flight = self.max_rows_in_flight * self._width()
         for queue in self._queues.values():
             for job in sorted(queue, key=lambda job: (job.rows_unsent, job.arrival)):
                 while job.has_pending:
                     chunk = job.chunks[job.next_chunk]
-                    if self.rows_in_flight and self.rows_in_flight + chunk.rows > self.max_rows_in_flight:
+                    if self.rows_in_flight and self.rows_in_flight + chunk.rows > max_rows_in_flight:
                         self._launch(opened)
                         return
                     call = forming.get(chunk.lane)

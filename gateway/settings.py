@@ -17,6 +17,7 @@ class Settings:
     grpc_port: int = 50051
     model_repository: Path = ROOT / "model_repository"
     triton_url: str = ""
+    triton_dns_refresh_s: float = 5.0
     triton_http_port: int = 8000
     triton_grpc_port: int = 8001
     triton_metrics_port: int = 8002
@@ -34,6 +35,9 @@ class Settings:
     max_headers: int = 100
     max_connections: int = 0
     truncate: bool = False
+    cache_url: str = ""
+    cache_ttl_s: int = 86400
+    cache_max_bytes: int = 1024**3
     auth: bool = False
     auth_database: str = ""
     allow_unauthenticated: bool = False
@@ -51,7 +55,9 @@ HELP = {
     "http_port": "HTTP port of the gateway",
     "grpc_port": "gRPC port of the gateway",
     "model_repository": "Triton model repository written by `python -m export`",
-    "triton_url": "host:grpc_port of a running Triton to use instead of starting one (e.g. a GPU deployment)",
+    "triton_url": "host:grpc_port of running Tritons to use instead of starting one, comma-separated; a DNS name stands for "
+    "every address it resolves to (a Kubernetes headless Service), and calls go to the least loaded ready one",
+    "triton_dns_refresh_s": "how often the names in --triton-url are resolved again, so Tritons that come and go are followed",
     "triton_http_port": "HTTP port of the Triton the gateway starts",
     "triton_grpc_port": "gRPC port of the Triton the gateway starts",
     "triton_metrics_port": "metrics port of the Triton the gateway starts",
@@ -60,9 +66,9 @@ HELP = {
     "max_inputs": "most texts in one request; each is one row in Triton's batches",
     "max_pending_texts": "texts admitted and not yet answered, a bound on memory; requests past it, or that the backlog "
     "cannot serve before their deadline, get 429 with Retry-After from the measured throughput instead of queueing",
-    "max_rows_in_flight": "rows sent to Triton at once; more batches better on a fast encoder, fewer lets a one-text request "
+    "max_rows_in_flight": "rows sent to each ready Triton at once; more batches better on a fast encoder, fewer lets a one-text request "
     "overtake a big one sooner",
-    "max_calls_per_lane": "Triton calls in flight at once per ensemble and priority; requests that arrive meanwhile share "
+    "max_calls_per_lane": "Triton calls in flight at once per ensemble, priority and ready Triton; requests that arrive meanwhile share "
     "the next call. More keeps more of Triton's steps busy at once, fewer makes bigger batches",
     "request_timeout_s": "deadline of every request (a gRPC deadline or the X-Request-Timeout header may ask for less); "
     "past it the caller gets 503 / DEADLINE_EXCEEDED and Triton drops the work",
@@ -76,6 +82,11 @@ HELP = {
     "max_connections": "open HTTP connections at most (0: the open-file limit, raised to its hard limit, less a reserve); "
     "a new one over the cap replaces the one waiting longest for its headers",
     "truncate": "cut texts longer than the model's limit instead of answering 400 (a request may also ask per call)",
+    "cache_url": "redis:// URL of an embedding cache that replicas share (empty: no cache); a text embedded before is "
+    "answered from it without Triton, and a cache that is down only costs the speed-up",
+    "cache_ttl_s": "how long a cached embedding lives",
+    "cache_max_bytes": "memory the cache's Redis may use, evicting the least recently used embeddings past it "
+    "(set on the server at start; 0 leaves the server's own maxmemory)",
     "auth": "require an API token (Authorization: Bearer) on every route but the probes, /version and the login",
     "auth_database": "users and tokens: a SQLite file, or a postgresql:// URL that several replicas share "
     "(empty: auth.sqlite3 in --run-dir)",

@@ -20,11 +20,11 @@ log = logging.getLogger("gateway.supervisor")
 
 
 class TritonHealth:
-    """Whether Triton answers and every model is ready, checked every poll_s with a probe that gives up after timeout_s."""
+    """Whether one Triton answers and every model is ready, checked (by the pool's poll, gateway.triton_pool) with a
+    probe that gives up after timeout_s."""
 
-    def __init__(self, triton: TritonClient, poll_s: float = 0.25, timeout_s: float = 1.0):
+    def __init__(self, triton: TritonClient, timeout_s: float = 1.0, on_change: Callable[[], None] = lambda: None):
         self.triton = triton
-        self.poll_s = poll_s
         self.timeout_s = timeout_s
         self.reason = "not checked yet"
         self.not_ready_since = time.monotonic()
@@ -32,10 +32,17 @@ class TritonHealth:
         self._ready = asyncio.Event()
         # A fault the supervisor found (a dead stub) outweighs Triton's own ready endpoint, which stays green.
         self.fault: str | None = None
+        # Told of every change of readiness: the pool of Tritons keeps its count of ready ones from it.
+        self.on_change = on_change
 
     @property
     def ready(self) -> bool:
         return self._ready.is_set()
+
+    @property
+    def ready_count(self) -> int:
+        """Tritons ready behind this view: the scheduler's limits are per Triton (see gateway.triton_pool)."""
+        return 1 if self.ready else 0
 
     def set(self, ready: bool, reason: str = "") -> None:
         if ready == self.ready:
@@ -47,8 +54,9 @@ class TritonHealth:
         else:
             self._ready.clear()
             self.not_ready_since = time.monotonic()
-            log.warning("Triton is not ready: %s", reason)
+            log.warning("Triton %s is not ready: %s", self.triton.url if self.triton else "", reason)
         self.reason = reason
+        self.on_change()
 
     def down_for_good(self, recovery_s: float) -> bool:
         """Never ready yet, or unready for longer than a restart takes: a new request would only wait for its deadline."""
@@ -68,11 +76,6 @@ class TritonHealth:
             self.set(True)
         else:
             self.set(False, f"Triton at {self.triton.url} did not answer ready within {self.timeout_s:.0f} s")
-
-    async def run(self) -> None:
-        while True:
-            await self.check()
-            await asyncio.sleep(self.poll_s)
 
 
 class TritonSupervisor:

@@ -68,10 +68,21 @@ class ChunkedInput:
         return values, counts
 
 
+# tritonclient's own channel options, plus reconnection at most a second apart. gRPC's default backoff grows to two
+# minutes while a server is away, so a Triton restarted after a long outage would wait that long to be used again.
+CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+    ("grpc.max_receive_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
 class TritonClient:
     def __init__(self, url: str):
         self.url = url
-        self._client = grpcclient.InferenceServerClient(url)
+        self._client = grpcclient.InferenceServerClient(url, channel_args=CHANNEL_ARGS)
 
     async def close(self) -> None:
         await self._client.close()
@@ -81,9 +92,6 @@ class TritonClient:
             return await self._client.is_server_ready(client_timeout=timeout_s)
         except (InferenceServerException, asyncio.TimeoutError):
             return False
-
-    async def model_statistics(self, model: str) -> dict:
-        return await self._client.get_inference_statistics(model, as_json=True)
 
     async def infer(self, lane: Lane, data: np.ndarray, timeout_s: float, request_id: str) -> tuple[np.ndarray, np.ndarray]:
         """One ensemble call for `data` (rows of the lane's input): its output and token count per row."""
@@ -104,55 +112,56 @@ class TritonClient:
             raise _backend_error(error) from None
         return result.as_numpy(lane.output), result.as_numpy("TOKEN_COUNT").reshape(-1)
 
-    def text_input(self, ensemble: str, texts: list[str], max_batch: int, priority: int, output: str = "EMBEDDING") -> ChunkedInput:
-        """The ensemble's chunks for `texts`, sorted by length in chunks of SORTED_CHUNK.
 
-        The tokenizer step pads each call to its longest text, so short texts sent apart from long ones
-        are not padded to their length; the encoder's batcher merges the chunks again.
-        """
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        size = min(max_batch, SORTED_CHUNK)
-        members = [order[i : i + size] for i in range(0, len(order), size)]
-        lane = Lane(ensemble, "TEXT", "BYTES", output, priority, size, (1,))
-        # Taken here, in the request's context: the call runs in a task of the scheduler's, and Triton's logs
-        # and traces then name the gateway's request.
-        request_id = request_context.current_request_id()
-        chunks = [
-            Chunk(lane, np.array([texts[i].encode("utf-8") for i in part], dtype=np.object_).reshape(-1, 1), request_id)
-            for part in members
-        ]
-        return ChunkedInput(chunks, members, len(texts))
+def text_input(ensemble: str, texts: list[str], max_batch: int, priority: int, output: str = "EMBEDDING") -> ChunkedInput:
+    """The ensemble's chunks for `texts`, sorted by length in chunks of SORTED_CHUNK.
 
-    def token_ids_input(
-        self,
-        ensemble: str,
-        sequences: list[list[int]],
-        max_batch: int,
-        priority: int,
-        output: str = "EMBEDDING",
-        controls: tuple[list[np.ndarray], bool] | None = None,
-    ) -> ChunkedInput:
-        """Like text_input for token id sequences. Rows are padded with ID_PADDING to a multiple of ID_WIDTH_STEP, so
-        that sequences of nearby lengths share a chunk and a lane, which the scheduler coalesces across requests.
+    The tokenizer step pads each call to its longest text, so short texts sent apart from long ones
+    are not padded to their length; the encoder's batcher merges the chunks again.
+    """
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    size = min(max_batch, SORTED_CHUNK)
+    members = [order[i : i + size] for i in range(0, len(order), size)]
+    lane = Lane(ensemble, "TEXT", "BYTES", output, priority, size, (1,))
+    # Taken here, in the request's context: the call runs in a task of the scheduler's, and Triton's logs
+    # and traces then name the gateway's request.
+    request_id = request_context.current_request_id()
+    chunks = [
+        Chunk(lane, np.array([texts[i].encode("utf-8") for i in part], dtype=np.object_).reshape(-1, 1), request_id)
+        for part in members
+    ]
+    return ChunkedInput(chunks, members, len(texts))
 
-        controls: per sequence its factors, and the mode, for an ensemble that takes attention controls.
-        """
-        by_width: dict[int, list[int]] = {}
-        for index, ids in enumerate(sequences):
-            by_width.setdefault(-(-len(ids) // ID_WIDTH_STEP) * ID_WIDTH_STEP, []).append(index)
-        size = min(max_batch, SORTED_CHUNK)
-        members = [(width, rows[i : i + size]) for width, rows in by_width.items() for i in range(0, len(rows), size)]
-        request_id = request_context.current_request_id()
-        chunks = []
-        for width, part in members:
-            lane = Lane(ensemble, "TOKEN_IDS", "INT64", output, priority, size, (width,))
-            ids = _right_padded([sequences[i] for i in part], width, ID_PADDING, np.int64)
-            if controls is not None:
-                # Factors of 1 under the padding: the step drops those positions with the ids anyway.
-                factors = _right_padded([controls[0][i] for i in part], width, 1.0, np.float32)
-                ids = _controlled_rows(ids, factors, controls[1])
-            chunks.append(Chunk(lane, ids, request_id))
-        return ChunkedInput(chunks, [part for _, part in members], len(sequences))
+
+def token_ids_input(
+    ensemble: str,
+    sequences: list[list[int]],
+    max_batch: int,
+    priority: int,
+    output: str = "EMBEDDING",
+    controls: tuple[list[np.ndarray], bool] | None = None,
+) -> ChunkedInput:
+    """Like text_input for token id sequences. Rows are padded with ID_PADDING to a multiple of ID_WIDTH_STEP, so
+    that sequences of nearby lengths share a chunk and a lane, which the scheduler coalesces across requests.
+
+    controls: per sequence its factors, and the mode, for an ensemble that takes attention controls.
+    """
+    by_width: dict[int, list[int]] = {}
+    for index, ids in enumerate(sequences):
+        by_width.setdefault(-(-len(ids) // ID_WIDTH_STEP) * ID_WIDTH_STEP, []).append(index)
+    size = min(max_batch, SORTED_CHUNK)
+    members = [(width, rows[i : i + size]) for width, rows in by_width.items() for i in range(0, len(rows), size)]
+    request_id = request_context.current_request_id()
+    chunks = []
+    for width, part in members:
+        lane = Lane(ensemble, "TOKEN_IDS", "INT64", output, priority, size, (width,))
+        ids = _right_padded([sequences[i] for i in part], width, ID_PADDING, np.int64)
+        if controls is not None:
+            # Factors of 1 under the padding: the step drops those positions with the ids anyway.
+            factors = _right_padded([controls[0][i] for i in part], width, 1.0, np.float32)
+            ids = _controlled_rows(ids, factors, controls[1])
+        chunks.append(Chunk(lane, ids, request_id))
+    return ChunkedInput(chunks, [part for _, part in members], len(sequences))
 
 
 def _right_padded(rows: list, width: int, fill, dtype) -> np.ndarray:

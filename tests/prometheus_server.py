@@ -1,12 +1,11 @@
 """A real Prometheus for end-to-end tests: scrapes the given targets with a throwaway config and storage and answers
 PromQL through its HTTP API, so that a test checks what a Prometheus really makes of the gateway's /metrics.
 
-Debian's `prometheus` package is installed on first use when missing (tests run as root in the test image).
+Debian's `prometheus` package is installed on first use when missing (tests.debian_packages).
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -17,81 +16,17 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
+from tests.debian_packages import ensure_installed
 from tests.servers import free_ports
 
 PACKAGE = "prometheus"
 BINARY = "/usr/bin/prometheus"
-# invoke-rc.d asks this script whether a maintainer script may start a service; exit status 101 means no.
-POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
-INSTALL_LOCK = Path(tempfile.gettempdir()) / "embed-gateway-prometheus-install.lock"
 
 # Local requests must not go through an http_proxy the environment may name.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def ensure_prometheus_installed() -> str:
-    """The path of the prometheus binary, installing Debian's package first when it is missing."""
-    if os.access(BINARY, os.X_OK):
-        return BINARY
-    if os.geteuid() != 0:
-        raise RuntimeError(f"{BINARY} is missing and only root can install it: run `apt-get install {PACKAGE}` as root")
-    # Test processes started side by side may all get here; apt lets only one of them install.
-    with open(INSTALL_LOCK, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not os.access(BINARY, os.X_OK):
-            _install()
-    return BINARY
-
-
-def _install() -> None:
-    install = ["apt-get", "install", "-y", "--no-install-recommends", PACKAGE]
-    with _service_starts_forbidden():
-        result = _apt(install)
-        # The package lists at hand are tried first: an update takes a while and is needed only when they are
-        # missing or stale (the install then cannot find or download the package).
-        if result.returncode != 0:
-            _apt(["apt-get", "update"])
-            result = _apt(install)
-    _end_daemons_of_install()
-    if result.returncode != 0 or not os.access(BINARY, os.X_OK):
-        raise RuntimeError(f"`{' '.join(install)}` failed with status {result.returncode}:\n{result.stdout[-4000:]}")
-
-
-def _apt(command: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    return subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
-
-
-@contextmanager
-def _service_starts_forbidden() -> Iterator[None]:
-    """The package's postinst starts a prometheus service on port 9090; forbid it, whatever policy was in place,
-    and put that policy back afterwards."""
-    saved = POLICY_RC_D.read_bytes() if POLICY_RC_D.exists() else None
-    mode = POLICY_RC_D.stat().st_mode if saved is not None else None
-    POLICY_RC_D.write_text("#!/bin/sh\n# Written by tests/prometheus_server.py while it installs prometheus.\nexit 101\n")
-    POLICY_RC_D.chmod(0o755)
-    try:
-        yield
-    finally:
-        if saved is None:
-            POLICY_RC_D.unlink()
-        else:
-            POLICY_RC_D.write_bytes(saved)
-            POLICY_RC_D.chmod(mode)
-
-
-def _end_daemons_of_install() -> None:
-    """Kill any process running the binary: it did not exist before the install, so the install started it."""
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and os.readlink(entry / "exe") == BINARY:
-                os.kill(int(entry.name), signal.SIGKILL)
-        except OSError:
-            continue  # gone meanwhile, or not ours to read
 
 
 class PrometheusServer:
@@ -131,7 +66,7 @@ class PrometheusServer:
         self.stop()
 
     def start(self) -> PrometheusServer:
-        binary = ensure_prometheus_installed()
+        binary = ensure_installed(PACKAGE, BINARY)
         self.directory = Path(tempfile.mkdtemp(prefix="prometheus-test-"))
         config = self.directory / "prometheus.yml"
         # JSON is YAML, so the config needs no YAML library.

@@ -26,7 +26,7 @@ async def running_server(triton_url: str, max_pending_texts: int = 8192):
     health = TritonHealth(triton)
     await health.check()
     scheduler = Scheduler(health, triton.infer, max_pending_texts=max_pending_texts, max_rows_in_flight=128, max_calls_per_lane=2)
-    service = EmbeddingService(Catalog.from_repository(MODEL_REPOSITORY), triton, scheduler, max_inputs=2048, truncate=False, timeout_s=5)
+    service = EmbeddingService(Catalog.from_repository(MODEL_REPOSITORY), scheduler, max_inputs=2048, truncate=False, timeout_s=5)
     server, port = create_server(service, "127.0.0.1", 0, RequestPolicy(None, Metrics()))
     await server.start()
     return server, port, triton

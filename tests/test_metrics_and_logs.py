@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.logs import QUIET_LOGGERS, configure_logging, log_access
 from gateway.metrics import REJECTION_REASONS, Metrics, reason_for_status
 from gateway.request_context import RequestContext, bind, unbind
-from tests import prometheus_server
+from tests import debian_packages
 from tests.prometheus_server import PrometheusServer
 
 
@@ -109,18 +109,21 @@ def test_token_labels_are_bounded_and_the_rest_add_up_under_other():
 
 def test_scheduler_and_triton_are_read_at_each_scrape():
     metrics = Metrics()
-    state = {"rows": 3.0, "pending": 17.0, "ready": True}
+    state = {"rows": 3.0, "pending": 17.0, "ready": 2}
     metrics.watch_scheduler(lambda: state["rows"], lambda: state["pending"])
-    metrics.watch_triton(lambda: state["ready"])
+    metrics.watch_triton(lambda: state["ready"], lambda: 3)
     found = samples(metrics)
     assert (value(found, "embed_gateway_rows_in_flight"), value(found, "embed_gateway_pending_texts")) == (3, 17)
     assert value(found, "embed_gateway_triton_up") == 1
-    state.update(rows=0.0, pending=2.0, ready=False)
+    assert value(found, "embed_gateway_triton_endpoints", state="ready") == 2
+    assert value(found, "embed_gateway_triton_endpoints", state="unready") == 1
+    state.update(rows=0.0, pending=2.0, ready=0)
     metrics.triton_restarted()
     metrics.triton_restarted()
     found = samples(metrics)
     assert (value(found, "embed_gateway_rows_in_flight"), value(found, "embed_gateway_pending_texts")) == (0, 2)
     assert value(found, "embed_gateway_triton_up") == 0
+    assert value(found, "embed_gateway_triton_endpoints", state="unready") == 3
     assert value(found, "embed_gateway_triton_restarts_total") == 2
 
 
@@ -284,7 +287,7 @@ class ExporterHandler(http.server.BaseHTTPRequestHandler):
 
 def test_a_real_prometheus_scrapes_what_was_recorded():
     metrics = Metrics()
-    metrics.watch_triton(lambda: True)
+    metrics.watch_triton(lambda: 1, lambda: 1)
     for status in ("200", "200", "200", "429", "401"):
         request = context("openai", "/v1/embeddings", token_id=5, texts=2, tokens=9)
         metrics.request_started(request)
@@ -314,12 +317,12 @@ def test_a_real_prometheus_scrapes_what_was_recorded():
 
 def test_service_starts_are_forbidden_during_the_install_and_the_policy_restored(tmp_path, monkeypatch):
     policy = tmp_path / "policy-rc.d"
-    monkeypatch.setattr(prometheus_server, "POLICY_RC_D", policy)
-    with prometheus_server._service_starts_forbidden():
+    monkeypatch.setattr(debian_packages, "POLICY_RC_D", policy)
+    with debian_packages.service_starts_forbidden():
         assert policy.read_text().endswith("exit 101\n") and os.access(policy, os.X_OK)
     assert not policy.exists()
     policy.write_text("#!/bin/sh\nexit 0\n")
     policy.chmod(0o700)
-    with prometheus_server._service_starts_forbidden():
+    with debian_packages.service_starts_forbidden():
         assert policy.read_text().endswith("exit 101\n")
     assert policy.read_text() == "#!/bin/sh\nexit 0\n" and policy.stat().st_mode & 0o777 == 0o700
