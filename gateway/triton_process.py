@@ -75,12 +75,16 @@ def _alive(process: psutil.Process) -> bool:
 
 
 class TritonProcess:
-    def __init__(self, model_repository: Path, models: list[str], ports: TritonPorts, work_dir: Path, log_file: Path):
+    def __init__(
+        self, model_repository: Path, models: list[str], ports: TritonPorts, work_dir: Path, log_file: Path, address: str = "127.0.0.1"
+    ):
         self.model_repository = model_repository
         self.models = models
         self.ports = ports
         self.work_dir = work_dir
         self.log_file = log_file
+        # Where HTTP and gRPC listen: loopback for the gateway's own Triton, all addresses for Triton in a pod of its own.
+        self.address = address
         self.process: subprocess.Popen | None = None
         self._stubs: list[psutil.Process] = []
         self._serving: list[psutil.Process] = []
@@ -117,8 +121,8 @@ class TritonProcess:
             f"--http-port={self.ports.http}",
             f"--grpc-port={self.ports.grpc}",
             f"--metrics-port={self.ports.metrics}",
-            "--http-address=127.0.0.1",
-            "--grpc-address=127.0.0.1",
+            f"--http-address={self.address}",
+            f"--grpc-address={self.address}",
             "--allow-metrics=true",
             "--exit-on-error=true",
             "--strict-readiness=true",

@@ -1,0 +1,61 @@
+# syntax=docker/dockerfile:1.7
+# Triton for GPUs: NVIDIA's Triton Inference Server image serving an export for Triton's own GPU backends
+# (--target gpu-onnxruntime, or gpu-tensorrt). Triton alone: the gateway runs from the CPU image with EMBED_TRITON_URL.
+#
+#   docker buildx build -f deploy/images/gpu.Dockerfile --build-context shared=../shared -t embedding-service-gpu:0.1.0 .
+#   ... --build-arg TARGET=gpu-tensorrt --build-arg EXPORT_ARGS="--precision fp16"
+#
+# Release 24.10 is Triton 2.51.0, the server the CPU image runs from the nvidia-pytriton wheel and the test suite
+# exercises (tritonclient 2.73 speaks the same KServe v2 protocol to it). It is also what makes the Python steps run
+# here: they need Python 3.11 (the lock's wheels) while the image's own stub is built for its Python 3.10, and the
+# nvidia-pytriton wheel carries the Python-backend stub for 3.11 of exactly this Triton release.
+
+FROM nvcr.io/nvidia/tritonserver:24.10-py3 AS base
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3.11 python3.11-venv libpython3.11 \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --gid 10001 embed \
+ && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin embed
+
+FROM base AS export
+WORKDIR /app
+COPY requirements.lock .
+# torch from PyTorch's CPU index: the export runs on the build machine, no GPU needed.
+RUN python3.11 -m venv /opt/venv \
+ && /opt/venv/bin/pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
+ && /opt/venv/bin/pip install -r requirements.lock
+COPY export export
+COPY --from=shared data/sts-forums.tsv /opt/sts/sts-forums.tsv
+ARG TARGET=gpu-onnxruntime
+ARG EXPORT_ARGS=""
+# The configs name /opt/venv as the Python steps' environment (EXECUTION_ENV_PATH): the image below has one there.
+RUN /opt/venv/bin/python -m export --target "$TARGET" --output-dir /models \
+      --validation-texts /opt/sts/sts-forums.tsv --calibration-texts /opt/sts/sts-forums.tsv $EXPORT_ARGS
+
+FROM base
+# The Python steps (tokenizer, pooling, compression, layer pooling) import numpy 1.x and tokenizers only; the encoders
+# run in Triton's onnxruntime or TensorRT backend. nvidia-pytriton brings the 3.11 stub. Versions come from the lock.
+COPY requirements.lock /tmp/requirements.lock
+RUN python3.11 -m venv /opt/venv \
+ && grep -E '^(numpy|tokenizers|nvidia-pytriton)==' /tmp/requirements.lock > /tmp/steps.txt \
+ && /opt/venv/bin/pip install --no-deps -r /tmp/steps.txt \
+ && rm /tmp/requirements.lock /tmp/steps.txt \
+ && cp /opt/venv/lib/python3.11/site-packages/pytriton/tritonserver/python_backend_stubs/3.11/triton_python_backend_stub \
+       /opt/tritonserver/backends/python/triton_python_backend_stub
+# The stub links the CUDA runtime it was built with from the wheel's library folder (names made unique, so nothing of
+# the image's is shadowed).
+ENV LD_LIBRARY_PATH=${LD_LIBRARY_PATH}:/opt/venv/lib/python3.11/site-packages/nvidia_pytriton.libs
+COPY --from=export /models /models
+# Run by the chart's init container for gpu-tensorrt, in TensorRT's image of the same release.
+COPY deploy/images/build_tensorrt_plans.py /opt/deploy/build_tensorrt_plans.py
+EXPOSE 8000 8001 8002
+USER 10001:10001
+HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
+  CMD ["python3.11", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/live', timeout=4)"]
+# none: the repository holds this export only, and Triton's repository API can then neither load nor unload models.
+CMD ["tritonserver", "--model-repository=/models", "--model-control-mode=none", \
+     "--http-port=8000", "--grpc-port=8001", "--metrics-port=8002", "--allow-metrics=true", \
+     "--strict-readiness=true", "--exit-on-error=true", "--exit-timeout-secs=10"]
