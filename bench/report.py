@@ -8,6 +8,9 @@ from pathlib import Path
 
 from bench.pipeline_ceiling import LABEL
 
+# The service with the Redis embedding cache on, under repeated queries (bench.throughput.run_cache).
+CACHE_LABEL = "service cache"
+
 
 @dataclass(frozen=True)
 class Target:
@@ -109,6 +112,22 @@ def markdown_table(header: list[str], rows: list[list]) -> list[str]:
     return lines
 
 
+def cache_section(results: dict) -> list[str]:
+    """Repeated queries with the Redis embedding cache on against the same bodies with it off."""
+    off = find_measurement(results, "service", "http", "float zipf", "sentences", 1)
+    on = find_measurement(results, CACHE_LABEL, "http", "float zipf", "sentences", 1)
+    cache = results["cache"]
+    return ["", "## Repeated queries with the embedding cache", "",
+            f"Single sentences drawn with a Zipf law (exponent {cache['zipf_exponent']}) from the {cache['distinct_texts']} sentences, "
+            f"at concurrency {on['concurrency']}; the cache (a local redis-server) starts empty, and the hit rate counts the whole run, "
+            "warm-up included.", "",
+            *markdown_table(["", "texts/s", "p50 ms", "p99 ms", "cache hit rate"], [
+                ["cache off", f"{off['texts_per_s']:.0f}", f"{off['p50_ms']:.1f}", f"{off['p99_ms']:.1f}", "-"],
+                ["cache on", f"{on['texts_per_s']:.0f}", f"{on['p50_ms']:.1f}", f"{on['p99_ms']:.1f}", f"{cache['hit_rate']:.1%}"],
+                ["on / off", f"{on['texts_per_s'] / off['texts_per_s']:.2f}", "", "", ""],
+            ])]
+
+
 def markdown(results: dict) -> str:
     raw = results["raw"]
     best = max(raw["fp32"]["sentences"].values())
@@ -150,6 +169,7 @@ def markdown(results: dict) -> str:
                      f"{m['p50_ms']:.1f}", f"{m['p99_ms']:.1f}", batch, f"{100 * m['loadgen_cpu_share']:.0f}%", m["errors"]])
     lines += markdown_table(["server", "protocol", "texts", "texts/request", "concurrency", "requests/s", "texts/s", "ratio",
                      "p50 ms", "p99 ms", "encoder batch", "load generator CPU", "errors"], rows)
+    lines += cache_section(results)
     lines += ["", "## Where the CPU went (share of one core per component over each run; the machine has "
               f"{results['machine']['cores (usable)']})", ""]
     service_runs = [m for m in results["measurements"] if m["cpu_share"]]

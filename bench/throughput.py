@@ -7,7 +7,10 @@ Order of a run, each step printed as it starts:
 1. raw onnxruntime in this process, fp32: the ceiling every service figure is divided by;
 2. the service (gateway + Triton) on the default export: single-text requests at several concurrencies
    and 100-text requests, over HTTP float, HTTP base64 and gRPC; then passages; then single sentences over
-   /semantic_embed without and with an attention control on a content word (the controlled path);
+   /semantic_embed without and with an attention control on a content word (the controlled path); and repeated
+   queries, single sentences drawn with a Zipf law (exponent 1.1), without the embedding cache;
+2b. the same repeated queries through a service with the Redis embedding cache on (a throwaway redis-server),
+   starting cold: its hit rate and its throughput against cache off;
 3. the pipeline ceiling: the same service on a bench-only copy of the export whose encoder answers zeros at
    no cost (bench/pipeline_ceiling.py), single texts over HTTP float at c1, c32 and c128 and gRPC at c128:
    the most the rest of the pipeline can carry;
@@ -30,14 +33,17 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from bench import infinity_peer, pipeline_ceiling, requests, workload
 from bench.cli import command_line, fresh_work_dir
 from bench.control_effect import content_word_cases
 from bench.machine import describe
 from bench.process_stats import PeakSampler, cpu_seconds, machine_ticks, rss_mib
 from bench.raw_onnxruntime import RawEncoder
-from bench.report import write_report
+from bench.report import CACHE_LABEL, write_report
 from export.source_model import default_model_path
+from tests.redis_server import RedisServer
 from tests.servers import ROOT, RunningService, free_ports, start_service
 
 RESULTS = ROOT / "bench" / "results"
@@ -210,9 +216,43 @@ def run_service(runner: Runner, label: str, repository: Path, texts: list[str], 
             for encoding, factor in (("semantic_embed", None), ("semantic_embed controlled", 0.0)):
                 runner.measure(label, port, "http", encoding, "sentences", requests.semantic_bodies(model, words, factor),
                                1, plan.headline_concurrency, pids, service, target=requests.SEMANTIC_EMBED)
+            # Repeated queries without a cache: what run_cache's figure is compared with.
+            runner.measure(label, port, "http", "float zipf", "sentences", zipf_bodies(model, texts), 1, plan.headline_concurrency,
+                           pids, service)
         quality = _sts_quality(service, model)
         progress(f"{label} STS Spearman {quality:.4f}")
         return {"idle_memory_mib": idle, "sts_spearman": quality}
+
+
+ZIPF_EXPONENT = 1.1
+ZIPF_DRAWS = 50_000
+
+
+def zipf_bodies(model: str, texts: list[str]) -> list[bytes]:
+    return requests.openai_bodies(model, workload.zipf_queries(texts, ZIPF_DRAWS, ZIPF_EXPONENT), 1, "float")
+
+
+def _cache_counts(service: RunningService) -> dict[str, float]:
+    """The gateway's embed_gateway_cache_texts_total by result."""
+    with urllib.request.urlopen(f"{service.http_url}/metrics", timeout=10) as response:
+        families = text_string_to_metric_families(response.read().decode())
+        return {s.labels["result"]: s.value for f in families if f.name == "embed_gateway_cache_texts" for s in f.samples
+                if s.name.endswith("_total")}
+
+
+def run_cache(runner: Runner, repository: Path, texts: list[str]) -> dict:
+    """Repeated queries (single texts drawn with a Zipf law from the sentences) through a service with the Redis
+    embedding cache on, from a cold cache; the same bodies without it are measured in run_service."""
+    with RedisServer() as redis, serving(runner, CACHE_LABEL, repository, [f"--cache-url={redis.url}"]) as service:
+        pids = service_pids(service)
+        before = _cache_counts(service)
+        runner.measure(CACHE_LABEL, service.http_port, "http", "float zipf", "sentences", zipf_bodies(served_model(repository), texts),
+                       1, runner.plan.headline_concurrency, pids, service)
+        after = _cache_counts(service)
+    hits, misses = (after.get(r, 0) - before.get(r, 0) for r in ("hit", "miss"))
+    progress(f"cache hit rate over the run (warm-up included, cold at the start): {hits / max(hits + misses, 1):.1%}")
+    return {"zipf_exponent": ZIPF_EXPONENT, "distinct_texts": len(texts), "hits": hits, "misses": misses,
+            "hit_rate": hits / max(hits + misses, 1)}
 
 
 def run_pipeline_ceiling(runner: Runner, repository: Path, texts: list[str]) -> None:
@@ -305,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results["raw"] = {"fp32": raw_baseline(args.repository, texts, passages, plan, threads)}
     results["service"] = {"fp32": run_service(runner, "service", args.repository, texts, passages, full_matrix=True)}
+    results["cache"] = run_cache(runner, args.repository, texts)
     run_pipeline_ceiling(runner, args.repository, texts)
     if not args.no_peer:
         results["peer"] = run_peer(runner, default_model_path(), texts)

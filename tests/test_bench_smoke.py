@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 from bench.pipeline_ceiling import LABEL as CEILING
-from bench.report import find_measurement
+from bench.report import CACHE_LABEL, find_measurement
 from tests.servers import ROOT
 
 
@@ -28,9 +28,15 @@ def test_smoke_run_writes_every_part_of_the_report(tmp_path):
     assert all(figures["single_p50_ms"] > 0 for figures in raw.values())
 
     servers = {m["server"] for m in results["measurements"]}
-    assert servers == {"service", CEILING, "infinity-emb", "service int8"}
+    assert servers == {"service", CEILING, "infinity-emb", "service int8", CACHE_LABEL}
     protocols = {(m["protocol"], m["encoding"]) for m in results["measurements"] if m["server"] == "service"}
-    assert protocols == {("http", "float"), ("grpc", "float"), ("http", "semantic_embed"), ("http", "semantic_embed controlled")}
+    assert protocols == {
+        ("http", "float"), ("grpc", "float"), ("http", "semantic_embed"), ("http", "semantic_embed controlled"), ("http", "float zipf")
+    }
+    # Repeated queries: most are answered by the cache even from cold in a few seconds, and the report compares.
+    assert results["cache"]["hit_rate"] > 0.5 and results["cache"]["misses"] > 0, results["cache"]
+    off, on, ratio = _cells(report, "cache off")[0], _cells(report, "cache on")[0], _cells(report, "on / off")[0]
+    assert abs(float(ratio) - float(on) / float(off)) < 0.01  # from texts/s that are printed rounded
     ceiling = [m for m in results["measurements"] if m["server"] == CEILING]
     assert {(m["protocol"], m["encoding"], m["concurrency"]) for m in ceiling} == {tuple(p) for p in results["plan"]["ceiling_points"]}
     assert all(m["texts_per_request"] == 1 and m["encoder_batch"] >= 1 for m in ceiling), ceiling
