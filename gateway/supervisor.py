@@ -19,6 +19,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.supervisor")
 
 
+async def set_within(event: asyncio.Event, timeout_s: float) -> bool:
+    """Whether the event is set, or gets set within timeout_s."""
+    try:
+        await asyncio.wait_for(event.wait(), timeout_s)
+    except asyncio.TimeoutError:
+        return False
+    return True
+
+
 class TritonHealth:
     """Whether one Triton answers and every model is ready, checked (by the pool's poll, gateway.triton_pool) with a
     probe that gives up after timeout_s."""
@@ -63,11 +72,7 @@ class TritonHealth:
         return not self.ready and (not self.ever_ready or time.monotonic() - self.not_ready_since > recovery_s)
 
     async def wait_ready(self, timeout_s: float) -> bool:
-        try:
-            await asyncio.wait_for(self._ready.wait(), timeout_s)
-        except asyncio.TimeoutError:
-            return False
-        return True
+        return await set_within(self._ready, timeout_s)
 
     async def check(self) -> None:
         if self.fault is not None:

@@ -23,7 +23,7 @@ import numpy as np
 
 from gateway.errors import ErrorKind, ServiceError
 from gateway.scheduler import Lane
-from gateway.supervisor import TritonHealth
+from gateway.supervisor import TritonHealth, set_within
 from gateway.triton_client import TritonClient
 
 log = logging.getLogger("gateway.triton")
@@ -138,11 +138,7 @@ class TritonPool:
         return all(e.health.down_for_good(recovery_s) for e in self.endpoints.values())
 
     async def wait_ready(self, timeout_s: float) -> bool:
-        try:
-            await asyncio.wait_for(self._any_ready.wait(), timeout_s)
-        except asyncio.TimeoutError:
-            return False
-        return True
+        return await set_within(self._any_ready, timeout_s)
 
     def _changed(self) -> None:
         self.ready_count = sum(1 for e in self.endpoints.values() if e.health.ready)
