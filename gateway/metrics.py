@@ -85,14 +85,6 @@ class Metrics:
             self.rejections.labels(reason)
         self.triton_up = self._gauge("triton_up", "1 when a Triton is ready to serve, else 0")
         self.triton_endpoints = self._gauge("triton_endpoints", "Tritons the gateway knows of, by readiness", "state")
-        self.cache_texts = self._counter("cache_texts_total", "Texts looked up in the embedding cache, by result", "result")
-        self.cache_tokens_saved = self._counter("cache_tokens_saved_total", "Tokens that cache hits spared the encoder")
-        self.cache_writes = self._counter("cache_writes_total", "Embeddings written to the cache, by result", "result")
-        self.cache_up = self._gauge("cache_up", "1 while the embedding cache answers, else 0 (requests then skip it)")
-        for result in CACHE_RESULTS:
-            self.cache_texts.labels(result)
-        for result in CACHE_WRITE_RESULTS:
-            self.cache_writes.labels(result)
         self.triton_restarts = self._counter("triton_restarts_total", "Times the gateway restarted Triton")
         self.token_requests = self._counter("token_requests_total", "Requests by API token", "token_id")
         self.token_texts = self._counter("token_texts_total", "Texts embedded by API token", "token_id")
@@ -131,6 +123,15 @@ class Metrics:
         self.triton_endpoints.labels("unready").set_function(lambda: known() - ready())
 
     def watch_cache(self, up: Callable[[], bool]) -> None:
+        """The embedding cache's series, which exist only when there is a cache: a cache_up of 0 must mean it is down."""
+        self.cache_texts = self._counter("cache_texts_total", "Texts looked up in the embedding cache, by result", "result")
+        self.cache_tokens_saved = self._counter("cache_tokens_saved_total", "Tokens that cache hits spared the encoder")
+        self.cache_writes = self._counter("cache_writes_total", "Embeddings written to the cache, by result", "result")
+        self.cache_up = self._gauge("cache_up", "1 while the embedding cache answers, else 0 (requests then skip it)")
+        for result in CACHE_RESULTS:
+            self.cache_texts.labels(result)
+        for result in CACHE_WRITE_RESULTS:
+            self.cache_writes.labels(result)
         self.cache_up.set_function(lambda: 1.0 if up() else 0.0)
 
     def cache_looked_up(self, result: str, texts: int, tokens_saved: int = 0) -> None:

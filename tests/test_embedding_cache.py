@@ -67,6 +67,11 @@ async def test_what_is_stored_is_found_by_version_and_text_with_its_token_count(
         await cache.close()
 
 
+def test_a_gateway_without_a_cache_exports_no_cache_series():
+    # A cache_up of 0 would read as a cache that is down.
+    assert not [name for name, _ in samples(Metrics()) if name.startswith("embed_gateway_cache")]
+
+
 def test_an_entry_of_another_size_is_no_hit():
     entry = encode_entry(vectors(1)[0], 9)
     vector, count = decode_entry(entry, 4)

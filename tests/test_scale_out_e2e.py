@@ -204,3 +204,30 @@ async def test_kill_9_of_one_triton_under_load_through_both_gateways_fails_no_re
     assert statuses == {200}, [(o.status, o.body[:200]) for o in outcomes if o.status != 200][:5]
     assert len(during) > 50 and min(figures["per_gateway"]) > 50
     assert served_after > served_before, "the restarted Triton gets no work"
+
+
+def test_a_cache_that_goes_down_only_costs_its_speed_up_and_is_used_again_when_back(cluster):
+    first, second = cluster.gateways
+    cluster.redis.kill()
+    try:
+        started = time.monotonic()
+        answers = [embed(gateway, cluster, [f"while the cache is down {i}"]) for i in range(10) for gateway in (first, second)]
+        elapsed = time.monotonic() - started
+        assert [a.status_code for a in answers] == [200] * 20, [a.text for a in answers if a.status_code != 200][:3]
+        for gateway in (first, second):
+            found = gateway_metrics(gateway)
+            assert value(found, "embed_gateway_cache_up") == 0
+            assert value(found, "embed_gateway_cache_texts_total", result="unavailable") >= 1
+    finally:
+        cluster.redis.start()  # empty, on its port, as a restarted cache pod is
+    print(f"[rehearsal] Redis killed: 20 requests through both gateways answered in {elapsed:.2f} s, all 200")
+    # Taken up again once its retry pause has passed: a text computed now is stored and found by the other gateway.
+    text = [f"after the cache came back {uuid.uuid4()}"]
+    deadline = time.monotonic() + 10
+    while cluster.redis.client().dbsize() == 0:
+        assert time.monotonic() < deadline, "the gateways did not write to the cache after it came back"
+        assert embed(first, cluster, text).status_code == 200
+        time.sleep(0.2)
+    hits_before = value(gateway_metrics(second), "embed_gateway_cache_texts_total", result="hit")
+    assert embed(second, cluster, text).status_code == 200
+    assert value(gateway_metrics(second), "embed_gateway_cache_texts_total", result="hit") == hits_before + 1
