@@ -127,6 +127,20 @@ def _resize(embeddings: np.ndarray, dimensions: int | None, model: ServedModel) 
     return _normalized(embeddings[:, :dimensions])
 
 
+def _in_prompt_order(
+    size: int, hits: list[tuple[int, tuple[np.ndarray, int]]], rows: list[list[int]], results: list[tuple[np.ndarray, np.ndarray]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cached rows and each part's computed rows, put back at their prompts' positions."""
+    shape = results[0][0].shape[1:] if results else hits[0][1][0].shape
+    values = np.empty((size, *shape), dtype=np.float32)
+    counts = np.empty(size, dtype=np.int64)
+    for row, (vector, count) in hits:
+        values[row], counts[row] = vector, count
+    for part_rows, (part_values, part_counts) in zip(rows, results):
+        values[part_rows], counts[part_rows] = part_values, part_counts
+    return values, counts
+
+
 def _account(texts: int, tokens: int) -> None:
     """Adds what a request embedded to its usage (per-token counters, metrics, the access log)."""
     context = request_context.current()
@@ -240,21 +254,25 @@ class EmbeddingService:
         """Texts go through the ensemble's tokenizer step, resolved token ids through its token_ids step, and prompts
         with attention controls through the controlled one, in prompt order. With a cache, texts found in it skip
         Triton, and the texts computed are written to it."""
-        text_rows = [i for i, p in enumerate(prompts) if p.text is not None]
-        id_rows = [i for i, p in enumerate(prompts) if p.text is None and p.controls is None]
-        controlled_rows = [i for i, p in enumerate(prompts) if p.controls is not None]
+        text_rows: list[int] = []
+        id_rows: list[int] = []
+        controlled_rows: list[int] = []
+        for row, prompt in enumerate(prompts):
+            (text_rows if prompt.text is not None else id_rows if prompt.controls is None else controlled_rows).append(row)
         parts: list[tuple[list[int], ChunkedInput]] = []
         hits: list[tuple[int, tuple[np.ndarray, int]]] = []
         computed_texts: list[str] = []
         if text_rows:
-            texts = self._capped([prompts[i].text for i in text_rows], field, truncate, model)
-            found = await self._cached(cache_as, texts, model)
-            hits = [(row, entry) for row, entry in zip(text_rows, found) if entry is not None]
-            missing = [i for i, entry in enumerate(found) if entry is None]
-            if missing:
-                computed_texts = [texts[i] for i in missing]
+            computed_texts = self._capped([prompts[i].text for i in text_rows], field, truncate, model)
+            computed_rows = text_rows
+            if cache_as is not None and self.cache is not None:
+                found = await self.cache.lookup(cache_as.key(model), computed_texts, cache_as.dimensions, model.max_sequence_length)
+                hits = [(row, entry) for row, entry in zip(text_rows, found) if entry is not None]
+                computed_rows = [row for row, entry in zip(text_rows, found) if entry is None]
+                computed_texts = [text for text, entry in zip(computed_texts, found) if entry is None]
+            if computed_texts:
                 chunked = text_input(ensembles.text, computed_texts, model.max_batch_size, call.priority, output)
-                parts.append(([text_rows[i] for i in missing], chunked))
+                parts.append((computed_rows, chunked))
         if id_rows:
             ids = [prompts[i].token_ids for i in id_rows]
             parts.append((id_rows, token_ids_input(ensembles.token_ids, ids, model.max_batch_size, call.priority, output)))
@@ -268,23 +286,15 @@ class EmbeddingService:
             chunked = token_ids_input(ensembles.controlled, ids, model.max_batch_size, call.priority, output, controls)
             parts.append((controlled_rows, chunked))
         results = await self._run([chunked for _, chunked in parts], call.deadline, call.priority) if parts else []
-        shape = results[0][0].shape[1:] if results else hits[0][1][0].shape
-        values = np.empty((len(prompts), *shape), dtype=np.float32)
-        counts = np.empty(len(prompts), dtype=np.int64)
-        for row, (vector, count) in hits:
-            values[row], counts[row] = vector, count
-        for (rows, _), (part_values, part_counts) in zip(parts, results):
-            values[rows], counts[rows] = part_values, part_counts
+        if len(results) == 1 and not hits and len(parts[0][0]) == len(prompts):
+            values, counts = results[0]  # one kind of input, none of it cached: already in prompt order, as most requests are
+        else:
+            values, counts = _in_prompt_order(len(prompts), hits, [rows for rows, _ in parts], results)
         if computed_texts and cache_as is not None and self.cache is not None:
             # parts[0] holds the computed texts, in the order of computed_texts.
             self.cache.store(cache_as.key(model), computed_texts, results[0][0], results[0][1])
         self._check_lengths(field, truncate, model, counts)
         return values, np.minimum(counts, model.max_sequence_length)
-
-    async def _cached(self, cache_as: CacheAs | None, texts: list[str], model: ServedModel) -> list[tuple[np.ndarray, int] | None]:
-        if cache_as is None or self.cache is None:
-            return [None] * len(texts)
-        return await self.cache.lookup(cache_as.key(model), texts, cache_as.dimensions, model.max_sequence_length)
 
     async def _resolve(self, model: ServedModel, prompts: list[list[PromptItem]], prefix: str, field: str) -> list[Prompt]:
         """Prompts made of several items are tokenized here: in a thread, so that no request waits for another's."""

@@ -294,7 +294,7 @@ class Scheduler:
 
     def _width(self) -> int:
         """Tritons that share the work: the limits on rows and calls in flight hold for each of them."""
-        return max(1, self.health.ready_count)
+        return self.health.ready_count or 1
 
     def _lane_has_room(self, lane: Lane) -> bool:
         return self._lane_calls[lane] < self.max_calls_per_lane * self._width()

@@ -135,7 +135,8 @@ class TritonPool:
         return "; ".join(f"{e.url}: {e.health.reason}" for e in self.endpoints.values() if not e.health.ready) or "ready"
 
     def down_for_good(self, recovery_s: float) -> bool:
-        return all(e.health.down_for_good(recovery_s) for e in self.endpoints.values())
+        # Asked before every request: the common answer must cost nothing.
+        return not self.ready_count and all(e.health.down_for_good(recovery_s) for e in self.endpoints.values())
 
     async def wait_ready(self, timeout_s: float) -> bool:
         return await set_within(self._any_ready, timeout_s)
