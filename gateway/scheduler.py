@@ -88,7 +88,7 @@ class Chunk:
 
 
 class Backend(Protocol):
-    """What the scheduler needs to know of its Tritons (gateway.triton_pool.TritonPool; one TritonHealth in tests)."""
+    """What the scheduler needs to know of its Tritons: gateway.triton_pool.TritonPool."""
 
     reason: str
 

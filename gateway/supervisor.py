@@ -1,7 +1,7 @@
 """Keeps track of whether Triton can serve, and restarts the Triton the gateway started when it cannot.
 
-Readiness is polled in the background, so /health and gRPC health answer from memory at once even while
-Triton is stalled, and calls waiting to retry wake up as soon as Triton is back.
+Readiness is polled in the background (by gateway.triton_pool), so /health and gRPC health answer from memory
+at once even while Triton is stalled.
 """
 
 from __future__ import annotations
@@ -19,15 +19,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.supervisor")
 
 
-async def set_within(event: asyncio.Event, timeout_s: float) -> bool:
-    """Whether the event is set, or gets set within timeout_s."""
-    try:
-        await asyncio.wait_for(event.wait(), timeout_s)
-    except asyncio.TimeoutError:
-        return False
-    return True
-
-
 class TritonHealth:
     """Whether one Triton answers and every model is ready, checked (by the pool's poll, gateway.triton_pool) with a
     probe that gives up after timeout_s."""
@@ -38,41 +29,28 @@ class TritonHealth:
         self.reason = "not checked yet"
         self.not_ready_since = time.monotonic()
         self.ever_ready = False
-        self._ready = asyncio.Event()
+        self.ready = False
         # A fault the supervisor found (a dead stub) outweighs Triton's own ready endpoint, which stays green.
         self.fault: str | None = None
         # Told of every change of readiness: the pool of Tritons keeps its count of ready ones from it.
         self.on_change = on_change
 
-    @property
-    def ready(self) -> bool:
-        return self._ready.is_set()
-
-    @property
-    def ready_count(self) -> int:
-        """Tritons ready behind this view: the scheduler's limits are per Triton (see gateway.triton_pool)."""
-        return 1 if self.ready else 0
-
     def set(self, ready: bool, reason: str = "") -> None:
         if ready == self.ready:
             return
+        self.ready = ready
         if ready:
             self.ever_ready = True
-            self._ready.set()
-            log.info("Triton is ready (it was not for %.1f s: %s)", time.monotonic() - self.not_ready_since, self.reason)
+            log.info("Triton %s is ready (it was not for %.1f s: %s)", self.triton.url, time.monotonic() - self.not_ready_since, self.reason)
         else:
-            self._ready.clear()
             self.not_ready_since = time.monotonic()
-            log.warning("Triton %s is not ready: %s", self.triton.url if self.triton else "", reason)
+            log.warning("Triton %s is not ready: %s", self.triton.url, reason)
         self.reason = reason
         self.on_change()
 
     def down_for_good(self, recovery_s: float) -> bool:
         """Never ready yet, or unready for longer than a restart takes: a new request would only wait for its deadline."""
         return not self.ready and (not self.ever_ready or time.monotonic() - self.not_ready_since > recovery_s)
-
-    async def wait_ready(self, timeout_s: float) -> bool:
-        return await set_within(self._ready, timeout_s)
 
     async def check(self) -> None:
         if self.fault is not None:

@@ -23,7 +23,7 @@ import numpy as np
 
 from gateway.errors import ErrorKind, ServiceError
 from gateway.scheduler import Lane
-from gateway.supervisor import TritonHealth, set_within
+from gateway.supervisor import TritonHealth
 from gateway.triton_client import TritonClient
 
 log = logging.getLogger("gateway.triton")
@@ -74,12 +74,19 @@ async def resolve(target: Target) -> list[str]:
 
 @dataclass(eq=False)
 class Endpoint:
-    """One Triton: its connection, its health, and the rows the gateway has sent it that are not answered yet."""
+    """One Triton: its health (which holds its connection), and the rows the gateway has sent it that are not
+    answered yet."""
 
-    url: str
-    client: TritonClient
     health: TritonHealth
     rows_in_flight: int = 0
+
+    @property
+    def client(self) -> TritonClient:
+        return self.health.triton
+
+    @property
+    def url(self) -> str:
+        return self.health.triton.url
 
 
 class TritonPool:
@@ -119,7 +126,7 @@ class TritonPool:
     def adopt(self, health: TritonHealth) -> None:
         """Adds a Triton whose health someone else also watches (the supervisor of the Triton the gateway started)."""
         health.on_change = self._changed
-        self.endpoints[health.triton.url] = Endpoint(health.triton.url, health.triton, health)
+        self.endpoints[health.triton.url] = Endpoint(health)
         self._changed()
 
     # -- the backend the scheduler and the probes see ------------------------------------------------------
@@ -139,7 +146,11 @@ class TritonPool:
         return not self.ready_count and all(e.health.down_for_good(recovery_s) for e in self.endpoints.values())
 
     async def wait_ready(self, timeout_s: float) -> bool:
-        return await set_within(self._any_ready, timeout_s)
+        try:
+            await asyncio.wait_for(self._any_ready.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     def _changed(self) -> None:
         self.ready_count = sum(1 for e in self.endpoints.values() if e.health.ready)
@@ -191,8 +202,7 @@ class TritonPool:
         wanted = {url for urls in self._addresses.values() for url in urls}
         for url in sorted(wanted - self.endpoints.keys()):
             log.info("Triton %s joins", url)
-            client = TritonClient(url)
-            self.endpoints[url] = Endpoint(url, client, TritonHealth(client, timeout_s=self.probe_timeout_s, on_change=self._changed))
+            self.endpoints[url] = Endpoint(TritonHealth(TritonClient(url), timeout_s=self.probe_timeout_s, on_change=self._changed))
         for url in sorted(self.endpoints.keys() - wanted):
             log.info("Triton %s left the DNS answer; no more calls go to it", url)
             self._retiring.append(self.endpoints.pop(url))

@@ -13,8 +13,7 @@ from gateway.grpc_server import create_server
 from gateway.metrics import Metrics
 from gateway.policy import RequestPolicy
 from gateway.scheduler import Scheduler
-from gateway.supervisor import TritonHealth
-from gateway.triton_client import TritonClient
+from gateway.triton_pool import TritonPool
 from proto.embedding.v1 import embedding_pb2 as pb
 from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
 from tests.conftest import MODEL_REPOSITORY
@@ -22,10 +21,8 @@ from tests.servers import free_ports
 
 
 async def running_server(triton_url: str, max_pending_texts: int = 8192):
-    triton = TritonClient(triton_url)
-    health = TritonHealth(triton)
-    await health.check()
-    scheduler = Scheduler(health, triton.infer, max_pending_texts=max_pending_texts, max_rows_in_flight=128, max_calls_per_lane=2)
+    triton = await TritonPool.connect(triton_url)
+    scheduler = Scheduler(triton, triton.infer, max_pending_texts=max_pending_texts, max_rows_in_flight=128, max_calls_per_lane=2)
     service = EmbeddingService(Catalog.from_repository(MODEL_REPOSITORY), scheduler, max_inputs=2048, truncate=False, timeout_s=5)
     server, port = create_server(service, "127.0.0.1", 0, RequestPolicy(None, Metrics()))
     await server.start()

@@ -16,6 +16,7 @@ from gateway.deadline import Deadline
 from gateway.errors import ErrorKind, ServiceError
 from gateway.scheduler import PRIORITY_NICE, PRIORITY_NORMAL, Chunk, Lane, Scheduler
 from gateway.supervisor import TritonHealth
+from gateway.triton_pool import TritonPool
 
 
 def lane(priority: int = PRIORITY_NORMAL, width: int = 1, max_rows: int = 64, ensemble: str = "model-ids") -> Lane:
@@ -30,6 +31,8 @@ def chunk(values: list[int], on: Lane | None = None, request_id: str = "") -> Ch
 
 class RecordingTriton:
     """Holds each call until the test releases it (or all of them, with `open`), and records what it carried."""
+
+    url = "recording"
 
     def __init__(self):
         self.calls: list[tuple[Lane, list[int], str]] = []
@@ -63,9 +66,11 @@ class RecordingTriton:
 
 
 def scheduler_for(triton: RecordingTriton, calls_per_lane: int = 1, rows_in_flight: int = 128) -> Scheduler:
-    health = TritonHealth(triton=None)
+    health = TritonHealth(triton)
+    pool = TritonPool([])
+    pool.adopt(health)
     health.set(True)
-    return Scheduler(health, triton.send, max_pending_texts=10_000, max_rows_in_flight=rows_in_flight, max_calls_per_lane=calls_per_lane)
+    return Scheduler(pool, triton.send, max_pending_texts=10_000, max_rows_in_flight=rows_in_flight, max_calls_per_lane=calls_per_lane)
 
 
 def values_of(results: list) -> list[float]:
