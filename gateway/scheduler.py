@@ -100,8 +100,6 @@ class Backend(Protocol):
 
     def down_for_good(self, recovery_s: float) -> bool: ...
 
-    async def wait_ready(self, timeout_s: float) -> bool: ...
-
 
 # Sends one call's rows to Triton within timeout_s under a request id; returns (values, token counts) per row.
 Send = Callable[[Lane, np.ndarray, float, str], Awaitable[tuple[np.ndarray, np.ndarray]]]
@@ -388,4 +386,3 @@ class Scheduler:
                 log.debug("retrying a call of %d rows: %s", len(data), error.message)
             await asyncio.sleep(backoff_s)
             backoff_s = min(backoff_s * 2, 1.0)
-            await self.health.wait_ready(deadline.remaining())

@@ -6,6 +6,7 @@ The real thing (two Triton processes, one killed under load) is tests/test_scale
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -29,12 +30,14 @@ class StandInTriton:
         self.fail = False
         self.gate: asyncio.Event | None = None
         self.rows = 0
+        self.timeouts: list[float] = []
         self.closed = False
 
     async def server_ready(self, timeout_s: float) -> bool:
         return self.ready
 
     async def infer(self, lane, data, timeout_s, request_id):
+        self.timeouts.append(timeout_s)
         if self.gate is not None:
             await self.gate.wait()
         if self.fail:
@@ -129,20 +132,25 @@ async def test_the_scheduler_retries_a_call_that_met_a_dying_triton_on_another(t
         assert values[:, 0].tolist() == [2.0] * 3
 
 
-async def test_with_no_triton_ready_a_call_is_unavailable_and_waits_are_woken_by_the_first_ready_one(tritons):
+async def test_with_no_triton_ready_a_call_waits_for_one_until_its_deadline(tritons):
     pool = await TritonPool.connect("10.0.0.1:8001")
-    tritons["10.0.0.1:8001"].ready = False
+    triton = tritons["10.0.0.1:8001"]
+    triton.ready = False
     await pool.check()
     assert not pool.ready and "10.0.0.1:8001" in pool.reason
+    # None comes: the call is answered at its deadline, as a call to a stalled Triton is.
+    started = time.monotonic()
     with pytest.raises(ServiceError) as raised:
-        await pool.infer(LANE, np.zeros((1, 1)), 1.0, "r")
-    assert raised.value.kind is ErrorKind.UNAVAILABLE
-    waiter = asyncio.create_task(pool.wait_ready(5.0))
-    await asyncio.sleep(0.01)
-    assert not waiter.done()
-    tritons["10.0.0.1:8001"].ready = True
+        await pool.infer(LANE, np.zeros((1, 1)), 0.2, "r")
+    assert raised.value.kind is ErrorKind.DEADLINE_EXCEEDED and 0.2 <= time.monotonic() - started < 0.5
+    # One comes: the waiting call goes to it at once, with what is left of its time.
+    call = asyncio.create_task(pool.infer(LANE, np.zeros((1, 1)), 5.0, "r"))
+    await asyncio.sleep(0.1)
+    assert not call.done()
+    triton.ready = True
     await pool.check()
-    assert await waiter
+    values, _ = await call
+    assert values[0, 0] == 1.0 and 4.0 < triton.timeouts[-1] < 4.95
 
 
 async def test_the_scheduler_limits_grow_with_the_tritons_ready(tritons):
