@@ -2,7 +2,7 @@
 each profile and mode, every object validated against the Kubernetes schemas, the manifests and both Dockerfiles
 scanned by checkov, and what the chart promises asserted on the rendered objects.
 
-The tools run from .venv-checks, which bin/setup installs from deploy/requirements-checks.lock.
+The tools run from .venv-checks, which `bin/setup --checks` (run by bin/test) installs from deploy/requirements-checks.lock.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def render(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def manifests(tmp_path_factory) -> dict[str, Path]:
-    assert (CHECKS_BIN / "python").exists(), "the deployment check tools are missing: run bin/setup"
+    assert (CHECKS_BIN / "python").exists(), "the deployment check tools are missing: run bin/setup --checks"
     out = tmp_path_factory.mktemp("rendered")
     files = {}
     for profile, args in PROFILES.items():
