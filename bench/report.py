@@ -135,7 +135,7 @@ def markdown(results: dict) -> str:
         "# Throughput: the service against raw onnxruntime and infinity-emb",
         "",
         f"Made by `{results['command'].strip()}` from {results['started']} to {results['finished']}; every figure below is from that one run.",
-        "Texts are the 1030 STS sentences in ../shared/data (mean about 15 tokens), and passages of about 150 tokens joined from them.",
+        "Texts are the 1030 STS sentences in export/data (mean about 15 tokens), and passages of about 150 tokens joined from them.",
         "Throughput is texts per second; a 100-text request counts 100. Latency is per request, from the load generator.",
         "",
         "## Machine",

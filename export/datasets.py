@@ -1,4 +1,5 @@
-"""The STS sentence pairs in ../shared/data, used for calibration, validation and quality measurement."""
+"""The STS sentence pairs shipped in export/data (see its README for origin and licence), used for calibration,
+validation and quality measurement."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_STS_PATH = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "sts-forums.tsv"
+DEFAULT_STS_PATH = Path(__file__).resolve().parent / "data" / "sts-forums.tsv"
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """CLI: python -m bench.perf_analyzer.make_input_data
 
 Writes sts_sentences.json beside this file: perf_analyzer's --input-data for the text ensemble, one real STS
-sentence per request (both sentences of every pair in ../shared/data/sts-forums.tsv), so a benchmark sees the
+sentence per request (both sentences of every pair in export/data/sts-forums.tsv), so a benchmark sees the
 length mix of real traffic instead of perf_analyzer's random bytes.
 """
 

@@ -2,10 +2,7 @@
 # The CPU image: the gateway (python -m gateway, which starts its own Triton unless EMBED_TRITON_URL is given) and
 # Triton alone (python -m deploy.images.run_triton), with the default model exported into /models at build time.
 #
-#   docker buildx build -f deploy/images/cpu.Dockerfile --build-context shared=../shared -t embedding-service:0.1.0 .
-#
-# The export checks the model against sentence-transformers on the STS sentences and fits the 128-dim projection on
-# them, so the build reads shared/data/sts-forums.tsv through the named context `shared`.
+#   docker buildx build -f deploy/images/cpu.Dockerfile -t embedding-service:0.1.0 .
 
 FROM python:3.11.7-slim-bookworm AS base
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -32,14 +29,12 @@ RUN python -m venv /opt/venv \
 COPY proto proto
 RUN python -m proto.generate
 COPY export export
-COPY --from=shared data/sts-forums.tsv /opt/sts/sts-forums.tsv
 # The CPU encoder's instances and threads are fixed at export: size them to the Triton pod's CPUs (values-cpu.yaml).
 ARG ENCODER_INSTANCES=4
 ARG INTRA_OP_THREADS=4
 # Further export options, e.g. "--precision int8".
 ARG EXPORT_ARGS=""
 RUN python -m export --output-dir /models \
-      --validation-texts /opt/sts/sts-forums.tsv --calibration-texts /opt/sts/sts-forums.tsv \
       --encoder-instances "$ENCODER_INSTANCES" --alone-intra-op-threads "$INTRA_OP_THREADS" $EXPORT_ARGS
 FROM export AS build
 # Serving needs neither the export's model libraries nor the packaged weights, now exported to /models: a gigabyte less.

@@ -2,7 +2,7 @@
 # Triton for GPUs: NVIDIA's Triton Inference Server image serving an export for Triton's own GPU backends
 # (--target gpu-onnxruntime, or gpu-tensorrt). Triton alone: the gateway runs from the CPU image with EMBED_TRITON_URL.
 #
-#   docker buildx build -f deploy/images/gpu.Dockerfile --build-context shared=../shared -t embedding-service-gpu:0.1.0 .
+#   docker buildx build -f deploy/images/gpu.Dockerfile -t embedding-service-gpu:0.1.0 .
 #   ... --build-arg TARGET=gpu-tensorrt --build-arg EXPORT_ARGS="--precision fp16"
 #
 # Release 24.10 is Triton 2.51.0, the server the CPU image runs from the nvidia-pytriton wheel and the test suite
@@ -28,12 +28,10 @@ RUN python3.11 -m venv /opt/venv \
  && /opt/venv/bin/pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
  && /opt/venv/bin/pip install -r requirements.lock
 COPY export export
-COPY --from=shared data/sts-forums.tsv /opt/sts/sts-forums.tsv
 ARG TARGET=gpu-onnxruntime
 ARG EXPORT_ARGS=""
 # The configs name /opt/venv as the Python steps' environment (EXECUTION_ENV_PATH): the image below has one there.
-RUN /opt/venv/bin/python -m export --target "$TARGET" --output-dir /models \
-      --validation-texts /opt/sts/sts-forums.tsv --calibration-texts /opt/sts/sts-forums.tsv $EXPORT_ARGS
+RUN /opt/venv/bin/python -m export --target "$TARGET" --output-dir /models $EXPORT_ARGS
 
 FROM base
 # The Python steps (tokenizer, pooling, compression, layer pooling) import numpy 1.x and tokenizers only; the encoders
