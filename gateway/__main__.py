@@ -160,7 +160,11 @@ async def serve(settings: Settings, catalog: Catalog, process: TritonProcess | N
     print("           Aleph Alpha: POST /semantic_embed /batch_semantic_embed /embed /tokenize /detokenize, GET /models_available /version")
     print(f"gRPC       {settings.host}:{grpc_port}  (embedding.v1.EmbeddingService, grpc.health.v1.Health, reflection)")
     print("           probes: GET /health/live /health/ready /health; Prometheus: GET /metrics")
-    print(f"Triton     {', '.join(pool.endpoints) or settings.triton_url} (gRPC, KServe v2)")
+    if settings.triton_url:
+        print(f"Triton     {', '.join(pool.endpoints) or settings.triton_url} (gRPC, KServe v2)")
+    else:
+        # The started Triton, whose ensembles tritonclient and perf_analyzer can call directly.
+        print(f"Triton     127.0.0.1:{settings.triton_grpc_port} (gRPC), http://127.0.0.1:{settings.triton_http_port} (HTTP); KServe v2")
     if cache is not None:
         print(f"cache      {redacted_url(settings.cache_url)} (TTL {settings.cache_ttl_s} s)")
     if authenticator is None:
