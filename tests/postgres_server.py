@@ -34,21 +34,13 @@ def _installed_bin() -> Path | None:
     return found[-1].parent if found else None
 
 
-def ensure_postgres_installed() -> Path:
-    """The directory of initdb and postgres, installing the Debian package first when they are missing."""
-    found = _installed_bin()
-    if found is not None:
-        return found
-    if os.geteuid() != 0:
-        raise RuntimeError(
-            f"PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb): install the Debian package {DEBIAN_PACKAGE!r}"
-        )
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update"], check=True, env=env)
-    subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", DEBIAN_PACKAGE], check=True, env=env)
+def installed_bin() -> Path:
+    """The directory of initdb and postgres; `bin/setup --checks` installs them, a test never does."""
     found = _installed_bin()
     if found is None:
-        raise RuntimeError(f"installing {DEBIAN_PACKAGE!r} did not provide /usr/lib/postgresql/*/bin/initdb")
+        raise RuntimeError(
+            f"PostgreSQL is missing (no /usr/lib/postgresql/*/bin/initdb): `bin/setup --checks` installs Debian's {DEBIAN_PACKAGE!r} (as root)"
+        )
     return found
 
 
@@ -74,7 +66,7 @@ class PostgresServer:
     """A running server with one database, `url`; use as a context manager or call stop()."""
 
     def __init__(self, dbname: str = "test") -> None:
-        self.bin = ensure_postgres_installed()
+        self.bin = installed_bin()
         self._account = _server_account()
         self.root = Path(tempfile.mkdtemp(prefix="pg-test-"))
         self.data = self.root / "data"

@@ -1,7 +1,7 @@
 """A real Prometheus for end-to-end tests: scrapes the given targets with a throwaway config and storage and answers
 PromQL through its HTTP API, so that a test checks what a Prometheus really makes of the gateway's /metrics.
 
-Debian's `prometheus` package is installed on first use when missing (tests.debian_packages).
+Debian's `prometheus` package comes from `bin/setup --checks`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
-from tests.debian_packages import ensure_installed
+from tests.debian_packages import installed
 from tests.servers import free_ports
 
 PACKAGE = "prometheus"
@@ -66,7 +66,7 @@ class PrometheusServer:
         self.stop()
 
     def start(self) -> PrometheusServer:
-        binary = ensure_installed(PACKAGE, BINARY)
+        binary = installed(PACKAGE, BINARY)
         self.directory = Path(tempfile.mkdtemp(prefix="prometheus-test-"))
         config = self.directory / "prometheus.yml"
         # JSON is YAML, so the config needs no YAML library.

@@ -1,6 +1,6 @@
 """A throwaway Redis for end-to-end tests: redis-server on a free port with no persistence, stopped by PID.
 
-Debian's `redis-server` package is installed on first use when missing (tests.debian_packages).
+Debian's `redis-server` package comes from `bin/setup --bench` or `--checks`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import redis
 
-from tests.debian_packages import ensure_installed
+from tests.debian_packages import installed
 from tests.servers import free_ports
 
 PACKAGE = "redis-server"
@@ -25,7 +25,7 @@ class RedisServer:
     """Use as a context manager: leaving it stops the server and deletes its directory."""
 
     def __init__(self) -> None:
-        self.binary = ensure_installed(PACKAGE, BINARY)
+        self.binary = installed(PACKAGE, BINARY)
         self.directory = Path(tempfile.mkdtemp(prefix="redis-test-"))
         self.process: subprocess.Popen | None = None
         self.port = 0

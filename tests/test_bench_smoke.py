@@ -1,4 +1,4 @@
-"""The benchmarks' smoke runs: every step of `bin/bench` and of `bench.auth_overhead` for a few seconds, so they cannot rot.
+"""The benchmarks' smoke runs: every step of `bin/bench`, `bench.auth_overhead` and `bench.perf_analyzer.study` for a few seconds, so they cannot rot.
 
 Each starts its own gateway and Triton (bin/bench also the pipeline-ceiling, peer and int8 servers), measures raw onnxruntime, drives
 the load generator in its own process, and writes the report; the figures are too short-lived to judge, so
@@ -86,3 +86,24 @@ def test_auth_overhead_smoke_run_reports_the_on_off_ratio_with_no_failed_request
     assert off > 0 and on > 0
     assert abs(ratio - on / off) < 0.03  # the texts/s it is computed from are printed rounded
     assert _cells(report, "failed requests")[:2] == ["0", "0"]
+
+
+def test_perf_analyzer_study_smoke_run_measures_both_tools_on_every_route(tmp_path):
+    from bench.perf_analyzer.study import ROUTES
+
+    out = tmp_path / "results"
+    command = [sys.executable, "-m", "bench.perf_analyzer.study", "--smoke", "--out", str(out), "--work-dir", str(tmp_path / "work")]
+    subprocess.run(command, cwd=ROOT, check=True, timeout=600)
+
+    results = json.loads((out / "perf_analyzer.json").read_text())
+    assert all(rate > 0 for rate in results["raw"].values())
+    points = {(p["route"], p["tool"], p["concurrency"]): p for p in results["points"]}
+    assert set(points) == {(r, t, c) for r in ROUTES for t in ("perf_analyzer", "loadgen") for c in results["plan"]["concurrencies"]}
+    for point in points.values():
+        # perf_analyzer stops at the first response that differs from the one recorded for it alone.
+        assert point["errors"] is None, point
+        assert point["requests_per_s"] > 0 and 0 < point["p50_ms"] <= point["p99_ms"], point
+    report = (out / "perf_analyzer.md").read_text()
+    for route in ROUTES:
+        rows = [line for line in report.split(f"## {route}\n", 1)[1].split("\n## ", 1)[0].splitlines() if line.startswith("| ") and line[2].isdigit()]
+        assert [row.split("|")[1].strip() for row in rows] == [str(c) for c in results["plan"]["concurrencies"]], route
