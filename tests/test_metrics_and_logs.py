@@ -17,7 +17,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.logs import QUIET_LOGGERS, configure_logging, log_access
 from gateway.metrics import REJECTION_REASONS, Metrics, reason_for_status
 from gateway.request_context import RequestContext, bind, unbind
-from tests import debian_packages
 from tests.prometheus_server import PrometheusServer
 
 
@@ -313,16 +312,3 @@ def test_a_real_prometheus_scrapes_what_was_recorded():
     finally:
         exporter.shutdown()
         exporter.server_close()
-
-
-def test_service_starts_are_forbidden_during_the_install_and_the_policy_restored(tmp_path, monkeypatch):
-    policy = tmp_path / "policy-rc.d"
-    monkeypatch.setattr(debian_packages, "POLICY_RC_D", policy)
-    with debian_packages.service_starts_forbidden():
-        assert policy.read_text().endswith("exit 101\n") and os.access(policy, os.X_OK)
-    assert not policy.exists()
-    policy.write_text("#!/bin/sh\nexit 0\n")
-    policy.chmod(0o700)
-    with debian_packages.service_starts_forbidden():
-        assert policy.read_text().endswith("exit 101\n")
-    assert policy.read_text() == "#!/bin/sh\nexit 0\n" and policy.stat().st_mode & 0o777 == 0o700
