@@ -1,4 +1,4 @@
-"""Slow-header attack on an HTTP server, and what it does to normal traffic.
+"""Slow-header connections to an HTTP port, or idle ones to a gRPC port, and what they do to normal traffic.
 
     python -m bench.slow_headers --url http://127.0.0.1:8080 --connections 20000 --duration 30
 
@@ -9,6 +9,15 @@ that opens a fresh connection for each of its requests, every --probe-interval s
 --byte-interval seconds, never finishing; a connection the server closes is opened again, as an attacker would)
 and, once they are all under way, measures the same traffic again. It prints both, and the ratio of the
 throughputs (goal: at least 0.90).
+
+With --grpc-port, the attack goes to the server's gRPC port instead: --connections idle connections that send
+nothing at all, not even the HTTP/2 preface (one the server closes is opened again), and gRPC traffic (health Check
+over --clients channels of their own, and a fresh channel per probe) is measured as well as the HTTP traffic:
+
+    python -m bench.slow_headers --url http://127.0.0.1:8080 --grpc-port 50051 --connections 20000 --duration 20 \
+        --server-pid <gateway pid> --out bench/results/slow_headers_grpc.md
+
+--out writes the figures, and the command that made them, as Markdown.
 
 The client raises its own open-file limit to the hard one and spreads the slow connections over as many
 processes as that limit needs. Everything is bounded: at most --connections slow connections at once, a ramp
@@ -25,9 +34,11 @@ import math
 import multiprocessing
 import os
 import resource
+import shlex
 import socket
 import sys
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import uvloop
@@ -61,11 +72,12 @@ def _percentile(values: list[float], fraction: float) -> float:
 _ROUNDS = 50
 
 
-def _attack_process(host: str, port: int, head: bytes, count: int, interval: float, connect_rate: float, stop, open_now,
+def _attack_process(host: str, port: int, head: bytes | None, count: int, interval: float, connect_rate: float, stop, open_now,
                     started, result) -> None:
-    """Holds count slow-header connections with plain non-blocking sockets and no event loop, so that the attack
-    itself takes as little as possible of the CPU it shares with the server it measures (the server's cost
-    per connection and per byte is what is measured, not the client's)."""
+    """Holds count slow-header connections (head, then a byte every interval), or idle ones (head None: nothing is
+    ever sent), with plain non-blocking sockets and no event loop, so that the attack itself takes as little as
+    possible of the CPU it shares with the server it measures (the server's cost per connection and per byte is
+    what is measured, not the client's)."""
     raise_fd_limit()
     counters = {"opened": 0, "closed_by_server": 0, "answered_408": 0, "answered_other": 0, "connect_failed": 0}
     sockets: list[socket.socket | None] = [None] * count
@@ -103,6 +115,9 @@ def _attack_process(host: str, port: int, head: bytes, count: int, interval: flo
                 answer = None
             except OSError:
                 answer = b""
+            if head is None and answer != b"":
+                # Idle: nothing to send. What came is a bare HTTP/2 server's SETTINGS, sent first: read, and ignored.
+                continue
             if answer is None:
                 try:
                     sock.send(b"a" if head_sent[index] else head)
@@ -206,6 +221,10 @@ async def _traffic(host: str, port: int, request: bytes, clients: int, duration:
     cpu_start = os.times()
     await asyncio.gather(probe(), *(client() for _ in range(clients)))
     cpu_end = os.times()
+    return _figures(latencies, errors, probes, duration, cpu_start, cpu_end)
+
+
+def _figures(latencies: list[float], errors: list[str], probes: list[float | None], duration: float, cpu_start, cpu_end) -> dict:
     done_probes = [p for p in probes if p is not None]
     return {
         "requests": len(latencies),
@@ -222,8 +241,74 @@ async def _traffic(host: str, port: int, request: bytes, clients: int, duration:
     }
 
 
-def _traffic_process(host, port, request, clients, duration, probe_interval, result) -> None:
-    result.put(uvloop.run(_traffic(host, port, request, clients, duration, probe_interval)))
+async def _grpc_traffic(target: str, clients: int, duration: float, probe_interval: float) -> dict:
+    """The gRPC counterpart of _traffic: clients each with a channel (and so a connection) of its own and one health
+    Check in flight at a time, and a probe that opens a fresh channel for each of its Checks."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    warmup = 1.0
+    start = time.perf_counter()
+    measure_from, measure_until = start + warmup, start + warmup + duration
+    latencies: list[float] = []
+    errors: list[str] = []
+    probes: list[float | None] = []
+    request = health_pb2.HealthCheckRequest()
+    # Channels to one target share their connections unless told otherwise; separate clients would not.
+    options = [("grpc.use_local_subchannel_pool", 1)]
+
+    async def check(stub) -> None:
+        reply = await stub.Check(request, timeout=10)
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            raise _Failed(f"health {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}")
+
+    async def client() -> None:
+        channel = None
+        while (now := time.perf_counter()) < measure_until:
+            try:
+                if channel is None:
+                    channel = grpc.aio.insecure_channel(target, options=options)
+                    stub = health_pb2_grpc.HealthStub(channel)
+                await check(stub)
+            except (grpc.aio.AioRpcError, _Failed) as error:
+                if now >= measure_from:
+                    reason = error.code().name if isinstance(error, grpc.aio.AioRpcError) else str(error)
+                    errors.append(f"{type(error).__name__}: {reason}")
+                await channel.close()
+                channel = None
+                await asyncio.sleep(0.05)
+                continue
+            done = time.perf_counter()
+            if now >= measure_from and done <= measure_until:
+                latencies.append(done - now)
+        if channel is not None:
+            await channel.close()
+
+    async def probe() -> None:
+        await asyncio.sleep(warmup)
+        while time.perf_counter() + probe_interval <= measure_until:
+            began = time.perf_counter()
+            async with grpc.aio.insecure_channel(target, options=options) as channel:
+                try:
+                    await check(health_pb2_grpc.HealthStub(channel))
+                    probes.append(time.perf_counter() - began)
+                except (grpc.aio.AioRpcError, _Failed):
+                    probes.append(None)
+            await asyncio.sleep(max(0.0, began + probe_interval - time.perf_counter()))
+
+    cpu_start = os.times()
+    await asyncio.gather(probe(), *(client() for _ in range(clients)))
+    cpu_end = os.times()
+    return _figures(latencies, errors, probes, duration, cpu_start, cpu_end)
+
+
+def _traffic_process(kind, target, request, clients, duration, probe_interval, result) -> None:
+    if kind == "grpc":
+        # grpc.aio on the standard loop: it does not support uvloop.
+        result.put(asyncio.run(_grpc_traffic(target, clients, duration, probe_interval)))
+    else:
+        host, port = target
+        result.put(uvloop.run(_traffic(host, port, request, clients, duration, probe_interval)))
 
 
 def _server_stats(pid: int | None) -> dict | None:
@@ -249,10 +334,12 @@ def _cpu_seconds(pids) -> float:
     return total
 
 
-def _run_traffic(ctx, args, host, port, request, pid) -> tuple[dict, dict | None]:
+def _run_traffic(ctx, args, kind, target, request, pid) -> tuple[dict, dict | None]:
     result = ctx.Queue()
     before = _server_stats(pid)
-    process = ctx.Process(target=_traffic_process, args=(host, port, request, args.clients, args.duration, args.probe_interval, result))
+    process = ctx.Process(
+        target=_traffic_process, args=(kind, target, request, args.clients, args.duration, args.probe_interval, result)
+    )
     process.start()
     figures = result.get(timeout=args.duration + 60)
     figures["client_cpu_share"] = figures.pop("cpu_s") / (args.duration + 1)
@@ -278,23 +365,70 @@ def _describe(name: str, figures: dict, server: dict | None) -> str:
     return line
 
 
+def _ratio(during: dict, without: dict) -> float:
+    return during["requests_per_s"] / without["requests_per_s"] if without["requests_per_s"] else float("nan")
+
+
+def _server_line(pid: int) -> str:
+    """What the server under test was: its command line and open-file limit, read while it runs."""
+    import psutil
+
+    process = psutil.Process(pid)
+    soft, _ = process.rlimit(psutil.RLIMIT_NOFILE)
+    return f"Server (pid {pid}): `{shlex.join(process.cmdline())}`, open-file limit {soft}."
+
+
+def _report(command: str, server: str, attack: str, rows: list[tuple[str, str, dict, dict | None]],
+            ratios: dict[str, float], notes: list[str]) -> str:
+    """The figures as Markdown, for bench/results/."""
+    lines = [
+        f"# {attack[0].upper()}{attack[1:]}",
+        "",
+        f"Made by `{command}` on {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores.",
+        *([server] if server else []),
+        "",
+        "| traffic | phase | requests/s | p50 | p99 | errors | fresh-connection probes ok (max) | server fds | server RSS "
+        "| server CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for traffic, phase, figures, server in rows:
+        fds, rss, cpu = ("", "", "")
+        if server:
+            fds, rss, cpu = f"{server['fds']}", f"{server['rss_mib']:.0f} MiB", f"{server['cpu_share']:.2f} cores"
+        probes = f"{figures['probes_ok']}/{figures['probes']} ({figures['probe_max_ms']:.0f} ms)"
+        lines.append(
+            f"| {traffic} | {phase} | {figures['requests_per_s']:.1f} | {figures['p50_ms']:.2f} ms | {figures['p99_ms']:.2f} ms "
+            f"| {figures['errors']} | {probes} | {fds} | {rss} | {cpu} |"
+        )
+    lines += ["", *notes, ""]
+    for traffic, ratio in ratios.items():
+        lines.append(f"Throughput ratio of {traffic} traffic during/without the attack: {ratio:.2f} "
+                     f"(goal >= 0.90: {'met' if ratio >= 0.90 else 'missed'}).")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.slow_headers", description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", required=True, help="http://host:port of the server (a path in it is used as --path)")
     parser.add_argument("--path", default=None, help="path of the normal requests (default /version)")
     parser.add_argument("--method", choices=["GET", "POST"], default="GET")
     parser.add_argument("--body", default='{"text": "hello"}', help="body of POST requests (sent as application/json)")
-    parser.add_argument("--connections", type=int, default=20000, help="slow-header connections at most")
+    parser.add_argument("--grpc-port", type=int, default=0,
+                        help="attack this gRPC port of the same host with idle connections instead, and measure gRPC traffic too")
+    parser.add_argument("--connections", type=int, default=20000, help="slow-header (or idle) connections at most")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds each phase measures")
-    parser.add_argument("--clients", type=int, default=8, help="keep-alive clients of the normal traffic")
+    parser.add_argument("--clients", type=int, default=8, help="keep-alive clients (gRPC: channels) of the normal traffic")
     parser.add_argument("--probe-interval", type=float, default=0.2, help="seconds between fresh-connection probes")
-    parser.add_argument("--byte-interval", type=float, default=3.0, help="seconds between header bytes of a slow connection")
+    parser.add_argument("--byte-interval", type=float, default=3.0,
+                        help="seconds between header bytes of a slow connection (idle ones: between checks that they are open)")
     parser.add_argument("--connect-rate", type=float, default=4000.0, help="new slow connections per second at most, all processes together")
     parser.add_argument("--ramp-timeout", type=float, default=60.0, help="seconds to wait for the slow connections to open")
     parser.add_argument("--processes", type=int, default=0, help="client processes holding slow connections (0: as needed)")
     parser.add_argument("--cpus", default="", help="run every client process on these CPUs only, e.g. 1 or 2,3")
     parser.add_argument("--server-pid", type=int, default=0, help="also report this server process's memory, descriptors and CPU")
+    parser.add_argument("--out", default="", help="write the figures and this command as Markdown to this file")
     args = parser.parse_args(argv)
+    command = shlex.join(["python", "-m", "bench.slow_headers", *(sys.argv[1:] if argv is None else argv)])
 
     url = urlsplit(args.url)
     if url.scheme != "http" or not url.hostname:
@@ -308,7 +442,15 @@ def main(argv: list[str] | None = None) -> int:
         body = args.body.encode()
         request = b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
             path.encode(), host_header, len(body), body)
-    slow_head = b"GET %s HTTP/1.1\r\nHost: %s\r\nX-Slow: " % (path.encode(), host_header)
+    # What is measured, and where the attack goes: slow headers on the HTTP port, or idle connections on the gRPC port.
+    traffics = [("HTTP", "http", (host, port), request)]
+    if args.grpc_port:
+        traffics.append(("gRPC", "grpc", f"{host}:{args.grpc_port}", None))
+        attack_port, attack_head, kind = args.grpc_port, None, "idle"
+        attack = f"idle connections on the gRPC port ({args.connections:,} attempted, nothing sent, not even the HTTP/2 preface)"
+    else:
+        attack_port, attack_head, kind = port, b"GET %s HTTP/1.1\r\nHost: %s\r\nX-Slow: " % (path.encode(), host_header), "slow"
+        attack = f"slow headers ({args.connections:,} connections attempted, one header byte every {args.byte_interval:g} s)"
 
     if args.cpus:
         # Keeps the client off the server's cores on a small machine (children inherit it): start the server
@@ -321,12 +463,19 @@ def main(argv: list[str] | None = None) -> int:
     if max(shares) > per_process:
         parser.error(f"{max(shares)} connections in one process exceed its open-file limit {limit}; use more --processes")
     ctx = multiprocessing.get_context("fork")
+    server_line = _server_line(args.server_pid) if args.server_pid else ""
 
-    print(f"target {args.method} http://{host}:{port}{path}; {args.clients} keep-alive clients, a fresh-connection probe every "
-          f"{args.probe_interval:g} s; {args.connections} slow-header connections over {processes} process(es), one byte "
-          f"every {args.byte_interval:g} s", flush=True)
-    baseline, baseline_server = _run_traffic(ctx, args, host, port, request, args.server_pid)
-    print(_describe("without attack", baseline, baseline_server), flush=True)
+    print(f"target {args.method} http://{host}:{port}{path}"
+          + (f" and gRPC health Check on {host}:{args.grpc_port}" if args.grpc_port else "")
+          + f"; {args.clients} keep-alive clients, a fresh-connection probe every {args.probe_interval:g} s; "
+          f"{args.connections} {kind} connections to port {attack_port} over {processes} process(es)", flush=True)
+    rows = []
+    baselines = {}
+    for name, traffic_kind, target, traffic_request in traffics:
+        figures, server = _run_traffic(ctx, args, traffic_kind, target, traffic_request, args.server_pid)
+        print(_describe(f"{name} without", figures, server), flush=True)
+        rows.append((name, "without attack", figures, server))
+        baselines[name] = figures
 
     stop = ctx.Event()
     attack_results = ctx.Queue()
@@ -334,13 +483,15 @@ def main(argv: list[str] | None = None) -> int:
     attackers = [
         ctx.Process(
             target=_attack_process,
-            args=(host, port, slow_head, share, args.byte_interval, args.connect_rate / processes, stop, open_now, started, attack_results),
+            args=(host, attack_port, attack_head, share, args.byte_interval, args.connect_rate / processes, stop, open_now,
+                  started, attack_results),
         )
         for share, (open_now, started) in zip(shares, counters)
     ]
     for attacker in attackers:
         attacker.start()
     ramp_start = time.monotonic()
+    ratios = {}
     try:
         while time.monotonic() - ramp_start < args.ramp_timeout:
             if sum(started.value for _, started in counters) >= args.connections:
@@ -348,11 +499,16 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.2)
         time.sleep(min(2.0, args.byte_interval))  # let the first header bytes go out
         held = sum(open_now.value for open_now, _ in counters)
-        print(f"attack ramped up in {time.monotonic() - ramp_start:.1f} s; {held} slow connections open from the "
-              f"client's side", flush=True)
+        ramp_s = time.monotonic() - ramp_start
+        print(f"attack ramped up in {ramp_s:.1f} s; {held} {kind} connections open from the client's side", flush=True)
         attackers_cpu = _cpu_seconds(attacker.pid for attacker in attackers)
-        attacked, attacked_server = _run_traffic(ctx, args, host, port, request, args.server_pid)
-        attackers_cpu = (_cpu_seconds(attacker.pid for attacker in attackers) - attackers_cpu) / (args.duration + 1)
+        for name, traffic_kind, target, traffic_request in traffics:
+            figures, server = _run_traffic(ctx, args, traffic_kind, target, traffic_request, args.server_pid)
+            print(_describe(f"{name} during", figures, server), flush=True)
+            rows.append((name, "during attack", figures, server))
+            ratios[name] = _ratio(figures, baselines[name])
+        attacked_s = len(traffics) * (args.duration + 1)
+        attackers_cpu = (_cpu_seconds(attacker.pid for attacker in attackers) - attackers_cpu) / attacked_s
         held_end = sum(open_now.value for open_now, _ in counters)
     finally:
         stop.set()
@@ -368,13 +524,19 @@ def main(argv: list[str] | None = None) -> int:
             if attacker.is_alive():
                 attacker.kill()
                 attacker.join()
-    print(_describe("during attack", attacked, attacked_server))
-    print(f"{'':<16} attacking processes: {attackers_cpu:.2f} cores (of {os.cpu_count()} on this machine)")
-    print(f"{'':<16} slow connections open from the client's side at the end: {held_end}; over the whole attack: "
-          + ", ".join(f"{name.replace('_', ' ')} {value}" for name, value in totals.items()))
-    ratio = attacked["requests_per_s"] / baseline["requests_per_s"] if baseline["requests_per_s"] else float("nan")
-    verdict = "met" if ratio >= 0.90 else "missed"
-    print(f"throughput ratio during/without attack: {ratio:.2f} (goal >= 0.90: {verdict})")
+    notes = [
+        f"Attack: {attack}; ramped up in {ramp_s:.1f} s with {held:,} open from the client's side, {held_end:,} at the end; "
+        "over the whole attack: " + ", ".join(f"{name.replace('_', ' ')} {value:,}" for name, value in totals.items()) + ".",
+        f"Attacking processes: {attackers_cpu:.2f} cores; traffic client: "
+        + ", ".join(f"{figures['client_cpu_share']:.2f} cores ({traffic}, {phase})" for traffic, phase, figures, _ in rows) + ".",
+    ]
+    print(*notes, sep="\n")
+    for name, ratio in ratios.items():
+        verdict = "met" if ratio >= 0.90 else "missed"
+        print(f"throughput ratio of {name} traffic during/without attack: {ratio:.2f} (goal >= 0.90: {verdict})")
+    if args.out:
+        Path(args.out).write_text(_report(command, server_line, attack, rows, ratios, notes))
+        print(f"wrote {args.out}")
     return 0
 
 

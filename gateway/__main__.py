@@ -17,10 +17,11 @@ from gateway import admin_cli
 from gateway.auth import Authenticator
 from gateway.catalog import Catalog
 from gateway.embedding_service import EmbeddingService
+from gateway.grpc_connections import GrpcConnectionLimits, split_descriptors
 from gateway.grpc_server import create_server
-from gateway.http_app import build_app
+from gateway.http_app import build_app, protocol_refusals
 from gateway.policy import RequestPolicy
-from gateway.http_server import ConnectionLimits, create_http_server
+from gateway.http_server import ConnectionLimits, create_http_server, derive_max_connections
 from gateway.embedding_cache import EmbeddingCache
 from gateway.logs import configure_logging, redacted_url
 from gateway.metrics import Metrics
@@ -30,7 +31,7 @@ from gateway.supervisor import TritonHealth, TritonSupervisor
 from gateway.triton_client import TritonClient
 from gateway.triton_pool import TritonPool
 from gateway.token_store import StoreUnavailable, open_store
-from gateway.triton_process import TritonPorts, TritonProcess, TritonStartError
+from gateway.triton_process import ADMIN_KEY_GRPC_METADATA, ADMIN_KEY_HEADER, TritonPorts, TritonProcess, TritonStartError
 
 log = logging.getLogger("gateway")
 
@@ -107,7 +108,10 @@ async def serve(settings: Settings, catalog: Catalog, process: TritonProcess | N
         if cache is not None:
             await cache.close()
 
-    limits = ConnectionLimits(settings.header_timeout_s, settings.max_header_bytes, settings.max_headers, settings.max_connections)
+    # One budget of descriptors for both ports' connections, so that neither can take the other's.
+    budget = split_descriptors(derive_max_connections(), settings.max_connections, settings.grpc_max_connections)
+    limits = ConnectionLimits(settings.header_timeout_s, settings.max_header_bytes, settings.max_headers, budget.http_connections)
+    grpc_limits = GrpcConnectionLimits(budget.grpc_connections, budget.grpc_backlog, settings.grpc_handshake_timeout_s)
     policy = RequestPolicy(
         authenticator,
         metrics,
@@ -119,15 +123,17 @@ async def serve(settings: Settings, catalog: Catalog, process: TritonProcess | N
         settings.host,
         settings.http_port,
         limits,
+        protocol_refusals(policy),
         # Our logging configuration stays in force: uvicorn's lines get the same format and request ids.
         log_config=None,
         log_level="warning",
         access_log=False,
-        # Requests still running this long after a stop signal are cancelled, so a stalled Triton cannot hold the exit.
+        # Requests still running this long after a stop signal are cancelled (and answered 503), so a stalled Triton
+        # cannot hold the exit.
         timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
     try:
-        grpc_server, grpc_port = create_server(service, settings.host, settings.grpc_port, policy)
+        grpc_server, grpc_port = create_server(service, settings.host, settings.grpc_port, policy, limits=grpc_limits)
     except RuntimeError as error:
         _cancel(background)
         await close_clients()
@@ -159,12 +165,15 @@ async def serve(settings: Settings, catalog: Catalog, process: TritonProcess | N
     print("           OpenAI: POST /v1/embeddings, GET /v1/models")
     print("           Aleph Alpha: POST /semantic_embed /batch_semantic_embed /embed /tokenize /detokenize, GET /models_available /version")
     print(f"gRPC       {settings.host}:{grpc_port}  (embedding.v1.EmbeddingService, grpc.health.v1.Health, reflection)")
+    print(f"           connections at most: HTTP {server.limits.max_connections}, gRPC {grpc_limits.max_connections}")
     print("           probes: GET /health/live /health/ready /health; Prometheus: GET /metrics")
     if settings.triton_url:
         print(f"Triton     {', '.join(pool.endpoints) or settings.triton_url} (gRPC, KServe v2)")
     else:
         # The started Triton, whose ensembles tritonclient and perf_analyzer can call directly.
         print(f"Triton     127.0.0.1:{settings.triton_grpc_port} (gRPC), http://127.0.0.1:{settings.triton_http_port} (HTTP); KServe v2")
+        print("           its admin APIs (model control, shared memory, trace, logging) need the key in")
+        print(f"           {process.admin_key_file}, as HTTP header {ADMIN_KEY_HEADER} or gRPC metadata {ADMIN_KEY_GRPC_METADATA}")
     if cache is not None:
         print(f"cache      {redacted_url(settings.cache_url)} (TTL {settings.cache_ttl_s} s)")
     if authenticator is None:
@@ -212,7 +221,14 @@ def main(argv: list[str] | None = None) -> int:
     triton = None
     if not settings.triton_url:
         ports = TritonPorts(settings.triton_http_port, settings.triton_grpc_port, settings.triton_metrics_port)
-        triton = TritonProcess(settings.model_repository, catalog.triton_models, ports, settings.run_dir, settings.run_dir / "triton.log")
+        triton = TritonProcess(
+            settings.model_repository,
+            catalog.triton_models,
+            ports,
+            settings.run_dir,
+            settings.run_dir / "triton.log",
+            admin_key=settings.triton_admin_key or None,
+        )
         print(f"starting Triton (log: {triton.log_file})", flush=True)
         try:
             triton.start()

@@ -24,6 +24,12 @@ from gateway.scheduler import PRIORITY_NICE, PRIORITY_NORMAL
 
 # The client's validate_version() requires major version 1 and at least 1.19.0.
 API_VERSION = "1.19.0"
+
+# Most bytes of JSON one character of a prompt takes (an escaped surrogate pair, \ud83d\ude00), more than a token id
+# and its comma take; and room for the rest of a /tokenize or /detokenize body (model name, flags, whitespace).
+JSON_BYTES_PER_CHAR = 12
+TOKENIZE_BODY_SLACK_BYTES = 64 * 1024
+
 # The client sends batch_semantic_embed in chunks of at most 100 prompts.
 MAX_BATCH_PROMPTS = 100
 Factor = Union[StrictFloat, StrictInt]
@@ -154,13 +160,18 @@ def _priority(request: Request) -> int:
 
 
 def routes(service: EmbeddingService, max_body_bytes: int) -> list[Route]:
-    async def parse(request: Request, cls):
-        return await parse_body(request, ADAPTERS[cls], max_body_bytes)
+    def tokenize_body_bytes() -> int:
+        """A body larger than the longest prompt (or id list) tokenize takes can only be refused: refused unread (413),
+        since reading and parsing megabytes is event-loop time that a client looping them would take from everyone."""
+        return min(max_body_bytes, JSON_BYTES_PER_CHAR * service.max_tokenized_chars + TOKENIZE_BODY_SLACK_BYTES)
+
+    async def parse(request: Request, cls, limit: int = max_body_bytes):
+        return await parse_body(request, ADAPTERS[cls], limit)
 
     async def parse_embedding(request: Request, cls):
         """Refused before its body is read when the backlog is full; its deadline starts when it arrives."""
-        refuse_early(service)
         expires = deadline(request, service)
+        refuse_early(service, expires)
         return await parse(request, cls), expires
 
     async def semantic(request: Request, body, expires, prompts: list, field: str):
@@ -229,13 +240,13 @@ def routes(service: EmbeddingService, max_body_bytes: int) -> list[Route]:
 
     @contract_errors(render_error)
     async def tokenize(request: Request):
-        body = await parse(request, TokenizeRequest)
+        body = await parse(request, TokenizeRequest, tokenize_body_bytes())
         tokens, token_ids = await service.tokenize(body.model, body.prompt)
         return json_response({"tokens": tokens if body.tokens else None, "token_ids": token_ids if body.token_ids else None})
 
     @contract_errors(render_error)
     async def detokenize(request: Request):
-        body = await parse(request, DetokenizeRequest)
+        body = await parse(request, DetokenizeRequest, tokenize_body_bytes())
         return json_response({"result": await service.detokenize(body.model, body.token_ids)})
 
     @contract_errors(render_error)

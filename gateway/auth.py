@@ -5,6 +5,9 @@ request path, and a token revoked on any replica sharing the store is refused ev
 Usage is counted in memory and written in one transaction every FLUSH_INTERVAL_S, so a busy token costs the
 database two writes a second, not one per request. A store that stops answering makes the gateway not ready and
 every authenticated call 503: nothing is let through on a stale answer.
+
+Logins go through the LoginThrottle (gateway/rate_limit.py) before their password is checked, and at most
+MAX_CONCURRENT_LOGINS are checked at once with MAX_QUEUED_LOGINS waiting; past that a login is refused as overload.
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from gateway.errors import ErrorKind, ServiceError
-from gateway.rate_limit import RateLimiter
+from gateway.rate_limit import LoginThrottle, RateLimiter, TokenBudget
 from gateway.request_context import RequestContext
-from gateway.token_store import Principal, StoreUnavailable, TokenMetadata, TokenStore, Usage
+from gateway.token_store import Principal, StoreUnavailable, TokenMetadata, TokenStore, Usage, User
 
 log = logging.getLogger("gateway.auth")
 
@@ -32,6 +35,8 @@ PING_INTERVAL_S = 1.0
 CACHE_MAX_ENTRIES = 10_000
 # argon2 takes tens of milliseconds and 64 MiB per login; more at once would starve the event loop's threads.
 MAX_CONCURRENT_LOGINS = 2
+# Logins waiting for a check: about half a second's worth. More would only answer later what a client should retry.
+MAX_QUEUED_LOGINS = 16
 
 
 def unauthenticated(message: str) -> ServiceError:
@@ -77,6 +82,8 @@ class Authenticator:
         # Held while a flush writes: usage swapped out of _unflushed but not yet committed is in neither place.
         self._flushing = asyncio.Lock()
         self._logins = asyncio.Semaphore(MAX_CONCURRENT_LOGINS)
+        self._queued_logins = 0
+        self.login_throttle = LoginThrottle()
 
     # -- the request path ---------------------------------------------------------------------------------
 
@@ -112,15 +119,18 @@ class Authenticator:
         self._cache[key] = _Cached(principal, time.monotonic() + CACHE_TTL_S)
         return principal
 
-    def admit(self, principal: Principal) -> None:
-        self.limiter.admit(principal.token_id, principal.limits)
+    def admit(self, principal: Principal) -> TokenBudget | None:
+        """One request taken from the token's rate limit; the request's hold on its prompt tokens, if they are limited."""
+        return self.limiter.admit(principal.token_id, principal.limits)
 
-    def record(self, context: RequestContext) -> None:
-        """Counts a finished request against its token: usage for the store, prompt tokens for the limiter."""
+    def record(self, context: RequestContext, served: bool) -> None:
+        """Counts a finished request in its token's usage: a request when it was served, and the texts and prompt
+        tokens it embedded either way (a stream cut short has used them). A refused request leaves no trace."""
         if context.token_id is None:
             return
-        self._count(context.token_id, Usage(1, context.texts, context.tokens))
-        self.limiter.charge_tokens(context.token_id, context.tokens)
+        usage = Usage(int(served), context.texts, context.tokens)
+        if usage != Usage():
+            self._count(context.token_id, usage)
 
     def _count(self, token_id: int, usage: Usage) -> None:
         self._unflushed[token_id] = _added(self._unflushed.get(token_id, Usage()), usage)
@@ -156,9 +166,27 @@ class Authenticator:
             self.store_ok = False
             raise store_unavailable() from None
 
-    async def login(self, email: str, password: str):
-        async with self._logins:
-            return await self.call_store(self.store.login, email, password)
+    async def login(self, email: str, password: str, client_host: str | None) -> User | None:
+        """The user, None for a wrong email or password; RATE_LIMITED while the email or the address must wait,
+        OVERLOADED when too many logins are already waiting."""
+        attempt = self.login_throttle.begin(email, client_host)
+        succeeded = None
+        try:
+            if self._queued_logins >= MAX_QUEUED_LOGINS:
+                raise ServiceError(ErrorKind.OVERLOADED, "too many logins are being checked; retry shortly", retry_after_s=1)
+            self._queued_logins += 1
+            try:
+                await self._logins.acquire()
+            finally:
+                self._queued_logins -= 1
+            try:
+                user = await self.call_store(self.store.login, email, password)
+            finally:
+                self._logins.release()
+            succeeded = user is not None
+            return user
+        finally:
+            attempt.end(succeeded)
 
     # -- background -------------------------------------------------------------------------------------
 

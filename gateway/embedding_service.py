@@ -16,8 +16,9 @@ from gateway.catalog import Catalog, Ensembles, ServedModel
 from gateway.controls import ControlOptions, position_factors
 from gateway.deadline import Deadline
 from gateway.errors import invalid
-from gateway.prompts import Prompt, PromptItem, resolve
+from gateway.prompts import Prompt, PromptItem, check_length, decode, encode, resolve
 from gateway.embedding_cache import EmbeddingCache
+from gateway.rate_limit import reserve_prompt_tokens
 from gateway.scheduler import PRIORITY_NORMAL, Scheduler
 from gateway.triton_client import ChunkedInput, text_input, token_ids_input
 
@@ -114,6 +115,35 @@ class EmbedLayersResult:
     num_tokens: int
 
 
+def has_visible_text(text: str) -> bool:
+    """Whether a text holds a character a reader can see: one that is neither whitespace nor a control, format or
+    other invisible one. A text of only those has nothing to embed (a BERT tokenizer drops every one of them), so every
+    contract refuses it, over HTTP and gRPC alike, here in the core."""
+    if text.isprintable():  # the common case, in C: no control, format or line-break character
+        return bool(text) and not text.isspace()
+    return any(c.isprintable() and not c.isspace() for c in text)
+
+
+def _nothing_to_embed(where: str, field: str) -> Exception:
+    return invalid(f"'{where}' holds only whitespace or control characters: there is nothing to embed", field)
+
+
+def refuse_invisible(texts: list[str], field: str) -> None:
+    """Refuses, naming the field and the index, the first non-empty text with nothing visible in it (empty ones are
+    left to the checks that say so)."""
+    for index, text in enumerate(texts):
+        if text and not has_visible_text(text):
+            raise _nothing_to_embed(f"{field}[{index}]", field)
+
+
+def _refuse_invisible_prompts(prompts: list[list[PromptItem]], field: str) -> None:
+    """A prompt of text items only, none with a visible character, is refused as such a text is."""
+    for index, items in enumerate(prompts):
+        texts = [item.data for item in items if item.kind == "text"]
+        if len(texts) == len(items) and any(texts) and not any(has_visible_text(text) for text in texts):
+            raise _nothing_to_embed(field if len(prompts) == 1 else f"{field}[{index}]", field)
+
+
 def _normalized(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
 
@@ -167,6 +197,11 @@ class EmbeddingService:
         self.truncate_default = truncate
         self.timeout_s = timeout_s
 
+    @property
+    def max_tokenized_chars(self) -> int:
+        """The most characters tokenize takes (and token ids detokenize takes) for any served model."""
+        return max(model.max_sequence_length for model in self.catalog.models.values()) * MAX_CHARS_PER_TOKEN
+
     def deadline(self, requested_s: float | None = None) -> Deadline:
         """A new request's deadline: the server's timeout, or sooner if the caller asks."""
         return Deadline.within(self.timeout_s, requested_s)
@@ -205,6 +240,8 @@ class EmbeddingService:
         for index, item in enumerate(items):
             if len(item) == 0:
                 raise invalid(f"'{call.input_field}[{index}]' must not be empty", call.input_field)
+        if call.texts is not None:
+            refuse_invisible(call.texts, call.input_field)
         if call.token_ids is not None:
             vocab = model.vocab_size
             for index, ids in enumerate(call.token_ids):
@@ -254,6 +291,8 @@ class EmbeddingService:
         """Texts go through the ensemble's tokenizer step, resolved token ids through its token_ids step, and prompts
         with attention controls through the controlled one, in prompt order. With a cache, texts found in it skip
         Triton, and the texts computed are written to it."""
+        # Before any work, so that a token's tokens-per-minute limit bounds a burst instead of charging it afterwards.
+        reservation = await reserve_prompt_tokens(model, prompts, field, model.max_sequence_length * MAX_CHARS_PER_TOKEN)
         text_rows: list[int] = []
         id_rows: list[int] = []
         controlled_rows: list[int] = []
@@ -294,7 +333,9 @@ class EmbeddingService:
             # parts[0] holds the computed texts, in the order of computed_texts.
             self.cache.store(cache_as.key(model), computed_texts, results[0][0], results[0][1])
         self._check_lengths(field, truncate, model, counts)
-        return values, np.minimum(counts, model.max_sequence_length)
+        counts = np.minimum(counts, model.max_sequence_length)
+        reservation.settle(int(counts.sum()))
+        return values, counts
 
     async def _resolve(self, model: ServedModel, prompts: list[list[PromptItem]], prefix: str, field: str) -> list[Prompt]:
         """Prompts made of several items are tokenized here: in a thread, so that no request waits for another's."""
@@ -321,6 +362,7 @@ class EmbeddingService:
             )
         if not call.prompts or len(call.prompts) > self.max_inputs:
             raise invalid(f"'{call.prompt_field}' must hold 1 to {self.max_inputs} prompts", call.prompt_field)
+        _refuse_invisible_prompts(call.prompts, call.prompt_field)
         prompts = await self._resolve(model, call.prompts, model.prefixes[call.representation], call.prompt_field)
         if call.compress_to_size is None:
             ensembles, model_version, size = model.embedding, model.model_version, model.dimensions
@@ -334,18 +376,15 @@ class EmbeddingService:
     async def embed_layers(self, call: EmbedLayersCall) -> EmbedLayersResult:
         model = self.catalog.get(call.model)
         depth = model.num_layers + 1
-        if not call.layers:
-            raise invalid("'layers' must name at least one layer", "layers")
-        for layer in call.layers:
-            if not -depth <= layer < depth:
-                raise invalid(
-                    f"layer {layer} is out of range for {model.name}: 0 is the word embeddings, "
-                    f"1..{model.num_layers} the layers, -1..-{depth} count from the last",
-                    "layers",
-                )
-        unknown = [p for p in call.poolings if p not in model.layer_poolings]
-        if not call.poolings or unknown:
-            raise invalid(f"'pooling' must hold one or more of {list(model.layer_poolings)}, got {call.poolings}", "pooling")
+        self._check_layers(call.layers, model)
+        poolings = model.layer_poolings
+        if not call.poolings or len(call.poolings) > len(poolings) or not set(call.poolings) <= set(poolings):
+            shown = call.poolings if len(call.poolings) <= len(poolings) else f"{len(call.poolings)} poolings"
+            raise invalid(f"'pooling' must hold one or more of {list(poolings)}, each once; got {shown}", "pooling")
+        if len(set(call.poolings)) != len(call.poolings):
+            twice = next(p for i, p in enumerate(call.poolings) if p in call.poolings[:i])
+            raise invalid(f"'pooling' names {twice!r} twice; name each pooling once", "pooling")
+        _refuse_invisible_prompts([call.prompt], "prompt")
         (prompt,) = await self._resolve(model, [call.prompt], "", "prompt")
         pooled, counts = await self._infer_prompts(model, [prompt], model.layers, "POOLED", call, "prompt")
         pooled = _normalized(pooled[0]) if call.normalize else pooled[0]  # [layers + 1, poolings, hidden]
@@ -357,21 +396,54 @@ class EmbeddingService:
             if prompt.text is None:
                 ids = prompt.token_ids
             else:
-                ids = (await asyncio.to_thread(model.tokenizer.encode, prompt.text, add_special_tokens=False)).ids
+                # Cut as the text sent to Triton is when truncating, so that no more than the model reads is tokenized.
+                text = prompt.text[: model.max_sequence_length * MAX_CHARS_PER_TOKEN]
+                ids = (await asyncio.to_thread(encode, model.tokenizer, text)).ids
             tokens = [model.tokenizer.id_to_token(i) for i in ids]
         _account(1, int(counts[0]))
         return EmbedLayersResult(model.model_version, layers, tokens, int(counts[0]))
 
+    @staticmethod
+    def _check_layers(layers: list[int], model: ServedModel) -> None:
+        """One to all of the model's layers (word embeddings included), each named once: -1 and its positive index
+        name the same layer, which would be computed once and answered twice."""
+        depth = model.num_layers + 1
+        if not layers or len(layers) > depth:
+            raise invalid(f"'layers' must name 1 to {depth} layers of {model.name}, each once; got {len(layers)}", "layers")
+        named: dict[int, int] = {}
+        for layer in layers:
+            if not -depth <= layer < depth:
+                raise invalid(
+                    f"layer {layer} is out of range for {model.name}: 0 is the word embeddings, "
+                    f"1..{model.num_layers} the layers, -1..-{depth} count from the last",
+                    "layers",
+                )
+            if layer % depth in named:
+                first = named[layer % depth]
+                same = f"{first} and {layer} name the same layer" if first != layer else f"layer {layer} is named twice"
+                raise invalid(f"'layers': {same}; name each layer once", "layers")
+            named[layer % depth] = layer
+
     async def tokenize(self, model_name: str, text: str) -> tuple[list[str], list[int]]:
-        """In a thread: a long text takes seconds to tokenize, and other requests must not wait for it."""
-        tokenizer = self.catalog.get(model_name).tokenizer
-        encoding = await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=False)
-        return encoding.tokens, encoding.ids
+        """In a thread that releases the GIL while it tokenizes (prompts.encode), so that no other request waits.
+        Texts longer than any prompt the model reads are refused first, as every text tokenized on a request is."""
+        model = self.catalog.get(model_name)
+        check_length(len(text), model.max_sequence_length * MAX_CHARS_PER_TOKEN, "prompt", "prompt")
+
+        def tokenized() -> tuple[list[str], list[int]]:
+            encoding = encode(model.tokenizer, text)
+            return encoding.tokens, encoding.ids
+
+        return await asyncio.to_thread(tokenized)
 
     async def detokenize(self, model_name: str, token_ids: list[int]) -> str:
-        tokenizer = self.catalog.get(model_name).tokenizer
-        vocab = tokenizer.get_vocab_size()
+        """Bounded like tokenize: at most as many ids as the longest text tokenize accepts has characters."""
+        model = self.catalog.get(model_name)
+        limit = model.max_sequence_length * MAX_CHARS_PER_TOKEN
+        if len(token_ids) > limit:
+            raise invalid(f"'token_ids' holds {len(token_ids)} token ids, more than {limit}", "token_ids")
+        vocab = model.vocab_size
         bad = next((i for i in token_ids if not 0 <= i < vocab), None)
         if bad is not None:
             raise invalid(f"token id {bad} is outside the vocabulary [0, {vocab})", "token_ids")
-        return await asyncio.to_thread(tokenizer.decode, token_ids)
+        return await asyncio.to_thread(decode, model.tokenizer, token_ids)

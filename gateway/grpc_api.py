@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -78,11 +79,37 @@ def _semantic_embeddings(result: SemanticEmbedResult, encoding: int) -> list[pb.
     ]
 
 
+def trailing_metadata(error: ServiceError) -> tuple[tuple[str, str], ...]:
+    """What a client can act on without parsing the message: the offending field (ASCII only: gRPC refuses other
+    metadata values, and field names are ASCII), and when to retry, as HTTP's Retry-After says it. The delay goes
+    twice: `retry-after` in whole seconds, the same value HTTP sends, and `grpc-retry-pushback-ms`, which gRPC's
+    own client retries wait for instead of their backoff (gRFC A6) when a retryPolicy covers the status."""
+    metadata = []
+    if error.param and error.param.isascii() and error.param.isprintable():
+        metadata.append(("field", error.param))
+    if error.retry_after_s is not None:
+        metadata += [("retry-after", str(error.retry_after_s)), ("grpc-retry-pushback-ms", str(error.retry_after_s * 1000))]
+    return tuple(metadata)
+
+
 async def abort_with(context: grpc.aio.ServicerContext, error: ServiceError):
-    # The offending field also travels as metadata, so clients can point at it without parsing the message
-    # (ASCII only: gRPC refuses other metadata values, and field names are ASCII).
-    metadata = (("field", error.param),) if error.param and error.param.isascii() and error.param.isprintable() else ()
-    await context.abort(error.grpc_status, error.message, metadata)
+    await context.abort(error.grpc_status, error.message, trailing_metadata(error))
+
+
+_ENCODINGS = frozenset(pb.VectorEncoding.values())
+
+
+def encoding_error(encoding: int) -> ServiceError | None:
+    """proto3 enums are open: a value this server does not know arrives as a plain number and would silently get
+    the default encoding."""
+    if encoding in _ENCODINGS:
+        return None
+    return invalid(f"'encoding' must be one of {', '.join(pb.VectorEncoding.keys())}, not {encoding}", "encoding")
+
+
+def _check_encoding(request) -> None:
+    if (error := encoding_error(request.encoding)) is not None:
+        raise error
 
 
 def contract_errors(method):
@@ -97,8 +124,9 @@ def contract_errors(method):
         @functools.wraps(method)
         async def stream(self, request, context):
             try:
-                async for reply in method(self, request, context):
-                    yield reply
+                async with contextlib.aclosing(method(self, request, context)) as replies:
+                    async for reply in replies:
+                        yield reply
             except grpc.aio.AbortError:
                 raise
             except ServiceError as error:
@@ -128,10 +156,11 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     def __init__(self, service: EmbeddingService):
         self.service = service
         batch = min(m.max_batch_size for m in service.catalog.models.values())
-        self.stream_batcher = StreamBatcher(service, max_batch=batch)
+        self.stream_batcher = StreamBatcher(service, max_batch=batch, check=lambda item: encoding_error(item.encoding))
 
     @contract_errors
     async def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
+        _check_encoding(request)
         if request.representation != pb.REPRESENTATION_UNSPECIFIED or request.HasField("compress_to_size") or request.normalize:
             return await self._embed_semantic(request, context)
         call = EmbedCall(
@@ -178,6 +207,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 
     @contract_errors
     async def SemanticEmbed(self, request: pb.SemanticEmbedRequest, context) -> pb.SemanticEmbedResponse:
+        _check_encoding(request)
         call = self._semantic_call(request, context, [_prompt_items(request.prompt, "prompt")], "prompt")
         result = await self.service.semantic_embed(call)
         (embedding,) = _semantic_embeddings(result, request.encoding)
@@ -185,6 +215,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 
     @contract_errors
     async def BatchSemanticEmbed(self, request: pb.BatchSemanticEmbedRequest, context) -> pb.BatchSemanticEmbedResponse:
+        _check_encoding(request)
         prompts = [_prompt_items(prompt, f"prompts[{index}]") for index, prompt in enumerate(request.prompts)]
         result = await self.service.semantic_embed(self._semantic_call(request, context, prompts, "prompts"))
         return pb.BatchSemanticEmbedResponse(
@@ -195,6 +226,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 
     @contract_errors
     async def EmbedLayers(self, request: pb.EmbedLayersRequest, context) -> pb.EmbedLayersResponse:
+        _check_encoding(request)
         poolings = [_enum_name(pb.Pooling, p) for p in request.poolings]
         call = EmbedLayersCall(
             model=request.model,
@@ -243,11 +275,12 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     async def EmbedStream(self, requests, context):
         # Every id gets one reply: its embedding, or the error of its batch (the stream goes on). Only a broken
         # request stream (an undecodable message, say) ends the call with a status.
-        async for reply in self.stream_batcher.embed(requests):
-            item = reply.item
-            if reply.error is not None:
-                error = pb.StreamError(code=reply.error.kind.value, message=reply.error.message, field=reply.error.param or "")
-                yield pb.EmbedStreamResponse(id=item.id, error=error)
-            else:
-                embedding = vector_message(reply.vector, item.encoding, token_count=reply.token_count)
-                yield pb.EmbedStreamResponse(id=item.id, embedding=embedding)
+        async with contextlib.aclosing(self.stream_batcher.embed(requests)) as replies:
+            async for reply in replies:
+                item = reply.item
+                if reply.error is not None:
+                    error = pb.StreamError(code=reply.error.kind.value, message=reply.error.message, field=reply.error.param or "")
+                    yield pb.EmbedStreamResponse(id=item.id, error=error)
+                else:
+                    embedding = vector_message(reply.vector, item.encoding, token_count=reply.token_count)
+                    yield pb.EmbedStreamResponse(id=item.id, embedding=embedding)

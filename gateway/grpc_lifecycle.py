@@ -8,6 +8,8 @@ probes do.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
 
 import grpc
@@ -31,6 +33,7 @@ class _Call:
         self.policy = policy
         self.metadata = _metadata(context)
         self.context = RequestContext(request_id_from(self.metadata.get("x-request-id")), "grpc", method)
+        self.timeout_s = context.time_remaining()  # None without a deadline
         self.rejection: str | None = None
 
     async def open(self) -> None:
@@ -46,9 +49,21 @@ class _Call:
     def close(self, failed: BaseException | None) -> None:
         code = self.grpc.code()
         if code is None:
-            code = grpc.StatusCode.OK if failed is None else grpc.StatusCode.CANCELLED
+            code = grpc.StatusCode.OK if failed is None else self._ended_by()
         self.policy.finish(self.context, code.name, self.rejection or _REJECTIONS.get(code))
         request_context.unbind(self._bound)
+
+    def _ended_by(self) -> grpc.StatusCode:
+        """Why a call ended without a status of ours: grpc cancels the handler alike when the client cancels and
+        when the call's deadline passes (the client then sees DEADLINE_EXCEEDED); only the time left tells which.
+        The client's own deadline passes a little before ours, by the time its headers took to arrive (2 ms here,
+        more under load), and it then cancels the call itself: a cancellation within a tenth of the call's timeout
+        (at most a second) of our deadline is that deadline."""
+        remaining = self.grpc.time_remaining()
+        if remaining is None:
+            return grpc.StatusCode.CANCELLED
+        slack = min(1.0, 0.1 * self.timeout_s)
+        return grpc.StatusCode.DEADLINE_EXCEEDED if remaining <= slack else grpc.StatusCode.CANCELLED
 
 
 # What a refused call counts as in the rejections metric, by the status it ended with.
@@ -64,7 +79,14 @@ _REJECTIONS = {
 
 
 def with_lifecycle(behavior, method: str, policy: RequestPolicy):
-    """The method's behavior (unary or streaming reply) wrapped in its call's life cycle."""
+    """The method's behavior (unary or streaming reply) wrapped in its call's life cycle.
+
+    Streamed replies are written here (context.write) instead of being handed to grpc as an async generator. grpc
+    would drive the generator from outside, and when a write fails because the call is gone (cancelled, or past its
+    deadline, while a reply was going out) it logs that failure with a traceback and leaves the generator open;
+    the garbage collector's finalizer closes it later, in a task of its own, where the call's context variable
+    cannot be reset (another traceback) and the call is accounted for only whenever that happens.
+    """
     if inspect.isasyncgenfunction(behavior):
 
         async def streaming(request, context):
@@ -72,8 +94,14 @@ def with_lifecycle(behavior, method: str, policy: RequestPolicy):
             failed = None
             try:
                 await call.open()
-                async for reply in behavior(request, context):
-                    yield reply
+                async with contextlib.aclosing(behavior(request, context)) as replies:
+                    async for reply in replies:
+                        try:
+                            await context.write(reply)
+                        except grpc.aio.InternalError:
+                            # A reply the call can no longer take: the call is over on the client's side. It ends
+                            # as the cancellation it is, which grpc takes quietly, as when it cancels us itself.
+                            raise asyncio.CancelledError from None
             except BaseException as error:
                 failed = error
                 raise

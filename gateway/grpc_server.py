@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 
 import grpc
@@ -13,7 +14,9 @@ from grpc_reflection.v1alpha import reflection
 from gateway.embedding_service import EmbeddingService
 from gateway.errors import ServiceError, invalid
 from gateway.grpc_api import EmbeddingServicer
+from gateway.grpc_connections import ConnectionGate, GrpcConnectionLimits, listening_sockets, private_address, split_descriptors
 from gateway.grpc_lifecycle import with_lifecycle
+from gateway.http_server import derive_max_connections
 from gateway.policy import RequestPolicy
 from proto.embedding.v1 import embedding_pb2 as pb
 
@@ -60,8 +63,9 @@ def _unary_request(implementation):
         async def streaming(request, context):
             if isinstance(request, _Undecodable):
                 await _refuse(request, context)
-            async for reply in implementation(request, context):
-                yield reply
+            async with contextlib.aclosing(implementation(request, context)) as replies:
+                async for reply in replies:
+                    yield reply
 
         return streaming
 
@@ -77,8 +81,9 @@ def _stream_request(implementation):
     if inspect.isasyncgenfunction(implementation):
 
         async def streaming(requests, context):
-            async for reply in implementation(_decoded(requests), context):
-                yield reply
+            async with contextlib.aclosing(implementation(_decoded(requests), context)) as replies:
+                async for reply in replies:
+                    yield reply
 
         return streaming
 
@@ -143,10 +148,12 @@ class ReadinessHealth(health.aio.HealthServicer):
 
 
 class GrpcServer:
-    """A grpc.aio server whose health service follows readiness (ReadinessHealth), updated every poll_s."""
+    """A grpc.aio server whose health service follows readiness (ReadinessHealth), updated every poll_s, behind the
+    gate that holds its public port (gateway.grpc_connections)."""
 
-    def __init__(self, server: grpc.aio.Server, health_servicer: ReadinessHealth, poll_s: float):
+    def __init__(self, server: grpc.aio.Server, gate: ConnectionGate, health_servicer: ReadinessHealth, poll_s: float):
         self.server = server
+        self.gate = gate
         self.health = health_servicer
         self.poll_s = poll_s
         self._watch: asyncio.Task | None = None
@@ -154,14 +161,17 @@ class GrpcServer:
     async def start(self) -> None:
         await self.health.report()
         await self.server.start()
+        await self.gate.start()
         self._watch = asyncio.create_task(self._watch_health())
 
     async def stop(self, grace_s: float) -> None:
-        """Refuses new calls at once and lets calls in flight finish for up to grace_s."""
+        """Refuses new connections and calls at once and lets calls in flight finish for up to grace_s."""
         if self._watch is not None:
             self._watch.cancel()
         await self.health.enter_graceful_shutdown()
+        self.gate.stop_accepting()
         await self.server.stop(grace_s)
+        self.gate.close()
 
     async def _watch_health(self) -> None:
         while True:
@@ -170,13 +180,24 @@ class GrpcServer:
 
 
 def create_server(
-    service: EmbeddingService, host: str, port: int, policy: RequestPolicy, health_poll_s: float = 0.1
+    service: EmbeddingService,
+    host: str,
+    port: int,
+    policy: RequestPolicy,
+    health_poll_s: float = 0.1,
+    limits: GrpcConnectionLimits | None = None,
 ) -> tuple[GrpcServer, int]:
-    """The server, not started yet, and the port it is bound to (port 0 picks a free one)."""
-    server = grpc.aio.server()
+    """The server, not started yet, and the port it is bound to (port 0 picks a free one). Without limits, the
+    gRPC port gets its share of this process's descriptors (split_descriptors) and a 10 s handshake timeout."""
+    if limits is None:
+        budget = split_descriptors(derive_max_connections())
+        limits = GrpcConnectionLimits(budget.grpc_connections, budget.grpc_backlog)
+    grpc_address, relay_address = private_address()
+    server = grpc.aio.server(options=limits.grpc_options())
     add_servicer(EmbeddingServicer(service), server, policy)
     health_servicer = ReadinessHealth(service, policy)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    return GrpcServer(server, health_servicer, health_poll_s), bound
+    server.add_insecure_port(grpc_address)
+    gate = ConnectionGate(listening_sockets(host, port), relay_address, limits)
+    return GrpcServer(server, gate, health_servicer, health_poll_s), gate.port

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, Callable, Protocol
 
 import numpy as np
 
@@ -53,10 +53,19 @@ def _options(item: StreamItem) -> tuple:
 
 
 class StreamBatcher:
-    def __init__(self, service: EmbeddingService, max_batch: int, batches_in_flight: int = 4):
+    def __init__(
+        self,
+        service: EmbeddingService,
+        max_batch: int,
+        check: Callable[[StreamItem], ServiceError | None],
+        batches_in_flight: int = 4,
+    ):
         self.service = service
         self.max_batch = max_batch
         self.batches_in_flight = batches_in_flight
+        # What the transport itself refuses in an item (an encoding it does not know, say): that item is
+        # answered with the error at once, and never reaches the core.
+        self.check = check
 
     async def embed(self, items: AsyncIterator[StreamItem]) -> AsyncIterator[StreamReply]:
         """One StreamReply per item, in completion order; raises only what breaks the request stream itself."""
@@ -123,8 +132,14 @@ class StreamBatcher:
 
     async def _embed_batch(self, batch: list[StreamItem], outbox: asyncio.Queue) -> None:
         groups: dict[tuple, list[StreamItem]] = {}
+        refused = []
         for item in batch:
-            groups.setdefault(_options(item), []).append(item)
+            if (error := self.check(item)) is not None:
+                refused.append(StreamReply(item, error=error))
+            else:
+                groups.setdefault(_options(item), []).append(item)
+        if refused:
+            outbox.put_nowait(refused)
         for options, members in groups.items():
             outbox.put_nowait(await self._embed_group(options, members))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -19,9 +20,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gateway import aleph_alpha_api, openai_api, token_api
 from gateway.embedding_service import EmbeddingService
 from gateway.errors import ErrorKind, ServiceError
-from gateway.http_io import contract_errors, error_response, json_response, unexpected_error_response
+from gateway.http_io import JSON_OPTIONS, contract_errors, error_response, json_response, unexpected_error_response
 from gateway.http_middleware import RequestMiddleware
+from gateway.http_server import Refusals
+from gateway.metrics import UNPARSED_ROUTE
 from gateway.policy import RequestPolicy
+from gateway.request_context import RequestContext, request_id_from
 
 # The ErrorKind whose code and type describe an HTTP status that a route did not choose itself.
 _KIND_OF_STATUS = {
@@ -51,6 +55,31 @@ def contract_of(path: str) -> str:
     if path in OPS_PATHS:
         return "ops"
     return "openai" if _is_openai(path) else "aleph_alpha"
+
+
+# The contract label of a request refused before its path was read.
+NO_CONTRACT = "http"
+
+
+def protocol_refusals(policy: RequestPolicy) -> Refusals:
+    """How the HTTP server answers the requests it refuses itself (unparsable, headers too slow or too large, see
+    gateway.http_server): in the shape of the contract at their path when it was read (OpenAI's otherwise), with a
+    request id, counted in the metrics like every refusal, and in the access log sampled (junk by nature)."""
+
+    def refuse(path: str | None, status: int, message: str, code: str) -> tuple[bytes, str]:
+        contract = NO_CONTRACT if path is None else contract_of(path)
+        context = RequestContext(request_id_from(None), contract, UNPARSED_ROUTE)
+        policy.metrics.request_refused_unparsed(contract, status)
+        policy.access_log.write(context, str(status), sample=True)
+        if path is None or _is_openai(path):
+            error_type = openai_api.ERROR_TYPES.get(status, "invalid_request_error")
+            error = {"message": message, "type": error_type, "param": None, "code": code, "request_id": context.request_id}
+            body = {"error": error}
+        else:
+            body = {"error": message, "code": code.upper(), "field": None, "request_id": context.request_id}
+        return orjson.dumps(body, option=JSON_OPTIONS), context.request_id
+
+    return refuse
 
 
 def _message(request: Request, error: HTTPException, headers: dict[str, str]) -> str:

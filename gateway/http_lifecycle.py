@@ -32,9 +32,11 @@ def deadline(request: Request, service: EmbeddingService) -> Deadline:
     return service.deadline(seconds)
 
 
-def refuse_early(service: EmbeddingService) -> None:
-    """Called before the body is read: when the backlog is already full, a 429 costs nothing to parse."""
-    service.scheduler.check_open()
+def refuse_early(service: EmbeddingService, expires: Deadline) -> None:
+    """Called before the body is read: when the backlog is already full, or could not serve even one text before the
+    request's deadline, the 429 costs no body to parse. In a retry storm of short deadlines most requests are refused,
+    and refusing must cost far less than serving."""
+    service.scheduler.check_open(expires)
 
 
 async def _disconnected(request: Request) -> None:

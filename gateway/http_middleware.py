@@ -7,6 +7,7 @@ the request's context variable stays bound while the route runs.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Callable
 
 from starlette.requests import Request
@@ -26,6 +27,9 @@ OPEN_PATHS = frozenset({"/health", "/health/live", "/health/ready", "/version", 
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
 ROUTES_SEEN_MAX = 4096
+SHUTTING_DOWN = ServiceError(
+    ErrorKind.UNAVAILABLE, "the gateway is shutting down and could not finish this request in its grace period; retry it"
+)
 
 
 def _host_name(host: str) -> str:
@@ -83,12 +87,12 @@ class RequestMiddleware:
         path = scope["path"]
         route, routed = self._route(scope)
         context = RequestContext(request_id_from(header(request, "x-request-id")), self.contract_of(path), route)
-        status = {"code": 500}
+        status = {"code": 500, "started": False}
         rejection = None
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                status["code"], status["started"] = message["status"], True
                 message.setdefault("headers", []).append((b"x-request-id", context.request_id.encode()))
             await send(message)
 
@@ -103,6 +107,16 @@ class RequestMiddleware:
                 await response(scope, receive, send_with_id)
                 return
             await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            # Nothing but the server cancels a request's task (a client that leaves is answered CANCELLED by its route):
+            # uvicorn does, for the requests still running when the shutdown grace period ends. They are answered here,
+            # in their contract's shape, as a 503 the caller can retry elsewhere, where uvicorn would log a traceback
+            # each and answer a plain-text 500.
+            task = asyncio.current_task()
+            if status["started"] or not task.cancelling():
+                raise
+            task.uncancel()
+            await error_response(self.render_for(path), SHUTTING_DOWN)(scope, receive, send_with_id)
         finally:
             self.policy.finish(context, str(status["code"]), rejection)
             request_context.unbind(bound)

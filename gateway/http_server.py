@@ -13,9 +13,14 @@ level (before any route runs):
   that has waited longest for its request headers (a slow or idle one); when every connection has a request
   in flight, the new one is closed at once.
 
-Refusals are answered in the OpenAI error shape: before the path is known no contract can be chosen better.
+It also answers every request it cannot parse (a malformed request line, header or body framing; an unsupported
+HTTP version) with a JSON error instead of uvicorn's plain-text 400 and a warning line each: in the shape of the
+contract at the request's path when the path was read, else in a generic one (`Refusals`). A request that asks to
+upgrade to another protocol (WebSocket, h2c) is served as the HTTP/1.1 request it also is: the gateway speaks no
+other.
 
-`create_http_server` also keeps the accept loop quiet when descriptors run out anyway (see `_AcceptFailures`).
+`create_http_server` also keeps the accept loop quiet when descriptors run out anyway (see `_AcceptFailures`), and
+has requests that the end of the shutdown grace period cancels answered before the server returns.
 """
 
 from __future__ import annotations
@@ -27,13 +32,14 @@ import errno
 import functools
 import json
 import logging
+import re
 import resource
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 import httptools
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +60,66 @@ ACCEPT_FAILURE_LOG_INTERVAL_S = 10.0
 
 # How often, at most, the header clock wakes up: a connection is closed at most this late past its timeout.
 _CLOCK_GRANULARITY_S = 0.05
+
+# The ASGI scope key under which a request whose body could not be parsed says why (see _fail_body): its body
+# reader answers 400 instead of taking the body as complete.
+BODY_ERROR = "gateway.body_error"
+
+# Requests cancelled at the end of the shutdown grace period answer within a few loop iterations (the app turns
+# their cancellation into a 503); the server waits for them this long at most before it returns.
+ANSWER_CANCELLED_S = 1.0
+
+# An HTTP method token (RFC 9110 5.6.2) followed by the space that ends it: a method the parser does not know but
+# that is well formed is not implemented here (501), anything else is a malformed request line (400).
+_METHOD_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ ")
+
+
+class Refusals(Protocol):
+    """Renders, and accounts for, a request the server answers itself before the app sees it: the JSON body for
+    (the request's path, or None when it was not read; status; message; code), and the request id it names (None:
+    no id)."""
+
+    def __call__(self, path: str | None, status: int, message: str, code: str) -> tuple[bytes, str | None]: ...
+
+
+@functools.lru_cache(maxsize=64)
+def _generic_body(message: str, code: str) -> bytes:
+    # The same few over and over under attack.
+    error = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
+    return json.dumps({"error": error}).encode()
+
+
+def generic_refusal(path: str | None, status: int, message: str, code: str) -> tuple[bytes, str | None]:
+    """Refusals of a server that knows no contract: the OpenAI error shape, the most widely understood."""
+    return _generic_body(message, code), None
+
+
+def parser_refusal(error: httptools.HttpParserError, data: bytes | memoryview) -> tuple[int, str, str]:
+    """(status, message, code) for a request httptools could not parse; `data` is what was being parsed.
+
+    llhttp's reason names what was wrong (a fixed text of its own, never the request's bytes), so it is passed on.
+    """
+    reason = str(error) or "unparsable request"
+    if isinstance(error, httptools.HttpParserInvalidMethodError):
+        if _METHOD_TOKEN.match(bytes(data[:64])):
+            return 501, "the request method is not implemented by this server", "method_not_implemented"
+        return 400, "malformed request line: the method is not a valid token", "malformed_request"
+    if reason == "Invalid HTTP version":  # well formed, but neither 1.0 nor 1.1
+        return 505, "HTTP version not supported: use HTTP/1.1", "http_version_not_supported"
+    if isinstance(error, (httptools.HttpParserCallbackError, httptools.HttpParserInvalidURLError)):
+        # uvicorn's own checks in the callbacks refuse a target that is not a path of ASCII characters.
+        return 400, "malformed request target: it must be a path, percent-encoded where not ASCII", "malformed_request"
+    return 400, f"malformed HTTP request: {reason}", "malformed_request"
+
+
+def _path_of(url: bytes) -> str | None:
+    """The path of a request target as read so far, for the contract's shape of a refusal; None when there is none
+    (nothing read yet, or a target that is no URL)."""
+    try:
+        path = httptools.parse_url(url).path if url else None
+    except httptools.HttpParserError:
+        return None
+    return path.decode("latin-1") if path else None
 
 
 @dataclass(frozen=True)
@@ -120,8 +186,9 @@ class _Guard:
     OrderedDict insert and delete per request, instead of a timer handle each.
     """
 
-    def __init__(self, limits: ConnectionLimits):
+    def __init__(self, limits: ConnectionLimits, refusals: Refusals = generic_refusal):
         self.limits = limits
+        self.refusals = refusals
         self.waiting: collections.OrderedDict[_LimitedHttpToolsProtocol, float] = collections.OrderedDict()
         self.timer: asyncio.TimerHandle | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -172,10 +239,11 @@ class _LimitedHttpToolsProtocol(HttpToolsProtocol):
     - connection_made: the cap, then the header clock starts;
     - data_received: feeds httptools no more header bytes than allowed. Counting in parser callbacks would be
       too late: httptools concatenates a header's fragments itself before calling on_header. It is a copy of
-      uvicorn's method with that budget added, so a refusal is answered as such instead of uvicorn's
-      "Invalid HTTP request" 400 and warning line per request;
+      uvicorn's method with that budget added, and with every refusal, and every request httptools cannot parse,
+      answered in JSON instead of uvicorn's plain-text "Invalid HTTP request" 400 and warning line per request;
     - on_headers_complete: the header count (all of them are in self.headers by then, bounded by the byte
-      limit), then the clock stops and uvicorn starts the request;
+      limit), then the clock stops and uvicorn starts the request; a request asking for an upgrade is held back
+      until it is parsed again without it (_reparse_without_upgrade);
     - on_message_complete: the next request's header bytes start counting;
     - on_response_complete: the clock restarts for the next request (uvicorn's keep-alive timeout, which
       only covers an idle connection until its first byte, still applies too);
@@ -191,6 +259,8 @@ class _LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._header_budget: int | None = self.guard.limits.max_header_bytes
         self._admitted = False
         self._refused = False  # answered 408/431: nothing more is read, whatever the parser's state
+        # The current request asked to upgrade (Connection: upgrade): parsed again without it before it is served.
+        self._upgrade_ignored = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         guard = self.guard
@@ -240,35 +310,82 @@ class _LimitedHttpToolsProtocol(HttpToolsProtocol):
                 return
 
     def _feed(self, data: bytes | memoryview) -> bool:
-        """uvicorn's data_received, except that a _Refusal is answered as such; False when parsing stopped."""
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            if self._should_upgrade():
-                self.handle_websocket_upgrade()
-            else:
-                self._unsupported_upgrade_warning()
-            return False
-        except httptools.HttpParserError as error:
-            # httptools wraps an exception raised in a callback, keeping it as the context.
-            if isinstance(error.__context__, _Refusal):
-                refusal = error.__context__
-                self._refuse(refusal.status, refusal.message, refusal.code)
-            else:
-                msg = "Invalid HTTP request received."
-                self.logger.warning(msg)
-                self.send_400_response(msg)
-            return False
-        return True
+        """uvicorn's data_received, except that a _Refusal, and a request httptools cannot parse, are answered in
+        JSON, and an upgrade is not made; False when parsing stopped."""
+        while True:
+            try:
+                self.parser.feed_data(data)
+                return True
+            except httptools.HttpParserUpgrade as upgrade:
+                # A loop, not a call: pipelined upgrade requests, as many as fit in one read, would nest that deep.
+                data = self._reparse_without_upgrade() + bytes(data[upgrade.args[0] :])
+            except httptools.HttpParserError as error:
+                self._refuse_unparsable(error, data)
+                return False
+
+    def _refuse_unparsable(self, error: httptools.HttpParserError, data: bytes | memoryview) -> None:
+        # httptools wraps an exception raised in a callback, keeping it as the context.
+        if isinstance(error.__context__, _Refusal):
+            refusal = error.__context__
+            self._refuse(refusal.status, refusal.message, refusal.code)
+            return
+        cycle = self.cycle
+        if cycle is None or not cycle.more_body:  # a request not started yet: its head is what is wrong
+            self._refuse(*parser_refusal(error, data))
+        elif cycle.response_complete:  # answered without its body, whose rest is of no use now
+            self._refused = True
+            self.transport.close()
+        else:
+            self._fail_body(cycle, str(error) or "unparsable framing")
+
+    def _fail_body(self, cycle: RequestResponseCycle, message: str) -> None:
+        """The body of a request already handed to the app cannot be parsed (its chunked framing, say): the body
+        ends there, marked as malformed for the app's body reader (BODY_ERROR), whose route answers 400 in its
+        contract's shape, and the connection closes after that answer, reading nothing more."""
+        self._refused = True
+        cycle.scope[BODY_ERROR] = message  # type: ignore[typeddict-unknown-key]
+        cycle.keep_alive = False
+        cycle.more_body = False
+        cycle.message_event.set()
+
+    def _reparse_without_upgrade(self) -> bytes:
+        """The head of the request that asked to upgrade, without the ask, and a fresh parser for it.
+
+        llhttp stops at the end of the headers of such a request and leaves what follows (its body, further
+        requests) to the new protocol. The gateway speaks none (RFC 9110 7.8 lets a server ignore Upgrade), and
+        curl --http2 asks for h2c on every plain-HTTP request, its POST bodies included: the head is parsed again
+        without Upgrade, followed by the rest, and the request is served as HTTP/1.1.
+        """
+        self._upgrade_ignored = False
+        lines = [b"%s %s HTTP/%s\r\n" % (self.parser.get_method(), self.url, self.parser.get_http_version().encode())]
+        for name, value in self.headers:
+            if name == b"upgrade":
+                continue
+            if name == b"connection":
+                value = b",".join(t for t in value.split(b",") if t.strip().lower() != b"upgrade")
+                if not value.strip():
+                    continue
+            lines.append(b"%s: %s\r\n" % (name, value))
+        lines.append(b"\r\n")
+        self.parser = httptools.HttpRequestParser(self)
+        self.parser.set_dangerous_leniencies(lenient_data_after_close=True)  # as uvicorn sets it
+        return b"".join(lines)
 
     def on_headers_complete(self) -> None:
         if len(self.headers) > self.guard.limits.max_headers:
             raise _Refusal(431, f"more than {self.guard.limits.max_headers} request headers", "too_many_headers")
+        if self.parser.should_upgrade():
+            if self.parser.get_method() == b"CONNECT":  # always an upgrade to llhttp: a tunnel, which is not served here
+                raise _Refusal(501, "CONNECT is not implemented: this server is not a proxy", "method_not_implemented")
+            self._upgrade_ignored = True  # served once parsed again (_reparse_without_upgrade)
+            return
         self._header_budget = None
         self.guard.stop(self)
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
+        if self._upgrade_ignored:  # nothing was started for it yet
+            return
         self._header_budget = self.guard.limits.max_header_bytes
         super().on_message_complete()
 
@@ -304,20 +421,16 @@ class _LimitedHttpToolsProtocol(HttpToolsProtocol):
             self.cycle.keep_alive = False
             self.flow.pause_reading()
             return
+        body, request_id = self.guard.refusals(_path_of(getattr(self, "url", b"")), status, message, code)
         content = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:  # date and server, as on every other response
             content.extend([name, b": ", value, b"\r\n"])
-        content.append(_refusal_tail(message, code))
+        if request_id is not None:
+            content.extend([b"x-request-id: ", request_id.encode(), b"\r\n"])
+        content.append(b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body))
+        content.append(body)
         self.transport.write(b"".join(content))
         self.transport.close()
-
-
-@functools.lru_cache(maxsize=64)
-def _refusal_tail(message: str, code: str) -> bytes:
-    """The headers after date and server, and the body, of a refusal; the same few over and over under attack."""
-    error = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
-    body = json.dumps({"error": error}).encode()
-    return b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
 
 
 class _AcceptFailures:
@@ -380,7 +493,8 @@ class _AcceptFailures:
 
 class _Server(uvicorn.Server):
     """uvicorn without its own signal handling (the caller stops every listener, then Triton, on one signal),
-    that counts failed accepts quietly while it serves."""
+    that counts failed accepts quietly while it serves, and that returns from a shutdown only once the requests it
+    cancelled have answered."""
 
     def __init__(self, config: uvicorn.Config, limits: ConnectionLimits, guard: _Guard):
         super().__init__(config)
@@ -398,13 +512,23 @@ class _Server(uvicorn.Server):
             accept_failures.uninstall()
             self._guard.close()
 
+    async def shutdown(self, sockets=None) -> None:
+        await super().shutdown(sockets)
+        # uvicorn cancels the requests still running when the grace period ends, and returns at once. The app
+        # answers each of them (503) in the next loop iterations; the caller ends the event loop after serve()
+        # returns, which would cancel them again, unanswered.
+        if self.server_state.tasks:
+            await asyncio.wait(self.server_state.tasks, timeout=ANSWER_CANCELLED_S)
 
-def create_http_server(app, host: str, port: int, limits: ConnectionLimits, **config_kwargs: Any) -> uvicorn.Server:
+
+def create_http_server(
+    app, host: str, port: int, limits: ConnectionLimits, refusals: Refusals = generic_refusal, **config_kwargs: Any
+) -> uvicorn.Server:
     """A uvicorn server for app on host:port with limits enforced; config_kwargs go to uvicorn.Config (not http).
 
-    Raises the process's soft open-file limit to its hard one. The server's `limits` attribute holds the
-    limits in force, with max_connections resolved (derived when 0, and lowered to the derived cap if set
-    above it).
+    `refusals` renders the requests the server answers itself (unparsable, headers too slow or too large). Raises
+    the process's soft open-file limit to its hard one. The server's `limits` attribute holds the limits in force,
+    with max_connections resolved (derived when 0, and lowered to the derived cap if set above it).
     """
     derived = derive_max_connections(config_kwargs.get("backlog", 2048))
     if limits.max_connections <= 0:
@@ -417,7 +541,9 @@ def create_http_server(app, host: str, port: int, limits: ConnectionLimits, **co
             derived,
         )
         limits = replace(limits, max_connections=derived)
-    guard = _Guard(limits)
+    guard = _Guard(limits, refusals)
     protocol = type("LimitedHttpToolsProtocol", (_LimitedHttpToolsProtocol,), {"guard": guard})
+    # No WebSocket: nothing here speaks it, and an upgrade request is served as plain HTTP (_reparse_without_upgrade).
+    config_kwargs.setdefault("ws", "none")
     config = uvicorn.Config(app, host=host, port=port, http=protocol, **config_kwargs)
     return _Server(config, limits, guard)

@@ -37,13 +37,21 @@ _REASON_BY_STATUS = {
     403: "forbidden",
     404: "invalid",
     405: "invalid",
+    408: "invalid",
     413: "too_large",
     415: "invalid",
     422: "invalid",
     429: "overloaded",
+    431: "too_large",
+    501: "invalid",
     503: "unavailable",
     504: "deadline_exceeded",
+    505: "invalid",
 }
+
+# The route label of requests the HTTP server answered before any route could be matched (malformed, headers too
+# slow or too large).
+UNPARSED_ROUTE = "unparsed"
 
 CACHE_RESULTS = ("hit", "miss", "unavailable")
 CACHE_WRITE_RESULTS = ("stored", "failed", "skipped")
@@ -192,6 +200,14 @@ class Metrics:
             self.token_requests.labels(token).inc()
             self.token_texts.labels(token).inc(context.texts)
             self.token_prompt_tokens.labels(token).inc(context.tokens)
+
+    def request_refused_unparsed(self, contract: str, status: int) -> None:
+        """A request the HTTP server refused before the app saw it: counted in requests_total (route "unparsed") and
+        rejections_total like any other, with no duration (its clock never started) and never in flight."""
+        self.requests.labels(contract, UNPARSED_ROUTE, str(status)).inc()
+        reason = reason_for_status(status)
+        if reason is not None:
+            self.rejections.labels(reason).inc()
 
     def _token_label(self, token_id: int) -> str:
         label = str(token_id)

@@ -6,7 +6,7 @@ import base64
 import time
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, TypeAdapter
 from starlette.requests import Request
 from starlette.routing import Route
 
@@ -36,7 +36,7 @@ class EmbeddingsRequest(BaseModel):
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: StrictInt | None = Field(default=None)
     user: StrictStr | None = None
-    truncate: bool | None = None
+    truncate: StrictBool | None = None
 
 
 REQUEST = TypeAdapter(EmbeddingsRequest)
@@ -72,8 +72,8 @@ def _encode(vector, encoding_format: str | None):
 def routes(service: EmbeddingService, max_body_bytes: int) -> list[Route]:
     @contract_errors(render_error)
     async def embeddings(request: Request):
-        refuse_early(service)
         expires = deadline(request, service)
+        refuse_early(service, expires)
         body = await parse_body(request, REQUEST, max_body_bytes)
         result = await cancel_on_disconnect(request, service.embed(_to_call(body, expires)))
         data = [

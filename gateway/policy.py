@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.auth import Authenticator
 from gateway.errors import ErrorKind, ServiceError
-from gateway.logs import log_access
+from gateway.logs import AccessLog
 from gateway.metrics import Metrics
 from gateway.request_context import RequestContext
 from gateway.scheduler import Backend
+from gateway.token_api import UNMETERED_ROUTES
 from gateway.token_store import Principal
 
 
@@ -28,6 +29,8 @@ class RequestPolicy:
     loopback_host_only: bool = False
     # /metrics without a token even when authentication is on, so Prometheus needs no credentials.
     metrics_open: bool = True
+    # One line per request, refusals sampled (gateway/logs.py).
+    access_log: AccessLog = field(default_factory=AccessLog)
 
     def unready_reason(self, health: Backend) -> str | None:
         """Why the gateway cannot serve now (Triton or a model not ready, the token store unreachable), or None."""
@@ -38,17 +41,29 @@ class RequestPolicy:
         return None
 
     async def admit(self, context: RequestContext, authorization: str | None) -> Principal | None:
-        """The caller, checked when authentication is on, with one request taken from its token's rate limit."""
+        """The caller, checked when authentication is on, with one request taken from its token's rate limit
+        (token management excepted)."""
         if self.authenticator is None:
             return None
         principal = await self.authenticator.authenticate(authorization)
         context.token_id = principal.token_id
-        self.authenticator.admit(principal)
+        if context.route not in UNMETERED_ROUTES:
+            context.token_budget = self.authenticator.admit(principal)
         return principal
 
     def finish(self, context: RequestContext, status: str, rejection: str | None) -> None:
-        """What every call leaves behind, once: its token's usage, the metrics and the access-log line."""
+        """What every call leaves behind, once: the prompt tokens it reserved and did not use given back, its token's
+        usage, the metrics and the access-log line."""
+        served = _served(status)
+        if context.token_budget is not None:
+            context.token_budget.release()
         if self.authenticator is not None:
-            self.authenticator.record(context)
-        self.metrics.request_finished(context, status, rejection)
-        log_access(context, status)
+            self.authenticator.record(context, served)
+        # The reason noted where the request was refused is the most specific: a transport knows only its status.
+        self.metrics.request_finished(context, status, None if served else context.rejection or rejection)
+        self.access_log.write(context, status)
+
+
+def _served(status: str) -> bool:
+    """An HTTP 2xx or gRPC OK (a stream whose items failed one by one still ends OK)."""
+    return status == "OK" or (status.isdigit() and 200 <= int(status) < 300)

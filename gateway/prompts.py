@@ -5,6 +5,10 @@ shapes into PromptItems. A prompt that is a single text goes to the ensemble's o
 so it embeds exactly like the same text sent to /v1/embeddings; anything else is tokenized here,
 item by item, and concatenated in order into one token id sequence. A prompt with attention controls
 is always tokenized here, since its controls are resolved through the tokenizer's offsets.
+
+Every tokenization on a request path goes through encode() and decode() below, never through the tokenizer's own
+encode/decode: those hold the GIL for as long as they run (seconds for a few megabytes), and a worker thread holding
+it stops the event loop and every other request with it.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Union
 
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 from gateway.controls import Control, PositionControl, check, span_positions
 from gateway.errors import invalid
@@ -37,13 +41,32 @@ class Prompt:
     controls: tuple[PositionControl, ...] | None = None
 
 
+def encode(tokenizer: Tokenizer, text: str) -> Encoding:
+    """The text's encoding, without special tokens. encode_batch releases the GIL while it tokenizes; encode does not."""
+    (encoding,) = tokenizer.encode_batch([text], add_special_tokens=False)
+    return encoding
+
+
+def decode(tokenizer: Tokenizer, token_ids: list[int]) -> str:
+    """The text of token ids, special tokens skipped. decode_batch releases the GIL while it decodes; decode does not."""
+    (text,) = tokenizer.decode_batch([token_ids])
+    return text
+
+
+def check_length(length: int, max_chars: int, where: str, field: str) -> None:
+    """Refuses a text of `length` characters over max_chars before it is tokenized: tokenizing costs about a
+    microsecond of CPU per character, and a model reads no more than max_chars of a prompt anyway."""
+    if length > max_chars:
+        raise invalid(f"'{where}' holds {length} characters, more than the model can read ({max_chars})", field)
+
+
 def resolve(
     items: list[PromptItem], tokenizer: Tokenizer, prefix: str, field: str, index: int | None = None, max_chars: int | None = None
 ) -> Prompt:
     """One Prompt from a prompt's items, with the representation's prefix in front.
 
     Errors name `field` as the parameter and `field[index]` in the message when the prompt is one of many.
-    A text item over max_chars is refused before it is tokenized.
+    A prompt tokenized here whose texts (prefix included) hold more than max_chars characters is refused first.
     """
     where = field if index is None else f"{field}[{index}]"
     if not items:
@@ -59,21 +82,21 @@ def resolve(
         raise invalid(f"'{where}' must not be empty", field)
     if single_text and not controlled:
         return Prompt(text=prefix + items[0].data)
-    # Tokenized here: refuse what no tokenizer should spend seconds on.
-    for item in items:
-        if item.kind == "text" and max_chars is not None and len(item.data) > max_chars:
-            raise invalid(f"'{where}' holds a text of {len(item.data)} characters, more than the model can read ({max_chars})", field)
+    if max_chars is not None:
+        # Tokenized here: refuse what no tokenizer should spend seconds on. The items are one model input, so their
+        # texts count together (one by one, a prompt of many items could still hold megabytes).
+        check_length(len(prefix) + sum(len(item.data) for item in items if item.kind == "text"), max_chars, where, field)
     if single_text:
         # Tokenized with its prefix as one string, as the uncontrolled text is, so a factor of 1 changes nothing.
-        encoding = tokenizer.encode(prefix + items[0].data, add_special_tokens=False)
+        encoding = encode(tokenizer, prefix + items[0].data)
         controls = tuple(PositionControl(tuple(span_positions(encoding, c, len(prefix))), c.factor) for c in items[0].controls)
         return Prompt(token_ids=encoding.ids, controls=controls)
     vocab = tokenizer.get_vocab_size()
-    ids: list[int] = tokenizer.encode(prefix, add_special_tokens=False).ids if prefix else []
+    ids: list[int] = encode(tokenizer, prefix).ids if prefix else []
     controls: list[PositionControl] = []
     for item in items:
         if item.kind == "text":
-            encoding = tokenizer.encode(item.data, add_special_tokens=False)
+            encoding = encode(tokenizer, item.data)
             for c in item.controls:
                 controls.append(PositionControl(tuple(len(ids) + p for p in span_positions(encoding, c)), c.factor))
             ids += encoding.ids

@@ -12,6 +12,10 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gateway.rate_limit import TokenBudget
 
 # A caller's own id is kept when it is safe to echo in a header and to write in a log line.
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
@@ -37,6 +41,11 @@ class RequestContext:
     tokens: int = 0
     queue_s: float = 0.0
     triton_s: float = 0.0
+    # The caller's hold on its token's prompt tokens a minute, when the token has that limit: each inference reserves
+    # its tokens there before any work (gateway/rate_limit.py).
+    token_budget: TokenBudget | None = None
+    # Why the request was refused, set where its status alone cannot tell (a 429 is a rate limit or overload).
+    rejection: str | None = None
 
     def add_usage(self, texts: int, tokens: int) -> None:
         self.texts += texts

@@ -202,6 +202,9 @@ class Scheduler:
         self._lane_calls: Counter[Lane] = Counter()
         self.meter = ThroughputMeter()
         self._queues: dict[int, list[_Job]] = {PRIORITY_NORMAL: [], PRIORITY_NICE: []}
+        # Queued jobs by rows left to send, kept in step with the queues: admission sums it instead of the queues, so
+        # refusing costs the same with thousands queued (a retry storm) as with none.
+        self._unsent: Counter[int] = Counter()
         self._arrivals = 0
 
     # -- admission ------------------------------------------------------------------------------------
@@ -217,15 +220,27 @@ class Scheduler:
     def _rows_ahead(self, rows: int) -> int:
         """Rows served before a new request of `rows` rows completes: those in flight, the requests that go first
         (no more rows left to send than it has), and its own."""
-        first = sum(job.rows_unsent for queue in self._queues.values() for job in queue if job.rows_unsent <= rows)
+        first = sum(size * jobs for size, jobs in self._unsent.items() if size <= rows)
         return self.rows_in_flight + first + rows
 
-    def check_open(self) -> None:
-        """The cheap check made before a request's body is read: is there room for any work at all?"""
+    def _count_unsent(self, before: int, after: int) -> None:
+        """One queued job's rows left to send went from `before` to `after` (0: not in the queue)."""
+        if before:
+            self._unsent[before] -= 1
+            if not self._unsent[before]:
+                del self._unsent[before]
+        if after:
+            self._unsent[after] += 1
+
+    def check_open(self, deadline: Deadline | None = None) -> None:
+        """The cheap check made before a request's body is read: is there room for any work at all, and (given the
+        request's deadline) could even a one-text request be served before it? Refusing then costs no parsing."""
         if self.health.down_for_good(RECOVERY_S):
             raise ServiceError(ErrorKind.UNAVAILABLE, f"the inference server is unavailable: {self.health.reason}")
         if self.pending_texts >= self.max_pending_texts:
             raise self._overloaded(f"{self.pending_texts} texts are already waiting", self._drain_s(self.pending_texts))
+        if deadline is not None:
+            self._admit(1, deadline)
 
     def _admit(self, texts: int, deadline: Deadline) -> None:
         # A lone request larger than the limit is still served; refusing it would refuse it forever.
@@ -262,6 +277,7 @@ class Scheduler:
         job.arrival = self._arrivals
         self.pending_texts += texts
         self._queues[priority].append(job)
+        self._count_unsent(0, texts)
         try:
             if self._has_room(job):
                 self._dispatch()
@@ -277,6 +293,7 @@ class Scheduler:
         """Drops what a finished, failed, timed-out or cancelled job had not sent, and cancels what it had."""
         if job in self._queues[priority]:
             self._queues[priority].remove(job)
+            self._count_unsent(job.rows_unsent, 0)
         self.pending_texts -= job.texts
         if not job.done.done():
             job.done.cancel()
@@ -329,6 +346,7 @@ class Scheduler:
     def _place(self, job: _Job, chunk: Chunk, call: _Call) -> None:
         call.add(job, job.next_chunk, chunk)
         job.next_chunk += 1
+        self._count_unsent(job.rows_unsent, job.rows_unsent - chunk.rows)
         job.rows_unsent -= chunk.rows
         now = time.monotonic()
         if job.first_sent is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,6 +21,7 @@ class Settings:
     triton_http_port: int = 8000
     triton_grpc_port: int = 8001
     triton_metrics_port: int = 8002
+    triton_admin_key: str = field(default="", repr=False)  # a secret: kept out of any printed Settings
     run_dir: Path = ROOT / ".run"
     max_body_bytes: int = 4 * 1024 * 1024
     max_inputs: int = 2048
@@ -34,6 +35,8 @@ class Settings:
     max_header_bytes: int = 64 * 1024
     max_headers: int = 100
     max_connections: int = 0
+    grpc_max_connections: int = 0
+    grpc_handshake_timeout_s: float = 10.0
     truncate: bool = False
     cache_url: str = ""
     cache_ttl_s: int = 86400
@@ -61,6 +64,9 @@ HELP = {
     "triton_http_port": "HTTP port of the Triton the gateway starts",
     "triton_grpc_port": "gRPC port of the Triton the gateway starts",
     "triton_metrics_port": "metrics port of the Triton the gateway starts",
+    "triton_admin_key": "key that Triton's model control, shared-memory, trace and logging APIs require (HTTP header "
+    "admin-key, gRPC metadata triton-grpc-protocol-admin-key) on the Triton started here; empty: a random one per start. Either way it is in "
+    "triton-admin-key in --run-dir while Triton runs; set it (from a secret, by the environment) to call them from elsewhere",
     "run_dir": "where logs of the started Triton go",
     "max_body_bytes": "largest request body; larger ones get 413 before any work is done",
     "max_inputs": "most texts in one request; each is one row in Triton's batches",
@@ -79,8 +85,13 @@ HELP = {
     "longer tolerates slower clients, shorter frees slow-header connections sooner",
     "max_header_bytes": "request line and headers together; past it 431 and the connection is closed",
     "max_headers": "header lines per request; past it 431 and the connection is closed",
-    "max_connections": "open HTTP connections at most (0: the open-file limit, raised to its hard limit, less a reserve); "
+    "max_connections": "open HTTP connections at most (0: the open-file limit, raised to its hard limit, less a reserve "
+    "and the gRPC port's share); "
     "a new one over the cap replaces the one waiting longest for its headers",
+    "grpc_max_connections": "open gRPC connections at most (0: a quarter of the descriptors HTTP's cap is derived from, "
+    "at 3 per relayed connection); a new one over the cap replaces the one waiting longest for its HTTP/2 preface",
+    "grpc_handshake_timeout_s": "time a gRPC connection has to send its HTTP/2 preface, and then its settings; then it is "
+    "closed. Longer tolerates slower clients, shorter frees idle connections sooner",
     "truncate": "cut texts longer than the model's limit instead of answering 400 (a request may also ask per call)",
     "cache_url": "redis:// URL of an embedding cache that replicas share (empty: no cache); a text embedded before is "
     "answered from it without Triton, and a cache that is down only costs the speed-up",
@@ -117,7 +128,8 @@ def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None
         kind = Path if isinstance(field.default, Path) else {int: int, float: float, bool: _parse_bool}.get(type(field.default), str)
         env_value = environ.get(_env_name(field.name))
         default = kind(env_value) if env_value is not None else field.default
-        help_text = f"{HELP[field.name]} (env {_env_name(field.name)}, default {default})"
+        shown = default if field.repr or not default else "(set, not shown)"
+        help_text = f"{HELP[field.name]} (env {_env_name(field.name)}, default {shown})"
         if kind is _parse_bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:

@@ -83,6 +83,9 @@ ROUTES = [
     ("/users/{email}/tokens", ["GET", "POST"]),
     ("/users/{email}/tokens/{token_id}", ["PATCH", "DELETE"]),
 ]
+# Managing tokens is not embedding work: a token over its rate limit must still be able to list, create and revoke
+# tokens, so these routes are not counted against it (gateway/policy.py).
+UNMETERED_ROUTES = frozenset(path for path, _ in ROUTES)
 
 
 @contract_errors(render_error)
@@ -129,7 +132,9 @@ def _endpoints(authenticator: Authenticator, max_body_bytes: int) -> list:
     @contract_errors(render_error)
     async def login(request: Request):
         body = await parse(request, LoginBody)
-        user = await authenticator.login(body.email, body.password)
+        # The TCP peer, or what a trusted proxy says in X-Forwarded-For (uvicorn's FORWARDED_ALLOW_IPS, loopback only
+        # by default): the login throttle counts failures per client address.
+        user = await authenticator.login(body.email, body.password, request.client.host if request.client else None)
         if user is None:
             raise unauthenticated("wrong email or password")
         description = f"login {datetime.now(timezone.utc).isoformat(timespec='seconds')}"

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import hmac
 import math
+import os
 import secrets
 import sqlite3
 import threading
@@ -391,6 +392,21 @@ def _enable_wal(connection: sqlite3.Connection) -> None:
             time.sleep(0.01)
 
 
+def _owner_only(path: Path) -> None:
+    """Creates the database file readable and writable by its owner only, and takes group and other access from one
+    (with its -wal and -shm files) that an older version created world-readable. SQLite gives the -wal and -shm files
+    it creates the database file's mode. A file of another user is left as it is: its owner chose its mode."""
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.close(descriptor)
+    for companion in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            status = companion.stat()
+        except FileNotFoundError:
+            continue
+        if status.st_uid == os.geteuid() and status.st_mode & 0o077:
+            companion.chmod(0o600)
+
+
 class SqliteTokenStore(TokenStore):
     _ID_COLUMN = "INTEGER PRIMARY KEY AUTOINCREMENT"  # AUTOINCREMENT: an id is never handed out twice
     _TIMESTAMP_COLUMN = "TEXT"  # SQLite has no timestamp type: ISO 8601, always UTC
@@ -398,7 +414,9 @@ class SqliteTokenStore(TokenStore):
     def __init__(self, path: Path) -> None:
         super().__init__()
         with _unavailable_on((OSError, sqlite3.OperationalError), f"cannot open SQLite database {path}"):
-            path.parent.mkdir(parents=True, exist_ok=True)
+            # The store holds password hashes and usage: no one but the gateway's user has business reading it.
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _owner_only(path)
             # One connection for all threads, serialized by the lock; isolation_level=None leaves BEGIN/COMMIT to us.
             self._connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             # busy_timeout waits for other processes' locks instead of failing. WAL: a commit appends to the log rather than

@@ -3,12 +3,17 @@
 Triton runs in a process group of its own with its Python-backend stubs, so that ending the group leaves no
 orphan, and the shared-memory regions the stubs were started with are unlinked after the group is gone: a
 tritonserver killed with -9 otherwise leaves stubs holding hundreds of MB and segments in /dev/shm.
+
+Triton's APIs that change what it serves or where it writes are restricted to callers that send the admin key (see
+RESTRICTED_APIS); the gateway itself never calls them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -27,6 +32,18 @@ log = logging.getLogger("gateway.triton")
 SHM_DIR = Path("/dev/shm")
 # The stub's command line names the region it shares with tritonserver: `stub <model.py> <region> ...`.
 _STUB_SHM_ARG = 2
+
+# Triton's HTTP and gRPC APIs that only an operator may call, with the admin key in header ADMIN_KEY_HEADER (gRPC
+# metadata ADMIN_KEY_GRPC_METADATA: Triton's gRPC front end expects the key's name with its own prefix): loading and
+# unloading models (an unload is an outage; a load from a crafted repository runs its code), registering shared memory
+# (a region Triton then reads and writes), and trace and log settings (which name files Triton writes). Left open, as
+# the gateway, tritonclient and perf_analyzer need them: inference, health, metadata, model config and statistics.
+RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
+ADMIN_KEY_HEADER = "admin-key"
+ADMIN_KEY_GRPC_METADATA = f"triton-grpc-protocol-{ADMIN_KEY_HEADER}"
+# The key goes on tritonserver's command line and in HTTP headers and gRPC metadata: no separators of Triton's flag
+# syntax (",", ":", "="), nothing a header cannot carry, and long enough not to be guessed.
+_ADMIN_KEY = re.compile(r"[A-Za-z0-9._~-]{16,}")
 
 
 class TritonStartError(RuntimeError):
@@ -76,8 +93,18 @@ def _alive(process: psutil.Process) -> bool:
 
 class TritonProcess:
     def __init__(
-        self, model_repository: Path, models: list[str], ports: TritonPorts, work_dir: Path, log_file: Path, address: str = "127.0.0.1"
+        self,
+        model_repository: Path,
+        models: list[str],
+        ports: TritonPorts,
+        work_dir: Path,
+        log_file: Path,
+        address: str = "127.0.0.1",
+        admin_key: str | None = None,
     ):
+        """admin_key: what RESTRICTED_APIS require; None draws a random one. Either way it is written, readable by this
+        user only, to admin_key_file while Triton runs, which is how an operator gets a key drawn here."""
+        self.admin_key = admin_key or secrets.token_urlsafe(32)
         self.model_repository = model_repository
         self.models = models
         self.ports = ports
@@ -102,12 +129,18 @@ class TritonProcess:
     def pid_file(self) -> Path:
         return self.work_dir / "triton.pid"
 
+    @property
+    def admin_key_file(self) -> Path:
+        return self.work_dir / "triton-admin-key"
+
     def start(self, timeout_s: float = 180.0) -> None:
         """Starts tritonserver and returns once every model is ready, with its stubs recorded."""
         if "=" in str(self.work_dir.resolve()):
             # The Python backend starts its stubs through `env`, which reads a path with "=" as a variable
             # assignment: every model would fail to load with a confusing "No such file or directory".
             raise TritonStartError(f"the run directory {self.work_dir} must not contain '='")
+        if not _ADMIN_KEY.fullmatch(self.admin_key):
+            raise TritonStartError("the Triton admin key must be at least 16 characters, each a letter, a digit or one of ._~-")
         backends = prepare_backends(self.work_dir)
         command = [
             str(_pytriton_root() / "tritonserver" / "bin" / "tritonserver"),
@@ -123,6 +156,8 @@ class TritonProcess:
             f"--metrics-port={self.ports.metrics}",
             f"--http-address={self.address}",
             f"--grpc-address={self.address}",
+            f"--http-restricted-api={','.join(RESTRICTED_APIS)}:{ADMIN_KEY_HEADER}={self.admin_key}",
+            f"--grpc-restricted-protocol={','.join(RESTRICTED_APIS)}:{ADMIN_KEY_HEADER}={self.admin_key}",
             "--allow-metrics=true",
             "--exit-on-error=true",
             "--strict-readiness=true",
@@ -130,6 +165,7 @@ class TritonProcess:
             "--exit-timeout-secs=5",
         ]
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        self._write_admin_key()
         with open(self.log_file, "ab") as log_file:
             # A session (and process group) of its own: Ctrl-C in a terminal reaches the gateway first, which
             # then stops Triton, and the stubs Triton forks stay in the group, so one killpg ends them all.
@@ -143,6 +179,13 @@ class TritonProcess:
         self._record_stubs()
         # Watched from now on: the stubs serving the ready models (one a loading step started and ended is not lost).
         self._serving = [stub for stub in self._stubs if _alive(stub)]
+
+    def _write_admin_key(self) -> None:
+        # Created afresh with mode 0600: a file left by someone else, or with wider permissions, is not reused.
+        self.admin_key_file.unlink(missing_ok=True)
+        descriptor = os.open(self.admin_key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as key_file:
+            key_file.write(self.admin_key + "\n")
 
     def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -228,3 +271,4 @@ class TritonProcess:
             (SHM_DIR / region).unlink(missing_ok=True)
         self._stubs, self._serving, self._shm_regions = [], [], set()
         self.pid_file.unlink(missing_ok=True)
+        self.admin_key_file.unlink(missing_ok=True)

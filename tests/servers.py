@@ -98,16 +98,18 @@ def start_service(
     timeout_s: float = 180,
     wait_healthy: bool = True,
     root: Path = ROOT,
+    preexec_fn=None,
 ) -> RunningService:
     """The gateway once /health says ok, or (wait_healthy=False) once it answers at all. `root` is the checkout whose
-    gateway runs (another revision's, for a comparison).
+    gateway runs (another revision's, for a comparison); `preexec_fn` runs in the gateway's process before it starts
+    (to lower a resource limit, say).
 
     A free port can be taken by another process between free_ports() and the server binding it; the start
     is then tried again on new ports rather than failing the test.
     """
     for attempt in range(3):
         try:
-            return _start_service(run_dir, model_repository, extra_args, timeout_s, wait_healthy, root)
+            return _start_service(run_dir, model_repository, extra_args, timeout_s, wait_healthy, root, preexec_fn)
         except PortTaken:
             if attempt == 2:
                 raise
@@ -118,7 +120,9 @@ class PortTaken(RuntimeError):
     pass
 
 
-def _start_service(run_dir: Path, model_repository: Path, extra_args, timeout_s: float, wait_healthy: bool, root: Path) -> RunningService:
+def _start_service(
+    run_dir: Path, model_repository: Path, extra_args, timeout_s: float, wait_healthy: bool, root: Path, preexec_fn
+) -> RunningService:
     http, grpc, t_http, t_grpc, t_metrics = free_ports(5)
     run_dir.mkdir(parents=True, exist_ok=True)
     command = [
@@ -128,7 +132,9 @@ def _start_service(run_dir: Path, model_repository: Path, extra_args, timeout_s:
         f"--model-repository={model_repository}", f"--run-dir={run_dir}", *extra_args,
     ]
     log = open(run_dir / "gateway.log", "wb")
-    process = subprocess.Popen(command, cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        command, cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn
+    )
     service = RunningService(process, run_dir, http, grpc, t_http, t_grpc, t_metrics)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

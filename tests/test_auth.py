@@ -1,4 +1,5 @@
-"""The Authenticator over a real SQLite token store: credentials parsing, caching, revocation, usage and outages."""
+"""The Authenticator over a real SQLite token store: credentials parsing, caching, revocation, usage and outages; the
+login throttle and queue in front of argon2; and what the request policy counts and limits per request."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import threading
 
 import pytest
 
-from gateway import auth
+from gateway import auth, request_context
 from gateway.auth import Authenticator
 from gateway.errors import ErrorKind, ServiceError
+from gateway.metrics import Metrics
+from gateway.policy import RequestPolicy
 from gateway.request_context import RequestContext
-from gateway.token_store import StoreUnavailable, open_store
+from gateway.token_store import Limits, StoreUnavailable, open_store
 
 
 @pytest.fixture
@@ -68,7 +71,7 @@ async def test_usage_is_written_on_flush_and_shown_before_it(store):
     for texts, tokens in [(3, 30), (1, 7)]:
         context = RequestContext("r", "openai", "/v1/embeddings", token_id=metadata.token_id)
         context.add_usage(texts, tokens)
-        authenticator.record(context)
+        authenticator.record(context, served=True)
     shown = await authenticator.with_usage(store.token, metadata.token_id)
     assert (shown.usage.requests, shown.usage.texts, shown.usage.prompt_tokens) == (2, 4, 37)
     assert store.token(metadata.token_id).usage.requests == 0
@@ -82,7 +85,7 @@ async def test_usage_is_written_on_flush_and_shown_before_it(store):
 async def test_usage_being_written_is_counted_by_a_read_during_the_write(store, monkeypatch):
     metadata, _ = store.create_token("a@example.com", "t")
     authenticator = Authenticator(store)
-    authenticator.record(RequestContext("r", "openai", "/v1/embeddings", token_id=metadata.token_id))
+    authenticator.record(RequestContext("r", "openai", "/v1/embeddings", token_id=metadata.token_id), served=True)
     writing, release = threading.Event(), threading.Event()
     original = store.add_usage
 
@@ -105,7 +108,7 @@ async def test_usage_being_written_is_counted_by_a_read_during_the_write(store, 
 async def test_usage_that_cannot_be_written_is_kept_for_the_next_flush(store, monkeypatch):
     metadata, _ = store.create_token("a@example.com", "t")
     authenticator = Authenticator(store)
-    authenticator.record(RequestContext("r", "openai", "/v1/embeddings", token_id=metadata.token_id))
+    authenticator.record(RequestContext("r", "openai", "/v1/embeddings", token_id=metadata.token_id), served=True)
     original = store.add_usage
 
     def down(*args):
@@ -114,7 +117,7 @@ async def test_usage_that_cannot_be_written_is_kept_for_the_next_flush(store, mo
     monkeypatch.setattr(store, "add_usage", down)
     await authenticator.flush()
     monkeypatch.setattr(store, "add_usage", original)
-    authenticator.record(RequestContext("r", "openai", "/v1/embeddings", token_id=metadata.token_id))
+    authenticator.record(RequestContext("r", "openai", "/v1/embeddings", token_id=metadata.token_id), served=True)
     await authenticator.flush()
     assert store.token(metadata.token_id).usage.requests == 2
 
@@ -136,3 +139,105 @@ async def test_a_store_that_stops_answering_turns_every_call_into_503_until_it_a
     monkeypatch.setattr(store, "ping", original)
     await authenticator.probe()
     assert (await authenticator.authenticate(f"Bearer {secret}")).user_email == "a@example.com"
+
+
+# Logins: the throttle and the bounded queue in front of argon2
+
+
+@pytest.fixture
+def with_password(store):
+    store.add_user("p@example.com", "client", "a long passphrase")
+    return store
+
+
+async def test_a_throttled_login_is_refused_without_checking_the_password(with_password, monkeypatch):
+    authenticator = Authenticator(with_password)
+    checked = []
+    original = with_password.login
+    monkeypatch.setattr(with_password, "login", lambda *args: checked.append(args) or original(*args))
+    for _ in range(6):
+        assert await authenticator.login("p@example.com", "wrong", "10.0.0.1") is None
+    with pytest.raises(ServiceError) as raised:
+        await authenticator.login("p@example.com", "a long passphrase", "10.0.0.2")
+    assert raised.value.kind is ErrorKind.RATE_LIMITED and raised.value.retry_after_s >= 1
+    assert len(checked) == 6
+
+
+async def test_logins_past_the_queue_bound_are_refused_as_overload_and_the_rest_are_checked(with_password, monkeypatch):
+    authenticator = Authenticator(with_password)
+    started, release = threading.Semaphore(0), threading.Event()
+
+    def slow_login(email, password):
+        started.release()
+        release.wait(10)
+        return None
+
+    monkeypatch.setattr(with_password, "login", slow_login)
+    admitted = auth.MAX_CONCURRENT_LOGINS + auth.MAX_QUEUED_LOGINS
+    # Each from its own email and address, so that only the queue bound can refuse them.
+    logins = [asyncio.ensure_future(authenticator.login(f"u{i}@example.com", "pw", f"10.0.1.{i}")) for i in range(admitted)]
+    for _ in range(auth.MAX_CONCURRENT_LOGINS):
+        await asyncio.to_thread(started.acquire, timeout=10)
+    with pytest.raises(ServiceError) as raised:
+        await authenticator.login("late@example.com", "pw", "10.0.2.1")
+    assert raised.value.kind is ErrorKind.OVERLOADED and raised.value.http_status == 429 and raised.value.retry_after_s == 1
+    release.set()
+    assert await asyncio.gather(*logins) == [None] * admitted
+
+
+# What every request leaves behind: usage, and the rate limit it is checked against
+
+
+def limited_token(store, **limits):
+    metadata, secret = store.create_token("a@example.com", "limited", Limits(**limits))
+    return metadata.token_id, f"Bearer {secret}"
+
+
+async def test_only_served_requests_count_in_usage(store):
+    token_id, header = limited_token(store, requests_per_second=2)
+    authenticator = Authenticator(store)
+    policy = RequestPolicy(authenticator, Metrics())
+    served, invalid, refused = (RequestContext("r", "openai", "/v1/embeddings") for _ in range(3))
+    await policy.admit(served, header)
+    served.add_usage(3, 30)
+    policy.finish(served, "200", None)
+    await policy.admit(invalid, header)
+    policy.finish(invalid, "400", None)
+    with pytest.raises(ServiceError):
+        await policy.admit(refused, header)  # the third within a second
+    policy.finish(refused, "429", "rate_limited")
+    shown = await authenticator.with_usage(store.token, token_id)
+    assert (shown.usage.requests, shown.usage.texts, shown.usage.prompt_tokens) == (1, 3, 30)
+
+
+async def test_a_token_over_its_rate_limit_can_still_manage_its_tokens(store):
+    _, header = limited_token(store, requests_per_second=0.5)
+    metrics = Metrics()
+    policy = RequestPolicy(Authenticator(store), metrics)
+    await policy.admit(RequestContext("r", "openai", "/v1/embeddings"), header)
+    refused_context = RequestContext("r", "openai", "/v1/embeddings")
+    bound = request_context.bind(refused_context)  # as the transports bind each request
+    try:
+        with pytest.raises(ServiceError) as raised:
+            await policy.admit(refused_context, header)
+    finally:
+        request_context.unbind(bound)
+    assert raised.value.kind is ErrorKind.RATE_LIMITED
+    for route in ("/users/me/tokens", "/users/me/tokens/{token_id}", "/users/{email}/tokens"):
+        await policy.admit(RequestContext("r", "aleph_alpha", route), header)
+    # Finished with no reason given, as a 429 raised inside a route is (prompt tokens, logins): still a rate limit.
+    policy.finish(refused_context, "429", None)
+    assert metrics.registry.get_sample_value("embed_gateway_rejections_total", {"reason": "rate_limited"}) == 1
+    assert metrics.registry.get_sample_value("embed_gateway_rejections_total", {"reason": "overloaded"}) == 0
+
+
+async def test_prompt_tokens_a_request_reserved_and_did_not_use_are_given_back_when_it_finishes(store):
+    _, header = limited_token(store, tokens_per_minute=600)
+    policy = RequestPolicy(Authenticator(store), Metrics())
+    context = RequestContext("r", "openai", "/v1/embeddings")
+    await policy.admit(context, header)
+    assert context.token_budget.try_reserve(600) is not None  # then the inference failed: nothing settled
+    policy.finish(context, "503", None)
+    later = RequestContext("r", "openai", "/v1/embeddings")
+    await policy.admit(later, header)
+    assert later.token_budget.try_reserve(600) is not None

@@ -4,7 +4,9 @@ openai and gRPC clients, with users and tokens bootstrapped by the admin CLI int
 from __future__ import annotations
 
 import json
+import stat
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import openai
@@ -19,6 +21,9 @@ from tests.servers import HttpApi, gateway_cli, start_service
 
 ADMIN, CLIENT = "admin@example.com", "client@example.com"
 ADMIN_PASSWORD = "correct horse battery staple"
+# Whose password the login flood tests guess, so that no other test's login meets the throttle.
+GUESSED, GUESSED_PASSWORD = "guessed@example.com", "tr0ub4dor&3 but longer"
+FLOODED, FLOODED_PASSWORD = "flooded@example.com", "another long passphrase"
 TEXTS = ["A man is playing a guitar.", "The cat sits outside.", "A woman is slicing an onion."]
 
 
@@ -28,6 +33,8 @@ def secured(tmp_path_factory):
     where = f"--run-dir={run_dir}"
     gateway_cli("users", "add", ADMIN, "--role", "admin", "--password-stdin", where, stdin=ADMIN_PASSWORD + "\n")
     gateway_cli("users", "add", CLIENT, "--role", "client", where)
+    for email, password in ((GUESSED, GUESSED_PASSWORD), (FLOODED, FLOODED_PASSWORD)):
+        gateway_cli("users", "add", email, "--role", "client", "--password-stdin", where, stdin=password + "\n")
     tokens = {
         "admin": gateway_cli("tokens", "create", "--user", ADMIN, "--description", "bootstrap", where).strip(),
         "client": gateway_cli("tokens", "create", "--user", CLIENT, "--description", "tests", where).strip(),
@@ -197,7 +204,8 @@ def test_usage_counters_match_what_was_sent(secured, model_name):
         assert refused.status_code == 400
         time.sleep(1.0)  # written to the store by now; the listing is read back from it
         (usage,) = [t["usage"] for t in http.get("/users/me/tokens").json() if t["token_id"] == token_id]
-    assert usage == {"requests": 5, "texts": sum(map(len, batches)) + 1, "prompt_tokens": prompt_tokens}
+    # The request refused with 400 is not one: only served requests count.
+    assert usage == {"requests": 4, "texts": sum(map(len, batches)) + 1, "prompt_tokens": prompt_tokens}
 
 
 def test_grpc_authenticates_from_the_authorization_metadata(secured, model_name):
@@ -266,3 +274,159 @@ def test_a_post_that_is_not_json_gets_415_in_the_contract_shape(secured, model_n
             aleph_answer = http.post("/semantic_embed", data=body, headers={"Content-Type": content_type})
             assert aleph_answer.status_code == 415 and aleph_answer.json()["code"] == "UNSUPPORTED_MEDIA_TYPE"
         assert http.post("/v1/embeddings", data=body, headers={"Content-Type": "application/json; charset=utf-8"}).status_code == 200
+
+
+def test_the_token_store_files_are_readable_by_the_gateways_user_only(secured):
+    service, _ = secured
+    files = list(service.run_dir.glob("auth.sqlite3*"))
+    assert service.run_dir / "auth.sqlite3" in files
+    assert {path.name: stat.S_IMODE(path.stat().st_mode) for path in files} == {path.name: 0o600 for path in files}
+
+
+def admin_token(http: HttpApi, limits: dict, user: str = CLIENT) -> str:
+    created = http.post(f"/users/{user}/tokens", json={"description": f"limited {limits}", "limits": limits})
+    assert created.status_code == 200, created.text
+    return created.json()["token"]
+
+
+def test_refused_requests_do_not_count_in_usage(secured, model_name):
+    service, tokens = secured
+    with HttpApi(service.http_url, headers=bearer(tokens["admin"])) as admin:
+        token = admin_token(admin, {"requests_per_second": 0.1}, user=ADMIN)  # one request per 10 s
+    with HttpApi(service.http_url, headers=bearer(token)) as http:
+        assert http.post("/v1/embeddings", json=embed_body(model_name)).status_code == 200
+        refused = [http.post("/v1/embeddings", json=embed_body(model_name)) for _ in range(3)]
+        # Within the 10 s after the first; each would have counted before.
+        assert [answer.status_code for answer in refused] == [429] * 3
+        time.sleep(1.0)  # usage is written every half second; the listing is read back from the store
+        listed = http.get("/users/me/tokens")
+    assert listed.status_code == 200
+    (usage,) = [t["usage"] for t in listed.json() if t["description"] == "limited {'requests_per_second': 0.1}"]
+    assert usage["requests"] == 1 and usage["texts"] == 3
+
+
+def test_a_rate_limited_token_can_still_list_create_and_revoke_its_tokens(secured, model_name):
+    service, tokens = secured
+    with HttpApi(service.http_url, headers=bearer(tokens["admin"])) as admin:
+        token = admin_token(admin, {"requests_per_second": 0.1})
+    with HttpApi(service.http_url, headers=bearer(token)) as http:
+        assert http.post("/v1/embeddings", json=embed_body(model_name)).status_code == 200
+        assert http.post("/v1/embeddings", json=embed_body(model_name)).status_code == 429
+        # Within the 10 s the embedding limit asks it to wait: token management is not held to it.
+        listed = http.get("/users/me/tokens")
+        assert listed.status_code == 200, listed.text
+        created = http.post("/users/me/tokens", json={"description": "made while limited"})
+        assert created.status_code == 200, created.text
+        assert http.delete(f"/users/me/tokens/{created.json()['metadata']['token_id']}").status_code == 204
+        assert http.post("/v1/embeddings", json=embed_body(model_name)).status_code == 429
+
+
+def triton_inferences(service, model_name: str) -> int:
+    """Texts Triton's tokenizer step has been sent so far."""
+    with HttpApi(service.triton_http_url) as triton:
+        stats = triton.get(f"/v2/models/{model_name}-tokenizer/stats").json()
+    return sum(model["inference_count"] for model in stats["model_stats"])
+
+
+def test_tokens_per_minute_bound_a_burst_before_any_work_is_done(secured, model_name):
+    service, tokens = secured
+    with HttpApi(service.http_url, headers=bearer(tokens["admin"])) as admin:
+        token = admin_token(admin, {"tokens_per_minute": 3000})
+    # The probe's request: 2048 texts of about 125 tokens each, on a token allowed 3,000 tokens a minute.
+    probe = {"model": model_name, "input": [f"{TEXTS[i % 3]} " * 12 for i in range(2048)]}
+    # 10 texts of "hello" 248 times: 250 tokens each with [CLS] and [SEP], 2,500 in all.
+    big = {"model": model_name, "input": ["hello " * 248] * 10}
+    with HttpApi(service.http_url, headers=bearer(token)) as http:
+        before = triton_inferences(service, model_name)
+        started = time.monotonic()
+        refused = http.post("/v1/embeddings", json=probe)
+        print(f"\n2048-text request on a 3000 tokens/minute token: {refused.status_code} in {time.monotonic() - started:.3f} s")
+        assert refused.status_code == 413, refused.text
+        assert refused.json()["error"]["code"] == "payload_too_large" and "3000 prompt tokens a minute" in refused.text
+        assert triton_inferences(service, model_name) == before  # refused before any text reached Triton
+        # Not locked out: the refusal took nothing from the token's budget.
+        small = http.post("/v1/embeddings", json=embed_body(model_name))
+        assert small.status_code == 200, small.text
+        served = http.post("/v1/embeddings", json=big)
+        assert served.status_code == 200, served.text
+        assert served.json()["usage"]["prompt_tokens"] == 2500
+        again = http.post("/v1/embeddings", json=big)
+        elapsed_s = time.monotonic() - started
+        assert again.status_code == 429, again.text
+        assert again.json()["error"]["code"] == "rate_limited"
+        used = small.json()["usage"]["prompt_tokens"] + 2500
+        # The 2,500 it needs minus what is left, refilled at 50 tokens a second.
+        left = 3000 - used + 50 * elapsed_s
+        assert (2500 - left) / 50 <= int(again.headers["retry-after"]) <= (2500 - (3000 - used)) / 50 + 1
+        time.sleep(1.0)
+        listed = http.get("/users/me/tokens")
+    (usage,) = [t["usage"] for t in listed.json() if t["limits"]["tokens_per_minute"] == 3000]
+    # Served within the minute's limit, and nothing for the refused requests.
+    assert usage == {"requests": 2, "texts": 13, "prompt_tokens": used}
+
+
+def test_tokens_per_minute_bound_a_grpc_burst_too(secured, model_name):
+    service, tokens = secured
+    with HttpApi(service.http_url, headers=bearer(tokens["admin"])) as admin:
+        token = admin_token(admin, {"tokens_per_minute": 3000})
+    metadata = (("authorization", f"Bearer {token}"),)
+    with grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
+        stub = pb_grpc.EmbeddingServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Embed(pb.EmbedRequest(model=model_name, inputs=[f"{TEXTS[0]} " * 12] * 2048), metadata=metadata, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "3000 prompt tokens a minute" in refused.value.details()
+        reply = stub.Embed(pb.EmbedRequest(model=model_name, inputs=TEXTS), metadata=metadata, timeout=30)
+        assert len(reply.embeddings) == 3
+
+
+def login(http: HttpApi, email: str, password: str, address: str):
+    # The gateway trusts X-Forwarded-For from loopback (uvicorn's FORWARDED_ALLOW_IPS): each test is its own client.
+    return http.post("/get_token", json={"email": email, "password": password}, headers={"X-Forwarded-For": address})
+
+
+def test_guessing_one_accounts_password_is_throttled_with_429_and_retry_after(secured):
+    service, _ = secured
+    with HttpApi(service.http_url) as http:
+        answers = [login(http, GUESSED, f"guess {i}", f"198.51.100.{i}") for i in range(8)]
+        statuses = [answer.status_code for answer in answers]
+        # Five free failures, the sixth starts the wait, and a check takes far less than the first second's wait.
+        assert statuses[:6] == [401] * 6 and 429 in statuses[6:], statuses
+        throttled = answers[statuses.index(429)]
+        assert throttled.json()["code"] == "RATE_LIMITED" and int(throttled.headers["retry-after"]) >= 1
+        # While it waits, even the right password is refused unchecked: guessing then learns nothing.
+        right = login(http, GUESSED, GUESSED_PASSWORD, "198.51.100.200")
+        assert right.status_code == 429
+        time.sleep(int(right.headers["retry-after"]))  # the wait the gateway asked for
+        assert login(http, GUESSED, GUESSED_PASSWORD, "198.51.100.200").status_code == 200
+
+
+def test_one_address_guessing_across_accounts_is_throttled(secured):
+    service, _ = secured
+    with HttpApi(service.http_url) as http:
+        statuses = [login(http, f"nobody{i}@example.com", "guess", "203.0.113.9").status_code for i in range(24)]
+        assert statuses[:21] == [401] * 21 and 429 in statuses[21:], statuses
+        # Another client logs in as ever.
+        assert login(http, ADMIN, ADMIN_PASSWORD, "203.0.113.10").status_code == 200
+
+
+def test_a_login_flood_checks_few_passwords_and_is_answered_429(secured):
+    service, _ = secured
+    flood_s, clients = 5.0, 4
+    statuses: list[int] = []
+
+    def flood(client: int) -> None:
+        with HttpApi(service.http_url) as http:
+            deadline = time.monotonic() + flood_s
+            while time.monotonic() < deadline:
+                statuses.append(login(http, FLOODED, f"wrong {client}", f"192.0.2.{client}").status_code)
+
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(flood, range(clients)))
+    checked = statuses.count(401)
+    print(f"\nlogin flood: {len(statuses)} answers in {flood_s:.0f} s from {clients} clients: {checked} x 401, "
+          f"{statuses.count(429)} x 429")
+    assert set(statuses) == {401, 429}
+    # 5 free, then waits of 1 s, 2 s, 4 s: at most 8 passwords of one account checked in 5 s, however many ask
+    # (fewer on a busy machine, where each check takes longer).
+    assert checked <= 8

@@ -238,7 +238,9 @@ def test_a_removed_model_is_dropped_cleanly_on_restart(tmp_path, repository):
             assert gone.status_code == 404 and name in gone.json()["error"]["message"]
         kept = requests.post(f"{running.http_url}/v1/embeddings", json={"model": "bert-cls", "input": "hello"}, timeout=30)
         assert kept.status_code == 200
-        index = requests.post(f"{running.triton_http_url}/v2/repository/index", json={}, timeout=10).json()
+        # The repository API answers only the operator, who has the key the gateway wrote for its Triton.
+        admin = {"admin-key": (running.run_dir / "triton-admin-key").read_text().strip()}
+        index = requests.post(f"{running.triton_http_url}/v2/repository/index", json={}, headers=admin, timeout=10).json()
         assert "qwen3-embedding-encoder" in {m["name"] for m in index}, "the leftover steps are still on disk"
         loaded = {m["name"] for m in index if m.get("state") == "READY"}
         assert not any(name.startswith(("distilbert-max", "qwen3-embedding")) for name in loaded), loaded

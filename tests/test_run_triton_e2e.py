@@ -131,7 +131,7 @@ class _PortTaken(RuntimeError):
     pass
 
 
-def _launch(run_dir: Path) -> RunTriton:
+def _launch(run_dir: Path, extra_env: dict[str, str] | None = None) -> RunTriton:
     """run_triton once its Triton is ready; ended here if it is not (the caller ends it otherwise)."""
     http_port, grpc_port, metrics_port = free_ports(3)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -144,6 +144,7 @@ def _launch(run_dir: Path) -> RunTriton:
         EMBED_TRITON_GRPC_PORT=str(grpc_port),
         EMBED_TRITON_METRICS_PORT=str(metrics_port),
         EMBED_RUN_DIR=str(run_dir / "run"),
+        **(extra_env or {}),
     )
     log = run_dir / "run_triton.log"
     # Appending, as Triton does when it opens /dev/stdout: neither overwrites the other's lines.
@@ -177,11 +178,11 @@ def _launch(run_dir: Path) -> RunTriton:
 
 
 @contextlib.contextmanager
-def running_triton(directory: Path):
+def running_triton(directory: Path, extra_env: dict[str, str] | None = None):
     """run_triton with its Triton ready, on free ports (new ones if another process took them first); ended by PID after."""
     for attempt in range(3):
         try:
-            run = _launch(directory / f"attempt-{attempt}")
+            run = _launch(directory / f"attempt-{attempt}", extra_env)
             break
         except _PortTaken:
             if attempt == 2:

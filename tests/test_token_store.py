@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import itertools
+import os
 import sqlite3
+import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
@@ -192,6 +194,40 @@ def test_secret_is_nowhere_in_the_sqlite_files(tmp_path):
     assert secret.encode() not in stored_bytes() and secret[4:].encode() not in stored_bytes()
     store.close()  # checkpoints the WAL into the main file
     assert sha256(secret).encode() in stored_bytes() and secret.encode() not in stored_bytes()
+
+
+@pytest.fixture
+def usual_umask():
+    """The umask most systems give users (022), under which a file created without a mode is world-readable."""
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def modes(*paths: Path) -> list[int]:
+    return [stat.S_IMODE(path.stat().st_mode) for path in paths]
+
+
+def test_the_sqlite_files_and_the_directory_made_for_them_are_private(tmp_path, usual_umask):
+    path = tmp_path / "run" / "auth.sqlite3"
+    store = open_store(path)
+    store.add_user("a@example.com", "client", "a long passphrase")  # a password hash, in the -wal file for now
+    store.create_token("a@example.com", "laptop")
+    files = [path, Path(f"{path}-wal"), Path(f"{path}-shm")]
+    assert modes(path.parent, *files) == [0o700, 0o600, 0o600, 0o600]
+    store.close()
+
+
+def test_files_an_older_version_left_world_readable_are_made_private_when_opened(tmp_path, usual_umask):
+    path = tmp_path / "auth.sqlite3"
+    files = [path, Path(f"{path}-wal"), Path(f"{path}-shm")]
+    with closing(sqlite3.connect(path)) as connection:  # as an older version created it: 0644, in WAL mode
+        connection.execute("PRAGMA journal_mode = WAL")
+        connection.execute("CREATE TABLE t (x)")
+        os.chmod(path, 0o644)
+        opened = open_store(path)
+        assert modes(*files) == [0o600] * 3
+        opened.close()
 
 
 def test_secret_is_in_no_column_in_postgres(postgres):

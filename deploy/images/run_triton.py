@@ -6,6 +6,10 @@ run directory and logging), listening on every address so that gateways in other
 Triton can no longer serve: tritonserver exited, or a Python-backend stub died, which Triton never notices (its ready
 endpoint stays green while every request routed to that stub fails) and so no probe can see. The container then
 restarts. SIGTERM or SIGINT stops Triton, letting the requests in flight finish, and exits 0.
+
+Triton's model control, shared-memory, trace and logging APIs answer only calls with the admin key
+(gateway.triton_process.RESTRICTED_APIS): EMBED_TRITON_ADMIN_KEY (from a Kubernetes Secret) or, unset, a random key
+in triton-admin-key in the run directory, which `kubectl exec` can read.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from pathlib import Path
 from gateway.catalog import Catalog
 from gateway.logs import configure_logging
 from gateway.settings import parse_settings
-from gateway.triton_process import TritonPorts, TritonProcess, TritonStartError
+from gateway.triton_process import ADMIN_KEY_GRPC_METADATA, ADMIN_KEY_HEADER, TritonPorts, TritonProcess, TritonStartError
 
 log = logging.getLogger("gateway.triton")
 
@@ -50,7 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     ports = TritonPorts(settings.triton_http_port, settings.triton_grpc_port, settings.triton_metrics_port)
     # Triton's own log goes to the container's output, next to these lines.
     triton = TritonProcess(
-        settings.model_repository, catalog.triton_models, ports, settings.run_dir, Path("/dev/stdout"), address="0.0.0.0"
+        settings.model_repository,
+        catalog.triton_models,
+        ports,
+        settings.run_dir,
+        Path("/dev/stdout"),
+        address="0.0.0.0",
+        admin_key=settings.triton_admin_key or None,
     )
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
@@ -62,6 +72,12 @@ def main(argv: list[str] | None = None) -> int:
             ports.http,
             ports.grpc,
             ports.metrics,
+        )
+        log.info(
+            "its model control, shared-memory, trace and logging APIs need the key in %s, as HTTP header %s or gRPC metadata %s",
+            triton.admin_key_file,
+            ADMIN_KEY_HEADER,
+            ADMIN_KEY_GRPC_METADATA,
         )
         while (fault := triton.fault()) is None:
             time.sleep(WATCH_INTERVAL_S)
