@@ -29,3 +29,19 @@ def service(tmp_path_factory):
     running = start_service(tmp_path_factory.mktemp("service"))
     yield running
     running.stop()
+
+
+@pytest.fixture(scope="module")
+def models():
+    """The exported repository's models, for the in-process HTTP harness (tests.http_harness)."""
+    from gateway.catalog import Catalog
+
+    return Catalog.from_repository(MODEL_REPOSITORY)
+
+
+@pytest.fixture
+def gateway(models):
+    """The real HTTP protocol and app in-process over a fake Triton (tests.http_harness)."""
+    from tests.http_harness import Gateway
+
+    return Gateway(models)

@@ -10,4 +10,4 @@ def installed(package: str, binary: str) -> str:
     """The path of `binary`, which Debian's `package` provides; a clear error when it is missing."""
     if os.access(binary, os.X_OK):
         return binary
-    raise RuntimeError(f"{binary} is missing: `bin/setup --checks` installs Debian's {package!r} (as root), or `apt-get install {package}`")
+    raise RuntimeError(f"{binary} is missing: run `bin/setup --checks`, which installs Debian's {package!r} (as root)")

@@ -13,11 +13,9 @@ import time
 import numpy as np
 import pytest
 
-from gateway.catalog import Catalog
 from gateway.deadline import Deadline
 from gateway.scheduler import PRIORITY_NICE, PRIORITY_NORMAL, Chunk, Lane
 from tests.http_harness import Gateway
-from tests.servers import MODEL_REPOSITORY
 from tests.test_scheduler import RecordingTriton, scheduler_for
 
 LANE = Lane("model", "TEXT", "BYTES", "EMBEDDING", PRIORITY_NORMAL, 32, (1,))
@@ -57,11 +55,6 @@ async def test_rows_ahead_stays_in_step_with_the_queues_through_dispatch_and_dep
     triton.release_all()
     await asyncio.gather(*running, return_exceptions=True)
     assert scheduler._unsent == {} and scheduler.pending_texts == 0
-
-
-@pytest.fixture(scope="module")
-def models() -> Catalog:
-    return Catalog.from_repository(MODEL_REPOSITORY)
 
 
 @pytest.mark.parametrize(

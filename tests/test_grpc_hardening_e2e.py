@@ -23,7 +23,6 @@ from export.datasets import sts_sentences
 from proto.embedding.v1 import embedding_pb2 as pb
 from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
 from tests.servers import start_service
-from tests.test_grpc_lifecycle_e2e import running_server
 
 # The flooded gateway's open-file limit (soft and hard, so it cannot raise it), and more idle connections than
 # that: without a cap on the gRPC port they alone would take every descriptor the gateway has.
@@ -171,25 +170,6 @@ def test_idle_connections_to_the_grpc_port_leave_both_ports_serving(tmp_path, mo
             assert embed_over_grpc(kept, model_name, "after the flood") == dimensions
     finally:
         service.stop()
-
-
-async def test_resource_exhausted_says_when_to_retry(service, model_name):
-    server, port, triton = await running_server(service.triton_grpc_url, max_pending_texts=128)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = pb_grpc.EmbeddingServiceStub(channel)
-            calls = [stub.Embed(pb.EmbedRequest(model=model_name, inputs=sts_sentences()[:128])) for _ in range(16)]
-            results = await asyncio.gather(*calls, return_exceptions=True)
-    finally:
-        await server.stop(0)
-        await triton.close()
-    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
-    assert refused and all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused)
-    for error in refused:
-        metadata = dict(error.trailing_metadata())
-        retry_after_s = int(metadata["retry-after"])
-        assert retry_after_s >= 1 and f"{retry_after_s} s" in error.details()
-        assert int(metadata["grpc-retry-pushback-ms"]) == 1000 * retry_after_s
 
 
 def access_status(log: Path, offset: int, request_id: str, timeout_s: float = 20) -> str:

@@ -85,3 +85,9 @@ async def test_overload_is_resource_exhausted_at_once(service, model_name):
     refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
     assert any(not isinstance(r, Exception) for r in results)
     assert refused and all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused)
+    # Each refusal says when to retry, in the trailing metadata a client (and gRPC's own retry policy) reads.
+    for error in refused:
+        metadata = dict(error.trailing_metadata())
+        retry_after_s = int(metadata["retry-after"])
+        assert retry_after_s >= 1 and f"{retry_after_s} s" in error.details()
+        assert int(metadata["grpc-retry-pushback-ms"]) == 1000 * retry_after_s

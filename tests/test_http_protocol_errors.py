@@ -10,19 +10,6 @@ import json
 
 import pytest
 
-from gateway.catalog import Catalog
-from tests.http_harness import Gateway
-from tests.servers import MODEL_REPOSITORY
-
-
-@pytest.fixture(scope="module")
-def models() -> Catalog:
-    return Catalog.from_repository(MODEL_REPOSITORY)
-
-
-@pytest.fixture
-def gateway(models) -> Gateway:
-    return Gateway(models)
 
 
 def openai_error(body: bytes) -> dict:

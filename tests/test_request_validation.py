@@ -12,22 +12,10 @@ import pytest
 from aleph_alpha_client import EmbeddingRequest, Prompt, SemanticEmbeddingRequest, SemanticRepresentation, Text
 from aleph_alpha_client.embedding import BatchSemanticEmbeddingRequest
 
-from gateway.catalog import Catalog
 from gateway.embedding_service import EmbedCall, SemanticEmbedCall, has_visible_text
 from gateway.errors import ErrorKind, ServiceError
 from gateway.prompts import PromptItem
 from tests.http_harness import Gateway
-from tests.servers import MODEL_REPOSITORY
-
-
-@pytest.fixture(scope="module")
-def models() -> Catalog:
-    return Catalog.from_repository(MODEL_REPOSITORY)
-
-
-@pytest.fixture
-def gateway(models) -> Gateway:
-    return Gateway(models)
 
 
 async def post(gateway: Gateway, path: str, body: bytes | dict):

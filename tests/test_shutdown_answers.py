@@ -9,14 +9,7 @@ import logging
 
 import pytest
 
-from gateway.catalog import Catalog
 from tests.http_harness import Gateway
-from tests.servers import MODEL_REPOSITORY
-
-
-@pytest.fixture(scope="module")
-def models() -> Catalog:
-    return Catalog.from_repository(MODEL_REPOSITORY)
 
 
 @pytest.mark.parametrize(
