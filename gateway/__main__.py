@@ -1,6 +1,6 @@
 """CLI: python -m gateway. Starts Triton (unless --triton-url is given) and serves the HTTP and gRPC contracts.
 
-`python -m gateway users ...` and `python -m gateway tokens ...` manage users and API tokens (gateway.admin_cli).
+`python -m gateway users ...` and `python -m gateway tokens ...` manage users and API tokens (gateway.auth.cli).
 """
 
 from __future__ import annotations
@@ -13,25 +13,25 @@ import sys
 
 import uvloop
 
-from gateway import admin_cli
-from gateway.auth import Authenticator
-from gateway.catalog import Catalog
-from gateway.embedding_service import EmbeddingService
-from gateway.grpc_connections import GrpcConnectionLimits, split_descriptors
-from gateway.grpc_server import create_server
-from gateway.http_app import build_app, protocol_refusals
-from gateway.policy import RequestPolicy
-from gateway.http_server import ConnectionLimits, create_http_server, derive_max_connections
-from gateway.embedding_cache import EmbeddingCache
-from gateway.logs import configure_logging, redacted_url
-from gateway.metrics import Metrics
-from gateway.scheduler import Scheduler
-from gateway.settings import Settings, parse_settings
-from gateway.supervisor import TritonHealth, TritonSupervisor
-from gateway.triton_client import TritonClient
-from gateway.triton_pool import TritonPool
-from gateway.token_store import StoreUnavailable, open_store
-from gateway.triton_process import ADMIN_KEY_GRPC_METADATA, ADMIN_KEY_HEADER, TritonPorts, TritonProcess, TritonStartError
+from gateway.auth import cli as admin_cli
+from gateway.auth.authenticator import Authenticator
+from gateway.core.catalog import Catalog
+from gateway.core.service import EmbeddingService
+from gateway.transports.grpc.connections import GrpcConnectionLimits, split_descriptors
+from gateway.transports.grpc.server import create_server
+from gateway.transports.http.app import build_app, protocol_refusals
+from gateway.transports.policy import RequestPolicy
+from gateway.transports.http.server import ConnectionLimits, create_http_server, derive_max_connections
+from gateway.core.cache import EmbeddingCache
+from gateway.ops.logs import configure_logging, redacted_url
+from gateway.ops.metrics import Metrics
+from gateway.core.scheduler import Scheduler
+from gateway.ops.settings import Settings, parse_settings
+from gateway.triton.supervisor import TritonHealth, TritonSupervisor
+from gateway.triton.client import TritonClient
+from gateway.triton.pool import TritonPool
+from gateway.auth.store import StoreUnavailable, open_store
+from gateway.triton.process import ADMIN_KEY_GRPC_METADATA, ADMIN_KEY_HEADER, TritonPorts, TritonProcess, TritonStartError
 
 log = logging.getLogger("gateway")
 

@@ -34,7 +34,7 @@ def service(tmp_path_factory):
 @pytest.fixture(scope="module")
 def models():
     """The exported repository's models, for the in-process HTTP harness (tests.http_harness)."""
-    from gateway.catalog import Catalog
+    from gateway.core.catalog import Catalog
 
     return Catalog.from_repository(MODEL_REPOSITORY)
 

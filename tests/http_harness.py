@@ -1,5 +1,5 @@
 """The gateway's HTTP stack in-process, for the fast tier: the real app (every route, the middleware, the real
-catalog and core) over a scheduler whose Triton is a fake, served by the real protocol of gateway.http_server
+catalog and core) over a scheduler whose Triton is a fake, served by the real protocol of gateway.transports.http.server
 through a transport that records what it would send. No socket, no process, no Triton.
 """
 
@@ -10,13 +10,13 @@ import json
 
 import numpy as np
 
-from gateway.catalog import Catalog, ServedModel
-from gateway.embedding_service import EmbeddingService
-from gateway.http_app import build_app, protocol_refusals
-from gateway.http_server import ConnectionLimits, create_http_server
-from gateway.metrics import Metrics
-from gateway.policy import RequestPolicy
-from gateway.scheduler import Lane, Scheduler
+from gateway.core.catalog import Catalog, ServedModel
+from gateway.core.service import EmbeddingService
+from gateway.transports.http.app import build_app, protocol_refusals
+from gateway.transports.http.server import ConnectionLimits, create_http_server
+from gateway.ops.metrics import Metrics
+from gateway.transports.policy import RequestPolicy
+from gateway.core.scheduler import Lane, Scheduler
 
 class FakeTriton:
     """Ready, and answering every row with constant vectors of the shape its ensemble gives (the compressed size for

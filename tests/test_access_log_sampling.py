@@ -11,10 +11,10 @@ import logging
 
 import pytest
 
-from gateway.logs import AccessLog, configure_logging
-from gateway.metrics import Metrics
-from gateway.policy import RequestPolicy
-from gateway.request_context import RequestContext
+from gateway.ops.logs import AccessLog, configure_logging
+from gateway.ops.metrics import Metrics
+from gateway.transports.policy import RequestPolicy
+from gateway.ops.request_context import RequestContext
 
 
 class Clock:

@@ -2,8 +2,8 @@
 
 import pytest
 
-from gateway.errors import ServiceError
-from gateway.prompts import Prompt, PromptItem, resolve
+from gateway.core.errors import ServiceError
+from gateway.core.prompts import Prompt, PromptItem, resolve
 
 
 def test_single_text_keeps_the_tokenizer_step_and_gets_the_prefix(tokenizer):

@@ -8,13 +8,15 @@ import threading
 
 import pytest
 
-from gateway import auth, request_context
-from gateway.auth import Authenticator
-from gateway.errors import ErrorKind, ServiceError
-from gateway.metrics import Metrics
-from gateway.policy import RequestPolicy
-from gateway.request_context import RequestContext
-from gateway.token_store import Limits, StoreUnavailable, open_store
+from gateway.auth import authenticator as auth
+
+from gateway.ops import request_context
+from gateway.auth.authenticator import Authenticator
+from gateway.core.errors import ErrorKind, ServiceError
+from gateway.ops.metrics import Metrics
+from gateway.transports.policy import RequestPolicy
+from gateway.ops.request_context import RequestContext
+from gateway.auth.store import Limits, StoreUnavailable, open_store
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from gateway.deadline import Deadline
-from gateway.scheduler import PRIORITY_NICE, PRIORITY_NORMAL, Chunk, Lane
+from gateway.core.deadline import Deadline
+from gateway.core.scheduler import PRIORITY_NICE, PRIORITY_NORMAL, Chunk, Lane
 from tests.http_harness import Gateway
 from tests.test_scheduler import RecordingTriton, scheduler_for
 

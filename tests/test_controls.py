@@ -4,9 +4,9 @@ spreading, and the 400s that name the field."""
 import numpy as np
 import pytest
 
-from gateway.controls import MAX_POSITION_FACTOR, PositionControl, TextControl, TokenControl, TokenSimilarity, position_factors
-from gateway.errors import ServiceError
-from gateway.prompts import PromptItem, resolve
+from gateway.core.controls import MAX_POSITION_FACTOR, PositionControl, TextControl, TokenControl, TokenSimilarity, position_factors
+from gateway.core.errors import ServiceError
+from gateway.core.prompts import PromptItem, resolve
 
 
 def pieces(tokenizer, ids: list[int]) -> list[str]:

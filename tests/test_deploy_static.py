@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway.metrics import Metrics
+from gateway.ops.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKS_BIN = ROOT / ".venv-checks" / "bin"

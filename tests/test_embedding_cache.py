@@ -12,8 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from gateway.embedding_cache import EmbeddingCache, cache_key, decode_entry, encode_entry
-from gateway.metrics import Metrics
+from gateway.core.cache import EmbeddingCache, cache_key, decode_entry, encode_entry
+from gateway.ops.metrics import Metrics
 from tests.redis_server import RedisServer
 from tests.servers import free_ports
 from tests.test_metrics_and_logs import samples, value

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from starlette.routing import Route
 
-from gateway.errors import ErrorKind, ServiceError, internal, invalid
-from gateway.grpc_api import EmbeddingServicer, contract_errors as grpc_contract_errors
-from gateway.grpc_server import add_servicer
-from gateway.http_app import build_app
-from gateway.http_io import contract_errors as http_contract_errors
-from gateway.metrics import Metrics
-from gateway.policy import RequestPolicy
+from gateway.core.errors import ErrorKind, ServiceError, internal, invalid
+from gateway.transports.grpc.servicer import EmbeddingServicer, contract_errors as grpc_contract_errors
+from gateway.transports.grpc.server import add_servicer
+from gateway.transports.http.app import build_app
+from gateway.transports.http.messages import contract_errors as http_contract_errors
+from gateway.ops.metrics import Metrics
+from gateway.transports.policy import RequestPolicy
 from proto.embedding.v1 import embedding_pb2 as pb
 from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
 from tests.servers import raw_http

@@ -169,8 +169,8 @@ async def test_big_batches_do_not_hold_up_one_text_requests(fresh):
 
 async def test_an_external_triton_is_reconnected_when_it_comes_back(tmp_path):
     """With --triton-url the gateway only watches: not ready while that Triton is away, serving once it is back."""
-    from gateway.catalog import Catalog
-    from gateway.triton_process import TritonPorts, TritonProcess
+    from gateway.core.catalog import Catalog
+    from gateway.triton.process import TritonPorts, TritonProcess
     from tests.servers import MODEL_REPOSITORY, free_ports
 
     models = Catalog.from_repository(MODEL_REPOSITORY).triton_models

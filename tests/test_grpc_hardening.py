@@ -7,9 +7,9 @@ import time
 import grpc
 import pytest
 
-from gateway.errors import ErrorKind, ServiceError, invalid
-from gateway.grpc_api import abort_with, trailing_metadata
-from gateway.grpc_connections import FDS_PER_GRPC_CONNECTION, split_descriptors
+from gateway.core.errors import ErrorKind, ServiceError, invalid
+from gateway.transports.grpc.servicer import abort_with, trailing_metadata
+from gateway.transports.grpc.connections import FDS_PER_GRPC_CONNECTION, split_descriptors
 
 
 def descriptors(budget) -> int:
@@ -30,7 +30,7 @@ def test_the_derived_caps_share_the_budget_without_overlap(total):
 
 
 def test_caps_given_as_settings_are_kept_and_an_overcommitted_budget_is_warned_about(caplog):
-    with caplog.at_level(logging.WARNING, logger="gateway.grpc_connections"):
+    with caplog.at_level(logging.WARNING, logger="gateway.transports.grpc.connections"):
         budget = split_descriptors(17696, grpc_connections=100)
         assert caplog.records == []
         assert budget.grpc_connections == 100

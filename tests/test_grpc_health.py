@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 from grpc_health.v1 import health_pb2
 
-from gateway.grpc_server import SERVICE_NAME, ReadinessHealth
+from gateway.transports.grpc.server import SERVICE_NAME, ReadinessHealth
 
 
 class Readiness:

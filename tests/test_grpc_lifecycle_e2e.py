@@ -7,13 +7,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from export.datasets import sts_sentences
-from gateway.catalog import Catalog
-from gateway.embedding_service import EmbeddingService
-from gateway.grpc_server import create_server
-from gateway.metrics import Metrics
-from gateway.policy import RequestPolicy
-from gateway.scheduler import Scheduler
-from gateway.triton_pool import TritonPool
+from gateway.core.catalog import Catalog
+from gateway.core.service import EmbeddingService
+from gateway.transports.grpc.server import create_server
+from gateway.ops.metrics import Metrics
+from gateway.transports.policy import RequestPolicy
+from gateway.core.scheduler import Scheduler
+from gateway.triton.pool import TritonPool
 from proto.embedding.v1 import embedding_pb2 as pb
 from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
 from tests.conftest import MODEL_REPOSITORY

@@ -1,4 +1,4 @@
-"""Bounded connections of the gateway's HTTP server (gateway/http_server.py), seen from the client's side.
+"""Bounded connections of the gateway's HTTP server (gateway/transports/http/server.py), seen from the client's side.
 
 Each test starts the real server from create_http_server, with a tiny Starlette app, in its own process (so
 its memory and descriptors can be read, and it can be stopped by PID), then plays the client: slow headers,
@@ -371,7 +371,7 @@ def _serve() -> None:
     from starlette.responses import PlainTextResponse
     from starlette.routing import Route
 
-    from gateway.http_server import ConnectionLimits, create_http_server
+    from gateway.transports.http.server import ConnectionLimits, create_http_server
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)

@@ -2,7 +2,7 @@
 
 from starlette.requests import Request
 
-from gateway.http_io import header
+from gateway.transports.http.messages import header
 
 
 def _request(*headers: tuple[bytes, bytes]) -> Request:

@@ -1,4 +1,4 @@
-"""gateway.metrics and gateway.logs on their own (fast), and one scrape of the metrics by a real Prometheus."""
+"""gateway.ops.metrics and gateway.ops.logs on their own (fast), and one scrape of the metrics by a real Prometheus."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.logs import QUIET_LOGGERS, configure_logging, log_access
-from gateway.metrics import REJECTION_REASONS, Metrics, reason_for_status
-from gateway.request_context import RequestContext, bind, unbind
+from gateway.ops.logs import QUIET_LOGGERS, configure_logging, log_access
+from gateway.ops.metrics import REJECTION_REASONS, Metrics, reason_for_status
+from gateway.ops.request_context import RequestContext, bind, unbind
 from tests.prometheus_server import PrometheusServer
 
 

@@ -7,12 +7,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from gateway import request_context
-from gateway.errors import ErrorKind, ServiceError
-from gateway.prompts import Prompt
-from gateway.rate_limit import UNMETERED, LoginThrottle, RateLimiter, address_key, reserve_prompt_tokens
-from gateway.request_context import RequestContext
-from gateway.token_store import Limits
+from gateway.ops import request_context
+from gateway.core.errors import ErrorKind, ServiceError
+from gateway.core.prompts import Prompt
+from gateway.auth.rate_limit import UNMETERED, LoginThrottle, RateLimiter, address_key, reserve_prompt_tokens
+from gateway.ops.request_context import RequestContext
+from gateway.auth.store import Limits
 
 
 class Clock:

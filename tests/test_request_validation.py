@@ -12,9 +12,9 @@ import pytest
 from aleph_alpha_client import EmbeddingRequest, Prompt, SemanticEmbeddingRequest, SemanticRepresentation, Text
 from aleph_alpha_client.embedding import BatchSemanticEmbeddingRequest
 
-from gateway.embedding_service import EmbedCall, SemanticEmbedCall, has_visible_text
-from gateway.errors import ErrorKind, ServiceError
-from gateway.prompts import PromptItem
+from gateway.core.service import EmbedCall, SemanticEmbedCall, has_visible_text
+from gateway.core.errors import ErrorKind, ServiceError
+from gateway.core.prompts import PromptItem
 from tests.http_harness import Gateway
 
 

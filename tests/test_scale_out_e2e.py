@@ -26,8 +26,8 @@ import pytest
 import requests
 
 from bench.resilience import Load, p99
-from gateway.catalog import Catalog
-from gateway.triton_process import TritonPorts, TritonProcess
+from gateway.core.catalog import Catalog
+from gateway.triton.process import TritonPorts, TritonProcess
 from tests.postgres_server import PostgresServer
 from tests.redis_server import RedisServer
 from tests.servers import MODEL_REPOSITORY, RunningService, free_ports, gateway_cli, start_service

@@ -12,11 +12,11 @@ import asyncio
 import numpy as np
 import pytest
 
-from gateway.deadline import Deadline
-from gateway.errors import ErrorKind, ServiceError
-from gateway.scheduler import PRIORITY_NICE, PRIORITY_NORMAL, Chunk, Lane, Scheduler
-from gateway.supervisor import TritonHealth
-from gateway.triton_pool import TritonPool
+from gateway.core.deadline import Deadline
+from gateway.core.errors import ErrorKind, ServiceError
+from gateway.core.scheduler import PRIORITY_NICE, PRIORITY_NORMAL, Chunk, Lane, Scheduler
+from gateway.triton.supervisor import TritonHealth
+from gateway.triton.pool import TritonPool
 
 
 def lane(priority: int = PRIORITY_NORMAL, width: int = 1, max_rows: int = 64, ensemble: str = "model-ids") -> Lane:

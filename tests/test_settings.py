@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from gateway.settings import Settings, parse_settings
+from gateway.ops.settings import Settings, parse_settings
 
 
 def test_defaults_are_the_documented_ports():

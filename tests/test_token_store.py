@@ -1,4 +1,4 @@
-"""gateway.token_store against SQLite and a real PostgreSQL: users, passwords, tokens, limits, usage and outages."""
+"""gateway.auth.store against SQLite and a real PostgreSQL: users, passwords, tokens, limits, usage and outages."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import argon2
 import psycopg
 import pytest
 
-from gateway.token_store import (
+from gateway.auth.store import (
     Limits,
     Principal,
     StoreUnavailable,

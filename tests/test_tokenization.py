@@ -10,12 +10,12 @@ import time
 import pytest
 
 from bench.workload import sentences
-from gateway.catalog import Catalog
-from gateway.embedding_service import MAX_CHARS_PER_TOKEN, EmbeddingService
-from gateway.errors import ServiceError
-from gateway.prompts import PromptItem, decode, encode, resolve
-from gateway.scheduler import Scheduler
-from gateway.triton_pool import TritonPool
+from gateway.core.catalog import Catalog
+from gateway.core.service import MAX_CHARS_PER_TOKEN, EmbeddingService
+from gateway.core.errors import ServiceError
+from gateway.core.prompts import PromptItem, decode, encode, resolve
+from gateway.core.scheduler import Scheduler
+from gateway.triton.pool import TritonPool
 from tests.servers import MODEL_REPOSITORY
 
 TICK_S = 0.01

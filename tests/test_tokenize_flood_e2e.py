@@ -3,7 +3,7 @@
 Tokenizing used to hold the GIL for seconds per megabyte, freezing the gateway's event loop: one such client held
 normal traffic at 2 requests/s. Now what is tokenized leaves the GIL to the event loop (tests/test_tokenization.py),
 a text longer than any model reads is refused before it is tokenized, a body that could only hold such a text is
-refused unread, and a refused body is answered no sooner than sending it takes at 32 MiB/s (gateway/http_io.py).
+refused unread, and a refused body is answered no sooner than sending it takes at 32 MiB/s (gateway/transports/http/messages.py).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from bench import tokenize_flood
-from gateway.embedding_service import MAX_CHARS_PER_TOKEN
+from gateway.core.service import MAX_CHARS_PER_TOKEN
 from proto.embedding.v1 import embedding_pb2 as pb
 from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
 

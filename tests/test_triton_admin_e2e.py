@@ -2,7 +2,7 @@
 
 Anyone who reached Triton's loopback ports could unload a model (an outage until the gateway restarts Triton) or
 load one from a repository of their making (its code runs in Triton), register shared memory, or point Triton's
-trace and log files anywhere. Those APIs now need the key (gateway.triton_process.RESTRICTED_APIS), which the
+trace and log files anywhere. Those APIs now need the key (gateway.triton.process.RESTRICTED_APIS), which the
 operator finds in the run directory; inference, health, metadata, model config and statistics stay open.
 
 The service is this module's own: were the restriction missing, the refused calls would unload models under every
@@ -20,7 +20,7 @@ import requests
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from gateway.triton_process import ADMIN_KEY_GRPC_METADATA, ADMIN_KEY_HEADER
+from gateway.triton.process import ADMIN_KEY_GRPC_METADATA, ADMIN_KEY_HEADER
 from tests.servers import start_service
 
 # A caller's own model files, which Triton would load and run were the load let through (harmless here).

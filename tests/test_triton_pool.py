@@ -11,11 +11,11 @@ import time
 import numpy as np
 import pytest
 
-from gateway import triton_pool
-from gateway.errors import ErrorKind, ServiceError
-from gateway.deadline import Deadline
-from gateway.scheduler import Chunk, Lane, Scheduler
-from gateway.triton_pool import Target, TritonPool, parse_targets
+from gateway.triton import pool as triton_pool
+from gateway.core.errors import ErrorKind, ServiceError
+from gateway.core.deadline import Deadline
+from gateway.core.scheduler import Chunk, Lane, Scheduler
+from gateway.triton.pool import Target, TritonPool, parse_targets
 
 LANE = Lane("model", "TEXT", "BYTES", "EMBEDDING", 1, 32, (1,))
 

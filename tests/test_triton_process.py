@@ -2,7 +2,7 @@
 
 import pytest
 
-from gateway.triton_process import TritonPorts, TritonProcess, TritonStartError
+from gateway.triton.process import TritonPorts, TritonProcess, TritonStartError
 from tests.servers import ROOT
 
 

@@ -1,14 +1,14 @@
 """Triton alone, in the foreground: the command of the CPU image's Triton pods (python -m deploy.images.run_triton).
 
 Starts the Triton Inference Server of the nvidia-pytriton wheel on the model repository as the gateway does
-(gateway.triton_process.TritonProcess, with the gateway's EMBED_* settings for the repository, Triton's ports, the
+(gateway.triton.process.TritonProcess, with the gateway's EMBED_* settings for the repository, Triton's ports, the
 run directory and logging), listening on every address so that gateways in other pods can call it. It exits when
 Triton can no longer serve: tritonserver exited, or a Python-backend stub died, which Triton never notices (its ready
 endpoint stays green while every request routed to that stub fails) and so no probe can see. The container then
 restarts. SIGTERM or SIGINT stops Triton, letting the requests in flight finish, and exits 0.
 
 Triton's model control, shared-memory, trace and logging APIs answer only calls with the admin key
-(gateway.triton_process.RESTRICTED_APIS): EMBED_TRITON_ADMIN_KEY (from a Kubernetes Secret) or, unset, a random key
+(gateway.triton.process.RESTRICTED_APIS): EMBED_TRITON_ADMIN_KEY (from a Kubernetes Secret) or, unset, a random key
 in triton-admin-key in the run directory, which `kubectl exec` can read.
 """
 
@@ -20,10 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-from gateway.catalog import Catalog
-from gateway.logs import configure_logging
-from gateway.settings import parse_settings
-from gateway.triton_process import ADMIN_KEY_GRPC_METADATA, ADMIN_KEY_HEADER, TritonPorts, TritonProcess, TritonStartError
+from gateway.core.catalog import Catalog
+from gateway.ops.logs import configure_logging
+from gateway.ops.settings import parse_settings
+from gateway.triton.process import ADMIN_KEY_GRPC_METADATA, ADMIN_KEY_HEADER, TritonPorts, TritonProcess, TritonStartError
 
 log = logging.getLogger("gateway.triton")
 

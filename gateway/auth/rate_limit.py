@@ -1,0 +1,371 @@
+"""Per-token rate limits (requests per second, prompt tokens per minute) and the login throttle.
+
+Both limits of a token are token buckets. Requests per second is taken from as a request is admitted. Prompt tokens
+are counted exactly only by Triton's tokenizer step, after the work, so each inference first reserves its prompts'
+tokens from the tokens-per-minute bucket: an estimate from their UTF-8 length (at least the count of the WordPiece
+and byte-level BPE tokenizers served here, bar rare normalizations), or, when the estimate does not fit, the exact
+count from the model's own tokenizer. The tokens it really used are settled after it, and what a call that failed
+reserved is given back when its request ends. So no request takes more than the bucket holds: one that cannot fit now
+is refused with 429 and the seconds until it can, one that never can (more than a minute's limit) with 413.
+
+Failed logins are counted per email and per client address, each with a few free failures and then a wait that
+doubles with every further failure, so that guessing passwords online is slow whatever the caller spreads it over.
+
+Both hold per gateway replica: the state lives in memory, where checking it costs nothing on the request path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from tokenizers import Tokenizer
+
+from gateway.ops import request_context
+from gateway.core.errors import ErrorKind, ServiceError
+from gateway.core.prompts import Prompt, encode
+from gateway.auth.store import Limits
+
+if TYPE_CHECKING:
+    from gateway.core.catalog import ServedModel
+
+
+@dataclass
+class TokenBucket:
+    """`rate` units per second, holding at most `capacity`; starts full."""
+
+    rate: float
+    capacity: float
+    level: float
+    updated: float
+
+    @classmethod
+    def full(cls, rate: float, capacity: float, now: float) -> TokenBucket:
+        return cls(rate, capacity, capacity, now)
+
+    def refill(self, now: float) -> None:
+        self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
+        self.updated = now
+
+    def wait_s(self, amount: float) -> float:
+        """Seconds until `amount` units are available (0 when they are now)."""
+        return max(0.0, (amount - self.level) / self.rate)
+
+
+@dataclass
+class _TokenBuckets:
+    limits: Limits
+    requests: TokenBucket | None
+    tokens: TokenBucket | None
+
+
+def _refusal(message: str, wait_s: float) -> ServiceError:
+    """A 429 with Retry-After, noted on the request so that metrics count it as rate limited, not as overload."""
+    retry_after = max(1, math.ceil(wait_s))
+    context = request_context.current()
+    if context is not None:
+        context.rejection = "rate_limited"
+    return ServiceError(ErrorKind.RATE_LIMITED, f"{message}; retry in {retry_after} s", retry_after_s=retry_after)
+
+
+def _over_limit(what: str, wait_s: float) -> ServiceError:
+    return _refusal(f"rate limit of {what} exceeded", wait_s)
+
+
+class Reservation:
+    """Prompt tokens one inference holds in its token's bucket until settle() says how many it used."""
+
+    def __init__(self, budget: TokenBudget | None, amount: int):
+        self._budget = budget
+        self.amount = amount
+
+    def settle(self, used: int) -> None:
+        if self._budget is not None:
+            self._budget.settle(self, used)
+
+
+# What an inference holds when its token has no limit on tokens.
+UNMETERED = Reservation(None, 0)
+
+
+class TokenBudget:
+    """One request's access to its token's tokens-per-minute bucket, with the reservations it has not settled."""
+
+    def __init__(self, bucket: TokenBucket, tokens_per_minute: int, clock: Callable[[], float]):
+        self._bucket = bucket
+        self.tokens_per_minute = tokens_per_minute
+        self._clock = clock
+        self._held: list[Reservation] = []
+
+    def try_reserve(self, amount: int) -> Reservation | None:
+        """Takes `amount` tokens when the bucket holds them now, else None."""
+        self._bucket.refill(self._clock())
+        if amount > self._bucket.level:
+            return None
+        self._bucket.level -= amount
+        reservation = Reservation(self, amount)
+        self._held.append(reservation)
+        return reservation
+
+    def wait_s(self, amount: int) -> float:
+        self._bucket.refill(self._clock())
+        return self._bucket.wait_s(amount)
+
+    def settle(self, reservation: Reservation, used: int) -> None:
+        """Gives back what a reservation held beyond what its inference used (or takes the shortfall)."""
+        self._held.remove(reservation)
+        bucket = self._bucket
+        bucket.refill(self._clock())
+        # The bucket refilled while the reservation counted as spent, so a refund must not take it past its capacity.
+        bucket.level = min(bucket.capacity, bucket.level + reservation.amount - used)
+
+    def release(self) -> None:
+        """At the end of the request: inferences that never settled (refused, failed, cancelled) used nothing."""
+        for reservation in list(self._held):
+            self.settle(reservation, 0)
+
+
+class RateLimiter:
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._buckets: dict[int, _TokenBuckets] = {}
+
+    def _buckets_of(self, token_id: int, limits: Limits, now: float) -> _TokenBuckets:
+        buckets = self._buckets.get(token_id)
+        if buckets is None or buckets.limits != limits:  # new, or an admin changed the limits
+            rps, tpm = limits.requests_per_second, limits.tokens_per_minute
+            buckets = _TokenBuckets(
+                limits,
+                # A burst of one second's worth of requests (at least one) is allowed, as most API gateways do.
+                TokenBucket.full(rps, max(1.0, rps), now) if rps else None,
+                TokenBucket.full(tpm / 60.0, float(tpm), now) if tpm else None,
+            )
+            self._buckets[token_id] = buckets
+        return buckets
+
+    def admit(self, token_id: int, limits: Limits) -> TokenBudget | None:
+        """Takes one request from the token's budget, or raises RATE_LIMITED with the seconds until it may retry.
+
+        Returns the request's hold on the token's prompt tokens, None when they are not limited."""
+        if limits.requests_per_second is None and limits.tokens_per_minute is None:
+            return None
+        now = self._clock()
+        buckets = self._buckets_of(token_id, limits, now)
+        if buckets.tokens is not None:
+            buckets.tokens.refill(now)
+            # Every request needs at least one token; refused here, it costs nothing more.
+            if buckets.tokens.level < 1:
+                raise _over_limit(f"{limits.tokens_per_minute} tokens per minute", buckets.tokens.wait_s(1.0))
+        if buckets.requests is not None:
+            buckets.requests.refill(now)
+            if buckets.requests.level < 1:
+                raise _over_limit(f"{limits.requests_per_second:g} requests per second", buckets.requests.wait_s(1.0))
+            buckets.requests.level -= 1
+        return None if buckets.tokens is None else TokenBudget(buckets.tokens, limits.tokens_per_minute, self._clock)
+
+
+def _special_tokens(tokenizer: Tokenizer) -> int:
+    """The tokens the model frames every input with ([CLS] and [SEP] for BERT)."""
+    processor = tokenizer.post_processor
+    return 0 if processor is None else processor.num_special_tokens_to_add(False)
+
+
+def _estimate(prompt: Prompt, specials: int, max_tokens: int) -> int:
+    """Exact for token ids. For a text its UTF-8 length: a token of the WordPiece and byte-level BPE tokenizers served
+    here spans at least a byte, bar rare normalizations, which the settlement after the inference makes up for."""
+    length = len(prompt.token_ids) if prompt.token_ids is not None else len(prompt.text.encode())
+    return min(max_tokens, length + specials)
+
+
+def _exact_count(
+    tokenizer: Tokenizer, prompts: list[Prompt], specials: int, max_tokens: int, max_chars: int, ceiling: int
+) -> int | None:
+    """The prompts' tokens as Triton's tokenizer step counts them (at most max_tokens each), or None as soon as they
+    pass `ceiling`: beyond it the exact number does not matter, and a huge request is not tokenized to the end."""
+    total = 0
+    for prompt in prompts:
+        if prompt.token_ids is not None:
+            count = len(prompt.token_ids) + specials
+        else:
+            # Longer texts are cut to max_chars or refused before inference: tokenizing the rest would be wasted.
+            count = len(encode(tokenizer, prompt.text[:max_chars]).ids) + specials
+        total += min(max_tokens, count)
+        if total > ceiling:
+            return None
+    return total
+
+
+async def reserve_prompt_tokens(model: ServedModel, prompts: list[Prompt], field: str, max_chars: int) -> Reservation:
+    """Holds the prompts' tokens in the caller's tokens-per-minute bucket before any work is done for them; the
+    caller settles the reservation with the tokens the inference used. Raises RATE_LIMITED (429) when they do not fit
+    now, PAYLOAD_TOO_LARGE (413) when they never can."""
+    context = request_context.current()
+    budget = None if context is None else context.token_budget
+    if budget is None:
+        return UNMETERED
+    tokenizer, max_tokens = model.tokenizer, model.max_sequence_length
+    specials = _special_tokens(tokenizer)
+    reservation = budget.try_reserve(sum(_estimate(prompt, specials, max_tokens) for prompt in prompts))
+    if reservation is not None:
+        return reservation
+    # The estimate runs 3 to 5 times over for English; the exact count is worth its cost only when the estimate is
+    # refused, and counting in a thread keeps the event loop serving others meanwhile.
+    limit = budget.tokens_per_minute
+    exact = await asyncio.to_thread(_exact_count, tokenizer, prompts, specials, max_tokens, max_chars, limit)
+    if exact is None:
+        context.rejection = "too_large"  # a gRPC status (RESOURCE_EXHAUSTED) cannot tell it from overload
+        raise ServiceError(
+            ErrorKind.PAYLOAD_TOO_LARGE,
+            f"'{field}' holds more than the {limit} prompt tokens a minute that this token may use, "
+            "so it can never be served whole; send it in smaller requests",
+            field,
+        )
+    reservation = budget.try_reserve(exact)
+    if reservation is None:
+        raise _over_limit(f"{limit} tokens per minute", budget.wait_s(exact))
+    return reservation
+
+
+@dataclass(frozen=True)
+class BackOff:
+    """Failures a key may have for free, then a wait that doubles with each further failure from first_s up to
+    max_s; a key with no failure for forget_s starts afresh. in_flight bounds its attempts being checked at once,
+    so that a burst cannot run more guesses than the count allows before the first of them fails."""
+
+    free: int
+    first_s: float
+    max_s: float
+    forget_s: float
+    in_flight: int
+
+    def wait_s(self, failures: int) -> float:
+        over = failures - self.free
+        if over <= 0:
+            return 0.0
+        return min(self.max_s, self.first_s * 2.0 ** min(over - 1, 32))
+
+
+# One account: 5 guesses free, then one every 15 minutes at most once the waits have doubled up to that, about 100 a
+# day (NIST SP 800-63B: no more than 100 failures in a row), while a user who mistyped a few times waits seconds.
+# Failures are forgotten only after a day without one: forgotten sooner, a guesser who pauses that long would start
+# each day with several free guesses and a fast ramp again.
+EMAIL_BACKOFF = BackOff(free=5, first_s=1.0, max_s=900.0, forget_s=86_400.0, in_flight=1)
+# One address guessing across accounts; more is free, since several users may share an address behind NAT.
+ADDRESS_BACKOFF = BackOff(free=20, first_s=1.0, max_s=900.0, forget_s=86_400.0, in_flight=2)
+# Keys remembered per table; past it the least recently failed is forgotten. Filling it takes that many password
+# checks, which the gateway runs a few at a time.
+MAX_KEYS = 100_000
+
+
+@dataclass
+class _Failures:
+    count: int = 0
+    last: float = 0.0
+    blocked_until: float = 0.0
+    in_flight: int = 0
+
+
+class _FailureTable:
+    def __init__(self, policy: BackOff, max_keys: int):
+        self.policy = policy
+        self._max_keys = max_keys
+        # Least recently failed (or tried) first, which is what goes when the table is full.
+        self._entries: OrderedDict[str, _Failures] = OrderedDict()
+
+    def wait_s(self, key: str, now: float) -> float:
+        entry = self._entries.get(key)
+        if entry is None:
+            return 0.0
+        if entry.in_flight == 0 and now - entry.last >= self.policy.forget_s:
+            del self._entries[key]
+            return 0.0
+        if now < entry.blocked_until:
+            return entry.blocked_until - now
+        # A password check takes tens of milliseconds: the next attempt may come as soon as this one is answered.
+        return 1.0 if entry.in_flight >= self.policy.in_flight else 0.0
+
+    def begin(self, key: str) -> None:
+        entry = self._entries.get(key)
+        if entry is None:
+            while len(self._entries) >= self._max_keys:
+                self._entries.popitem(last=False)
+            entry = self._entries[key] = _Failures()
+        entry.in_flight += 1
+
+    def end(self, key: str, now: float, failed: bool, forget: bool) -> None:
+        entry = self._entries.get(key)
+        if entry is None:  # dropped while the attempt ran, the table being full
+            return
+        entry.in_flight -= 1
+        if failed:
+            entry.count += 1
+            entry.last = now
+            entry.blocked_until = now + self.policy.wait_s(entry.count)
+            self._entries.move_to_end(key)
+        elif (forget or entry.count == 0) and entry.in_flight == 0:
+            del self._entries[key]
+
+
+def address_key(host: str | None) -> str:
+    """An IPv6 client is counted by its /64, which one holder commonly has whole; anything else by its address."""
+    try:
+        address = ipaddress.ip_address(host or "")
+    except ValueError:
+        return host or ""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
+class LoginAttempt:
+    """One password check let through by the throttle; end() it exactly once with its outcome."""
+
+    def __init__(self, throttle: LoginThrottle, email: str, address: str):
+        self._throttle = throttle
+        self._email = email
+        self._address = address
+
+    def end(self, succeeded: bool | None) -> None:
+        """succeeded: True for the right password, False for a wrong one or an unknown email, None when the
+        password was never checked (store down, request cancelled), which counts as nothing."""
+        throttle = self._throttle
+        now = throttle.clock()
+        failed = succeeded is False
+        # A success clears the account's failures but not the address's: else one valid login would reset an address
+        # that guesses at every other account.
+        throttle.by_email.end(self._email, now, failed, forget=succeeded is True)
+        throttle.by_address.end(self._address, now, failed, forget=False)
+
+
+class LoginThrottle:
+    """Decides whether a login may check its password now; see BackOff for the policy."""
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        by_email: BackOff = EMAIL_BACKOFF,
+        by_address: BackOff = ADDRESS_BACKOFF,
+        max_keys: int = MAX_KEYS,
+    ):
+        self.clock = clock
+        self.by_email = _FailureTable(by_email, max_keys)
+        self.by_address = _FailureTable(by_address, max_keys)
+
+    def begin(self, email: str, client_host: str | None) -> LoginAttempt:
+        """The attempt, or RATE_LIMITED with the seconds to wait. A refused attempt checks no password, so that
+        guessing while refused learns nothing, and answers the same whether the email exists or not."""
+        email, address = email.strip().lower(), address_key(client_host)
+        now = self.clock()
+        wait_s = max(self.by_email.wait_s(email, now), self.by_address.wait_s(address, now))
+        if wait_s > 0:
+            raise _refusal("too many failed logins for this email or from this address", wait_s)
+        self.by_email.begin(email)
+        self.by_address.begin(address)
+        return LoginAttempt(self, email, address)

@@ -1,0 +1,111 @@
+"""Prompts made of items (text, token ids, images), resolved to one model input.
+
+Transport-neutral: the Aleph Alpha HTTP contract and the gRPC contract both turn their own prompt
+shapes into PromptItems. A prompt that is a single text goes to the ensemble's own tokenizer step,
+so it embeds exactly like the same text sent to /v1/embeddings; anything else is tokenized here,
+item by item, and concatenated in order into one token id sequence. A prompt with attention controls
+is always tokenized here, since its controls are resolved through the tokenizer's offsets.
+
+Every tokenization on a request path goes through encode() and decode() below, never through the tokenizer's own
+encode/decode: those hold the GIL for as long as they run (seconds for a few megabytes), and a worker thread holding
+it stops the event loop and every other request with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+from tokenizers import Encoding, Tokenizer
+
+from gateway.core.controls import Control, PositionControl, check, span_positions
+from gateway.core.errors import invalid
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    kind: str  # "text", "token_ids" or "image"
+    data: Union[str, list[int]]
+    controls: tuple[Control, ...] = ()
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What the model is fed: exactly one of a text or a token id sequence (without special tokens).
+
+    controls is None for an uncontrolled prompt; otherwise token_ids is set and the controls name its positions.
+    """
+
+    text: str | None = None
+    token_ids: list[int] | None = None
+    controls: tuple[PositionControl, ...] | None = None
+
+
+def encode(tokenizer: Tokenizer, text: str) -> Encoding:
+    """The text's encoding, without special tokens. encode_batch releases the GIL while it tokenizes; encode does not."""
+    (encoding,) = tokenizer.encode_batch([text], add_special_tokens=False)
+    return encoding
+
+
+def decode(tokenizer: Tokenizer, token_ids: list[int]) -> str:
+    """The text of token ids, special tokens skipped. decode_batch releases the GIL while it decodes; decode does not."""
+    (text,) = tokenizer.decode_batch([token_ids])
+    return text
+
+
+def check_length(length: int, max_chars: int, where: str, field: str) -> None:
+    """Refuses a text of `length` characters over max_chars before it is tokenized: tokenizing costs about a
+    microsecond of CPU per character, and a model reads no more than max_chars of a prompt anyway."""
+    if length > max_chars:
+        raise invalid(f"'{where}' holds {length} characters, more than the model can read ({max_chars})", field)
+
+
+def resolve(
+    items: list[PromptItem], tokenizer: Tokenizer, prefix: str, field: str, index: int | None = None, max_chars: int | None = None
+) -> Prompt:
+    """One Prompt from a prompt's items, with the representation's prefix in front.
+
+    Errors name `field` as the parameter and `field[index]` in the message when the prompt is one of many.
+    A prompt tokenized here whose texts (prefix included) hold more than max_chars characters is refused first.
+    """
+    where = field if index is None else f"{field}[{index}]"
+    if not items:
+        raise invalid(f"'{where}' must not be empty", field)
+    for item in items:
+        if item.kind == "image":
+            raise invalid(f"'{where}': this model does not accept images", field)
+        for control in item.controls:
+            check(control, len(item.data), where, f"{field}.controls")
+    controlled = any(item.controls for item in items)
+    single_text = len(items) == 1 and items[0].kind == "text"
+    if single_text and not items[0].data:
+        raise invalid(f"'{where}' must not be empty", field)
+    if single_text and not controlled:
+        return Prompt(text=prefix + items[0].data)
+    if max_chars is not None:
+        # Tokenized here: refuse what no tokenizer should spend seconds on. The items are one model input, so their
+        # texts count together (one by one, a prompt of many items could still hold megabytes).
+        check_length(len(prefix) + sum(len(item.data) for item in items if item.kind == "text"), max_chars, where, field)
+    if single_text:
+        # Tokenized with its prefix as one string, as the uncontrolled text is, so a factor of 1 changes nothing.
+        encoding = encode(tokenizer, prefix + items[0].data)
+        controls = tuple(PositionControl(tuple(span_positions(encoding, c, len(prefix))), c.factor) for c in items[0].controls)
+        return Prompt(token_ids=encoding.ids, controls=controls)
+    vocab = tokenizer.get_vocab_size()
+    ids: list[int] = encode(tokenizer, prefix).ids if prefix else []
+    controls: list[PositionControl] = []
+    for item in items:
+        if item.kind == "text":
+            encoding = encode(tokenizer, item.data)
+            for c in item.controls:
+                controls.append(PositionControl(tuple(len(ids) + p for p in span_positions(encoding, c)), c.factor))
+            ids += encoding.ids
+            continue
+        bad = next((i for i in item.data if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise invalid(f"'{where}' holds token id {bad}, outside the vocabulary [0, {vocab})", field)
+        controls += [PositionControl((len(ids) + c.index,), c.factor) for c in item.controls]
+        ids += item.data
+    if not ids:
+        raise invalid(f"'{where}' must not be empty", field)
+    return Prompt(token_ids=ids, controls=tuple(controls) if controlled else None)

@@ -1,0 +1,449 @@
+"""Transport-neutral embedding core: validate -> build Triton inputs -> infer -> shape the vectors.
+
+HTTP and gRPC handlers translate their contract into an EmbedCall and the result back; nothing here
+knows about either transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import numpy as np
+
+from gateway.ops import request_context
+from gateway.core.catalog import Catalog, Ensembles, ServedModel
+from gateway.core.controls import ControlOptions, position_factors
+from gateway.core.deadline import Deadline
+from gateway.core.errors import invalid
+from gateway.core.prompts import Prompt, PromptItem, check_length, decode, encode, resolve
+from gateway.core.cache import EmbeddingCache
+from gateway.auth.rate_limit import reserve_prompt_tokens
+from gateway.core.scheduler import PRIORITY_NORMAL, Scheduler
+from gateway.triton.client import ChunkedInput, text_input, token_ids_input
+
+# No token of the models served here spans more characters (WordPiece gives up on words over 100), so a text
+# longer than this many characters per token of the model's limit is over it: refused, or cut when truncating,
+# before anything tokenizes megabytes.
+MAX_CHARS_PER_TOKEN = 100
+
+
+@dataclass(frozen=True)
+class CacheAs:
+    """What a cached vector of this call is filed under: the output's model_version, and its size."""
+
+    model_version: str
+    dimensions: int
+
+    def key(self, model: ServedModel) -> str:
+        # Truncation cuts long texts at the model's limit, which the export chooses: another limit, another vector.
+        return f"{self.model_version}/{model.max_sequence_length}"
+
+
+@dataclass(frozen=True)
+class EmbedCall:
+    model: str
+    texts: list[str] | None = None
+    token_ids: list[list[int]] | None = None
+    dimensions: int | None = None
+    truncate: bool | None = None
+    priority: int = PRIORITY_NORMAL
+    input_field: str = "input"
+    deadline: Deadline | None = None
+
+
+class _TokenUsage:
+    """Usage as both contracts report it: the tokens the model saw, summed over the inputs."""
+
+    token_counts: np.ndarray
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self.token_counts.sum())
+
+
+@dataclass(frozen=True)
+class EmbedResult(_TokenUsage):
+    model: ServedModel
+    embeddings: np.ndarray
+    token_counts: np.ndarray
+
+
+@dataclass(frozen=True)
+class SemanticEmbedCall:
+    """Aleph Alpha-style semantic embedding of prompts made of items."""
+
+    model: str
+    prompts: list[list[PromptItem]]
+    representation: str = "symmetric"
+    compress_to_size: int | None = None
+    normalize: bool = False
+    priority: int = PRIORITY_NORMAL
+    prompt_field: str = "prompt"
+    deadline: Deadline | None = None
+    controls: ControlOptions = ControlOptions()
+
+
+@dataclass(frozen=True)
+class SemanticEmbedResult(_TokenUsage):
+    model_version: str
+    embeddings: np.ndarray
+    token_counts: np.ndarray
+
+
+@dataclass(frozen=True)
+class EmbedLayersCall:
+    """Pooled hidden states of chosen layers for one prompt; layer 0 is the word embeddings."""
+
+    model: str
+    prompt: list[PromptItem]
+    layers: list[int]
+    poolings: list[str]
+    tokens: bool = False
+    normalize: bool = False
+    priority: int = PRIORITY_NORMAL
+    deadline: Deadline | None = None
+    controls: ControlOptions = ControlOptions()
+
+
+@dataclass(frozen=True)
+class EmbedLayersResult:
+    model_version: str
+    # (layer index as requested, {pooling: vector}) in request order.
+    layers: list[tuple[int, dict[str, np.ndarray]]]
+    tokens: list[str] | None
+    num_tokens: int
+
+
+def has_visible_text(text: str) -> bool:
+    """Whether a text holds a character a reader can see: one that is neither whitespace nor a control, format or
+    other invisible one. A text of only those has nothing to embed (a BERT tokenizer drops every one of them), so every
+    contract refuses it, over HTTP and gRPC alike, here in the core."""
+    if text.isprintable():  # the common case, in C: no control, format or line-break character
+        return bool(text) and not text.isspace()
+    return any(c.isprintable() and not c.isspace() for c in text)
+
+
+def _nothing_to_embed(where: str, field: str) -> Exception:
+    return invalid(f"'{where}' holds only whitespace or control characters: there is nothing to embed", field)
+
+
+def refuse_invisible(texts: list[str], field: str) -> None:
+    """Refuses, naming the field and the index, the first non-empty text with nothing visible in it (empty ones are
+    left to the checks that say so)."""
+    for index, text in enumerate(texts):
+        if text and not has_visible_text(text):
+            raise _nothing_to_embed(f"{field}[{index}]", field)
+
+
+def _refuse_invisible_prompts(prompts: list[list[PromptItem]], field: str) -> None:
+    """A prompt of text items only, none with a visible character, is refused as such a text is."""
+    for index, items in enumerate(prompts):
+        texts = [item.data for item in items if item.kind == "text"]
+        if len(texts) == len(items) and any(texts) and not any(has_visible_text(text) for text in texts):
+            raise _nothing_to_embed(field if len(prompts) == 1 else f"{field}[{index}]", field)
+
+
+def _normalized(vectors: np.ndarray) -> np.ndarray:
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
+
+
+def _resize(embeddings: np.ndarray, dimensions: int | None, model: ServedModel) -> np.ndarray:
+    """Matryoshka-style: keep the first `dimensions` values and re-normalize them."""
+    if dimensions is None or dimensions == model.dimensions:
+        return embeddings
+    if not 0 < dimensions <= model.dimensions:
+        raise invalid(f"dimensions must be between 1 and {model.dimensions} for {model.name}, got {dimensions}", "dimensions")
+    return _normalized(embeddings[:, :dimensions])
+
+
+def _in_prompt_order(
+    size: int, hits: list[tuple[int, tuple[np.ndarray, int]]], rows: list[list[int]], results: list[tuple[np.ndarray, np.ndarray]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cached rows and each part's computed rows, put back at their prompts' positions."""
+    shape = results[0][0].shape[1:] if results else hits[0][1][0].shape
+    values = np.empty((size, *shape), dtype=np.float32)
+    counts = np.empty(size, dtype=np.int64)
+    for row, (vector, count) in hits:
+        values[row], counts[row] = vector, count
+    for part_rows, (part_values, part_counts) in zip(rows, results):
+        values[part_rows], counts[part_rows] = part_values, part_counts
+    return values, counts
+
+
+def _account(texts: int, tokens: int) -> None:
+    """Adds what a request embedded to its usage (per-token counters, metrics, the access log)."""
+    context = request_context.current()
+    if context is not None:
+        context.add_usage(texts, tokens)
+
+
+class EmbeddingService:
+    def __init__(
+        self,
+        catalog: Catalog,
+        scheduler: Scheduler,
+        *,
+        max_inputs: int,
+        truncate: bool,
+        timeout_s: float,
+        cache: EmbeddingCache | None = None,
+    ):
+        self.catalog = catalog
+        self.scheduler = scheduler
+        self.cache = cache
+        self.health = scheduler.health
+        self.max_inputs = max_inputs
+        self.truncate_default = truncate
+        self.timeout_s = timeout_s
+
+    @property
+    def max_tokenized_chars(self) -> int:
+        """The most characters tokenize takes (and token ids detokenize takes) for any served model."""
+        return max(model.max_sequence_length for model in self.catalog.models.values()) * MAX_CHARS_PER_TOKEN
+
+    def deadline(self, requested_s: float | None = None) -> Deadline:
+        """A new request's deadline: the server's timeout, or sooner if the caller asks."""
+        return Deadline.within(self.timeout_s, requested_s)
+
+    async def _run(self, inputs: list[ChunkedInput], deadline: Deadline | None, priority: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Every input's (values, token counts) from one scheduled job, so admission and fairness see the whole request."""
+        chunks = [chunk for chunked in inputs for chunk in chunked.chunks]
+        results = await self.scheduler.run(chunks, deadline or self.deadline(), priority)
+        assembled, start = [], 0
+        for chunked in inputs:
+            assembled.append(chunked.assemble(results[start : start + len(chunked.chunks)]))
+            start += len(chunked.chunks)
+        return assembled
+
+    def _capped(self, texts: list[str], field: str, truncate: bool | None, model: ServedModel) -> list[str]:
+        """The texts, each refused or (when truncating) cut if far longer than the model reads."""
+        limit = model.max_sequence_length * MAX_CHARS_PER_TOKEN
+        truncate = self.truncate_default if truncate is None else truncate
+        for index, text in enumerate(texts):
+            if len(text) > limit and not truncate:
+                raise invalid(
+                    f"'{field}[{index}]' has {len(text)} characters, more than the {model.max_sequence_length} tokens "
+                    f"{model.name} accepts can hold (at most {limit}); shorten it or ask for truncation",
+                    field,
+                )
+        return [text[:limit] for text in texts]
+
+    def _validate(self, call: EmbedCall, model: ServedModel) -> None:
+        items = call.texts if call.texts is not None else call.token_ids
+        if not items:
+            raise invalid(f"'{call.input_field}' must not be empty", call.input_field)
+        if len(items) > self.max_inputs:
+            raise invalid(f"'{call.input_field}' holds {len(items)} items; at most {self.max_inputs} are allowed", call.input_field)
+        if call.dimensions is not None:
+            _resize(np.zeros((0, model.dimensions), np.float32), call.dimensions, model)
+        for index, item in enumerate(items):
+            if len(item) == 0:
+                raise invalid(f"'{call.input_field}[{index}]' must not be empty", call.input_field)
+        if call.texts is not None:
+            refuse_invisible(call.texts, call.input_field)
+        if call.token_ids is not None:
+            vocab = model.vocab_size
+            for index, ids in enumerate(call.token_ids):
+                bad = next((i for i in ids if not 0 <= i < vocab), None)
+                if bad is not None:
+                    raise invalid(f"'{call.input_field}[{index}]' holds token id {bad}, outside the vocabulary [0, {vocab})", call.input_field)
+
+    def _check_lengths(self, field: str, truncate: bool | None, model: ServedModel, counts: np.ndarray) -> None:
+        truncate = self.truncate_default if truncate is None else truncate
+        if truncate:
+            return
+        overlong = np.flatnonzero(counts > model.max_sequence_length)
+        if overlong.size:
+            index = int(overlong[0])
+            raise invalid(
+                f"'{field}[{index}]' has {int(counts[index])} tokens, more than the {model.max_sequence_length} "
+                f"that {model.name} accepts; shorten it or ask for truncation",
+                field,
+            )
+
+    async def embed(self, call: EmbedCall) -> EmbedResult:
+        model = self.catalog.get(call.model)
+        self._validate(call, model)
+        if call.texts is not None:
+            # As sentence-transformers' encode() does with no prompt_name; token ids are taken as they are.
+            prompts = [Prompt(text=model.default_prefix + text) for text in call.texts]
+        else:
+            prompts = [Prompt(token_ids=ids) for ids in call.token_ids]
+        cache_as = CacheAs(model.model_version, model.dimensions)
+        embeddings, counts = await self._infer_prompts(
+            model, prompts, model.embedding, "EMBEDDING", call, call.input_field, cache_as, call.truncate
+        )
+        _account(len(counts), int(counts.sum()))
+        return EmbedResult(model, _resize(embeddings, call.dimensions, model), counts)
+
+    async def _infer_prompts(
+        self,
+        model: ServedModel,
+        prompts: list[Prompt],
+        ensembles: Ensembles,
+        output: str,
+        call: EmbedCall | SemanticEmbedCall | EmbedLayersCall,
+        field: str,
+        cache_as: CacheAs | None = None,
+        truncate: bool | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Texts go through the ensemble's tokenizer step, resolved token ids through its token_ids step, and prompts
+        with attention controls through the controlled one, in prompt order. With a cache, texts found in it skip
+        Triton, and the texts computed are written to it."""
+        # Before any work, so that a token's tokens-per-minute limit bounds a burst instead of charging it afterwards.
+        reservation = await reserve_prompt_tokens(model, prompts, field, model.max_sequence_length * MAX_CHARS_PER_TOKEN)
+        text_rows: list[int] = []
+        id_rows: list[int] = []
+        controlled_rows: list[int] = []
+        for row, prompt in enumerate(prompts):
+            (text_rows if prompt.text is not None else id_rows if prompt.controls is None else controlled_rows).append(row)
+        parts: list[tuple[list[int], ChunkedInput]] = []
+        hits: list[tuple[int, tuple[np.ndarray, int]]] = []
+        computed_texts: list[str] = []
+        if text_rows:
+            computed_texts = self._capped([prompts[i].text for i in text_rows], field, truncate, model)
+            computed_rows = text_rows
+            if cache_as is not None and self.cache is not None:
+                found = await self.cache.lookup(cache_as.key(model), computed_texts, cache_as.dimensions, model.max_sequence_length)
+                hits = [(row, entry) for row, entry in zip(text_rows, found) if entry is not None]
+                computed_rows = [row for row, entry in zip(text_rows, found) if entry is None]
+                computed_texts = [text for text, entry in zip(computed_texts, found) if entry is None]
+            if computed_texts:
+                chunked = text_input(ensembles.text, computed_texts, model.max_batch_size, call.priority, output)
+                parts.append((computed_rows, chunked))
+        if id_rows:
+            ids = [prompts[i].token_ids for i in id_rows]
+            parts.append((id_rows, token_ids_input(ensembles.token_ids, ids, model.max_batch_size, call.priority, output)))
+        if controlled_rows:
+            ids = [prompts[i].token_ids for i in controlled_rows]
+            threshold = call.controls.contextual_threshold
+            factors = await asyncio.to_thread(
+                lambda: [position_factors(prompts[i].token_ids, prompts[i].controls, threshold, model.token_similarity) for i in controlled_rows]
+            )
+            controls = (factors, call.controls.log_additive)
+            chunked = token_ids_input(ensembles.controlled, ids, model.max_batch_size, call.priority, output, controls)
+            parts.append((controlled_rows, chunked))
+        results = await self._run([chunked for _, chunked in parts], call.deadline, call.priority) if parts else []
+        if len(results) == 1 and not hits and len(parts[0][0]) == len(prompts):
+            values, counts = results[0]  # one kind of input, none of it cached: already in prompt order, as most requests are
+        else:
+            values, counts = _in_prompt_order(len(prompts), hits, [rows for rows, _ in parts], results)
+        if computed_texts and cache_as is not None and self.cache is not None:
+            # parts[0] holds the computed texts, in the order of computed_texts.
+            self.cache.store(cache_as.key(model), computed_texts, results[0][0], results[0][1])
+        self._check_lengths(field, truncate, model, counts)
+        counts = np.minimum(counts, model.max_sequence_length)
+        reservation.settle(int(counts.sum()))
+        return values, counts
+
+    async def _resolve(self, model: ServedModel, prompts: list[list[PromptItem]], prefix: str, field: str) -> list[Prompt]:
+        """Prompts made of several items are tokenized here: in a thread, so that no request waits for another's."""
+        single = len(prompts) == 1
+        limit = model.max_sequence_length * MAX_CHARS_PER_TOKEN
+
+        def resolve_all() -> list[Prompt]:
+            return [resolve(items, model.tokenizer, prefix, field, None if single else i, limit) for i, items in enumerate(prompts)]
+
+        if all(len(items) == 1 and items[0].kind == "text" and not items[0].controls for items in prompts):
+            return resolve_all()
+        return await asyncio.to_thread(resolve_all)
+
+    async def semantic_embed(self, call: SemanticEmbedCall) -> SemanticEmbedResult:
+        model = self.catalog.get(call.model)
+        if call.representation not in model.prefixes:
+            choices = sorted(model.prefixes)
+            raise invalid(f"representation must be one of {choices}, got {call.representation!r}", "representation")
+        if call.compress_to_size not in (None, model.compress_to_size):
+            raise invalid(
+                f"compress_to_size {call.compress_to_size} is not supported by {model.name}; "
+                f"supported: [{model.compress_to_size}] or null",
+                "compress_to_size",
+            )
+        if not call.prompts or len(call.prompts) > self.max_inputs:
+            raise invalid(f"'{call.prompt_field}' must hold 1 to {self.max_inputs} prompts", call.prompt_field)
+        _refuse_invisible_prompts(call.prompts, call.prompt_field)
+        prompts = await self._resolve(model, call.prompts, model.prefixes[call.representation], call.prompt_field)
+        if call.compress_to_size is None:
+            ensembles, model_version, size = model.embedding, model.model_version, model.dimensions
+        else:
+            ensembles, model_version, size = model.compressed, model.compressed_model_version, model.compress_to_size
+        cache_as = CacheAs(model_version, size)
+        embeddings, counts = await self._infer_prompts(model, prompts, ensembles, "EMBEDDING", call, call.prompt_field, cache_as)
+        _account(len(prompts), int(counts.sum()))
+        return SemanticEmbedResult(model_version, _normalized(embeddings) if call.normalize else embeddings, counts)
+
+    async def embed_layers(self, call: EmbedLayersCall) -> EmbedLayersResult:
+        model = self.catalog.get(call.model)
+        depth = model.num_layers + 1
+        self._check_layers(call.layers, model)
+        poolings = model.layer_poolings
+        if not call.poolings or len(call.poolings) > len(poolings) or not set(call.poolings) <= set(poolings):
+            shown = call.poolings if len(call.poolings) <= len(poolings) else f"{len(call.poolings)} poolings"
+            raise invalid(f"'pooling' must hold one or more of {list(poolings)}, each once; got {shown}", "pooling")
+        if len(set(call.poolings)) != len(call.poolings):
+            twice = next(p for i, p in enumerate(call.poolings) if p in call.poolings[:i])
+            raise invalid(f"'pooling' names {twice!r} twice; name each pooling once", "pooling")
+        _refuse_invisible_prompts([call.prompt], "prompt")
+        (prompt,) = await self._resolve(model, [call.prompt], "", "prompt")
+        pooled, counts = await self._infer_prompts(model, [prompt], model.layers, "POOLED", call, "prompt")
+        pooled = _normalized(pooled[0]) if call.normalize else pooled[0]  # [layers + 1, poolings, hidden]
+        column = {name: index for index, name in enumerate(model.layer_poolings)}
+        layers = [(layer, {p: pooled[layer % depth, column[p]] for p in call.poolings}) for layer in call.layers]
+        tokens = None
+        if call.tokens:
+            # The prompt's own tokens; num_tokens also counts the special tokens the model frames them with.
+            if prompt.text is None:
+                ids = prompt.token_ids
+            else:
+                # Cut as the text sent to Triton is when truncating, so that no more than the model reads is tokenized.
+                text = prompt.text[: model.max_sequence_length * MAX_CHARS_PER_TOKEN]
+                ids = (await asyncio.to_thread(encode, model.tokenizer, text)).ids
+            tokens = [model.tokenizer.id_to_token(i) for i in ids]
+        _account(1, int(counts[0]))
+        return EmbedLayersResult(model.model_version, layers, tokens, int(counts[0]))
+
+    @staticmethod
+    def _check_layers(layers: list[int], model: ServedModel) -> None:
+        """One to all of the model's layers (word embeddings included), each named once: -1 and its positive index
+        name the same layer, which would be computed once and answered twice."""
+        depth = model.num_layers + 1
+        if not layers or len(layers) > depth:
+            raise invalid(f"'layers' must name 1 to {depth} layers of {model.name}, each once; got {len(layers)}", "layers")
+        named: dict[int, int] = {}
+        for layer in layers:
+            if not -depth <= layer < depth:
+                raise invalid(
+                    f"layer {layer} is out of range for {model.name}: 0 is the word embeddings, "
+                    f"1..{model.num_layers} the layers, -1..-{depth} count from the last",
+                    "layers",
+                )
+            if layer % depth in named:
+                first = named[layer % depth]
+                same = f"{first} and {layer} name the same layer" if first != layer else f"layer {layer} is named twice"
+                raise invalid(f"'layers': {same}; name each layer once", "layers")
+            named[layer % depth] = layer
+
+    async def tokenize(self, model_name: str, text: str) -> tuple[list[str], list[int]]:
+        """In a thread that releases the GIL while it tokenizes (prompts.encode), so that no other request waits.
+        Texts longer than any prompt the model reads are refused first, as every text tokenized on a request is."""
+        model = self.catalog.get(model_name)
+        check_length(len(text), model.max_sequence_length * MAX_CHARS_PER_TOKEN, "prompt", "prompt")
+
+        def tokenized() -> tuple[list[str], list[int]]:
+            encoding = encode(model.tokenizer, text)
+            return encoding.tokens, encoding.ids
+
+        return await asyncio.to_thread(tokenized)
+
+    async def detokenize(self, model_name: str, token_ids: list[int]) -> str:
+        """Bounded like tokenize: at most as many ids as the longest text tokenize accepts has characters."""
+        model = self.catalog.get(model_name)
+        limit = model.max_sequence_length * MAX_CHARS_PER_TOKEN
+        if len(token_ids) > limit:
+            raise invalid(f"'token_ids' holds {len(token_ids)} token ids, more than {limit}", "token_ids")
+        vocab = model.vocab_size
+        bad = next((i for i in token_ids if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise invalid(f"token id {bad} is outside the vocabulary [0, {vocab})", "token_ids")
+        return await asyncio.to_thread(decode, model.tokenizer, token_ids)
