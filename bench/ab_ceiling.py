@@ -34,13 +34,24 @@ def _checkout(base: str, work: Path) -> Path:
     return tree
 
 
-def _measure(root: Path, repository: Path, bodies: list[bytes], duration_s: float, work: Path, label: str) -> dict[int, tuple[float, float]]:
+def _measure(
+    root: Path, repository: Path, bodies: list[bytes], duration_s: float, work: Path, label: str
+) -> dict[int, tuple[float, float]]:
     service = start_service(work / label, repository, root=root)
     try:
         figures = {}
         for concurrency in CONCURRENCIES:
-            spec = {"protocol": "http", "port": service.http_port, "target": "/v1/embeddings", "bodies": bodies, "headers": {},
-                    "concurrency": concurrency, "warmup_s": 2.0, "duration_s": duration_s, "max_requests": 10**8}
+            spec = {
+                "protocol": "http",
+                "port": service.http_port,
+                "target": "/v1/embeddings",
+                "bodies": bodies,
+                "headers": {},
+                "concurrency": concurrency,
+                "warmup_s": 2.0,
+                "duration_s": duration_s,
+                "max_requests": 10**8,
+            }
             result = run_load(spec, work)
             figures[concurrency] = (result["requests_per_s"], result["p50_ms"])
             progress(f"  {label} c{concurrency}: {result['requests_per_s']:.0f} requests/s, p50 {result['p50_ms']:.2f} ms")
@@ -64,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         for round_ in range(args.rounds):
             order = [("base", base), ("this checkout", ROOT)]
             for label, root in order if round_ % 2 == 0 else order[::-1]:
-                runs[label].append(_measure(root, repository, bodies, args.duration_s, work, f"{label.replace(' ', '-')}-{round_}"))
+                runs[label].append(
+                    _measure(root, repository, bodies, args.duration_s, work, f"{label.replace(' ', '-')}-{round_}")
+                )
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, check=False, capture_output=True)
     lines = [
@@ -78,8 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     for label, figures in runs.items():
         for concurrency in CONCURRENCIES:
             rates = [f[concurrency][0] for f in figures]
-            lines.append(f"| {label} | {concurrency} | {', '.join(f'{r:.0f}' for r in rates)} | {mean(rates):.0f} | "
-                         f"{mean(f[concurrency][1] for f in figures):.2f} |")
+            lines.append(
+                f"| {label} | {concurrency} | {', '.join(f'{r:.0f}' for r in rates)} | {mean(rates):.0f} | "
+                f"{mean(f[concurrency][1] for f in figures):.2f} |"
+            )
     for concurrency in CONCURRENCIES:
         ratio = mean(f[concurrency][0] for f in runs["this checkout"]) / mean(f[concurrency][0] for f in runs["base"])
         lines.append(f"\nc{concurrency}: this checkout / base = {ratio:.3f}")

@@ -140,8 +140,9 @@ def gateway_ms_per_request(cpu_share: dict[str, float], texts_per_s: float) -> f
     return 1000 * cpu_share.get("gateway", 0.0) / texts_per_s if texts_per_s else float("nan")
 
 
-def measure_rounds(runner: Runner, repository: Path, bodies: list[bytes], rounds: int,
-                   interrupts: Interrupts) -> list[tuple[int, str, Measurement]]:
+def measure_rounds(
+    runner: Runner, repository: Path, bodies: list[bytes], rounds: int, interrupts: Interrupts
+) -> list[tuple[int, str, Measurement]]:
     work = runner.work
     gateway_cli("users", "add", USER, "--role", "client", f"--run-dir={work / 'on'}")
     token = gateway_cli("tokens", "create", "--user", USER, "--description", "bench.auth_overhead", f"--run-dir={work / 'on'}")
@@ -155,8 +156,19 @@ def measure_rounds(runner: Runner, repository: Path, bodies: list[bytes], rounds
             with running(work / mode, repository, extra_args[mode], interrupts) as service:
                 if mode == "on":
                     _check_auth_is_on(service, bodies[0])
-                m = runner.measure(f"auth {mode}", service.http_port, "http", "float", "sentences", bodies, 1, CONCURRENCY,
-                                   service_pids(service), service, headers=headers[mode])
+                m = runner.measure(
+                    f"auth {mode}",
+                    service.http_port,
+                    "http",
+                    "float",
+                    "sentences",
+                    bodies,
+                    1,
+                    CONCURRENCY,
+                    service_pids(service),
+                    service,
+                    headers=headers[mode],
+                )
             results.append((round_number, mode, m))
     return results
 
@@ -217,63 +229,127 @@ def markdown(run: dict) -> str:
         "",
         "## Result",
         "",
-        *table(["", "auth off", "auth on", "on / off"], [
-            ["texts/s, median of rounds", f"{s['off']['texts_per_s']:.0f}", f"{s['on']['texts_per_s']:.0f}", f"{s['ratio']:.3f}"],
-            ["p50 ms, median of rounds", f"{s['off']['p50_ms']:.1f}", f"{s['on']['p50_ms']:.1f}",
-             f"{s['on']['p50_ms'] / s['off']['p50_ms']:.3f}"],
-            ["p99 ms, median of rounds", f"{s['off']['p99_ms']:.1f}", f"{s['on']['p99_ms']:.1f}",
-             f"{s['on']['p99_ms'] / s['off']['p99_ms']:.3f}"],
-            ["gateway CPU ms per request, median of rounds", f"{s['off']['gateway_ms']:.2f}", f"{s['on']['gateway_ms']:.2f}",
-             f"{s['on']['gateway_ms'] / s['off']['gateway_ms']:.3f}"],
-            [f"ratio to raw onnxruntime batch {RAW_BATCH} ({raw:.0f} texts/s)", f"{s['off']['ratio_to_raw']:.2f}",
-             f"{s['on']['ratio_to_raw']:.2f}", ""],
-            ["failed requests", s["off"]["errors"], s["on"]["errors"], ""],
-        ]),
+        *table(
+            ["", "auth off", "auth on", "on / off"],
+            [
+                [
+                    "texts/s, median of rounds",
+                    f"{s['off']['texts_per_s']:.0f}",
+                    f"{s['on']['texts_per_s']:.0f}",
+                    f"{s['ratio']:.3f}",
+                ],
+                [
+                    "p50 ms, median of rounds",
+                    f"{s['off']['p50_ms']:.1f}",
+                    f"{s['on']['p50_ms']:.1f}",
+                    f"{s['on']['p50_ms'] / s['off']['p50_ms']:.3f}",
+                ],
+                [
+                    "p99 ms, median of rounds",
+                    f"{s['off']['p99_ms']:.1f}",
+                    f"{s['on']['p99_ms']:.1f}",
+                    f"{s['on']['p99_ms'] / s['off']['p99_ms']:.3f}",
+                ],
+                [
+                    "gateway CPU ms per request, median of rounds",
+                    f"{s['off']['gateway_ms']:.2f}",
+                    f"{s['on']['gateway_ms']:.2f}",
+                    f"{s['on']['gateway_ms'] / s['off']['gateway_ms']:.3f}",
+                ],
+                [
+                    f"ratio to raw onnxruntime batch {RAW_BATCH} ({raw:.0f} texts/s)",
+                    f"{s['off']['ratio_to_raw']:.2f}",
+                    f"{s['on']['ratio_to_raw']:.2f}",
+                    "",
+                ],
+                ["failed requests", s["off"]["errors"], s["on"]["errors"], ""],
+            ],
+        ),
         "",
         f"Goal: throughput with auth on >= {GOAL:.2f} of off at c{CONCURRENCY}. Measured (ratio of the medians): "
         f"{s['ratio']:.3f}, {verdict}. The on/off ratio within each round: "
-        + ", ".join(f"{r:.3f}" for r in s["round_ratios"].values()) + f" (median {s['median_round_ratio']:.3f}).",
+        + ", ".join(f"{r:.3f}" for r in s["round_ratios"].values())
+        + f" (median {s['median_round_ratio']:.3f}).",
         "",
         "## Rounds",
         "",
         "Encoder batch: Triton's inferences per encoder execution. CPU columns are shares of one core over the "
-        "measurement; \"others\" is what the machine spent beyond the service and the load generator (other processes; "
+        'measurement; "others" is what the machine spent beyond the service and the load generator (other processes; '
         "rough, a few % of it is the load generator's start-up).",
         "",
     ]
-    rows = [[n, mode, f"{m.texts_per_s:.0f}", f"{m.texts_per_s / raw:.2f}", f"{m.p50_ms:.1f}", f"{m.p99_ms:.1f}",
-             f"{m.encoder_batch:.1f}" if m.encoder_batch else "-", f"{100 * m.cpu_share.get('gateway', 0):.0f}%",
-             f"{gateway_ms_per_request(m.cpu_share, m.texts_per_s):.2f}",
-             f"{100 * (sum(m.cpu_share.values()) - m.cpu_share.get('gateway', 0)):.0f}%", f"{100 * m.loadgen_cpu_share:.0f}%",
-             f"{100 * other_cpu(m):.0f}%", f"{100 * m.machine_idle:.0f}%", f"{100 * m.machine_steal:.0f}%", m.errors]
-            for n, mode, m in run["rounds_measured"]]
-    header = ["round", "auth", "texts/s", "ratio to raw", "p50 ms", "p99 ms", "encoder batch", "gateway CPU",
-              "gateway ms/request", "Triton + stubs CPU", "load generator CPU", "others", "machine idle", "steal", "failed"]
+    rows = [
+        [
+            n,
+            mode,
+            f"{m.texts_per_s:.0f}",
+            f"{m.texts_per_s / raw:.2f}",
+            f"{m.p50_ms:.1f}",
+            f"{m.p99_ms:.1f}",
+            f"{m.encoder_batch:.1f}" if m.encoder_batch else "-",
+            f"{100 * m.cpu_share.get('gateway', 0):.0f}%",
+            f"{gateway_ms_per_request(m.cpu_share, m.texts_per_s):.2f}",
+            f"{100 * (sum(m.cpu_share.values()) - m.cpu_share.get('gateway', 0)):.0f}%",
+            f"{100 * m.loadgen_cpu_share:.0f}%",
+            f"{100 * other_cpu(m):.0f}%",
+            f"{100 * m.machine_idle:.0f}%",
+            f"{100 * m.machine_steal:.0f}%",
+            m.errors,
+        ]
+        for n, mode, m in run["rounds_measured"]
+    ]
+    header = [
+        "round",
+        "auth",
+        "texts/s",
+        "ratio to raw",
+        "p50 ms",
+        "p99 ms",
+        "encoder batch",
+        "gateway CPU",
+        "gateway ms/request",
+        "Triton + stubs CPU",
+        "load generator CPU",
+        "others",
+        "machine idle",
+        "steal",
+        "failed",
+    ]
     lines += table(header, rows)
-    lines += ["", "## Raw onnxruntime (in-process, same encoder and tokenizer, sorted by length, batch 32)", "",
-              f"At the start: {raw:.0f} texts/s (every ratio above is to this figure). At the end: {run['raw_end']:.0f} texts/s "
-              f"({run['raw_end'] / raw - 1:+.1%}): how much the machine drifted during the run."]
+    lines += [
+        "",
+        "## Raw onnxruntime (in-process, same encoder and tokenizer, sorted by length, batch 32)",
+        "",
+        f"At the start: {raw:.0f} texts/s (every ratio above is to this figure). At the end: {run['raw_end']:.0f} texts/s "
+        f"({run['raw_end'] / raw - 1:+.1%}): how much the machine drifted during the run.",
+    ]
     reference = run["reference"]
     if reference:
         off = s["off"]
-        lines += ["", "## Against the committed throughput run", "",
-                  f"The same load in `bench/results/throughput.json` (bin/bench, started {reference['started']}; whatever the "
-                  f"gateway gained since is in the difference): {reference['texts_per_s']:.0f} texts/s, "
-                  f"{reference['texts_per_s'] / reference['raw']:.2f} of its raw batch 32 ({reference['raw']:.0f}), "
-                  f"p50 {reference['p50_ms']:.1f} ms, p99 {reference['p99_ms']:.1f} ms, gateway {reference['gateway_ms']:.2f} ms "
-                  f"of CPU per request. Auth off here: {off['texts_per_s']:.0f} texts/s, {off['ratio_to_raw']:.2f} of raw, "
-                  f"p50 {off['p50_ms']:.1f} ms, p99 {off['p99_ms']:.1f} ms, gateway {off['gateway_ms']:.2f} ms per request. "
-                  "Runs on this VM differ by up to about 15%, so only a difference well beyond that says something."]
+        lines += [
+            "",
+            "## Against the committed throughput run",
+            "",
+            f"The same load in `bench/results/throughput.json` (bin/bench, started {reference['started']}; whatever the "
+            f"gateway gained since is in the difference): {reference['texts_per_s']:.0f} texts/s, "
+            f"{reference['texts_per_s'] / reference['raw']:.2f} of its raw batch 32 ({reference['raw']:.0f}), "
+            f"p50 {reference['p50_ms']:.1f} ms, p99 {reference['p99_ms']:.1f} ms, gateway {reference['gateway_ms']:.2f} ms "
+            f"of CPU per request. Auth off here: {off['texts_per_s']:.0f} texts/s, {off['ratio_to_raw']:.2f} of raw, "
+            f"p50 {off['p50_ms']:.1f} ms, p99 {off['p99_ms']:.1f} ms, gateway {off['gateway_ms']:.2f} ms per request. "
+            "Runs on this VM differ by up to about 15%, so only a difference well beyond that says something.",
+        ]
     lines += ["", "## Machine", "", *table(["", ""], [[k, v] for k, v in run["machine"].items()])]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.auth_overhead", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.auth_overhead", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--smoke", action="store_true", help="one round of tiny measurements, written to --out or a temp dir")
-    parser.add_argument("--out", type=Path,
-                        help=f"directory for auth_overhead.md (default {RESULTS.relative_to(ROOT)}; a temp dir with --smoke)")
+    parser.add_argument(
+        "--out", type=Path, help=f"directory for auth_overhead.md (default {RESULTS.relative_to(ROOT)}; a temp dir with --smoke)"
+    )
     parser.add_argument("--rounds", type=int, help="off/on pairs (default 6; 1 with --smoke)")
     parser.add_argument("--repository", type=Path, default=MODEL_REPOSITORY, help="the exported fp32 repository")
     parser.add_argument("--work-dir", type=Path, default=ROOT / ".bench", help="run dirs and logs of the servers it starts")
@@ -299,10 +375,19 @@ def main(argv: list[str] | None = None) -> int:
 
     run = {
         "command": command_line(".venv/bin/python -m bench.auth_overhead", argv),
-        "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "wall_s": time.monotonic() - clock, "texts": len(texts), "warmup_s": plan.warmup_s, "duration_s": plan.duration_s,
-        "rounds": rounds, "rounds_measured": measured, "raw_start": raw_start, "raw_end": raw_end,
-        "summary": summarize(measured, raw_start), "reference": committed_reference(), "machine": machine,
+        "started": started,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "wall_s": time.monotonic() - clock,
+        "texts": len(texts),
+        "warmup_s": plan.warmup_s,
+        "duration_s": plan.duration_s,
+        "rounds": rounds,
+        "rounds_measured": measured,
+        "raw_start": raw_start,
+        "raw_end": raw_end,
+        "summary": summarize(measured, raw_start),
+        "reference": committed_reference(),
+        "machine": machine,
     }
     text = markdown(run)
     print(text, flush=True)

@@ -12,7 +12,9 @@ from tests.servers import ROOT
 
 def table_parser(module: str, doc: str, table: str) -> argparse.ArgumentParser:
     """The arguments of a command that writes one results table: --out (default bench/results/`table`) and --work-dir."""
-    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {module}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / table)
     parser.add_argument("--work-dir", type=Path, default=ROOT / ".bench")
     return parser

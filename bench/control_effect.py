@@ -59,7 +59,9 @@ def _embed(client: Client, model: str, prompts: list[Prompt], log_additive: bool
     vectors = []
     for start in range(0, len(prompts), 100):
         request = BatchSemanticEmbeddingRequest(
-            prompts=prompts[start : start + 100], representation=SemanticRepresentation.Symmetric, control_log_additive=log_additive
+            prompts=prompts[start : start + 100],
+            representation=SemanticRepresentation.Symmetric,
+            control_log_additive=log_additive,
         )
         vectors += client.batch_semantic_embed(request, model=model).embeddings
     unit = np.array(vectors, dtype=np.float64)

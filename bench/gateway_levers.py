@@ -38,8 +38,18 @@ def _measure(runner: Runner, name: str, service, repository: Path, texts: list[s
     row = {}
     for protocol, concurrency in points:
         port, build = endpoint(service, protocol)
-        row[(protocol, concurrency)] = runner.measure(name, port, protocol, "float", "sentences", build(model, texts, 1, "float"), 1,
-                                                      concurrency, service_pids(service), service)
+        row[(protocol, concurrency)] = runner.measure(
+            name,
+            port,
+            protocol,
+            "float",
+            "sentences",
+            build(model, texts, 1, "float"),
+            1,
+            concurrency,
+            service_pids(service),
+            service,
+        )
     return row
 
 
@@ -55,7 +65,11 @@ def markdown(rows: list[dict], raw_before: float, raw_after: float, command: str
         f"Raw onnxruntime fp32 (2 threads, batch 32, sorted): {raw_before:.0f} texts/s before the variants, {raw_after:.0f} after; "
         "ratios are to their mean. Encoder batch: rows per encoder execution at http c32.",
         "",
-        "| variant | what it tests | " + " | ".join(real) + " | http c1 p50 ms | encoder batch | " + " | ".join(ceiling) + " | gateway CPU per ceiling request at c128 |",
+        "| variant | what it tests | "
+        + " | ".join(real)
+        + " | http c1 p50 ms | encoder batch | "
+        + " | ".join(ceiling)
+        + " | gateway CPU per ceiling request at c128 |",
         "|---|---|" + "---|" * (len(real) + len(ceiling) + 3),
     ]
     for row in rows:

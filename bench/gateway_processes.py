@@ -29,13 +29,22 @@ def _split_load(services: list[RunningService], bodies: list[bytes], concurrency
     pids = [s.process.pid for s in services] + [int((services[0].run_dir / "triton.pid").read_text())]
     spawned = []
     for index, service in enumerate(services):
-        spec = {"protocol": "http", "port": service.http_port, "target": "/v1/embeddings", "bodies": bodies,
-                "concurrency": concurrency // len(services), "warmup_s": 2.0, "duration_s": duration_s, "max_requests": 10**8}
+        spec = {
+            "protocol": "http",
+            "port": service.http_port,
+            "target": "/v1/embeddings",
+            "bodies": bodies,
+            "concurrency": concurrency // len(services),
+            "warmup_s": 2.0,
+            "duration_s": duration_s,
+            "max_requests": 10**8,
+        }
         spec_path = work / f"spec-{len(services)}-{index}.pickle"
         spec_path.write_bytes(pickle.dumps(spec))
         result_path = work / f"result-{len(services)}-{index}.json"
-        spawned.append((subprocess.Popen([sys.executable, "-m", "bench.loadgen", str(spec_path), str(result_path)], cwd=ROOT),
-                        result_path))
+        spawned.append(
+            (subprocess.Popen([sys.executable, "-m", "bench.loadgen", str(spec_path), str(result_path)], cwd=ROOT), result_path)
+        )
     time.sleep(2.0)  # the warm-up, not counted in the CPU figures
     cpu_before = [cpu_seconds(pid) for pid in pids]
     idle_before, _, total_before = machine_ticks()
@@ -47,7 +56,9 @@ def _split_load(services: list[RunningService], bodies: list[bytes], concurrency
     for process, _ in spawned:
         process.wait(timeout=duration_s + 120)
     results = [json.loads(path.read_text()) for _, path in spawned]
-    gateways = sum(after.get("gateway", 0.0) - before.get("gateway", 0.0) for before, after in zip(cpu_before[:-1], cpu_after[:-1]))
+    gateways = sum(
+        after.get("gateway", 0.0) - before.get("gateway", 0.0) for before, after in zip(cpu_before[:-1], cpu_after[:-1])
+    )
     triton = sum(cpu_after[-1].values()) - sum(cpu_before[-1].values())
     return {
         "processes": len(services),

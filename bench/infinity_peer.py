@@ -25,8 +25,8 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 VERSION = "0.0.78"
 SERVED_NAME = "all-minilm-l6-v2"
@@ -75,15 +75,34 @@ def start_infinity(python: Path, model_dir: Path, port: int, log_path: Path, bat
         "INFINITY_HOME": str(log_path.parent),
     }
     command = [
-        str(python), "-m", "infinity_emb.cli", "v2",
-        "--model-id", str(model_dir), "--served-model-name", SERVED_NAME,
-        "--engine", "torch", "--device", "cpu", "--dtype", "float32", "--batch-size", str(batch_size),
+        str(python),
+        "-m",
+        "infinity_emb.cli",
+        "v2",
+        "--model-id",
+        str(model_dir),
+        "--served-model-name",
+        SERVED_NAME,
+        "--engine",
+        "torch",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--batch-size",
+        str(batch_size),
         # Flags win over INFINITY_* variables the caller's environment may hold. A result cache would answer
         # repeated benchmark texts without computing them (its --help claims it is on by default; it is off).
         "--no-vector-disk-cache",
-        "--host", "127.0.0.1", "--port", str(port), "--url-prefix", "",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--url-prefix",
+        "",
         # Its default logs every request; at these rates that would cost it CPU the service does not spend.
-        "--log-level", "warning",
+        "--log-level",
+        "warning",
     ]
     with open(log_path, "wb") as log:
         # Its own session, so stop() can signal the server and anything it spawned as one group.

@@ -25,10 +25,18 @@ from tests.servers import start_service
 VARIANTS = [
     ("default", [], "ragged batches of <= 64 rows, slices of 8, 2 instances (2 threads alone, 1 when both busy), no queue delay"),
     ("always 1 thread", ["--alone-intra-op-threads=1"], "an instance running alone does not take the second core"),
-    ("1 instance x 2 threads", ["--encoder-instances=1", "--intra-op-threads=2"], "one onnxruntime run at a time, both cores inside it"),
+    (
+        "1 instance x 2 threads",
+        ["--encoder-instances=1", "--intra-op-threads=2"],
+        "one onnxruntime run at a time, both cores inside it",
+    ),
     ("2 instances x 2 threads", ["--intra-op-threads=2"], "oversubscribed: 4 busy threads on 2 cores"),
     ("queue delay 2 ms", ["--queue-delay-us=2000"], "every step waits up to 2 ms to fill a batch"),
-    ("length buckets", ["--length-buckets=16,32,64,128,256"], "the tokenizer pads to buckets (the encoder still cuts to real lengths)"),
+    (
+        "length buckets",
+        ["--length-buckets=16,32,64,128,256"],
+        "the tokenizer pads to buckets (the encoder still cuts to real lengths)",
+    ),
     ("batches of <= 32 rows", ["--max-batch-size=32"], "fewer rows sorted together"),
     ("batches of <= 128 rows", ["--max-batch-size=128"], "more rows sorted together, longer executions"),
     ("slices of 32 rows", ["--slice-rows=32"], "fewer onnxruntime runs, more padding in each"),
@@ -38,8 +46,9 @@ CONCURRENCIES = [1, 32, 128]
 
 
 def export_variant(flags: list[str], target: Path) -> None:
-    subprocess.run([sys.executable, "-m", "export", "--output-dir", str(target), *flags], cwd=ROOT, check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "export", "--output-dir", str(target), *flags], cwd=ROOT, check=True, stdout=subprocess.DEVNULL
+    )
 
 
 def markdown(rows: list[dict], raw_before: float, raw_after: float, command: str) -> str:
@@ -52,14 +61,19 @@ def markdown(rows: list[dict], raw_before: float, raw_after: float, command: str
         f"Raw onnxruntime fp32 (2 threads, batch 32, sorted): {raw_before:.0f} texts/s before the variants, {raw_after:.0f} after; "
         "ratios are to their mean.",
         "",
-        "| variant | what it tests | " + " | ".join(f"c{c} texts/s (ratio)" for c in CONCURRENCIES) + " | c1 p50 ms | 100-text texts/s (ratio) |",
+        "| variant | what it tests | "
+        + " | ".join(f"c{c} texts/s (ratio)" for c in CONCURRENCIES)
+        + " | c1 p50 ms | 100-text texts/s (ratio) |",
         "|---|---|" + "---|" * (len(CONCURRENCIES) + 2),
     ]
     for row in rows:
         cells = [f"{row[c].texts_per_s:.0f} ({row[c].texts_per_s / raw:.2f})" for c in CONCURRENCIES]
         batch = row["batch"]
-        lines.append(f"| {row['name']} | {row['about']} | " + " | ".join(cells)
-                     + f" | {row[1].p50_ms:.1f} | {batch.texts_per_s:.0f} ({batch.texts_per_s / raw:.2f}) |")
+        lines.append(
+            f"| {row['name']} | {row['about']} | "
+            + " | ".join(cells)
+            + f" | {row[1].p50_ms:.1f} | {batch.texts_per_s:.0f} ({batch.texts_per_s / raw:.2f}) |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -87,10 +101,21 @@ def main(argv: list[str] | None = None) -> int:
             hundreds = requests.openai_bodies(model, texts, 100, "float")
             row = {"name": name, "about": about}
             for concurrency in CONCURRENCIES:
-                row[concurrency] = runner.measure(name, service.http_port, "http", "float", "sentences", singles, 1, concurrency,
-                                                  service_pids(service), service)
-            row["batch"] = runner.measure(name, service.http_port, "http", "float", "sentences", hundreds, 100,
-                                          plan.batch_concurrency, service_pids(service), service)
+                row[concurrency] = runner.measure(
+                    name, service.http_port, "http", "float", "sentences", singles, 1, concurrency, service_pids(service), service
+                )
+            row["batch"] = runner.measure(
+                name,
+                service.http_port,
+                "http",
+                "float",
+                "sentences",
+                hundreds,
+                100,
+                plan.batch_concurrency,
+                service_pids(service),
+                service,
+            )
             rows.append(row)
         finally:
             service.stop()

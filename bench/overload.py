@@ -55,7 +55,10 @@ async def run(points: list[int], warmup_s: float, seconds: float, out: Path | No
         finally:
             service.stop()
     peak = max(r["goodput"] for r in rows if r["connections"] == points[0])
-    lines = ["| connections | clients | goodput req/s | ratio to goodput at 128 | p99 s | 429s | errors |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| connections | clients | goodput req/s | ratio to goodput at 128 | p99 s | 429s | errors |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         lines.append(
             f"| {r['connections']} | {r['clients']} | {r['goodput']:.0f} | {r['goodput'] / peak:.2f} | {r['p99_s']} "

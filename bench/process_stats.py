@@ -94,7 +94,7 @@ class PeakSampler:
             for name, pid in self.pids.items():
                 self.peaks[name] = max(self.peaks[name], rss_mib(*pid))
 
-    def __enter__(self) -> "PeakSampler":
+    def __enter__(self) -> PeakSampler:
         self._thread.start()
         return self
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -40,7 +40,9 @@ class RawEncoder:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(repository / manifest["steps"]["encoder"] / "1" / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            str(repository / manifest["steps"]["encoder"] / "1" / "model.onnx"), options, providers=["CPUExecutionProvider"]
+        )
 
     def embed(self, texts: list[str]) -> np.ndarray:
         return head_embeddings(self.session, self.tokenizer, texts, self.head)

@@ -31,9 +31,17 @@ class Target:
         return f"missed by {100 * gap:.0f}%"
 
 
-def find_measurement(results: dict, server: str, protocol: str, encoding: str, corpus: str, per_request: int, concurrency: int | None = None):
+def find_measurement(
+    results: dict, server: str, protocol: str, encoding: str, corpus: str, per_request: int, concurrency: int | None = None
+):
     for m in results["measurements"]:
-        if (m["server"], m["protocol"], m["encoding"], m["corpus"], m["texts_per_request"]) == (server, protocol, encoding, corpus, per_request):
+        if (m["server"], m["protocol"], m["encoding"], m["corpus"], m["texts_per_request"]) == (
+            server,
+            protocol,
+            encoding,
+            corpus,
+            per_request,
+        ):
             if concurrency is None or m["concurrency"] == concurrency:
                 return m
     return None
@@ -62,43 +70,96 @@ def targets(results: dict) -> list[Target]:
     headline = plan["headline_concurrency"]  # c32 in the full plan
     found: list[Target] = []
 
-    ceiling = {m["concurrency"]: m for m in results["measurements"]
-               if (m["server"], m["protocol"], m["encoding"], m["texts_per_request"]) == (LABEL, "http", "float", 1)}
+    ceiling = {
+        m["concurrency"]: m
+        for m in results["measurements"]
+        if (m["server"], m["protocol"], m["encoding"], m["texts_per_request"]) == (LABEL, "http", "float", 1)
+    }
     if ceiling:
         top = max(ceiling)
-        found.append(Target(f"{LABEL}, single text, c{top}, http float: requests/s", ceiling[top]["requests_per_s"],
-                            CEILING_REQUESTS_PER_S, "requests/s"))
+        found.append(
+            Target(
+                f"{LABEL}, single text, c{top}, http float: requests/s",
+                ceiling[top]["requests_per_s"],
+                CEILING_REQUESTS_PER_S,
+                "requests/s",
+            )
+        )
     if 1 in ceiling:
-        found.append(Target(f"{LABEL}, single text, c1, http float: p50 latency", ceiling[1]["p50_ms"], CEILING_C1_P50_MS, "ms",
-                            lower_is_better=True))
+        found.append(
+            Target(
+                f"{LABEL}, single text, c1, http float: p50 latency",
+                ceiling[1]["p50_ms"],
+                CEILING_C1_P50_MS,
+                "ms",
+                lower_is_better=True,
+            )
+        )
 
     for concurrency, share in SINGLE_TEXT_SHARE_OF_RAW.items():
         m = _single(results, "service", "http", concurrency)
         if m:
-            found.append(Target(f"single text, c{concurrency}, http float: share of raw onnxruntime (best batch)",
-                                m["texts_per_s"] / best, share, "ratio"))
+            found.append(
+                Target(
+                    f"single text, c{concurrency}, http float: share of raw onnxruntime (best batch)",
+                    m["texts_per_s"] / best,
+                    share,
+                    "ratio",
+                )
+            )
     for concurrency in [c for c in plan["concurrencies"] if c >= headline]:
         http, grpc = _single(results, "service", "http", concurrency), _single(results, "service", "grpc", concurrency)
         if http and grpc:
-            found.append(Target(f"single text, c{concurrency}: grpc float / http float", grpc["texts_per_s"] / http["texts_per_s"],
-                                GRPC_SHARE_OF_HTTP, "ratio"))
+            found.append(
+                Target(
+                    f"single text, c{concurrency}: grpc float / http float",
+                    grpc["texts_per_s"] / http["texts_per_s"],
+                    GRPC_SHARE_OF_HTTP,
+                    "ratio",
+                )
+            )
     m = _single(results, "service", "http", 1)
     if m:
-        found.append(Target("single text, c1, http float: p50 latency", m["p50_ms"], raw["single_p50_ms"] + C1_P50_OVER_RAW_MS, "ms",
-                            lower_is_better=True))
+        found.append(
+            Target(
+                "single text, c1, http float: p50 latency",
+                m["p50_ms"],
+                raw["single_p50_ms"] + C1_P50_OVER_RAW_MS,
+                "ms",
+                lower_is_better=True,
+            )
+        )
     ours, int8 = _single(results, "service", "http", headline), _single(results, "service int8", "http", headline)
     if ours and int8:
-        found.append(Target(f"single text, c{headline}, http float: int8 / fp32 service", int8["texts_per_s"] / ours["texts_per_s"],
-                            INT8_SPEEDUP, "x"))
+        found.append(
+            Target(
+                f"single text, c{headline}, http float: int8 / fp32 service",
+                int8["texts_per_s"] / ours["texts_per_s"],
+                INT8_SPEEDUP,
+                "x",
+            )
+        )
     for protocol, encoding in plan["protocols"]:
         m = find_measurement(results, "service", protocol, encoding, "sentences", 100)
         if m:
-            found.append(Target(f"100-text requests, {protocol} {encoding}: share of raw onnxruntime (best batch)", m["texts_per_s"] / best,
-                                BATCH_SHARE_OF_RAW, "ratio"))
+            found.append(
+                Target(
+                    f"100-text requests, {protocol} {encoding}: share of raw onnxruntime (best batch)",
+                    m["texts_per_s"] / best,
+                    BATCH_SHARE_OF_RAW,
+                    "ratio",
+                )
+            )
     peer = _single(results, "infinity-emb", "http", headline)
     if ours and peer:
-        found.append(Target(f"single text, c{headline}, http float: service / infinity-emb", ours["texts_per_s"] / peer["texts_per_s"],
-                            PEER_SPEEDUP, "x"))
+        found.append(
+            Target(
+                f"single text, c{headline}, http float: service / infinity-emb",
+                ours["texts_per_s"] / peer["texts_per_s"],
+                PEER_SPEEDUP,
+                "x",
+            )
+        )
     quality = results["service"]
     if "int8" in quality:
         drop = 1 - quality["int8"]["sts_spearman"] / quality["fp32"]["sts_spearman"]
@@ -117,15 +178,29 @@ def cache_section(results: dict) -> list[str]:
     off = find_measurement(results, "service", "http", "float zipf", "sentences", 1)
     on = find_measurement(results, CACHE_LABEL, "http", "float zipf", "sentences", 1)
     cache = results["cache"]
-    return ["", "## Repeated queries with the embedding cache", "",
-            f"Single sentences drawn with a Zipf law (exponent {cache['zipf_exponent']}) from the {cache['distinct_texts']} sentences, "
-            f"at concurrency {on['concurrency']}; the cache (a local redis-server) starts empty, and the hit rate counts the whole run, "
-            "warm-up included.", "",
-            *markdown_table(["", "texts/s", "p50 ms", "p99 ms", "cache hit rate"], [
+    return [
+        "",
+        "## Repeated queries with the embedding cache",
+        "",
+        f"Single sentences drawn with a Zipf law (exponent {cache['zipf_exponent']}) from the {cache['distinct_texts']} sentences, "
+        f"at concurrency {on['concurrency']}; the cache (a local redis-server) starts empty, and the hit rate counts the whole run, "
+        "warm-up included.",
+        "",
+        *markdown_table(
+            ["", "texts/s", "p50 ms", "p99 ms", "cache hit rate"],
+            [
                 ["cache off", f"{off['texts_per_s']:.0f}", f"{off['p50_ms']:.1f}", f"{off['p99_ms']:.1f}", "-"],
-                ["cache on", f"{on['texts_per_s']:.0f}", f"{on['p50_ms']:.1f}", f"{on['p99_ms']:.1f}", f"{cache['hit_rate']:.1%}"],
+                [
+                    "cache on",
+                    f"{on['texts_per_s']:.0f}",
+                    f"{on['p50_ms']:.1f}",
+                    f"{on['p99_ms']:.1f}",
+                    f"{cache['hit_rate']:.1%}",
+                ],
                 ["on / off", f"{on['texts_per_s'] / off['texts_per_s']:.2f}", "", "", ""],
-            ])]
+            ],
+        ),
+    ]
 
 
 def markdown(results: dict) -> str:
@@ -152,36 +227,105 @@ def markdown(results: dict) -> str:
                 rows.append([precision, corpus, size, f"{value:.0f}"])
         rows.append([precision, "one sentence at a time, p50 latency", 1, f"{figures['single_p50_ms']:.2f} ms"])
     lines += markdown_table(["precision", "texts", "batch", "texts/s"], rows)
-    lines += ["", f"The same fp32 batch-32 figure measured again after everything else: {results['raw_fp32_batch32_at_end']:.0f} texts/s "
-              f"({results['raw_fp32_batch32_at_end'] / raw['fp32']['sentences'][32] - 1:+.0%}): how much the machine drifted during the run."]
-    lines += ["", "## Service and peer", "",
-              f"Ratio: to raw onnxruntime's best fp32 batch on the same texts ({best:.0f} sentences/s; int8 rows to raw int8). "
-              "Encoder batch: Triton's inferences per encoder execution. Load generator: its CPU time as a share of one core.",
-              f"The {LABEL} rows are the service on a copy of the export whose encoder answers zeros at no cost "
-              "(bench/pipeline_ceiling.py): the most requests the rest of the pipeline can carry.", ""]
+    lines += [
+        "",
+        f"The same fp32 batch-32 figure measured again after everything else: {results['raw_fp32_batch32_at_end']:.0f} texts/s "
+        f"({results['raw_fp32_batch32_at_end'] / raw['fp32']['sentences'][32] - 1:+.0%}): how much the machine drifted during the run.",
+    ]
+    lines += [
+        "",
+        "## Service and peer",
+        "",
+        f"Ratio: to raw onnxruntime's best fp32 batch on the same texts ({best:.0f} sentences/s; int8 rows to raw int8). "
+        "Encoder batch: Triton's inferences per encoder execution. Load generator: its CPU time as a share of one core.",
+        f"The {LABEL} rows are the service on a copy of the export whose encoder answers zeros at no cost "
+        "(bench/pipeline_ceiling.py): the most requests the rest of the pipeline can carry.",
+        "",
+    ]
     rows = []
     for m in results["measurements"]:
         precision = "int8" if m["server"].endswith("int8") else "fp32"
         ceiling = max(raw.get(precision, raw["fp32"])[m["corpus"]].values())
         batch = f"{m['encoder_batch']:.1f}" if m["encoder_batch"] else "-"
-        rows.append([m["server"], f"{m['protocol']} {m['encoding']}", m["corpus"], m["texts_per_request"], m["concurrency"],
-                     f"{m['requests_per_s']:.0f}", f"{m['texts_per_s']:.0f}", f"{m['texts_per_s'] / ceiling:.2f}",
-                     f"{m['p50_ms']:.1f}", f"{m['p99_ms']:.1f}", batch, f"{100 * m['loadgen_cpu_share']:.0f}%", m["errors"]])
-    lines += markdown_table(["server", "protocol", "texts", "texts/request", "concurrency", "requests/s", "texts/s", "ratio",
-                     "p50 ms", "p99 ms", "encoder batch", "load generator CPU", "errors"], rows)
+        rows.append(
+            [
+                m["server"],
+                f"{m['protocol']} {m['encoding']}",
+                m["corpus"],
+                m["texts_per_request"],
+                m["concurrency"],
+                f"{m['requests_per_s']:.0f}",
+                f"{m['texts_per_s']:.0f}",
+                f"{m['texts_per_s'] / ceiling:.2f}",
+                f"{m['p50_ms']:.1f}",
+                f"{m['p99_ms']:.1f}",
+                batch,
+                f"{100 * m['loadgen_cpu_share']:.0f}%",
+                m["errors"],
+            ]
+        )
+    lines += markdown_table(
+        [
+            "server",
+            "protocol",
+            "texts",
+            "texts/request",
+            "concurrency",
+            "requests/s",
+            "texts/s",
+            "ratio",
+            "p50 ms",
+            "p99 ms",
+            "encoder batch",
+            "load generator CPU",
+            "errors",
+        ],
+        rows,
+    )
     lines += cache_section(results)
-    lines += ["", "## Where the CPU went (share of one core per component over each run; the machine has "
-              f"{results['machine']['cores (usable)']})", ""]
+    lines += [
+        "",
+        "## Where the CPU went (share of one core per component over each run; the machine has "
+        f"{results['machine']['cores (usable)']})",
+        "",
+    ]
     service_runs = [m for m in results["measurements"] if m["cpu_share"]]
     components = sorted({k for m in service_runs for k in m["cpu_share"]}, key=lambda k: (k != "gateway", k))
-    rows = [[m["server"], f"{m['protocol']} {m['encoding']}", m["corpus"], m["texts_per_request"], m["concurrency"],
-             *(f"{100 * m['cpu_share'].get(k, 0):.0f}%" for k in components), f"{100 * m['loadgen_cpu_share']:.0f}%",
-             f"{100 * (sum(m['cpu_share'].values()) + m['loadgen_cpu_share']):.0f}%",
-             f"{100 * m['machine_idle']:.0f}%", f"{100 * m['machine_steal']:.0f}%"] for m in service_runs]
-    lines += ["Machine idle and steal are shares of all cores; steal is time the hypervisor gave these cores to other "
-              "machines, and where it is high the run measured a slower machine.", ""]
-    lines += markdown_table(["server", "protocol", "texts", "texts/request", "concurrency", *components, "load generator", "total",
-                     "machine idle", "steal"], rows)
+    rows = [
+        [
+            m["server"],
+            f"{m['protocol']} {m['encoding']}",
+            m["corpus"],
+            m["texts_per_request"],
+            m["concurrency"],
+            *(f"{100 * m['cpu_share'].get(k, 0):.0f}%" for k in components),
+            f"{100 * m['loadgen_cpu_share']:.0f}%",
+            f"{100 * (sum(m['cpu_share'].values()) + m['loadgen_cpu_share']):.0f}%",
+            f"{100 * m['machine_idle']:.0f}%",
+            f"{100 * m['machine_steal']:.0f}%",
+        ]
+        for m in service_runs
+    ]
+    lines += [
+        "Machine idle and steal are shares of all cores; steal is time the hypervisor gave these cores to other "
+        "machines, and where it is high the run measured a slower machine.",
+        "",
+    ]
+    lines += markdown_table(
+        [
+            "server",
+            "protocol",
+            "texts",
+            "texts/request",
+            "concurrency",
+            *components,
+            "load generator",
+            "total",
+            "machine idle",
+            "steal",
+        ],
+        rows,
+    )
     lines += ["", "## Memory (RSS, MiB; Triton includes its Python-backend stubs, shared pages counted per process)", ""]
     rows = []
     for precision, service in results["service"].items():
@@ -193,15 +337,30 @@ def markdown(results: dict) -> str:
                     peak[name] = max(peak.get(name, 0), value)
         rows += [[f"service {precision}", name, idle[name], peak.get(name, "-")] for name in idle]
     if "peer" in results:
-        peak = max((m["memory_mib"].get("infinity", 0) for m in results["measurements"] if m["server"] == "infinity-emb"), default=0)
-        rows.append([f"infinity-emb {results['peer']['version']}", "infinity", results["peer"]["idle_memory_mib"]["infinity"], peak])
+        peak = max(
+            (m["memory_mib"].get("infinity", 0) for m in results["measurements"] if m["server"] == "infinity-emb"), default=0
+        )
+        rows.append(
+            [f"infinity-emb {results['peer']['version']}", "infinity", results["peer"]["idle_memory_mib"]["infinity"], peak]
+        )
     lines += markdown_table(["server", "process tree", "idle", "peak under load"], rows)
     lines += ["", "## Quality", ""]
-    lines += markdown_table(["export", "STS Spearman through the service"], [[p, f"{s['sts_spearman']:.4f}"] for p, s in results["service"].items()])
+    lines += markdown_table(
+        ["export", "STS Spearman through the service"], [[p, f"{s['sts_spearman']:.4f}"] for p, s in results["service"].items()]
+    )
     lines += ["", "## Targets", ""]
-    lines += markdown_table(["target", "measured", "required", "result"],
-                    [[t.name, f"{t.measured:.2f} {t.unit}", f"{'<=' if t.lower_is_better else '>='} {t.required:.2f} {t.unit}", t.verdict()]
-                     for t in targets(results)])
+    lines += markdown_table(
+        ["target", "measured", "required", "result"],
+        [
+            [
+                t.name,
+                f"{t.measured:.2f} {t.unit}",
+                f"{'<=' if t.lower_is_better else '>='} {t.required:.2f} {t.unit}",
+                t.verdict(),
+            ]
+            for t in targets(results)
+        ],
+    )
     return "\n".join(lines) + "\n"
 
 

@@ -30,7 +30,9 @@ def grpc_bodies(model: str, texts: list[str], per_request: int, encoding: str) -
     from proto.embedding.v1 import embedding_pb2 as pb
 
     wire = pb.VECTOR_ENCODING_PACKED_FLOAT32 if encoding == "packed" else pb.VECTOR_ENCODING_FLOAT
-    return [pb.EmbedRequest(model=model, inputs=group, encoding=wire).SerializeToString() for group in _groups(texts, per_request)]
+    return [
+        pb.EmbedRequest(model=model, inputs=group, encoding=wire).SerializeToString() for group in _groups(texts, per_request)
+    ]
 
 
 def semantic_bodies(model: str, words: list, factor: float | None) -> list[bytes]:
@@ -38,8 +40,12 @@ def semantic_bodies(model: str, words: list, factor: float | None) -> list[bytes
     (bench.control_effect.Case), so the request takes the attention-controlled path."""
     bodies = []
     for case in words:
-        prompt = case.text if factor is None else [
-            {"type": "text", "data": case.text, "controls": [{"start": case.start, "length": case.length, "factor": factor}]}
-        ]
+        prompt = (
+            case.text
+            if factor is None
+            else [
+                {"type": "text", "data": case.text, "controls": [{"start": case.start, "length": case.length, "factor": factor}]}
+            ]
+        )
         bodies.append(orjson.dumps({"model": model, "prompt": prompt, "representation": "symmetric"}))
     return bodies

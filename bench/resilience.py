@@ -80,7 +80,7 @@ class Load:
         self._tasks: list[asyncio.Task] = []
         self._session: aiohttp.ClientSession | None = None
 
-    async def __aenter__(self) -> "Load":
+    async def __aenter__(self) -> Load:
         connector = aiohttp.TCPConnector(limit=0)
         self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120))
         self._tasks = [asyncio.create_task(self._caller()) for _ in range(self.concurrency)]
@@ -155,7 +155,7 @@ async def wait_healthy(service: RunningService, timeout_s: float) -> float:
                 async with session.get(f"{service.http_url}/health", timeout=aiohttp.ClientTimeout(total=1)) as response:
                     if response.status == 200:
                         return time.monotonic() - start
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 pass
             await asyncio.sleep(0.1)
     raise TimeoutError(f"not healthy after {timeout_s} s")
@@ -253,7 +253,10 @@ async def _run_all(out: Path) -> list[Figures]:
                 service.stop()
             figures.print()
             results.append(figures)
-    rows = ["| fault | accepted | succeeded | failed by status | recovery s | probe p99 s | notes |", "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| fault | accepted | succeeded | failed by status | recovery s | probe p99 s | notes |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for f in results:
         rows.append(
             f"| {f.scenario} | {f.accepted} | {f.succeeded} | {f.failed or 0} | {f.recovery_s if f.recovery_s is not None else '-'} "

@@ -72,8 +72,9 @@ def _percentile(values: list[float], fraction: float) -> float:
 _ROUNDS = 50
 
 
-def _attack_process(host: str, port: int, head: bytes | None, count: int, interval: float, connect_rate: float, stop, open_now,
-                    started, result) -> None:
+def _attack_process(
+    host: str, port: int, head: bytes | None, count: int, interval: float, connect_rate: float, stop, open_now, started, result
+) -> None:
     """Holds count slow-header connections (head, then a byte every interval), or idle ones (head None: nothing is
     ever sent), with plain non-blocking sockets and no event loop, so that the attack itself takes as little as
     possible of the CPU it shares with the server it measures (the server's cost per connection and per byte is
@@ -186,7 +187,7 @@ async def _traffic(host: str, port: int, request: bytes, clients: int, duration:
                 if writer is None:
                     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
                 await asyncio.wait_for(_request(reader, writer, request), 10)
-            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, _Failed) as error:
+            except (TimeoutError, OSError, asyncio.IncompleteReadError, _Failed) as error:
                 if now >= measure_from:
                     errors.append(f"{type(error).__name__}: {error}")
                 if writer is not None:
@@ -211,7 +212,7 @@ async def _traffic(host: str, port: int, request: bytes, clients: int, duration:
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
                 await asyncio.wait_for(_request(reader, writer, fresh), 10)
                 probes.append(time.perf_counter() - began)
-            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, _Failed):
+            except (TimeoutError, OSError, asyncio.IncompleteReadError, _Failed):
                 probes.append(None)
             finally:
                 if writer is not None:
@@ -347,7 +348,11 @@ def _run_traffic(ctx, args, kind, target, request, pid) -> tuple[dict, dict | No
     after = _server_stats(pid)
     server = None
     if before and after:
-        server = {"rss_mib": after["rss_mib"], "fds": after["fds"], "cpu_share": (after["cpu_s"] - before["cpu_s"]) / (args.duration + 1)}
+        server = {
+            "rss_mib": after["rss_mib"],
+            "fds": after["fds"],
+            "cpu_share": (after["cpu_s"] - before["cpu_s"]) / (args.duration + 1),
+        }
     return figures, server
 
 
@@ -378,8 +383,14 @@ def _server_line(pid: int) -> str:
     return f"Server (pid {pid}): `{shlex.join(process.cmdline())}`, open-file limit {soft}."
 
 
-def _report(command: str, server: str, attack: str, rows: list[tuple[str, str, dict, dict | None]],
-            ratios: dict[str, float], notes: list[str]) -> str:
+def _report(
+    command: str,
+    server: str,
+    attack: str,
+    rows: list[tuple[str, str, dict, dict | None]],
+    ratios: dict[str, float],
+    notes: list[str],
+) -> str:
     """The figures as Markdown, for bench/results/."""
     lines = [
         f"# {attack[0].upper()}{attack[1:]}",
@@ -402,8 +413,10 @@ def _report(command: str, server: str, attack: str, rows: list[tuple[str, str, d
         )
     lines += ["", *notes, ""]
     for traffic, ratio in ratios.items():
-        lines.append(f"Throughput ratio of {traffic} traffic during/without the attack: {ratio:.2f} "
-                     f"(goal >= 0.90: {'met' if ratio >= 0.90 else 'missed'}).")
+        lines.append(
+            f"Throughput ratio of {traffic} traffic during/without the attack: {ratio:.2f} "
+            f"(goal >= 0.90: {'met' if ratio >= 0.90 else 'missed'})."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -413,15 +426,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--path", default=None, help="path of the normal requests (default /version)")
     parser.add_argument("--method", choices=["GET", "POST"], default="GET")
     parser.add_argument("--body", default='{"text": "hello"}', help="body of POST requests (sent as application/json)")
-    parser.add_argument("--grpc-port", type=int, default=0,
-                        help="attack this gRPC port of the same host with idle connections instead, and measure gRPC traffic too")
+    parser.add_argument(
+        "--grpc-port",
+        type=int,
+        default=0,
+        help="attack this gRPC port of the same host with idle connections instead, and measure gRPC traffic too",
+    )
     parser.add_argument("--connections", type=int, default=20000, help="slow-header (or idle) connections at most")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds each phase measures")
     parser.add_argument("--clients", type=int, default=8, help="keep-alive clients (gRPC: channels) of the normal traffic")
     parser.add_argument("--probe-interval", type=float, default=0.2, help="seconds between fresh-connection probes")
-    parser.add_argument("--byte-interval", type=float, default=3.0,
-                        help="seconds between header bytes of a slow connection (idle ones: between checks that they are open)")
-    parser.add_argument("--connect-rate", type=float, default=4000.0, help="new slow connections per second at most, all processes together")
+    parser.add_argument(
+        "--byte-interval",
+        type=float,
+        default=3.0,
+        help="seconds between header bytes of a slow connection (idle ones: between checks that they are open)",
+    )
+    parser.add_argument(
+        "--connect-rate", type=float, default=4000.0, help="new slow connections per second at most, all processes together"
+    )
     parser.add_argument("--ramp-timeout", type=float, default=60.0, help="seconds to wait for the slow connections to open")
     parser.add_argument("--processes", type=int, default=0, help="client processes holding slow connections (0: as needed)")
     parser.add_argument("--cpus", default="", help="run every client process on these CPUs only, e.g. 1 or 2,3")
@@ -441,7 +464,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         body = args.body.encode()
         request = b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
-            path.encode(), host_header, len(body), body)
+            path.encode(),
+            host_header,
+            len(body),
+            body,
+        )
     # What is measured, and where the attack goes: slow headers on the HTTP port, or idle connections on the gRPC port.
     traffics = [("HTTP", "http", (host, port), request)]
     if args.grpc_port:
@@ -465,10 +492,13 @@ def main(argv: list[str] | None = None) -> int:
     ctx = multiprocessing.get_context("fork")
     server_line = _server_line(args.server_pid) if args.server_pid else ""
 
-    print(f"target {args.method} http://{host}:{port}{path}"
-          + (f" and gRPC health Check on {host}:{args.grpc_port}" if args.grpc_port else "")
-          + f"; {args.clients} keep-alive clients, a fresh-connection probe every {args.probe_interval:g} s; "
-          f"{args.connections} {kind} connections to port {attack_port} over {processes} process(es)", flush=True)
+    print(
+        f"target {args.method} http://{host}:{port}{path}"
+        + (f" and gRPC health Check on {host}:{args.grpc_port}" if args.grpc_port else "")
+        + f"; {args.clients} keep-alive clients, a fresh-connection probe every {args.probe_interval:g} s; "
+        f"{args.connections} {kind} connections to port {attack_port} over {processes} process(es)",
+        flush=True,
+    )
     rows = []
     baselines = {}
     for name, traffic_kind, target, traffic_request in traffics:
@@ -483,8 +513,18 @@ def main(argv: list[str] | None = None) -> int:
     attackers = [
         ctx.Process(
             target=_attack_process,
-            args=(host, attack_port, attack_head, share, args.byte_interval, args.connect_rate / processes, stop, open_now,
-                  started, attack_results),
+            args=(
+                host,
+                attack_port,
+                attack_head,
+                share,
+                args.byte_interval,
+                args.connect_rate / processes,
+                stop,
+                open_now,
+                started,
+                attack_results,
+            ),
         )
         for share, (open_now, started) in zip(shares, counters)
     ]
@@ -528,7 +568,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Attack: {attack}; ramped up in {ramp_s:.1f} s with {held:,} open from the client's side, {held_end:,} at the end; "
         "over the whole attack: " + ", ".join(f"{name.replace('_', ' ')} {value:,}" for name, value in totals.items()) + ".",
         f"Attacking processes: {attackers_cpu:.2f} cores; traffic client: "
-        + ", ".join(f"{figures['client_cpu_share']:.2f} cores ({traffic}, {phase})" for traffic, phase, figures, _ in rows) + ".",
+        + ", ".join(f"{figures['client_cpu_share']:.2f} cores ({traffic}, {phase})" for traffic, phase, figures, _ in rows)
+        + ".",
     ]
     print(*notes, sep="\n")
     for name, ratio in ratios.items():

@@ -53,7 +53,10 @@ async def soak(minutes: float, sample_every_s: float, warmup_s: float) -> tuple[
                     await asyncio.sleep(min(sample_every_s, minutes * 60 - elapsed))
                     done = sum(len(load.outcomes) for load in loads)
                     sample = Sample(
-                        round((time.monotonic() - start) / 60, 2), _rss_mib([gateway]), _rss_mib([triton, *triton.children()]), done
+                        round((time.monotonic() - start) / 60, 2),
+                        _rss_mib([gateway]),
+                        _rss_mib([triton, *triton.children()]),
+                        done,
                     )
                     print(f"[soak] {sample}", flush=True)
                     samples.append(sample)

@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="all-minilm-l6-v2")
     parser.add_argument("--sts", type=Path, default=DEFAULT_STS_PATH, help="STS file: gold score and the two sentences per row")
     parser.add_argument("--out", type=Path, default=None, help="write the markdown table here as well as to stdout")
-    parser.add_argument("--export-args", default="", help="options the served repository was exported with, recorded in the report")
+    parser.add_argument(
+        "--export-args", default="", help="options the served repository was exported with, recorded in the report"
+    )
     args = parser.parse_args(argv)
 
     pairs = read_sts_pairs(args.sts)

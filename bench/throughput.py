@@ -67,17 +67,36 @@ class Plan:
     ceiling_points: list[tuple[str, str, int]]  # (protocol, encoding, concurrency) of the single-text ceiling runs
 
     @staticmethod
-    def full() -> "Plan":
-        return Plan(3.0, 12.0, [1, 8, 32, 128], 32, 4, [1, 8, 16, 32, 64, 128], 1030,
-                    [("http", "float"), ("http", "base64"), ("grpc", "float")], 25,
-                    [("http", "float", 1), ("http", "float", 32), ("http", "float", 128), ("grpc", "float", 128)])
+    def full() -> Plan:
+        return Plan(
+            3.0,
+            12.0,
+            [1, 8, 32, 128],
+            32,
+            4,
+            [1, 8, 16, 32, 64, 128],
+            1030,
+            [("http", "float"), ("http", "base64"), ("grpc", "float")],
+            25,
+            [("http", "float", 1), ("http", "float", 32), ("http", "float", 128), ("grpc", "float", 128)],
+        )
 
     @staticmethod
-    def smoke() -> "Plan":
+    def smoke() -> Plan:
         # Only requests that start and end inside the window count, so the window must hold a few of the
         # slowest (a 5-passage request on a cold server); a 1 s warm-up takes the cold start.
-        return Plan(1.0, 2.5, [1, 8], 8, 2, [1, 32], 128, [("http", "float"), ("grpc", "float")], 5,
-                    [("http", "float", 1), ("http", "float", 8), ("grpc", "float", 8)])
+        return Plan(
+            1.0,
+            2.5,
+            [1, 8],
+            8,
+            2,
+            [1, 32],
+            128,
+            [("http", "float"), ("grpc", "float")],
+            5,
+            [("http", "float", 1), ("http", "float", 8), ("grpc", "float", 8)],
+        )
 
 
 @dataclass
@@ -116,7 +135,9 @@ def run_load(spec: dict, work: Path) -> dict:
     spec_path, result_path = work / "spec.pickle", work / "result.json"
     spec_path.write_bytes(pickle.dumps(spec))
     timeout = spec["warmup_s"] + spec["duration_s"] + 120
-    subprocess.run([sys.executable, "-m", "bench.loadgen", str(spec_path), str(result_path)], cwd=ROOT, check=True, timeout=timeout)
+    subprocess.run(
+        [sys.executable, "-m", "bench.loadgen", str(spec_path), str(result_path)], cwd=ROOT, check=True, timeout=timeout
+    )
     return json.loads(result_path.read_text())
 
 
@@ -126,13 +147,30 @@ class Runner:
         self.work = work
         self.measurements: list[Measurement] = []
 
-    def measure(self, server: str, port: int, protocol: str, encoding: str, corpus: str, bodies: list[bytes],
-                texts_per_request: int, concurrency: int, pids: dict[str, tuple[int, bool]], service: RunningService | None = None,
-                target: str | None = None, headers: dict[str, str] | None = None) -> Measurement:
+    def measure(
+        self,
+        server: str,
+        port: int,
+        protocol: str,
+        encoding: str,
+        corpus: str,
+        bodies: list[bytes],
+        texts_per_request: int,
+        concurrency: int,
+        pids: dict[str, tuple[int, bool]],
+        service: RunningService | None = None,
+        target: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Measurement:
         spec = {
-            "protocol": protocol, "port": port, "bodies": bodies, "concurrency": concurrency,
+            "protocol": protocol,
+            "port": port,
+            "bodies": bodies,
+            "concurrency": concurrency,
             "target": target or (requests.GRPC_EMBED if protocol == "grpc" else "/v1/embeddings"),
-            "warmup_s": self.plan.warmup_s, "duration_s": self.plan.duration_s, "max_requests": 500_000,
+            "warmup_s": self.plan.warmup_s,
+            "duration_s": self.plan.duration_s,
+            "max_requests": 500_000,
             "headers": headers or {},
         }
         before = _encoder_counts(service) if service else None
@@ -142,17 +180,33 @@ class Runner:
             result = run_load(spec, self.work)
         elapsed, cpu_after = time.monotonic() - started, cpu_seconds(cpu_root)
         idle, steal, total = (after - before for after, before in zip(machine_ticks(), ticks_before))
-        cpu_share = {k: round((v - cpu_before.get(k, 0.0)) / elapsed, 3) for k, v in cpu_after.items() if v > cpu_before.get(k, 0.0)}
+        cpu_share = {
+            k: round((v - cpu_before.get(k, 0.0)) / elapsed, 3) for k, v in cpu_after.items() if v > cpu_before.get(k, 0.0)
+        }
         batch = None
         if service:
             after = _encoder_counts(service)
             executions = after[1] - before[1]
             batch = (after[0] - before[0]) / executions if executions else None
         m = Measurement(
-            server, protocol, encoding, corpus, texts_per_request, concurrency, result["requests_per_s"],
-            result["requests_per_s"] * texts_per_request, result["p50_ms"], result["p99_ms"], result["loadgen_cpu_share"],
-            result["errors"], result["first_error"], batch, {k: round(v, 1) for k, v in memory.peaks.items()}, cpu_share,
-            round(idle / total, 3), round(steal / total, 3),
+            server,
+            protocol,
+            encoding,
+            corpus,
+            texts_per_request,
+            concurrency,
+            result["requests_per_s"],
+            result["requests_per_s"] * texts_per_request,
+            result["p50_ms"],
+            result["p99_ms"],
+            result["loadgen_cpu_share"],
+            result["errors"],
+            result["first_error"],
+            batch,
+            {k: round(v, 1) for k, v in memory.peaks.items()},
+            cpu_share,
+            round(idle / total, 3),
+            round(steal / total, 3),
         )
         self.measurements.append(m)
         progress(
@@ -206,19 +260,60 @@ def run_service(runner: Runner, label: str, repository: Path, texts: list[str], 
             runner.measure(label, port, protocol, encoding, "sentences", hundreds, 100, plan.batch_concurrency, pids, service)
         if full_matrix:
             port = service.http_port
-            runner.measure(label, port, "http", "float", "passages", requests.openai_bodies(model, passages, 1, "float"),
-                           1, plan.headline_concurrency, pids, service)
+            runner.measure(
+                label,
+                port,
+                "http",
+                "float",
+                "passages",
+                requests.openai_bodies(model, passages, 1, "float"),
+                1,
+                plan.headline_concurrency,
+                pids,
+                service,
+            )
             many = plan.passages_per_request
-            runner.measure(label, port, "http", "float", "passages", requests.openai_bodies(model, passages, many, "float"),
-                           many, plan.batch_concurrency, pids, service)
+            runner.measure(
+                label,
+                port,
+                "http",
+                "float",
+                "passages",
+                requests.openai_bodies(model, passages, many, "float"),
+                many,
+                plan.batch_concurrency,
+                pids,
+                service,
+            )
             # The same sentences over /semantic_embed, without and with an attention control on a content word.
             words = content_word_cases(texts)
             for encoding, factor in (("semantic_embed", None), ("semantic_embed controlled", 0.0)):
-                runner.measure(label, port, "http", encoding, "sentences", requests.semantic_bodies(model, words, factor),
-                               1, plan.headline_concurrency, pids, service, target=requests.SEMANTIC_EMBED)
+                runner.measure(
+                    label,
+                    port,
+                    "http",
+                    encoding,
+                    "sentences",
+                    requests.semantic_bodies(model, words, factor),
+                    1,
+                    plan.headline_concurrency,
+                    pids,
+                    service,
+                    target=requests.SEMANTIC_EMBED,
+                )
             # Repeated queries without a cache: what run_cache's figure is compared with.
-            runner.measure(label, port, "http", "float zipf", "sentences", zipf_bodies(model, texts), 1, plan.headline_concurrency,
-                           pids, service)
+            runner.measure(
+                label,
+                port,
+                "http",
+                "float zipf",
+                "sentences",
+                zipf_bodies(model, texts),
+                1,
+                plan.headline_concurrency,
+                pids,
+                service,
+            )
         quality = _sts_quality(service, model)
         progress(f"{label} STS Spearman {quality:.4f}")
         return {"idle_memory_mib": idle, "sts_spearman": quality}
@@ -236,8 +331,13 @@ def _cache_counts(service: RunningService) -> dict[str, float]:
     """The gateway's embed_gateway_cache_texts_total by result."""
     with urllib.request.urlopen(f"{service.http_url}/metrics", timeout=10) as response:
         families = text_string_to_metric_families(response.read().decode())
-        return {s.labels["result"]: s.value for f in families if f.name == "embed_gateway_cache_texts" for s in f.samples
-                if s.name.endswith("_total")}
+        return {
+            s.labels["result"]: s.value
+            for f in families
+            if f.name == "embed_gateway_cache_texts"
+            for s in f.samples
+            if s.name.endswith("_total")
+        }
 
 
 def run_cache(runner: Runner, repository: Path, texts: list[str]) -> dict:
@@ -246,13 +346,28 @@ def run_cache(runner: Runner, repository: Path, texts: list[str]) -> dict:
     with RedisServer() as redis, serving(runner, CACHE_LABEL, repository, [f"--cache-url={redis.url}"]) as service:
         pids = service_pids(service)
         before = _cache_counts(service)
-        runner.measure(CACHE_LABEL, service.http_port, "http", "float zipf", "sentences", zipf_bodies(served_model(repository), texts),
-                       1, runner.plan.headline_concurrency, pids, service)
+        runner.measure(
+            CACHE_LABEL,
+            service.http_port,
+            "http",
+            "float zipf",
+            "sentences",
+            zipf_bodies(served_model(repository), texts),
+            1,
+            runner.plan.headline_concurrency,
+            pids,
+            service,
+        )
         after = _cache_counts(service)
     hits, misses = (after.get(r, 0) - before.get(r, 0) for r in ("hit", "miss"))
     progress(f"cache hit rate over the run (warm-up included, cold at the start): {hits / max(hits + misses, 1):.1%}")
-    return {"zipf_exponent": ZIPF_EXPONENT, "distinct_texts": len(texts), "hits": hits, "misses": misses,
-            "hit_rate": hits / max(hits + misses, 1)}
+    return {
+        "zipf_exponent": ZIPF_EXPONENT,
+        "distinct_texts": len(texts),
+        "hits": hits,
+        "misses": misses,
+        "hit_rate": hits / max(hits + misses, 1),
+    }
 
 
 def run_pipeline_ceiling(runner: Runner, repository: Path, texts: list[str]) -> None:
@@ -264,7 +379,9 @@ def run_pipeline_ceiling(runner: Runner, repository: Path, texts: list[str]) -> 
         model = served_model(variant)
         for protocol, encoding, concurrency in runner.plan.ceiling_points:
             port, build = endpoint(service, protocol)
-            runner.measure(label, port, protocol, encoding, "sentences", build(model, texts, 1, encoding), 1, concurrency, pids, service)
+            runner.measure(
+                label, port, protocol, encoding, "sentences", build(model, texts, 1, encoding), 1, concurrency, pids, service
+            )
 
 
 def _sts_quality(service: RunningService, model: str) -> float:
@@ -293,9 +410,21 @@ def run_peer(runner: Runner, model_dir: Path, texts: list[str]) -> dict:
         name = infinity_peer.SERVED_NAME
         singles, hundreds = requests.openai_bodies(name, texts, 1, "float"), requests.openai_bodies(name, texts, 100, "float")
         for concurrency in plan.concurrencies:
-            runner.measure("infinity-emb", port, "http", "float", "sentences", singles, 1, concurrency, pids, target=infinity_peer.PATH)
-        runner.measure("infinity-emb", port, "http", "float", "sentences", hundreds, 100, plan.batch_concurrency, pids,
-                       target=infinity_peer.PATH)
+            runner.measure(
+                "infinity-emb", port, "http", "float", "sentences", singles, 1, concurrency, pids, target=infinity_peer.PATH
+            )
+        runner.measure(
+            "infinity-emb",
+            port,
+            "http",
+            "float",
+            "sentences",
+            hundreds,
+            100,
+            plan.batch_concurrency,
+            pids,
+            target=infinity_peer.PATH,
+        )
         return {"idle_memory_mib": idle, "version": infinity_peer.VERSION}
     finally:
         infinity_peer.stop(process)
@@ -323,12 +452,15 @@ def export_int8(work: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.throughput", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny durations and fewer points, to prove the suite runs")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for throughput.md, .json and .png")
     parser.add_argument("--repository", type=Path, default=ROOT / "model_repository", help="the exported fp32 repository")
-    parser.add_argument("--work-dir", type=Path, default=ROOT / ".bench", help="logs of the servers it starts, and the int8 export")
+    parser.add_argument(
+        "--work-dir", type=Path, default=ROOT / ".bench", help="logs of the servers it starts, and the int8 export"
+    )
     parser.add_argument("--no-peer", action="store_true", help="leave infinity-emb out")
     parser.add_argument("--no-int8", action="store_true", help="leave the int8 export out")
     args = parser.parse_args(argv)
@@ -338,8 +470,12 @@ def main(argv: list[str] | None = None) -> int:
     texts = workload.sentences()[: plan.raw_texts]
     passages = workload.passages()
     threads = len(os.sched_getaffinity(0))
-    results: dict = {"command": command_line("bin/bench", argv), "plan": asdict(plan),
-                     "machine": describe(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    results: dict = {
+        "command": command_line("bin/bench", argv),
+        "plan": asdict(plan),
+        "machine": describe(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     progress(f"machine: {results['machine']['cores (usable)']} cores, {results['machine']['CPU']}")
     runner = Runner(plan, work)
 

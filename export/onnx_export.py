@@ -83,7 +83,12 @@ def export_fp32(source: SourceModel, plain_path: Path, controlled_path: Path) ->
         warnings.simplefilter("ignore")
         for wrapper, inputs, names, path in [
             (_EncoderWithAllLayers, (sample_ids, sample_mask), INPUT_NAMES, plain_path),
-            (_ControlledEncoder, (sample_ids, sample_mask, sample_factors, sample_modes), INPUT_NAMES + CONTROL_NAMES, controlled_path),
+            (
+                _ControlledEncoder,
+                (sample_ids, sample_mask, sample_factors, sample_modes),
+                INPUT_NAMES + CONTROL_NAMES,
+                controlled_path,
+            ),
         ]:
             torch.onnx.export(
                 wrapper(model, source.decoder).eval(),

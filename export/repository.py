@@ -64,7 +64,9 @@ def _parameters(params: dict[str, str]) -> str:
     return f"parameters [\n{items}\n]"
 
 
-def _model_config(name: str, backend: str, inputs, outputs, options: RepositoryOptions, *, gpu=False, params=None, instances=1) -> str:
+def _model_config(
+    name: str, backend: str, inputs, outputs, options: RepositoryOptions, *, gpu=False, params=None, instances=1
+) -> str:
     parts = [
         f'name: "{name}"',
         backend,
@@ -96,16 +98,19 @@ def _ensemble_config(name: str, input_tensors: list, steps: list[dict], output_t
             f'      {kind} {{ key: "{k}" value: "{v}" }}\n' for kind in ("input_map", "output_map") for k, v in step[kind].items()
         )
         rendered.append(f'    {{\n      model_name: "{step["model"]}"\n      model_version: -1\n{maps}    }}')
-    return "\n".join(
-        [
-            f'name: "{name}"',
-            'platform: "ensemble"',
-            f"max_batch_size: {options.max_batch_size}",
-            _tensors("input", input_tensors),
-            _tensors("output", [output_tensor, ("TOKEN_COUNT", "TYPE_INT32", [1])]),
-            "ensemble_scheduling {\n  step [\n" + ",\n".join(rendered) + "\n  ]\n}",
-        ]
-    ) + "\n"
+    return (
+        "\n".join(
+            [
+                f'name: "{name}"',
+                'platform: "ensemble"',
+                f"max_batch_size: {options.max_batch_size}",
+                _tensors("input", input_tensors),
+                _tensors("output", [output_tensor, ("TOKEN_COUNT", "TYPE_INT32", [1])]),
+                "ensemble_scheduling {\n  step [\n" + ",\n".join(rendered) + "\n  ]\n}",
+            ]
+        )
+        + "\n"
+    )
 
 
 def step_names(model: str) -> dict[str, str]:
@@ -194,7 +199,11 @@ def write_repository(
         "controlled-ids": ("controlled", "controlled-encoder", [token_ids, factors]),
     }
     mode = ("CONTROL_LOG_ADDITIVE", "TYPE_BOOL", [1])
-    tokenizer_outputs = [("INPUT_IDS", "TYPE_INT64", [-1]), ("ATTENTION_MASK", "TYPE_INT64", [-1]), ("TOKEN_COUNT", "TYPE_INT32", [1])]
+    tokenizer_outputs = [
+        ("INPUT_IDS", "TYPE_INT64", [-1]),
+        ("ATTENTION_MASK", "TYPE_INT64", [-1]),
+        ("TOKEN_COUNT", "TYPE_INT32", [1]),
+    ]
     tokenizer_params = _python_params(
         options,
         length_buckets=",".join(map(str, options.length_buckets)),
@@ -217,7 +226,9 @@ def write_repository(
             _copy_step_source(role, encoder_dir)
         plan_name = "model.onnx" if options.target != "gpu-tensorrt" else "model.onnx.for-trtexec"
         shutil.copy(onnx_path, encoder_dir / plan_name)
-        (encoder_dir.parent / "config.pbtxt").write_text(_encoder_config(steps[role], source, options, role == "controlled-encoder"))
+        (encoder_dir.parent / "config.pbtxt").write_text(
+            _encoder_config(steps[role], source, options, role == "controlled-encoder")
+        )
 
     hidden, dims = source.hidden_size, source.dimensions
     pooling_dir = _write_python_step(
@@ -251,7 +262,10 @@ def write_repository(
         poolings=",".join(LAYER_POOLINGS),
     )
 
-    pooled = {"model": steps["pooling"], "input_map": {"TOKEN_EMBEDDINGS": "token_embeddings", "ATTENTION_MASK": "attention_mask"}}
+    pooled = {
+        "model": steps["pooling"],
+        "input_map": {"TOKEN_EMBEDDINGS": "token_embeddings", "ATTENTION_MASK": "attention_mask"},
+    }
     # Each pipeline: encoder output it needs, the steps after the encoder, the ensemble output.
     pipelines = {
         "embedding": (
@@ -263,7 +277,11 @@ def write_repository(
             "TOKEN_EMBEDDINGS",
             [
                 {**pooled, "output_map": {"EMBEDDING": "embedding"}},
-                {"model": steps["compression"], "input_map": {"EMBEDDING": "embedding"}, "output_map": {"EMBEDDING": "EMBEDDING"}},
+                {
+                    "model": steps["compression"],
+                    "input_map": {"EMBEDDING": "embedding"},
+                    "output_map": {"EMBEDDING": "EMBEDDING"},
+                },
             ],
             ("EMBEDDING", "TYPE_FP32", [projection.size]),
         ),
@@ -309,7 +327,9 @@ def write_repository(
     (out_dir / ensembles["embedding"]["text"] / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def _write_python_step(steps: dict[str, str], role: str, inputs, outputs, out_dir: Path, options: RepositoryOptions, **params: str) -> Path:
+def _write_python_step(
+    steps: dict[str, str], role: str, inputs, outputs, out_dir: Path, options: RepositoryOptions, **params: str
+) -> Path:
     version_dir = _fresh_model_dir(out_dir / steps[role])
     _copy_step_source(role, version_dir)
     config = _model_config(steps[role], 'backend: "python"', inputs, outputs, options, params=_python_params(options, **params))

@@ -96,7 +96,9 @@ def _head_weights(directory: Path, module: HeadModule):
     else:
         import torch
 
-        weights = {k: v.numpy() for k, v in torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True).items()}
+        weights = {
+            k: v.numpy() for k, v in torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True).items()
+        }
     return Dense(weights["linear.weight"], weights.get("linear.bias"), module.activation)
 
 
@@ -117,7 +119,9 @@ def _kind(module: dict) -> str | None:
 
 
 def _refuse(path: Path, module: dict, why: str) -> UnsupportedModel:
-    return UnsupportedModel(f"{path}: module {module.get('idx', '?')} ({module.get('type')}, in '{module.get('path', '')}') {why}; supported: {SUPPORTED}")
+    return UnsupportedModel(
+        f"{path}: module {module.get('idx', '?')} ({module.get('type')}, in '{module.get('path', '')}') {why}; supported: {SUPPORTED}"
+    )
 
 
 def _poolings(path: Path, module: dict) -> tuple[str, ...]:
@@ -131,7 +135,9 @@ def _poolings(path: Path, module: dict) -> tuple[str, ...]:
     if not modes or unknown:
         raise _refuse(path, module, f"pools by {unknown or 'nothing'}; poolings supported: {sorted(POOLINGS)}")
     if config.get("include_prompt", True) is False:
-        raise _refuse(path, module, "leaves the prompt's tokens out of the pooling (include_prompt: false), which is not supported")
+        raise _refuse(
+            path, module, "leaves the prompt's tokens out of the pooling (include_prompt: false), which is not supported"
+        )
     return modes
 
 
@@ -141,7 +147,9 @@ def _head_module(path: Path, module: dict) -> HeadModule:
     config = _read_json(path / module["path"] / "config.json")
     activation = config.get("activation_function", "torch.nn.modules.linear.Identity").rsplit(".", 1)[-1]
     if activation not in ACTIVATIONS:
-        raise _refuse(path, module, f"uses the activation {config.get('activation_function')}; activations supported: {sorted(ACTIVATIONS)}")
+        raise _refuse(
+            path, module, f"uses the activation {config.get('activation_function')}; activations supported: {sorted(ACTIVATIONS)}"
+        )
     return HeadModule("Dense", module["path"], activation, config["out_features"])
 
 
@@ -150,7 +158,8 @@ def _prefixes(st_config: dict, name: str) -> dict[str, str]:
     prompts = st_config.get("prompts") or {}
     default = prompts.get(st_config.get("default_prompt_name") or "", "")
     prefixes = {
-        representation: next((prompts[n] for n in names if prompts.get(n)), "") for representation, names in REPRESENTATION_PROMPTS.items()
+        representation: next((prompts[n] for n in names if prompts.get(n)), "")
+        for representation, names in REPRESENTATION_PROMPTS.items()
     }
     prefixes["symmetric"] = prefixes["symmetric"] or default
     if not any(prompts.values()):
@@ -171,7 +180,9 @@ def load_source_model(path: Path, name: str | None = None) -> SourceModel:
         if _kind(module) not in HEAD_MODULES:
             raise _refuse(path, module, "is not supported after pooling")
     if not (path / "tokenizer.json").exists():
-        raise UnsupportedModel(f"{path}: no tokenizer.json; the tokenizer must be one that the `tokenizers` library loads (a fast tokenizer)")
+        raise UnsupportedModel(
+            f"{path}: no tokenizer.json; the tokenizer must be one that the `tokenizers` library loads (a fast tokenizer)"
+        )
     try:
         from tokenizers import Tokenizer
 
@@ -180,7 +191,9 @@ def load_source_model(path: Path, name: str | None = None) -> SourceModel:
         raise UnsupportedModel(f"{path}: tokenizer.json cannot be loaded with `tokenizers`: {error}") from None
     bert_config = _read_json(path / "sentence_bert_config.json")
     if bert_config.get("do_lower_case"):
-        raise UnsupportedModel(f"{path}: do_lower_case in sentence_bert_config.json is not supported; lower-case in the tokenizer's normalizer instead")
+        raise UnsupportedModel(
+            f"{path}: do_lower_case in sentence_bert_config.json is not supported; lower-case in the tokenizer's normalizer instead"
+        )
     config = json.loads((path / "config.json").read_text())
     name = name or _model_name(path)
     st_config = _read_json(path / "config_sentence_transformers.json")
@@ -201,5 +214,5 @@ def load_source_model(path: Path, name: str | None = None) -> SourceModel:
 def _model_name(path: Path) -> str:
     """The served name: the directory's name, or the packaged model's name for a `gt-*` wheel."""
     if path.name == "model" and path.parent.name.startswith("gt_"):
-        return path.parent.name[len("gt_"):].replace("_", "-")
+        return path.parent.name[len("gt_") :].replace("_", "-")
     return path.name.lower()

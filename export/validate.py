@@ -72,7 +72,9 @@ def uncontrolled_agreement(
 
 def onnx_sentence_embeddings(onnx_path: Path, tokenizer: Tokenizer, texts: list[str], head: SentenceHead, batch_size=32):
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    return np.concatenate([head_embeddings(session, tokenizer, texts[s : s + batch_size], head) for s in range(0, len(texts), batch_size)])
+    return np.concatenate(
+        [head_embeddings(session, tokenizer, texts[s : s + batch_size], head) for s in range(0, len(texts), batch_size)]
+    )
 
 
 def _check_tokenizer(reference, tokenizer: Tokenizer, texts: list[str]) -> None:
@@ -89,7 +91,9 @@ def _check_tokenizer(reference, tokenizer: Tokenizer, texts: list[str]) -> None:
         )
 
 
-def validate(source: SourceModel, onnx_path: Path, tokenizer: Tokenizer, texts: list[str], head: SentenceHead) -> ValidationReport:
+def validate(
+    source: SourceModel, onnx_path: Path, tokenizer: Tokenizer, texts: list[str], head: SentenceHead
+) -> ValidationReport:
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(source.path), device="cpu")

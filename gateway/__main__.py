@@ -15,23 +15,23 @@ import uvloop
 
 from gateway.auth import cli as admin_cli
 from gateway.auth.authenticator import Authenticator
+from gateway.auth.store import StoreUnavailable, open_store
+from gateway.core.cache import EmbeddingCache
 from gateway.core.catalog import Catalog
+from gateway.core.scheduler import Scheduler
 from gateway.core.service import EmbeddingService
+from gateway.ops.logs import configure_logging, redacted_url
+from gateway.ops.metrics import Metrics
+from gateway.ops.settings import Settings, parse_settings
 from gateway.transports.grpc.connections import GrpcConnectionLimits, split_descriptors
 from gateway.transports.grpc.server import create_server
 from gateway.transports.http.app import build_app, protocol_refusals
-from gateway.transports.policy import RequestPolicy
 from gateway.transports.http.server import ConnectionLimits, create_http_server, derive_max_connections
-from gateway.core.cache import EmbeddingCache
-from gateway.ops.logs import configure_logging, redacted_url
-from gateway.ops.metrics import Metrics
-from gateway.core.scheduler import Scheduler
-from gateway.ops.settings import Settings, parse_settings
-from gateway.triton.supervisor import TritonHealth, TritonSupervisor
+from gateway.transports.policy import RequestPolicy
 from gateway.triton.client import TritonClient
 from gateway.triton.pool import TritonPool
-from gateway.auth.store import StoreUnavailable, open_store
 from gateway.triton.process import ADMIN_KEY_GRPC_METADATA, ADMIN_KEY_HEADER, TritonPorts, TritonProcess, TritonStartError
+from gateway.triton.supervisor import TritonHealth, TritonSupervisor
 
 log = logging.getLogger("gateway")
 
@@ -89,7 +89,12 @@ async def serve(settings: Settings, catalog: Catalog, process: TritonProcess | N
         max_calls_per_lane=settings.max_calls_per_lane,
     )
     service = EmbeddingService(
-        catalog, scheduler, max_inputs=settings.max_inputs, truncate=settings.truncate, timeout_s=settings.request_timeout_s, cache=cache
+        catalog,
+        scheduler,
+        max_inputs=settings.max_inputs,
+        truncate=settings.truncate,
+        timeout_s=settings.request_timeout_s,
+        cache=cache,
     )
     metrics.watch_scheduler(lambda: scheduler.rows_in_flight, lambda: scheduler.pending_texts)
     metrics.watch_triton(lambda: pool.ready_count, lambda: len(pool.endpoints))
@@ -163,7 +168,9 @@ async def serve(settings: Settings, catalog: Catalog, process: TritonProcess | N
         print(f"model      {model.name} ({model.model_version}, {model.dimensions} dims)")
     print(f"HTTP       http://{settings.host}:{settings.http_port}")
     print("           OpenAI: POST /v1/embeddings, GET /v1/models")
-    print("           Aleph Alpha: POST /semantic_embed /batch_semantic_embed /embed /tokenize /detokenize, GET /models_available /version")
+    print(
+        "           Aleph Alpha: POST /semantic_embed /batch_semantic_embed /embed /tokenize /detokenize, GET /models_available /version"
+    )
     print(f"gRPC       {settings.host}:{grpc_port}  (embedding.v1.EmbeddingService, grpc.health.v1.Health, reflection)")
     print(f"           connections at most: HTTP {server.limits.max_connections}, gRPC {grpc_limits.max_connections}")
     print("           probes: GET /health/live /health/ready /health; Prometheus: GET /metrics")
@@ -171,9 +178,13 @@ async def serve(settings: Settings, catalog: Catalog, process: TritonProcess | N
         print(f"Triton     {', '.join(pool.endpoints) or settings.triton_url} (gRPC, KServe v2)")
     else:
         # The started Triton, whose ensembles tritonclient and perf_analyzer can call directly.
-        print(f"Triton     127.0.0.1:{settings.triton_grpc_port} (gRPC), http://127.0.0.1:{settings.triton_http_port} (HTTP); KServe v2")
+        print(
+            f"Triton     127.0.0.1:{settings.triton_grpc_port} (gRPC), http://127.0.0.1:{settings.triton_http_port} (HTTP); KServe v2"
+        )
         print("           its admin APIs (model control, shared memory, trace, logging) need the key in")
-        print(f"           {process.admin_key_file}, as HTTP header {ADMIN_KEY_HEADER} or gRPC metadata {ADMIN_KEY_GRPC_METADATA}")
+        print(
+            f"           {process.admin_key_file}, as HTTP header {ADMIN_KEY_HEADER} or gRPC metadata {ADMIN_KEY_GRPC_METADATA}"
+        )
     if cache is not None:
         print(f"cache      {redacted_url(settings.cache_url)} (TTL {settings.cache_ttl_s} s)")
     if authenticator is None:
@@ -195,7 +206,9 @@ def _authenticator(settings: Settings) -> Authenticator | None:
     try:
         return Authenticator(open_store(settings.auth_store_location))
     except StoreUnavailable as error:
-        raise SystemExit(f"gateway: the token store {redacted_url(settings.auth_store_location)} is unavailable: {error}") from None
+        raise SystemExit(
+            f"gateway: the token store {redacted_url(settings.auth_store_location)} is unavailable: {error}"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:

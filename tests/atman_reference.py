@@ -44,14 +44,14 @@ def minilm_path() -> Path:
     return Path(default_model_path())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tokenizer(model_dir: str):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(model_dir: str):
     """The sentence-transformers model in float64 with eager attention (the implementation whose modules are patched)."""
     from sentence_transformers import SentenceTransformer
@@ -88,10 +88,10 @@ def special_frame(tokenizer) -> tuple[list[int], list[int]]:
     probe = "hello world"
     framed = list(tokenizer(probe)["input_ids"])
     bare = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
-    starts = [i for i in range(len(framed) - len(bare) + 1) if framed[i:i + len(bare)] == bare]
+    starts = [i for i in range(len(framed) - len(bare) + 1) if framed[i : i + len(bare)] == bare]
     if len(starts) != 1:
         raise ValueError(f"cannot locate the content inside the tokenizer's special tokens: {framed} vs {bare}")
-    return framed[:starts[0]], framed[starts[0] + len(bare):]
+    return framed[: starts[0]], framed[starts[0] + len(bare) :]
 
 
 def _text_positions(offsets: list[tuple[int, int]], start: int, length: int, overlap: str) -> list[int]:
@@ -115,8 +115,9 @@ def _content(tokenizer, items: list[dict], prefix: str) -> tuple[list[int], list
         item = items[0]
         piece = _tokenize(tokenizer, prefix + item["data"])
         for control in item.get("controls") or []:
-            positions = _text_positions(piece.offsets, len(prefix) + control["start"], control["length"],
-                                        control.get("token_overlap", "partial"))
+            positions = _text_positions(
+                piece.offsets, len(prefix) + control["start"], control["length"], control.get("token_overlap", "partial")
+            )
             controls.append((positions, float(control["factor"])))
         return piece.ids, controls
 
@@ -130,8 +131,9 @@ def _content(tokenizer, items: list[dict], prefix: str) -> tuple[list[int], list
         if item["type"] == "text":
             piece = _tokenize(tokenizer, item["data"])
             for control in item.get("controls") or []:
-                positions = _text_positions(piece.offsets, control["start"], control["length"],
-                                            control.get("token_overlap", "partial"))
+                positions = _text_positions(
+                    piece.offsets, control["start"], control["length"], control.get("token_overlap", "partial")
+                )
                 controls.append(([base + p for p in positions], float(control["factor"])))
         elif item["type"] == "token_ids":
             piece = _Piece([int(i) for i in item["data"]], None)
@@ -182,8 +184,9 @@ def _resolve(model_dir: str, items: list[dict], prefix: str, threshold: float | 
     return head + content + tail, [1.0] * len(head) + factors + [1.0] * len(tail), len(head)
 
 
-def content_and_factors(model_dir, items: list[dict], prefix: str = "",
-                        threshold: float | None = None) -> tuple[list[int], list[float]]:
+def content_and_factors(
+    model_dir, items: list[dict], prefix: str = "", threshold: float | None = None
+) -> tuple[list[int], list[float]]:
     """The full input ids (special tokens included) and the attention factor of every position."""
     ids, factors, _ = _resolve(_key(model_dir), items, prefix, threshold)
     return ids, factors
@@ -231,8 +234,9 @@ class _Active:
 _ACTIVE: contextvars.ContextVar[_Active | None] = contextvars.ContextVar("atman_reference_controls", default=None)
 
 
-def _attend(scores: torch.Tensor, value: torch.Tensor, causal: bool,
-            model_allows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _attend(
+    scores: torch.Tensor, value: torch.Tensor, causal: bool, model_allows: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """weights @ V for scores [batch, heads, q, k] under the active controls. The batch is one unpadded prompt, so A_q
     is every key (k <= q for a decoder); `model_allows` ([q, k] or None), what the model's own mask lets through, must
     agree, which guards that assumption."""
@@ -253,8 +257,17 @@ def _attend(scores: torch.Tensor, value: torch.Tensor, causal: bool,
     return torch.matmul(weights, value), weights
 
 
-def _bert_forward(self, hidden_states, attention_mask=None, head_mask=None, encoder_hidden_states=None,
-                  past_key_values=None, output_attentions=False, cache_position=None, **kwargs):
+def _bert_forward(
+    self,
+    hidden_states,
+    attention_mask=None,
+    head_mask=None,
+    encoder_hidden_states=None,
+    past_key_values=None,
+    output_attentions=False,
+    cache_position=None,
+    **kwargs,
+):
     """BertSelfAttention.forward for plain self-attention, with the softmax replaced by the controlled one."""
     if encoder_hidden_states is not None or head_mask is not None or self.position_embedding_type != "absolute":
         raise NotImplementedError("the reference covers BERT self-attention with absolute positions, no head mask")
@@ -362,10 +375,11 @@ def is_patched(st_model) -> bool:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     attention = [m for m in st_model[0].auto_model.modules() if isinstance(m, _attention_classes())]
-    return (_ATTENTION_NAME in ALL_ATTENTION_FUNCTIONS
-            or any("forward" in m.__dict__ for m in attention)
-            or any(getattr(m, "config", None) is not None and m.config._attn_implementation == _ATTENTION_NAME
-                   for m in attention))
+    return (
+        _ATTENTION_NAME in ALL_ATTENTION_FUNCTIONS
+        or any("forward" in m.__dict__ for m in attention)
+        or any(getattr(m, "config", None) is not None and m.config._attn_implementation == _ATTENTION_NAME for m in attention)
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -402,21 +416,24 @@ def _run(model_dir, items, prefix, threshold, log_additive, what: str):
     return record
 
 
-def reference_embedding(model_dir, items: list[dict], prefix: str = "", threshold: float | None = None,
-                        log_additive: bool = True) -> np.ndarray:
+def reference_embedding(
+    model_dir, items: list[dict], prefix: str = "", threshold: float | None = None, log_additive: bool = True
+) -> np.ndarray:
     """The sentence-transformers vector of one prompt under attention controls, in float64."""
     return _run(model_dir, items, prefix, threshold, log_additive, "embedding")
 
 
-def reference_hidden_states(model_dir, items: list[dict], prefix: str = "", threshold: float | None = None,
-                            log_additive: bool = True) -> np.ndarray:
+def reference_hidden_states(
+    model_dir, items: list[dict], prefix: str = "", threshold: float | None = None, log_additive: bool = True
+) -> np.ndarray:
     """The underlying transformer's hidden states [num_layers + 1, seq, hidden] (embedding output first), as
     transformers returns them with output_hidden_states=True, under attention controls, in float64."""
     return _run(model_dir, items, prefix, threshold, log_additive, "hidden")
 
 
-def reference_attention_weights(model_dir, items: list[dict], prefix: str = "", threshold: float | None = None,
-                                log_additive: bool = True) -> list[np.ndarray]:
+def reference_attention_weights(
+    model_dir, items: list[dict], prefix: str = "", threshold: float | None = None, log_additive: bool = True
+) -> list[np.ndarray]:
     """The attention weights [heads, seq, seq] of every layer, in order, under attention controls."""
     return _run(model_dir, items, prefix, threshold, log_additive, "weights")
 

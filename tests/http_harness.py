@@ -11,12 +11,13 @@ import json
 import numpy as np
 
 from gateway.core.catalog import Catalog, ServedModel
+from gateway.core.scheduler import Lane, Scheduler
 from gateway.core.service import EmbeddingService
+from gateway.ops.metrics import Metrics
 from gateway.transports.http.app import build_app, protocol_refusals
 from gateway.transports.http.server import ConnectionLimits, create_http_server
-from gateway.ops.metrics import Metrics
 from gateway.transports.policy import RequestPolicy
-from gateway.core.scheduler import Lane, Scheduler
+
 
 class FakeTriton:
     """Ready, and answering every row with constant vectors of the shape its ensemble gives (the compressed size for
@@ -59,7 +60,9 @@ class Gateway:
     def __init__(self, models: Catalog, max_body_bytes: int = 4 * 1024 * 1024, timeout_s: float = 30.0):
         self.model = next(iter(models.models.values()))
         self.triton = FakeTriton(self.model)
-        self.scheduler = Scheduler(self.triton, self.triton.send, max_pending_texts=32768, max_rows_in_flight=128, max_calls_per_lane=4)
+        self.scheduler = Scheduler(
+            self.triton, self.triton.send, max_pending_texts=32768, max_rows_in_flight=128, max_calls_per_lane=4
+        )
         self.service = EmbeddingService(models, self.scheduler, max_inputs=2048, truncate=False, timeout_s=timeout_s)
         self.metrics = Metrics()
         self.policy = RequestPolicy(None, self.metrics)
@@ -79,7 +82,11 @@ class Gateway:
         total = 0.0
         for family in self.metrics.registry.collect():
             for sample in family.samples:
-                if sample.name == "embed_gateway_requests_total" and sample.labels["route"] == route and sample.labels["status"] == str(status):
+                if (
+                    sample.name == "embed_gateway_requests_total"
+                    and sample.labels["route"] == route
+                    and sample.labels["status"] == str(status)
+                ):
                     total += sample.value
         return total
 
@@ -176,7 +183,7 @@ class Connection:
                     response, self._read = parsed
                     return response
                 if self.transport.closed:
-                    raise AssertionError(f"closed after {bytes(self.transport.sent[self._read:])!r}")
+                    raise AssertionError(f"closed after {bytes(self.transport.sent[self._read :])!r}")
                 self.transport.changed.clear()
                 await self.transport.changed.wait()
 

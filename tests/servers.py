@@ -12,10 +12,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
-
-import requests
 from dataclasses import dataclass
 from pathlib import Path
+
+import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,7 +86,9 @@ def raw_http(port: int, method: str, target: str, body: bytes | None = None, hea
 
 def gateway_cli(*args: str, stdin: str | None = None) -> str:
     """`python -m gateway ARGS` (users, tokens): its stdout, or an AssertionError with its stderr."""
-    done = subprocess.run([sys.executable, "-m", "gateway", *args], cwd=ROOT, input=stdin, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", *args], cwd=ROOT, input=stdin, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, f"python -m gateway {' '.join(args)} exited {done.returncode}: {done.stderr}"
     return done.stdout
 
@@ -126,14 +128,26 @@ def _start_service(
     http, grpc, t_http, t_grpc, t_metrics = free_ports(5)
     run_dir.mkdir(parents=True, exist_ok=True)
     command = [
-        sys.executable, "-m", "gateway",
-        f"--http-port={http}", f"--grpc-port={grpc}",
-        f"--triton-http-port={t_http}", f"--triton-grpc-port={t_grpc}", f"--triton-metrics-port={t_metrics}",
-        f"--model-repository={model_repository}", f"--run-dir={run_dir}", *extra_args,
+        sys.executable,
+        "-m",
+        "gateway",
+        f"--http-port={http}",
+        f"--grpc-port={grpc}",
+        f"--triton-http-port={t_http}",
+        f"--triton-grpc-port={t_grpc}",
+        f"--triton-metrics-port={t_metrics}",
+        f"--model-repository={model_repository}",
+        f"--run-dir={run_dir}",
+        *extra_args,
     ]
     log = open(run_dir / "gateway.log", "wb")
     process = subprocess.Popen(
-        command, cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn
+        command,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=preexec_fn,
     )
     service = RunningService(process, run_dir, http, grpc, t_http, t_grpc, t_metrics)
     deadline = time.monotonic() + timeout_s

@@ -13,8 +13,8 @@ import pytest
 
 from gateway.ops.logs import AccessLog, configure_logging
 from gateway.ops.metrics import Metrics
-from gateway.transports.policy import RequestPolicy
 from gateway.ops.request_context import RequestContext
+from gateway.transports.policy import RequestPolicy
 
 
 class Clock:
@@ -115,7 +115,10 @@ def test_metrics_count_every_refusal_the_log_samples(lines):
         metrics.request_started(context)
         policy.finish(context, "401", None)
     assert len([line for line in lines() if line["status"] == "401"]) == 1
-    assert metrics.registry.get_sample_value(
-        "embed_gateway_requests_total", {"contract": "openai", "route": "/v1/embeddings", "status": "401"}
-    ) == 500
+    assert (
+        metrics.registry.get_sample_value(
+            "embed_gateway_requests_total", {"contract": "openai", "route": "/v1/embeddings", "status": "401"}
+        )
+        == 500
+    )
     assert metrics.registry.get_sample_value("embed_gateway_rejections_total", {"reason": "unauthenticated"}) == 500

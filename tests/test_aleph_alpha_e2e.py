@@ -158,7 +158,9 @@ def test_embed_layers_and_poolings_match_the_onnx_hidden_states(client, model_na
     request = EmbeddingRequest(prompt=Prompt.from_text(text), layers=[0, -1], pooling=POOLINGS, tokens=True, normalize=normalize)
     response = client.embed(request, model=model_name)
     encoding = tokenizer.encode(text)
-    session = ort.InferenceSession(str(MODEL_REPOSITORY / manifest["steps"]["encoder"] / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(MODEL_REPOSITORY / manifest["steps"]["encoder"] / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
     ids = np.array([encoding.ids], dtype=np.int64)
     (hidden_states,) = session.run(["hidden_states"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})
     assert hidden_states.shape[1] == manifest["num_layers"] + 1

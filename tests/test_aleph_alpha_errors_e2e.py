@@ -17,6 +17,7 @@ def controlled(control: dict, kind: str = "text") -> dict:
     item = {"type": "text", "data": "hi"} if kind == "text" else {"type": "token_ids", "data": [2023, 2003]}
     return {"prompt": [{**item, "controls": [control]}]}
 
+
 EMBED = {"prompt": "hello", "layers": [-1], "pooling": ["mean"]}
 
 
@@ -24,15 +25,43 @@ EMBED = {"prompt": "hello", "layers": [-1], "pooling": ["mean"]}
     ("path", "body", "status", "field", "says"),
     [
         ("/semantic_embed", {"prompt": [{"type": "image", "data": "iVBORw0KGgo="}]}, 400, "prompt", "does not accept images"),
-        ("/semantic_embed", controlled({"start": 1, "length": 2, "factor": 2.0}), 400, "prompt.controls.start", "[1, 3) is outside"),
-        ("/semantic_embed", controlled({"start": -1, "length": 1, "factor": 2.0}), 400, "prompt.controls.start", "outside its text"),
+        (
+            "/semantic_embed",
+            controlled({"start": 1, "length": 2, "factor": 2.0}),
+            400,
+            "prompt.controls.start",
+            "[1, 3) is outside",
+        ),
+        (
+            "/semantic_embed",
+            controlled({"start": -1, "length": 1, "factor": 2.0}),
+            400,
+            "prompt.controls.start",
+            "outside its text",
+        ),
         ("/semantic_embed", controlled({"start": 0, "length": 1, "factor": -0.5}), 400, "prompt.controls.factor", ">= 0"),
-        ("/semantic_embed", controlled({"start": 0, "length": 1, "factor": 1, "token_overlap": "most"}), 400,
-         "prompt.controls.token_overlap", "'most'"),
-        ("/semantic_embed", controlled({"index": 2, "factor": 0.5}, "token_ids"), 400, "prompt.controls.index", "outside its item of 2"),
+        (
+            "/semantic_embed",
+            controlled({"start": 0, "length": 1, "factor": 1, "token_overlap": "most"}),
+            400,
+            "prompt.controls.token_overlap",
+            "'most'",
+        ),
+        (
+            "/semantic_embed",
+            controlled({"index": 2, "factor": 0.5}, "token_ids"),
+            400,
+            "prompt.controls.index",
+            "outside its item of 2",
+        ),
         ("/semantic_embed", controlled({"index": 0, "factor": "big"}, "token_ids"), 400, "prompt", ""),
-        ("/batch_semantic_embed", {"prompt": None, "prompts": ["ok", controlled({"index": 0, "factor": -1}, "token_ids")["prompt"]]},
-         400, "prompts.controls.factor", "'prompts[1]'"),
+        (
+            "/batch_semantic_embed",
+            {"prompt": None, "prompts": ["ok", controlled({"index": 0, "factor": -1}, "token_ids")["prompt"]]},
+            400,
+            "prompts.controls.factor",
+            "'prompts[1]'",
+        ),
         ("/embed", {**EMBED, **controlled({"start": 0, "length": 9, "factor": 0})}, 400, "prompt.controls.start", "outside"),
         ("/semantic_embed", {"contextual_control_threshold": "near"}, 400, "contextual_control_threshold", ""),
         ("/semantic_embed", {"hosting": "elsewhere"}, 400, "hosting", ""),
@@ -94,8 +123,13 @@ def test_unreachable_triton_is_503_with_retry_after(tmp_path, model_name):
     """A gateway pointed at a Triton that is not there answers 503 + Retry-After, which both clients retry."""
     http_port, grpc_port, dead_triton_port = free_ports(3)
     command = [
-        sys.executable, "-m", "gateway", f"--http-port={http_port}", f"--grpc-port={grpc_port}",
-        f"--triton-url=127.0.0.1:{dead_triton_port}", f"--run-dir={tmp_path}",
+        sys.executable,
+        "-m",
+        "gateway",
+        f"--http-port={http_port}",
+        f"--grpc-port={grpc_port}",
+        f"--triton-url=127.0.0.1:{dead_triton_port}",
+        f"--run-dir={tmp_path}",
     ]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:

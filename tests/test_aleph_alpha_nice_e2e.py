@@ -44,7 +44,9 @@ async def probe_latencies_under_load(service, model_name, load_is_nice: bool) ->
             return time.monotonic() - sent
 
         started = time.monotonic()
-        batches = load_client.batch_semantic_embed(load, model=model_name, num_concurrent_requests=LOAD_CONCURRENCY, batch_size=100)
+        batches = load_client.batch_semantic_embed(
+            load, model=model_name, num_concurrent_requests=LOAD_CONCURRENCY, batch_size=100
+        )
         load_task = asyncio.create_task(batches)
         await asyncio.sleep(0.5)
         latencies = await asyncio.gather(*(timed(probe) for probe in probes))

@@ -27,8 +27,12 @@ from tests.atman_reference import (
 from tests.tiny_models import BUILDERS, QWEN_QUERY_INSTRUCTION
 
 # Model -> a prefix of its own (its query prompt, or none for all-MiniLM).
-PREFIXES = {"all-minilm": "", "tiny-bert-cls": "query: ", "tiny-distilbert-max": "search_query: ",
-            "tiny-qwen3": QWEN_QUERY_INSTRUCTION}
+PREFIXES = {
+    "all-minilm": "",
+    "tiny-bert-cls": "query: ",
+    "tiny-distilbert-max": "search_query: ",
+    "tiny-qwen3": QWEN_QUERY_INSTRUCTION,
+}
 MODELS = sorted(PREFIXES)
 SENTENCE = "The quick brown fox jumps over the lazy dog."
 FOX = {"start": SENTENCE.index("fox"), "length": 3}
@@ -61,9 +65,11 @@ def test_multiplicative_weights_shift_each_row_by_its_minimum_over_the_attendabl
     factors = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)
     allowed = torch.tril(torch.ones(3, 3, dtype=torch.bool))  # causal: row 2's minimum is over all three keys, row 1's over two
     # Row minima 1, -1 and 0.5; the exponentials of (s - m) * f over each row's keys.
-    rows = [[math.exp(0.0)],
-            [math.exp((4 - -1) * 1.0), math.exp(0.0 * 0.5)],
-            [math.exp(0.0), math.exp(6.5 * 0.5), math.exp(8.5 * 2.0)]]
+    rows = [
+        [math.exp(0.0)],
+        [math.exp((4 - -1) * 1.0), math.exp(0.0 * 0.5)],
+        [math.exp(0.0), math.exp(6.5 * 0.5), math.exp(8.5 * 2.0)],
+    ]
     expected = torch.zeros(3, 3, dtype=torch.float64)
     for q, row in enumerate(rows):
         expected[q, : len(row)] = torch.tensor(row, dtype=torch.float64) / sum(row)
@@ -110,8 +116,11 @@ def test_overlapping_controls_multiply():
 def test_items_concatenate_after_the_prefix_and_token_id_controls_count_within_their_item(model_dirs):
     tokenizer = _model(_key(minilm_path())).tokenizer
     hello_world_world = tokenizer("hello world world", add_special_tokens=False)["input_ids"]
-    items = [text("the cat"), {"type": "token_ids", "data": hello_world_world, "controls": [{"index": 1, "factor": 0.3}]},
-             text("dog", {"start": 0, "length": 3, "factor": 2.0})]
+    items = [
+        text("the cat"),
+        {"type": "token_ids", "data": hello_world_world, "controls": [{"index": 1, "factor": 0.3}]},
+        text("dog", {"start": 0, "length": 3, "factor": 2.0}),
+    ]
     ids, factors = content_and_factors(minilm_path(), items, "query: ")
     assert ids == tokenizer("query: the cat hello world world dog")["input_ids"]
     assert factors == [1, 1, 1, 1, 1, 1, 0.3, 1, 2.0, 1]
@@ -190,7 +199,7 @@ def test_factor_zero_removes_a_key_from_every_layer_and_head(name, model_dirs):
         np.testing.assert_allclose(weights.sum(axis=-1), 1.0, rtol=0, atol=1e-12)
         others = [k for k in range(len(factors)) if k not in zeroed]
         # Every other key keeps a positive weight where the query may attend it.
-        assert (weights[:, zeroed[-1] + 1:, others] > 0).any()
+        assert (weights[:, zeroed[-1] + 1 :, others] > 0).any()
 
 
 def test_a_decoder_row_that_sees_only_factor_zero_keys_is_left_uncontrolled(model_dirs):

@@ -30,8 +30,8 @@ from bench.control_effect import content_word_cases, effect_rates
 from export.datasets import sts_sentences
 from proto.embedding.v1 import embedding_pb2 as pb
 from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
-from tests.servers import MODEL_REPOSITORY
 from tests.atman_reference import content_and_factors, minilm_path, reference_embedding, reference_hidden_states
+from tests.servers import MODEL_REPOSITORY
 
 MIN_COSINE = 0.9999
 FACTORS = (0.0, 0.1, 1.0, 10.0)
@@ -53,14 +53,26 @@ def cases(texts: list[str], tokenizer_ids) -> list[tuple[list[dict], bool, float
                 result.append(([{"type": "text", "data": case.text, "controls": [control]}], log_additive, None))
         # From the middle of the word to the end of the next: partial takes the whole word, complete does not.
         middle = case.start + case.length // 2
-        span = {"start": middle, "length": min(len(case.text), case.start + case.length + 6) - middle, "factor": 0.1 if index % 2 else 10.0}
+        span = {
+            "start": middle,
+            "length": min(len(case.text), case.start + case.length + 6) - middle,
+            "factor": 0.1 if index % 2 else 10.0,
+        }
         for overlap in ("partial", "complete"):
-            result.append(([{"type": "text", "data": case.text, "controls": [{**span, "token_overlap": overlap}]}], index % 2 == 0, None))
+            result.append(
+                ([{"type": "text", "data": case.text, "controls": [{**span, "token_overlap": overlap}]}], index % 2 == 0, None)
+            )
         # Items joined: a controlled text, token ids with a control on one of them, and a span controlled twice.
         ids = tokenizer_ids(words[index + 4].text)
         items = [
-            {"type": "text", "data": case.text, "controls": [{"start": case.start, "length": case.length, "factor": 0.1},
-                                                             {"start": case.start, "length": 2, "factor": 10.0}]},
+            {
+                "type": "text",
+                "data": case.text,
+                "controls": [
+                    {"start": case.start, "length": case.length, "factor": 0.1},
+                    {"start": case.start, "length": 2, "factor": 10.0},
+                ],
+            },
             {"type": "token_ids", "data": ids, "controls": [{"index": len(ids) // 2, "factor": FACTORS[index]}]},
         ]
         result.append((items, index % 2 == 1, None))
@@ -76,7 +88,12 @@ def client_prompt(items: list[dict]) -> Prompt:
     for item in items:
         if item["type"] == "text":
             controls = [
-                TextControl(c["start"], c["length"], c["factor"], ControlTokenOverlap(c["token_overlap"]) if "token_overlap" in c else None)
+                TextControl(
+                    c["start"],
+                    c["length"],
+                    c["factor"],
+                    ControlTokenOverlap(c["token_overlap"]) if "token_overlap" in c else None,
+                )
                 for c in item["controls"]
             ]
             converted.append(Text(item["data"], controls))
@@ -90,8 +107,12 @@ def grpc_prompt(items: list[dict]) -> pb.Prompt:
     for item in items:
         if item["type"] == "text":
             controls = [
-                pb.TextControl(start=c["start"], length=c["length"], factor=c["factor"],
-                               token_overlap=pb.TOKEN_OVERLAP_COMPLETE if c.get("token_overlap") == "complete" else pb.TOKEN_OVERLAP_PARTIAL)
+                pb.TextControl(
+                    start=c["start"],
+                    length=c["length"],
+                    factor=c["factor"],
+                    token_overlap=pb.TOKEN_OVERLAP_COMPLETE if c.get("token_overlap") == "complete" else pb.TOKEN_OVERLAP_PARTIAL,
+                )
                 for c in item["controls"]
             ]
             converted.append(pb.PromptItem(text=item["data"], text_controls=controls))
@@ -120,7 +141,9 @@ def served_vectors(http_url: str, grpc_port: int, model: str, case_list, represe
     single = []
     for items, log_additive, threshold in case_list:
         request = SemanticEmbeddingRequest(
-            prompt=client_prompt(items), representation=aa_representation, control_log_additive=log_additive,
+            prompt=client_prompt(items),
+            representation=aa_representation,
+            control_log_additive=log_additive,
             contextual_control_threshold=threshold,
         )
         single.append(client.semantic_embed(request, model=model).embedding)
@@ -130,8 +153,10 @@ def served_vectors(http_url: str, grpc_port: int, model: str, case_list, represe
         groups.setdefault((log_additive, threshold), []).append(index)
     for (log_additive, threshold), members in groups.items():
         request = BatchSemanticEmbeddingRequest(
-            prompts=[client_prompt(case_list[i][0]) for i in members], representation=aa_representation,
-            control_log_additive=log_additive, contextual_control_threshold=threshold,
+            prompts=[client_prompt(case_list[i][0]) for i in members],
+            representation=aa_representation,
+            control_log_additive=log_additive,
+            contextual_control_threshold=threshold,
         )
         for index, vector in zip(members, client.batch_semantic_embed(request, model=model).embeddings):
             batched[index] = vector
@@ -140,7 +165,9 @@ def served_vectors(http_url: str, grpc_port: int, model: str, case_list, represe
         stub = pb_grpc.EmbeddingServiceStub(channel)
         for items, log_additive, threshold in case_list:
             request = pb.SemanticEmbedRequest(
-                model=model, prompt=grpc_prompt(items), representation=getattr(pb, f"REPRESENTATION_{representation.upper()}"),
+                model=model,
+                prompt=grpc_prompt(items),
+                representation=getattr(pb, f"REPRESENTATION_{representation.upper()}"),
                 controls=grpc_options(log_additive, threshold),
             )
             over_grpc.append(list(stub.SemanticEmbed(request, timeout=60).embedding.values))
@@ -152,7 +179,9 @@ def assert_cases_match_the_reference(model_dir, prefix: str, case_list, served: 
         expected = reference_embedding(model_dir, items, prefix, threshold, log_additive)
         for route, vectors in served.items():
             found = cosine(vectors[index], expected)
-            assert found >= MIN_COSINE, f"case {index} over {route} ({items}, log_additive={log_additive}, threshold={threshold}): {found:.6f}"
+            assert found >= MIN_COSINE, (
+                f"case {index} over {route} ({items}, log_additive={log_additive}, threshold={threshold}): {found:.6f}"
+            )
 
 
 @pytest.fixture(scope="module")
@@ -165,10 +194,16 @@ def test_the_cases_exercise_what_they_claim(minilm_cases):
     spread = 0
     for items, _, threshold in minilm_cases:
         if threshold is not None:
-            spread += content_and_factors(minilm_path(), items, "", threshold)[1] != content_and_factors(minilm_path(), items, "", None)[1]
+            spread += (
+                content_and_factors(minilm_path(), items, "", threshold)[1]
+                != content_and_factors(minilm_path(), items, "", None)[1]
+            )
     assert spread >= 2
     overlaps = [items for items, _, _ in minilm_cases if "token_overlap" in items[0]["controls"][0]]
-    assert any(content_and_factors(minilm_path(), a)[1] != content_and_factors(minilm_path(), b)[1] for a, b in zip(overlaps[0::2], overlaps[1::2]))
+    assert any(
+        content_and_factors(minilm_path(), a)[1] != content_and_factors(minilm_path(), b)[1]
+        for a, b in zip(overlaps[0::2], overlaps[1::2])
+    )
 
 
 def test_controlled_vectors_match_the_reference_over_every_route(service, model_name, minilm_cases):
@@ -179,10 +214,14 @@ def test_controlled_vectors_match_the_reference_over_every_route(service, model_
 def test_a_factor_of_1_gives_the_uncontrolled_vector_and_other_factors_do_not(service, model_name):
     client = Client(token="unused", host=service.http_url, total_retries=0)
     text = "A man is playing a large flute."
-    plain = client.semantic_embed(SemanticEmbeddingRequest(prompt=Prompt.from_text(text), representation=SemanticRepresentation.Symmetric), model=model_name)
+    plain = client.semantic_embed(
+        SemanticEmbeddingRequest(prompt=Prompt.from_text(text), representation=SemanticRepresentation.Symmetric), model=model_name
+    )
     for factor, same in [(1.0, True), (0.0, False), (10.0, False)]:
         prompt = Prompt([Text(text, [TextControl(2, 3, factor)])])
-        controlled = client.semantic_embed(SemanticEmbeddingRequest(prompt=prompt, representation=SemanticRepresentation.Symmetric), model=model_name)
+        controlled = client.semantic_embed(
+            SemanticEmbeddingRequest(prompt=prompt, representation=SemanticRepresentation.Symmetric), model=model_name
+        )
         assert controlled.model_version == plain.model_version
         difference = np.abs(np.array(controlled.embedding) - np.array(plain.embedding)).max()
         assert (difference <= 1e-6) == same, (factor, difference)
@@ -190,8 +229,14 @@ def test_a_factor_of_1_gives_the_uncontrolled_vector_and_other_factors_do_not(se
 
 def test_embed_layers_take_the_controls(service, model_name, minilm_cases):
     for items, log_additive, threshold in minilm_cases[:: max(1, len(minilm_cases) // 6)]:
-        body = {"model": model_name, "prompt": items, "layers": [-1, 3, 0], "pooling": ["mean", "max"],
-                "control_log_additive": log_additive, "contextual_control_threshold": threshold}
+        body = {
+            "model": model_name,
+            "prompt": items,
+            "layers": [-1, 3, 0],
+            "pooling": ["mean", "max"],
+            "control_log_additive": log_additive,
+            "contextual_control_threshold": threshold,
+        }
         response = requests.post(f"{service.http_url}/embed", json=body, timeout=60)
         assert response.status_code == 200, response.text
         hidden = reference_hidden_states(minilm_path(), items, "", threshold, log_additive)
@@ -206,9 +251,12 @@ def test_controlled_prompts_take_the_compressed_pipeline_too(service, model_name
     components = np.load(MODEL_REPOSITORY / manifest["steps"]["compression"] / "1" / "projection.npy")
     client = Client(token="unused", host=service.http_url, total_retries=0)
     prompt = Prompt([Text("Three dogs run across a field.", [TextControl(6, 4, 0.0)])])
-    full = client.semantic_embed(SemanticEmbeddingRequest(prompt=prompt, representation=SemanticRepresentation.Document), model=model_name)
+    full = client.semantic_embed(
+        SemanticEmbeddingRequest(prompt=prompt, representation=SemanticRepresentation.Document), model=model_name
+    )
     small = client.semantic_embed(
-        SemanticEmbeddingRequest(prompt=prompt, representation=SemanticRepresentation.Document, compress_to_size=128), model=model_name
+        SemanticEmbeddingRequest(prompt=prompt, representation=SemanticRepresentation.Document, compress_to_size=128),
+        model=model_name,
     )
     assert len(small.embedding) == 128
     assert cosine(small.embedding, components @ np.array(full.embedding)) >= MIN_COSINE

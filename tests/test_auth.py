@@ -9,14 +9,13 @@ import threading
 import pytest
 
 from gateway.auth import authenticator as auth
-
-from gateway.ops import request_context
 from gateway.auth.authenticator import Authenticator
-from gateway.core.errors import ErrorKind, ServiceError
-from gateway.ops.metrics import Metrics
-from gateway.transports.policy import RequestPolicy
-from gateway.ops.request_context import RequestContext
 from gateway.auth.store import Limits, StoreUnavailable, open_store
+from gateway.core.errors import ErrorKind, ServiceError
+from gateway.ops import request_context
+from gateway.ops.metrics import Metrics
+from gateway.ops.request_context import RequestContext
+from gateway.transports.policy import RequestPolicy
 
 
 @pytest.fixture

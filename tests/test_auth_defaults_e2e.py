@@ -11,14 +11,20 @@ from tests.servers import ROOT, raw_http
 
 def request(service, method: str, path: str, body: dict | None = None, headers: dict | None = None):
     data = json.dumps(body).encode() if body is not None else None
-    status, _, content = raw_http(service.http_port, method, path, data, {"Content-Type": "application/json", **(headers or {})}, 60)
+    status, _, content = raw_http(
+        service.http_port, method, path, data, {"Content-Type": "application/json", **(headers or {})}, 60
+    )
     return status, content
 
 
 def test_an_open_gateway_refuses_to_listen_on_a_network_address(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "gateway", "--host", "0.0.0.0", f"--run-dir={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin"},
     )
     assert done.returncode == 2
     assert "refusing to listen on 0.0.0.0 without authentication" in done.stderr and "--auth" in done.stderr

@@ -12,7 +12,6 @@ import grpc
 import openai
 import pytest
 from aleph_alpha_client import Client, Prompt, SemanticEmbeddingRequest, SemanticRepresentation
-
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from proto.embedding.v1 import embedding_pb2 as pb
@@ -94,8 +93,14 @@ def test_the_real_clients_are_refused_without_a_valid_token_and_served_with_one(
 def test_missing_credentials_get_a_401_with_the_bearer_challenge_on_every_protected_route(secured, model_name):
     service, _ = secured
     with HttpApi(service.http_url) as http:
-        for method, path in [("GET", "/v1/models"), ("GET", "/models_available"), ("POST", "/v1/embeddings"), ("POST", "/embed"),
-                             ("GET", "/users/me/tokens"), ("GET", "/metrics/nothing-here")]:
+        for method, path in [
+            ("GET", "/v1/models"),
+            ("GET", "/models_available"),
+            ("POST", "/v1/embeddings"),
+            ("POST", "/embed"),
+            ("GET", "/users/me/tokens"),
+            ("GET", "/metrics/nothing-here"),
+        ]:
             response = http.request(method, path, json=embed_body(model_name))
             assert response.status_code == 401, (method, path, response.text)
             assert response.headers["www-authenticate"] == "Bearer"
@@ -197,7 +202,9 @@ def test_usage_counters_match_what_was_sent(secured, model_name):
             answer = http.post("/v1/embeddings", json=embed_body(model_name, texts), headers=bearer(token))
             prompt_tokens += answer.json()["usage"]["prompt_tokens"]
         semantic = http.post(
-            "/semantic_embed", json={"model": model_name, "prompt": TEXTS[0], "representation": "symmetric"}, headers=bearer(token)
+            "/semantic_embed",
+            json={"model": model_name, "prompt": TEXTS[0], "representation": "symmetric"},
+            headers=bearer(token),
         )
         prompt_tokens += semantic.json()["num_tokens_prompt_total"]
         refused = http.post("/v1/embeddings", json={"model": model_name, "input": []}, headers=bearer(token))
@@ -241,7 +248,10 @@ def test_grpc_calls_are_counted_in_the_tokens_usage(secured, model_name):
         with grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
             stub = pb_grpc.EmbeddingServiceStub(channel)
             metadata = (("authorization", f"Bearer {created['token']}"),)
-            replies = [stub.Embed(pb.EmbedRequest(model=model_name, inputs=texts), metadata=metadata, timeout=30) for texts in (TEXTS, TEXTS[:1])]
+            replies = [
+                stub.Embed(pb.EmbedRequest(model=model_name, inputs=texts), metadata=metadata, timeout=30)
+                for texts in (TEXTS, TEXTS[:1])
+            ]
         time.sleep(1.0)
         (usage,) = [t["usage"] for t in http.get("/users/me/tokens").json() if t["token_id"] == created["metadata"]["token_id"]]
     assert usage == {"requests": 2, "texts": 4, "prompt_tokens": sum(reply.usage.prompt_tokens for reply in replies)}
@@ -273,7 +283,9 @@ def test_a_post_that_is_not_json_gets_415_in_the_contract_shape(secured, model_n
             assert openai_answer.status_code == 415 and openai_answer.json()["error"]["code"] == "unsupported_media_type"
             aleph_answer = http.post("/semantic_embed", data=body, headers={"Content-Type": content_type})
             assert aleph_answer.status_code == 415 and aleph_answer.json()["code"] == "UNSUPPORTED_MEDIA_TYPE"
-        assert http.post("/v1/embeddings", data=body, headers={"Content-Type": "application/json; charset=utf-8"}).status_code == 200
+        assert (
+            http.post("/v1/embeddings", data=body, headers={"Content-Type": "application/json; charset=utf-8"}).status_code == 200
+        )
 
 
 def test_the_token_store_files_are_readable_by_the_gateways_user_only(secured):
@@ -424,8 +436,10 @@ def test_a_login_flood_checks_few_passwords_and_is_answered_429(secured):
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(flood, range(clients)))
     checked = statuses.count(401)
-    print(f"\nlogin flood: {len(statuses)} answers in {flood_s:.0f} s from {clients} clients: {checked} x 401, "
-          f"{statuses.count(429)} x 429")
+    print(
+        f"\nlogin flood: {len(statuses)} answers in {flood_s:.0f} s from {clients} clients: {checked} x 401, "
+        f"{statuses.count(429)} x 429"
+    )
     assert set(statuses) == {401, 429}
     # 5 free, then waits of 1 s, 2 s, 4 s: at most 8 passwords of one account checked in 5 s, however many ask
     # (fewer on a busy machine, where each check takes longer).

@@ -55,7 +55,9 @@ def test_a_token_created_on_one_replica_works_on_the_other_and_its_revocation_re
     assert embed(first, token, model_name).status_code == 200
     assert embed(second, token, model_name).status_code == 200
 
-    created = requests.post(f"{first.http_url}/users/me/tokens", json={"description": "roaming"}, headers={"Authorization": f"Bearer {token}"})
+    created = requests.post(
+        f"{first.http_url}/users/me/tokens", json={"description": "roaming"}, headers={"Authorization": f"Bearer {token}"}
+    )
     roaming, token_id = created.json()["token"], created.json()["metadata"]["token_id"]
     assert embed(second, roaming, model_name).status_code == 200  # cached on the second replica now
 
@@ -79,7 +81,11 @@ def test_usage_from_both_replicas_adds_up_in_the_shared_store(replicas, model_na
         assert embed(service, counted, model_name).status_code == 200
     time.sleep(1.2)  # each replica writes its counts every half second
     for service in (first, second):
-        (usage,) = [t["usage"] for t in requests.get(f"{service.http_url}/users/me/tokens", headers=headers).json() if t["token_id"] == token_id]
+        (usage,) = [
+            t["usage"]
+            for t in requests.get(f"{service.http_url}/users/me/tokens", headers=headers).json()
+            if t["token_id"] == token_id
+        ]
         assert usage["requests"] == 3 and usage["texts"] == 3
 
 

@@ -31,7 +31,11 @@ def test_smoke_run_writes_every_part_of_the_report(tmp_path):
     assert servers == {"service", CEILING, "infinity-emb", "service int8", CACHE_LABEL}
     protocols = {(m["protocol"], m["encoding"]) for m in results["measurements"] if m["server"] == "service"}
     assert protocols == {
-        ("http", "float"), ("grpc", "float"), ("http", "semantic_embed"), ("http", "semantic_embed controlled"), ("http", "float zipf")
+        ("http", "float"),
+        ("grpc", "float"),
+        ("http", "semantic_embed"),
+        ("http", "semantic_embed controlled"),
+        ("http", "float zipf"),
     }
     # Repeated queries: most are answered by the cache even from cold in a few seconds, and the report compares.
     assert results["cache"]["hit_rate"] > 0.5 and results["cache"]["misses"] > 0, results["cache"]
@@ -40,7 +44,9 @@ def test_smoke_run_writes_every_part_of_the_report(tmp_path):
     on, off = float(on), float(off)
     assert (on - 0.5) / (off + 0.5) - 0.005 <= float(ratio) <= (on + 0.5) / (off - 0.5) + 0.005, (on, off, ratio)
     ceiling = [m for m in results["measurements"] if m["server"] == CEILING]
-    assert {(m["protocol"], m["encoding"], m["concurrency"]) for m in ceiling} == {tuple(p) for p in results["plan"]["ceiling_points"]}
+    assert {(m["protocol"], m["encoding"], m["concurrency"]) for m in ceiling} == {
+        tuple(p) for p in results["plan"]["ceiling_points"]
+    }
     assert all(m["texts_per_request"] == 1 and m["encoder_batch"] >= 1 for m in ceiling), ceiling
     for m in results["measurements"]:
         assert m["errors"] == 0, m
@@ -53,7 +59,11 @@ def test_smoke_run_writes_every_part_of_the_report(tmp_path):
     # Controlled prompts are tokenized by the gateway and enter Triton at the controlled-ids step.
     controlled = [m for m in service_runs if m["encoding"] == "semantic_embed controlled"]
     assert all({"gateway", "tritonserver", "controlled-ids", "encoder", "pooling"} <= set(m["cpu_share"]) for m in controlled)
-    assert all({"gateway", "tritonserver", "tokenizer", "encoder", "pooling"} <= set(m["cpu_share"]) for m in service_runs if m not in controlled)
+    assert all(
+        {"gateway", "tritonserver", "tokenizer", "encoder", "pooling"} <= set(m["cpu_share"])
+        for m in service_runs
+        if m not in controlled
+    )
     # The zero encoder does no encoding: a small part of what the real one costs at the same point.
     for m in ceiling:
         real = find_measurement(results, "service", m["protocol"], m["encoding"], "sentences", 1, m["concurrency"])
@@ -92,18 +102,33 @@ def test_perf_analyzer_study_smoke_run_measures_both_tools_on_every_route(tmp_pa
     from bench.perf_analyzer.study import ROUTES
 
     out = tmp_path / "results"
-    command = [sys.executable, "-m", "bench.perf_analyzer.study", "--smoke", "--out", str(out), "--work-dir", str(tmp_path / "work")]
+    command = [
+        sys.executable,
+        "-m",
+        "bench.perf_analyzer.study",
+        "--smoke",
+        "--out",
+        str(out),
+        "--work-dir",
+        str(tmp_path / "work"),
+    ]
     subprocess.run(command, cwd=ROOT, check=True, timeout=600)
 
     results = json.loads((out / "perf_analyzer.json").read_text())
     assert all(rate > 0 for rate in results["raw"].values())
     points = {(p["route"], p["tool"], p["concurrency"]): p for p in results["points"]}
-    assert set(points) == {(r, t, c) for r in ROUTES for t in ("perf_analyzer", "loadgen") for c in results["plan"]["concurrencies"]}
+    assert set(points) == {
+        (r, t, c) for r in ROUTES for t in ("perf_analyzer", "loadgen") for c in results["plan"]["concurrencies"]
+    }
     for point in points.values():
         # perf_analyzer stops at the first response that differs from the one recorded for it alone.
         assert point["errors"] is None, point
         assert point["requests_per_s"] > 0 and 0 < point["p50_ms"] <= point["p99_ms"], point
     report = (out / "perf_analyzer.md").read_text()
     for route in ROUTES:
-        rows = [line for line in report.split(f"## {route}\n", 1)[1].split("\n## ", 1)[0].splitlines() if line.startswith("| ") and line[2].isdigit()]
+        rows = [
+            line
+            for line in report.split(f"## {route}\n", 1)[1].split("\n## ", 1)[0].splitlines()
+            if line.startswith("| ") and line[2].isdigit()
+        ]
         assert [row.split("|")[1].strip() for row in rows] == [str(c) for c in results["plan"]["concurrencies"]], route

@@ -11,7 +11,10 @@ from tests.servers import MODEL_REPOSITORY, ROOT
 def gateway(repository) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "gateway", f"--model-repository={repository}", "--http-port=0", "--grpc-port=0", "--no-auth"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 

@@ -4,7 +4,14 @@ spreading, and the 400s that name the field."""
 import numpy as np
 import pytest
 
-from gateway.core.controls import MAX_POSITION_FACTOR, PositionControl, TextControl, TokenControl, TokenSimilarity, position_factors
+from gateway.core.controls import (
+    MAX_POSITION_FACTOR,
+    PositionControl,
+    TextControl,
+    TokenControl,
+    TokenSimilarity,
+    position_factors,
+)
 from gateway.core.errors import ServiceError
 from gateway.core.prompts import PromptItem, resolve
 

@@ -14,11 +14,12 @@ import pytest
 from starlette.routing import Route
 
 from gateway.core.errors import ErrorKind, ServiceError, internal, invalid
-from gateway.transports.grpc.servicer import EmbeddingServicer, contract_errors as grpc_contract_errors
+from gateway.ops.metrics import Metrics
 from gateway.transports.grpc.server import add_servicer
+from gateway.transports.grpc.servicer import EmbeddingServicer
+from gateway.transports.grpc.servicer import contract_errors as grpc_contract_errors
 from gateway.transports.http.app import build_app
 from gateway.transports.http.messages import contract_errors as http_contract_errors
-from gateway.ops.metrics import Metrics
 from gateway.transports.policy import RequestPolicy
 from proto.embedding.v1 import embedding_pb2 as pb
 from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
@@ -223,8 +224,12 @@ async def channel(service):
 @pytest.mark.parametrize(
     ("method", "garbage"),
     # ListModelsRequest has no field 1, so a string there is an unknown field that decodes fine.
-    [pytest.param(m, g, id=f"{m}-{name}") for m in UNARY_METHODS for g, name in zip(GARBAGE, ["not-protobuf", "bad-utf8"])
-     if (m, name) != ("ListModels", "bad-utf8")],
+    [
+        pytest.param(m, g, id=f"{m}-{name}")
+        for m in UNARY_METHODS
+        for g, name in zip(GARBAGE, ["not-protobuf", "bad-utf8"])
+        if (m, name) != ("ListModels", "bad-utf8")
+    ],
 )
 async def test_undecodable_unary_request_is_invalid_argument(channel, model_name, method, garbage):
     call = channel.unary_unary(f"{SERVICE}/{method}", request_serializer=None, response_deserializer=None)
@@ -293,8 +298,12 @@ async def test_embed_stream_answers_every_id_with_a_vector_or_an_error(channel, 
         want = np.array(embedding.values[:width])
         want /= np.linalg.norm(want)
         np.testing.assert_allclose(reply.embedding.values, want, atol=1e-5)
-    expected_errors = {"too_many_dims": ("validation", "dimensions"), "zero_dims": ("validation", "dimensions"),
-                       "empty": ("validation", "text"), "unknown_model": ("not_found", "model")}
+    expected_errors = {
+        "too_many_dims": ("validation", "dimensions"),
+        "zero_dims": ("validation", "dimensions"),
+        "empty": ("validation", "text"),
+        "unknown_model": ("not_found", "model"),
+    }
     for request in sent:
         kind = request.id.rsplit("-", 1)[0]
         if kind in expected_errors:

@@ -97,7 +97,12 @@ def test_fp16_controlled_encoder_takes_controls_like_the_fp32_one(gpu_repository
     for factor, log_additive in [(0.0, True), (10.0, True), (0.0, False), (10.0, False)]:
         factors = np.ones(ids.shape, dtype=np.float32)
         factors[:, 2] = factor
-        feeds = {"input_ids": ids, "attention_mask": mask, "control_factors": factors, "control_log_additive": np.full((2, 1), log_additive)}
+        feeds = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "control_factors": factors,
+            "control_log_additive": np.full((2, 1), log_additive),
+        }
         vectors = []
         for session in (fp16, fp32):
             (tokens,) = session.run(["token_embeddings"], feeds)

@@ -83,7 +83,9 @@ async def test_stalled_triton_answers_within_the_deadline_and_health_says_so(fre
         with pytest.raises(urllib.error.HTTPError) as raised:
             urllib.request.urlopen(call, timeout=10)
         waited = time.monotonic() - asked
-        print(f"[faults] stalled Triton: 503 after {waited:.2f} s for a 2 s deadline; stopped {time.monotonic() - stopped_at:.1f} s")
+        print(
+            f"[faults] stalled Triton: 503 after {waited:.2f} s for a 2 s deadline; stopped {time.monotonic() - stopped_at:.1f} s"
+        )
         assert raised.value.code == 503 and raised.value.headers["Retry-After"]
         assert json.loads(raised.value.read())["error"]["code"] == "deadline_exceeded"
         assert 1.9 < waited < 3
@@ -138,7 +140,17 @@ async def test_a_client_that_disconnects_has_its_work_cancelled(fresh):
 
     before = encoder_rows()
     curl = subprocess.Popen(
-        ["curl", "-s", "-o", "/dev/null", "-H", "Content-Type: application/json", "--data-binary", "@-", f"{service.http_url}/v1/embeddings"],
+        [
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            "@-",
+            f"{service.http_url}/v1/embeddings",
+        ],
         stdin=subprocess.PIPE,
     )
     curl.stdin.write(body)
@@ -152,8 +164,10 @@ async def test_a_client_that_disconnects_has_its_work_cancelled(fresh):
     await asyncio.sleep(2)
     computed = encoder_rows() - before
     latencies = await resilience.probe_latencies(service.http_url, seconds=1)
-    print(f"[faults] disconnect: {computed} of {len(texts)} rows computed; probe p99 {resilience.p99(latencies)} s, "
-          f"{time.monotonic() - left_at:.1f} s after the client left")
+    print(
+        f"[faults] disconnect: {computed} of {len(texts)} rows computed; probe p99 {resilience.p99(latencies)} s, "
+        f"{time.monotonic() - left_at:.1f} s after the client left"
+    )
     assert encoder_rows() - settled <= len(latencies), "rows were still computed 2 s after the client left"
     assert computed < len(texts) * 0.8
     assert resilience.p99(latencies) < 0.5
@@ -174,7 +188,9 @@ async def test_an_external_triton_is_reconnected_when_it_comes_back(tmp_path):
     from tests.servers import MODEL_REPOSITORY, free_ports
 
     models = Catalog.from_repository(MODEL_REPOSITORY).triton_models
-    triton = TritonProcess(MODEL_REPOSITORY, models, TritonPorts(*free_ports(3)), tmp_path / "triton", tmp_path / "triton" / "triton.log")
+    triton = TritonProcess(
+        MODEL_REPOSITORY, models, TritonPorts(*free_ports(3)), tmp_path / "triton", tmp_path / "triton" / "triton.log"
+    )
     gateway = start_service(tmp_path / "gateway", extra_args=[f"--triton-url={triton.grpc_url}"], wait_healthy=False)
     try:
         with pytest.raises(urllib.error.HTTPError) as raised:

@@ -71,7 +71,9 @@ def models(model_name: str):
     return st.sampled_from([model_name] * 20 + ["", "no-such-model", "ALL-MINILM-L6-V2", "é\u0000", "\ud800"])
 
 
-factor = st.sampled_from([0.0, 0.1, 1.0, 10.0, 1e30, 1e300]) | st.floats(allow_nan=True, allow_infinity=True) | small_int | huge_int
+factor = (
+    st.sampled_from([0.0, 0.1, 1.0, 10.0, 1e30, 1e300]) | st.floats(allow_nan=True, allow_infinity=True) | small_int | huge_int
+)
 text_control = st.fixed_dictionaries(
     {"start": small_int | huge_int, "length": small_int | huge_int, "factor": factor},
     optional={"token_overlap": st.sampled_from(["partial", "complete", "most", "", None])},
@@ -358,7 +360,11 @@ def maybe(strategy):
 
 grpc_factor = st.sampled_from([0.0, 0.1, 1.0, 10.0, 1e30]) | st.floats(allow_nan=True, allow_infinity=True)
 grpc_text_control = st.builds(
-    pb.TextControl, start=st.integers(0, 20) | uint32, length=st.integers(0, 20) | uint32, factor=grpc_factor, token_overlap=st.integers(0, 3)
+    pb.TextControl,
+    start=st.integers(0, 20) | uint32,
+    length=st.integers(0, 20) | uint32,
+    factor=grpc_factor,
+    token_overlap=st.integers(0, 3),
 )
 grpc_token_control = st.builds(pb.TokenControl, index=st.integers(0, 8) | uint32, factor=grpc_factor)
 
@@ -378,7 +384,6 @@ def prompts(draw) -> pb.Prompt:
         items[-1].text_controls.extend(draw(st.lists(grpc_text_control, max_size=2)))
         items[-1].token_controls.extend(draw(st.lists(grpc_token_control, max_size=2)))
     return pb.Prompt(items=items)
-
 
 
 def with_optionals(message, **optionals):
@@ -407,7 +412,9 @@ def embed_requests(draw, model_name: str) -> pb.EmbedRequest:
 def grpc_requests(model_name: str) -> dict:
     model = grpc_models(model_name)
     control_options = st.builds(
-        lambda log_additive, threshold: with_optionals(pb.ControlOptions(), log_additive=log_additive, contextual_threshold=threshold),
+        lambda log_additive, threshold: with_optionals(
+            pb.ControlOptions(), log_additive=log_additive, contextual_threshold=threshold
+        ),
         maybe(st.booleans()),
         maybe(st.floats(allow_nan=True, allow_infinity=True)),
     )

@@ -15,7 +15,11 @@ POOLINGS = {
     "last_token": pb.POOLING_LAST_TOKEN,
     "abs_max": pb.POOLING_ABS_MAX,
 }
-REPRESENTATIONS = {"symmetric": pb.REPRESENTATION_SYMMETRIC, "document": pb.REPRESENTATION_DOCUMENT, "query": pb.REPRESENTATION_QUERY}
+REPRESENTATIONS = {
+    "symmetric": pb.REPRESENTATION_SYMMETRIC,
+    "document": pb.REPRESENTATION_DOCUMENT,
+    "query": pb.REPRESENTATION_QUERY,
+}
 
 
 @pytest.fixture
@@ -44,13 +48,23 @@ async def test_semantic_embed_matches_http(service, stub, model_name, representa
     text = "A man is playing a guitar on stage."
     reply = await stub.SemanticEmbed(
         pb.SemanticEmbedRequest(
-            model=model_name, prompt=text_prompt(text), representation=REPRESENTATIONS[representation],
-            compress_to_size=compress_to_size, normalize=True,
+            model=model_name,
+            prompt=text_prompt(text),
+            representation=REPRESENTATIONS[representation],
+            compress_to_size=compress_to_size,
+            normalize=True,
         )
     )
     expected = http(
-        service, "/semantic_embed",
-        {"model": model_name, "prompt": text, "representation": representation, "compress_to_size": compress_to_size, "normalize": True},
+        service,
+        "/semantic_embed",
+        {
+            "model": model_name,
+            "prompt": text,
+            "representation": representation,
+            "compress_to_size": compress_to_size,
+            "normalize": True,
+        },
     )
     assert reply.model_version == expected["model_version"]
     assert reply.num_tokens_prompt_total == expected["num_tokens_prompt_total"] == reply.embedding.token_count
@@ -74,7 +88,9 @@ async def test_batch_semantic_embed_with_text_and_token_ids_matches_http(service
         [{"type": "text", "data": "Prices rose"}, {"type": "token_ids", "data": [2011, 2197]}],
         [{"type": "token_ids", "data": [7592, 2088]}],
     ]
-    expected = http(service, "/batch_semantic_embed", {"model": model_name, "prompts": http_prompts, "representation": "document"})
+    expected = http(
+        service, "/batch_semantic_embed", {"model": model_name, "prompts": http_prompts, "representation": "document"}
+    )
     assert [e.index for e in reply.embeddings] == [0, 1, 2]
     assert reply.num_tokens_prompt_total == expected["num_tokens_prompt_total"] == sum(e.token_count for e in reply.embeddings)
     np.testing.assert_array_equal(as_float32([e.values for e in reply.embeddings]), as_float32(expected["embeddings"]))
@@ -84,12 +100,17 @@ async def test_embed_with_aleph_alpha_options_is_a_batch_of_semantic_embeds(serv
     texts = ["What is the capital of France?", "Paris is the capital of France."]
     reply = await stub.Embed(
         pb.EmbedRequest(
-            model=model_name, inputs=texts, representation=pb.REPRESENTATION_QUERY, compress_to_size=128,
+            model=model_name,
+            inputs=texts,
+            representation=pb.REPRESENTATION_QUERY,
+            compress_to_size=128,
             encoding=pb.VECTOR_ENCODING_PACKED_FLOAT32,
         )
     )
     expected = http(
-        service, "/batch_semantic_embed", {"model": model_name, "prompts": texts, "representation": "query", "compress_to_size": 128}
+        service,
+        "/batch_semantic_embed",
+        {"model": model_name, "prompts": texts, "representation": "query", "compress_to_size": 128},
     )
     assert reply.model_version == expected["model_version"]
     assert reply.usage.total_tokens == expected["num_tokens_prompt_total"]
@@ -100,16 +121,22 @@ async def test_embed_with_aleph_alpha_options_is_a_batch_of_semantic_embeds(serv
 async def test_embed_layers_matches_http(service, stub, model_name):
     text = "Triton batches requests of equal shape together."
     reply = await stub.EmbedLayers(
-        pb.EmbedLayersRequest(model=model_name, prompt=text_prompt(text), layers=[0, -1], poolings=list(POOLINGS.values()), tokens=True)
+        pb.EmbedLayersRequest(
+            model=model_name, prompt=text_prompt(text), layers=[0, -1], poolings=list(POOLINGS.values()), tokens=True
+        )
     )
-    expected = http(service, "/embed", {"model": model_name, "prompt": text, "layers": [0, -1], "pooling": list(POOLINGS), "tokens": True})
+    expected = http(
+        service, "/embed", {"model": model_name, "prompt": text, "layers": [0, -1], "pooling": list(POOLINGS), "tokens": True}
+    )
     assert reply.model_version == expected["model_version"]
     assert list(reply.tokens) == expected["tokens"]
     assert reply.num_tokens_prompt_total == expected["num_tokens_prompt_total"]
     assert [(e.layer, e.pooling) for e in reply.embeddings] == [(layer, p) for layer in (0, -1) for p in POOLINGS.values()]
     for entry in reply.embeddings:
         name = next(n for n, value in POOLINGS.items() if value == entry.pooling)
-        np.testing.assert_array_equal(as_float32(entry.embedding.values), as_float32(expected["embeddings"][f"layer_{entry.layer}"][name]))
+        np.testing.assert_array_equal(
+            as_float32(entry.embedding.values), as_float32(expected["embeddings"][f"layer_{entry.layer}"][name])
+        )
 
 
 async def test_tokenize_and_detokenize_round_trip_like_http(service, stub, model_name):
@@ -131,7 +158,11 @@ async def test_tokenize_and_detokenize_round_trip_like_http(service, stub, model
         ("BatchSemanticEmbed", pb.BatchSemanticEmbedRequest(), "prompts"),
         ("Embed", pb.EmbedRequest(inputs=["x"], normalize=True, dimensions=64), "dimensions"),
         ("EmbedLayers", pb.EmbedLayersRequest(prompt=text_prompt("x"), layers=[7], poolings=[pb.POOLING_MEAN]), "layers"),
-        ("EmbedLayers", pb.EmbedLayersRequest(prompt=text_prompt("x"), layers=[-1], poolings=[pb.POOLING_UNSPECIFIED]), "pooling"),
+        (
+            "EmbedLayers",
+            pb.EmbedLayersRequest(prompt=text_prompt("x"), layers=[-1], poolings=[pb.POOLING_UNSPECIFIED]),
+            "pooling",
+        ),
         ("Detokenize", pb.DetokenizeRequest(token_ids=[10**7]), "token_ids"),
     ],
 )

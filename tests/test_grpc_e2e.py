@@ -73,7 +73,11 @@ async def test_packed_float32_carries_the_same_values(stub, model_name):
 async def test_list_models_describes_the_export(stub, manifest):
     response = await stub.ListModels(pb.ListModelsRequest())
     (model,) = response.models
-    assert (model.name, model.model_version, model.dimensions) == (manifest["name"], manifest["model_version"], manifest["dimensions"])
+    assert (model.name, model.model_version, model.dimensions) == (
+        manifest["name"],
+        manifest["model_version"],
+        manifest["dimensions"],
+    )
     assert (model.max_sequence_length_tokens, model.num_layers) == (manifest["max_sequence_length"], manifest["num_layers"])
 
 

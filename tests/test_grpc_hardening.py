@@ -8,8 +8,8 @@ import grpc
 import pytest
 
 from gateway.core.errors import ErrorKind, ServiceError, invalid
-from gateway.transports.grpc.servicer import abort_with, trailing_metadata
 from gateway.transports.grpc.connections import FDS_PER_GRPC_CONNECTION, split_descriptors
+from gateway.transports.grpc.servicer import abort_with, trailing_metadata
 
 
 def descriptors(budget) -> int:
@@ -64,8 +64,13 @@ async def test_grpc_client_retries_wait_for_the_pushback():
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    policy = {"maxAttempts": 2, "initialBackoff": "0.01s", "maxBackoff": "0.01s", "backoffMultiplier": 1,
-              "retryableStatusCodes": ["RESOURCE_EXHAUSTED"]}
+    policy = {
+        "maxAttempts": 2,
+        "initialBackoff": "0.01s",
+        "maxBackoff": "0.01s",
+        "backoffMultiplier": 1,
+        "retryableStatusCodes": ["RESOURCE_EXHAUSTED"],
+    }
     config = json.dumps({"methodConfig": [{"name": [{"service": "test.Busy"}], "retryPolicy": policy}]})
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.service_config", config)]) as channel:

@@ -3,7 +3,6 @@ overload, cancelled and expired streams, and enum values the contract does not k
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import re
 import resource
@@ -113,7 +112,9 @@ def enough_descriptors():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     needed = IDLE_CONNECTIONS + 256
     if soft < needed:
-        assert hard == resource.RLIM_INFINITY or hard >= needed, f"the test needs an open-file limit of {needed}, the hard one is {hard}"
+        assert hard == resource.RLIM_INFINITY or hard >= needed, (
+            f"the test needs an open-file limit of {needed}, the hard one is {hard}"
+        )
         resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
     yield
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
@@ -165,8 +166,10 @@ def test_idle_connections_to_the_grpc_port_leave_both_ports_serving(tmp_path, mo
                 assert flood.wait_all_closed(HANDSHAKE_TIMEOUT_S + MARGIN_S), "idle connections outlived the handshake timeout"
                 assert max(flood.lifetimes) <= HANDSHAKE_TIMEOUT_S + MARGIN_S
                 longest = max(flood.lifetimes)
-                print(f"\n{flood.closed_by_server} idle connections closed by the gateway (gRPC cap {grpc_cap}), "
-                      f"the longest open {longest:.2f} s")
+                print(
+                    f"\n{flood.closed_by_server} idle connections closed by the gateway (gRPC cap {grpc_cap}), "
+                    f"the longest open {longest:.2f} s"
+                )
             assert embed_over_grpc(kept, model_name, "after the flood") == dimensions
     finally:
         service.stop()

@@ -8,11 +8,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from export.datasets import sts_sentences
 from gateway.core.catalog import Catalog
-from gateway.core.service import EmbeddingService
-from gateway.transports.grpc.server import create_server
-from gateway.ops.metrics import Metrics
-from gateway.transports.policy import RequestPolicy
 from gateway.core.scheduler import Scheduler
+from gateway.core.service import EmbeddingService
+from gateway.ops.metrics import Metrics
+from gateway.transports.grpc.server import create_server
+from gateway.transports.policy import RequestPolicy
 from gateway.triton.pool import TritonPool
 from proto.embedding.v1 import embedding_pb2 as pb
 from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
@@ -62,7 +62,9 @@ async def test_without_triton_health_is_not_serving_and_calls_are_unavailable(mo
     server, port, triton = await running_server(f"127.0.0.1:{dead_port}")
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="embedding.v1.EmbeddingService"))
+            health = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="embedding.v1.EmbeddingService")
+            )
             assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 await pb_grpc.EmbeddingServiceStub(channel).Embed(pb.EmbedRequest(model=model_name, inputs=["anyone there?"]))

@@ -1,6 +1,5 @@
 """Direct Triton access: what tritonclient users get equals what the gateway serves (perf_analyzer: test_perf_analyzer_e2e)."""
 
-
 import grpc
 import numpy as np
 import pytest

@@ -57,7 +57,9 @@ def test_a_broken_chunked_body_gets_a_400_in_the_contract_shape(service):
 
 
 def test_head_on_a_post_route_is_a_405_with_allow_and_json_headers(service):
-    status, headers, body = exchange(service.http_port, b"HEAD /v1/embeddings HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    status, headers, body = exchange(
+        service.http_port, b"HEAD /v1/embeddings HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
     assert (status, headers["allow"], headers["content-type"]) == (405, "POST", "application/json")
     assert int(headers["content-length"]) > 0 and body == b""  # a HEAD answer has no body (RFC 9110 9.3.2)
 
@@ -65,9 +67,21 @@ def test_head_on_a_post_route_is_a_405_with_allow_and_json_headers(service):
 def test_curl_http2_on_plain_http_is_served_with_its_body(service, model_name):
     """curl --http2 asks to upgrade to h2c on every plain-HTTP request, POST bodies included."""
     done = subprocess.run(
-        ["curl", "-s", "--http2", "-w", "\n%{http_code}", "-H", "Content-Type: application/json",
-         "-d", json.dumps({"model": model_name, "input": ["upgrade me", "not"]}), f"{service.http_url}/v1/embeddings"],
-        capture_output=True, text=True, timeout=60,
+        [
+            "curl",
+            "-s",
+            "--http2",
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            json.dumps({"model": model_name, "input": ["upgrade me", "not"]}),
+            f"{service.http_url}/v1/embeddings",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     body, status = done.stdout.rsplit("\n", 1)
     assert status == "200", body
@@ -84,7 +98,9 @@ def test_curl_http2_on_plain_http_is_served_with_its_body(service, model_name):
     ],
 )
 def test_ambiguous_or_empty_openai_input_is_a_400_naming_the_field(service, body, param):
-    status, _, content = raw_http(service.http_port, "POST", "/v1/embeddings", body, {"Content-Type": "application/json", "Host": "localhost"})
+    status, _, content = raw_http(
+        service.http_port, "POST", "/v1/embeddings", body, {"Content-Type": "application/json", "Host": "localhost"}
+    )
     assert status == 400 and json.loads(content)["error"]["param"] == param
 
 
@@ -113,11 +129,28 @@ async def stub(service):
 async def test_grpc_refuses_what_http_refuses_naming_the_field(stub, model_name):
     cases = [
         (stub.Embed, pb.EmbedRequest(model=model_name, inputs=["fine", " \n"]), "inputs"),
-        (stub.SemanticEmbed, pb.SemanticEmbedRequest(model=model_name, prompt=pb.Prompt(items=[pb.PromptItem(text="\u200b")])), "prompt"),
-        (stub.EmbedLayers, pb.EmbedLayersRequest(model=model_name, prompt=pb.Prompt(items=[pb.PromptItem(text="hi")]), layers=[-1, 6],
-                                                 poolings=[pb.POOLING_MEAN]), "layers"),
-        (stub.EmbedLayers, pb.EmbedLayersRequest(model=model_name, prompt=pb.Prompt(items=[pb.PromptItem(text="hi")]), layers=[0],
-                                                 poolings=[pb.POOLING_MEAN, pb.POOLING_MEAN]), "pooling"),
+        (
+            stub.SemanticEmbed,
+            pb.SemanticEmbedRequest(model=model_name, prompt=pb.Prompt(items=[pb.PromptItem(text="\u200b")])),
+            "prompt",
+        ),
+        (
+            stub.EmbedLayers,
+            pb.EmbedLayersRequest(
+                model=model_name, prompt=pb.Prompt(items=[pb.PromptItem(text="hi")]), layers=[-1, 6], poolings=[pb.POOLING_MEAN]
+            ),
+            "layers",
+        ),
+        (
+            stub.EmbedLayers,
+            pb.EmbedLayersRequest(
+                model=model_name,
+                prompt=pb.Prompt(items=[pb.PromptItem(text="hi")]),
+                layers=[0],
+                poolings=[pb.POOLING_MEAN, pb.POOLING_MEAN],
+            ),
+            "pooling",
+        ),
     ]
     for method, request, field in cases:
         with pytest.raises(grpc.aio.AioRpcError) as raised:

@@ -11,7 +11,6 @@ import json
 import pytest
 
 
-
 def openai_error(body: bytes) -> dict:
     error = json.loads(body)["error"]
     assert set(error) == {"message", "type", "param", "code", "request_id"} and error["message"], error
@@ -42,14 +41,32 @@ MALFORMED_HEADS = {
     "whitespace before the first header": (b"GET /v1/models HTTP/1.1\r\n Host: x\r\n\r\n", 400, True),
     "bare LF line ends": (b"GET /v1/models HTTP/1.1\nHost: x\n\n", 400, True),
     "bare CR line ends": (b"GET /v1/models HTTP/1.1\rHost: x\r\r", 400, True),
-    "a Content-Length that is not a number": (b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", 400, True),
-    "a negative Content-Length": (b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", 400, True),
-    "a Content-Length past 2**64": (b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999999\r\n\r\n", 400, True),
-    "two different Content-Lengths": (b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", 400, True),
-    "Content-Length and Transfer-Encoding": (
-        b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, True
+    "a Content-Length that is not a number": (
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+        400,
+        True,
     ),
-    "chunked not the last coding": (b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\nabc", 400, True),
+    "a negative Content-Length": (b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", 400, True),
+    "a Content-Length past 2**64": (
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+        400,
+        True,
+    ),
+    "two different Content-Lengths": (
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+        400,
+        True,
+    ),
+    "Content-Length and Transfer-Encoding": (
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+        True,
+    ),
+    "chunked not the last coding": (
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\nabc",
+        400,
+        True,
+    ),
     "an unknown method": (b"BREW /v1/models HTTP/1.1\r\nHost: x\r\n\r\n", 501, False),
     "a lower-case method": (b"get /v1/models HTTP/1.1\r\nHost: x\r\n\r\n", 501, False),
     "CONNECT": (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", 501, False),
@@ -100,7 +117,9 @@ BROKEN_BODIES = {
 @pytest.mark.parametrize("path", ["/v1/embeddings", "/embed"])
 async def test_a_body_whose_framing_breaks_is_answered_400_by_its_route(gateway, name, path):
     connection = gateway.connect()
-    connection.send(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+    connection.send(
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+    )
     connection.send(BROKEN_BODIES[name])
     response = await connection.response()
     assert response.status == 400

@@ -67,8 +67,16 @@ def test_requests_usage_and_rejections_are_counted():
     assert value(found, "embed_gateway_requests_total", contract="openai", route="/v1/embeddings", status="200") == 2
     assert value(found, "embed_gateway_requests_total", contract="openai", route="/v1/embeddings", status="429") == 2
     assert value(found, "embed_gateway_requests_total", contract="aleph_alpha", route="/semantic_embed", status="200") == 1
-    assert value(found, "embed_gateway_requests_total", contract="grpc", route="/embedding.v1.EmbeddingService/Embed",
-                 status="UNAUTHENTICATED") == 1
+    assert (
+        value(
+            found,
+            "embed_gateway_requests_total",
+            contract="grpc",
+            route="/embedding.v1.EmbeddingService/Embed",
+            status="UNAUTHENTICATED",
+        )
+        == 1
+    )
     expected_rejections = {"rate_limited": 1, "unauthenticated": 1, "too_large": 1, "overloaded": 1}
     for reason in REJECTION_REASONS:
         assert value(found, "embed_gateway_rejections_total", reason=reason) == expected_rejections.get(reason, 0), reason
@@ -129,10 +137,21 @@ def test_scheduler_and_triton_are_read_at_each_scrape():
 @pytest.mark.parametrize(
     "status, rate_limited, reason",
     [
-        (200, False, None), (204, False, None), (400, False, "invalid"), (404, False, "invalid"), (405, False, "invalid"),
-        (415, False, "invalid"), (422, False, "invalid"), (401, False, "unauthenticated"), (403, False, "forbidden"),
-        (413, False, "too_large"), (429, False, "overloaded"), (429, True, "rate_limited"), (503, False, "unavailable"),
-        (504, False, "deadline_exceeded"), (500, False, None),
+        (200, False, None),
+        (204, False, None),
+        (400, False, "invalid"),
+        (404, False, "invalid"),
+        (405, False, "invalid"),
+        (415, False, "invalid"),
+        (422, False, "invalid"),
+        (401, False, "unauthenticated"),
+        (403, False, "forbidden"),
+        (413, False, "too_large"),
+        (429, False, "overloaded"),
+        (429, True, "rate_limited"),
+        (503, False, "unavailable"),
+        (504, False, "deadline_exceeded"),
+        (500, False, None),
     ],
 )
 def test_reason_for_status(status, rate_limited, reason):
@@ -197,8 +216,13 @@ def test_json_lines_name_the_request_and_carry_fields_and_tracebacks(restore_log
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["ts"]), line["ts"]
     hello, failed, _, access, outside = lines
     assert hello == {
-        "ts": hello["ts"], "level": "WARNING", "logger": "some.library", "message": "hello world", "request_id": "req-42",
-        "route": "/v1/embeddings", "attempt": 2,
+        "ts": hello["ts"],
+        "level": "WARNING",
+        "logger": "some.library",
+        "message": "hello world",
+        "request_id": "req-42",
+        "route": "/v1/embeddings",
+        "attempt": 2,
     }
     assert failed["level"] == "ERROR"
     assert failed["exc_info"].startswith("Traceback (most recent call last):")

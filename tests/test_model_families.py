@@ -28,7 +28,9 @@ def batch(rng: np.random.Generator, rows=5, width=11, hidden=24):
 @pytest.mark.parametrize("mode", sorted(POOLINGS))
 def test_each_pooling_matches_sentence_transformers(mode):
     tokens, mask = batch(np.random.default_rng(1))
-    expected = StPooling(tokens.shape[2], pooling_mode=mode)({"token_embeddings": torch.tensor(tokens), "attention_mask": torch.tensor(mask)})
+    expected = StPooling(tokens.shape[2], pooling_mode=mode)(
+        {"token_embeddings": torch.tensor(tokens), "attention_mask": torch.tensor(mask)}
+    )
     served = SentenceHead((mode,), ())(tokens, mask)
     np.testing.assert_allclose(served, expected["sentence_embedding"].numpy(), rtol=1e-5, atol=1e-5)
 
@@ -36,8 +38,12 @@ def test_each_pooling_matches_sentence_transformers(mode):
 def test_several_poolings_are_concatenated_in_order():
     tokens, mask = batch(np.random.default_rng(2))
     modes = ("cls", "max", "mean")
-    expected = StPooling(tokens.shape[2], pooling_mode=list(modes))({"token_embeddings": torch.tensor(tokens), "attention_mask": torch.tensor(mask)})
-    np.testing.assert_allclose(SentenceHead(modes, ())(tokens, mask), expected["sentence_embedding"].numpy(), rtol=1e-5, atol=1e-5)
+    expected = StPooling(tokens.shape[2], pooling_mode=list(modes))(
+        {"token_embeddings": torch.tensor(tokens), "attention_mask": torch.tensor(mask)}
+    )
+    np.testing.assert_allclose(
+        SentenceHead(modes, ())(tokens, mask), expected["sentence_embedding"].numpy(), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
@@ -46,10 +52,16 @@ def test_dense_layers_and_normalize_match_sentence_transformers(activation):
     tokens, mask = batch(np.random.default_rng(3))
     first = StDense(24, 40, activation_function=getattr(torch.nn, activation)())
     second = StDense(40, 16, bias=False)
-    features = StPooling(24, pooling_mode="mean")({"token_embeddings": torch.tensor(tokens), "attention_mask": torch.tensor(mask)})
+    features = StPooling(24, pooling_mode="mean")(
+        {"token_embeddings": torch.tensor(tokens), "attention_mask": torch.tensor(mask)}
+    )
     for module in (first, second, StNormalize()):
         features = module(features)
-    as_numpy = lambda d: Dense(d.linear.weight.detach().numpy(), None if d.linear.bias is None else d.linear.bias.detach().numpy(), d.activation_function.__class__.__name__)  # noqa: E731
+    as_numpy = lambda d: Dense(
+        d.linear.weight.detach().numpy(),
+        None if d.linear.bias is None else d.linear.bias.detach().numpy(),
+        d.activation_function.__class__.__name__,
+    )
     head = SentenceHead(("mean",), (as_numpy(first), as_numpy(second), Normalize()))
     np.testing.assert_allclose(head(tokens, mask), features["sentence_embedding"].detach().numpy(), rtol=1e-5, atol=1e-5)
 
@@ -67,15 +79,26 @@ def test_a_head_saved_and_loaded_computes_the_same(tmp_path):
     [
         # sentence-transformers 5 writes empty query/document prompts next to a model's own names.
         (
-            {"prompts": {"query": "", "document": "", "search_query": "search_query: ", "search_document": "search_document: ", "clustering": "clustering: "},
-             "default_prompt_name": "clustering"},
+            {
+                "prompts": {
+                    "query": "",
+                    "document": "",
+                    "search_query": "search_query: ",
+                    "search_document": "search_document: ",
+                    "clustering": "clustering: ",
+                },
+                "default_prompt_name": "clustering",
+            },
             {"query": "search_query: ", "document": "search_document: ", "symmetric": "clustering: ", "default": "clustering: "},
         ),
         (
             {"prompts": {"query": "Instruct: find\nQuery:", "document": ""}, "default_prompt_name": None},
             {"query": "Instruct: find\nQuery:", "document": "", "symmetric": "", "default": ""},
         ),
-        ({"prompts": {"query": "query: ", "passage": "passage: "}}, {"query": "query: ", "document": "passage: ", "symmetric": "", "default": ""}),
+        (
+            {"prompts": {"query": "query: ", "passage": "passage: "}},
+            {"query": "query: ", "document": "passage: ", "symmetric": "", "default": ""},
+        ),
         ({}, {"query": "", "document": "", "symmetric": "", "default": ""}),
     ],
 )
@@ -106,10 +129,18 @@ def add_module(model_dir, type_name: str, path: str = "2_Extra") -> None:
 
 
 REFUSALS = {
-    "a custom module": (lambda d: add_module(d, "my_package.modules.Reranker"), ["my_package.modules.Reranker", "Dense and Normalize"]),
-    "a sentence-transformers module not served": (lambda d: add_module(d, "sentence_transformers.models.LayerNorm"), ["LayerNorm", "not supported"]),
+    "a custom module": (
+        lambda d: add_module(d, "my_package.modules.Reranker"),
+        ["my_package.modules.Reranker", "Dense and Normalize"],
+    ),
+    "a sentence-transformers module not served": (
+        lambda d: add_module(d, "sentence_transformers.models.LayerNorm"),
+        ["LayerNorm", "not supported"],
+    ),
     "a pooling mode not listed": (
-        lambda d: edit_json(d / "1_Pooling" / "config.json", lambda c: c.update(pooling_mode_mean_tokens=False, pooling_mode_median=True)),
+        lambda d: edit_json(
+            d / "1_Pooling" / "config.json", lambda c: c.update(pooling_mode_mean_tokens=False, pooling_mode_median=True)
+        ),
         ["pools by nothing", "lasttoken"],
     ),
     "a pooling that leaves the prompt out": (
@@ -117,13 +148,24 @@ REFUSALS = {
         ["include_prompt"],
     ),
     "a Dense activation not listed": (
-        lambda d: (add_module(d, "sentence_transformers.models.Dense", "2_Dense"), (d / "2_Dense").mkdir(),
-                   (d / "2_Dense" / "config.json").write_text(json.dumps({"in_features": 384, "out_features": 64, "activation_function": "torch.nn.modules.activation.SiLU"}))),
+        lambda d: (
+            add_module(d, "sentence_transformers.models.Dense", "2_Dense"),
+            (d / "2_Dense").mkdir(),
+            (d / "2_Dense" / "config.json").write_text(
+                json.dumps({"in_features": 384, "out_features": 64, "activation_function": "torch.nn.modules.activation.SiLU"})
+            ),
+        ),
         ["SiLU", "GELU"],
     ),
     "no tokenizer.json": (lambda d: (d / "tokenizer.json").unlink(), ["no tokenizer.json", "`tokenizers`"]),
-    "a tokenizer.json that tokenizers cannot load": (lambda d: (d / "tokenizer.json").write_text("{}"), ["cannot be loaded with `tokenizers`"]),
-    "a Transformer that is not first": (lambda d: edit_json(d / "modules.json", lambda m: m.reverse()), ["supported: a Transformer, then a Pooling"]),
+    "a tokenizer.json that tokenizers cannot load": (
+        lambda d: (d / "tokenizer.json").write_text("{}"),
+        ["cannot be loaded with `tokenizers`"],
+    ),
+    "a Transformer that is not first": (
+        lambda d: edit_json(d / "modules.json", lambda m: m.reverse()),
+        ["supported: a Transformer, then a Pooling"],
+    ),
 }
 
 
@@ -160,7 +202,9 @@ def test_the_served_dimensions_follow_the_head(minilm):
     assert load_source_model(minilm).dimensions == 384
     add_module(minilm, "sentence_transformers.models.Dense", "2_Dense")
     (minilm / "2_Dense").mkdir()
-    (minilm / "2_Dense" / "config.json").write_text(json.dumps({"in_features": 384, "out_features": 96, "activation_function": "torch.nn.modules.activation.Tanh"}))
+    (minilm / "2_Dense" / "config.json").write_text(
+        json.dumps({"in_features": 384, "out_features": 96, "activation_function": "torch.nn.modules.activation.Tanh"})
+    )
     source = load_source_model(minilm, "renamed")
     assert (source.name, source.dimensions, [m.kind for m in source.head]) == ("renamed", 96, ["Dense", "Normalize"])
 

@@ -32,20 +32,35 @@ from tests.tiny_models import BUILDERS
 # and for encode() without one; "" means no prompt). This is the documented mapping, spelled out per model.
 MODELS = {
     "bert-cls": ("tiny-bert-cls", {"query": "query", "document": "document", "symmetric": "", "default": None}),
-    "distilbert-max": ("tiny-distilbert-max", {"query": "search_query", "document": "search_document", "symmetric": "clustering", "default": None}),
+    "distilbert-max": (
+        "tiny-distilbert-max",
+        {"query": "search_query", "document": "search_document", "symmetric": "clustering", "default": None},
+    ),
     "qwen3-embedding": ("tiny-qwen3", {"query": "query", "document": "document", "symmetric": "", "default": None}),
 }
 MINILM = "all-minilm-l6-v2"
-REPRESENTATIONS = {"query": SemanticRepresentation.Query, "document": SemanticRepresentation.Document, "symmetric": SemanticRepresentation.Symmetric}
-GRPC_REPRESENTATIONS = {"query": pb.REPRESENTATION_QUERY, "document": pb.REPRESENTATION_DOCUMENT, "symmetric": pb.REPRESENTATION_SYMMETRIC}
+REPRESENTATIONS = {
+    "query": SemanticRepresentation.Query,
+    "document": SemanticRepresentation.Document,
+    "symmetric": SemanticRepresentation.Symmetric,
+}
+GRPC_REPRESENTATIONS = {
+    "query": pb.REPRESENTATION_QUERY,
+    "document": pb.REPRESENTATION_DOCUMENT,
+    "symmetric": pb.REPRESENTATION_SYMMETRIC,
+}
 MIN_COSINE = 0.9999
 
 
 def copy_model(source_repository, target_repository, name: str) -> None:
     """One exported model's Triton models, as its manifest lists them."""
-    (manifest_path,) = [p for p in source_repository.glob("*/embedding_manifest.json") if json.loads(p.read_text())["name"] == name]
+    (manifest_path,) = [
+        p for p in source_repository.glob("*/embedding_manifest.json") if json.loads(p.read_text())["name"] == name
+    ]
     for directory in json.loads(manifest_path.read_text())["directories"]:
-        shutil.copytree(source_repository / directory, target_repository / directory, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            source_repository / directory, target_repository / directory, ignore=shutil.ignore_patterns("__pycache__")
+        )
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +128,12 @@ def test_every_model_is_listed_by_every_contract(served):
     assert set(available) == names
     with grpc.insecure_channel(f"127.0.0.1:{served.grpc_port}") as channel:
         listed = pb_grpc.EmbeddingServiceStub(channel).ListModels(pb.ListModelsRequest(), timeout=30)
-    assert {m.name: m.dimensions for m in listed.models} == {MINILM: 384, "bert-cls": 160, "distilbert-max": 144, "qwen3-embedding": 192}
+    assert {m.name: m.dimensions for m in listed.models} == {
+        MINILM: 384,
+        "bert-cls": 160,
+        "distilbert-max": 144,
+        "qwen3-embedding": 192,
+    }
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -133,7 +153,9 @@ def test_aleph_alpha_representations_apply_the_models_prompts_for_every_sentence
     client = Client(token="unused", host=served.http_url, total_retries=0)
     vectors = []
     for chunk in in_chunks(texts):
-        request = BatchSemanticEmbeddingRequest(prompts=[Prompt.from_text(t) for t in chunk], representation=REPRESENTATIONS[representation])
+        request = BatchSemanticEmbeddingRequest(
+            prompts=[Prompt.from_text(t) for t in chunk], representation=REPRESENTATIONS[representation]
+        )
         vectors += client.batch_semantic_embed(request, model=name).embeddings
     assert_matches(np.array(vectors), reference[name, representation], f"{name} {representation} over /batch_semantic_embed")
 
@@ -148,7 +170,9 @@ def test_grpc_matches_encode_for_every_sentence(served, reference, texts, name):
             assert reply.model == name
             plain += [list(e.values) for e in reply.embeddings]
             prompts = [pb.Prompt(items=[pb.PromptItem(text=t)]) for t in chunk]
-            batch = stub.BatchSemanticEmbed(pb.BatchSemanticEmbedRequest(model=name, prompts=prompts, representation=pb.REPRESENTATION_QUERY), timeout=60)
+            batch = stub.BatchSemanticEmbed(
+                pb.BatchSemanticEmbedRequest(model=name, prompts=prompts, representation=pb.REPRESENTATION_QUERY), timeout=60
+            )
             query += [list(e.values) for e in batch.embeddings]
     assert_matches(np.array(plain), reference[name, "default"], f"{name} over gRPC Embed")
     assert_matches(np.array(query), reference[name, "query"], f"{name} query over gRPC BatchSemanticEmbed")
@@ -187,7 +211,9 @@ def test_decoder_rows_padded_to_gpu_buckets_keep_their_vectors(repository, refer
     from tokenizers import Tokenizer
 
     manifest = json.loads((repository / "qwen3-embedding" / "embedding_manifest.json").read_text())
-    session = ort.InferenceSession(str(repository / manifest["steps"]["encoder"] / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(repository / manifest["steps"]["encoder"] / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
     head = SentenceHead.load(repository / manifest["steps"]["pooling"] / "1")
     tokenizer = Tokenizer.from_file(str(repository / manifest["tokenizer"]))
     encodings = [tokenizer.encode(t).ids for t in texts[:16]]
@@ -205,7 +231,11 @@ def test_concurrent_mixed_traffic_gets_every_vector_from_the_right_model(served,
 
     def ask(job):
         name, index = job
-        response = requests.post(f"{served.http_url}/v1/embeddings", json={"model": name, "input": texts[index], "encoding_format": "float"}, timeout=60)
+        response = requests.post(
+            f"{served.http_url}/v1/embeddings",
+            json={"model": name, "input": texts[index], "encoding_format": "float"},
+            timeout=60,
+        )
         assert response.status_code == 200, response.text
         assert response.json()["model"] == name
         return np.array(response.json()["data"][0]["embedding"])

@@ -34,7 +34,10 @@ def test_every_sts_sentence_matches_sentence_transformers(client, model_name, re
     texts = sts_sentences()
     assert len(texts) == 1030
     served = np.concatenate(
-        [[d.embedding for d in client.embeddings.create(model=model_name, input=texts[i : i + 100]).data] for i in range(0, len(texts), 100)]
+        [
+            [d.embedding for d in client.embeddings.create(model=model_name, input=texts[i : i + 100]).data]
+            for i in range(0, len(texts), 100)
+        ]
     )
     expected = reference_model.encode(texts, batch_size=64)
     cosine = (served * expected).sum(1) / (np.linalg.norm(served, axis=1) * np.linalg.norm(expected, axis=1))

@@ -112,4 +112,3 @@ def test_models_and_health(http, model_name):
     assert [m["id"] for m in http.get(f"{http.base_url}/v1/models").json()["data"]] == [model_name]
     health = http.get(f"{http.base_url}/health")
     assert health.status_code == 200 and health.json() == {"status": "ok"}
-

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,15 +36,19 @@ def committed() -> dict:
 def recorded_ensemble(service, manifest) -> tuple[list[str], list[int], list[np.ndarray]]:
     """Every STS sentence, its token count, and the vector the session's Triton gives it alone."""
     texts = sts_sentences()
-    return texts, token_counts(MODEL_REPOSITORY, texts), record_triton(service.triton_grpc_url, manifest["ensembles"]["text"], texts)
+    return (
+        texts,
+        token_counts(MODEL_REPOSITORY, texts),
+        record_triton(service.triton_grpc_url, manifest["ensembles"]["text"], texts),
+    )
 
 
 def test_committed_input_data_is_every_sts_sentence_with_its_token_count(committed):
     texts = sts_sentences()
     assert [r["TEXT"]["content"] for r in committed["data"]] == [[t] for t in texts]
-    assert [v["TOKEN_COUNT"]["content"] for v in committed["validation_data"]] == [[n] for n in token_counts(MODEL_REPOSITORY, texts)], (
-        "run `python -m bench.perf_analyzer.make_input_data --triton HOST:PORT`"
-    )
+    assert [v["TOKEN_COUNT"]["content"] for v in committed["validation_data"]] == [
+        [n] for n in token_counts(MODEL_REPOSITORY, texts)
+    ], "run `python -m bench.perf_analyzer.make_input_data --triton HOST:PORT`"
 
 
 def test_committed_vectors_are_what_this_export_answers_up_to_a_cpus_rounding(committed, recorded_ensemble):
@@ -122,11 +125,17 @@ def recorded_gateway(service, model_name) -> dict:
     return json.loads(record_gateway(service.http_url, model_name, sts_sentences()[:RECORDED]))
 
 
-def test_perf_analyzer_openai_kind_drives_the_gateway_with_every_response_checked(service, model_name, recorded_gateway, tmp_path):
+def test_perf_analyzer_openai_kind_drives_the_gateway_with_every_response_checked(
+    service, model_name, recorded_gateway, tmp_path
+):
     input_data = tmp_path / "gateway.json"
     input_data.write_text(json.dumps(recorded_gateway))
-    run = runner.run(runner.gateway_arguments(model_name, f"127.0.0.1:{service.http_port}", input_data), CONCURRENCY,
-                     runner.Load(request_count=REQUESTS), tmp_path / "run")
+    run = runner.run(
+        runner.gateway_arguments(model_name, f"127.0.0.1:{service.http_port}", input_data),
+        CONCURRENCY,
+        runner.Load(request_count=REQUESTS),
+        tmp_path / "run",
+    )
     _passes(run)
     # The recorded responses themselves are the served vectors: 384 little-endian floats of unit length.
     first = recorded_gateway["validation_data"][0]["response"]["content"][0]["data"][0]["embedding"]
@@ -137,9 +146,15 @@ def test_perf_analyzer_openai_kind_drives_the_gateway_with_every_response_checke
 def test_a_wrong_expected_gateway_response_fails_the_run(service, model_name, recorded_gateway, tmp_path):
     wrong = json.loads(json.dumps(recorded_gateway))
     item = wrong["validation_data"][0]["response"]["content"][0]["data"][0]
-    item["embedding"] = base64.b64encode(_one_bit_off(np.frombuffer(base64.b64decode(item["embedding"]), dtype="<f4")).tobytes()).decode()
+    item["embedding"] = base64.b64encode(
+        _one_bit_off(np.frombuffer(base64.b64decode(item["embedding"]), dtype="<f4")).tobytes()
+    ).decode()
     input_data = tmp_path / "wrong.json"
     input_data.write_text(json.dumps(wrong))
-    run = runner.run(runner.gateway_arguments(model_name, f"127.0.0.1:{service.http_port}", input_data), CONCURRENCY,
-                     runner.Load(request_count=REQUESTS), tmp_path / "run")
+    run = runner.run(
+        runner.gateway_arguments(model_name, f"127.0.0.1:{service.http_port}", input_data),
+        CONCURRENCY,
+        runner.Load(request_count=REQUESTS),
+        tmp_path / "run",
+    )
     _fails_validation(run)

@@ -55,16 +55,25 @@ def served(clone):
     """`bin/serve` in the clone, on free ports, until its gateway reports ready; then the whole group is stopped."""
     http, grpc, t_http, t_grpc, t_metrics = free_ports(5)
     log = clone.parent / "serve.log"
-    command = ["bin/serve", f"--http-port={http}", f"--grpc-port={grpc}", f"--triton-http-port={t_http}",
-               f"--triton-grpc-port={t_grpc}", f"--triton-metrics-port={t_metrics}"]
+    command = [
+        "bin/serve",
+        f"--http-port={http}",
+        f"--grpc-port={grpc}",
+        f"--triton-http-port={t_http}",
+        f"--triton-grpc-port={t_grpc}",
+        f"--triton-metrics-port={t_metrics}",
+    ]
     with open(log, "wb") as out:
-        process = subprocess.Popen(command, cwd=clone, env=_clean_environment(), stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            command, cwd=clone, env=_clean_environment(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         deadline = time.monotonic() + SETUP_TIMEOUT_S
         while "ready; Ctrl-C stops" not in log.read_text(errors="replace"):
             assert process.poll() is None, f"bin/serve exited {process.returncode}:\n{log.read_text(errors='replace')[-4000:]}"
-            assert time.monotonic() < deadline, f"bin/serve not ready after {SETUP_TIMEOUT_S} s:\n{log.read_text(errors='replace')[-4000:]}"
+            assert time.monotonic() < deadline, (
+                f"bin/serve not ready after {SETUP_TIMEOUT_S} s:\n{log.read_text(errors='replace')[-4000:]}"
+            )
             time.sleep(1)
         yield {"http": f"http://127.0.0.1:{http}", "triton_grpc": f"127.0.0.1:{t_grpc}", "log": log.read_text(errors="replace")}
     finally:
@@ -112,13 +121,47 @@ def test_bin_serve_from_a_plain_clone_serves_sentence_transformers_vectors(serve
 
 def test_the_clones_perf_analyzer_measures_its_triton_with_every_answer_checked(clone, served):
     input_data = clone.parent / "recorded.json"
-    subprocess.run([".venv/bin/python", "-m", "bench.perf_analyzer.make_input_data", "--triton", served["triton_grpc"],
-                    "--count", "64", "--out", str(input_data)], cwd=clone, env=_clean_environment(), check=True, timeout=120)
+    subprocess.run(
+        [
+            ".venv/bin/python",
+            "-m",
+            "bench.perf_analyzer.make_input_data",
+            "--triton",
+            served["triton_grpc"],
+            "--count",
+            "64",
+            "--out",
+            str(input_data),
+        ],
+        cwd=clone,
+        env=_clean_environment(),
+        check=True,
+        timeout=120,
+    )
     done = subprocess.run(
-        [".venv/bin/perf_analyzer", "-m", "all-minilm-l6-v2", "-i", "grpc", "-u", served["triton_grpc"], "--input-data", str(input_data),
-         "--async", "--max-threads=8", "--concurrency-range=8", "--request-count=200"],
-        cwd=clone, env=_clean_environment(), capture_output=True, text=True, timeout=300,
+        [
+            ".venv/bin/perf_analyzer",
+            "-m",
+            "all-minilm-l6-v2",
+            "-i",
+            "grpc",
+            "-u",
+            served["triton_grpc"],
+            "--input-data",
+            str(input_data),
+            "--async",
+            "--max-threads=8",
+            "--concurrency-range=8",
+            "--request-count=200",
+        ],
+        cwd=clone,
+        env=_clean_environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert re.search(r"Request count: 200\b", done.stdout) and re.search(r"Throughput: [\d.]+ infer/sec", done.stdout), done.stdout
+    assert re.search(r"Request count: 200\b", done.stdout) and re.search(r"Throughput: [\d.]+ infer/sec", done.stdout), (
+        done.stdout
+    )
     assert "error" not in done.stdout.lower()

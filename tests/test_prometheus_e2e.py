@@ -8,7 +8,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.prometheus_server import PrometheusServer
 from tests.servers import HttpApi
-from tests.servers import HttpApi
 
 SENT = 7
 

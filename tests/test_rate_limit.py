@@ -7,12 +7,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from gateway.ops import request_context
+from gateway.auth.rate_limit import UNMETERED, LoginThrottle, RateLimiter, address_key, reserve_prompt_tokens
+from gateway.auth.store import Limits
 from gateway.core.errors import ErrorKind, ServiceError
 from gateway.core.prompts import Prompt
-from gateway.auth.rate_limit import UNMETERED, LoginThrottle, RateLimiter, address_key, reserve_prompt_tokens
+from gateway.ops import request_context
 from gateway.ops.request_context import RequestContext
-from gateway.auth.store import Limits
 
 
 class Clock:
@@ -106,6 +106,8 @@ def test_changed_limits_take_effect_at_once():
     limiter.admit(1, Limits(requests_per_second=1))
     refused(limiter, 1, Limits(requests_per_second=1))
     limiter.admit(1, Limits(requests_per_second=100))
+
+
 # Prompt tokens reserved before the work, with the model's real tokenizer
 
 

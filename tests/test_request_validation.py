@@ -12,16 +12,19 @@ import pytest
 from aleph_alpha_client import EmbeddingRequest, Prompt, SemanticEmbeddingRequest, SemanticRepresentation, Text
 from aleph_alpha_client.embedding import BatchSemanticEmbeddingRequest
 
-from gateway.core.service import EmbedCall, SemanticEmbedCall, has_visible_text
 from gateway.core.errors import ErrorKind, ServiceError
 from gateway.core.prompts import PromptItem
+from gateway.core.service import EmbedCall, SemanticEmbedCall, has_visible_text
 from tests.http_harness import Gateway
 
 
 async def post(gateway: Gateway, path: str, body: bytes | dict):
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     connection = gateway.connect()
-    connection.send(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+    connection.send(
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+        + data
+    )
     response = await connection.response()
     connection.close()
     return response
@@ -44,8 +47,16 @@ def refusal(response) -> tuple[str, str | None]:
     [
         ("/v1/embeddings", b'{"model": "M", "input": "first", "input": "second"}', "input"),
         ("/v1/embeddings", b'{"model": "M", "model": "M", "input": "x"}', "model"),
-        ("/semantic_embed", b'{"model": "M", "representation": "query", "prompt": [{"type": "text", "data": "a", "data": "b"}]}', "data"),
-        ("/embed", b'{"model": "M", "prompt": "x", "layers": [0], "pooling": ["mean"], "normalize": true, "normalize": false}', "normalize"),
+        (
+            "/semantic_embed",
+            b'{"model": "M", "representation": "query", "prompt": [{"type": "text", "data": "a", "data": "b"}]}',
+            "data",
+        ),
+        (
+            "/embed",
+            b'{"model": "M", "prompt": "x", "layers": [0], "pooling": ["mean"], "normalize": true, "normalize": false}',
+            "normalize",
+        ),
     ],
 )
 async def test_a_repeated_key_is_refused_naming_it(gateway, path, body, key):
@@ -54,7 +65,9 @@ async def test_a_repeated_key_is_refused_naming_it(gateway, path, body, key):
     assert gateway.triton.calls == 0
 
 
-@pytest.mark.parametrize("body", [b'{"model": "M", "input": NaN}', b'{"model": "M", "input": "\\ud800"}', b"[" * 1000 + b"]" * 1000])
+@pytest.mark.parametrize(
+    "body", [b'{"model": "M", "input": NaN}', b'{"model": "M", "input": "\\ud800"}', b"[" * 1000 + b"]" * 1000]
+)
 async def test_what_is_not_strict_json_is_refused_as_such(gateway, body):
     message, _ = refusal(await post(gateway, "/v1/embeddings", body))
     assert "JSON" in message or "nested too deeply" in message
@@ -65,7 +78,9 @@ async def test_what_is_not_strict_json_is_refused_as_such(gateway, body):
 
 @pytest.mark.parametrize("value", ["yes", 1, "true", 0, "false", [], {}])
 async def test_truncate_that_is_not_a_boolean_is_refused(gateway, value):
-    message, field = refusal(await post(gateway, "/v1/embeddings", {"model": gateway.model.name, "input": "x", "truncate": value}))
+    message, field = refusal(
+        await post(gateway, "/v1/embeddings", {"model": gateway.model.name, "input": "x", "truncate": value})
+    )
     assert field == "truncate" and "boolean" in message
 
 
@@ -89,11 +104,20 @@ async def test_a_text_with_nothing_visible_is_refused_naming_the_field_in_every_
         ("/semantic_embed", {"model": name, "prompt": text, "representation": "query"}, "prompt", "'prompt'"),
         (
             "/semantic_embed",
-            {"model": name, "prompt": [{"type": "text", "data": text}, {"type": "text", "data": text}], "representation": "query"},
+            {
+                "model": name,
+                "prompt": [{"type": "text", "data": text}, {"type": "text", "data": text}],
+                "representation": "query",
+            },
             "prompt",
             "'prompt'",
         ),
-        ("/batch_semantic_embed", {"model": name, "prompts": ["fine", text], "representation": "document"}, "prompts", "'prompts[1]'"),
+        (
+            "/batch_semantic_embed",
+            {"model": name, "prompts": ["fine", text], "representation": "document"},
+            "prompts",
+            "'prompts[1]'",
+        ),
         ("/embed", {"model": name, "prompt": text, "layers": [-1], "pooling": ["mean"]}, "prompt", "'prompt'"),
     ]
     for path, body, field, where in cases:
@@ -170,8 +194,14 @@ async def test_the_real_clients_bodies_pass(gateway):
     query, document = SemanticRepresentation.Query, SemanticRepresentation.Document
     bodies = [
         ("/semantic_embed", SemanticEmbeddingRequest(prompt=prompt, representation=query, compress_to_size=128).to_json()),
-        ("/batch_semantic_embed", BatchSemanticEmbeddingRequest(prompts=[prompt, Prompt.from_text("hi")], representation=document).to_json()),
-        ("/embed", EmbeddingRequest(prompt=prompt, layers=[-1, 0], pooling=["mean", "max"], tokens=True, normalize=True).to_json()),
+        (
+            "/batch_semantic_embed",
+            BatchSemanticEmbeddingRequest(prompts=[prompt, Prompt.from_text("hi")], representation=document).to_json(),
+        ),
+        (
+            "/embed",
+            EmbeddingRequest(prompt=prompt, layers=[-1, 0], pooling=["mean", "max"], tokens=True, normalize=True).to_json(),
+        ),
         # The openai client: encoding_format base64 unless told otherwise, and its optional fields.
         ("/v1/embeddings", {"input": ["first", "second"], "encoding_format": "base64", "user": "u", "dimensions": 64}),
     ]

@@ -167,7 +167,9 @@ def _launch(run_dir: Path, extra_env: dict[str, str] | None = None) -> RunTriton
                 run.ready_s = time.monotonic() - run.started_at
                 run.pgid = run.pgid or _read_pid(run.run_dir)
                 assert run.pgid is not None, f"no {run.run_dir / 'triton.pid'} while Triton is ready"
-                run.regions = {arg for stub in run.stubs() for arg in stub.cmdline() if arg.startswith("triton_python_backend_shm")}
+                run.regions = {
+                    arg for stub in run.stubs() for arg in stub.cmdline() if arg.startswith("triton_python_backend_shm")
+                }
                 assert run.regions, "Triton is ready but no Python-backend stub was found"
                 return run
             time.sleep(0.1)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.resilience import Load, p99
 from gateway.core.catalog import Catalog
@@ -32,7 +33,6 @@ from tests.postgres_server import PostgresServer
 from tests.redis_server import RedisServer
 from tests.servers import MODEL_REPOSITORY, RunningService, free_ports, gateway_cli, start_service
 from tests.test_metrics_and_logs import value
-from prometheus_client.parser import text_string_to_metric_families
 
 USER = "ops@example.com"
 
@@ -76,7 +76,9 @@ def cluster(tmp_path_factory):
         tritons = []
         for index in range(2):
             work_dir = tmp_path_factory.mktemp(f"triton{index}")
-            tritons.append(TritonProcess(MODEL_REPOSITORY, models, TritonPorts(*free_ports(3)), work_dir, work_dir / "triton.log"))
+            tritons.append(
+                TritonProcess(MODEL_REPOSITORY, models, TritonPorts(*free_ports(3)), work_dir, work_dir / "triton.log")
+            )
         gateways: list[RunningService] = []
         try:
             starts = [threading.Thread(target=triton.start) for triton in tritons]
@@ -99,7 +101,9 @@ def cluster(tmp_path_factory):
 
 def embed(gateway: RunningService, cluster: Cluster, texts: list[str], token: str | None = None) -> requests.Response:
     headers = {"Authorization": f"Bearer {token}"} if token else cluster.auth
-    return requests.post(f"{gateway.http_url}/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": texts}, headers=headers, timeout=30)
+    return requests.post(
+        f"{gateway.http_url}/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": texts}, headers=headers, timeout=30
+    )
 
 
 def test_both_gateways_see_both_tritons(cluster):
@@ -141,12 +145,16 @@ def test_a_text_embedded_through_one_gateway_is_served_by_the_other_from_the_cac
     found = gateway_metrics(second)
     assert value(found, "embed_gateway_cache_texts_total", result="hit") == hits_before + 3
     assert value(found, "embed_gateway_cache_tokens_saved_total") > 0
-    print(f"[rehearsal] cache: 3 texts served by the second gateway from Redis; Triton inferences before/after {served_before} / {served_after}")
+    print(
+        f"[rehearsal] cache: 3 texts served by the second gateway from Redis; Triton inferences before/after {served_before} / {served_after}"
+    )
 
 
 def test_a_token_revoked_through_one_gateway_is_refused_by_the_other(cluster):
     first, second = cluster.gateways
-    created = requests.post(f"{first.http_url}/users/me/tokens", json={"description": "roaming"}, headers=cluster.auth, timeout=30)
+    created = requests.post(
+        f"{first.http_url}/users/me/tokens", json={"description": "roaming"}, headers=cluster.auth, timeout=30
+    )
     assert created.status_code == 200, created.text
     roaming, token_id = created.json()["token"], created.json()["metadata"]["token_id"]
     assert embed(second, cluster, ["roaming"], roaming).status_code == 200
@@ -163,7 +171,10 @@ def test_a_token_revoked_through_one_gateway_is_refused_by_the_other(cluster):
 async def wait_for_both_ready(cluster: Cluster, timeout_s: float) -> float:
     started = time.monotonic()
     while True:
-        ready = [value(await asyncio.to_thread(gateway_metrics, g), "embed_gateway_triton_endpoints", state="ready") for g in cluster.gateways]
+        ready = [
+            value(await asyncio.to_thread(gateway_metrics, g), "embed_gateway_triton_endpoints", state="ready")
+            for g in cluster.gateways
+        ]
         if ready == [2, 2]:
             return time.monotonic() - started
         assert time.monotonic() - started < timeout_s, f"the restarted Triton was not taken back: ready counts {ready}"

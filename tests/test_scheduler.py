@@ -15,8 +15,8 @@ import pytest
 from gateway.core.deadline import Deadline
 from gateway.core.errors import ErrorKind, ServiceError
 from gateway.core.scheduler import PRIORITY_NICE, PRIORITY_NORMAL, Chunk, Lane, Scheduler
-from gateway.triton.supervisor import TritonHealth
 from gateway.triton.pool import TritonPool
+from gateway.triton.supervisor import TritonHealth
 
 
 def lane(priority: int = PRIORITY_NORMAL, width: int = 1, max_rows: int = 64, ensemble: str = "model-ids") -> Lane:
@@ -70,7 +70,9 @@ def scheduler_for(triton: RecordingTriton, calls_per_lane: int = 1, rows_in_flig
     pool = TritonPool([])
     pool.adopt(health)
     health.set(True)
-    return Scheduler(pool, triton.send, max_pending_texts=10_000, max_rows_in_flight=rows_in_flight, max_calls_per_lane=calls_per_lane)
+    return Scheduler(
+        pool, triton.send, max_pending_texts=10_000, max_rows_in_flight=rows_in_flight, max_calls_per_lane=calls_per_lane
+    )
 
 
 def values_of(results: list) -> list[float]:
@@ -118,7 +120,10 @@ async def test_lanes_do_not_mix_and_no_call_exceeds_the_lanes_rows():
     blocker = asyncio.create_task(scheduler.run([chunk([0], lane(width=3))], Deadline.within(5)))
     other_blocker = asyncio.create_task(scheduler.run([chunk([0], lane(width=5))], Deadline.within(5)))
     await settle()
-    narrow = [asyncio.create_task(scheduler.run([chunk(list(range(i, i + 30)), lane(width=3))], Deadline.within(5))) for i in (1, 31, 61)]
+    narrow = [
+        asyncio.create_task(scheduler.run([chunk(list(range(i, i + 30)), lane(width=3))], Deadline.within(5)))
+        for i in (1, 31, 61)
+    ]
     wide = asyncio.create_task(scheduler.run([chunk([7, 8], lane(width=5))], Deadline.within(5)))
     await settle()
     triton.release_all()

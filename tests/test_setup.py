@@ -14,7 +14,7 @@ def _stand_ins(directory: Path, missing: set[str]) -> dict[str, str]:
     directory.mkdir()
     (directory / "dpkg-query").write_text(
         "#!/bin/sh\n# the last argument is the package\nfor p; do :; done\n"
-        f"case \" {' '.join(sorted(missing))} \" in *\" $p \"*) exit 1 ;; esac\nprintf 'install ok installed'\n"
+        f'case " {" ".join(sorted(missing))} " in *" $p "*) exit 1 ;; esac\nprintf \'install ok installed\'\n'
     )
     (directory / "id").write_text("#!/bin/sh\necho 1000\n")
     for tool in directory.iterdir():
@@ -35,7 +35,11 @@ def test_without_root_setup_names_the_missing_packages_and_stops_before_changing
 
 def test_setup_asks_only_for_what_its_mode_needs(tmp_path):
     env = _stand_ins(tmp_path / "bin", {"libb64-0d", "redis-server", "postgresql"})
-    for mode, expected in (([], "libb64-0d"), (["--bench"], "libb64-0d redis-server"), (["--checks"], "libb64-0d redis-server postgresql")):
+    for mode, expected in (
+        ([], "libb64-0d"),
+        (["--bench"], "libb64-0d redis-server"),
+        (["--checks"], "libb64-0d redis-server postgresql"),
+    ):
         done = subprocess.run([str(ROOT / "bin" / "setup"), *mode], env=env, capture_output=True, text=True, timeout=60)
         assert done.returncode == 1 and f"missing Debian packages: {expected}\n" in done.stderr, (mode, done.stderr)
 

@@ -25,7 +25,10 @@ async def test_a_request_cancelled_by_the_server_is_answered_503_in_its_contract
     gateway.triton.hold = True
     body = json.dumps({"model": gateway.model.name, **body}).encode()
     connection = gateway.connect()
-    connection.send(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    connection.send(
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
     await gateway.triton.called.wait()
     with caplog.at_level(logging.INFO):
         for task in gateway.server.server_state.tasks:  # as uvicorn does when the grace period ends

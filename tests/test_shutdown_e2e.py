@@ -19,7 +19,10 @@ from tests.servers import start_service
 
 GRACE_S = 2.0
 OPENAI = ("/v1/embeddings", {"model": resilience.MODEL, "input": "held by a stalled Triton"})
-ALEPH_ALPHA = ("/semantic_embed", {"model": resilience.MODEL, "prompt": "held by a stalled Triton", "representation": "symmetric"})
+ALEPH_ALPHA = (
+    "/semantic_embed",
+    {"model": resilience.MODEL, "prompt": "held by a stalled Triton", "representation": "symmetric"},
+)
 
 
 @pytest.fixture

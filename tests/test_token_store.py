@@ -11,7 +11,7 @@ import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import argon2
@@ -157,11 +157,11 @@ def test_login_rehashes_an_outdated_hash(store, location):
 
 def test_created_token_authenticates_as_its_user(store):
     store.add_user("a@example.com", "admin", None)
-    before = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
     metadata, secret = store.create_token("a@example.com", "ci runner", Limits(2.5, 1000))
     assert metadata.user_email == "a@example.com" and metadata.description == "ci runner"
     assert metadata.limits == Limits(2.5, 1000) and metadata.usage == Usage() and metadata.last_used is None
-    assert metadata.created.tzinfo == timezone.utc and before <= metadata.created <= datetime.now(timezone.utc)
+    assert metadata.created.tzinfo == UTC and before <= metadata.created <= datetime.now(UTC)
     assert isinstance(metadata.token_id, int) and 0 < metadata.token_id < 2**31
     assert store.authenticate(secret) == Principal(metadata.token_id, "a@example.com", "admin", Limits(2.5, 1000))
     assert store.token(metadata.token_id) == metadata
@@ -183,7 +183,7 @@ def test_secret_is_nowhere_in_the_sqlite_files(tmp_path):
     store = open_store(path)
     store.add_user("a@example.com", "client", None)
     metadata, secret = store.create_token("a@example.com", "laptop")
-    store.add_usage({metadata.token_id: Usage(1, 1, 5)}, datetime.now(timezone.utc))
+    store.add_usage({metadata.token_id: Usage(1, 1, 5)}, datetime.now(UTC))
 
     def stored_bytes() -> bytes:
         return b"".join(p.read_bytes() for p in (path, Path(f"{path}-wal")) if p.exists())
@@ -322,7 +322,7 @@ def test_add_usage_accumulates_and_sets_last_used(store):
     first, _ = store.create_token("a@example.com", "one")
     second, _ = store.create_token("a@example.com", "two")
     idle, _ = store.create_token("a@example.com", "idle")
-    t1 = datetime(2030, 1, 2, 3, 4, 5, 123456, tzinfo=timezone.utc)
+    t1 = datetime(2030, 1, 2, 3, 4, 5, 123456, tzinfo=UTC)
     t2 = t1 + timedelta(seconds=7)
     store.add_usage({first.token_id: Usage(2, 5, 40), second.token_id: Usage(1, 1, 3)}, t1)
     # Another time zone is the same instant: stored and returned as UTC.
@@ -349,7 +349,7 @@ def test_concurrent_calls_from_threads(store):
     metadata, secret = store.create_token("a@example.com", "busy")
 
     def work(_: int) -> bool:
-        store.add_usage({metadata.token_id: Usage(1, 2, 3)}, datetime.now(timezone.utc))
+        store.add_usage({metadata.token_id: Usage(1, 2, 3)}, datetime.now(UTC))
         return store.authenticate(secret).token_id == metadata.token_id
 
     with ThreadPoolExecutor(8) as pool:

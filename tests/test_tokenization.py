@@ -11,10 +11,10 @@ import pytest
 
 from bench.workload import sentences
 from gateway.core.catalog import Catalog
-from gateway.core.service import MAX_CHARS_PER_TOKEN, EmbeddingService
 from gateway.core.errors import ServiceError
 from gateway.core.prompts import PromptItem, decode, encode, resolve
 from gateway.core.scheduler import Scheduler
+from gateway.core.service import MAX_CHARS_PER_TOKEN, EmbeddingService
 from gateway.triton.pool import TritonPool
 from tests.servers import MODEL_REPOSITORY
 

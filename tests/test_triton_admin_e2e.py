@@ -100,8 +100,14 @@ def test_shared_memory_trace_and_logging_without_the_key_are_refused(running, tr
 
 def test_inference_health_metadata_config_and_statistics_stay_open(running, triton_grpc, model_name):
     base = running.triton_http_url
-    for path in ("/v2/health/live", "/v2/health/ready", "/v2", f"/v2/models/{model_name}", f"/v2/models/{model_name}/config",
-                 f"/v2/models/{model_name}/stats"):
+    for path in (
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/v2",
+        f"/v2/models/{model_name}",
+        f"/v2/models/{model_name}/config",
+        f"/v2/models/{model_name}/stats",
+    ):
         assert requests.get(base + path, timeout=10).status_code == 200, path
     assert triton_grpc.is_server_live() and triton_grpc.is_server_ready() and triton_grpc.is_model_ready(model_name)
     assert triton_grpc.get_server_metadata().name == "triton"

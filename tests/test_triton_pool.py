@@ -11,10 +11,10 @@ import time
 import numpy as np
 import pytest
 
-from gateway.triton import pool as triton_pool
-from gateway.core.errors import ErrorKind, ServiceError
 from gateway.core.deadline import Deadline
+from gateway.core.errors import ErrorKind, ServiceError
 from gateway.core.scheduler import Chunk, Lane, Scheduler
+from gateway.triton import pool as triton_pool
 from gateway.triton.pool import Target, TritonPool, parse_targets
 
 LANE = Lane("model", "TEXT", "BYTES", "EMBEDDING", 1, 32, (1,))
@@ -74,7 +74,11 @@ def resolving(monkeypatch, answers: dict[str, list[str]]) -> None:
 
 
 def test_targets_are_host_port_lists_and_anything_else_is_refused():
-    assert parse_targets("a:8001, 10.0.0.2:9001,[::1]:8001") == [Target("a", 8001), Target("10.0.0.2", 9001), Target("[::1]", 8001)]
+    assert parse_targets("a:8001, 10.0.0.2:9001,[::1]:8001") == [
+        Target("a", 8001),
+        Target("10.0.0.2", 9001),
+        Target("[::1]", 8001),
+    ]
     for bad in ("", " , ", "a", "a:", ":8001", "a:port", "a:70000", "a:8001,b"):
         with pytest.raises(ValueError, match="--triton-url"):
             parse_targets(bad)

@@ -58,8 +58,16 @@ def bert_cls_dense(out: Path) -> Path:
 
     out.mkdir(parents=True, exist_ok=True)
     _minilm_tokenizer(out, ["input_ids", "token_type_ids", "attention_mask"])
-    config = BertConfig(vocab_size=30522, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, intermediate_size=384,
-                        type_vocab_size=2, max_position_embeddings=512, initializer_range=INIT_RANGE)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=384,
+        type_vocab_size=2,
+        max_position_embeddings=512,
+        initializer_range=INIT_RANGE,
+    )
     transformer = _transformer(out, config, max_seq_length=256)
     pooling = models.Pooling(HIDDEN, pooling_mode="cls")
     dense = models.Dense(HIDDEN, 160, activation_function=nn.Tanh())
@@ -94,8 +102,9 @@ def _byte_level_bpe(out: Path):
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=1200, special_tokens=[eos], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(sts_sentences(), trainer)
-    tokenizer.post_processor = processors.TemplateProcessing(single=f"$A {eos}", pair=f"$A {eos} $B {eos}",
-                                                             special_tokens=[(eos, tokenizer.token_to_id(eos))])
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, tokenizer.token_to_id(eos))]
+    )
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos, pad_token=eos, padding_side="left")
     fast.save_pretrained(str(out))
     return fast
@@ -109,10 +118,20 @@ def qwen3_last_token(out: Path) -> Path:
 
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = _byte_level_bpe(out)
-    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=384, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=48, max_position_embeddings=1024,
-                         initializer_range=INIT_RANGE, tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=HIDDEN,
+        intermediate_size=384,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=48,
+        max_position_embeddings=1024,
+        initializer_range=INIT_RANGE,
+        tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     transformer = _transformer(out, config, max_seq_length=512)
     pooling = models.Pooling(HIDDEN, pooling_mode="lasttoken")
     return _save([transformer, pooling, models.Normalize()], out, {"query": QWEN_QUERY_INSTRUCTION, "document": ""})

@@ -58,10 +58,12 @@ def render(texts: list[str], counts: list[int], embeddings: list[np.ndarray]) ->
     expected = []
     for count, embedding in zip(counts, embeddings, strict=True):
         vector = np.asarray(embedding, dtype="<f4")
-        expected.append({
-            TOKEN_COUNT: {"content": [count], "shape": [1]},
-            EMBEDDING: {"b64": base64.b64encode(vector.tobytes()).decode(), "shape": [vector.size]},
-        })
+        expected.append(
+            {
+                TOKEN_COUNT: {"content": [count], "shape": [1]},
+                EMBEDDING: {"b64": base64.b64encode(vector.tobytes()).decode(), "shape": [vector.size]},
+            }
+        )
     requests = [{TEXT: {"content": [text], "shape": [1]}} for text in texts]
     return _document(requests, expected)
 
@@ -117,14 +119,21 @@ def record_gateway(url: str, model: str, texts: list[str], headers: dict[str, st
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.perf_analyzer.make_input_data", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repository", type=Path, default=ROOT / "model_repository", help="the export whose model and tokenizer are meant")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.perf_analyzer.make_input_data",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--repository", type=Path, default=ROOT / "model_repository", help="the export whose model and tokenizer are meant"
+    )
     parser.add_argument("--count", type=int, default=None, help="only the first N sentences")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--triton", metavar="HOST:GRPC_PORT", help="record the ensemble's answers from this Triton")
     source.add_argument("--gateway", metavar="URL", help="record /v1/embeddings answers from this gateway (openai service kind)")
-    parser.add_argument("--out", type=Path, default=None, help=f"where to write (default with --triton: {OUTPUT.relative_to(ROOT)})")
+    parser.add_argument(
+        "--out", type=Path, default=None, help=f"where to write (default with --triton: {OUTPUT.relative_to(ROOT)})"
+    )
     args = parser.parse_args(argv)
     if args.out is None and args.gateway:
         parser.error("--gateway needs an --out")

@@ -34,8 +34,11 @@ class Load:
     def arguments(self) -> list[str]:
         if self.request_count:
             return [f"--request-count={self.request_count}"]
-        return [f"--measurement-interval={self.window_ms}", f"--stability-percentage={self.stability_percent}",
-                f"--max-trials={self.max_trials}"]
+        return [
+            f"--measurement-interval={self.window_ms}",
+            f"--stability-percentage={self.stability_percent}",
+            f"--max-trials={self.max_trials}",
+        ]
 
 
 @dataclass(frozen=True)
@@ -69,8 +72,20 @@ def ensemble_arguments(model: str, protocol: str, url: str, input_data: Path) ->
 
 def gateway_arguments(model: str, url: str, input_data: Path) -> list[str]:
     """The gateway's /v1/embeddings as perf_analyzer's openai service kind; `url` is host:port."""
-    return ["-m", model, "--service-kind", "openai", "--endpoint", "v1/embeddings", "-i", "http", "-u", url,
-            "--input-data", str(input_data)]
+    return [
+        "-m",
+        model,
+        "--service-kind",
+        "openai",
+        "--endpoint",
+        "v1/embeddings",
+        "-i",
+        "http",
+        "-u",
+        url,
+        "--input-data",
+        str(input_data),
+    ]
 
 
 def run(target: list[str], concurrency: int, load: Load, work: Path, timeout_s: float = 600, profile_export: bool = True) -> Run:
@@ -80,8 +95,17 @@ def run(target: list[str], concurrency: int, load: Load, work: Path, timeout_s: 
     profile, table = work / f"profile-c{concurrency}.json", work / f"c{concurrency}.csv"
     for stale in (profile, table):
         stale.unlink(missing_ok=True)  # perf_analyzer refuses to overwrite its profile export
-    command = [str(PERF_ANALYZER), *target, "--async", f"--max-threads={concurrency}", f"--concurrency-range={concurrency}",
-               *load.arguments(), "-f", str(table), *(["--profile-export-file", str(profile)] if profile_export else [])]
+    command = [
+        str(PERF_ANALYZER),
+        *target,
+        "--async",
+        f"--max-threads={concurrency}",
+        f"--concurrency-range={concurrency}",
+        *load.arguments(),
+        "-f",
+        str(table),
+        *(["--profile-export-file", str(profile)] if profile_export else []),
+    ]
     cpu_before, started = _children_cpu_s(), time.monotonic()
     done = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout_s)
     wall_s, cpu_s = time.monotonic() - started, _children_cpu_s() - cpu_before

@@ -53,12 +53,17 @@ class Plan:
     raw_batch_sizes: list[int]
 
     @staticmethod
-    def full() -> "Plan":
-        return Plan([1, 2, 4, 8, 16, 32, 64, 128], runner.Load(window_ms=5000, stability_percent=20, max_trials=10), 2.0, 10.0,
-                    [1, 8, 16, 32, 64])
+    def full() -> Plan:
+        return Plan(
+            [1, 2, 4, 8, 16, 32, 64, 128],
+            runner.Load(window_ms=5000, stability_percent=20, max_trials=10),
+            2.0,
+            10.0,
+            [1, 8, 16, 32, 64],
+        )
 
     @staticmethod
-    def smoke() -> "Plan":
+    def smoke() -> Plan:
         return Plan([1, 8], runner.Load(window_ms=1000, stability_percent=50, max_trials=4), 1.0, 2.0, [1, 32])
 
 
@@ -101,10 +106,14 @@ def triton_http_bodies(texts: list[str]) -> tuple[list[bytes], dict[str, str]]:
     for text in texts:
         data = text.encode()
         tensor = struct.pack("<I", len(data)) + data
-        header = json.dumps({
-            "inputs": [{"name": "TEXT", "shape": [1, 1], "datatype": "BYTES", "parameters": {"binary_data_size": len(tensor)}}],
-            "outputs": [{"name": name, "parameters": {"binary_data": True}} for name in ("EMBEDDING", "TOKEN_COUNT")],
-        }).encode()
+        header = json.dumps(
+            {
+                "inputs": [
+                    {"name": "TEXT", "shape": [1, 1], "datatype": "BYTES", "parameters": {"binary_data_size": len(tensor)}}
+                ],
+                "outputs": [{"name": name, "parameters": {"binary_data": True}} for name in ("EMBEDDING", "TOKEN_COUNT")],
+            }
+        ).encode()
         bodies.append(header.ljust(HEADER_BYTES) + tensor)
     return bodies, {"Inference-Header-Content-Length": str(HEADER_BYTES)}
 
@@ -116,53 +125,118 @@ class Study:
         texts = sts_sentences()
         progress(f"recording the expected answers of {len(texts)} sentences, one text at a time")
         self.ensemble_data = work / "ensemble.json"
-        self.ensemble_data.write_text(render(texts, token_counts(ROOT / "model_repository", texts),
-                                             record_triton(service.triton_grpc_url, ensemble, texts)))
+        self.ensemble_data.write_text(
+            render(texts, token_counts(ROOT / "model_repository", texts), record_triton(service.triton_grpc_url, ensemble, texts))
+        )
         self.gateway_data = work / "gateway.json"
         self.gateway_data.write_text(record_gateway(service.http_url, model, texts))
         http_bodies, http_headers = triton_http_bodies(texts)
         triton_http = f"127.0.0.1:{service.triton_http_port}"
         # route -> (perf_analyzer's arguments, the load generator's spec without its timing)
         self.routes = {
-            ROUTES[0]: (runner.ensemble_arguments(ensemble, "grpc", service.triton_grpc_url, self.ensemble_data),
-                        {"protocol": "grpc", "port": service.triton_grpc_port, "target": "/inference.GRPCInferenceService/ModelInfer",
-                         "bodies": triton_grpc_bodies(ensemble, texts), "headers": {}}),
-            ROUTES[1]: (runner.ensemble_arguments(ensemble, "http", triton_http, self.ensemble_data),
-                        {"protocol": "http", "port": service.triton_http_port, "target": f"/v2/models/{ensemble}/infer",
-                         "bodies": http_bodies, "headers": http_headers}),
-            ROUTES[2]: (runner.gateway_arguments(model, f"127.0.0.1:{service.http_port}", self.gateway_data),
-                        {"protocol": "http", "port": service.http_port, "target": "/v1/embeddings",
-                         "bodies": request_bodies.openai_bodies(model, texts, 1, "base64"), "headers": {}}),
+            ROUTES[0]: (
+                runner.ensemble_arguments(ensemble, "grpc", service.triton_grpc_url, self.ensemble_data),
+                {
+                    "protocol": "grpc",
+                    "port": service.triton_grpc_port,
+                    "target": "/inference.GRPCInferenceService/ModelInfer",
+                    "bodies": triton_grpc_bodies(ensemble, texts),
+                    "headers": {},
+                },
+            ),
+            ROUTES[1]: (
+                runner.ensemble_arguments(ensemble, "http", triton_http, self.ensemble_data),
+                {
+                    "protocol": "http",
+                    "port": service.triton_http_port,
+                    "target": f"/v2/models/{ensemble}/infer",
+                    "bodies": http_bodies,
+                    "headers": http_headers,
+                },
+            ),
+            ROUTES[2]: (
+                runner.gateway_arguments(model, f"127.0.0.1:{service.http_port}", self.gateway_data),
+                {
+                    "protocol": "http",
+                    "port": service.http_port,
+                    "target": "/v1/embeddings",
+                    "bodies": request_bodies.openai_bodies(model, texts, 1, "base64"),
+                    "headers": {},
+                },
+            ),
         }
 
     def perf_analyzer(self, route: str, concurrency: int) -> Point:
         arguments, _ = self.routes[route]
-        run = runner.run(arguments, concurrency, self.plan.perf_analyzer, self.work / "perf_analyzer" / route.replace(" ", "-").replace("/", ""),
-                         profile_export=False)
+        run = runner.run(
+            arguments,
+            concurrency,
+            self.plan.perf_analyzer,
+            self.work / "perf_analyzer" / route.replace(" ", "-").replace("/", ""),
+            profile_export=False,
+        )
         if run.returncode != 0 or not run.row:
-            error = next((line.strip() for line in run.output.splitlines() if "rror" in line or "unstable" in line.lower()),
-                         run.output.strip().splitlines()[-1] if run.output.strip() else f"exit {run.returncode}")
+            error = next(
+                (line.strip() for line in run.output.splitlines() if "rror" in line or "unstable" in line.lower()),
+                run.output.strip().splitlines()[-1] if run.output.strip() else f"exit {run.returncode}",
+            )
             return self._add(Point(route, "perf_analyzer", concurrency, 0.0, float("nan"), float("nan"), run.cpu_share, error))
         server = {}
         if not route.startswith("gateway"):
-            server = {"server_queue_us": float(run.row["Server Queue"]),
-                      "server_compute_us": sum(float(run.row[k]) for k in ("Server Compute Input", "Server Compute Infer", "Server Compute Output"))}
-        return self._add(Point(route, "perf_analyzer", concurrency, run.throughput, run.latency_ms(50), run.latency_ms(99), run.cpu_share,
-                               None, **server))
+            server = {
+                "server_queue_us": float(run.row["Server Queue"]),
+                "server_compute_us": sum(
+                    float(run.row[k]) for k in ("Server Compute Input", "Server Compute Infer", "Server Compute Output")
+                ),
+            }
+        return self._add(
+            Point(
+                route,
+                "perf_analyzer",
+                concurrency,
+                run.throughput,
+                run.latency_ms(50),
+                run.latency_ms(99),
+                run.cpu_share,
+                None,
+                **server,
+            )
+        )
 
     def loadgen(self, route: str, concurrency: int) -> Point:
         _, spec = self.routes[route]
         work = self.work / "loadgen"
         work.mkdir(exist_ok=True)
-        result = run_load({**spec, "concurrency": concurrency, "warmup_s": self.plan.warmup_s, "duration_s": self.plan.duration_s,
-                           "max_requests": 1_000_000}, work)
-        return self._add(Point(route, "loadgen", concurrency, result["requests_per_s"], result["p50_ms"], result["p99_ms"],
-                               result["loadgen_cpu_share"], result["first_error"]))
+        result = run_load(
+            {
+                **spec,
+                "concurrency": concurrency,
+                "warmup_s": self.plan.warmup_s,
+                "duration_s": self.plan.duration_s,
+                "max_requests": 1_000_000,
+            },
+            work,
+        )
+        return self._add(
+            Point(
+                route,
+                "loadgen",
+                concurrency,
+                result["requests_per_s"],
+                result["p50_ms"],
+                result["p99_ms"],
+                result["loadgen_cpu_share"],
+                result["first_error"],
+            )
+        )
 
     def _add(self, point: Point) -> Point:
         self.points.append(point)
-        progress(f"  {point.route} c{point.concurrency} {point.tool}: {point.requests_per_s:.0f} requests/s, p50 {point.p50_ms:.1f} ms, "
-                 f"p99 {point.p99_ms:.1f} ms, the tool took {point.tool_cores:.2f} cores" + (f"; error: {point.errors}" if point.errors else ""))
+        progress(
+            f"  {point.route} c{point.concurrency} {point.tool}: {point.requests_per_s:.0f} requests/s, p50 {point.p50_ms:.1f} ms, "
+            f"p99 {point.p99_ms:.1f} ms, the tool took {point.tool_cores:.2f} cores"
+            + (f"; error: {point.errors}" if point.errors else "")
+        )
         return point
 
 
@@ -191,20 +265,34 @@ def write_report(results: dict, out: Path) -> list[Path]:
         f"{results['machine']['cores (usable)']}). `÷ raw`: requests/s over raw onnxruntime's best batch.",
     ]
     for route in ROUTES:
-        lines += ["", f"## {route}", "",
-                  "| concurrency | perf_analyzer req/s | p50 ms | p99 ms | tool cores | load generator req/s | p50 ms | p99 ms | tool cores "
-                  "| perf_analyzer ÷ load generator | perf_analyzer ÷ raw |"
-                  + (" Triton queue / compute ms (perf_analyzer) |" if not route.startswith("gateway") else ""),
-                  "|---" * (11 if route.startswith("gateway") else 12) + "|"]
+        lines += [
+            "",
+            f"## {route}",
+            "",
+            "| concurrency | perf_analyzer req/s | p50 ms | p99 ms | tool cores | load generator req/s | p50 ms | p99 ms | tool cores "
+            "| perf_analyzer ÷ load generator | perf_analyzer ÷ raw |"
+            + (" Triton queue / compute ms (perf_analyzer) |" if not route.startswith("gateway") else ""),
+            "|---" * (11 if route.startswith("gateway") else 12) + "|",
+        ]
         for concurrency in results["plan"]["concurrencies"]:
             pa, lg = (_point(results, route, tool, concurrency) for tool in ("perf_analyzer", "loadgen"))
-            cells = [str(concurrency), *_cells(pa), *_cells(lg),
-                     f"{pa['requests_per_s'] / lg['requests_per_s']:.2f}" if pa["requests_per_s"] and lg["requests_per_s"] else "-",
-                     f"{pa['requests_per_s'] / raw_best:.2f}"]
+            cells = [
+                str(concurrency),
+                *_cells(pa),
+                *_cells(lg),
+                f"{pa['requests_per_s'] / lg['requests_per_s']:.2f}" if pa["requests_per_s"] and lg["requests_per_s"] else "-",
+                f"{pa['requests_per_s'] / raw_best:.2f}",
+            ]
             if not route.startswith("gateway"):
-                cells.append(f"{pa['server_queue_us'] / 1000:.1f} / {pa['server_compute_us'] / 1000:.1f}" if pa["server_queue_us"] is not None else "-")
+                cells.append(
+                    f"{pa['server_queue_us'] / 1000:.1f} / {pa['server_compute_us'] / 1000:.1f}"
+                    if pa["server_queue_us"] is not None
+                    else "-"
+                )
             lines.append("| " + " | ".join(cells) + " |")
-        errors = [f"{p['tool']} c{p['concurrency']}: {p['errors']}" for p in results["points"] if p["route"] == route and p["errors"]]
+        errors = [
+            f"{p['tool']} c{p['concurrency']}: {p['errors']}" for p in results["points"] if p["route"] == route and p["errors"]
+        ]
         if errors:
             lines += ["", "Errors: " + "; ".join(errors)]
     md_path.write_text("\n".join(lines) + "\n")
@@ -228,8 +316,9 @@ def _cells(point: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.perf_analyzer.study", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.perf_analyzer.study", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--smoke", action="store_true", help="two points, a few seconds each: proves the study runs")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for perf_analyzer.md and .json")
     parser.add_argument("--repository", type=Path, default=ROOT / "model_repository")
@@ -237,8 +326,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     plan = Plan.smoke() if args.smoke else Plan.full()
     work = fresh_work_dir(args.work_dir, "perf-analyzer-")
-    results: dict = {"command": command_line("python -m bench.perf_analyzer.study", argv), "plan": asdict(plan),
-                     "machine": describe({"perf_analyzer": "2.51.0"}), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    results: dict = {
+        "command": command_line("python -m bench.perf_analyzer.study", argv),
+        "plan": asdict(plan),
+        "machine": describe({"perf_analyzer": "2.51.0"}),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     texts = sts_sentences()
     raw = RawEncoder(args.repository, len(os.sched_getaffinity(0)))
     results["raw"] = {r.batch_size: r.texts_per_s for r in raw.best_throughput(texts, plan.raw_batch_sizes, progress)}

@@ -10,7 +10,7 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, str(Path(__file__).parent))
-from sentence_head import SentenceHead  # noqa: E402  (found next to this file only once the line above ran)
+from sentence_head import SentenceHead
 
 
 class TritonPythonModel:

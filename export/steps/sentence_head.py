@@ -116,7 +116,7 @@ class SentenceHead:
         np.savez(directory / "head.npz", **arrays)
 
     @classmethod
-    def load(cls, directory: Path) -> "SentenceHead":
+    def load(cls, directory: Path) -> SentenceHead:
         spec = json.loads((directory / "head.json").read_text())
         arrays = np.load(directory / "head.npz")
         modules = []

@@ -73,7 +73,9 @@ class TritonPythonModel:
         if not self.controlled:
             return sequences, None
         frame = [1.0] * len(self.prefix), [1.0] * len(self.suffix)
-        factors = [frame[0] + row[keep].tolist()[:room] + frame[1] for row, keep in zip(self._input(request, "CONTROL_FACTORS"), real)]
+        factors = [
+            frame[0] + row[keep].tolist()[:room] + frame[1] for row, keep in zip(self._input(request, "CONTROL_FACTORS"), real)
+        ]
         return sequences, factors
 
     def _bucket(self, length: int) -> int:

@@ -18,12 +18,12 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
-from gateway.core.errors import ErrorKind, ServiceError
 from gateway.auth.rate_limit import LoginThrottle, RateLimiter, TokenBudget
-from gateway.ops.request_context import RequestContext
 from gateway.auth.store import Principal, StoreUnavailable, TokenMetadata, TokenStore, Usage, User
+from gateway.core.errors import ErrorKind, ServiceError
+from gateway.ops.request_context import RequestContext
 
 log = logging.getLogger("gateway.auth")
 
@@ -196,8 +196,8 @@ class Authenticator:
         async with self._flushing:
             usage, self._unflushed = self._unflushed, {}
             try:
-                await asyncio.to_thread(self.store.add_usage, usage, datetime.now(timezone.utc))
-            except Exception as error:  # noqa: BLE001 - kept for the next flush; the store's state is probed separately
+                await asyncio.to_thread(self.store.add_usage, usage, datetime.now(UTC))
+            except Exception as error:
                 log.warning("could not write token usage, will retry: %s", error)
                 for token_id, counted in usage.items():
                     self._count(token_id, counted)

@@ -18,8 +18,8 @@ import os
 import sys
 from pathlib import Path
 
-from gateway.ops.settings import Settings, auth_store_location
 from gateway.auth.store import ROLES, Limits, StoreUnavailable, UnknownUser, UserExists, open_store
+from gateway.ops.settings import Settings, auth_store_location
 
 COMMANDS = ("users", "tokens")
 

@@ -21,15 +21,16 @@ import ipaddress
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer
 
-from gateway.ops import request_context
+from gateway.auth.store import Limits
 from gateway.core.errors import ErrorKind, ServiceError
 from gateway.core.prompts import Prompt, encode
-from gateway.auth.store import Limits
+from gateway.ops import request_context
 
 if TYPE_CHECKING:
     from gateway.core.catalog import ServedModel

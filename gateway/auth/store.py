@@ -19,11 +19,12 @@ import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import argon2
 import psycopg
@@ -113,17 +114,17 @@ class Principal:
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _utc(value: datetime | str) -> datetime:
     """A timestamp read back: psycopg gives an aware datetime in the session's time zone, SQLite the ISO text written."""
     moment = value if isinstance(value, datetime) else datetime.fromisoformat(value)
-    return moment.astimezone(timezone.utc)
+    return moment.astimezone(UTC)
 
 
 def _iso(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def _secret_digest(secret: str) -> str:
@@ -357,7 +358,7 @@ class TokenStore(ABC):
         """Adds to the counters in the database rather than writing totals, so that several gateways can share a token."""
         if used_at.tzinfo is None:
             raise ValueError("used_at must be timezone-aware")
-        used_at = used_at.astimezone(timezone.utc)
+        used_at = used_at.astimezone(UTC)
         with self._transaction() as tx:
             for token_id, used in usage.items():
                 tx.rows(

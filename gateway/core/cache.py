@@ -82,7 +82,12 @@ class EmbeddingCache:
 
     def _failed(self, what: str, error: Exception) -> None:
         if self.up:
-            log.warning("the embedding cache failed to %s (%s); requests go to Triton for %.0f s", what, error or type(error).__name__, self.retry_s)
+            log.warning(
+                "the embedding cache failed to %s (%s); requests go to Triton for %.0f s",
+                what,
+                error or type(error).__name__,
+                self.retry_s,
+            )
         self._skip_until = time.monotonic() + self.retry_s
 
     async def configure(self) -> None:
@@ -94,7 +99,11 @@ class EmbeddingCache:
             async with asyncio.timeout(self.timeout_s * 10):
                 await self._redis.config_set("maxmemory", self.max_bytes)
                 await self._redis.config_set("maxmemory-policy", "allkeys-lru")
-            log.info("embedding cache at %s: at most %d bytes, least recently used evicted first", redacted_url(self.url), self.max_bytes)
+            log.info(
+                "embedding cache at %s: at most %d bytes, least recently used evicted first",
+                redacted_url(self.url),
+                self.max_bytes,
+            )
         except ResponseError as error:
             log.warning("the cache's Redis refused CONFIG SET (%s); its own maxmemory and policy bound the cache", error)
         except (RedisError, OSError, TimeoutError) as error:
@@ -108,7 +117,9 @@ class EmbeddingCache:
             await self.configure()
             await asyncio.sleep(self.retry_s)
 
-    async def lookup(self, version: str, texts: list[str], dimensions: int, max_tokens: int) -> list[tuple[np.ndarray, int] | None]:
+    async def lookup(
+        self, version: str, texts: list[str], dimensions: int, max_tokens: int
+    ) -> list[tuple[np.ndarray, int] | None]:
         """Each text's cached (vector, token count), or None where it must be computed."""
         if not self.up:
             self.metrics.cache_looked_up("unavailable", len(texts))
@@ -133,7 +144,9 @@ class EmbeddingCache:
         if len(self._writes) >= MAX_PENDING_WRITES:
             self.metrics.cache_written("skipped", len(texts))
             return
-        entries = {cache_key(version, text): encode_entry(vector, int(count)) for text, vector, count in zip(texts, vectors, counts)}
+        entries = {
+            cache_key(version, text): encode_entry(vector, int(count)) for text, vector, count in zip(texts, vectors, counts)
+        }
         task = asyncio.create_task(self._write(entries))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)

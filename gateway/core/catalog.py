@@ -24,7 +24,7 @@ class Ensembles:
     controlled: str
 
     @classmethod
-    def of(cls, names: dict) -> "Ensembles":
+    def of(cls, names: dict) -> Ensembles:
         return cls(names["text"], names["token_ids"], names["controlled"])
 
 
@@ -56,7 +56,9 @@ class ServedModel:
 def _load(manifest_path: Path) -> ServedModel:
     manifest = json.loads(manifest_path.read_text())
     if "controls" not in manifest:
-        raise ValueError(f"{manifest_path} was written by an older export, without attention controls: export {manifest['name']} again")
+        raise ValueError(
+            f"{manifest_path} was written by an older export, without attention controls: export {manifest['name']} again"
+        )
     repository = manifest_path.parent.parent
     tokenizer = Tokenizer.from_file(str(repository / manifest["tokenizer"]))
     return ServedModel(
@@ -90,7 +92,7 @@ class Catalog:
         self.models = {m.name: m for m in models}
 
     @classmethod
-    def from_repository(cls, repository: Path) -> "Catalog":
+    def from_repository(cls, repository: Path) -> Catalog:
         return cls([_load(path) for path in sorted(repository.glob(f"*/{MANIFEST}"))])
 
     @property

@@ -49,7 +49,7 @@ class ControlOptions:
     contextual_threshold: float | None = None
 
     @classmethod
-    def checked(cls, log_additive: bool, threshold: float | None, field: str) -> "ControlOptions":
+    def checked(cls, log_additive: bool, threshold: float | None, field: str) -> ControlOptions:
         """The options as a transport received them; a threshold that is not a finite number is a 400 naming `field`."""
         if threshold is not None and not math.isfinite(threshold):
             raise invalid(f"'{field}' must be a finite number, got {threshold}", field)
@@ -68,7 +68,8 @@ def check(control: Control, item_length: int, where: str, field: str) -> None:
         return
     if control.token_overlap not in TOKEN_OVERLAPS:
         raise invalid(
-            f"'{where}': token_overlap must be one of {list(TOKEN_OVERLAPS)}, got {control.token_overlap!r}", f"{field}.token_overlap"
+            f"'{where}': token_overlap must be one of {list(TOKEN_OVERLAPS)}, got {control.token_overlap!r}",
+            f"{field}.token_overlap",
         )
     if control.start < 0 or control.length < 0 or control.start + control.length > item_length:
         raise invalid(

@@ -11,7 +11,7 @@ class Deadline:
     expires_at: float
 
     @classmethod
-    def within(cls, default_s: float, requested_s: float | None = None) -> "Deadline":
+    def within(cls, default_s: float, requested_s: float | None = None) -> Deadline:
         """The sooner of the server's default and what the caller asked for (a gRPC deadline, an HTTP header)."""
         seconds = default_s if requested_s is None else min(default_s, max(requested_s, 0.0))
         return cls(time.monotonic() + seconds)
@@ -22,4 +22,3 @@ class Deadline:
     @property
     def expired(self) -> bool:
         return self.remaining() <= 0
-

@@ -14,7 +14,6 @@ it stops the event loop and every other request with it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 from tokenizers import Encoding, Tokenizer
 
@@ -25,7 +24,7 @@ from gateway.core.errors import invalid
 @dataclass(frozen=True)
 class PromptItem:
     kind: str  # "text", "token_ids" or "image"
-    data: Union[str, list[int]]
+    data: str | list[int]
     controls: tuple[Control, ...] = ()
 
 

@@ -30,14 +30,15 @@ import logging
 import math
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 
-from gateway.ops import request_context
 from gateway.core.deadline import Deadline
 from gateway.core.errors import ErrorKind, ServiceError
+from gateway.ops import request_context
 from gateway.ops.request_context import RequestContext
 
 log = logging.getLogger("gateway.scheduler")
@@ -375,7 +376,7 @@ class Scheduler:
         try:
             data = call.parts[0][2].data if len(call.parts) == 1 else np.concatenate([chunk.data for _, _, chunk in call.parts])
             values, counts = await self._send_with_retry(call.lane, data, call.deadline(), call.request_id())
-        except Exception as error:  # noqa: BLE001 - delivered to the requests, whose transports answer (and log) it
+        except Exception as error:
             for job, _, _ in call.parts:
                 if not job.done.done():
                     job.done.set_exception(error)

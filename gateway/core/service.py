@@ -11,15 +11,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gateway.ops import request_context
+from gateway.auth.rate_limit import reserve_prompt_tokens
+from gateway.core.cache import EmbeddingCache
 from gateway.core.catalog import Catalog, Ensembles, ServedModel
 from gateway.core.controls import ControlOptions, position_factors
 from gateway.core.deadline import Deadline
 from gateway.core.errors import invalid
 from gateway.core.prompts import Prompt, PromptItem, check_length, decode, encode, resolve
-from gateway.core.cache import EmbeddingCache
-from gateway.auth.rate_limit import reserve_prompt_tokens
 from gateway.core.scheduler import PRIORITY_NORMAL, Scheduler
+from gateway.ops import request_context
 from gateway.triton.client import ChunkedInput, text_input, token_ids_input
 
 # No token of the models served here spans more characters (WordPiece gives up on words over 100), so a text
@@ -206,7 +206,9 @@ class EmbeddingService:
         """A new request's deadline: the server's timeout, or sooner if the caller asks."""
         return Deadline.within(self.timeout_s, requested_s)
 
-    async def _run(self, inputs: list[ChunkedInput], deadline: Deadline | None, priority: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    async def _run(
+        self, inputs: list[ChunkedInput], deadline: Deadline | None, priority: int
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Every input's (values, token counts) from one scheduled job, so admission and fairness see the whole request."""
         chunks = [chunk for chunked in inputs for chunk in chunked.chunks]
         results = await self.scheduler.run(chunks, deadline or self.deadline(), priority)
@@ -234,7 +236,9 @@ class EmbeddingService:
         if not items:
             raise invalid(f"'{call.input_field}' must not be empty", call.input_field)
         if len(items) > self.max_inputs:
-            raise invalid(f"'{call.input_field}' holds {len(items)} items; at most {self.max_inputs} are allowed", call.input_field)
+            raise invalid(
+                f"'{call.input_field}' holds {len(items)} items; at most {self.max_inputs} are allowed", call.input_field
+            )
         if call.dimensions is not None:
             _resize(np.zeros((0, model.dimensions), np.float32), call.dimensions, model)
         for index, item in enumerate(items):
@@ -247,7 +251,10 @@ class EmbeddingService:
             for index, ids in enumerate(call.token_ids):
                 bad = next((i for i in ids if not 0 <= i < vocab), None)
                 if bad is not None:
-                    raise invalid(f"'{call.input_field}[{index}]' holds token id {bad}, outside the vocabulary [0, {vocab})", call.input_field)
+                    raise invalid(
+                        f"'{call.input_field}[{index}]' holds token id {bad}, outside the vocabulary [0, {vocab})",
+                        call.input_field,
+                    )
 
     def _check_lengths(self, field: str, truncate: bool | None, model: ServedModel, counts: np.ndarray) -> None:
         truncate = self.truncate_default if truncate is None else truncate
@@ -305,7 +312,9 @@ class EmbeddingService:
             computed_texts = self._capped([prompts[i].text for i in text_rows], field, truncate, model)
             computed_rows = text_rows
             if cache_as is not None and self.cache is not None:
-                found = await self.cache.lookup(cache_as.key(model), computed_texts, cache_as.dimensions, model.max_sequence_length)
+                found = await self.cache.lookup(
+                    cache_as.key(model), computed_texts, cache_as.dimensions, model.max_sequence_length
+                )
                 hits = [(row, entry) for row, entry in zip(text_rows, found) if entry is not None]
                 computed_rows = [row for row, entry in zip(text_rows, found) if entry is None]
                 computed_texts = [text for text, entry in zip(computed_texts, found) if entry is None]
@@ -319,7 +328,10 @@ class EmbeddingService:
             ids = [prompts[i].token_ids for i in controlled_rows]
             threshold = call.controls.contextual_threshold
             factors = await asyncio.to_thread(
-                lambda: [position_factors(prompts[i].token_ids, prompts[i].controls, threshold, model.token_similarity) for i in controlled_rows]
+                lambda: [
+                    position_factors(prompts[i].token_ids, prompts[i].controls, threshold, model.token_similarity)
+                    for i in controlled_rows
+                ]
             )
             controls = (factors, call.controls.log_additive)
             chunked = token_ids_input(ensembles.controlled, ids, model.max_batch_size, call.priority, output, controls)
@@ -343,7 +355,9 @@ class EmbeddingService:
         limit = model.max_sequence_length * MAX_CHARS_PER_TOKEN
 
         def resolve_all() -> list[Prompt]:
-            return [resolve(items, model.tokenizer, prefix, field, None if single else i, limit) for i, items in enumerate(prompts)]
+            return [
+                resolve(items, model.tokenizer, prefix, field, None if single else i, limit) for i, items in enumerate(prompts)
+            ]
 
         if all(len(items) == 1 and items[0].kind == "text" and not items[0].controls for items in prompts):
             return resolve_all()

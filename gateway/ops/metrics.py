@@ -8,7 +8,7 @@ in one process (tests, or two gateways) without "Duplicated timeseries" errors, 
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder

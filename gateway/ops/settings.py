@@ -125,7 +125,9 @@ def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None
     parser = argparse.ArgumentParser(prog="python -m gateway", description="Serve embeddings over HTTP and gRPC from Triton.")
     for field in fields(Settings):
         flag = "--" + field.name.replace("_", "-")
-        kind = Path if isinstance(field.default, Path) else {int: int, float: float, bool: _parse_bool}.get(type(field.default), str)
+        kind = (
+            Path if isinstance(field.default, Path) else {int: int, float: float, bool: _parse_bool}.get(type(field.default), str)
+        )
         env_value = environ.get(_env_name(field.name))
         default = kind(env_value) if env_value is not None else field.default
         shown = default if field.repr or not default else "(set, not shown)"

@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gateway.auth.authenticator import Authenticator
+from gateway.auth.store import Principal
 from gateway.core.errors import ErrorKind, ServiceError
+from gateway.core.scheduler import Backend
 from gateway.ops.logs import AccessLog
 from gateway.ops.metrics import Metrics
 from gateway.ops.request_context import RequestContext
-from gateway.core.scheduler import Backend
 from gateway.transports.http.tokens import UNMETERED_ROUTES
-from gateway.auth.store import Principal
 
 
 def rejection_of(error: ServiceError) -> str | None:

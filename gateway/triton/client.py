@@ -6,7 +6,6 @@ scheduler retries; anything else unexpected is logged here and reaches the calle
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -14,9 +13,9 @@ import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from gateway.ops import request_context
 from gateway.core.errors import ErrorKind, ServiceError, internal
 from gateway.core.scheduler import Chunk, Lane
+from gateway.ops import request_context
 
 log = logging.getLogger("gateway.triton")
 
@@ -31,7 +30,9 @@ def _backend_error(error: InferenceServerException) -> ServiceError:
     if "DEADLINE_EXCEEDED" in status:
         return ServiceError(ErrorKind.DEADLINE_EXCEEDED, "the inference server did not answer within the request's deadline")
     if "UNAVAILABLE" in status or any(marker in message.lower() for marker in _TRANSIENT):
-        return ServiceError(ErrorKind.UNAVAILABLE, f"the inference server is unavailable ({status or 'no connection'}), retry shortly")
+        return ServiceError(
+            ErrorKind.UNAVAILABLE, f"the inference server is unavailable ({status or 'no connection'}), retry shortly"
+        )
     if "RESOURCE_EXHAUSTED" in status:
         return ServiceError(ErrorKind.OVERLOADED, "the inference server is overloaded, retry shortly")
     log.error("Triton failed a request: %s %s", status, message)
@@ -90,7 +91,7 @@ class TritonClient:
     async def server_ready(self, timeout_s: float) -> bool:
         try:
             return await self._client.is_server_ready(client_timeout=timeout_s)
-        except (InferenceServerException, asyncio.TimeoutError):
+        except (TimeoutError, InferenceServerException):
             return False
 
     async def infer(self, lane: Lane, data: np.ndarray, timeout_s: float, request_id: str) -> tuple[np.ndarray, np.ndarray]:
@@ -175,7 +176,14 @@ def _controlled_rows(ids: np.ndarray, factors: np.ndarray, log_additive: bool) -
     """Rows that carry their attention controls with their ids, as records: the scheduler concatenates and splits
     them like any other rows, and _input_tensors sends each field as its own tensor."""
     width = ids.shape[1]
-    rows = np.empty(len(ids), dtype=[("TOKEN_IDS", np.int64, (width,)), ("CONTROL_FACTORS", np.float32, (width,)), ("CONTROL_LOG_ADDITIVE", np.bool_, (1,))])
+    rows = np.empty(
+        len(ids),
+        dtype=[
+            ("TOKEN_IDS", np.int64, (width,)),
+            ("CONTROL_FACTORS", np.float32, (width,)),
+            ("CONTROL_LOG_ADDITIVE", np.bool_, (1,)),
+        ],
+    )
     rows["TOKEN_IDS"], rows["CONTROL_FACTORS"], rows["CONTROL_LOG_ADDITIVE"] = ids, factors, log_additive
     return rows
 

@@ -23,8 +23,8 @@ import numpy as np
 
 from gateway.core.errors import ErrorKind, ServiceError
 from gateway.core.scheduler import Lane
-from gateway.triton.supervisor import TritonHealth
 from gateway.triton.client import TritonClient
+from gateway.triton.supervisor import TritonHealth
 
 log = logging.getLogger("gateway.triton")
 
@@ -148,7 +148,7 @@ class TritonPool:
     async def wait_ready(self, timeout_s: float) -> bool:
         try:
             await asyncio.wait_for(self._any_ready.wait(), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         return True
 
@@ -178,7 +178,9 @@ class TritonPool:
             # call its time, and past the deadline it is the deadline that was missed.
             remaining_s = timeout_s - (time.monotonic() - started)
             if remaining_s <= 0 or not await self.wait_ready(remaining_s):
-                raise ServiceError(ErrorKind.DEADLINE_EXCEEDED, f"no inference server became ready within the request's deadline ({self.reason})")
+                raise ServiceError(
+                    ErrorKind.DEADLINE_EXCEEDED, f"no inference server became ready within the request's deadline ({self.reason})"
+                )
             endpoint = self._pick()
         endpoint.rows_in_flight += len(data)
         try:
@@ -208,7 +210,9 @@ class TritonPool:
         wanted = {url for urls in self._addresses.values() for url in urls}
         for url in sorted(wanted - self.endpoints.keys()):
             log.info("Triton %s joins", url)
-            self.endpoints[url] = Endpoint(TritonHealth(TritonClient(url), timeout_s=self.probe_timeout_s, on_change=self._changed))
+            self.endpoints[url] = Endpoint(
+                TritonHealth(TritonClient(url), timeout_s=self.probe_timeout_s, on_change=self._changed)
+            )
         for url in sorted(self.endpoints.keys() - wanted):
             log.info("Triton %s left the DNS answer; no more calls go to it", url)
             self._retiring.append(self.endpoints.pop(url))

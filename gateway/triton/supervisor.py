@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from gateway.triton.process import TritonProcess, TritonStartError
 
@@ -41,7 +42,12 @@ class TritonHealth:
         self.ready = ready
         if ready:
             self.ever_ready = True
-            log.info("Triton %s is ready (it was not for %.1f s: %s)", self.triton.url, time.monotonic() - self.not_ready_since, self.reason)
+            log.info(
+                "Triton %s is ready (it was not for %.1f s: %s)",
+                self.triton.url,
+                time.monotonic() - self.not_ready_since,
+                self.reason,
+            )
         else:
             self.not_ready_since = time.monotonic()
             log.warning("Triton %s is not ready: %s", self.triton.url, reason)

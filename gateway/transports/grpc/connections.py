@@ -66,7 +66,10 @@ def split_descriptors(budget: int, http_connections: int = 0, grpc_connections: 
         logger.warning(
             "%d HTTP and %d gRPC connections (%d descriptors each) can take more than the %d descriptors the "
             "process has for connections: one port can starve the other",
-            http_connections, grpc_connections, FDS_PER_GRPC_CONNECTION, budget,
+            http_connections,
+            grpc_connections,
+            FDS_PER_GRPC_CONNECTION,
+            budget,
         )
     return DescriptorBudget(http_connections, grpc_connections, backlog)
 

@@ -14,11 +14,11 @@ import inspect
 
 import grpc
 
-from gateway.ops import request_context
 from gateway.core.errors import ServiceError
+from gateway.ops import request_context
+from gateway.ops.request_context import RequestContext, request_id_from
 from gateway.transports.grpc.servicer import abort_with
 from gateway.transports.policy import RequestPolicy, rejection_of
-from gateway.ops.request_context import RequestContext, request_id_from
 
 
 def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:

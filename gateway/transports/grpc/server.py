@@ -11,11 +11,17 @@ from google.protobuf import message_factory
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gateway.core.service import EmbeddingService
 from gateway.core.errors import ServiceError, invalid
-from gateway.transports.grpc.servicer import EmbeddingServicer
-from gateway.transports.grpc.connections import ConnectionGate, GrpcConnectionLimits, listening_sockets, private_address, split_descriptors
+from gateway.core.service import EmbeddingService
+from gateway.transports.grpc.connections import (
+    ConnectionGate,
+    GrpcConnectionLimits,
+    listening_sockets,
+    private_address,
+    split_descriptors,
+)
 from gateway.transports.grpc.lifecycle import with_lifecycle
+from gateway.transports.grpc.servicer import EmbeddingServicer
 from gateway.transports.http.server import derive_max_connections
 from gateway.transports.policy import RequestPolicy
 from proto.embedding.v1 import embedding_pb2 as pb
@@ -142,7 +148,7 @@ class ReadinessHealth(health.aio.HealthServicer):
         for name in ("", SERVICE_NAME):
             await self.set(name, status)
 
-    async def Check(self, request, context):  # noqa: N802 - the gRPC method's name
+    async def Check(self, request, context):
         await self.report()
         return await super().Check(request, context)
 

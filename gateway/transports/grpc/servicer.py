@@ -12,10 +12,10 @@ import grpc
 import numpy as np
 
 from gateway.core.controls import ControlOptions, TextControl, TokenControl
-from gateway.core.service import EmbedCall, EmbeddingService, EmbedLayersCall, SemanticEmbedCall, SemanticEmbedResult
 from gateway.core.errors import ServiceError, internal, invalid
-from gateway.transports.grpc.stream import StreamBatcher
 from gateway.core.prompts import PromptItem
+from gateway.core.service import EmbedCall, EmbeddingService, EmbedLayersCall, SemanticEmbedCall, SemanticEmbedResult
+from gateway.transports.grpc.stream import StreamBatcher
 from proto.embedding.v1 import embedding_pb2 as pb
 from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
 
@@ -69,7 +69,9 @@ def _control_options(request) -> ControlOptions:
         return ControlOptions()  # the OpenAI-shaped Embed, which has no controls
     options = request.controls
     threshold = options.contextual_threshold if options.HasField("contextual_threshold") else None
-    return ControlOptions.checked(options.log_additive if options.HasField("log_additive") else True, threshold, "controls.contextual_threshold")
+    return ControlOptions.checked(
+        options.log_additive if options.HasField("log_additive") else True, threshold, "controls.contextual_threshold"
+    )
 
 
 def _semantic_embeddings(result: SemanticEmbedResult, encoding: int) -> list[pb.Embedding]:
@@ -177,7 +179,9 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             for index, (vector, count) in enumerate(zip(result.embeddings, result.token_counts.tolist()))
         ]
         usage = pb.Usage(prompt_tokens=result.total_tokens, total_tokens=result.total_tokens)
-        return pb.EmbedResponse(model=result.model.name, model_version=result.model.model_version, embeddings=embeddings, usage=usage)
+        return pb.EmbedResponse(
+            model=result.model.name, model_version=result.model.model_version, embeddings=embeddings, usage=usage
+        )
 
     def _deadline(self, context: grpc.aio.ServicerContext):
         """The client's gRPC deadline when it set one sooner than the server's timeout."""
@@ -188,7 +192,9 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         for field in ("dimensions", "truncate"):
             if request.HasField(field):
                 raise invalid(f"'{field}' cannot be combined with representation, compress_to_size or normalize", field)
-        result = await self.service.semantic_embed(self._semantic_call(request, context, [[PromptItem("text", t)] for t in request.inputs], "inputs"))
+        result = await self.service.semantic_embed(
+            self._semantic_call(request, context, [[PromptItem("text", t)] for t in request.inputs], "inputs")
+        )
         usage = pb.Usage(prompt_tokens=result.total_tokens, total_tokens=result.total_tokens)
         embeddings = _semantic_embeddings(result, request.encoding)
         return pb.EmbedResponse(model=request.model, model_version=result.model_version, embeddings=embeddings, usage=usage)
@@ -211,7 +217,9 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         call = self._semantic_call(request, context, [_prompt_items(request.prompt, "prompt")], "prompt")
         result = await self.service.semantic_embed(call)
         (embedding,) = _semantic_embeddings(result, request.encoding)
-        return pb.SemanticEmbedResponse(model_version=result.model_version, embedding=embedding, num_tokens_prompt_total=result.total_tokens)
+        return pb.SemanticEmbedResponse(
+            model_version=result.model_version, embedding=embedding, num_tokens_prompt_total=result.total_tokens
+        )
 
     @contract_errors
     async def BatchSemanticEmbed(self, request: pb.BatchSemanticEmbedRequest, context) -> pb.BatchSemanticEmbedResponse:
@@ -245,7 +253,10 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             for pooling, name in zip(request.poolings, poolings)
         ]
         return pb.EmbedLayersResponse(
-            model_version=result.model_version, embeddings=embeddings, tokens=result.tokens or [], num_tokens_prompt_total=result.num_tokens
+            model_version=result.model_version,
+            embeddings=embeddings,
+            tokens=result.tokens or [],
+            num_tokens_prompt_total=result.num_tokens,
         )
 
     @contract_errors
@@ -279,7 +290,9 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             async for reply in replies:
                 item = reply.item
                 if reply.error is not None:
-                    error = pb.StreamError(code=reply.error.kind.value, message=reply.error.message, field=reply.error.param or "")
+                    error = pb.StreamError(
+                        code=reply.error.kind.value, message=reply.error.message, field=reply.error.param or ""
+                    )
                     yield pb.EmbedStreamResponse(id=item.id, error=error)
                 else:
                     embedding = vector_message(reply.vector, item.encoding, token_count=reply.token_count)

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 
-from gateway.core.service import EmbedCall, EmbeddingService
 from gateway.core.errors import ErrorKind, ServiceError, internal
+from gateway.core.service import EmbedCall, EmbeddingService
 
 logger = logging.getLogger("gateway")
 

@@ -14,13 +14,13 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from gateway.core.controls import ControlOptions, TextControl, TokenControl
-from gateway.core.service import EmbeddingService, EmbedLayersCall, SemanticEmbedCall
 from gateway.core.errors import ServiceError, invalid
-from gateway.transports.http.messages import contract_errors, json_response, parse_body
-from gateway.transports.http.lifecycle import cancel_on_disconnect, deadline, refuse_early
 from gateway.core.prompts import PromptItem
-from gateway.ops.request_context import request_id_field
 from gateway.core.scheduler import PRIORITY_NICE, PRIORITY_NORMAL
+from gateway.core.service import EmbeddingService, EmbedLayersCall, SemanticEmbedCall
+from gateway.ops.request_context import request_id_field
+from gateway.transports.http.lifecycle import cancel_on_disconnect, deadline, refuse_early
+from gateway.transports.http.messages import contract_errors, json_response, parse_body
 
 # The client's validate_version() requires major version 1 and at least 1.19.0.
 API_VERSION = "1.19.0"
@@ -79,7 +79,7 @@ class ImageItem(_Item):
     controls: list[Any] | None = None
 
 
-PromptField = Union[StrictStr, list[Annotated[Union[TextItem, TokenIdsItem, ImageItem], Field(discriminator="type")]]]
+PromptField = Union[StrictStr, list[Annotated[TextItem | TokenIdsItem | ImageItem, Field(discriminator="type")]]]
 
 
 class _EmbeddingRequest(BaseModel):
@@ -92,7 +92,9 @@ class _EmbeddingRequest(BaseModel):
     control_log_additive: StrictBool | None = True
 
     def control_options(self) -> ControlOptions:
-        return ControlOptions.checked(self.control_log_additive is not False, self.contextual_control_threshold, "contextual_control_threshold")
+        return ControlOptions.checked(
+            self.control_log_additive is not False, self.contextual_control_threshold, "contextual_control_threshold"
+        )
 
 
 class SemanticEmbedRequest(_EmbeddingRequest):

@@ -7,7 +7,7 @@ route (500). Paths under /v1/ and /embeddings belong to the OpenAI contract, eve
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import orjson
 from starlette.applications import Starlette
@@ -17,19 +17,23 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.transports.http import aleph_alpha as aleph_alpha_api
-
-from gateway.transports.http import openai as openai_api
-
-from gateway.transports.http import tokens as token_api
-from gateway.core.service import EmbeddingService
 from gateway.core.errors import ErrorKind, ServiceError
-from gateway.transports.http.messages import JSON_OPTIONS, contract_errors, error_response, json_response, unexpected_error_response
+from gateway.core.service import EmbeddingService
+from gateway.ops.metrics import UNPARSED_ROUTE
+from gateway.ops.request_context import RequestContext, request_id_from
+from gateway.transports.http import aleph_alpha as aleph_alpha_api
+from gateway.transports.http import openai as openai_api
+from gateway.transports.http import tokens as token_api
+from gateway.transports.http.messages import (
+    JSON_OPTIONS,
+    contract_errors,
+    error_response,
+    json_response,
+    unexpected_error_response,
+)
 from gateway.transports.http.middleware import RequestMiddleware
 from gateway.transports.http.server import Refusals
-from gateway.ops.metrics import UNPARSED_ROUTE
 from gateway.transports.policy import RequestPolicy
-from gateway.ops.request_context import RequestContext, request_id_from
 
 # The ErrorKind whose code and type describe an HTTP status that a route did not choose itself.
 _KIND_OF_STATUS = {
@@ -147,7 +151,7 @@ class StaticRoutes:
         request = Request(scope, receive, send)
         try:
             response = await endpoint(request)
-        except Exception as error:  # noqa: BLE001 - answered in the contract's shape, as Starlette's handler does
+        except Exception as error:
             response = await _escaped(request, error)
         await response(scope, receive, send)
 

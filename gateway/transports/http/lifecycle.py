@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import Awaitable, TypeVar
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from starlette.requests import Request
 
 from gateway.core.deadline import Deadline
-from gateway.core.service import EmbeddingService
 from gateway.core.errors import ErrorKind, ServiceError, invalid
+from gateway.core.service import EmbeddingService
 from gateway.transports.http.messages import header
 
 T = TypeVar("T")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import orjson
 from pydantic import TypeAdapter, ValidationError
@@ -25,7 +26,9 @@ def header(request: Request, name: str) -> str | None:
     and catches a KeyError for every absent header, several times per request; one dict per request is cheaper."""
     found = request.scope.get("gateway.headers")
     if found is None:
-        found = request.scope["gateway.headers"] = {key.decode("latin-1"): value for key, value in reversed(request.scope["headers"])}
+        found = request.scope["gateway.headers"] = {
+            key.decode("latin-1"): value for key, value in reversed(request.scope["headers"])
+        }
     value = found.get(name)
     return None if value is None else value.decode("latin-1")
 

@@ -8,19 +8,19 @@ the request's context variable stays bound while the route runs.
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+from collections.abc import Callable
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.ops import request_context
 from gateway.auth.authenticator import forbidden
 from gateway.core.errors import ErrorKind, ServiceError
+from gateway.ops import request_context
+from gateway.ops.request_context import RequestContext, request_id_from
 from gateway.transports.http.messages import error_response, header
 from gateway.transports.policy import RequestPolicy, rejection_of
-from gateway.ops.request_context import RequestContext, request_id_from
 
 # Answered without a token: probes and orchestration must work before anyone has one, and the login makes one.
 OPEN_PATHS = frozenset({"/health", "/health/live", "/health/ready", "/version", "/get_token"})
@@ -127,7 +127,9 @@ class RequestMiddleware:
             raise forbidden("this gateway answers only requests addressed to localhost while authentication is off")
         # An unknown path or method is answered 404 or 405 by the router (after authentication, when it is on).
         if routed and request.method in BODY_METHODS and not _is_json(header(request, "content-type")):
-            raise ServiceError(ErrorKind.UNSUPPORTED_MEDIA_TYPE, "the request body must be JSON: send 'Content-Type: application/json'")
+            raise ServiceError(
+                ErrorKind.UNSUPPORTED_MEDIA_TYPE, "the request body must be JSON: send 'Content-Type: application/json'"
+            )
         if path in OPEN_PATHS or (path == "/metrics" and policy.metrics_open):
             return
         principal = await policy.admit(context, header(request, "authorization"))

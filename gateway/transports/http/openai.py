@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import base64
 import time
-from typing import Literal, Union
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, TypeAdapter
 from starlette.requests import Request
 from starlette.routing import Route
 
-from gateway.core.service import EmbedCall, EmbeddingService
 from gateway.core.errors import ServiceError
-from gateway.transports.http.messages import contract_errors, json_response, parse_body
-from gateway.transports.http.lifecycle import cancel_on_disconnect, deadline, refuse_early
+from gateway.core.service import EmbedCall, EmbeddingService
 from gateway.ops.request_context import request_id_field
+from gateway.transports.http.lifecycle import cancel_on_disconnect, deadline, refuse_early
+from gateway.transports.http.messages import contract_errors, json_response, parse_body
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -31,7 +31,7 @@ ERROR_TYPES = {
 class EmbeddingsRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    input: Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]
+    input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
     model: StrictStr
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: StrictInt | None = Field(default=None)
@@ -44,7 +44,12 @@ REQUEST = TypeAdapter(EmbeddingsRequest)
 
 def render_error(error: ServiceError):
     status = error.http_status
-    body = {"message": error.message, "type": ERROR_TYPES.get(status, "server_error"), "param": error.param, "code": error.kind.value}
+    body = {
+        "message": error.message,
+        "type": ERROR_TYPES.get(status, "server_error"),
+        "param": error.param,
+        "code": error.kind.value,
+    }
     return json_response({"error": body | request_id_field()}, status)
 
 

@@ -11,18 +11,18 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, TypeAdapter
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.transports.http.aleph_alpha import render_error
 from gateway.auth.authenticator import Authenticator, forbidden, unauthenticated
-from gateway.core.errors import ErrorKind, ServiceError, invalid
-from gateway.transports.http.messages import contract_errors, json_response, parse_body
 from gateway.auth.store import Limits, Principal
+from gateway.core.errors import ErrorKind, ServiceError, invalid
+from gateway.transports.http.aleph_alpha import render_error
+from gateway.transports.http.messages import contract_errors, json_response, parse_body
 
 MAX_DESCRIPTION_CHARS = 200
 MAX_TOKEN_ID = 2**31 - 1  # the contract's token_id is an int32
@@ -137,7 +137,7 @@ def _endpoints(authenticator: Authenticator, max_body_bytes: int) -> list:
         user = await authenticator.login(body.email, body.password, request.client.host if request.client else None)
         if user is None:
             raise unauthenticated("wrong email or password")
-        description = f"login {datetime.now(timezone.utc).isoformat(timespec='seconds')}"
+        description = f"login {datetime.now(UTC).isoformat(timespec='seconds')}"
         _, secret = await store_call(store.create_token, user.email, description)
         return json_response({"token": secret, "role": user.role})
 
