@@ -81,7 +81,7 @@ def _length_buckets(args: argparse.Namespace, max_length: int) -> tuple[int, ...
     """() means each request is padded to its own longest sequence."""
     spec = args.length_buckets if args.length_buckets is not None else ("" if args.target == "cpu" else GPU_LENGTH_BUCKETS)
     buckets = [int(b) for b in spec.split(",") if b.strip()]
-    return tuple(b for b in buckets if b < max_length) + (max_length,) if buckets else ()
+    return (*(b for b in buckets if b < max_length), max_length) if buckets else ()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

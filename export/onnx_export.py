@@ -32,7 +32,7 @@ class _EncoderWithAllLayers(torch.nn.Module):
         self.takes_token_types = "token_type_ids" in inspect.signature(model.forward).parameters
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        extra = {"token_type_ids": torch.zeros_like(input_ids)} if self.takes_token_types else {}
+        extra: dict[str, torch.Tensor | bool] = {"token_type_ids": torch.zeros_like(input_ids)} if self.takes_token_types else {}
         if self.decoder:
             attention_mask = _causal_mask(attention_mask)
             extra["use_cache"] = False

@@ -20,9 +20,9 @@ from gateway.core.cache import EmbeddingCache
 from gateway.core.catalog import Catalog
 from gateway.core.scheduler import Scheduler
 from gateway.core.service import EmbeddingService
-from gateway.ops.logs import configure_logging, redacted_url
+from gateway.ops.logs import configure_logging
 from gateway.ops.metrics import Metrics
-from gateway.ops.settings import Settings, parse_settings
+from gateway.ops.settings import Settings, parse_settings, redacted_setting
 from gateway.transports.grpc.connections import GrpcConnectionLimits, split_descriptors
 from gateway.transports.grpc.server import create_server
 from gateway.transports.http.app import build_app, protocol_refusals
@@ -157,7 +157,7 @@ async def serve(settings: Settings, catalog: Catalog, process: TritonProcess | N
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop)
     http_task = asyncio.create_task(server.serve())
-    while not server.started and not http_task.done():
+    while not server.started and not http_task.done():  # noqa: ASYNC110 - uvicorn's `started` is a flag, not an event
         await asyncio.sleep(0.05)
     if http_task.done():
         _cancel(background)
@@ -174,7 +174,7 @@ async def serve(settings: Settings, catalog: Catalog, process: TritonProcess | N
     print(f"gRPC       {settings.host}:{grpc_port}  (embedding.v1.EmbeddingService, grpc.health.v1.Health, reflection)")
     print(f"           connections at most: HTTP {server.limits.max_connections}, gRPC {grpc_limits.max_connections}")
     print("           probes: GET /health/live /health/ready /health; Prometheus: GET /metrics")
-    if settings.triton_url:
+    if process is None:  # --triton-url
         print(f"Triton     {', '.join(pool.endpoints) or settings.triton_url} (gRPC, KServe v2)")
     else:
         # The started Triton, whose ensembles tritonclient and perf_analyzer can call directly.
@@ -186,11 +186,12 @@ async def serve(settings: Settings, catalog: Catalog, process: TritonProcess | N
             f"           {process.admin_key_file}, as HTTP header {ADMIN_KEY_HEADER} or gRPC metadata {ADMIN_KEY_GRPC_METADATA}"
         )
     if cache is not None:
-        print(f"cache      {redacted_url(settings.cache_url)} (TTL {settings.cache_ttl_s} s)")
+        print(f"cache      {redacted_setting('cache_url', settings.cache_url)} (TTL {settings.cache_ttl_s} s)")
     if authenticator is None:
         print("auth       off (loopback only); turn on with --auth")
     else:
-        print(f"auth       on; tokens in {redacted_url(settings.auth_store_location)}; POST /get_token, /users/me/tokens")
+        store = redacted_setting("auth_database", settings.auth_store_location)
+        print(f"auth       on; tokens in {store}; POST /get_token, /users/me/tokens")
     print("ready; Ctrl-C stops", flush=True)
     try:
         await http_task
@@ -207,7 +208,7 @@ def _authenticator(settings: Settings) -> Authenticator | None:
         return Authenticator(open_store(settings.auth_store_location))
     except StoreUnavailable as error:
         raise SystemExit(
-            f"gateway: the token store {redacted_url(settings.auth_store_location)} is unavailable: {error}"
+            f"gateway: the token store {redacted_setting('auth_database', settings.auth_store_location)} is unavailable: {error}"
         ) from None
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -57,11 +59,24 @@ class FakeTriton:
 class Gateway:
     """The app and its parts, for a test to drive and inspect."""
 
-    def __init__(self, models: Catalog, max_body_bytes: int = 4 * 1024 * 1024, timeout_s: float = 30.0):
+    def __init__(
+        self,
+        models: Catalog,
+        max_body_bytes: int = 4 * 1024 * 1024,
+        timeout_s: float = 30.0,
+        *,
+        triton: Callable[[ServedModel], Any] = FakeTriton,
+        max_calls_per_lane: int = 4,
+        max_rows_in_flight: int = 128,
+    ):
         self.model = next(iter(models.models.values()))
-        self.triton = FakeTriton(self.model)
+        self.triton = triton(self.model)
         self.scheduler = Scheduler(
-            self.triton, self.triton.send, max_pending_texts=32768, max_rows_in_flight=128, max_calls_per_lane=4
+            self.triton,
+            self.triton.send,
+            max_pending_texts=32768,
+            max_rows_in_flight=max_rows_in_flight,
+            max_calls_per_lane=max_calls_per_lane,
         )
         self.service = EmbeddingService(models, self.scheduler, max_inputs=2048, truncate=False, timeout_s=timeout_s)
         self.metrics = Metrics()

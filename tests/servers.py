@@ -20,6 +20,13 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def starts_servers(fixture_function):
+    """Tags a fixture function that starts a real server (the gateway, Triton, PostgreSQL, Redis, Prometheus): put it
+    under @pytest.fixture. tests/conftest.py refuses to run a test that uses such a fixture without the e2e marker."""
+    fixture_function.starts_servers = True
+    return fixture_function
+
+
 def free_ports(count: int) -> list[int]:
     sockets = [socket.socket() for _ in range(count)]
     for s in sockets:
@@ -147,7 +154,9 @@ def _start_service(
         env={**os.environ, "PYTHONPATH": str(root)},
         stdout=log,
         stderr=subprocess.STDOUT,
-        preexec_fn=preexec_fn,
+        # A limit must be lowered before exec (the gateway sizes its connection caps from it at start); the callers
+        # only call setrlimit, which takes no lock another thread could hold at the fork.
+        preexec_fn=preexec_fn,  # noqa: PLW1509 - setrlimit only, see above
     )
     service = RunningService(process, run_dir, http, grpc, t_http, t_grpc, t_metrics)
     deadline = time.monotonic() + timeout_s

@@ -24,6 +24,8 @@ from aleph_alpha_client import (
 from export.datasets import sts_sentences
 from tests.conftest import MODEL_REPOSITORY
 
+pytestmark = pytest.mark.e2e
+
 POOLINGS = ["mean", "weighted_mean", "max", "last_token", "abs_max"]
 
 

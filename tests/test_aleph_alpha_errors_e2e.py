@@ -10,6 +10,8 @@ from aleph_alpha_client import Client, Prompt, SemanticEmbeddingRequest, Semanti
 
 from tests.servers import ROOT, free_ports
 
+pytestmark = pytest.mark.e2e
+
 SEMANTIC = {"prompt": "hello", "representation": "symmetric"}
 
 

@@ -4,6 +4,7 @@ import asyncio
 import statistics
 import time
 
+import pytest
 from aleph_alpha_client import (
     AsyncClient,
     BatchSemanticEmbeddingRequest,
@@ -12,6 +13,8 @@ from aleph_alpha_client import (
 )
 
 from export.datasets import sts_sentences
+
+pytestmark = pytest.mark.e2e
 
 # The queue a probe finds holds LOAD_CONCURRENCY requests of 100 prompts. The probes are as big: the gateway's
 # scheduler serves requests with fewer rows first, so a one-prompt probe would overtake either load. Behind a

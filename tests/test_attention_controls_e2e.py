@@ -206,11 +206,13 @@ def test_the_cases_exercise_what_they_claim(minilm_cases):
     )
 
 
+@pytest.mark.e2e
 def test_controlled_vectors_match_the_reference_over_every_route(service, model_name, minilm_cases):
     served = served_vectors(service.http_url, service.grpc_port, model_name, minilm_cases)
     assert_cases_match_the_reference(minilm_path(), "", minilm_cases, served)
 
 
+@pytest.mark.e2e
 def test_a_factor_of_1_gives_the_uncontrolled_vector_and_other_factors_do_not(service, model_name):
     client = Client(token="unused", host=service.http_url, total_retries=0)
     text = "A man is playing a large flute."
@@ -227,6 +229,7 @@ def test_a_factor_of_1_gives_the_uncontrolled_vector_and_other_factors_do_not(se
         assert (difference <= 1e-6) == same, (factor, difference)
 
 
+@pytest.mark.e2e
 def test_embed_layers_take_the_controls(service, model_name, minilm_cases):
     for items, log_additive, threshold in minilm_cases[:: max(1, len(minilm_cases) // 6)]:
         body = {
@@ -246,6 +249,7 @@ def test_embed_layers_take_the_controls(service, model_name, minilm_cases):
             assert cosine(pooled["max"], hidden[layer].max(axis=0)) >= MIN_COSINE
 
 
+@pytest.mark.e2e
 def test_controlled_prompts_take_the_compressed_pipeline_too(service, model_name, manifest):
     """compress_to_size=128 of a controlled prompt is the exported projection of its controlled full vector."""
     components = np.load(MODEL_REPOSITORY / manifest["steps"]["compression"] / "1" / "projection.npy")
@@ -262,6 +266,7 @@ def test_controlled_prompts_take_the_compressed_pipeline_too(service, model_name
     assert cosine(small.embedding, components @ np.array(full.embedding)) >= MIN_COSINE
 
 
+@pytest.mark.e2e
 def test_suppressing_and_amplifying_a_content_word_do_what_they_are_for(service, model_name):
     """The full table over every STS sentence is bench/results/control_effect.md; here, the first 300 sentences."""
     client = Client(token="unused", host=service.http_url, total_retries=0)

@@ -6,7 +6,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.servers import ROOT, raw_http
+
+pytestmark = pytest.mark.e2e
 
 
 def request(service, method: str, path: str, body: dict | None = None, headers: dict | None = None):

@@ -18,6 +18,8 @@ from proto.embedding.v1 import embedding_pb2 as pb
 from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
 from tests.servers import HttpApi, gateway_cli, start_service
 
+pytestmark = pytest.mark.e2e
+
 ADMIN, CLIENT = "admin@example.com", "client@example.com"
 ADMIN_PASSWORD = "correct horse battery staple"
 # Whose password the login flood tests guess, so that no other test's login meets the throttle.

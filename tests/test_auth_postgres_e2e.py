@@ -13,6 +13,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tests.postgres_server import PostgresServer
 from tests.servers import gateway_cli, start_service
 
+pytestmark = pytest.mark.e2e
+
 USER = "ops@example.com"
 
 

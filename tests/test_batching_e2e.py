@@ -5,8 +5,11 @@ import json
 import urllib.request
 
 import openai
+import pytest
 
 from export.datasets import sts_sentences
+
+pytestmark = pytest.mark.e2e
 
 
 def encoder_counts(service, model_name) -> tuple[int, int]:

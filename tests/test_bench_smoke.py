@@ -9,9 +9,13 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from bench.pipeline_ceiling import LABEL as CEILING
 from bench.report import CACHE_LABEL, find_measurement
 from tests.servers import ROOT
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def test_smoke_run_writes_every_part_of_the_report(tmp_path):

@@ -5,7 +5,11 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from tests.servers import MODEL_REPOSITORY, ROOT
+
+pytestmark = pytest.mark.e2e
 
 
 def gateway(repository) -> subprocess.CompletedProcess:

@@ -15,11 +15,12 @@ import pytest
 from gateway.core.cache import EmbeddingCache, cache_key, decode_entry, encode_entry
 from gateway.ops.metrics import Metrics
 from tests.redis_server import RedisServer
-from tests.servers import free_ports
+from tests.servers import free_ports, starts_servers
 from tests.test_metrics_and_logs import samples, value
 
 
 @pytest.fixture(scope="module")
+@starts_servers
 def redis_server():
     with RedisServer() as server:
         yield server
@@ -40,6 +41,7 @@ def vectors(rows: int, dimensions: int = 4) -> np.ndarray:
     return np.arange(rows * dimensions, dtype=np.float32).reshape(rows, dimensions) / 7
 
 
+@pytest.mark.e2e
 async def test_what_is_stored_is_found_by_version_and_text_with_its_token_count(redis_server, metrics):
     cache = EmbeddingCache(redis_server.url, metrics, ttl_s=60, max_bytes=0)
     try:
@@ -79,6 +81,7 @@ def test_an_entry_of_another_size_is_no_hit():
     assert decode_entry(entry, 8) is None
 
 
+@pytest.mark.e2e
 async def test_the_server_is_bounded_with_lru_eviction(redis_server, metrics):
     cache = EmbeddingCache(redis_server.url, metrics, ttl_s=60, max_bytes=64 * 1024 * 1024)
     try:
@@ -90,6 +93,7 @@ async def test_the_server_is_bounded_with_lru_eviction(redis_server, metrics):
         redis_server.client().config_set("maxmemory", 0)
 
 
+@pytest.mark.e2e
 async def test_a_cache_that_is_down_costs_no_wait_and_is_taken_up_again(metrics):
     with RedisServer() as server:
         cache = EmbeddingCache(server.url, metrics, ttl_s=60, max_bytes=0, retry_s=0.5)

@@ -53,6 +53,7 @@ def assert_aleph_alpha_error(body: bytes, code: str) -> dict:
 # --- HTTP: unknown paths and wrong methods, in the shape of the contract at the path ---------------------------------
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("method", "path"), [("GET", "/v1/nothing-here"), ("POST", "/v1/embeddings/extra"), ("GET", "/v1")])
 def test_unknown_openai_path_is_404_in_openai_shape(service, method, path):
     status, headers, body = http_call(service, method, path, b"{}" if method == "POST" else None)
@@ -63,6 +64,7 @@ def test_unknown_openai_path_is_404_in_openai_shape(service, method, path):
     assert path in error["message"]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("method", "path"), [("GET", "/nothing-here"), ("POST", "/semantic_embed/extra"), ("DELETE", "/")])
 def test_unknown_aleph_alpha_path_is_404_in_aleph_alpha_shape(service, method, path):
     status, headers, body = http_call(service, method, path)
@@ -71,6 +73,7 @@ def test_unknown_aleph_alpha_path_is_404_in_aleph_alpha_shape(service, method, p
     assert path in assert_aleph_alpha_error(body, "NOT_FOUND")["error"]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("method", "path", "allow"),
     [("GET", "/v1/embeddings", "POST"), ("PUT", "/embeddings", "POST"), ("POST", "/v1/models", "GET, HEAD")],
@@ -85,6 +88,7 @@ def test_wrong_method_on_openai_path_is_405_in_openai_shape(service, method, pat
     assert method in error["message"] and allow in error["message"]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("method", "path", "allow"),
     [
@@ -221,6 +225,7 @@ async def channel(service):
         yield channel
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("method", "garbage"),
     # ListModelsRequest has no field 1, so a string there is an unknown field that decodes fine.
@@ -243,6 +248,7 @@ async def test_undecodable_unary_request_is_invalid_argument(channel, model_name
     assert len((await stub.Embed(pb.EmbedRequest(model=model_name, inputs=["still fine"]))).embeddings) == 1
 
 
+@pytest.mark.e2e
 async def test_undecodable_stream_message_is_invalid_argument(channel, model_name):
     call = channel.stream_stream(f"{SERVICE}/EmbedStream", request_serializer=None, response_deserializer=None)
 
@@ -260,6 +266,7 @@ async def test_undecodable_stream_message_is_invalid_argument(channel, model_nam
 # --- EmbedStream: every id is answered, with its vector or its error, and the stream ends OK -------------------------
 
 
+@pytest.mark.e2e
 async def test_embed_stream_answers_every_id_with_a_vector_or_an_error(channel, model_name, manifest):
     stub = pb_grpc.EmbeddingServiceStub(channel)
     dims = manifest["dimensions"]

@@ -27,6 +27,7 @@ def gpu_repository(tmp_path_factory):
     return out
 
 
+@pytest.mark.e2e  # a whole export, tens of seconds
 def test_int8_export_passes_validation_and_is_smaller(tmp_path):
     result = export("--precision", "int8", "--output-dir", str(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -40,6 +41,7 @@ def test_int8_export_passes_validation_and_is_smaller(tmp_path):
         assert (tmp_path / encoder / "1" / "model.onnx").stat().st_size < fp32_size / 2
 
 
+@pytest.mark.e2e  # a whole export, tens of seconds
 def test_gpu_target_uses_tritons_onnxruntime_backend_on_the_gpu(gpu_repository):
     steps = manifest(gpu_repository)["steps"]
     config = (gpu_repository / steps["encoder"] / "config.pbtxt").read_text()
@@ -58,12 +60,14 @@ def test_gpu_target_uses_tritons_onnxruntime_backend_on_the_gpu(gpu_repository):
     assert 'key: "control_log_additive" value: "CONTROL_LOG_ADDITIVE"' in ensemble
 
 
+@pytest.mark.e2e  # a whole export, tens of seconds
 def test_fp16_export_keeps_float32_inputs_and_outputs(gpu_repository):
     model = onnx.load(str(gpu_repository / manifest(gpu_repository)["steps"]["encoder"] / "1" / "model.onnx"))
     assert {i.data_type for i in model.graph.initializer if len(i.dims) > 1} == {onnx.TensorProto.FLOAT16}
     assert {o.type.tensor_type.elem_type for o in model.graph.output} == {onnx.TensorProto.FLOAT}
 
 
+@pytest.mark.e2e  # a whole export, tens of seconds
 def test_tensorrt_target_writes_a_plan_config(tmp_path):
     result = export("--target", "gpu-tensorrt", "--output-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
@@ -77,12 +81,14 @@ def test_fp16_for_the_cpu_target_is_refused():
     assert "GPU" in result.stderr
 
 
+@pytest.mark.e2e  # a whole export, tens of seconds
 def test_second_run_reuses_the_export(tmp_path):
     assert export("--output-dir", str(tmp_path)).returncode == 0
     again = export("--output-dir", str(tmp_path))
     assert again.returncode == 0 and "up to date" in again.stdout
 
 
+@pytest.mark.e2e  # a whole export, tens of seconds
 def test_fp16_controlled_encoder_takes_controls_like_the_fp32_one(gpu_repository):
     """The GPU graph's controls, run here by onnxruntime on the CPU: in fp16 the masks and constants change (finfo.min
     becomes -65504), and padding must still be told from real keys with a control of 0 or 10 in either mode."""

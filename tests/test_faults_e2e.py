@@ -21,6 +21,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bench import resilience
 from tests.servers import start_service
 
+pytestmark = pytest.mark.e2e
+
 
 class Watched:
     """A fresh service whose shm regions are collected along the way, for the leftover check."""

@@ -25,6 +25,8 @@ from proto.embedding.v1 import embedding_pb2 as pb
 from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
 from tests.servers import raw_http
 
+pytestmark = pytest.mark.e2e
+
 FUZZ = settings(
     max_examples=300,
     deadline=None,

@@ -8,6 +8,8 @@ import requests
 from proto.embedding.v1 import embedding_pb2 as pb
 from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
 
+pytestmark = pytest.mark.e2e
+
 POOLINGS = {
     "mean": pb.POOLING_MEAN,
     "weighted_mean": pb.POOLING_WEIGHTED_MEAN,

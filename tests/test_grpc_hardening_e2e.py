@@ -23,6 +23,8 @@ from proto.embedding.v1 import embedding_pb2 as pb
 from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
 from tests.servers import start_service
 
+pytestmark = pytest.mark.e2e
+
 # The flooded gateway's open-file limit (soft and hard, so it cannot raise it), and more idle connections than
 # that: without a cap on the gRPC port they alone would take every descriptor the gateway has.
 FD_LIMIT = 1024

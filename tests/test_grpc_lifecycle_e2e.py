@@ -29,6 +29,7 @@ async def running_server(triton_url: str, max_pending_texts: int = 8192):
     return server, port, triton
 
 
+@pytest.mark.e2e
 async def test_graceful_stop_lets_calls_in_flight_finish(service, model_name):
     server, port, triton = await running_server(service.triton_grpc_url)
     texts = sts_sentences()[:400]
@@ -74,6 +75,7 @@ async def test_without_triton_health_is_not_serving_and_calls_are_unavailable(mo
         await triton.close()
 
 
+@pytest.mark.e2e
 async def test_overload_is_resource_exhausted_at_once(service, model_name):
     server, port, triton = await running_server(service.triton_grpc_url, max_pending_texts=128)
     try:

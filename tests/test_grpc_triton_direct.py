@@ -9,6 +9,8 @@ from export.datasets import sts_sentences
 from proto.embedding.v1 import embedding_pb2 as pb
 from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def triton(service):

@@ -18,6 +18,8 @@ from proto.embedding.v1 import embedding_pb2 as pb
 from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
 from tests.servers import raw_http
 
+pytestmark = pytest.mark.e2e
+
 
 def exchange(port: int, data: bytes) -> tuple[int, dict[str, str], bytes]:
     """What the server answers to raw bytes, read until it closes the connection."""

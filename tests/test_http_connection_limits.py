@@ -26,6 +26,8 @@ import pytest
 
 from tests.servers import ROOT, free_ports
 
+pytestmark = pytest.mark.e2e
+
 TIMEOUT_S = 1.0  # the header timeout of the servers under test
 MARGIN_S = 1.0  # how late past it a connection may still be closed (clock granularity, scheduling on 2 cores)
 

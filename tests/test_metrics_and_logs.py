@@ -200,7 +200,7 @@ def test_json_lines_name_the_request_and_carry_fields_and_tracebacks(restore_log
             "hello %s", "world", extra={"route": "/v1/embeddings", "secret": "not allow-listed", "fields": {"attempt": 2}}
         )
         try:
-            1 / 0
+            raise ZeroDivisionError("division by zero")
         except ZeroDivisionError:
             logging.getLogger("gateway.core").exception("failed")
         logging.getLogger("gateway.core").info("explicit", extra={"request_id": "other-id"})
@@ -308,6 +308,7 @@ class ExporterHandler(http.server.BaseHTTPRequestHandler):
         pass  # one line per scrape would drown the test output
 
 
+@pytest.mark.e2e
 def test_a_real_prometheus_scrapes_what_was_recorded():
     metrics = Metrics()
     metrics.watch_triton(lambda: 1, lambda: 1)

@@ -57,11 +57,14 @@ def test_dense_layers_and_normalize_match_sentence_transformers(activation):
     )
     for module in (first, second, StNormalize()):
         features = module(features)
-    as_numpy = lambda d: Dense(
-        d.linear.weight.detach().numpy(),
-        None if d.linear.bias is None else d.linear.bias.detach().numpy(),
-        d.activation_function.__class__.__name__,
-    )
+
+    def as_numpy(d) -> Dense:
+        return Dense(
+            d.linear.weight.detach().numpy(),
+            None if d.linear.bias is None else d.linear.bias.detach().numpy(),
+            d.activation_function.__class__.__name__,
+        )
+
     head = SentenceHead(("mean",), (as_numpy(first), as_numpy(second), Normalize()))
     np.testing.assert_allclose(head(tokens, mask), features["sentence_embedding"].detach().numpy(), rtol=1e-5, atol=1e-5)
 

@@ -28,6 +28,8 @@ from tests.servers import MODEL_REPOSITORY, start_service
 from tests.test_export import export
 from tests.tiny_models import BUILDERS
 
+pytestmark = pytest.mark.e2e
+
 # Served name -> (directory name in tests/tiny_models, the prompt_name sentence-transformers uses per representation
 # and for encode() without one; "" means no prompt). This is the documented mapping, spelled out per model.
 MODELS = {

@@ -8,6 +8,8 @@ from sentence_transformers import SentenceTransformer
 from export.datasets import sts_sentences
 from export.source_model import default_model_path
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def client(service):

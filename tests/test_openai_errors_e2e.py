@@ -4,6 +4,8 @@ import openai
 import pytest
 import requests
 
+pytestmark = pytest.mark.e2e
+
 MAX_BODY_BYTES = 4 * 1024 * 1024
 
 

@@ -51,6 +51,7 @@ def test_committed_input_data_is_every_sts_sentence_with_its_token_count(committ
     ], "run `python -m bench.perf_analyzer.make_input_data --triton HOST:PORT`"
 
 
+@pytest.mark.e2e
 def test_committed_vectors_are_what_this_export_answers_up_to_a_cpus_rounding(committed, recorded_ensemble):
     served = np.stack(recorded_ensemble[2])
     expected = expected_vectors(committed)
@@ -59,6 +60,7 @@ def test_committed_vectors_are_what_this_export_answers_up_to_a_cpus_rounding(co
     np.testing.assert_allclose(expected, served, rtol=0, atol=1e-5, err_msg=f"{identical} of {len(served)} vectors bit-identical")
 
 
+@pytest.mark.e2e
 def test_committed_input_data_fits_the_ensemble(service, manifest):
     import tritonclient.grpc as tritongrpc
 
@@ -88,6 +90,7 @@ def _fails_validation(run: runner.Run) -> None:
     assert run.returncode != 0 and MISMATCH in run.output, run.output[-3000:]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_every_answer_under_load_equals_the_one_given_alone_bit_for_bit(service, manifest, recorded_ensemble, protocol, tmp_path):
     input_data = tmp_path / "recorded.json"
@@ -107,6 +110,7 @@ def _one_bit_off(vector: np.ndarray) -> np.ndarray:
     return wrong
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("wrong", ["token_count", "embedding"])
 def test_a_wrong_expected_output_fails_the_run(service, manifest, recorded_ensemble, wrong, tmp_path):
     texts, counts, vectors = recorded_ensemble
@@ -125,6 +129,7 @@ def recorded_gateway(service, model_name) -> dict:
     return json.loads(record_gateway(service.http_url, model_name, sts_sentences()[:RECORDED]))
 
 
+@pytest.mark.e2e
 def test_perf_analyzer_openai_kind_drives_the_gateway_with_every_response_checked(
     service, model_name, recorded_gateway, tmp_path
 ):
@@ -143,6 +148,7 @@ def test_perf_analyzer_openai_kind_drives_the_gateway_with_every_response_checke
     assert vector.shape == (384,) and abs(float(np.linalg.norm(vector)) - 1) < 1e-5
 
 
+@pytest.mark.e2e
 def test_a_wrong_expected_gateway_response_fails_the_run(service, model_name, recorded_gateway, tmp_path):
     wrong = json.loads(json.dumps(recorded_gateway))
     item = wrong["validation_data"][0]["response"]["content"][0]["data"][0]

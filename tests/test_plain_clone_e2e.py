@@ -28,6 +28,8 @@ from export.datasets import sts_sentences
 from export.source_model import default_model_path
 from tests.servers import ROOT, free_ports
 
+pytestmark = pytest.mark.e2e
+
 SETUP_TIMEOUT_S = 1200
 TEXTS = 16
 

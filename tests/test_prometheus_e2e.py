@@ -9,6 +9,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.prometheus_server import PrometheusServer
 from tests.servers import HttpApi
 
+pytestmark = pytest.mark.e2e
+
 SENT = 7
 
 

@@ -158,7 +158,7 @@ async def test_a_request_that_cannot_fit_now_gets_429_with_the_wait_for_its_exac
     assert refused_request.rejection == "rate_limited"  # counted as such in the metrics, not as overload
     assert raised.value.retry_after_s == 5 and "120 tokens per minute" in raised.value.message
     clock.now += 5.0
-    context, held = await reserve(model, [Prompt(text=SENTENCE)] * 2, budget)
+    _context, held = await reserve(model, [Prompt(text=SENTENCE)] * 2, budget)
     assert held.amount == 30
 
 

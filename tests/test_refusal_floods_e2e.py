@@ -23,6 +23,8 @@ from bench import resilience
 from bench.retry_storm import measure
 from tests.servers import start_service
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture
 def fresh(tmp_path, request):

@@ -31,7 +31,7 @@ EXIT_TIMEOUT_S = 30
 # Stubs outlive tritonserver by the moment init takes to reap them once run_triton has killed the group.
 REAP_TIMEOUT_S = 5
 
-pytestmark = pytest.mark.timeout(READY_TIMEOUT_S + EXIT_TIMEOUT_S + 60)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(READY_TIMEOUT_S + EXIT_TIMEOUT_S + 60)]
 
 # Direct connections only: a proxy in the environment must not answer for Triton.
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))

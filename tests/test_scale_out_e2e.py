@@ -34,6 +34,8 @@ from tests.redis_server import RedisServer
 from tests.servers import MODEL_REPOSITORY, RunningService, free_ports, gateway_cli, start_service
 from tests.test_metrics_and_logs import value
 
+pytestmark = pytest.mark.e2e
+
 USER = "ops@example.com"
 
 

@@ -17,6 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench import resilience
 from tests.servers import start_service
 
+pytestmark = pytest.mark.e2e
+
 GRACE_S = 2.0
 OPENAI = ("/v1/embeddings", {"model": resilience.MODEL, "input": "held by a stalled Triton"})
 ALEPH_ALPHA = (

@@ -29,17 +29,19 @@ from gateway.auth.store import (
     open_store,
 )
 from tests.postgres_server import PostgresServer, free_port
+from tests.servers import starts_servers
 
 _schemas = itertools.count()
 
 
 @pytest.fixture(scope="module")
+@starts_servers
 def postgres():
     with PostgresServer() as server:
         yield server
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.e2e)])
 def location(request, tmp_path) -> str:
     """A fresh database for each test: a new SQLite file, or a new schema on the module's PostgreSQL."""
     if request.param == "sqlite":
@@ -230,6 +232,7 @@ def test_files_an_older_version_left_world_readable_are_made_private_when_opened
         opened.close()
 
 
+@pytest.mark.e2e
 def test_secret_is_in_no_column_in_postgres(postgres):
     location = postgres.create_schema(f"store_{next(_schemas)}")
     store = open_store(location)
@@ -411,6 +414,7 @@ def test_unreachable_postgres_is_unavailable_quickly():
     assert time.monotonic() - started < 5
 
 
+@pytest.mark.e2e
 def test_postgres_outage_and_recovery():
     server = PostgresServer()
     try:

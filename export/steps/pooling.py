@@ -10,7 +10,7 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, str(Path(__file__).parent))
-from sentence_head import SentenceHead
+from sentence_head import SentenceHead  # type: ignore[import-not-found]  # next to this file in Triton, see above
 
 
 class TritonPythonModel:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +63,7 @@ POOLINGS = {
 _erf = np.vectorize(math.erf, otypes=[np.float32])
 
 # torch.nn activation class names, as sentence-transformers' Dense config records them, to their numpy form.
-ACTIVATIONS = {
+ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "Identity": lambda x: x,
     "Tanh": np.tanh,
     "ReLU": lambda x: np.maximum(x, 0),
@@ -119,7 +120,7 @@ class SentenceHead:
     def load(cls, directory: Path) -> SentenceHead:
         spec = json.loads((directory / "head.json").read_text())
         arrays = np.load(directory / "head.npz")
-        modules = []
+        modules: list[Dense | Normalize] = []
         for index, module in enumerate(spec["modules"]):
             if module["module"] == "normalize":
                 modules.append(Normalize())

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from gateway.auth.store import ROLES, Limits, StoreUnavailable, UnknownUser, UserExists, open_store
@@ -24,7 +25,7 @@ from gateway.ops.settings import Settings, auth_store_location
 COMMANDS = ("users", "tokens")
 
 
-def _parser(environ: dict[str, str]) -> argparse.ArgumentParser:
+def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     # Where the store is, as the server takes it; accepted after any command.
     store = argparse.ArgumentParser(add_help=False)
     store.add_argument("--run-dir", type=Path, default=Path(environ.get("EMBED_RUN_DIR", Settings.run_dir)))

@@ -167,7 +167,10 @@ class RateLimiter:
             if buckets.requests.level < 1:
                 raise _over_limit(f"{limits.requests_per_second:g} requests per second", buckets.requests.wait_s(1.0))
             buckets.requests.level -= 1
-        return None if buckets.tokens is None else TokenBudget(buckets.tokens, limits.tokens_per_minute, self._clock)
+        if buckets.tokens is None:
+            return None
+        assert limits.tokens_per_minute is not None  # buckets.tokens exists only under that limit (_buckets_of)
+        return TokenBudget(buckets.tokens, limits.tokens_per_minute, self._clock)
 
 
 def _special_tokens(tokenizer: Tokenizer) -> int:
@@ -179,7 +182,11 @@ def _special_tokens(tokenizer: Tokenizer) -> int:
 def _estimate(prompt: Prompt, specials: int, max_tokens: int) -> int:
     """Exact for token ids. For a text its UTF-8 length: a token of the WordPiece and byte-level BPE tokenizers served
     here spans at least a byte, bar rare normalizations, which the settlement after the inference makes up for."""
-    length = len(prompt.token_ids) if prompt.token_ids is not None else len(prompt.text.encode())
+    if prompt.token_ids is not None:
+        length = len(prompt.token_ids)
+    else:
+        assert prompt.text is not None  # a prompt without token ids has a text (see Prompt)
+        length = len(prompt.text.encode())
     return min(max_tokens, length + specials)
 
 
@@ -193,6 +200,7 @@ def _exact_count(
         if prompt.token_ids is not None:
             count = len(prompt.token_ids) + specials
         else:
+            assert prompt.text is not None  # a prompt without token ids has a text (see Prompt)
             # Longer texts are cut to max_chars or refused before inference: tokenizing the rest would be wasted.
             count = len(encode(tokenizer, prompt.text[:max_chars]).ids) + specials
         total += min(max_tokens, count)
@@ -206,9 +214,9 @@ async def reserve_prompt_tokens(model: ServedModel, prompts: list[Prompt], field
     caller settles the reservation with the tokens the inference used. Raises RATE_LIMITED (429) when they do not fit
     now, PAYLOAD_TOO_LARGE (413) when they never can."""
     context = request_context.current()
-    budget = None if context is None else context.token_budget
-    if budget is None:
+    if context is None or context.token_budget is None:
         return UNMETERED
+    budget = context.token_budget
     tokenizer, max_tokens = model.tokenizer, model.max_sequence_length
     specials = _special_tokens(tokenizer)
     reservation = budget.try_reserve(sum(_estimate(prompt, specials, max_tokens) for prompt in prompts))

@@ -21,13 +21,14 @@ import hashlib
 import logging
 import struct
 import time
+from typing import cast
 
 import numpy as np
 import redis.asyncio as redis
 from redis.exceptions import RedisError, ResponseError
 
-from gateway.ops.logs import redacted_url
 from gateway.ops.metrics import Metrics
+from gateway.ops.settings import redacted_setting
 
 log = logging.getLogger("gateway.cache")
 
@@ -101,7 +102,7 @@ class EmbeddingCache:
                 await self._redis.config_set("maxmemory-policy", "allkeys-lru")
             log.info(
                 "embedding cache at %s: at most %d bytes, least recently used evicted first",
-                redacted_url(self.url),
+                redacted_setting("cache_url", self.url),
                 self.max_bytes,
             )
         except ResponseError as error:
@@ -126,7 +127,8 @@ class EmbeddingCache:
             return [None] * len(texts)
         try:
             async with asyncio.timeout(self.timeout_s):
-                values = await self._redis.mget([cache_key(version, text) for text in texts])
+                # A client without decode_responses answers bytes; redis types every reply as bytes | str.
+                values = cast(list[bytes | None], await self._redis.mget([cache_key(version, text) for text in texts]))
         except (RedisError, OSError, TimeoutError) as error:
             self._failed("answer a lookup", error)
             self.metrics.cache_looked_up("unavailable", len(texts))

@@ -10,10 +10,10 @@ of its own. The README's "Attention controls" section is the definition.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from tokenizers import Encoding
@@ -40,7 +40,7 @@ class TokenControl:
     factor: float
 
 
-Control = Union[TextControl, TokenControl]
+Control = TextControl | TokenControl
 
 
 @dataclass(frozen=True)
@@ -111,11 +111,15 @@ class TokenSimilarity:
 
 
 def position_factors(
-    ids: list[int], controls: list[PositionControl], threshold: float | None, similarity: TokenSimilarity | None
+    ids: list[int], controls: Sequence[PositionControl], threshold: float | None, similarity: TokenSimilarity | None
 ) -> np.ndarray:
     """One factor per position: the product of the factors of the controls that reach it (1 where none does)."""
     factors = np.ones(len(ids), dtype=np.float64)
-    units = similarity.unit_vectors(ids) if threshold is not None and controls else None
+    units = None
+    if threshold is not None and controls:
+        # Only a contextual threshold needs the similarity; the service passes every model's (see Catalog).
+        assert similarity is not None, "a contextual threshold needs the model's token similarity"
+        units = similarity.unit_vectors(ids)
     for control in controls:
         reached = np.zeros(len(ids), dtype=bool)
         reached[list(control.positions)] = True

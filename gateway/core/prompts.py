@@ -17,15 +17,30 @@ from dataclasses import dataclass
 
 from tokenizers import Encoding, Tokenizer
 
-from gateway.core.controls import Control, PositionControl, check, span_positions
+from gateway.core.controls import Control, PositionControl, TextControl, TokenControl, check, span_positions
 from gateway.core.errors import invalid
 
 
 @dataclass(frozen=True)
 class PromptItem:
+    """One item of a prompt, as the transports build it: a "text" item holds a str and text controls, a "token_ids"
+    item a list of ids and token controls, an "image" item whatever came (it is refused)."""
+
     kind: str  # "text", "token_ids" or "image"
     data: str | list[int]
     controls: tuple[Control, ...] = ()
+
+    def as_text(self) -> tuple[str, list[TextControl]]:
+        """A "text" item's text and controls."""
+        controls = [c for c in self.controls if isinstance(c, TextControl)]
+        assert isinstance(self.data, str) and len(controls) == len(self.controls)
+        return self.data, controls
+
+    def as_token_ids(self) -> tuple[list[int], list[TokenControl]]:
+        """A "token_ids" item's ids and controls."""
+        controls = [c for c in self.controls if isinstance(c, TokenControl)]
+        assert isinstance(self.data, list) and len(controls) == len(self.controls)
+        return self.data, controls
 
 
 @dataclass(frozen=True)
@@ -80,31 +95,35 @@ def resolve(
     if single_text and not items[0].data:
         raise invalid(f"'{where}' must not be empty", field)
     if single_text and not controlled:
-        return Prompt(text=prefix + items[0].data)
+        text, _ = items[0].as_text()
+        return Prompt(text=prefix + text)
     if max_chars is not None:
         # Tokenized here: refuse what no tokenizer should spend seconds on. The items are one model input, so their
         # texts count together (one by one, a prompt of many items could still hold megabytes).
         check_length(len(prefix) + sum(len(item.data) for item in items if item.kind == "text"), max_chars, where, field)
     if single_text:
         # Tokenized with its prefix as one string, as the uncontrolled text is, so a factor of 1 changes nothing.
-        encoding = encode(tokenizer, prefix + items[0].data)
-        controls = tuple(PositionControl(tuple(span_positions(encoding, c, len(prefix))), c.factor) for c in items[0].controls)
-        return Prompt(token_ids=encoding.ids, controls=controls)
+        text, text_controls = items[0].as_text()
+        encoding = encode(tokenizer, prefix + text)
+        positions = tuple(PositionControl(tuple(span_positions(encoding, c, len(prefix))), c.factor) for c in text_controls)
+        return Prompt(token_ids=encoding.ids, controls=positions)
     vocab = tokenizer.get_vocab_size()
     ids: list[int] = encode(tokenizer, prefix).ids if prefix else []
     controls: list[PositionControl] = []
     for item in items:
         if item.kind == "text":
-            encoding = encode(tokenizer, item.data)
-            for c in item.controls:
+            text, text_controls = item.as_text()
+            encoding = encode(tokenizer, text)
+            for c in text_controls:
                 controls.append(PositionControl(tuple(len(ids) + p for p in span_positions(encoding, c)), c.factor))
             ids += encoding.ids
             continue
-        bad = next((i for i in item.data if not 0 <= i < vocab), None)
+        token_ids, token_controls = item.as_token_ids()
+        bad = next((i for i in token_ids if not 0 <= i < vocab), None)
         if bad is not None:
             raise invalid(f"'{where}' holds token id {bad}, outside the vocabulary [0, {vocab})", field)
-        controls += [PositionControl((len(ids) + c.index,), c.factor) for c in item.controls]
-        ids += item.data
+        controls += [PositionControl((len(ids) + c.index,), c.factor) for c in token_controls]
+        ids += token_ids
     if not ids:
         raise invalid(f"'{where}' must not be empty", field)
     return Prompt(token_ids=ids, controls=tuple(controls) if controlled else None)

@@ -26,6 +26,7 @@ deadline: an embedding is idempotent, so a restart within the deadline costs the
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
@@ -91,7 +92,8 @@ class Chunk:
 class Backend(Protocol):
     """What the scheduler needs to know of its Tritons: gateway.triton.pool.TritonPool."""
 
-    reason: str
+    @property
+    def reason(self) -> str: ...
 
     @property
     def ready(self) -> bool: ...
@@ -360,9 +362,9 @@ class Scheduler:
         for call in calls:
             call.task = asyncio.create_task(self._execute(call))
             # A callback, not a finally: a task cancelled before it first runs never enters its body.
-            call.task.add_done_callback(lambda _, call=call: self._finished(call))
+            call.task.add_done_callback(functools.partial(self._finished, call))
 
-    def _finished(self, call: _Call) -> None:
+    def _finished(self, call: _Call, _task: asyncio.Task) -> None:
         for job, _, _ in call.parts:
             job.calls.discard(call)
         self._lane_calls[call.lane] -= 1

@@ -14,7 +14,7 @@ import numpy as np
 from gateway.auth.rate_limit import reserve_prompt_tokens
 from gateway.core.cache import EmbeddingCache
 from gateway.core.catalog import Catalog, Ensembles, ServedModel
-from gateway.core.controls import ControlOptions, position_factors
+from gateway.core.controls import ControlOptions, PositionControl, position_factors
 from gateway.core.deadline import Deadline
 from gateway.core.errors import invalid
 from gateway.core.prompts import Prompt, PromptItem, check_length, decode, encode, resolve
@@ -81,7 +81,7 @@ class SemanticEmbedCall:
     priority: int = PRIORITY_NORMAL
     prompt_field: str = "prompt"
     deadline: Deadline | None = None
-    controls: ControlOptions = ControlOptions()
+    controls: ControlOptions = ControlOptions()  # noqa: RUF009 - frozen: one shared default is safe
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ class EmbedLayersCall:
     normalize: bool = False
     priority: int = PRIORITY_NORMAL
     deadline: Deadline | None = None
-    controls: ControlOptions = ControlOptions()
+    controls: ControlOptions = ControlOptions()  # noqa: RUF009 - frozen: one shared default is safe
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,7 @@ def refuse_invisible(texts: list[str], field: str) -> None:
 def _refuse_invisible_prompts(prompts: list[list[PromptItem]], field: str) -> None:
     """A prompt of text items only, none with a visible character, is refused as such a text is."""
     for index, items in enumerate(prompts):
-        texts = [item.data for item in items if item.kind == "text"]
+        texts = [item.as_text()[0] for item in items if item.kind == "text"]
         if len(texts) == len(items) and any(texts) and not any(has_visible_text(text) for text in texts):
             raise _nothing_to_embed(field if len(prompts) == 1 else f"{field}[{index}]", field)
 
@@ -276,6 +276,7 @@ class EmbeddingService:
             # As sentence-transformers' encode() does with no prompt_name; token ids are taken as they are.
             prompts = [Prompt(text=model.default_prefix + text) for text in call.texts]
         else:
+            assert call.token_ids is not None  # _validate refused a call with neither texts nor token ids
             prompts = [Prompt(token_ids=ids) for ids in call.token_ids]
         cache_as = CacheAs(model.model_version, model.dimensions)
         embeddings, counts = await self._infer_prompts(
@@ -301,15 +302,28 @@ class EmbeddingService:
         # Before any work, so that a token's tokens-per-minute limit bounds a burst instead of charging it afterwards.
         reservation = await reserve_prompt_tokens(model, prompts, field, model.max_sequence_length * MAX_CHARS_PER_TOKEN)
         text_rows: list[int] = []
+        texts: list[str] = []
         id_rows: list[int] = []
+        ids: list[list[int]] = []
         controlled_rows: list[int] = []
+        controlled: list[tuple[list[int], tuple[PositionControl, ...]]] = []
         for row, prompt in enumerate(prompts):
-            (text_rows if prompt.text is not None else id_rows if prompt.controls is None else controlled_rows).append(row)
+            if prompt.text is not None:
+                text_rows.append(row)
+                texts.append(prompt.text)
+                continue
+            assert prompt.token_ids is not None  # a prompt without a text has token ids (see Prompt)
+            if prompt.controls is None:
+                id_rows.append(row)
+                ids.append(prompt.token_ids)
+            else:
+                controlled_rows.append(row)
+                controlled.append((prompt.token_ids, prompt.controls))
         parts: list[tuple[list[int], ChunkedInput]] = []
         hits: list[tuple[int, tuple[np.ndarray, int]]] = []
         computed_texts: list[str] = []
         if text_rows:
-            computed_texts = self._capped([prompts[i].text for i in text_rows], field, truncate, model)
+            computed_texts = self._capped(texts, field, truncate, model)
             computed_rows = text_rows
             if cache_as is not None and self.cache is not None:
                 found = await self.cache.lookup(
@@ -322,19 +336,20 @@ class EmbeddingService:
                 chunked = text_input(ensembles.text, computed_texts, model.max_batch_size, call.priority, output)
                 parts.append((computed_rows, chunked))
         if id_rows:
-            ids = [prompts[i].token_ids for i in id_rows]
             parts.append((id_rows, token_ids_input(ensembles.token_ids, ids, model.max_batch_size, call.priority, output)))
         if controlled_rows:
-            ids = [prompts[i].token_ids for i in controlled_rows]
+            # Only prompts made of items carry controls, and an EmbedCall's are plain texts or token ids.
+            assert not isinstance(call, EmbedCall)
             threshold = call.controls.contextual_threshold
             factors = await asyncio.to_thread(
                 lambda: [
-                    position_factors(prompts[i].token_ids, prompts[i].controls, threshold, model.token_similarity)
-                    for i in controlled_rows
+                    position_factors(token_ids, positions, threshold, model.token_similarity)
+                    for token_ids, positions in controlled
                 ]
             )
             controls = (factors, call.controls.log_additive)
-            chunked = token_ids_input(ensembles.controlled, ids, model.max_batch_size, call.priority, output, controls)
+            controlled_ids = [token_ids for token_ids, _ in controlled]
+            chunked = token_ids_input(ensembles.controlled, controlled_ids, model.max_batch_size, call.priority, output, controls)
             parts.append((controlled_rows, chunked))
         results = await self._run([chunked for _, chunked in parts], call.deadline, call.priority) if parts else []
         if len(results) == 1 and not hits and len(parts[0][0]) == len(prompts):
@@ -408,6 +423,7 @@ class EmbeddingService:
         if call.tokens:
             # The prompt's own tokens; num_tokens also counts the special tokens the model frames them with.
             if prompt.text is None:
+                assert prompt.token_ids is not None  # a prompt without a text has token ids (see Prompt)
                 ids = prompt.token_ids
             else:
                 # Cut as the text sent to Triton is when truncating, so that no more than the model reads is tokenized.

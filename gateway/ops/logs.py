@@ -224,12 +224,3 @@ class AccessLog:
         contract, route, status = key
         fields = {"contract": contract, "route": route, "status": status, "suppressed": suppressed, "interval_s": self.interval_s}
         ACCESS_LOG.info("requests refused, not logged one by one", extra={"fields": fields})
-
-
-def redacted_url(location: str) -> str:
-    """A database or cache location fit to print: a URL's password is replaced."""
-    if "://" not in location or "@" not in location:
-        return location
-    scheme, rest = location.split("://", 1)
-    credentials, host = rest.rsplit("@", 1)
-    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}" if ":" in credentials else location

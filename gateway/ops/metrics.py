@@ -221,5 +221,5 @@ class Metrics:
 
     def render(self, accept_header: str | None) -> tuple[bytes, str]:
         """The exposition body and its content type, in the format the scraper asked for (OpenMetrics or text)."""
-        encoder, content_type = choose_encoder(accept_header)
+        encoder, content_type = choose_encoder(accept_header or "")
         return encoder(self.registry), content_type

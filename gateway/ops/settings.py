@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,6 +54,16 @@ class Settings:
     @property
     def auth_store_location(self) -> str:
         return auth_store_location(self.run_dir, self.auth_database)
+
+    def __repr__(self) -> str:
+        # Settings printed or logged whole show what redacted_setting lets through, as --help does.
+        shown = (
+            f"{f.name}={redacted_setting(f.name, value)!r}"
+            if isinstance(value := getattr(self, f.name), str)
+            else f"{f.name}={value!r}"
+            for f in fields(self)
+        )
+        return f"Settings({', '.join(shown)})"
 
 
 HELP = {
@@ -112,6 +125,43 @@ def auth_store_location(run_dir: Path, auth_database: str) -> str:
     return auth_database or str(run_dir / "auth.sqlite3")
 
 
+HIDDEN = "(set, not shown)"
+MASK = "***"
+# A setting whose name says that its whole value is a secret (besides those declared with repr=False).
+_SECRET_NAME = re.compile(r"(^|_)(key|secret|password|passwd|token|credentials?)(_|$)")
+# A parameter that carries a secret, in a URL's query (redis://host?password=...) or a libpq-style string
+# (host=... password=...).
+_SECRET_PARAMETER = re.compile(r"(?i)((?:^|[?&;\s])[\w.-]*(?:password|passwd|pwd|secret|token|key)=)([^&;\s#]*)")
+
+
+def redacted_setting(name: str, value: object) -> str:
+    """The value of the setting `name` fit to print: in --help, the startup banner and any log or repr of the settings.
+
+    A secret setting (declared with repr=False, or named like a key, token or password) shows only that it is set. In
+    any other string a URL's password and the secret-looking parameters of its query are masked: the scheme, user,
+    host and database stay readable (postgresql://app:***@db:5432/tokens, redis://:***@cache:6379/0).
+    """
+    if not isinstance(value, str):
+        return str(value)
+    if value and (name in _DECLARED_SECRET or _SECRET_NAME.search(name)):
+        return HIDDEN
+    scheme, separator, rest = value.partition("://")
+    if separator:
+        # The credentials end at the last @ of the authority, which ends at the query or fragment; a password that
+        # holds an unescaped ?, # or / ends it too soon, so an @ past it still counts: better hide too much than leak.
+        ends = [i for i in (rest.find("?"), rest.find("#")) if i >= 0]
+        at = rest.rfind("@", 0, min(ends, default=len(rest)))
+        if at < 0:
+            at = rest.rfind("@")
+        if at >= 0 and ":" in rest[:at]:
+            rest = f"{rest[:at].split(':', 1)[0]}:{MASK}{rest[at:]}"
+        value = f"{scheme}{separator}{rest}"
+    return _SECRET_PARAMETER.sub(lambda match: match.group(1) + MASK, value)
+
+
+_DECLARED_SECRET = frozenset(f.name for f in fields(Settings) if not f.repr)
+
+
 def _env_name(field_name: str) -> str:
     return f"EMBED_{field_name.upper()}"
 
@@ -120,18 +170,28 @@ def _parse_bool(value: str) -> bool:
     return value.strip().lower() in {"1", "true", "yes", "on"}
 
 
-def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Settings:
+def _kind(default: object) -> Callable[[str], Any]:
+    """What turns a flag's or a variable's text into the setting's type."""
+    if isinstance(default, Path):
+        return Path
+    if isinstance(default, bool):  # before int: a bool is an int
+        return _parse_bool
+    if isinstance(default, int | float):
+        return type(default)
+    return str
+
+
+def parse_settings(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     environ = os.environ if environ is None else environ
     parser = argparse.ArgumentParser(prog="python -m gateway", description="Serve embeddings over HTTP and gRPC from Triton.")
-    for field in fields(Settings):
-        flag = "--" + field.name.replace("_", "-")
-        kind = (
-            Path if isinstance(field.default, Path) else {int: int, float: float, bool: _parse_bool}.get(type(field.default), str)
-        )
-        env_value = environ.get(_env_name(field.name))
-        default = kind(env_value) if env_value is not None else field.default
-        shown = default if field.repr or not default else "(set, not shown)"
-        help_text = f"{HELP[field.name]} (env {_env_name(field.name)}, default {shown})"
+    for setting in fields(Settings):
+        flag = "--" + setting.name.replace("_", "-")
+        kind = _kind(setting.default)
+        env_value = environ.get(_env_name(setting.name))
+        default = kind(env_value) if env_value is not None else setting.default
+        # argparse expands %-formats in help: a % of the value (a URL-escaped character) is written %%.
+        shown = redacted_setting(setting.name, default).replace("%", "%%")
+        help_text = f"{HELP[setting.name]} (env {_env_name(setting.name)}, default {shown})"
         if kind is _parse_bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:

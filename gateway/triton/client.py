@@ -24,7 +24,7 @@ log = logging.getLogger("gateway.triton")
 _TRANSIENT = ("stub process", "is not healthy", "unknown model", "is not ready", "request timeout expired", "failed to connect")
 
 
-def _backend_error(error: InferenceServerException) -> ServiceError:
+def backend_error(error: InferenceServerException) -> ServiceError:
     status = str(error.status() or "")
     message = str(error.message() or "")
     if "DEADLINE_EXCEEDED" in status:
@@ -110,7 +110,7 @@ class TritonClient:
                 client_timeout=timeout_s,
             )
         except InferenceServerException as error:
-            raise _backend_error(error) from None
+            raise backend_error(error) from None
         return result.as_numpy(lane.output), result.as_numpy("TOKEN_COUNT").reshape(-1)
 
 
@@ -148,8 +148,8 @@ def token_ids_input(
     controls: per sequence its factors, and the mode, for an ensemble that takes attention controls.
     """
     by_width: dict[int, list[int]] = {}
-    for index, ids in enumerate(sequences):
-        by_width.setdefault(-(-len(ids) // ID_WIDTH_STEP) * ID_WIDTH_STEP, []).append(index)
+    for index, sequence in enumerate(sequences):
+        by_width.setdefault(-(-len(sequence) // ID_WIDTH_STEP) * ID_WIDTH_STEP, []).append(index)
     size = min(max_batch, SORTED_CHUNK)
     members = [(width, rows[i : i + size]) for width, rows in by_width.items() for i in range(0, len(rows), size)]
     request_id = request_context.current_request_id()

@@ -175,8 +175,8 @@ class TritonProcess:
         # Whoever supervises the gateway can still end the group by PID if the gateway dies without cleaning up.
         self.pid_file.write_text(str(self.process.pid))
         self._stubs, self._serving, self._shm_regions = [], [], set()
-        self._wait_ready(timeout_s)
-        self._record_stubs()
+        self._wait_ready(self.process, timeout_s)
+        self._record_stubs(self.process.pid)
         # Watched from now on: the stubs serving the ready models (one a loading step started and ended is not lost).
         self._serving = [stub for stub in self._stubs if _alive(stub)]
 
@@ -187,15 +187,15 @@ class TritonProcess:
         with os.fdopen(descriptor, "w") as key_file:
             key_file.write(self.admin_key + "\n")
 
-    def _wait_ready(self, timeout_s: float) -> None:
+    def _wait_ready(self, process: subprocess.Popen, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                code = self.process.returncode
+            if process.poll() is not None:
+                code = process.returncode
                 self.stop()
                 raise TritonStartError(f"tritonserver exited with {code}; see {self.log_file}")
             # Recorded while loading too: a start that fails must still leave no stub and no region behind.
-            self._record_stubs()
+            self._record_stubs(process.pid)
             if self.server_ready():
                 return
             time.sleep(0.1)
@@ -210,10 +210,10 @@ class TritonProcess:
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             return False
 
-    def _record_stubs(self) -> None:
-        """Adds the stubs tritonserver has now, and their regions, to those recorded (none are forgotten)."""
+    def _record_stubs(self, pid: int) -> None:
+        """Adds the stubs tritonserver (pid) has now, and their regions, to those recorded (none are forgotten)."""
         try:
-            children = psutil.Process(self.process.pid).children()
+            children = psutil.Process(pid).children()
         except psutil.NoSuchProcess:
             return
         known = {stub.pid for stub in self._stubs}
@@ -243,7 +243,7 @@ class TritonProcess:
             return
         group = self.process.pid
         if self.process.poll() is None:
-            self._record_stubs()
+            self._record_stubs(group)
         if self.process.poll() is None and timeout_s > 0:
             try:
                 # SIGCONT too: a stopped Triton would otherwise never see the SIGTERM.

@@ -166,10 +166,13 @@ class _Inbound(asyncio.Protocol):
     """A connection on the public port: first waiting for its preface (the clock is _Guard's, which calls it a
     header), then relayed to grpc."""
 
+    transport: asyncio.Transport  # set by connection_made, which asyncio calls before any other method
+
     def __init__(self, gate: ConnectionGate):
+        # The gate's listeners, which create every connection, are started (start()) once its loop is set.
+        assert gate.loop is not None
         self.gate = gate
         self.loop = gate.loop
-        self.transport: asyncio.Transport | None = None
         self.received = b""  # what came before the relay was up: the preface and whatever followed it
         self.upstream: asyncio.Transport | None = None
         self.connecting: asyncio.Task | None = None

@@ -51,16 +51,16 @@ def _prompt_items(prompt: pb.Prompt, field: str) -> list[PromptItem]:
         if kind == "text":
             if item.token_controls:
                 raise invalid(f"'{field}': a text item takes text_controls, not token_controls", f"{field}.controls")
-            controls = tuple(
+            text_controls = tuple(
                 TextControl(c.start, c.length, c.factor, _enum_name(pb.TokenOverlap, c.token_overlap or pb.TOKEN_OVERLAP_PARTIAL))
                 for c in item.text_controls
             )
-            items.append(PromptItem("text", item.text, controls))
+            items.append(PromptItem("text", item.text, text_controls))
         else:
             if item.text_controls:
                 raise invalid(f"'{field}': a token_ids item takes token_controls, not text_controls", f"{field}.controls")
-            controls = tuple(TokenControl(c.index, c.factor) for c in item.token_controls)
-            items.append(PromptItem("token_ids", list(item.token_ids.ids), controls))
+            token_controls = tuple(TokenControl(c.index, c.factor) for c in item.token_controls)
+            items.append(PromptItem("token_ids", list(item.token_ids.ids), token_controls))
     return items
 
 

@@ -33,6 +33,7 @@ class StreamItem(Protocol):
     id: str
     text: str
     model: str
+    encoding: int  # not used here: the transport checks it (`check`) and renders the item's reply in it
 
     def HasField(self, name: str) -> bool: ...
 

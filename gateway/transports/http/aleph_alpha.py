@@ -6,7 +6,7 @@ Works with the unmodified aleph-alpha-client (sync and async); what it sends and
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, TypeAdapter
 from starlette.requests import Request
@@ -32,7 +32,7 @@ TOKENIZE_BODY_SLACK_BYTES = 64 * 1024
 
 # The client sends batch_semantic_embed in chunks of at most 100 prompts.
 MAX_BATCH_PROMPTS = 100
-Factor = Union[StrictFloat, StrictInt]
+Factor = StrictFloat | StrictInt
 
 
 class _Item(BaseModel):
@@ -79,7 +79,7 @@ class ImageItem(_Item):
     controls: list[Any] | None = None
 
 
-PromptField = Union[StrictStr, list[Annotated[TextItem | TokenIdsItem | ImageItem, Field(discriminator="type")]]]
+PromptField = StrictStr | list[Annotated[TextItem | TokenIdsItem | ImageItem, Field(discriminator="type")]]
 
 
 class _EmbeddingRequest(BaseModel):

@@ -82,7 +82,7 @@ def protocol_refusals(policy: RequestPolicy) -> Refusals:
         if path is None or _is_openai(path):
             error_type = openai_api.ERROR_TYPES.get(status, "invalid_request_error")
             error = {"message": message, "type": error_type, "param": None, "code": code, "request_id": context.request_id}
-            body = {"error": error}
+            body: dict[str, object] = {"error": error}
         else:
             body = {"error": message, "code": code.upper(), "field": None, "request_id": context.request_id}
         return orjson.dumps(body, option=JSON_OPTIONS), context.request_id
@@ -144,7 +144,7 @@ class StaticRoutes:
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        endpoint = self.endpoints.get((scope.get("method"), scope.get("path"))) if scope["type"] == "http" else None
+        endpoint = self.endpoints.get((scope["method"], scope["path"])) if scope["type"] == "http" else None
         if endpoint is None:
             await self.app(scope, receive, send)
             return

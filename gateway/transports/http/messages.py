@@ -88,7 +88,10 @@ def _refuse_duplicates(pairs: list[tuple[str, object]]) -> None:
     keys = {key for key, _ in pairs}
     if len(keys) != len(pairs):
         seen: set[str] = set()
-        raise _DuplicateKey(next(key for key, _ in pairs if key in seen or seen.add(key)))
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
 
 
 def decode_json(body: bytes):

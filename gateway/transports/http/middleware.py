@@ -8,7 +8,7 @@ the request's context variable stays bound while the route runs.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -47,7 +47,7 @@ class RequestMiddleware:
     def __init__(
         self,
         app: ASGIApp,
-        routes: list[BaseRoute],
+        routes: Sequence[BaseRoute],
         policy: RequestPolicy,
         contract_of: Callable[[str], str],
         render_for: Callable[[str], Callable[[ServiceError], Response]],
@@ -113,6 +113,7 @@ class RequestMiddleware:
             # in their contract's shape, as a 503 the caller can retry elsewhere, where uvicorn would log a traceback
             # each and answer a plain-text 500.
             task = asyncio.current_task()
+            assert task is not None  # this coroutine runs in the request's task, which was just cancelled
             if status["started"] or not task.cancelling():
                 raise
             task.uncancel()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import time
-from typing import Literal
+from typing import Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, TypeAdapter
 from starlette.requests import Request
@@ -58,10 +58,11 @@ def _to_call(request: EmbeddingsRequest, deadline) -> EmbedCall:
     is_ids = bool(items) and isinstance(items[0], (int, list))
     if is_ids and isinstance(items[0], int):
         items = [items]
+    # pydantic validated the list as a whole against one of the input's types, so its first item tells which.
     return EmbedCall(
         model=request.model,
-        texts=None if is_ids else items,
-        token_ids=items if is_ids else None,
+        texts=None if is_ids else cast(list[str], items),
+        token_ids=cast(list[list[int]], items) if is_ids else None,
         dimensions=request.dimensions,
         truncate=request.truncate,
         deadline=deadline,

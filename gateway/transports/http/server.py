@@ -35,7 +35,7 @@ import logging
 import re
 import resource
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import httptools
 import uvicorn
@@ -63,7 +63,7 @@ _CLOCK_GRANULARITY_S = 0.05
 
 # The ASGI scope key under which a request whose body could not be parsed says why (see _fail_body): its body
 # reader answers 400 instead of taking the body as complete.
-BODY_ERROR = "gateway.body_error"
+BODY_ERROR: Final = "gateway.body_error"
 
 # Requests cancelled at the end of the shutdown grace period answer within a few loop iterations (the app turns
 # their cancellation into a 503); the server waits for them this long at most before it returns.
@@ -178,6 +178,19 @@ class _Refusal(Exception):
         self.status, self.message, self.code = status, message, code
 
 
+class _Waiter(Protocol):
+    """A connection the guard's clock holds: one of this server's, waiting for its request headers, or one of the
+    gRPC port's (gateway.transports.grpc.connections), waiting for its preface."""
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+
+    @property
+    def transport(self) -> asyncio.BaseTransport: ...
+
+    def header_timed_out(self) -> None: ...
+
+
 class _Guard:
     """Per-server state: the cap, and the connections waiting for request headers, oldest first.
 
@@ -189,18 +202,18 @@ class _Guard:
     def __init__(self, limits: ConnectionLimits, refusals: Refusals = generic_refusal):
         self.limits = limits
         self.refusals = refusals
-        self.waiting: collections.OrderedDict[_LimitedHttpToolsProtocol, float] = collections.OrderedDict()
+        self.waiting: collections.OrderedDict[_Waiter, float] = collections.OrderedDict()
         self.timer: asyncio.TimerHandle | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
-    def start(self, connection: _LimitedHttpToolsProtocol) -> None:
+    def start(self, connection: _Waiter) -> None:
         loop = self.loop = connection.loop
         self.waiting.pop(connection, None)
         self.waiting[connection] = deadline = loop.time() + self.limits.header_timeout_s
         if self.timer is None:
             self.timer = loop.call_at(deadline, self._expire)
 
-    def stop(self, connection: _LimitedHttpToolsProtocol) -> None:
+    def stop(self, connection: _Waiter) -> None:
         self.waiting.pop(connection, None)
 
     def evict_oldest(self) -> bool:
@@ -212,6 +225,8 @@ class _Guard:
         return True
 
     def _expire(self) -> None:
+        # Only start() arms the timer, and it sets the loop first.
+        assert self.loop is not None
         self.timer = None
         now = self.loop.time()
         try:
@@ -343,6 +358,7 @@ class _LimitedHttpToolsProtocol(HttpToolsProtocol):
         ends there, marked as malformed for the app's body reader (BODY_ERROR), whose route answers 400 in its
         contract's shape, and the connection closes after that answer, reading nothing more."""
         self._refused = True
+        # ASGI lets a server add keys of its own to the scope; uvicorn's TypedDict lists only the standard ones.
         cycle.scope[BODY_ERROR] = message  # type: ignore[typeddict-unknown-key]
         cycle.keep_alive = False
         cycle.more_body = False
@@ -523,7 +539,7 @@ class _Server(uvicorn.Server):
 
 def create_http_server(
     app, host: str, port: int, limits: ConnectionLimits, refusals: Refusals = generic_refusal, **config_kwargs: Any
-) -> uvicorn.Server:
+) -> _Server:
     """A uvicorn server for app on host:port with limits enforced; config_kwargs go to uvicorn.Config (not http).
 
     `refusals` renders the requests the server answers itself (unparsable, headers too slow or too large). Raises

@@ -1,0 +1,350 @@
+"""A fake Triton at the scheduler's send seam whose answers can be checked row by row, for the fast tier.
+
+FakeTriton is both halves of what gateway.core.scheduler.Scheduler takes: the Backend (health) and the Send callable.
+It reads every row the gateway sends the way the model's ensembles would (a text is tokenized with the model's own
+tokenizer, special tokens and truncation included; token ids lose their padding and are framed with the special
+tokens; controlled rows carry their factors) and answers it with a vector that is a deterministic function of that
+row's token ids alone: a fixed random projection of the ids, weighted by position (and by the controls' factors).
+So `expected(row)` computes, for one input on its own, exactly what the gateway must answer for it however it was
+batched, sorted by length, chunked, coalesced with other requests' rows and reassembled; a row answered for the
+wrong input, or in the wrong place, is a different vector.
+
+What it answers follows the ensemble a call names: the model's dimensions for the embedding ensembles, the
+compressed size for the compressed ones, and [layers + 1, poolings, dimensions] for the layers ones, with the
+untruncated token count per row as the tokenizer step reports it. A call the real ensembles would refuse (an
+unknown ensemble, the wrong input for it, more rows than the lane or the model's batch allows) is recorded in
+`refused` and fails as Triton's INVALID_ARGUMENT would; tests check that list stays empty.
+
+Faults come as gateway.triton.client would raise them for the matching Triton failure (triton_error): a number of
+calls or every call failing UNAVAILABLE (a restart), an error for the calls that carry one marked text (one bad
+request), a stall (calls wait until released, or until their timeout like the real client), and a Triton down for good.
+
+InProcessGateway is tests.http_harness.Gateway's stack (the real app, middleware, protocol and core) over a FakeTriton.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+from dataclasses import dataclass
+
+import numpy as np
+from tokenizers import Tokenizer
+from tritonclient.utils import InferenceServerException
+
+from gateway.core.catalog import Catalog, Ensembles, ServedModel
+from gateway.core.errors import ServiceError
+from gateway.core.scheduler import Lane
+from gateway.triton.client import ID_PADDING, backend_error
+from tests.http_harness import Gateway, Response
+
+# Features per token id before the projection to the output's size: enough that distinct inputs never collide.
+FEATURES = 32
+CONTROL_FIELDS = ("TOKEN_IDS", "CONTROL_FACTORS", "CONTROL_LOG_ADDITIVE")
+
+
+def triton_error(status: str, message: str = "") -> ServiceError:
+    """What gateway.triton.client.TritonClient.infer raises when Triton fails with this gRPC status (UNAVAILABLE,
+    DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, INTERNAL, ...): the fake fails as the real client would."""
+    return backend_error(InferenceServerException(message or f"fake Triton: {status}", status=f"StatusCode.{status}"))
+
+
+@functools.cache
+def _token_table(vocab: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((vocab, FEATURES))
+
+
+@functools.cache
+def _projection(size: int, seed: int) -> np.ndarray:
+    return np.random.default_rng([seed, size]).standard_normal((FEATURES, size))
+
+
+_TOKENIZERS: dict[tuple[str, int], tuple[Tokenizer, Tokenizer]] = {}
+
+
+def _tokenizers(model: ServedModel) -> tuple[Tokenizer, Tokenizer]:
+    """The model's tokenizer as the tokenizer step holds it: one that never truncates, one that cuts at the model's
+    length. Shared by every fake of one export, which only reads them."""
+    key = (model.model_version, model.max_sequence_length)
+    if key not in _TOKENIZERS:
+        plain, truncating = Tokenizer.from_str(model.tokenizer.to_str()), Tokenizer.from_str(model.tokenizer.to_str())
+        plain.no_truncation()
+        truncating.enable_truncation(model.max_sequence_length)
+        _TOKENIZERS[key] = plain, truncating
+    return _TOKENIZERS[key]
+
+
+# One input as the fake reads it: a text, token ids (without special tokens), or token ids with their controls
+# (one factor per id, and whether the factors are log-additive).
+Row = str | list[int] | tuple[list[int], list[float], bool]
+
+
+@dataclass
+class Call:
+    """One call the gateway made: its lane, its rows as read (in the order sent), and what it was sent with."""
+
+    lane: Lane
+    rows: list[Row]
+    request_id: str
+    timeout_s: float
+    cancelled: bool = False
+
+    @property
+    def request_ids(self) -> list[str]:
+        return [part for part in self.request_id.split(",") if part]
+
+
+@dataclass
+class Fault:
+    error: ServiceError
+    times: int | None  # calls it still fails; None: every call it matches
+    marker: str | None  # only calls carrying a text that contains this
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """What one of the model's ensembles takes and answers."""
+
+    input: str  # "text", "token_ids" or "controlled"
+    output: str  # "EMBEDDING" or "POOLED"
+    size: int  # the vector size it answers
+
+
+class FakeTriton:
+    """The scheduler's Backend and Send for one served model (see the module's docstring).
+
+    Inspect: `calls` (every Call, in the order sent), `refused` (calls the real ensembles would refuse), `called` (set
+    at the first call). Reference: `expected(row)` for one input alone, `tokens(text)` for a text's ids. Faults:
+    `fail(...)`, `stall()` and `release()`, `go_down()`, and `latency_s` (each call takes at least this long).
+    """
+
+    url = "fake-triton"
+
+    def __init__(self, model: ServedModel, seed: int = 0):
+        self.model = model
+        self.seed = seed
+        self._table = _token_table(model.vocab_size, seed)
+        self._tokenizer, self._truncating = _tokenizers(model)
+        probe = "hello"
+        framed = self._tokenizer.encode(probe).ids
+        bare = self._tokenizer.encode(probe, add_special_tokens=False).ids
+        start = framed.index(bare[0])
+        self.prefix, self.suffix = framed[:start], framed[start + len(bare) :]
+        self._kinds: dict[str, _Kind] = {}
+        for ensembles, output, size in (
+            (model.embedding, "EMBEDDING", model.dimensions),
+            (model.compressed, "EMBEDDING", model.compress_to_size),
+            (model.layers, "POOLED", model.dimensions),
+        ):
+            for kind in ("text", "token_ids", "controlled"):
+                self._kinds[getattr(ensembles, kind)] = _Kind(kind, output, size)
+        # Health, as gateway.triton.pool.TritonPool reports it.
+        self.reason = ""
+        self._down = False
+        # What happened.
+        self.calls: list[Call] = []
+        self.refused: list[str] = []
+        self.called = asyncio.Event()
+        # Faults.
+        self.faults: list[Fault] = []
+        self.latency_s = 0.0
+        self._open = asyncio.Event()
+        self._open.set()
+
+    # -- the Backend protocol -------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return not self._down
+
+    @property
+    def ready_count(self) -> int:
+        return 0 if self._down else 1
+
+    def down_for_good(self, recovery_s: float) -> bool:
+        return self._down
+
+    # -- faults ----------------------------------------------------------------------------------------
+
+    def fail(self, error: ServiceError, *, times: int | None = None, when_text_contains: str | None = None) -> None:
+        """The next `times` matching calls (every one when None) fail with `error`; with `when_text_contains`, only
+        calls carrying a text that contains it match."""
+        self.faults.append(Fault(error, times, when_text_contains))
+
+    def stall(self) -> None:
+        """Calls wait until release(), or until their timeout, when they fail DEADLINE_EXCEEDED as the client would."""
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
+
+    def go_down(self, reason: str = "the fake Triton is down") -> None:
+        """Unready past any restart: the scheduler refuses new work at once, and calls fail UNAVAILABLE."""
+        self._down = True
+        self.reason = reason
+
+    # -- the Send seam ---------------------------------------------------------------------------------
+
+    async def send(self, lane: Lane, data: np.ndarray, timeout_s: float, request_id: str) -> tuple[np.ndarray, np.ndarray]:
+        kind = self._kinds.get(lane.ensemble)
+        problem = self._refusal(kind, lane, data)
+        call = Call(lane, [] if kind is None or problem else self._read(kind, data), request_id, timeout_s)
+        self.calls.append(call)
+        self.called.set()
+        if kind is None or problem is not None:
+            self.refused.append(problem or lane.ensemble)
+            raise triton_error("INVALID_ARGUMENT", problem or lane.ensemble)
+        try:
+            if self.latency_s:
+                await asyncio.sleep(self.latency_s)
+            if not self._open.is_set():
+                try:
+                    async with asyncio.timeout(timeout_s):
+                        await self._open.wait()
+                except TimeoutError:
+                    raise triton_error("DEADLINE_EXCEEDED") from None
+        except asyncio.CancelledError:
+            call.cancelled = True
+            raise
+        if self._down:
+            raise triton_error("UNAVAILABLE", "failed to connect to all addresses")
+        error = self._fault(call)
+        if error is not None:
+            raise error
+        answers = [self._answer(kind, row) for row in call.rows]
+        return np.stack([values for values, _ in answers]), np.array([count for _, count in answers], dtype=np.int32)
+
+    def _refusal(self, kind: _Kind | None, lane: Lane, data: np.ndarray) -> str | None:
+        """Why Triton would refuse this call, or None."""
+        if kind is None:
+            return f"unknown ensemble {lane.ensemble!r}"
+        if lane.output != kind.output:
+            return f"{lane.ensemble} has no output {lane.output!r}"
+        rows = len(data)
+        if not 0 < rows <= min(lane.max_rows, self.model.max_batch_size):
+            return f"{rows} rows for a lane of {lane.max_rows} and a model of {self.model.max_batch_size}"
+        fields = data.dtype.names
+        if kind.input == "text":
+            ok = lane.input_name == "TEXT" and data.dtype == object and data.shape[1:] == (1,)
+        elif kind.input == "token_ids":
+            ok = lane.input_name == "TOKEN_IDS" and fields is None and data.dtype == np.int64 and data.ndim == 2
+        else:
+            ok = fields == CONTROL_FIELDS
+        return None if ok else f"{lane.ensemble} takes {kind.input}, not {lane.input_name} {data.dtype} {data.shape}"
+
+    def _read(self, kind: _Kind, data: np.ndarray) -> list[Row]:
+        if kind.input == "text":
+            return [value.decode("utf-8") for value in data.reshape(-1)]
+        if kind.input == "token_ids":
+            return [[int(i) for i in row if i != ID_PADDING] for row in data]
+        rows: list[Row] = []
+        for ids, factors, mode in zip(data["TOKEN_IDS"], data["CONTROL_FACTORS"], data["CONTROL_LOG_ADDITIVE"]):
+            real = ids != ID_PADDING
+            rows.append(([int(i) for i in ids[real]], [float(f) for f in factors[real]], bool(mode[0])))
+        return rows
+
+    def _fault(self, call: Call) -> ServiceError | None:
+        texts = [row for row in call.rows if isinstance(row, str)]
+        for fault in self.faults:
+            if fault.times == 0:
+                continue
+            if fault.marker is not None and not any(fault.marker in text for text in texts):
+                continue
+            if fault.times is not None:
+                fault.times -= 1
+            return fault.error
+        return None
+
+    # -- answers ---------------------------------------------------------------------------------------
+
+    def _framed(self, row: Row) -> tuple[list[int], list[float] | None, bool, int]:
+        """A row as the model reads it: its ids (framed, cut to the model's length), its factors, its mode, and its
+        untruncated token count."""
+        if isinstance(row, str):
+            full = self._tokenizer.encode(row).ids
+            ids = full if len(full) <= self.model.max_sequence_length else self._truncating.encode(row).ids
+            return ids, None, True, len(full)
+        ids, factors, log_additive = row if isinstance(row, tuple) else (row, None, True)
+        room = self.model.max_sequence_length - len(self.prefix) - len(self.suffix)
+        count = len(self.prefix) + len(ids) + len(self.suffix)
+        framed = self.prefix + list(ids)[:room] + self.suffix
+        if factors is None:
+            return framed, None, log_additive, count
+        ones = [1.0] * len(self.prefix), [1.0] * len(self.suffix)
+        return framed, ones[0] + list(factors)[:room] + ones[1], log_additive, count
+
+    def _vector(self, ids: list[int], factors: list[float] | None, log_additive: bool, size: int) -> np.ndarray:
+        # Position-weighted, so that the order of the tokens counts; a factor weighs its position (squared when
+        # multiplicative, so that the mode shows too). Not normalized: normalize and dimensions must do their part.
+        weights = 1.0 / (1.0 + np.arange(len(ids)))
+        if factors is not None:
+            weights = weights * np.asarray(factors) ** (1 if log_additive else 2)
+        return (weights @ self._table[np.asarray(ids)] @ _projection(size, self.seed)).astype(np.float32)
+
+    def _answer(self, kind: _Kind, row: Row) -> tuple[np.ndarray, int]:
+        ids, factors, log_additive, count = self._framed(row)
+        vector = self._vector(ids, factors, log_additive, kind.size)
+        if kind.output == "POOLED":
+            layers, poolings = self.model.num_layers + 1, len(self.model.layer_poolings)
+            scale = (1 + np.arange(layers))[:, None, None] * (1 + np.arange(poolings) / 10)[None, :, None]
+            vector = (vector[None, None, :] * scale).astype(np.float32)
+        return vector, count
+
+    def expected(self, row: Row, *, compressed: bool = False, layers: bool = False) -> tuple[np.ndarray, int]:
+        """What the model's embedding ensemble (or its compressed or layers one) answers for this one input alone:
+        its vector (or [layers + 1, poolings, dimensions] pooled vectors) and its untruncated token count."""
+        ensembles: Ensembles = self.model.compressed if compressed else self.model.layers if layers else self.model.embedding
+        kind = "text" if isinstance(row, str) else "controlled" if isinstance(row, tuple) else "token_ids"
+        return self._answer(self._kinds[getattr(ensembles, kind)], row)
+
+    def tokens(self, text: str) -> list[int]:
+        """A text's token ids without the special tokens, as an input of token ids would carry them."""
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+
+class InProcessGateway(Gateway):
+    """The real HTTP app, middleware, protocol and core (tests.http_harness.Gateway) over a FakeTriton, with a helper
+    to send one request and read its answer."""
+
+    def __init__(
+        self,
+        models: Catalog,
+        *,
+        timeout_s: float = 30.0,
+        max_calls_per_lane: int = 4,
+        max_rows_in_flight: int = 128,
+        max_body_bytes: int = 4 * 1024 * 1024,
+    ):
+        super().__init__(
+            models,
+            max_body_bytes,
+            timeout_s,
+            triton=FakeTriton,
+            max_calls_per_lane=max_calls_per_lane,
+            max_rows_in_flight=max_rows_in_flight,
+        )
+        self.triton: FakeTriton
+
+    @staticmethod
+    def message(method: str, path: str, body: object = None, headers: dict[str, str] | None = None) -> bytes:
+        data = b"" if body is None else json.dumps(body).encode()
+        head = [f"{method} {path} HTTP/1.1", "Host: x"]
+        if body is not None:
+            head += ["Content-Type: application/json", f"Content-Length: {len(data)}"]
+        head += [f"{name}: {value}" for name, value in (headers or {}).items()]
+        return ("\r\n".join(head) + "\r\n\r\n").encode() + data
+
+    async def request(
+        self, method: str, path: str, body: object = None, headers: dict[str, str] | None = None, timeout_s: float = 5.0
+    ) -> Response:
+        connection = self.connect()
+        try:
+            connection.send(self.message(method, path, body, headers))
+            return await connection.response(timeout_s=timeout_s)
+        finally:
+            connection.close()
+
+    async def post(self, path: str, body: dict, headers: dict[str, str] | None = None) -> Response:
+        """POSTs `body` as JSON, with the served model's name unless it names one."""
+        return await self.request("POST", path, {"model": self.model.name, **body}, headers)

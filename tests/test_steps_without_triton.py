@@ -1,0 +1,470 @@
+"""The Triton Python-backend steps (export/steps/) run here without Triton, on the exported model (fast tier).
+
+Each step's source is loaded from export/steps/ the way Triton's Python backend loads a model.py (a module of its
+own, not a package), with a stand-in for `triton_python_backend_utils` in sys.modules, and is initialized with the
+args Triton would give it: the model directory in model_repository/ and its config.pbtxt as JSON. Its answers are
+checked against the tokenizers library, plain onnxruntime on the same ONNX (one row at a time, unpadded) and plain
+numpy, so a row gathered from, sorted into or scattered back to the wrong place, or padding that leaks in, fails.
+The same steps inside a real Triton: the *_e2e.py tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import tempfile
+import types
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from google.protobuf import json_format, text_format
+from tokenizers import Tokenizer
+from tritonclient.grpc import model_config_pb2
+
+from tests.servers import MODEL_REPOSITORY, ROOT
+
+STEPS = ROOT / "export" / "steps"
+
+TEXTS = [
+    "A man is playing a guitar.",
+    "Triton batches requests of equal shape together, and the encoder takes ragged ones.",
+    "short",
+    "How do I reset my password? I have tried everything, twice, and it still says no.",
+    "The new movie is awesome.",
+    "a b c d e f g",
+    "Ragged batches are gathered, sorted by length, run in slices and scattered back.",
+]
+
+
+# -- a stand-in for triton_python_backend_utils -----------------------------------------------------------------------
+
+
+class Tensor:
+    def __init__(self, name: str, array: np.ndarray):
+        self._name = name
+        self._array = np.asarray(array)
+
+    def name(self) -> str:
+        return self._name
+
+    def as_numpy(self) -> np.ndarray:
+        return self._array
+
+
+class InferenceRequest:
+    def __init__(self, inputs: list[Tensor], requested_output_names: list[str] | None = None):
+        self._inputs = inputs
+        self._requested = requested_output_names or []
+
+    def inputs(self) -> list[Tensor]:
+        return self._inputs
+
+    def requested_output_names(self) -> list[str]:
+        return self._requested
+
+
+class TritonError:
+    def __init__(self, message: str):
+        self._message = message
+
+    def message(self) -> str:
+        return self._message
+
+
+class InferenceResponse:
+    def __init__(self, output_tensors: list[Tensor] | None = None, error: TritonError | None = None):
+        self._outputs = output_tensors or []
+        self._error = error
+
+    def output_tensors(self) -> list[Tensor]:
+        return self._outputs
+
+    def has_error(self) -> bool:
+        return self._error is not None
+
+    def error(self) -> TritonError | None:
+        return self._error
+
+
+def get_input_tensor_by_name(request: InferenceRequest, name: str) -> Tensor | None:
+    return next((tensor for tensor in request.inputs() if tensor.name() == name), None)
+
+
+def get_output_tensor_by_name(response: InferenceResponse, name: str) -> Tensor | None:
+    return next((tensor for tensor in response.output_tensors() if tensor.name() == name), None)
+
+
+def stand_in() -> types.ModuleType:
+    module = types.ModuleType("triton_python_backend_utils")
+    for value in (Tensor, InferenceRequest, InferenceResponse, TritonError, get_input_tensor_by_name, get_output_tensor_by_name):
+        setattr(module, value.__name__, value)
+    return module
+
+
+def output(response: InferenceResponse, name: str) -> np.ndarray:
+    assert not response.has_error(), response.error().message()  # type: ignore[union-attr]
+    tensor = get_output_tensor_by_name(response, name)
+    assert tensor is not None, f"no output {name}"
+    return tensor.as_numpy()
+
+
+def request(requested: list[str] | None = None, **inputs: np.ndarray) -> InferenceRequest:
+    return InferenceRequest([Tensor(name, value) for name, value in inputs.items()], requested)
+
+
+# -- loading a step as Triton does ------------------------------------------------------------------------------------
+
+
+def triton_args(model_dir: Path, **parameters: str) -> dict[str, str]:
+    """What Triton passes to initialize(): the model's config.pbtxt as JSON (with `parameters` overriding its own),
+    the model's directory and version, and an instance name."""
+    config = text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    # Triton's JSON holds every field, empty ones too (an empty length_buckets is a string_value of "").
+    as_json = json_format.MessageToDict(config, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    for key, value in parameters.items():
+        as_json.setdefault("parameters", {})[key] = {"string_value": value}
+    return {
+        "model_config": json.dumps(as_json),
+        "model_repository": str(model_dir),
+        "model_version": "1",
+        "model_name": model_dir.name,
+        "model_instance_name": f"{model_dir.name}_0",
+    }
+
+
+def load_step(source: str, model_dir: Path, lock_dir: Path | None = None, **parameters: str):
+    """The TritonPythonModel of export/steps/<source>.py, initialized for model_dir. The stand-in, and whatever the
+    step adds to sys.path and sys.modules (the pooling step imports its head from next to itself), are gone after.
+    lock_dir: the temporary directory for the encoder, which keeps a lock file per instance there."""
+    modules_before = set(sys.modules)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "triton_python_backend_utils", stand_in())
+        patch.setattr(sys, "path", list(sys.path))
+        if lock_dir is not None:
+            patch.setattr(tempfile, "tempdir", str(lock_dir))
+        spec = importlib.util.spec_from_file_location(f"triton_step_{source}_{model_dir.name}", STEPS / f"{source}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        model = module.TritonPythonModel()
+        model.initialize(triton_args(model_dir, **parameters))
+    for name in set(sys.modules) - modules_before:
+        if name == "sentence_head":
+            del sys.modules[name]
+    return model
+
+
+@pytest.fixture(scope="module")
+def steps(manifest) -> dict[str, Path]:
+    return {role: MODEL_REPOSITORY / name for role, name in manifest["steps"].items()}
+
+
+@pytest.fixture(scope="module")
+def reference_encoder(steps) -> ort.InferenceSession:
+    return ort.InferenceSession(str(steps["encoder"] / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def encoder(steps, tmp_path_factory):
+    # Slices of 3 rows, so that one slice holds rows of several requests and one request's rows span slices.
+    locks = tmp_path_factory.mktemp("encoder-locks")
+    step = load_step("encoder", steps["encoder"], locks, slice_rows="3", intra_op_threads="1", alone_intra_op_threads="1")
+    yield step
+    step.siblings.own.close()  # the lock file the instance holds open for its life
+
+
+def text_tensor(texts: Sequence[str | bytes]) -> np.ndarray:
+    return np.array([t.encode() if isinstance(t, str) else t for t in texts], dtype=np.object_).reshape(-1, 1)
+
+
+# -- the tokenizer steps ---------------------------------------------------------------------------------------------
+
+
+def test_the_tokenizer_step_pads_each_request_to_its_own_longest_text(steps, tokenizer, manifest):
+    step = load_step("tokenizer", steps["tokenizer"])
+    batches = [TEXTS[:3], TEXTS[3:4], TEXTS[4:]]
+    responses = step.execute([request(TEXT=text_tensor(texts)) for texts in batches])
+    assert len(responses) == len(batches)
+    for texts, response in zip(batches, responses):
+        ids, mask, counts = (output(response, name) for name in ("INPUT_IDS", "ATTENTION_MASK", "TOKEN_COUNT"))
+        expected = [tokenizer.encode(text).ids for text in texts]
+        width = max(len(e) for e in expected)
+        assert ids.shape == mask.shape == (len(texts), width)
+        assert counts.tolist() == [[len(e)] for e in expected] and counts.dtype == np.int32
+        for row, e in enumerate(expected):
+            assert ids[row, : len(e)].tolist() == e
+            assert (ids[row, len(e) :] == manifest["pad_token_id"]).all()
+            assert mask[row].tolist() == [1] * len(e) + [0] * (width - len(e))
+
+
+def test_an_overlong_text_is_cut_at_the_models_length_and_counted_whole(steps, tokenizer, manifest):
+    step = load_step("tokenizer", steps["tokenizer"])
+    limit = manifest["max_sequence_length"]
+    long_text = " ".join(TEXTS * 8)
+    (response,) = step.execute([request(TEXT=text_tensor([long_text, "short"]))])
+    full = tokenizer.encode(long_text).ids
+    assert len(full) > limit
+    truncating = Tokenizer.from_str(tokenizer.to_str())
+    truncating.enable_truncation(limit)
+    ids = output(response, "INPUT_IDS")
+    assert ids.shape == (2, limit)
+    assert ids[0].tolist() == truncating.encode(long_text).ids
+    assert ids[0, -1] == full[-1]  # still framed: the separator closes the cut text
+    assert output(response, "TOKEN_COUNT").reshape(-1).tolist() == [len(full), len(tokenizer.encode("short").ids)]
+
+
+def test_a_request_that_is_not_utf8_fails_alone(steps, tokenizer):
+    step = load_step("tokenizer", steps["tokenizer"])
+    responses = step.execute(
+        [request(TEXT=text_tensor(["fine"])), request(TEXT=text_tensor([b"\xff\xfe"])), request(TEXT=text_tensor(["also fine"]))]
+    )
+    assert responses[1].has_error() and responses[1].error().message().startswith("tokenizer:")
+    assert output(responses[0], "INPUT_IDS")[0].tolist() == tokenizer.encode("fine").ids
+    assert output(responses[2], "INPUT_IDS")[0].tolist() == tokenizer.encode("also fine").ids
+
+
+def test_length_buckets_pad_each_request_to_the_smallest_bucket_that_holds_it(steps, tokenizer):
+    step = load_step("tokenizer", steps["tokenizer"], length_buckets="8,16,64")
+    responses = step.execute([request(TEXT=text_tensor([text])) for text in TEXTS])
+    for text, response in zip(TEXTS, responses):
+        length = len(tokenizer.encode(text).ids)
+        assert output(response, "INPUT_IDS").shape[1] == next(b for b in (8, 16, 64) if b >= length)
+        assert output(response, "ATTENTION_MASK").sum() == length
+
+
+def id_rows(sequences: list[list[int]], fill: float = -1, dtype=np.int64) -> np.ndarray:
+    """Rows padded as the gateway pads them (with -1 for ids)."""
+    rows = np.full((len(sequences), max(len(s) for s in sequences)), fill, dtype=dtype)
+    for index, sequence in enumerate(sequences):
+        rows[index, : len(sequence)] = sequence
+    return rows
+
+
+def test_the_token_ids_step_frames_ids_as_the_tokenizer_frames_a_text(steps, tokenizer, manifest):
+    step = load_step("tokenizer", steps["token-ids"])
+    limit = manifest["max_sequence_length"]
+    overlong = list(range(2000, 2000 + limit + 20))
+    bare = [tokenizer.encode(text, add_special_tokens=False).ids for text in TEXTS[:4]] + [overlong]
+    responses = step.execute([request(TOKEN_IDS=id_rows(bare[:2])), request(TOKEN_IDS=id_rows(bare[2:]))])
+    ids = [row for response in responses for row in output(response, "INPUT_IDS")]
+    masks = [row for response in responses for row in output(response, "ATTENTION_MASK")]
+    counts = [int(c) for response in responses for c in output(response, "TOKEN_COUNT").reshape(-1)]
+    for index, text in enumerate(TEXTS[:4]):
+        framed = tokenizer.encode(text).ids  # the text's own framing, [CLS] ... [SEP]
+        assert ids[index][: masks[index].sum()].tolist() == framed
+        assert counts[index] == len(framed)
+    cls, sep = tokenizer.encode("").ids
+    assert ids[4].tolist() == [cls, *overlong[: limit - 2], sep]
+    assert counts[4] == len(overlong) + 2
+
+
+def test_the_controlled_ids_step_frames_and_pads_the_factors_with_the_ids(steps, tokenizer):
+    step = load_step("tokenizer", steps["controlled-ids"])
+    bare = [tokenizer.encode(text, add_special_tokens=False).ids for text in TEXTS[:3]]
+    factors = [[0.5 + i for i in range(len(ids))] for ids in bare]
+    (response,) = step.execute([request(TOKEN_IDS=id_rows(bare), CONTROL_FACTORS=id_rows(factors, fill=7.0, dtype=np.float32))])
+    ids, mask, framed_factors = (output(response, name) for name in ("INPUT_IDS", "ATTENTION_MASK", "CONTROL_FACTORS"))
+    assert framed_factors.shape == ids.shape and framed_factors.dtype == np.float32
+    for row, (sequence, row_factors) in enumerate(zip(bare, factors)):
+        length = int(mask[row].sum())
+        assert length == len(sequence) + 2
+        assert ids[row, 1 : length - 1].tolist() == sequence
+        # 1 at the special tokens and the padding; the -1-padded ids' factors (7 here) are dropped with them.
+        assert framed_factors[row].tolist() == [1.0, *row_factors, 1.0] + [1.0] * (ids.shape[1] - length)
+
+
+# -- the encoder: ragged batches gathered, sorted, sliced and scattered back -------------------------------------------
+
+
+def ragged_requests(tokenizer, groups: list[list[str]], extra_width: list[int], rng: np.random.Generator):
+    """One request per group of texts, each padded to its own width (its longest row plus extra), with junk ids under
+    the mask's zeros: the encoder must read each row's real tokens only."""
+    made = []
+    for texts, extra in zip(groups, extra_width):
+        sequences = [tokenizer.encode(text).ids for text in texts]
+        width = max(len(s) for s in sequences) + extra
+        ids = rng.integers(1000, 20000, size=(len(texts), width)).astype(np.int64)
+        mask = np.zeros((len(texts), width), dtype=np.int64)
+        for row, sequence in enumerate(sequences):
+            ids[row, : len(sequence)] = sequence
+            mask[row, : len(sequence)] = 1
+        made.append((sequences, ids, mask))
+    return made
+
+
+def alone(session: ort.InferenceSession, sequence: list[int], **extra: np.ndarray) -> dict[str, np.ndarray]:
+    """The ONNX's outputs for one unpadded row."""
+    feeds = {"input_ids": np.array([sequence], dtype=np.int64), "attention_mask": np.ones((1, len(sequence)), dtype=np.int64)}
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, (value[0] for value in session.run(names, feeds | extra))))
+
+
+GROUPS = [TEXTS[0:2], TEXTS[2:5], TEXTS[5:6], TEXTS[6:7]]
+
+
+def test_the_encoder_answers_each_row_of_a_ragged_batch_as_if_it_ran_alone(encoder, reference_encoder, tokenizer):
+    made = ragged_requests(tokenizer, GROUPS, [0, 3, 5, 1], np.random.default_rng(0))
+    wanted = [["TOKEN_EMBEDDINGS"], ["TOKEN_EMBEDDINGS"], ["HIDDEN_STATES"], ["TOKEN_EMBEDDINGS", "HIDDEN_STATES"]]
+    responses = encoder.execute(
+        [request(names, INPUT_IDS=ids, ATTENTION_MASK=mask) for (_, ids, mask), names in zip(made, wanted)]
+    )
+    assert len(responses) == len(made)
+    for (sequences, ids, _), names, response in zip(made, wanted, responses):
+        assert sorted(tensor.name() for tensor in response.output_tensors()) == sorted(names)
+        for row, sequence in enumerate(sequences):
+            expected = alone(reference_encoder, sequence)
+            length = len(sequence)
+            if "TOKEN_EMBEDDINGS" in names:
+                tokens = output(response, "TOKEN_EMBEDDINGS")
+                assert tokens.shape == (len(sequences), ids.shape[1], 384)
+                np.testing.assert_allclose(tokens[row, :length], expected["token_embeddings"], atol=2e-4, rtol=1e-3)
+                assert not tokens[row, length:].any()  # padded positions hold zeros
+            if "HIDDEN_STATES" in names:
+                hidden = output(response, "HIDDEN_STATES")
+                assert hidden.shape == (len(sequences), 7, ids.shape[1], 384)
+                np.testing.assert_allclose(hidden[row, :, :length], expected["hidden_states"], atol=2e-4, rtol=1e-3)
+                assert not hidden[row, :, length:].any()
+
+
+def test_the_controlled_encoder_gathers_each_rows_factors_and_mode_with_its_ids(steps, tokenizer, tmp_path):
+    step = load_step(
+        "encoder", steps["controlled-encoder"], tmp_path, slice_rows="2", intra_op_threads="1", alone_intra_op_threads="1"
+    )
+    reference = ort.InferenceSession(str(steps["controlled-encoder"] / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(1)
+    made = ragged_requests(tokenizer, [TEXTS[0:3], TEXTS[3:5]], [2, 0], rng)
+    requests, expected_rows = [], []
+    for number, (sequences, ids, mask) in enumerate(made):
+        factors = np.where(mask == 1, rng.uniform(0.2, 3.0, size=ids.shape), 9.0).astype(np.float32)
+        modes = np.array([[number == 0]] * len(sequences))  # log-additive in one request, multiplicative in the other
+        requests.append(
+            request(["TOKEN_EMBEDDINGS"], INPUT_IDS=ids, ATTENTION_MASK=mask, CONTROL_FACTORS=factors, CONTROL_LOG_ADDITIVE=modes)
+        )
+        for row, sequence in enumerate(sequences):
+            extra = {
+                "control_factors": factors[row : row + 1, : len(sequence)],
+                "control_log_additive": modes[row : row + 1],
+            }
+            expected_rows.append(alone(reference, sequence, **extra)["token_embeddings"])
+    answered = [row for response in step.execute(requests) for row in output(response, "TOKEN_EMBEDDINGS")]
+    step.siblings.own.close()
+    for row, expected in zip(answered, expected_rows):
+        np.testing.assert_allclose(row[: len(expected)], expected, atol=2e-4, rtol=1e-3)
+    # The controls matter: the same row without them is another vector.
+    sequence = made[0][0][0]
+    plain = alone(
+        reference, sequence, control_factors=np.ones((1, len(sequence)), np.float32), control_log_additive=np.array([[True]])
+    )
+    assert not np.allclose(plain["token_embeddings"], expected_rows[0], atol=1e-3)
+
+
+# -- the steps after the encoder ------------------------------------------------------------------------------------
+
+
+def test_the_pooling_step_mean_pools_real_tokens_and_normalizes(steps, manifest):
+    assert (manifest["poolings"], manifest["head"]) == (["mean"], ["Normalize"])  # what the reference below computes
+    step = load_step("pooling", steps["pooling"])
+    rng = np.random.default_rng(2)
+    shapes = [(3, 9), (1, 4), (2, 14)]
+    made = []
+    for rows, width in shapes:
+        tokens = rng.normal(size=(rows, width, 384)).astype(np.float32)
+        lengths = rng.integers(1, width + 1, size=rows)
+        mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+        made.append((tokens, lengths, mask))
+    responses = step.execute([request(TOKEN_EMBEDDINGS=tokens, ATTENTION_MASK=mask) for tokens, _, mask in made])
+    for (tokens, lengths, _), response in zip(made, responses):
+        embeddings = output(response, "EMBEDDING")
+        assert embeddings.shape == (len(lengths), 384) and embeddings.dtype == np.float32
+        for row, length in enumerate(lengths):
+            mean = tokens[row, :length].mean(axis=0)
+            np.testing.assert_allclose(embeddings[row], mean / np.linalg.norm(mean), atol=1e-6)
+
+
+def test_the_compression_step_projects_each_request_with_the_fitted_matrix(steps, manifest):
+    step = load_step("compression", steps["compression"])
+    projection = np.load(steps["compression"] / "1" / "projection.npy")
+    assert projection.shape == (manifest["compression"]["size"], manifest["dimensions"])
+    rng = np.random.default_rng(3)
+    inputs = [rng.normal(size=(rows, manifest["dimensions"])).astype(np.float32) for rows in (4, 1, 7)]
+    for embeddings, response in zip(inputs, step.execute([request(EMBEDDING=e) for e in inputs])):
+        np.testing.assert_allclose(output(response, "EMBEDDING"), embeddings @ projection.T, rtol=1e-4, atol=1e-5)
+
+
+def test_the_layer_pooling_step_pools_every_layer_over_real_tokens_only(steps, manifest):
+    step = load_step("layer_pooling", steps["layer-pooling"])
+    poolings = manifest["layers"]["poolings"]
+    assert step.poolings == poolings
+    layers = manifest["num_layers"] + 1
+    rng = np.random.default_rng(4)
+    made = []
+    for rows, width in [(2, 6), (3, 11)]:
+        states = rng.normal(size=(rows, layers, width, 8)).astype(np.float32)
+        lengths = rng.integers(1, width + 1, size=rows)
+        mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+        states[mask[:, None, :, None].repeat(layers, 1).repeat(8, 3) == 0] = 100.0  # padding that must not count
+        made.append((states, lengths, mask))
+    responses = step.execute([request(HIDDEN_STATES=states, ATTENTION_MASK=mask) for states, _, mask in made])
+    reference = {
+        "mean": lambda real: real.mean(axis=0),
+        "weighted_mean": lambda real: (
+            (real * np.arange(1, len(real) + 1)[:, None]).sum(axis=0) / np.arange(1, len(real) + 1).sum()
+        ),
+        "max": lambda real: real.max(axis=0),
+        "last_token": lambda real: real[-1],
+        "abs_max": lambda real: np.abs(real).max(axis=0),
+    }
+    for (states, lengths, _), response in zip(made, responses):
+        pooled = output(response, "POOLED")
+        assert pooled.shape == (len(lengths), layers, len(poolings), 8)
+        for row, length in enumerate(lengths):
+            for layer in range(layers):
+                real = states[row, layer, :length]
+                for column, name in enumerate(poolings):
+                    np.testing.assert_allclose(pooled[row, layer, column], reference[name](real), rtol=1e-5, atol=1e-6)
+
+
+# -- the whole text pipeline, step after step ------------------------------------------------------------------------
+
+
+def forward(response: InferenceResponse, names: list[str], requested: list[str] | None = None) -> InferenceRequest:
+    """The next step's request from a step's response, as the ensemble wires them."""
+    return request(requested, **{name: output(response, name) for name in names})
+
+
+def test_the_text_pipeline_step_by_step_matches_onnxruntime_and_numpy_one_text_at_a_time(
+    steps, encoder, reference_encoder, tokenizer
+) -> None:
+    tokenize = load_step("tokenizer", steps["tokenizer"])
+    pool = load_step("pooling", steps["pooling"])
+    compress = load_step("compression", steps["compression"])
+    projection = np.load(steps["compression"] / "1" / "projection.npy")
+    groups = [TEXTS[:4], TEXTS[4:]]
+    tokenized = tokenize.execute([request(TEXT=text_tensor(texts)) for texts in groups])
+    encoded = encoder.execute([forward(r, ["INPUT_IDS", "ATTENTION_MASK"], ["TOKEN_EMBEDDINGS"]) for r in tokenized])
+    pooled = pool.execute(
+        [
+            request(TOKEN_EMBEDDINGS=output(e, "TOKEN_EMBEDDINGS"), ATTENTION_MASK=output(t, "ATTENTION_MASK"))
+            for e, t in zip(encoded, tokenized)
+        ]
+    )
+    compressed = compress.execute([forward(p, ["EMBEDDING"]) for p in pooled])
+    embeddings = np.concatenate([output(p, "EMBEDDING") for p in pooled])
+    small = np.concatenate([output(c, "EMBEDDING") for c in compressed])
+    for index, text in enumerate(TEXTS):
+        mean = alone(reference_encoder, tokenizer.encode(text).ids)["token_embeddings"].mean(axis=0)
+        expected = mean / np.linalg.norm(mean)
+        np.testing.assert_allclose(embeddings[index], expected, atol=1e-5)
+        np.testing.assert_allclose(small[index], projection @ expected, atol=1e-5)
+    # Distinct texts, distinct vectors: a row answered for the wrong text could not pass the checks above.
+    assert np.abs(embeddings @ embeddings.T - np.eye(len(TEXTS))).max() < 0.999
+
+
+def test_every_step_source_is_covered_here():
+    """A step added to export/steps/ gets its tests here too (sentence_head is the pooling step's, and the export's)."""
+    sources = {path.stem for path in STEPS.glob("*.py")} - {"__init__", "sentence_head"}
+    assert sources == {"tokenizer", "encoder", "pooling", "compression", "layer_pooling"}
