@@ -11,11 +11,10 @@ never shipped. The ONNX is left out since the zero encoder never opens it (about
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
-from export.repository import MANIFEST
+from repository_contract.manifest import read_all
 from tests.servers import MODEL_REPOSITORY
 
 LABEL = "pipeline ceiling"
@@ -27,8 +26,8 @@ def build(repository: Path, target: Path) -> Path:
     if target.resolve().is_relative_to(MODEL_REPOSITORY.resolve()):
         raise ValueError(f"the pipeline-ceiling repository must stay out of {MODEL_REPOSITORY}: its vectors are zeros")
     # GPU exports give the encoder to Triton's onnxruntime or TensorRT backend, with lower-case tensor names.
-    (manifest_path,) = repository.glob(f"*/{MANIFEST}")
-    steps = json.loads(manifest_path.read_text())["steps"]
+    (manifest,) = read_all(repository)
+    steps = manifest.steps
     # Both encoders, the plain one and the one with attention controls, answer zeros.
     encoders = [steps["encoder"], steps["controlled-encoder"]]
     if any('backend: "python"' not in (repository / encoder / "config.pbtxt").read_text() for encoder in encoders):

@@ -22,7 +22,6 @@ from export.datasets import DEFAULT_STS_PATH, sts_sentences
 from export.repository import (
     DEFAULT_REPOSITORY,
     LAYER_POOLINGS,
-    MANIFEST,
     STEP_SOURCES,
     RepositoryOptions,
     ensemble_names,
@@ -32,6 +31,16 @@ from export.repository import (
     write_repository,
 )
 from export.source_model import UnsupportedModel, default_model_path, load_source_model
+from repository_contract import manifest as manifest_module
+from repository_contract.manifest import (
+    MANIFEST_FILE,
+    Compression,
+    Controls,
+    EnsembleNames,
+    Layers,
+    Manifest,
+    owned_directories,
+)
 
 # GPU encoders (Triton's onnxruntime and TensorRT backends) batch only equal shapes, so requests are padded to these.
 GPU_LENGTH_BUCKETS = "16,32,64,128,256"
@@ -56,7 +65,8 @@ def _fingerprint(model_dir: Path, name: str, args: argparse.Namespace) -> str:
         stat = path.stat()
         digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     # Code by content: the export rewrites generated copies of step sources, so their times always change.
-    for path in sorted(Path(__file__).parent.glob("*.py")) + sorted(STEP_SOURCES.glob("*.py")):
+    code = [Path(__file__).parent, STEP_SOURCES, Path(manifest_module.__file__).parent]
+    for path in [p for directory in code for p in sorted(directory.glob("*.py"))]:
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -196,12 +206,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _manifests(repository: Path) -> dict[str, dict]:
-    return {m["name"]: m for m in (json.loads(p.read_text()) for p in sorted(repository.glob(f"*/{MANIFEST}")))}
-
-
 def _remove(args: argparse.Namespace) -> int:
-    served = _manifests(args.output_dir)
+    served = owned_directories(args.output_dir)
     unknown = [name for name in args.remove if name not in served]
     if unknown:
         print(f"export: {unknown} not found in {args.output_dir}; it holds {sorted(served)}", file=sys.stderr)
@@ -209,8 +215,7 @@ def _remove(args: argparse.Namespace) -> int:
     for name in args.remove:
         remove_model(args.output_dir, served[name])
         print(
-            f"removed {name} ({len(served[name]['directories'])} Triton models) from {args.output_dir}; "
-            "restart the gateway to stop serving it",
+            f"removed {name} ({len(served[name])} Triton models) from {args.output_dir}; restart the gateway to stop serving it",
             flush=True,
         )
     return 0
@@ -229,8 +234,8 @@ def _sources(args: argparse.Namespace) -> list[tuple[Path, str | None]]:
 def _clashes(source, compress_to: int, repository: Path) -> str | None:
     """Another model in the repository that owns one of the Triton model names this one needs."""
     wanted = set(model_directories(source.name, compress_to))
-    for name, manifest in _manifests(repository).items():
-        taken = wanted & set(manifest.get("directories", ()))
+    for name, directories in owned_directories(repository).items():
+        taken = wanted & set(directories)
         if name != source.name and taken:
             return f"{sorted(taken)} already belong to the model {name} in {repository}; export under another --name"
     return None
@@ -265,7 +270,7 @@ def _export(args: argparse.Namespace, model_dir: Path, source, started: float) -
     max_length = args.max_sequence_length or source.max_sequence_length
     source = dataclasses.replace(source, max_sequence_length=max_length)
     fingerprint = _fingerprint(model_dir, source.name, args)
-    manifest_path = args.output_dir / source.name / MANIFEST
+    manifest_path = args.output_dir / source.name / MANIFEST_FILE
     if not args.force and manifest_path.exists() and json.loads(manifest_path.read_text()).get("fingerprint") == fingerprint:
         _progress(f"{manifest_path} is up to date, reusing it", started)
         return 0
@@ -353,37 +358,32 @@ def _build(args: argparse.Namespace, source, model_dir: Path, fingerprint: str, 
     onnx_digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()[:12]
     ensembles = ensemble_names(source.name, projection.size)
     steps = step_names(source.name)
-    manifest = {
-        "name": source.name,
-        "model_version": f"{source.name}-{args.precision}-{onnx_digest}",
-        "fingerprint": fingerprint,
-        "source": str(model_dir),
-        "architecture": "decoder" if source.decoder else "encoder",
-        "precision": args.precision,
-        "target": args.target,
-        "dimensions": source.dimensions,
-        "hidden_size": source.hidden_size,
-        "num_layers": source.num_layers,
-        "max_sequence_length": max_length,
-        "max_batch_size": args.max_batch_size,
-        "poolings": list(source.poolings),
-        "head": [m.kind for m in source.head],
-        "prefixes": source.prefixes,
-        "pad_token_id": pad_token_id,
-        "tokenizer": f"{steps['tokenizer']}/1/tokenizer.json",
-        "steps": steps,
-        "directories": model_directories(source.name, projection.size),
-        "ensembles": ensembles["embedding"],
+    manifest = Manifest(
+        name=source.name,
+        model_version=f"{source.name}-{args.precision}-{onnx_digest}",
+        fingerprint=fingerprint,
+        source=str(model_dir),
+        architecture="decoder" if source.decoder else "encoder",
+        precision=args.precision,
+        target=args.target,
+        dimensions=source.dimensions,
+        hidden_size=source.hidden_size,
+        num_layers=source.num_layers,
+        max_sequence_length=max_length,
+        max_batch_size=args.max_batch_size,
+        poolings=tuple(source.poolings),
+        head=tuple(m.kind for m in source.head),
+        prefixes=source.prefixes,
+        pad_token_id=pad_token_id,
+        tokenizer=f"{steps['tokenizer']}/1/tokenizer.json",
+        steps=steps,
+        directories=tuple(model_directories(source.name, projection.size)),
+        ensembles=EnsembleNames(**ensembles["embedding"]),
         # Compressed vectors also depend on the fitted projection, so they carry its digest in model_version.
-        "compression": {
-            "size": projection.size,
-            "method": projection.method,
-            "digest": projection.digest,
-            "ensembles": ensembles["compression"],
-        },
-        "layers": {"poolings": list(LAYER_POOLINGS), "ensembles": ensembles["layers"]},
-        "controls": {"token_embeddings": f"{steps['controlled-ids']}/1/token_embeddings.npy"},
-    }
+        compression=Compression(projection.size, projection.method, projection.digest, EnsembleNames(**ensembles["compression"])),
+        layers=Layers(tuple(LAYER_POOLINGS), EnsembleNames(**ensembles["layers"])),
+        controls=Controls(f"{steps['controlled-ids']}/1/token_embeddings.npy"),
+    )
     options = RepositoryOptions(
         target=args.target,
         precision=args.precision,
@@ -408,7 +408,7 @@ def _build(args: argparse.Namespace, source, model_dir: Path, fingerprint: str, 
             f"build the plan on the deployment GPU: trtexec --onnx={encoder}.onnx.for-trtexec --saveEngine={encoder}.plan",
             started,
         )
-    _progress(f"done: {manifest['model_version']}", started)
+    _progress(f"done: {manifest.model_version}", started)
     return 0
 
 

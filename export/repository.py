@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,10 +13,11 @@ import numpy as np
 from export.compression import Projection
 from export.source_model import SourceModel
 from export.steps.sentence_head import SentenceHead
+from repository_contract.manifest import Manifest
+from repository_contract.manifest import write as write_manifest
 
 DEFAULT_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 STEP_SOURCES = Path(__file__).resolve().parent / "steps"
-MANIFEST = "embedding_manifest.json"
 # Each step's source file; every model gets its own copy of each step, named `<model>-<role>`, so that models
 # in one repository never share a step and each batches on its own.
 STEP_ROLES = {
@@ -136,8 +138,8 @@ def model_directories(model: str, compress_to: int) -> list[str]:
     return sorted(ensembles + list(step_names(model).values()))
 
 
-def remove_model(out_dir: Path, manifest: dict) -> None:
-    for directory in manifest["directories"]:
+def remove_model(out_dir: Path, directories: Iterable[str]) -> None:
+    for directory in directories:
         shutil.rmtree(out_dir / directory, ignore_errors=True)
 
 
@@ -178,17 +180,17 @@ def write_repository(
     tokenizer_json: Path,
     out_dir: Path,
     options: RepositoryOptions,
-    manifest: dict,
+    manifest: Manifest,
     projection: Projection,
 ) -> None:
     """Writes every Triton model of `source` into out_dir, the manifest last: the gateway serves a model only
     once its manifest is there, and by then all its steps are.
 
     onnx_paths: the graph of each encoder role, plain and with attention controls. token_embeddings: the input
-    embedding matrix, which the gateway reads for contextual controls (at manifest["controls"]["token_embeddings"]).
+    embedding matrix, which the gateway reads for contextual controls (at manifest.controls.token_embeddings).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    steps = manifest["steps"]
+    steps = manifest.steps
     token_ids = ("TOKEN_IDS", "TYPE_INT64", [-1])
     factors = ("CONTROL_FACTORS", "TYPE_FP32", [-1])
     # Per entry step: which ensemble of a pipeline it starts, the encoder behind it, its inputs and the mode,
@@ -208,7 +210,7 @@ def write_repository(
         options,
         length_buckets=",".join(map(str, options.length_buckets)),
         max_sequence_length=str(source.max_sequence_length),
-        pad_token_id=str(manifest["pad_token_id"]),
+        pad_token_id=str(manifest.pad_token_id),
     )
     for role, (kind, _, inputs) in token_step.items():
         version_dir = _fresh_model_dir(out_dir / steps[role])
@@ -324,11 +326,11 @@ def write_repository(
             (ensemble_dir.parent / "config.pbtxt").write_text(
                 _ensemble_config(ensemble_name, ensemble_inputs, ensemble_steps, output_tensor, options)
             )
-    (out_dir / ensembles["embedding"]["text"] / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_manifest(manifest, out_dir)
 
 
 def _write_python_step(
-    steps: dict[str, str], role: str, inputs, outputs, out_dir: Path, options: RepositoryOptions, **params: str
+    steps: Mapping[str, str], role: str, inputs, outputs, out_dir: Path, options: RepositoryOptions, **params: str
 ) -> Path:
     version_dir = _fresh_model_dir(out_dir / steps[role])
     _copy_step_source(role, version_dir)

@@ -33,10 +33,11 @@ import numpy as np
 from tokenizers import Tokenizer
 from tritonclient.utils import InferenceServerException
 
-from gateway.core.catalog import Catalog, Ensembles, ServedModel
+from gateway.core.catalog import Catalog, ServedModel
 from gateway.core.errors import ServiceError
 from gateway.core.scheduler import Lane
 from gateway.triton.client import ID_PADDING, backend_error
+from repository_contract.manifest import EnsembleNames
 from tests.http_harness import Gateway, Response
 
 # Features per token id before the projection to the output's size: enough that distinct inputs never collide.
@@ -294,7 +295,7 @@ class FakeTriton:
     def expected(self, row: Row, *, compressed: bool = False, layers: bool = False) -> tuple[np.ndarray, int]:
         """What the model's embedding ensemble (or its compressed or layers one) answers for this one input alone:
         its vector (or [layers + 1, poolings, dimensions] pooled vectors) and its untruncated token count."""
-        ensembles: Ensembles = self.model.compressed if compressed else self.model.layers if layers else self.model.embedding
+        ensembles: EnsembleNames = self.model.compressed if compressed else self.model.layers if layers else self.model.embedding
         kind = "text" if isinstance(row, str) else "controlled" if isinstance(row, tuple) else "token_ids"
         return self._answer(self._kinds[getattr(ensembles, kind)], row)
 

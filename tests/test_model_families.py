@@ -214,7 +214,8 @@ def test_the_served_dimensions_follow_the_head(minilm):
 
 def test_a_name_whose_triton_models_another_model_owns_is_refused(minilm, tmp_path):
     from export.__main__ import _clashes
-    from export.repository import MANIFEST, model_directories
+    from export.repository import model_directories
+    from repository_contract.manifest import MANIFEST_FILE as MANIFEST
 
     (tmp_path / "a-ids").mkdir()
     (tmp_path / "a-ids" / MANIFEST).write_text(json.dumps({"name": "a-ids", "directories": model_directories("a-ids", 128)}))

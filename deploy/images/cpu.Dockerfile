@@ -30,6 +30,7 @@ RUN python -m venv /opt/venv \
  && pip install -r requirements.lock -r requirements-export.lock
 COPY proto proto
 RUN python -m proto.generate
+COPY repository_contract repository_contract
 COPY export export
 # The CPU encoder's instances and threads are fixed at export: size them to the Triton pod's CPUs (values-cpu.yaml).
 ARG ENCODER_INSTANCES=4
@@ -48,6 +49,7 @@ RUN python -m venv /opt/venv \
  && rm /tmp/requirements.lock
 # The gRPC stubs, generated in the export stage, which has grpcio-tools.
 COPY --from=export /app/proto proto
+COPY repository_contract repository_contract
 COPY gateway gateway
 COPY deploy/images/run_triton.py deploy/images/run_triton.py
 # The root filesystem is read-only in the cluster: compiled now, not at every start.

@@ -28,6 +28,7 @@ COPY requirements.lock requirements-export.lock ./
 RUN python3.11 -m venv /opt/venv \
  && /opt/venv/bin/pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
  && /opt/venv/bin/pip install -r requirements.lock -r requirements-export.lock
+COPY repository_contract repository_contract
 COPY export export
 ARG TARGET=gpu-onnxruntime
 ARG EXPORT_ARGS=""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,22 +9,10 @@ from tokenizers import Tokenizer
 
 from gateway.core.controls import TokenSimilarity
 from gateway.core.errors import ErrorKind, ServiceError
+from repository_contract.manifest import EnsembleNames, manifest_paths
+from repository_contract.manifest import read as read_manifest
 
-MANIFEST = "embedding_manifest.json"
 REPRESENTATIONS = ("query", "document", "symmetric")
-
-
-@dataclass(frozen=True)
-class Ensembles:
-    """One pipeline's entry points: raw text (tokenized in Triton), token ids, and token ids with attention controls."""
-
-    text: str
-    token_ids: str
-    controlled: str
-
-    @classmethod
-    def of(cls, names: dict) -> Ensembles:
-        return cls(names["text"], names["token_ids"], names["controlled"])
 
 
 @dataclass(frozen=True)
@@ -38,14 +25,14 @@ class ServedModel:
     max_batch_size: int
     prefixes: dict[str, str]  # per representation: query, document, symmetric
     default_prefix: str  # what sentence-transformers' encode() prepends without a prompt_name; the OpenAI contract's
-    embedding: Ensembles
+    embedding: EnsembleNames
     tokenizer: Tokenizer
     token_similarity: TokenSimilarity  # for contextual attention controls
     compress_to_size: int
     compressed_model_version: str
-    compressed: Ensembles
+    compressed: EnsembleNames
     layer_poolings: tuple[str, ...]
-    layers: Ensembles
+    layers: EnsembleNames
     triton_models: tuple[str, ...]  # every Triton model it takes: steps and ensembles
 
     @property
@@ -54,34 +41,27 @@ class ServedModel:
 
 
 def _load(manifest_path: Path) -> ServedModel:
-    manifest = json.loads(manifest_path.read_text())
-    if "controls" not in manifest:
-        raise ValueError(
-            f"{manifest_path} was written by an older export, without attention controls: export {manifest['name']} again"
-        )
+    manifest = read_manifest(manifest_path)
     repository = manifest_path.parent.parent
-    tokenizer = Tokenizer.from_file(str(repository / manifest["tokenizer"]))
+    tokenizer = Tokenizer.from_file(str(repository / manifest.tokenizer))
     return ServedModel(
-        name=manifest["name"],
-        model_version=manifest["model_version"],
-        dimensions=manifest["dimensions"],
-        num_layers=manifest["num_layers"],
-        max_sequence_length=manifest["max_sequence_length"],
-        max_batch_size=manifest["max_batch_size"],
-        prefixes={r: manifest["prefixes"][r] for r in REPRESENTATIONS},
-        default_prefix=manifest["prefixes"]["default"],
-        embedding=Ensembles.of(manifest["ensembles"]),
+        name=manifest.name,
+        model_version=manifest.model_version,
+        dimensions=manifest.dimensions,
+        num_layers=manifest.num_layers,
+        max_sequence_length=manifest.max_sequence_length,
+        max_batch_size=manifest.max_batch_size,
+        prefixes={r: manifest.prefixes[r] for r in REPRESENTATIONS},
+        default_prefix=manifest.prefixes["default"],
+        embedding=manifest.ensembles,
         tokenizer=tokenizer,
-        token_similarity=TokenSimilarity(repository / manifest["controls"]["token_embeddings"]),
-        compress_to_size=manifest["compression"]["size"],
-        compressed_model_version=(
-            f"{manifest['model_version']}-{manifest['compression']['method']}{manifest['compression']['size']}"
-            f"-{manifest['compression']['digest']}"
-        ),
-        compressed=Ensembles.of(manifest["compression"]["ensembles"]),
-        layer_poolings=tuple(manifest["layers"]["poolings"]),
-        layers=Ensembles.of(manifest["layers"]["ensembles"]),
-        triton_models=tuple(manifest["directories"]),
+        token_similarity=TokenSimilarity(repository / manifest.controls.token_embeddings),
+        compress_to_size=manifest.compression.size,
+        compressed_model_version=manifest.compressed_model_version,
+        compressed=manifest.compression.ensembles,
+        layer_poolings=manifest.layers.poolings,
+        layers=manifest.layers.ensembles,
+        triton_models=manifest.directories,
     )
 
 
@@ -93,7 +73,7 @@ class Catalog:
 
     @classmethod
     def from_repository(cls, repository: Path) -> Catalog:
-        return cls([_load(path) for path in sorted(repository.glob(f"*/{MANIFEST}"))])
+        return cls([_load(path) for path in manifest_paths(repository)])
 
     @property
     def triton_models(self) -> list[str]:

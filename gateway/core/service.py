@@ -13,7 +13,7 @@ import numpy as np
 
 from gateway.auth.rate_limit import reserve_prompt_tokens
 from gateway.core.cache import EmbeddingCache
-from gateway.core.catalog import Catalog, Ensembles, ServedModel
+from gateway.core.catalog import Catalog, ServedModel
 from gateway.core.controls import ControlOptions, PositionControl, position_factors
 from gateway.core.deadline import Deadline
 from gateway.core.errors import invalid
@@ -21,6 +21,7 @@ from gateway.core.prompts import Prompt, PromptItem, check_length, decode, encod
 from gateway.core.scheduler import PRIORITY_NORMAL, Scheduler
 from gateway.ops import request_context
 from gateway.triton.client import ChunkedInput, text_input, token_ids_input
+from repository_contract.manifest import EnsembleNames
 
 # No token of the models served here spans more characters (WordPiece gives up on words over 100), so a text
 # longer than this many characters per token of the model's limit is over it: refused, or cut when truncating,
@@ -289,7 +290,7 @@ class EmbeddingService:
         self,
         model: ServedModel,
         prompts: list[Prompt],
-        ensembles: Ensembles,
+        ensembles: EnsembleNames,
         output: str,
         call: EmbedCall | SemanticEmbedCall | EmbedLayersCall,
         field: str,

@@ -1,0 +1,89 @@
+"""The manifest's one reader and one writer (repository_contract.manifest), on the exported model's own manifest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from repository_contract.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    ManifestError,
+    manifest_paths,
+    owned_directories,
+    read,
+    read_all,
+    write,
+)
+from tests.servers import MODEL_REPOSITORY
+
+
+@pytest.fixture
+def exported() -> dict:
+    (path,) = manifest_paths(MODEL_REPOSITORY)
+    return json.loads(path.read_text())
+
+
+def written(repository: Path, data: dict) -> Path:
+    path = repository / data["ensembles"]["text"] / MANIFEST_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_what_is_read_is_written_back_unchanged_with_its_version(exported, tmp_path):
+    manifest = read(written(tmp_path / "a", exported))
+    assert manifest.name == exported["name"] and manifest.compression.size == exported["compression"]["size"]
+    assert manifest.layers.ensembles.controlled == exported["layers"]["ensembles"]["controlled"]
+    (tmp_path / "b" / manifest.ensembles.text).mkdir(parents=True)  # the export writes the manifest last, into it
+    path = write(manifest, tmp_path / "b")
+    again = json.loads(path.read_text())
+    assert again == {**exported, "format_version": FORMAT_VERSION}
+    assert next(iter(again)) == "format_version"
+    assert read_all(tmp_path / "b") == [manifest]
+
+
+def test_a_manifest_from_before_versions_reads_as_version_1(exported, tmp_path):
+    exported.pop("format_version", None)
+    assert read(written(tmp_path, exported)).format_version == 1
+
+
+def test_another_version_is_refused_naming_both_versions(exported, tmp_path):
+    path = written(tmp_path, {**exported, "format_version": FORMAT_VERSION + 1})
+    with pytest.raises(ManifestError, match=rf"format version {FORMAT_VERSION + 1}.*reads version {FORMAT_VERSION}: export"):
+        read(path)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: m.pop("controls"), "without attention controls: export"),
+        (lambda m: m.pop("dimensions"), "lacks 'dimensions': export"),
+        (lambda m: m["compression"].pop("digest"), "lacks 'digest'"),
+        (lambda m: m.update(dimensions="384"), "expected int, found '384'"),
+        (lambda m: m.update(max_batch_size=True), "expected int, found True"),
+        (lambda m: m.update(directories="all"), "expected a list of strings"),
+        (lambda m: m["prefixes"].update(query=None), "expected str, found None"),
+    ],
+)
+def test_a_broken_manifest_is_refused_with_what_is_wrong(exported, tmp_path, change, message):
+    change(exported)
+    path = written(tmp_path, exported)
+    with pytest.raises(ManifestError, match=message) as refused:
+        read(path)
+    assert str(path) in str(refused.value)
+
+
+def test_not_json_is_refused_as_a_manifest_error(tmp_path):
+    path = tmp_path / "m" / MANIFEST_FILE
+    path.parent.mkdir()
+    path.write_text("{")
+    with pytest.raises(ManifestError, match="is not JSON"):
+        read(path)
+
+
+def test_directories_are_read_from_a_manifest_of_any_version(exported, tmp_path):
+    written(tmp_path, {**exported, "format_version": 99})
+    assert owned_directories(tmp_path) == {exported["name"]: tuple(exported["directories"])}
