@@ -15,6 +15,7 @@ from gateway.core.errors import ErrorKind, ServiceError
 from gateway.ops import request_context
 from gateway.ops.metrics import Metrics
 from gateway.ops.request_context import RequestContext
+from gateway.transports.http.status import http_status
 from gateway.transports.policy import RequestPolicy
 
 
@@ -136,7 +137,7 @@ async def test_a_store_that_stops_answering_turns_every_call_into_503_until_it_a
     await authenticator.probe()
     assert not authenticator.store_ok
     error = await refused(authenticator, f"Bearer {secret}")  # cached, and still refused
-    assert error.kind is ErrorKind.UNAVAILABLE and error.http_status == 503 and error.retry_after_s
+    assert error.kind is ErrorKind.UNAVAILABLE and http_status(error) == 503 and error.retry_after_s
     monkeypatch.setattr(store, "ping", original)
     await authenticator.probe()
     assert (await authenticator.authenticate(f"Bearer {secret}")).user_email == "a@example.com"
@@ -181,7 +182,7 @@ async def test_logins_past_the_queue_bound_are_refused_as_overload_and_the_rest_
         await asyncio.to_thread(started.acquire, timeout=10)
     with pytest.raises(ServiceError) as raised:
         await authenticator.login("late@example.com", "pw", "10.0.2.1")
-    assert raised.value.kind is ErrorKind.OVERLOADED and raised.value.http_status == 429 and raised.value.retry_after_s == 1
+    assert raised.value.kind is ErrorKind.OVERLOADED and http_status(raised.value) == 429 and raised.value.retry_after_s == 1
     release.set()
     assert await asyncio.gather(*logins) == [None] * admitted
 

@@ -441,6 +441,18 @@ async def test_a_failing_triton_is_answered_in_the_contracts_error_shape(gw, fau
     if kind == "backend":
         assert message == "internal error; it has been logged"
     assert bool(gw.triton.calls) == (fault != "down for good")  # down for good: refused before any call
+    # The metrics count the error's kind, not a guess from its status (a missed deadline and a Triton down are both
+    # 503); a failure of ours is no refusal of the caller's request.
+    assert rejections(gw) == ({} if kind == "backend" else {kind: 1.0})
+
+
+def rejections(gw) -> dict[str, float]:
+    return {
+        sample.labels["reason"]: sample.value
+        for family in gw.metrics.registry.collect()
+        for sample in family.samples
+        if sample.name == "embed_gateway_rejections_total" and sample.value
+    }
 
 
 async def test_http_requests_that_share_a_call_each_get_their_rows_and_triton_hears_each_request_id(gw_one_call_per_lane):

@@ -13,6 +13,7 @@ from gateway.core.errors import ErrorKind, ServiceError
 from gateway.core.prompts import Prompt
 from gateway.ops import request_context
 from gateway.ops.request_context import RequestContext
+from gateway.transports.http.status import http_status
 
 
 class Clock:
@@ -26,7 +27,7 @@ class Clock:
 def refused(limiter: RateLimiter, token_id: int, limits: Limits) -> ServiceError:
     with pytest.raises(ServiceError) as raised:
         limiter.admit(token_id, limits)
-    assert raised.value.kind is ErrorKind.RATE_LIMITED and raised.value.http_status == 429
+    assert raised.value.kind is ErrorKind.RATE_LIMITED and http_status(raised.value) == 429
     return raised.value
 
 
@@ -154,7 +155,7 @@ async def test_a_request_that_cannot_fit_now_gets_429_with_the_wait_for_its_exac
     refused_request = RequestContext("r", "openai", "/v1/embeddings", token_id=1, token_budget=budget)
     with pytest.raises(ServiceError) as raised:
         await reserve(model, [Prompt(text=SENTENCE)] * 2, budget, refused_request)  # 30 tokens, 20 left: 5 s short
-    assert raised.value.kind is ErrorKind.RATE_LIMITED and raised.value.http_status == 429
+    assert raised.value.kind is ErrorKind.RATE_LIMITED and http_status(raised.value) == 429
     assert refused_request.rejection == "rate_limited"  # counted as such in the metrics, not as overload
     assert raised.value.retry_after_s == 5 and "120 tokens per minute" in raised.value.message
     clock.now += 5.0
@@ -171,7 +172,7 @@ async def test_a_request_over_a_whole_minutes_limit_gets_413_before_any_work_and
         await reserve(model, [Prompt(text=SENTENCE * 9)] * 2048, budget, refused_request)
     assert refused_request.rejection == "too_large"
     error = raised.value
-    assert (error.kind, error.http_status, error.param, error.retry_after_s) == (ErrorKind.PAYLOAD_TOO_LARGE, 413, "input", None)
+    assert (error.kind, http_status(error), error.param, error.retry_after_s) == (ErrorKind.PAYLOAD_TOO_LARGE, 413, "input", None)
     assert "3000 prompt tokens a minute" in error.message and "smaller requests" in error.message
     assert budget.try_reserve(3000) is not None  # the refusal held nothing: the token is not locked out
 
@@ -203,7 +204,7 @@ async def test_without_a_token_limit_nothing_is_reserved(model):
 def throttle_refusal(throttle: LoginThrottle, email: str, host: str | None) -> ServiceError:
     with pytest.raises(ServiceError) as raised:
         throttle.begin(email, host)
-    assert raised.value.kind is ErrorKind.RATE_LIMITED and raised.value.http_status == 429
+    assert raised.value.kind is ErrorKind.RATE_LIMITED and http_status(raised.value) == 429
     return raised.value
 
 

@@ -1,10 +1,11 @@
-"""One error type for the whole gateway; each transport maps its kind to a status of its own."""
+"""One error type for the whole gateway, by kind; each transport maps a kind to a status of its own
+(gateway/transports/http/status.py, gateway/transports/grpc/status.py)."""
 
 from __future__ import annotations
 
 from enum import Enum
 
-import grpc
+from gateway.ops import request_context
 
 
 class ErrorKind(Enum):
@@ -22,41 +23,27 @@ class ErrorKind(Enum):
     BACKEND = "backend"
 
 
-HTTP_STATUS = {
-    ErrorKind.VALIDATION: 400,
-    ErrorKind.UNAUTHENTICATED: 401,
-    ErrorKind.FORBIDDEN: 403,
-    ErrorKind.NOT_FOUND: 404,
-    ErrorKind.PAYLOAD_TOO_LARGE: 413,
-    ErrorKind.UNSUPPORTED_MEDIA_TYPE: 415,
-    ErrorKind.OVERLOADED: 429,
-    ErrorKind.RATE_LIMITED: 429,
-    ErrorKind.UNAVAILABLE: 503,
-    # Not 504: both official clients retry a 503 after Retry-After, and the work is idempotent.
-    ErrorKind.DEADLINE_EXCEEDED: 503,
-    # nginx's "client closed request": logged and counted, never seen by the caller, who is gone.
-    ErrorKind.CANCELLED: 499,
-    ErrorKind.BACKEND: 500,
-}
-
-GRPC_STATUS = {
-    ErrorKind.VALIDATION: grpc.StatusCode.INVALID_ARGUMENT,
-    ErrorKind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
-    ErrorKind.FORBIDDEN: grpc.StatusCode.PERMISSION_DENIED,
-    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
-    ErrorKind.PAYLOAD_TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ErrorKind.UNSUPPORTED_MEDIA_TYPE: grpc.StatusCode.INVALID_ARGUMENT,
-    ErrorKind.OVERLOADED: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ErrorKind.RATE_LIMITED: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
-    ErrorKind.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
-    ErrorKind.CANCELLED: grpc.StatusCode.CANCELLED,
-    ErrorKind.BACKEND: grpc.StatusCode.INTERNAL,
-}
-
 # Seconds a client should wait before retrying when the error does not say; both official clients honour
 # Retry-After on 429 and 503. Overload errors carry their own, estimated from the backlog.
 RETRY_AFTER_S = {ErrorKind.OVERLOADED: 1, ErrorKind.UNAVAILABLE: 2, ErrorKind.DEADLINE_EXCEEDED: 1}
+
+
+# What an error of each kind counts as in the rejections metric (gateway/ops/metrics.py, REJECTION_REASONS), whichever
+# transport answers it: the kind says it, where a status cannot (a 503 is a deadline or Triton down; a
+# RESOURCE_EXHAUSTED is overload, a rate limit or a too-large request). Absent: no refusal of the caller's request,
+# but a failure of ours (BACKEND) or the caller leaving (CANCELLED).
+REJECTION = {
+    ErrorKind.VALIDATION: "invalid",
+    ErrorKind.UNAUTHENTICATED: "unauthenticated",
+    ErrorKind.FORBIDDEN: "forbidden",
+    ErrorKind.NOT_FOUND: "invalid",
+    ErrorKind.PAYLOAD_TOO_LARGE: "too_large",
+    ErrorKind.UNSUPPORTED_MEDIA_TYPE: "invalid",
+    ErrorKind.OVERLOADED: "overloaded",
+    ErrorKind.RATE_LIMITED: "rate_limited",
+    ErrorKind.UNAVAILABLE: "unavailable",
+    ErrorKind.DEADLINE_EXCEEDED: "deadline_exceeded",
+}
 
 
 class ServiceError(Exception):
@@ -68,16 +55,21 @@ class ServiceError(Exception):
         self._retry_after_s = retry_after_s
 
     @property
-    def http_status(self) -> int:
-        return HTTP_STATUS[self.kind]
-
-    @property
-    def grpc_status(self) -> grpc.StatusCode:
-        return GRPC_STATUS[self.kind]
+    def rejection(self) -> str | None:
+        return REJECTION.get(self.kind)
 
     @property
     def retry_after_s(self) -> int | None:
         return self._retry_after_s if self._retry_after_s is not None else RETRY_AFTER_S.get(self.kind)
+
+
+def note_answered(error: ServiceError) -> None:
+    """Notes on the request being served what its error counts as in the metrics, unless something more specific was
+    noted already (a rate limiter knows a too-large request from overload); each transport calls it where it turns the
+    error into its status."""
+    context = request_context.current()
+    if context is not None and context.rejection is None:
+        context.rejection = error.rejection
 
 
 def invalid(message: str, param: str | None = None) -> ServiceError:

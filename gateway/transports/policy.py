@@ -6,17 +6,11 @@ from dataclasses import dataclass, field
 
 from gateway.auth.authenticator import Authenticator
 from gateway.auth.store import Principal
-from gateway.core.errors import ErrorKind, ServiceError
 from gateway.core.scheduler import Backend
 from gateway.ops.logs import AccessLog
 from gateway.ops.metrics import Metrics
 from gateway.ops.request_context import RequestContext
 from gateway.transports.http.tokens import UNMETERED_ROUTES
-
-
-def rejection_of(error: ServiceError) -> str | None:
-    """The rejection reason that the status alone cannot tell: a 429 or RESOURCE_EXHAUSTED may be overload too."""
-    return "rate_limited" if error.kind is ErrorKind.RATE_LIMITED else None
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from gateway.core.errors import ServiceError
 from gateway.ops import request_context
 from gateway.ops.request_context import RequestContext, request_id_from
 from gateway.transports.grpc.servicer import abort_with
-from gateway.transports.policy import RequestPolicy, rejection_of
+from gateway.transports.policy import RequestPolicy
 
 
 def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
@@ -43,7 +43,7 @@ class _Call:
         try:
             await self.policy.admit(self.context, self.metadata.get("authorization"))
         except ServiceError as error:
-            self.rejection = rejection_of(error)
+            self.rejection = error.rejection
             await abort_with(self.grpc, error)
 
     def close(self, failed: BaseException | None) -> None:

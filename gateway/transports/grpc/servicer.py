@@ -12,9 +12,10 @@ import grpc
 import numpy as np
 
 from gateway.core.controls import ControlOptions, TextControl, TokenControl
-from gateway.core.errors import ServiceError, internal, invalid
+from gateway.core.errors import ServiceError, internal, invalid, note_answered
 from gateway.core.prompts import PromptItem
 from gateway.core.service import EmbedCall, EmbeddingService, EmbedLayersCall, SemanticEmbedCall, SemanticEmbedResult
+from gateway.transports.grpc.status import grpc_status
 from gateway.transports.grpc.stream import StreamBatcher
 from proto.embedding.v1 import embedding_pb2 as pb
 from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
@@ -95,7 +96,8 @@ def trailing_metadata(error: ServiceError) -> tuple[tuple[str, str], ...]:
 
 
 async def abort_with(context: grpc.aio.ServicerContext, error: ServiceError):
-    await context.abort(error.grpc_status, error.message, trailing_metadata(error))
+    note_answered(error)
+    await context.abort(grpc_status(error), error.message, trailing_metadata(error))
 
 
 _ENCODINGS = frozenset(pb.VectorEncoding.values())

@@ -21,6 +21,7 @@ from gateway.core.service import EmbeddingService, EmbedLayersCall, SemanticEmbe
 from gateway.ops.request_context import request_id_field
 from gateway.transports.http.lifecycle import cancel_on_disconnect, deadline, refuse_early
 from gateway.transports.http.messages import contract_errors, json_response, parse_body
+from gateway.transports.http.status import http_status
 
 # The client's validate_version() requires major version 1 and at least 1.19.0.
 API_VERSION = "1.19.0"
@@ -139,7 +140,7 @@ ADAPTERS = {
 
 def render_error(error: ServiceError) -> Response:
     body = {"error": error.message, "code": error.kind.value.upper(), "field": error.param}
-    return json_response(body | request_id_field(), error.http_status)
+    return json_response(body | request_id_field(), http_status(error))
 
 
 def _items(prompt) -> list[PromptItem]:

@@ -13,7 +13,7 @@ from pydantic import TypeAdapter, ValidationError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from gateway.core.errors import ErrorKind, ServiceError, internal, invalid
+from gateway.core.errors import ErrorKind, ServiceError, internal, invalid, note_answered
 from gateway.transports.http.server import BODY_ERROR
 
 logger = logging.getLogger("gateway")
@@ -127,6 +127,7 @@ async def parse_body(request: Request, adapter: TypeAdapter, limit: int):
 def error_response(render: Callable[[ServiceError], Response], error: ServiceError) -> Response:
     """The error in its contract's shape, with Retry-After when the error says when to come back (and the scheme to
     authenticate with when it asks for credentials, as RFC 9110 requires of a 401)."""
+    note_answered(error)
     response = render(error)
     if error.retry_after_s is not None:
         response.headers["Retry-After"] = str(error.retry_after_s)

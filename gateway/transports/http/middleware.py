@@ -20,7 +20,7 @@ from gateway.core.errors import ErrorKind, ServiceError
 from gateway.ops import request_context
 from gateway.ops.request_context import RequestContext, request_id_from
 from gateway.transports.http.messages import error_response, header
-from gateway.transports.policy import RequestPolicy, rejection_of
+from gateway.transports.policy import RequestPolicy
 
 # Answered without a token: probes and orchestration must work before anyone has one, and the login makes one.
 OPEN_PATHS = frozenset({"/health", "/health/live", "/health/ready", "/version", "/get_token"})
@@ -102,7 +102,7 @@ class RequestMiddleware:
             try:
                 await self._check(request, context, path, routed)
             except ServiceError as error:
-                rejection = rejection_of(error)
+                rejection = error.rejection
                 response = error_response(self.render_for(path), error)
                 await response(scope, receive, send_with_id)
                 return

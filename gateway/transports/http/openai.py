@@ -15,6 +15,7 @@ from gateway.core.service import EmbedCall, EmbeddingService
 from gateway.ops.request_context import request_id_field
 from gateway.transports.http.lifecycle import cancel_on_disconnect, deadline, refuse_early
 from gateway.transports.http.messages import contract_errors, json_response, parse_body
+from gateway.transports.http.status import http_status
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -43,7 +44,7 @@ REQUEST = TypeAdapter(EmbeddingsRequest)
 
 
 def render_error(error: ServiceError):
-    status = error.http_status
+    status = http_status(error)
     body = {
         "message": error.message,
         "type": ERROR_TYPES.get(status, "server_error"),
