@@ -17,7 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.core.errors import ErrorKind, ServiceError
+from gateway.core.errors import RETRY_AFTER_S, ErrorKind, ServiceError
 from gateway.core.service import EmbeddingService
 from gateway.ops.metrics import UNPARSED_ROUTE
 from gateway.ops.request_context import RequestContext, request_id_from
@@ -123,7 +123,9 @@ async def _escaped(request: Request, error: Exception) -> Response:
 
 
 def _unready(reason: str) -> Response:
-    return json_response({"status": "unavailable", "reason": reason}, 503, {"Retry-After": "2"})
+    # Not ready is the kind UNAVAILABLE, and says when to come back as its errors do.
+    retry_after = RETRY_AFTER_S[ErrorKind.UNAVAILABLE]
+    return json_response({"status": "unavailable", "reason": reason}, 503, {"Retry-After": str(retry_after)})
 
 
 class StaticRoutes:
