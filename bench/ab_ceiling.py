@@ -20,7 +20,7 @@ from statistics import mean
 from bench import pipeline_ceiling, requests, workload
 from bench.cli import command_line, fresh_work_dir, table_parser
 from bench.throughput import ROOT, progress, run_load, served_model
-from tests.servers import start_service
+from harness.servers import start_service
 
 CONCURRENCIES = (1, 128)
 

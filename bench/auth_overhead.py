@@ -40,7 +40,7 @@ from bench.raw_onnxruntime import RawEncoder
 from bench.report import find_measurement
 from bench.report import markdown_table as table
 from bench.throughput import RESULTS, Measurement, Plan, Runner, progress, service_pids
-from tests.servers import MODEL_REPOSITORY, ROOT, RunningService, gateway_cli, start_service
+from harness.servers import MODEL_REPOSITORY, ROOT, RunningService, gateway_cli, start_service
 
 CONCURRENCY = 32
 RAW_BATCH = 32  # bin/bench judges its single-text points at c32 and above against raw onnxruntime at this batch

@@ -7,7 +7,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.servers import ROOT
+from harness.servers import ROOT
 
 
 def table_parser(module: str, doc: str, table: str) -> argparse.ArgumentParser:

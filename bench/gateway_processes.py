@@ -21,7 +21,7 @@ from bench import pipeline_ceiling, requests, workload
 from bench.cli import command_line, fresh_work_dir, table_parser
 from bench.process_stats import cpu_seconds, machine_ticks
 from bench.throughput import ROOT, progress, served_model
-from tests.servers import RunningService, start_service
+from harness.servers import RunningService, start_service
 
 
 def _split_load(services: list[RunningService], bodies: list[bytes], concurrency: int, duration_s: float, work: Path) -> dict:

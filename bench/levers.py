@@ -19,7 +19,7 @@ from bench import requests, workload
 from bench.cli import fresh_work_dir, table_parser
 from bench.raw_onnxruntime import RawEncoder
 from bench.throughput import ROOT, Plan, Runner, progress, service_pids
-from tests.servers import start_service
+from harness.servers import start_service
 
 # (name, export flags, what it tests). The first is the shipped default.
 VARIANTS = [

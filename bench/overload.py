@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from bench.resilience import RESULTS, Load, p99
-from tests.servers import start_service
+from harness.servers import start_service
 
 TEXT = ["How do I reset my password?"]
 

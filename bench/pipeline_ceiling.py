@@ -14,8 +14,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from harness.servers import MODEL_REPOSITORY
 from repository_contract.manifest import read_all
-from tests.servers import MODEL_REPOSITORY
 
 LABEL = "pipeline ceiling"
 ZERO_ENCODER = Path(__file__).with_name("zero_encoder.py")

@@ -24,7 +24,7 @@ import aiohttp
 import psutil
 
 from export.datasets import sts_sentences
-from tests.servers import RunningService, start_service
+from harness.servers import RunningService, start_service
 
 MODEL = "all-minilm-l6-v2"
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 
 from bench.resilience import RESULTS, Load, p99
-from tests.servers import ROOT, start_service
+from harness.servers import ROOT, start_service
 
 TEXT = ["How do I reset my password?"]
 DEADLINE = {"X-Request-Timeout": "1"}

@@ -17,7 +17,7 @@ import psutil
 
 from bench.resilience import RESULTS, Load
 from export.datasets import sts_sentences
-from tests.servers import start_service
+from harness.servers import start_service
 
 
 @dataclass

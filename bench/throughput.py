@@ -43,8 +43,8 @@ from bench.process_stats import PeakSampler, cpu_seconds, machine_ticks, rss_mib
 from bench.raw_onnxruntime import RawEncoder
 from bench.report import CACHE_LABEL, write_report
 from export.source_model import default_model_path
-from tests.redis_server import RedisServer
-from tests.servers import ROOT, RunningService, free_ports, start_service
+from harness.redis_server import RedisServer
+from harness.servers import ROOT, RunningService, free_ports, start_service
 
 RESULTS = ROOT / "bench" / "results"
 

@@ -34,7 +34,7 @@ import orjson
 from bench import machine, requests, workload
 from bench.cli import command_line, fresh_work_dir, table_parser
 from bench.throughput import run_load, served_model
-from tests.servers import MODEL_REPOSITORY, ROOT, RunningService, start_service
+from harness.servers import MODEL_REPOSITORY, ROOT, RunningService, start_service
 
 ATTACK_CHARS = 4_000_000
 CLIENTS = 4

@@ -4,7 +4,7 @@ Every test that starts a real server (the gateway, Triton, PostgreSQL, Redis, Pr
 a bin/ script or a git clone carries the `e2e` marker, and so does a whole model export (tens of seconds, no server);
 `pytest -m "not e2e"` is the fast tier, in process. Two checks keep a forgotten marker from starting servers there:
 
-- at collection, a test not marked e2e that uses a fixture tagged with tests.servers.starts_servers (such as
+- at collection, a test not marked e2e that uses a fixture tagged with harness.servers.starts_servers (such as
   `service` below) stops the run before any test starts;
 - while a test not marked e2e runs (its fixtures' set-up and teardown included), launching such a program raises
   ServerOutsideE2E, through an audit hook on subprocess.Popen that sees every launch, however it is made.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import MODEL_REPOSITORY, ROOT, start_service, starts_servers
+from harness.servers import MODEL_REPOSITORY, ROOT, start_service, starts_servers
 
 # Programs that are servers, or load generators against one, wherever they are installed.
 SERVER_PROGRAMS = frozenset({"tritonserver", "perf_analyzer", "initdb", "postgres", "pg_ctl", "redis-server", "prometheus"})

@@ -8,7 +8,7 @@ import pytest
 import requests
 from aleph_alpha_client import Client, Prompt, SemanticEmbeddingRequest, SemanticRepresentation
 
-from tests.servers import ROOT, free_ports
+from harness.servers import ROOT, free_ports
 
 pytestmark = pytest.mark.e2e
 

@@ -28,10 +28,10 @@ from aleph_alpha_client import (
 
 from bench.control_effect import content_word_cases, effect_rates
 from export.datasets import sts_sentences
+from harness.servers import MODEL_REPOSITORY
 from proto.embedding.v1 import embedding_pb2 as pb
 from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
 from tests.atman_reference import content_and_factors, minilm_path, reference_embedding, reference_hidden_states
-from tests.servers import MODEL_REPOSITORY
 
 MIN_COSINE = 0.9999
 FACTORS = (0.0, 0.1, 1.0, 10.0)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.servers import ROOT, raw_http
+from harness.servers import ROOT, raw_http
 
 pytestmark = pytest.mark.e2e
 

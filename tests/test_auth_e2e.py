@@ -14,9 +14,9 @@ import pytest
 from aleph_alpha_client import Client, Prompt, SemanticEmbeddingRequest, SemanticRepresentation
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from harness.servers import HttpApi, gateway_cli, start_service
 from proto.embedding.v1 import embedding_pb2 as pb
 from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
-from tests.servers import HttpApi, gateway_cli, start_service
 
 pytestmark = pytest.mark.e2e
 

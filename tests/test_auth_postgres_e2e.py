@@ -10,8 +10,8 @@ import pytest
 import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.postgres_server import PostgresServer
-from tests.servers import gateway_cli, start_service
+from harness.postgres_server import PostgresServer
+from harness.servers import gateway_cli, start_service
 
 pytestmark = pytest.mark.e2e
 

@@ -13,7 +13,7 @@ import pytest
 
 from bench.pipeline_ceiling import LABEL as CEILING
 from bench.report import CACHE_LABEL, find_measurement
-from tests.servers import ROOT
+from harness.servers import ROOT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.servers import MODEL_REPOSITORY, ROOT
+from harness.servers import MODEL_REPOSITORY, ROOT
 
 pytestmark = pytest.mark.e2e
 

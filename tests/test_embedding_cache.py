@@ -14,8 +14,8 @@ import pytest
 
 from gateway.core.cache import EmbeddingCache, cache_key, decode_entry, encode_entry
 from gateway.ops.metrics import Metrics
-from tests.redis_server import RedisServer
-from tests.servers import free_ports, starts_servers
+from harness.redis_server import RedisServer
+from harness.servers import free_ports, starts_servers
 from tests.test_metrics_and_logs import samples, value
 
 

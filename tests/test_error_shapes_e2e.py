@@ -21,9 +21,9 @@ from gateway.transports.grpc.servicer import contract_errors as grpc_contract_er
 from gateway.transports.http.app import build_app
 from gateway.transports.http.messages import contract_errors as http_contract_errors
 from gateway.transports.policy import RequestPolicy
+from harness.servers import raw_http
 from proto.embedding.v1 import embedding_pb2 as pb
 from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
-from tests.servers import raw_http
 
 SERVICE = "/embedding.v1.EmbeddingService"
 UNARY_METHODS = ["Embed", "SemanticEmbed", "BatchSemanticEmbed", "EmbedLayers", "Tokenize", "Detokenize", "ListModels"]

@@ -7,7 +7,7 @@ import sys
 import onnx
 import pytest
 
-from tests.servers import ROOT
+from harness.servers import ROOT
 
 
 def export(*args: str) -> subprocess.CompletedProcess:

@@ -19,7 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench import resilience
-from tests.servers import start_service
+from harness.servers import start_service
 
 pytestmark = pytest.mark.e2e
 
@@ -187,7 +187,7 @@ async def test_an_external_triton_is_reconnected_when_it_comes_back(tmp_path):
     """With --triton-url the gateway only watches: not ready while that Triton is away, serving once it is back."""
     from gateway.core.catalog import Catalog
     from gateway.triton.process import TritonPorts, TritonProcess
-    from tests.servers import MODEL_REPOSITORY, free_ports
+    from harness.servers import MODEL_REPOSITORY, free_ports
 
     models = Catalog.from_repository(MODEL_REPOSITORY).triton_models
     triton = TritonProcess(

@@ -19,9 +19,9 @@ import pytest
 import requests
 
 from export.datasets import sts_sentences
+from harness.servers import start_service
 from proto.embedding.v1 import embedding_pb2 as pb
 from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
-from tests.servers import start_service
 
 pytestmark = pytest.mark.e2e
 

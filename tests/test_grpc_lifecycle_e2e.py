@@ -14,10 +14,10 @@ from gateway.ops.metrics import Metrics
 from gateway.transports.grpc.server import create_server
 from gateway.transports.policy import RequestPolicy
 from gateway.triton.pool import TritonPool
+from harness.servers import free_ports
 from proto.embedding.v1 import embedding_pb2 as pb
 from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
 from tests.conftest import MODEL_REPOSITORY
-from tests.servers import free_ports
 
 
 async def running_server(triton_url: str, max_pending_texts: int = 8192):

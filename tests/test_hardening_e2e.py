@@ -14,9 +14,9 @@ import openai
 import pytest
 from aleph_alpha_client import Client, EmbeddingRequest, Prompt, SemanticEmbeddingRequest, SemanticRepresentation
 
+from harness.servers import raw_http
 from proto.embedding.v1 import embedding_pb2 as pb
 from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
-from tests.servers import raw_http
 
 pytestmark = pytest.mark.e2e
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.servers import ROOT, free_ports
+from harness.servers import ROOT, free_ports
 
 pytestmark = pytest.mark.e2e
 

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.ops.logs import QUIET_LOGGERS, configure_logging, log_access
 from gateway.ops.metrics import REJECTION_REASONS, Metrics, reason_for_status
 from gateway.ops.request_context import RequestContext, bind, unbind
-from tests.prometheus_server import PrometheusServer
+from harness.prometheus_server import PrometheusServer
 
 
 def samples(metrics: Metrics) -> dict[tuple[str, tuple], float]:

@@ -22,9 +22,9 @@ from aleph_alpha_client import BatchSemanticEmbeddingRequest, Client, Prompt, Se
 
 from export.datasets import sts_sentences
 from export.steps.sentence_head import SentenceHead
+from harness.servers import MODEL_REPOSITORY, start_service
 from proto.embedding.v1 import embedding_pb2 as pb
 from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
-from tests.servers import MODEL_REPOSITORY, start_service
 from tests.test_export import export
 from tests.tiny_models import BUILDERS
 

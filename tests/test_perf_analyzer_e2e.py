@@ -18,7 +18,7 @@ import pytest
 from bench.perf_analyzer import runner
 from bench.perf_analyzer.make_input_data import OUTPUT, expected_vectors, record_gateway, record_triton, render, token_counts
 from export.datasets import sts_sentences
-from tests.servers import MODEL_REPOSITORY
+from harness.servers import MODEL_REPOSITORY
 
 REQUESTS = 300
 CONCURRENCY = 16

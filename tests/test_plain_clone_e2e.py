@@ -26,7 +26,7 @@ import requests
 
 from export.datasets import sts_sentences
 from export.source_model import default_model_path
-from tests.servers import ROOT, free_ports
+from harness.servers import ROOT, free_ports
 
 pytestmark = pytest.mark.e2e
 

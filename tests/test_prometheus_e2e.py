@@ -6,8 +6,8 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.prometheus_server import PrometheusServer
-from tests.servers import HttpApi
+from harness.prometheus_server import PrometheusServer
+from harness.servers import HttpApi
 
 pytestmark = pytest.mark.e2e
 

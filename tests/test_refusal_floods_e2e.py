@@ -21,7 +21,7 @@ import pytest
 
 from bench import resilience
 from bench.retry_storm import measure
-from tests.servers import start_service
+from harness.servers import start_service
 
 pytestmark = pytest.mark.e2e
 

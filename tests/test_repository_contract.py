@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.servers import MODEL_REPOSITORY
 from repository_contract.manifest import (
     FORMAT_VERSION,
     MANIFEST_FILE,
@@ -17,7 +18,6 @@ from repository_contract.manifest import (
     read_all,
     write,
 )
-from tests.servers import MODEL_REPOSITORY
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.servers import MODEL_REPOSITORY, ROOT, free_ports
+from harness.servers import MODEL_REPOSITORY, ROOT, free_ports
 
 READY_TIMEOUT_S = 120
 EXIT_TIMEOUT_S = 30

@@ -29,9 +29,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.resilience import Load, p99
 from gateway.core.catalog import Catalog
 from gateway.triton.process import TritonPorts, TritonProcess
-from tests.postgres_server import PostgresServer
-from tests.redis_server import RedisServer
-from tests.servers import MODEL_REPOSITORY, RunningService, free_ports, gateway_cli, start_service
+from harness.postgres_server import PostgresServer
+from harness.redis_server import RedisServer
+from harness.servers import MODEL_REPOSITORY, RunningService, free_ports, gateway_cli, start_service
 from tests.test_metrics_and_logs import value
 
 pytestmark = pytest.mark.e2e

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from gateway.ops.settings import HIDDEN, Settings, parse_settings, redacted_setting
-from tests.servers import ROOT
+from harness.servers import ROOT
 
 
 def test_defaults_are_the_documented_ports():

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import ROOT
+from harness.servers import ROOT
 
 
 def _stand_ins(directory: Path, missing: set[str]) -> dict[str, str]:

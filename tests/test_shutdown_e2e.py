@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import resilience
-from tests.servers import start_service
+from harness.servers import start_service
 
 pytestmark = pytest.mark.e2e
 

@@ -25,7 +25,7 @@ from google.protobuf import json_format, text_format
 from tokenizers import Tokenizer
 from tritonclient.grpc import model_config_pb2
 
-from tests.servers import MODEL_REPOSITORY, ROOT
+from harness.servers import MODEL_REPOSITORY, ROOT
 
 STEPS = ROOT / "export" / "steps"
 

@@ -28,8 +28,8 @@ from gateway.auth.store import (
     UserExists,
     open_store,
 )
-from tests.postgres_server import PostgresServer, free_port
-from tests.servers import starts_servers
+from harness.postgres_server import PostgresServer, free_port
+from harness.servers import starts_servers
 
 _schemas = itertools.count()
 

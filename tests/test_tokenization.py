@@ -16,7 +16,7 @@ from gateway.core.prompts import PromptItem, decode, encode, resolve
 from gateway.core.scheduler import Scheduler
 from gateway.core.service import MAX_CHARS_PER_TOKEN, EmbeddingService
 from gateway.triton.pool import TritonPool
-from tests.servers import MODEL_REPOSITORY
+from harness.servers import MODEL_REPOSITORY
 
 TICK_S = 0.01
 # Long enough to take seconds to tokenize (about a microsecond a character on these machines).

@@ -21,7 +21,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from gateway.triton.process import ADMIN_KEY_GRPC_METADATA, ADMIN_KEY_HEADER
-from tests.servers import start_service
+from harness.servers import start_service
 
 pytestmark = pytest.mark.e2e
 

@@ -3,7 +3,7 @@
 import pytest
 
 from gateway.triton.process import TritonPorts, TritonProcess, TritonStartError
-from tests.servers import ROOT
+from harness.servers import ROOT
 
 
 def test_a_run_directory_with_an_equals_sign_is_refused_before_triton_starts(tmp_path):

@@ -34,7 +34,7 @@ from bench.perf_analyzer.make_input_data import record_gateway, record_triton, r
 from bench.raw_onnxruntime import RawEncoder
 from bench.throughput import run_load, served_model
 from export.datasets import sts_sentences
-from tests.servers import ROOT, RunningService, start_service
+from harness.servers import ROOT, RunningService, start_service
 
 RESULTS = ROOT / "bench" / "results"
 ROUTES = ["ensemble gRPC", "ensemble HTTP", "gateway /v1/embeddings"]

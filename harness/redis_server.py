@@ -13,8 +13,8 @@ from pathlib import Path
 
 import redis
 
-from tests.debian_packages import installed
-from tests.servers import free_ports
+from harness.debian_packages import installed
+from harness.servers import free_ports
 
 PACKAGE = "redis-server"
 BINARY = "/usr/bin/redis-server"

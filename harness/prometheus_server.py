@@ -20,8 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.debian_packages import installed
-from tests.servers import free_ports
+from harness.debian_packages import installed
+from harness.servers import free_ports
 
 PACKAGE = "prometheus"
 BINARY = "/usr/bin/prometheus"
