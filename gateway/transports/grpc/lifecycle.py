@@ -11,14 +11,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 
 import grpc
 
-from gateway.core.errors import ServiceError
+from gateway.core.errors import ServiceError, internal
 from gateway.ops import request_context
 from gateway.ops.request_context import RequestContext, request_id_from
 from gateway.transports.grpc.servicer import abort_with
 from gateway.transports.policy import RequestPolicy
+
+log = logging.getLogger(__name__)
 
 
 def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
@@ -45,6 +48,10 @@ class _Call:
         except ServiceError as error:
             self.rejection = error.rejection
             await abort_with(self.grpc, error)
+        except Exception:  # a failure of admission nothing foresaw (the token store's database, say)
+            # grpc would answer UNKNOWN with the exception's own text; the caller gets INTERNAL naming nothing inside.
+            log.exception("unexpected error admitting %s", self.context.route)
+            await abort_with(self.grpc, internal())
 
     def close(self, failed: BaseException | None) -> None:
         code = self.grpc.code()

@@ -19,7 +19,7 @@ from gateway.auth.authenticator import forbidden
 from gateway.core.errors import ErrorKind, ServiceError
 from gateway.ops import request_context
 from gateway.ops.request_context import RequestContext, request_id_from
-from gateway.transports.http.messages import error_response, header
+from gateway.transports.http.messages import error_response, header, unexpected_error_response
 from gateway.transports.policy import RequestPolicy
 
 # Answered without a token: probes and orchestration must work before anyone has one, and the login makes one.
@@ -105,6 +105,11 @@ class RequestMiddleware:
                 rejection = error.rejection
                 response = error_response(self.render_for(path), error)
                 await response(scope, receive, send_with_id)
+                return
+            except Exception as error:
+                # A failure of admission nothing foresaw (the token store's database, say). It is outside the app, so
+                # none of the app's handlers would catch it, and uvicorn would answer a plain-text 500.
+                await unexpected_error_response(self.render_for(path), request, error)(scope, receive, send_with_id)
                 return
             await self.app(scope, receive, send_with_id)
         except asyncio.CancelledError:
