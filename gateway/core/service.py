@@ -198,6 +198,19 @@ class EmbeddingService:
         self.truncate_default = truncate
         self.timeout_s = timeout_s
 
+    def models(self) -> list[ServedModel]:
+        """Every model served, in the catalog's order."""
+        return list(self.catalog.models.values())
+
+    def model(self, name: str) -> ServedModel:
+        """The model of that name, or a NOT_FOUND error naming the served ones."""
+        return self.catalog.get(name)
+
+    def check_open(self, deadline: Deadline | None = None) -> None:
+        """The cheap check before a request's body is read (Scheduler.check_open): refuses at once when no work could
+        be taken now, or none served before the deadline."""
+        self.scheduler.check_open(deadline)
+
     @property
     def max_tokenized_chars(self) -> int:
         """The most characters tokenize takes (and token ids detokenize takes) for any served model."""

@@ -159,7 +159,7 @@ def contract_errors(method):
 class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     def __init__(self, service: EmbeddingService):
         self.service = service
-        batch = min(m.max_batch_size for m in service.catalog.models.values())
+        batch = min(m.max_batch_size for m in service.models())
         self.stream_batcher = StreamBatcher(service, max_batch=batch, check=lambda item: encoding_error(item.encoding))
 
     @contract_errors
@@ -280,7 +280,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 max_sequence_length_tokens=m.max_sequence_length,
                 num_layers=m.num_layers,
             )
-            for m in self.service.catalog.models.values()
+            for m in self.service.models()
         ]
         return pb.ListModelsResponse(models=models)
 

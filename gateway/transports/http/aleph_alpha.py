@@ -254,7 +254,7 @@ def routes(service: EmbeddingService, max_body_bytes: int) -> list[Route]:
 
     @contract_errors(render_error)
     async def tokenizer(request: Request):
-        model = service.catalog.get(request.path_params["model"])
+        model = service.model(request.path_params["model"])
         return Response(model.tokenizer.to_str(), media_type="application/json")
 
     @contract_errors(render_error)
@@ -273,7 +273,7 @@ def routes(service: EmbeddingService, max_body_bytes: int) -> list[Route]:
                     "num_layers": model.num_layers,
                     "poolings": list(model.layer_poolings),
                 }
-                for model in service.catalog.models.values()
+                for model in service.models()
             ]
         )
 

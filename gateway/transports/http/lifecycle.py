@@ -37,7 +37,7 @@ def refuse_early(service: EmbeddingService, expires: Deadline) -> None:
     """Called before the body is read: when the backlog is already full, or could not serve even one text before the
     request's deadline, the 429 costs no body to parse. In a retry storm of short deadlines most requests are refused,
     and refusing must cost far less than serving."""
-    service.scheduler.check_open(expires)
+    service.check_open(expires)
 
 
 async def _disconnected(request: Request) -> None:

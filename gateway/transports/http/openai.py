@@ -93,8 +93,8 @@ def routes(service: EmbeddingService, max_body_bytes: int) -> list[Route]:
     @contract_errors(render_error)
     async def models(request: Request):
         data = [
-            {"id": name, "object": "model", "created": int(time.time()), "owned_by": "triton-embedding-service"}
-            for name in service.catalog.models
+            {"id": model.name, "object": "model", "created": int(time.time()), "owned_by": "triton-embedding-service"}
+            for model in service.models()
         ]
         return json_response({"object": "list", "data": data})
 
