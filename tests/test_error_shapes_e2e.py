@@ -327,9 +327,11 @@ class _FakeService:
     """Just what EmbeddingServicer touches; embed() fails as told by the texts it gets."""
 
     def __init__(self, dims: int = 4):
-        self.catalog = SimpleNamespace(models={"m": SimpleNamespace(max_batch_size=8)})
         self.dims = dims
         self.calls = 0
+
+    def models(self):
+        return [SimpleNamespace(max_batch_size=8)]
 
     async def embed(self, call, *args, **kwargs):
         self.calls += 1
