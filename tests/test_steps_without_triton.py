@@ -428,6 +428,50 @@ def test_the_layer_pooling_step_pools_every_layer_over_real_tokens_only(steps, m
                     np.testing.assert_allclose(pooled[row, layer, column], reference[name](real), rtol=1e-5, atol=1e-6)
 
 
+# -- a malformed request fails alone --------------------------------------------------------------------------------
+
+
+def error_of(response: InferenceResponse) -> str:
+    assert response.has_error(), "a malformed request was answered"
+    return response.error().message()  # type: ignore[union-attr]
+
+
+def test_the_encoder_answers_a_malformed_request_with_its_own_error_and_the_rest_as_before(encoder, reference_encoder, tokenizer):
+    (sequences, ids, mask), (other_sequences, other_ids, other_mask) = ragged_requests(
+        tokenizer, [TEXTS[0:2], TEXTS[2:4]], [2, 0], np.random.default_rng(5)
+    )
+    mismatched = request(["TOKEN_EMBEDDINGS"], INPUT_IDS=ids, ATTENTION_MASK=mask[:, :-1])
+    outside = request(["TOKEN_EMBEDDINGS"], INPUT_IDS=np.full_like(ids, 10**7), ATTENTION_MASK=mask)
+    good = [request(["TOKEN_EMBEDDINGS"], INPUT_IDS=i, ATTENTION_MASK=m) for i, m in ((ids, mask), (other_ids, other_mask))]
+    responses = encoder.execute([good[0], mismatched, outside, good[1]])
+    assert error_of(responses[1]).startswith("encoder: ") and error_of(responses[2]).startswith("encoder: ")
+    for response, texts in ((responses[0], sequences), (responses[3], other_sequences)):
+        tokens = output(response, "TOKEN_EMBEDDINGS")
+        for row, sequence in enumerate(texts):
+            expected = alone(reference_encoder, sequence)["token_embeddings"]
+            np.testing.assert_allclose(tokens[row, : len(sequence)], expected, atol=2e-4, rtol=1e-3)
+
+
+def test_the_later_steps_answer_a_malformed_request_with_its_own_error(steps, manifest):
+    rng = np.random.default_rng(6)
+    dims, layers = manifest["dimensions"], manifest["num_layers"] + 1
+    mask = np.ones((2, 5), dtype=np.int64)
+    cases = {
+        "pooling": ("pooling", "pooling", "TOKEN_EMBEDDINGS", (2, 5, dims), (2, 4, dims), "EMBEDDING"),
+        "compression": ("compression", "compression", "EMBEDDING", (2, dims), (2, dims - 1), "EMBEDDING"),
+        "layer pooling": ("layer_pooling", "layer-pooling", "HIDDEN_STATES", (2, layers, 5, 8), (2, layers, 4, 8), "POOLED"),
+    }
+    for label, (source, role, name, good_shape, bad_shape, output_name) in cases.items():
+        step = load_step(source, steps[role])
+        extra = {} if name == "EMBEDDING" else {"ATTENTION_MASK": mask}
+        good = {name: rng.normal(size=good_shape).astype(np.float32), **extra}
+        bad = {name: rng.normal(size=bad_shape).astype(np.float32), **extra}
+        responses = step.execute([request(**good), request(**bad), request(**good)])
+        assert error_of(responses[1]).startswith(f"{label}: "), label
+        np.testing.assert_array_equal(output(responses[0], output_name), output(responses[2], output_name))
+        assert output(responses[0], output_name).shape[0] == 2
+
+
 # -- the whole text pipeline, step after step ------------------------------------------------------------------------
 
 

@@ -20,6 +20,10 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             embeddings = pb_utils.get_input_tensor_by_name(request, "EMBEDDING").as_numpy()
-            projected = pb_utils.Tensor("EMBEDDING", embeddings @ self.components_t)
+            try:
+                projected = pb_utils.Tensor("EMBEDDING", embeddings @ self.components_t)
+            except ValueError as error:  # a request of another width fails alone, not its batch
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"compression: {error}")))
+                continue
             responses.append(pb_utils.InferenceResponse(output_tensors=[projected]))
         return responses

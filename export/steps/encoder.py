@@ -95,13 +95,31 @@ class TritonPythonModel:
         responses = [None] * len(requests)
         with self.siblings:
             for wanted, members in by_outputs.items():
-                for index, tensors in zip(members, self._encode([requests[i] for i in members], wanted)):
-                    responses[index] = pb_utils.InferenceResponse(output_tensors=tensors)
+                group = [requests[i] for i in members]
+                try:
+                    answers = [pb_utils.InferenceResponse(output_tensors=t) for t in self._encode(group, wanted)]
+                except Exception:
+                    # A malformed request (shapes that disagree, ids outside the vocabulary) fails its whole group's
+                    # run. Then each runs alone, so that only it fails; the rare failure pays, not every batch.
+                    answers = [self._encode_alone(request, wanted) for request in group]
+                for index, answer in zip(members, answers):
+                    responses[index] = answer
         return responses
+
+    def _encode_alone(self, request, wanted: tuple):
+        try:
+            (tensors,) = self._encode([request], wanted)
+        except Exception as error:
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"encoder: {error}"))
+        return pb_utils.InferenceResponse(output_tensors=tensors)
 
     def _encode(self, requests, wanted: tuple) -> list[list]:
         ids = [self._input(r, "INPUT_IDS") for r in requests]
         masks = [self._input(r, "ATTENTION_MASK") for r in requests]
+        for request_ids, mask in zip(ids, masks):
+            # The gather below reads each row's length from its mask: one that disagrees would be answered wrong.
+            if request_ids.ndim != 2 or mask.shape != request_ids.shape:
+                raise ValueError(f"INPUT_IDS {request_ids.shape} and ATTENTION_MASK {mask.shape} must be [rows, width] alike")
         all_ids = np.concatenate([a.reshape(-1) for a in ids])
         # Row r of the pooled batch starts at starts[r] in the flattened inputs and has lengths[r] real tokens.
         widths = np.concatenate([np.full(a.shape[0], a.shape[1]) for a in ids])

@@ -52,10 +52,14 @@ class TritonPythonModel:
     def execute(self, requests):
         responses = []
         for request in requests:
-            pooled = pool_all(
-                pb_utils.get_input_tensor_by_name(request, "HIDDEN_STATES").as_numpy(),
-                pb_utils.get_input_tensor_by_name(request, "ATTENTION_MASK").as_numpy(),
-                self.poolings,
-            )
+            try:
+                pooled = pool_all(
+                    pb_utils.get_input_tensor_by_name(request, "HIDDEN_STATES").as_numpy(),
+                    pb_utils.get_input_tensor_by_name(request, "ATTENTION_MASK").as_numpy(),
+                    self.poolings,
+                )
+            except Exception as error:  # a malformed request (shapes that disagree) fails alone, not its batch
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"layer pooling: {error}")))
+                continue
             responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("POOLED", pooled)]))
         return responses

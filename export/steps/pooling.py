@@ -20,9 +20,13 @@ class TritonPythonModel:
     def execute(self, requests):
         responses = []
         for request in requests:
-            embeddings = self.head(
-                pb_utils.get_input_tensor_by_name(request, "TOKEN_EMBEDDINGS").as_numpy(),
-                pb_utils.get_input_tensor_by_name(request, "ATTENTION_MASK").as_numpy(),
-            )
+            try:
+                embeddings = self.head(
+                    pb_utils.get_input_tensor_by_name(request, "TOKEN_EMBEDDINGS").as_numpy(),
+                    pb_utils.get_input_tensor_by_name(request, "ATTENTION_MASK").as_numpy(),
+                )
+            except Exception as error:  # a malformed request (shapes that disagree) fails alone, not its batch
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"pooling: {error}")))
+                continue
             responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("EMBEDDING", embeddings)]))
         return responses
