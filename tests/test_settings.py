@@ -14,6 +14,15 @@ def test_defaults_are_the_documented_ports():
     assert settings == Settings()
 
 
+def test_the_default_repository_and_run_dir_are_the_checkouts_own():
+    # What bin/serve and a bare `python -m gateway` serve from: the export writes to the same place.
+    from export.repository import DEFAULT_REPOSITORY
+
+    settings = parse_settings([], environ={})
+    assert settings.model_repository == ROOT / "model_repository" == DEFAULT_REPOSITORY
+    assert settings.run_dir == ROOT / ".run"
+
+
 def test_environment_sets_and_flag_overrides():
     environ = {"EMBED_HTTP_PORT": "9000", "EMBED_GRPC_PORT": "9001", "EMBED_TRUNCATE": "true", "EMBED_RUN_DIR": "/tmp/x"}
     settings = parse_settings(["--grpc-port", "9100"], environ=environ)

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+# The checkout (or the image's /app): gateway/ops/settings.py is three levels down.
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
