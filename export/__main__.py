@@ -40,6 +40,7 @@ from repository_contract.manifest import (
     Layers,
     Manifest,
     owned_directories,
+    recorded_fingerprint,
 )
 
 # GPU encoders (Triton's onnxruntime and TensorRT backends) batch only equal shapes, so requests are padded to these.
@@ -271,7 +272,7 @@ def _export(args: argparse.Namespace, model_dir: Path, source, started: float) -
     source = dataclasses.replace(source, max_sequence_length=max_length)
     fingerprint = _fingerprint(model_dir, source.name, args)
     manifest_path = args.output_dir / source.name / MANIFEST_FILE
-    if not args.force and manifest_path.exists() and json.loads(manifest_path.read_text()).get("fingerprint") == fingerprint:
+    if not args.force and recorded_fingerprint(args.output_dir, source.name) == fingerprint:
         _progress(f"{manifest_path} is up to date, reusing it", started)
         return 0
     clash = _clashes(source, args.compress_to, args.output_dir)

@@ -200,3 +200,10 @@ def owned_directories(repository: Path) -> dict[str, tuple[str, ...]]:
         data = json.loads(path.read_text())
         owned[data["name"]] = tuple(data.get("directories", ()))
     return owned
+
+
+def recorded_fingerprint(repository: Path, name: str) -> str | None:
+    """The fingerprint in the manifest of the model `name`, whatever its format version, or None without one: the
+    export compares it with its own to skip an export that would write the same repository again."""
+    path = repository / name / MANIFEST_FILE
+    return json.loads(path.read_text()).get("fingerprint") if path.exists() else None

@@ -16,6 +16,7 @@ from repository_contract.manifest import (
     owned_directories,
     read,
     read_all,
+    recorded_fingerprint,
     write,
 )
 
@@ -87,3 +88,9 @@ def test_not_json_is_refused_as_a_manifest_error(tmp_path):
 def test_directories_are_read_from_a_manifest_of_any_version(exported, tmp_path):
     written(tmp_path, {**exported, "format_version": 99})
     assert owned_directories(tmp_path) == {exported["name"]: tuple(exported["directories"])}
+
+
+def test_the_fingerprint_is_read_from_a_manifest_of_any_version_and_none_without_one(exported, tmp_path):
+    written(tmp_path, {**exported, "format_version": 99})
+    assert recorded_fingerprint(tmp_path, exported["name"]) == exported["fingerprint"]
+    assert recorded_fingerprint(tmp_path, "never-exported") is None

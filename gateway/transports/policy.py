@@ -45,15 +45,16 @@ class RequestPolicy:
             context.token_budget = self.authenticator.admit(principal)
         return principal
 
-    def finish(self, context: RequestContext, status: str, rejection: str | None) -> None:
+    def finish(self, context: RequestContext, status: str, rejection: str | None = None) -> None:
         """What every call leaves behind, once: the prompt tokens it reserved and did not use given back, its token's
-        usage, the metrics and the access-log line."""
+        usage, the metrics and the access-log line. `rejection` is the transport's guess from its status, for a call
+        whose error noted no kind on the context (gateway.core.errors.note_answered)."""
         served = _served(status)
         if context.token_budget is not None:
             context.token_budget.release()
         if self.authenticator is not None:
             self.authenticator.record(context, served)
-        # The reason noted where the request was refused is the most specific: a transport knows only its status.
+        # The kind noted where the request was refused is the most specific: a transport knows only its status.
         self.metrics.request_finished(context, status, None if served else context.rejection or rejection)
         self.access_log.write(context, status)
 

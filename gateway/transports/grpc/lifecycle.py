@@ -37,7 +37,6 @@ class _Call:
         self.metadata = _metadata(context)
         self.context = RequestContext(request_id_from(self.metadata.get("x-request-id")), "grpc", method)
         self.timeout_s = context.time_remaining()  # None without a deadline
-        self.rejection: str | None = None
 
     async def open(self) -> None:
         self._bound = request_context.bind(self.context)
@@ -46,7 +45,6 @@ class _Call:
         try:
             await self.policy.admit(self.context, self.metadata.get("authorization"))
         except ServiceError as error:
-            self.rejection = error.rejection
             await abort_with(self.grpc, error)
         except Exception:  # a failure of admission nothing foresaw (the token store's database, say)
             # grpc would answer UNKNOWN with the exception's own text; the caller gets INTERNAL naming nothing inside.
@@ -57,7 +55,7 @@ class _Call:
         code = self.grpc.code()
         if code is None:
             code = grpc.StatusCode.OK if failed is None else self._ended_by()
-        self.policy.finish(self.context, code.name, self.rejection or _REJECTIONS.get(code))
+        self.policy.finish(self.context, code.name, _REJECTIONS.get(code))
         request_context.unbind(self._bound)
 
     def _ended_by(self) -> grpc.StatusCode:
@@ -73,7 +71,8 @@ class _Call:
         return grpc.StatusCode.DEADLINE_EXCEEDED if remaining <= slack else grpc.StatusCode.CANCELLED
 
 
-# What a refused call counts as in the rejections metric, by the status it ended with.
+# What a refused call counts as in the rejections metric, by the status it ended with, when no error of ours noted
+# its kind (abort_with does): a deadline or a cancellation grpc ended the call with itself.
 _REJECTIONS = {
     grpc.StatusCode.INVALID_ARGUMENT: "invalid",
     grpc.StatusCode.NOT_FOUND: "invalid",

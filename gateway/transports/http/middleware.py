@@ -88,7 +88,6 @@ class RequestMiddleware:
         route, routed = self._route(scope)
         context = RequestContext(request_id_from(header(request, "x-request-id")), self.contract_of(path), route)
         status = {"code": 500, "started": False}
-        rejection = None
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -102,7 +101,6 @@ class RequestMiddleware:
             try:
                 await self._check(request, context, path, routed)
             except ServiceError as error:
-                rejection = error.rejection
                 response = error_response(self.render_for(path), error)
                 await response(scope, receive, send_with_id)
                 return
@@ -124,7 +122,7 @@ class RequestMiddleware:
             task.uncancel()
             await error_response(self.render_for(path), SHUTTING_DOWN)(scope, receive, send_with_id)
         finally:
-            self.policy.finish(context, str(status["code"]), rejection)
+            self.policy.finish(context, str(status["code"]))
             request_context.unbind(bound)
 
     async def _check(self, request: Request, context: RequestContext, path: str, routed: bool) -> None:
