@@ -25,6 +25,7 @@ import psutil
 
 from export.datasets import sts_sentences
 from harness.servers import RunningService, start_service
+from repository_contract.naming import step_name
 
 MODEL = "all-minilm-l6-v2"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -193,7 +194,7 @@ async def kill_under_load(service: RunningService, victim: str, concurrency: int
         if victim == "triton":
             pid = triton_pid(service)
         else:
-            pid = next(s.pid for s in stubs(service) if f"/{MODEL}-{victim}/1/model.py" in " ".join(s.cmdline()))
+            pid = next(s.pid for s in stubs(service) if f"/{step_name(MODEL, victim)}/1/model.py" in " ".join(s.cmdline()))
         fault_at = time.monotonic()
         os.kill(pid, signal.SIGKILL)
         await asyncio.sleep(seconds - 2)

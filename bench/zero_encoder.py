@@ -6,9 +6,15 @@ is not. It runs only inside Triton's Python backend; it is never part of model_r
 """
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
+# The export put repository_contract/tensors.py next to the real encoder's model.py, which this file replaces.
+sys.path.insert(0, str(Path(__file__).parent))
+from tensors import INPUT_IDS  # type: ignore[import-not-found]
 
 
 class TritonPythonModel:
@@ -22,7 +28,7 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             # Ragged batching: each request keeps its own [rows, width], and its outputs must match it.
-            rows, width = pb_utils.get_input_tensor_by_name(request, "INPUT_IDS").as_numpy().shape
+            rows, width = pb_utils.get_input_tensor_by_name(request, INPUT_IDS).as_numpy().shape
             tensors = [
                 pb_utils.Tensor(name, np.zeros((rows, *(width if d == -1 else d for d in self.row_dims[name])), dtype=np.float32))
                 # Only what the pipeline asked for, like the real step: the layers pipeline wants HIDDEN_STATES alone.

@@ -24,7 +24,6 @@ from export.repository import (
     LAYER_POOLINGS,
     STEP_SOURCES,
     RepositoryOptions,
-    ensemble_names,
     model_directories,
     remove_model,
     step_names,
@@ -33,15 +32,16 @@ from export.repository import (
 from export.source_model import UnsupportedModel, default_model_path, load_source_model
 from repository_contract import manifest as manifest_module
 from repository_contract.manifest import (
-    MANIFEST_FILE,
     Compression,
     Controls,
     EnsembleNames,
     Layers,
     Manifest,
+    manifest_path,
     owned_directories,
     recorded_fingerprint,
 )
+from repository_contract.naming import ensemble_names
 
 # GPU encoders (Triton's onnxruntime and TensorRT backends) batch only equal shapes, so requests are padded to these.
 GPU_LENGTH_BUCKETS = "16,32,64,128,256"
@@ -271,9 +271,8 @@ def _export(args: argparse.Namespace, model_dir: Path, source, started: float) -
     max_length = args.max_sequence_length or source.max_sequence_length
     source = dataclasses.replace(source, max_sequence_length=max_length)
     fingerprint = _fingerprint(model_dir, source.name, args)
-    manifest_path = args.output_dir / source.name / MANIFEST_FILE
     if not args.force and recorded_fingerprint(args.output_dir, source.name) == fingerprint:
-        _progress(f"{manifest_path} is up to date, reusing it", started)
+        _progress(f"{manifest_path(args.output_dir, source.name)} is up to date, reusing it", started)
         return 0
     clash = _clashes(source, args.compress_to, args.output_dir)
     if clash:

@@ -11,14 +11,23 @@ from transformers import AutoModel
 
 from export.attention_controls import attention_controls
 from export.source_model import SourceModel
+from repository_contract.tensors import (
+    ATTENTION_MASK,
+    CONTROL_FACTORS,
+    CONTROL_LOG_ADDITIVE,
+    HIDDEN_STATES,
+    INPUT_IDS,
+    TOKEN_EMBEDDINGS,
+    onnx_name,
+)
 
-INPUT_NAMES = ["input_ids", "attention_mask"]
+INPUT_NAMES = [onnx_name(INPUT_IDS), onnx_name(ATTENTION_MASK)]
 # The controlled graph's extra inputs: a factor per position ([batch, sequence], 1 = uncontrolled) and the mode
 # per row ([batch, 1], true = log-additive).
-CONTROL_NAMES = ["control_factors", "control_log_additive"]
+CONTROL_NAMES = [onnx_name(CONTROL_FACTORS), onnx_name(CONTROL_LOG_ADDITIVE)]
 # token_embeddings is the last layer; hidden_states stacks the word embeddings (index 0) and every
 # layer's output (1..N) so that /embed can pool any layer from one encoder run.
-OUTPUT_NAMES = ["token_embeddings", "hidden_states"]
+OUTPUT_NAMES = [onnx_name(TOKEN_EMBEDDINGS), onnx_name(HIDDEN_STATES)]
 OPSET = 17
 
 
@@ -72,12 +81,12 @@ def export_fp32(source: SourceModel, plain_path: Path, controlled_path: Path) ->
     sample_modes = torch.tensor([[True], [False]])
     dynamic = {0: "batch", 1: "sequence"}
     axes = {
-        "input_ids": dynamic,
-        "attention_mask": dynamic,
-        "control_factors": dynamic,
-        "control_log_additive": {0: "batch"},
-        "token_embeddings": dynamic,
-        "hidden_states": {0: "batch", 2: "sequence"},
+        onnx_name(INPUT_IDS): dynamic,
+        onnx_name(ATTENTION_MASK): dynamic,
+        onnx_name(CONTROL_FACTORS): dynamic,
+        onnx_name(CONTROL_LOG_ADDITIVE): {0: "batch"},
+        onnx_name(TOKEN_EMBEDDINGS): dynamic,
+        onnx_name(HIDDEN_STATES): {0: "batch", 2: "sequence"},
     }
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")

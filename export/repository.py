@@ -15,11 +15,27 @@ from export.source_model import SourceModel
 from export.steps.sentence_head import SentenceHead
 from repository_contract.manifest import Manifest
 from repository_contract.manifest import write as write_manifest
+from repository_contract.naming import ensemble_names, step_name
+from repository_contract.tensors import (
+    ATTENTION_MASK,
+    CONTROL_FACTORS,
+    CONTROL_LOG_ADDITIVE,
+    EMBEDDING,
+    HIDDEN_STATES,
+    INPUT_IDS,
+    POOLED,
+    TEXT,
+    TOKEN_COUNT,
+    TOKEN_EMBEDDINGS,
+    TOKEN_IDS,
+    onnx_name,
+)
 
 DEFAULT_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 STEP_SOURCES = Path(__file__).resolve().parent / "steps"
-# Each step's source file; every model gets its own copy of each step, named `<model>-<role>`, so that models
-# in one repository never share a step and each batches on its own.
+# The tensor names, which every step imports from beside its model.py.
+TENSOR_NAMES = Path(__file__).resolve().parent.parent / "repository_contract" / "tensors.py"
+# Each step's source file; every model gets its own copy of each step (see repository_contract.naming).
 STEP_ROLES = {
     "tokenizer": "tokenizer.py",
     "token-ids": "tokenizer.py",
@@ -107,7 +123,7 @@ def _ensemble_config(name: str, input_tensors: list, steps: list[dict], output_t
                 'platform: "ensemble"',
                 f"max_batch_size: {options.max_batch_size}",
                 _tensors("input", input_tensors),
-                _tensors("output", [output_tensor, ("TOKEN_COUNT", "TYPE_INT32", [1])]),
+                _tensors("output", [output_tensor, (TOKEN_COUNT, "TYPE_INT32", [1])]),
                 "ensemble_scheduling {\n  step [\n" + ",\n".join(rendered) + "\n  ]\n}",
             ]
         )
@@ -116,20 +132,7 @@ def _ensemble_config(name: str, input_tensors: list, steps: list[dict], output_t
 
 
 def step_names(model: str) -> dict[str, str]:
-    return {role: f"{model}-{role}" for role in STEP_ROLES}
-
-
-def ensemble_names(model: str, compress_to: int) -> dict[str, dict[str, str]]:
-    """The entry points per pipeline: raw text, token ids, and token ids with attention controls."""
-    return {
-        "embedding": {"text": model, "token_ids": f"{model}-ids", "controlled": f"{model}-ids-controlled"},
-        "compression": {
-            "text": f"{model}-c{compress_to}",
-            "token_ids": f"{model}-ids-c{compress_to}",
-            "controlled": f"{model}-ids-controlled-c{compress_to}",
-        },
-        "layers": {"text": f"{model}-layers", "token_ids": f"{model}-ids-layers", "controlled": f"{model}-ids-controlled-layers"},
-    }
+    return {role: step_name(model, role) for role in STEP_ROLES}
 
 
 def model_directories(model: str, compress_to: int) -> list[str]:
@@ -145,12 +148,12 @@ def remove_model(out_dir: Path, directories: Iterable[str]) -> None:
 
 def _encoder_config(name: str, source: SourceModel, options: RepositoryOptions, controlled: bool) -> str:
     ragged = options.target == "cpu"
-    inputs = [("INPUT_IDS", "TYPE_INT64", [-1], ragged), ("ATTENTION_MASK", "TYPE_INT64", [-1], ragged)]
+    inputs = [(INPUT_IDS, "TYPE_INT64", [-1], ragged), (ATTENTION_MASK, "TYPE_INT64", [-1], ragged)]
     if controlled:
-        inputs += [("CONTROL_FACTORS", "TYPE_FP32", [-1], ragged), ("CONTROL_LOG_ADDITIVE", "TYPE_BOOL", [1], False)]
+        inputs += [(CONTROL_FACTORS, "TYPE_FP32", [-1], ragged), (CONTROL_LOG_ADDITIVE, "TYPE_BOOL", [1], False)]
     outputs = [
-        ("TOKEN_EMBEDDINGS", "TYPE_FP32", [-1, source.hidden_size]),
-        ("HIDDEN_STATES", "TYPE_FP32", [source.num_layers + 1, -1, source.hidden_size]),
+        (TOKEN_EMBEDDINGS, "TYPE_FP32", [-1, source.hidden_size]),
+        (HIDDEN_STATES, "TYPE_FP32", [source.num_layers + 1, -1, source.hidden_size]),
     ]
     if options.target == "cpu":
         params = _python_params(
@@ -162,14 +165,19 @@ def _encoder_config(name: str, source: SourceModel, options: RepositoryOptions, 
         instances = options.controlled_encoder_instances if controlled else options.encoder_instances
         return _model_config(name, 'backend: "python"', inputs, outputs, options, params=params, instances=instances)
     # Triton's ONNX and TensorRT backends bind tensors by name, so the config speaks the ONNX names.
-    onnx_inputs = [(n.lower(), t, d) for n, t, d, _ in inputs]
-    onnx_outputs = [(n.lower(), t, d) for n, t, d in outputs]
+    onnx_inputs = [(onnx_name(n), t, d) for n, t, d, _ in inputs]
+    onnx_outputs = [(onnx_name(n), t, d) for n, t, d in outputs]
     backend = 'backend: "onnxruntime"' if options.target == "gpu-onnxruntime" else 'platform: "tensorrt_plan"'
     return _model_config(name, backend, onnx_inputs, onnx_outputs, options, gpu=True)
 
 
 def _encoder_tensor(name: str, options: RepositoryOptions) -> str:
-    return name if options.target == "cpu" else name.lower()
+    return name if options.target == "cpu" else onnx_name(name)
+
+
+def _carried(name: str) -> str:
+    # Between its steps an ensemble carries a tensor under the lower-case name, apart from its own inputs and outputs.
+    return name.lower()
 
 
 def write_repository(
@@ -191,20 +199,20 @@ def write_repository(
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     steps = manifest.steps
-    token_ids = ("TOKEN_IDS", "TYPE_INT64", [-1])
-    factors = ("CONTROL_FACTORS", "TYPE_FP32", [-1])
+    token_ids = (TOKEN_IDS, "TYPE_INT64", [-1])
+    factors = (CONTROL_FACTORS, "TYPE_FP32", [-1])
     # Per entry step: which ensemble of a pipeline it starts, the encoder behind it, its inputs and the mode,
     # which goes from the ensemble's input straight to the encoder.
     token_step = {
-        "tokenizer": ("text", "encoder", [("TEXT", "TYPE_STRING", [1])]),
+        "tokenizer": ("text", "encoder", [(TEXT, "TYPE_STRING", [1])]),
         "token-ids": ("token_ids", "encoder", [token_ids]),
         "controlled-ids": ("controlled", "controlled-encoder", [token_ids, factors]),
     }
-    mode = ("CONTROL_LOG_ADDITIVE", "TYPE_BOOL", [1])
+    mode = (CONTROL_LOG_ADDITIVE, "TYPE_BOOL", [1])
     tokenizer_outputs = [
-        ("INPUT_IDS", "TYPE_INT64", [-1]),
-        ("ATTENTION_MASK", "TYPE_INT64", [-1]),
-        ("TOKEN_COUNT", "TYPE_INT32", [1]),
+        (INPUT_IDS, "TYPE_INT64", [-1]),
+        (ATTENTION_MASK, "TYPE_INT64", [-1]),
+        (TOKEN_COUNT, "TYPE_INT32", [1]),
     ]
     tokenizer_params = _python_params(
         options,
@@ -236,8 +244,8 @@ def write_repository(
     pooling_dir = _write_python_step(
         steps,
         "pooling",
-        [("TOKEN_EMBEDDINGS", "TYPE_FP32", [-1, hidden], True), ("ATTENTION_MASK", "TYPE_INT64", [-1], True)],
-        [("EMBEDDING", "TYPE_FP32", [dims])],
+        [(TOKEN_EMBEDDINGS, "TYPE_FP32", [-1, hidden], True), (ATTENTION_MASK, "TYPE_INT64", [-1], True)],
+        [(EMBEDDING, "TYPE_FP32", [dims])],
         out_dir,
         options,
     )
@@ -247,8 +255,8 @@ def write_repository(
     compression_dir = _write_python_step(
         steps,
         "compression",
-        [("EMBEDDING", "TYPE_FP32", [dims])],
-        [("EMBEDDING", "TYPE_FP32", [projection.size])],
+        [(EMBEDDING, "TYPE_FP32", [dims])],
+        [(EMBEDDING, "TYPE_FP32", [projection.size])],
         out_dir,
         options,
     )
@@ -257,8 +265,8 @@ def write_repository(
     _write_python_step(
         steps,
         "layer-pooling",
-        [("HIDDEN_STATES", "TYPE_FP32", [source.num_layers + 1, -1, hidden], True), ("ATTENTION_MASK", "TYPE_INT64", [-1], True)],
-        [("POOLED", "TYPE_FP32", layers_shape)],
+        [(HIDDEN_STATES, "TYPE_FP32", [source.num_layers + 1, -1, hidden], True), (ATTENTION_MASK, "TYPE_INT64", [-1], True)],
+        [(POOLED, "TYPE_FP32", layers_shape)],
         out_dir,
         options,
         poolings=",".join(LAYER_POOLINGS),
@@ -266,44 +274,44 @@ def write_repository(
 
     pooled = {
         "model": steps["pooling"],
-        "input_map": {"TOKEN_EMBEDDINGS": "token_embeddings", "ATTENTION_MASK": "attention_mask"},
+        "input_map": {name: _carried(name) for name in (TOKEN_EMBEDDINGS, ATTENTION_MASK)},
     }
     # Each pipeline: encoder output it needs, the steps after the encoder, the ensemble output.
     pipelines = {
         "embedding": (
-            "TOKEN_EMBEDDINGS",
-            [{**pooled, "output_map": {"EMBEDDING": "EMBEDDING"}}],
-            ("EMBEDDING", "TYPE_FP32", [dims]),
+            TOKEN_EMBEDDINGS,
+            [{**pooled, "output_map": {EMBEDDING: EMBEDDING}}],
+            (EMBEDDING, "TYPE_FP32", [dims]),
         ),
         "compression": (
-            "TOKEN_EMBEDDINGS",
+            TOKEN_EMBEDDINGS,
             [
-                {**pooled, "output_map": {"EMBEDDING": "embedding"}},
+                {**pooled, "output_map": {EMBEDDING: _carried(EMBEDDING)}},
                 {
                     "model": steps["compression"],
-                    "input_map": {"EMBEDDING": "embedding"},
-                    "output_map": {"EMBEDDING": "EMBEDDING"},
+                    "input_map": {EMBEDDING: _carried(EMBEDDING)},
+                    "output_map": {EMBEDDING: EMBEDDING},
                 },
             ],
-            ("EMBEDDING", "TYPE_FP32", [projection.size]),
+            (EMBEDDING, "TYPE_FP32", [projection.size]),
         ),
         "layers": (
-            "HIDDEN_STATES",
+            HIDDEN_STATES,
             [
                 {
                     "model": steps["layer-pooling"],
-                    "input_map": {"HIDDEN_STATES": "hidden_states", "ATTENTION_MASK": "attention_mask"},
-                    "output_map": {"POOLED": "POOLED"},
+                    "input_map": {name: _carried(name) for name in (HIDDEN_STATES, ATTENTION_MASK)},
+                    "output_map": {POOLED: POOLED},
                 }
             ],
-            ("POOLED", "TYPE_FP32", layers_shape),
+            (POOLED, "TYPE_FP32", layers_shape),
         ),
     }
     ensembles = ensemble_names(source.name, projection.size)
     for role, (kind, encoder, inputs) in token_step.items():
         controlled = kind == "controlled"
-        entry_outputs = ["INPUT_IDS", "ATTENTION_MASK"] + (["CONTROL_FACTORS"] if controlled else [])
-        encoder_inputs = {_encoder_tensor(name, options): name.lower() for name in entry_outputs}
+        entry_outputs = [INPUT_IDS, ATTENTION_MASK] + ([CONTROL_FACTORS] if controlled else [])
+        encoder_inputs = {_encoder_tensor(name, options): _carried(name) for name in entry_outputs}
         if controlled:
             encoder_inputs[_encoder_tensor(mode[0], options)] = mode[0]
         for pipeline, (encoder_output, tail, output_tensor) in pipelines.items():
@@ -312,12 +320,12 @@ def write_repository(
                 {
                     "model": steps[role],
                     "input_map": {name: name for name, _, _ in inputs},
-                    "output_map": {name: name.lower() for name in entry_outputs} | {"TOKEN_COUNT": "TOKEN_COUNT"},
+                    "output_map": {name: _carried(name) for name in entry_outputs} | {TOKEN_COUNT: TOKEN_COUNT},
                 },
                 {
                     "model": steps[encoder],
                     "input_map": encoder_inputs,
-                    "output_map": {_encoder_tensor(encoder_output, options): encoder_output.lower()},
+                    "output_map": {_encoder_tensor(encoder_output, options): _carried(encoder_output)},
                 },
                 *tail,
             ]
@@ -341,6 +349,8 @@ def _write_python_step(
 
 def _copy_step_source(role: str, version_dir: Path) -> None:
     shutil.copy(STEP_SOURCES / STEP_ROLES[role], version_dir / "model.py")
+    # Triton's Python backend cannot import the repository's packages, so each step imports the names from beside itself.
+    shutil.copy(TENSOR_NAMES, version_dir / "tensors.py")
 
 
 def _fresh_model_dir(model_dir: Path) -> Path:

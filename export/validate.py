@@ -11,10 +11,20 @@ from tokenizers import Tokenizer
 
 from export.source_model import SourceModel, UnsupportedModel
 from export.steps.sentence_head import SentenceHead
+from repository_contract.tensors import (
+    ATTENTION_MASK,
+    CONTROL_FACTORS,
+    CONTROL_LOG_ADDITIVE,
+    INPUT_IDS,
+    TOKEN_EMBEDDINGS,
+    onnx_name,
+)
 
 # Cosine to the original model that each precision must reach: (on every sentence, on average).
 # fp32 must be exact up to float rounding; int8 trades a little accuracy for ~2x CPU speed.
 MIN_COSINE = {"fp32": (0.9999, 0.9999), "fp16": (0.999, 0.9995), "int8": (0.95, 0.98)}
+# The exported graph's names for what is fed to it and read from it here.
+IDS, MASK, TOKENS = onnx_name(INPUT_IDS), onnx_name(ATTENTION_MASK), onnx_name(TOKEN_EMBEDDINGS)
 
 
 @dataclass(frozen=True)
@@ -38,13 +48,13 @@ def _padded_batch(tokenizer: Tokenizer, texts: list[str]) -> dict[str, np.ndarra
     for row, e in enumerate(encodings):
         ids[row, : len(e.ids)] = e.ids
         mask[row, : len(e.ids)] = 1
-    return {"input_ids": ids, "attention_mask": mask}
+    return {IDS: ids, MASK: mask}
 
 
 def head_embeddings(session: ort.InferenceSession, tokenizer: Tokenizer, texts: list[str], head: SentenceHead) -> np.ndarray:
     feeds = _padded_batch(tokenizer, texts)
-    (tokens,) = session.run(["token_embeddings"], feeds)
-    return head(tokens, feeds["attention_mask"])
+    (tokens,) = session.run([TOKENS], feeds)
+    return head(tokens, feeds[MASK])
 
 
 def uncontrolled_agreement(
@@ -54,17 +64,17 @@ def uncontrolled_agreement(
     both modes: what a controlled request with factors of 1 gets against the fast path. int8 graphs quantize their
     activations per batch, so a rounding step that the other mode's shift flips shows here as int8's usual noise."""
     feeds = _padded_batch(tokenizer, texts)
-    (tokens,) = ort.InferenceSession(str(plain_path), providers=["CPUExecutionProvider"]).run(["token_embeddings"], feeds)
-    plain = head(tokens, feeds["attention_mask"])
+    (tokens,) = ort.InferenceSession(str(plain_path), providers=["CPUExecutionProvider"]).run([TOKENS], feeds)
+    plain = head(tokens, feeds[MASK])
     controlled = ort.InferenceSession(str(controlled_path), providers=["CPUExecutionProvider"])
     difference, least = 0.0, 1.0
     for mode in (True, False):
         control = {
-            "control_factors": np.ones(feeds["input_ids"].shape, dtype=np.float32),
-            "control_log_additive": np.full((len(texts), 1), mode),
+            onnx_name(CONTROL_FACTORS): np.ones(feeds[IDS].shape, dtype=np.float32),
+            onnx_name(CONTROL_LOG_ADDITIVE): np.full((len(texts), 1), mode),
         }
-        (tokens,) = controlled.run(["token_embeddings"], feeds | control)
-        vectors = head(tokens, feeds["attention_mask"])
+        (tokens,) = controlled.run([TOKENS], feeds | control)
+        vectors = head(tokens, feeds[MASK])
         cosine = (vectors * plain).sum(1) / (np.linalg.norm(vectors, axis=1) * np.linalg.norm(plain, axis=1))
         difference, least = max(difference, float(np.abs(vectors - plain).max())), min(least, float(cosine.min()))
     return difference, least

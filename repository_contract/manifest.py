@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from repository_contract.naming import text_ensemble
+
 MANIFEST_FILE = "embedding_manifest.json"
 # 1: the layout since attention controls. Manifests written before the version was recorded are of this layout too,
 # so a missing version reads as 1; those from before attention controls lack "controls" and are refused.
@@ -202,8 +204,13 @@ def owned_directories(repository: Path) -> dict[str, tuple[str, ...]]:
     return owned
 
 
+def manifest_path(repository: Path, name: str) -> Path:
+    """Where the manifest of the model `name` is, or will be: in its text ensemble's directory."""
+    return repository / text_ensemble(name) / MANIFEST_FILE
+
+
 def recorded_fingerprint(repository: Path, name: str) -> str | None:
     """The fingerprint in the manifest of the model `name`, whatever its format version, or None without one: the
     export compares it with its own to skip an export that would write the same repository again."""
-    path = repository / name / MANIFEST_FILE
+    path = manifest_path(repository, name)
     return json.loads(path.read_text()).get("fingerprint") if path.exists() else None

@@ -22,6 +22,7 @@ from aleph_alpha_client import (
 )
 
 from export.datasets import sts_sentences
+from repository_contract.tensors import ATTENTION_MASK, HIDDEN_STATES, INPUT_IDS, onnx_name
 from tests.conftest import MODEL_REPOSITORY
 
 pytestmark = pytest.mark.e2e
@@ -164,7 +165,9 @@ def test_embed_layers_and_poolings_match_the_onnx_hidden_states(client, model_na
         str(MODEL_REPOSITORY / manifest["steps"]["encoder"] / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
     )
     ids = np.array([encoding.ids], dtype=np.int64)
-    (hidden_states,) = session.run(["hidden_states"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    (hidden_states,) = session.run(
+        [onnx_name(HIDDEN_STATES)], {onnx_name(INPUT_IDS): ids, onnx_name(ATTENTION_MASK): np.ones_like(ids)}
+    )
     assert hidden_states.shape[1] == manifest["num_layers"] + 1
     assert response.model_version == manifest["model_version"]
     assert response.num_tokens_prompt_total == len(encoding.ids)

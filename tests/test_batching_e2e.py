@@ -8,12 +8,13 @@ import openai
 import pytest
 
 from export.datasets import sts_sentences
+from repository_contract.naming import step_name
 
 pytestmark = pytest.mark.e2e
 
 
 def encoder_counts(service, model_name) -> tuple[int, int]:
-    with urllib.request.urlopen(f"{service.triton_http_url}/v2/models/{model_name}-encoder/stats") as response:
+    with urllib.request.urlopen(f"{service.triton_http_url}/v2/models/{step_name(model_name, 'encoder')}/stats") as response:
         stats = json.loads(response.read())["model_stats"][0]
     return stats["inference_count"], stats["execution_count"]
 

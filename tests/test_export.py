@@ -8,6 +8,15 @@ import onnx
 import pytest
 
 from harness.servers import ROOT
+from repository_contract.tensors import (
+    ATTENTION_MASK,
+    CONTROL_FACTORS,
+    CONTROL_LOG_ADDITIVE,
+    HIDDEN_STATES,
+    INPUT_IDS,
+    TOKEN_EMBEDDINGS,
+    onnx_name,
+)
 
 
 def export(*args: str) -> subprocess.CompletedProcess:
@@ -47,17 +56,17 @@ def test_gpu_target_uses_tritons_onnxruntime_backend_on_the_gpu(gpu_repository):
     config = (gpu_repository / steps["encoder"] / "config.pbtxt").read_text()
     assert 'backend: "onnxruntime"' in config and "KIND_GPU" in config
     # Triton binds ONNX tensors by name, so the config must speak the exported names.
-    for name in ("input_ids", "attention_mask", "token_embeddings", "hidden_states"):
-        assert f'name: "{name}"' in config
+    for name in (INPUT_IDS, ATTENTION_MASK, TOKEN_EMBEDDINGS, HIDDEN_STATES):
+        assert f'name: "{onnx_name(name)}"' in config
     assert not (gpu_repository / steps["encoder"] / "1" / "model.py").exists()
     assert "KIND_CPU" in (gpu_repository / steps["tokenizer"] / "config.pbtxt").read_text()
     # The attention-controlled encoder gets the same backend, with its control tensors by their ONNX names.
     controlled = (gpu_repository / steps["controlled-encoder"] / "config.pbtxt").read_text()
     assert 'backend: "onnxruntime"' in controlled and "KIND_GPU" in controlled
-    for name in ("input_ids", "attention_mask", "control_factors", "control_log_additive"):
-        assert f'name: "{name}"' in controlled
-    ensemble = (gpu_repository / f"{manifest(gpu_repository)['name']}-ids-controlled" / "config.pbtxt").read_text()
-    assert 'key: "control_log_additive" value: "CONTROL_LOG_ADDITIVE"' in ensemble
+    for name in (INPUT_IDS, ATTENTION_MASK, CONTROL_FACTORS, CONTROL_LOG_ADDITIVE):
+        assert f'name: "{onnx_name(name)}"' in controlled
+    ensemble = (gpu_repository / manifest(gpu_repository)["ensembles"]["controlled"] / "config.pbtxt").read_text()
+    assert f'key: "{onnx_name(CONTROL_LOG_ADDITIVE)}" value: "{CONTROL_LOG_ADDITIVE}"' in ensemble
 
 
 @pytest.mark.e2e  # a whole export, tens of seconds
@@ -104,14 +113,14 @@ def test_fp16_controlled_encoder_takes_controls_like_the_fp32_one(gpu_repository
         factors = np.ones(ids.shape, dtype=np.float32)
         factors[:, 2] = factor
         feeds = {
-            "input_ids": ids,
-            "attention_mask": mask,
-            "control_factors": factors,
-            "control_log_additive": np.full((2, 1), log_additive),
+            onnx_name(INPUT_IDS): ids,
+            onnx_name(ATTENTION_MASK): mask,
+            onnx_name(CONTROL_FACTORS): factors,
+            onnx_name(CONTROL_LOG_ADDITIVE): np.full((2, 1), log_additive),
         }
         vectors = []
         for session in (fp16, fp32):
-            (tokens,) = session.run(["token_embeddings"], feeds)
+            (tokens,) = session.run([onnx_name(TOKEN_EMBEDDINGS)], feeds)
             vectors.append((tokens * mask[..., None]).sum(1) / mask.sum(1, keepdims=True))
         cosine = (vectors[0] * vectors[1]).sum(1) / (np.linalg.norm(vectors[0], axis=1) * np.linalg.norm(vectors[1], axis=1))
         assert cosine.min() >= 0.999, (factor, log_additive, cosine)

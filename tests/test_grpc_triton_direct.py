@@ -8,6 +8,7 @@ import tritonclient.grpc as tritongrpc
 from export.datasets import sts_sentences
 from proto.embedding.v1 import embedding_pb2 as pb
 from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
+from repository_contract.tensors import EMBEDDING, TEXT
 
 pytestmark = pytest.mark.e2e
 
@@ -21,10 +22,10 @@ def triton(service):
 
 def test_raw_tritonclient_call_on_the_ensemble_equals_the_gateway(service, triton, manifest):
     texts = sts_sentences()[:8]
-    text = tritongrpc.InferInput("TEXT", [len(texts), 1], "BYTES")
+    text = tritongrpc.InferInput(TEXT, [len(texts), 1], "BYTES")
     text.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=np.object_).reshape(-1, 1))
-    result = triton.infer(manifest["ensembles"]["text"], [text], outputs=[tritongrpc.InferRequestedOutput("EMBEDDING")])
-    raw = result.as_numpy("EMBEDDING")
+    result = triton.infer(manifest["ensembles"]["text"], [text], outputs=[tritongrpc.InferRequestedOutput(EMBEDDING)])
+    raw = result.as_numpy(EMBEDDING)
 
     with grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
         response = pb_grpc.EmbeddingServiceStub(channel).Embed(pb.EmbedRequest(model=manifest["name"], inputs=texts))

@@ -25,6 +25,9 @@ from export.steps.sentence_head import SentenceHead
 from harness.servers import MODEL_REPOSITORY, start_service
 from proto.embedding.v1 import embedding_pb2 as pb
 from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
+from repository_contract.manifest import manifest_path
+from repository_contract.naming import step_name
+from repository_contract.tensors import ATTENTION_MASK, INPUT_IDS, TOKEN_EMBEDDINGS, onnx_name
 from tests.test_export import export
 from tests.tiny_models import BUILDERS
 
@@ -212,7 +215,7 @@ def test_decoder_rows_padded_to_gpu_buckets_keep_their_vectors(repository, refer
     import onnxruntime as ort
     from tokenizers import Tokenizer
 
-    manifest = json.loads((repository / "qwen3-embedding" / "embedding_manifest.json").read_text())
+    manifest = json.loads(manifest_path(repository, "qwen3-embedding").read_text())
     session = ort.InferenceSession(
         str(repository / manifest["steps"]["encoder"] / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
     )
@@ -223,7 +226,7 @@ def test_decoder_rows_padded_to_gpu_buckets_keep_their_vectors(repository, refer
     mask = np.zeros_like(ids)
     for row, sequence in enumerate(encodings):
         ids[row, : len(sequence)], mask[row, : len(sequence)] = sequence, 1
-    (tokens,) = session.run(["token_embeddings"], {"input_ids": ids, "attention_mask": mask})
+    (tokens,) = session.run([onnx_name(TOKEN_EMBEDDINGS)], {onnx_name(INPUT_IDS): ids, onnx_name(ATTENTION_MASK): mask})
     assert_matches(head(tokens, mask), reference["qwen3-embedding", "default"][:16], "bucket-padded decoder rows")
 
 
@@ -273,7 +276,7 @@ def test_a_removed_model_is_dropped_cleanly_on_restart(tmp_path, repository):
         # The repository API answers only the operator, who has the key the gateway wrote for its Triton.
         admin = {"admin-key": (running.run_dir / "triton-admin-key").read_text().strip()}
         index = requests.post(f"{running.triton_http_url}/v2/repository/index", json={}, headers=admin, timeout=10).json()
-        assert "qwen3-embedding-encoder" in {m["name"] for m in index}, "the leftover steps are still on disk"
+        assert step_name("qwen3-embedding", "encoder") in {m["name"] for m in index}, "the leftover steps are still on disk"
         loaded = {m["name"] for m in index if m.get("state") == "READY"}
         assert not any(name.startswith(("distilbert-max", "qwen3-embedding")) for name in loaded), loaded
     finally:

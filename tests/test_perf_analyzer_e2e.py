@@ -19,6 +19,7 @@ from bench.perf_analyzer import runner
 from bench.perf_analyzer.make_input_data import OUTPUT, expected_vectors, record_gateway, record_triton, render, token_counts
 from export.datasets import sts_sentences
 from harness.servers import MODEL_REPOSITORY
+from repository_contract.tensors import TEXT, TOKEN_COUNT
 
 REQUESTS = 300
 CONCURRENCY = 16
@@ -45,8 +46,8 @@ def recorded_ensemble(service, manifest) -> tuple[list[str], list[int], list[np.
 
 def test_committed_input_data_is_every_sts_sentence_with_its_token_count(committed):
     texts = sts_sentences()
-    assert [r["TEXT"]["content"] for r in committed["data"]] == [[t] for t in texts]
-    assert [v["TOKEN_COUNT"]["content"] for v in committed["validation_data"]] == [
+    assert [r[TEXT]["content"] for r in committed["data"]] == [[t] for t in texts]
+    assert [v[TOKEN_COUNT]["content"] for v in committed["validation_data"]] == [
         [n] for n in token_counts(MODEL_REPOSITORY, texts)
     ], "run `python -m bench.perf_analyzer.make_input_data --triton HOST:PORT`"
 
@@ -72,10 +73,10 @@ def test_committed_input_data_fits_the_ensemble(service, manifest):
     document = json.loads(OUTPUT.read_text(encoding="utf-8"))
     (expected_input,) = config["input"]
     outputs = {o["name"]: (o["data_type"], o["dims"]) for o in config["output"]}
-    assert (expected_input["name"], expected_input["data_type"], expected_input["dims"]) == ("TEXT", "TYPE_STRING", ["1"])
-    assert outputs["TOKEN_COUNT"] == ("TYPE_INT32", ["1"])
+    assert (expected_input["name"], expected_input["data_type"], expected_input["dims"]) == (TEXT, "TYPE_STRING", ["1"])
+    assert outputs[TOKEN_COUNT] == ("TYPE_INT32", ["1"])
     assert len(document["data"]) == len(document["validation_data"]) == len(sts_sentences())
-    assert all(r["TEXT"]["shape"] == [1] and len(r["TEXT"]["content"]) == 1 for r in document["data"])
+    assert all(r[TEXT]["shape"] == [1] and len(r[TEXT]["content"]) == 1 for r in document["data"])
 
 
 def _passes(run: runner.Run, requests: int = REQUESTS) -> None:
@@ -100,8 +101,8 @@ def test_every_answer_under_load_equals_the_one_given_alone_bit_for_bit(service,
     run = runner.run(target, 32, runner.Load(request_count=REQUESTS), tmp_path / "run")
     _passes(run)
     # What perf_analyzer compared, read back from its profile: each text's token count as the tokenizer gives it.
-    texts = [r["request_inputs"]["TEXT"] for r in run.requests]
-    assert [r["response_outputs"][0]["TOKEN_COUNT"] for r in run.requests] == token_counts(MODEL_REPOSITORY, texts)
+    texts = [r["request_inputs"][TEXT] for r in run.requests]
+    assert [r["response_outputs"][0][TOKEN_COUNT] for r in run.requests] == token_counts(MODEL_REPOSITORY, texts)
 
 
 def _one_bit_off(vector: np.ndarray) -> np.ndarray:

@@ -25,6 +25,7 @@ import psutil
 import pytest
 
 from harness.servers import MODEL_REPOSITORY, ROOT, free_ports
+from repository_contract.naming import step_name
 
 READY_TIMEOUT_S = 120
 EXIT_TIMEOUT_S = 30
@@ -244,8 +245,9 @@ def test_a_dead_stub_makes_it_exit_1(tmp_path, model_name):
         # between Triton's readiness and that moment is never noticed (TritonProcess.start drops dead stubs from those
         # it watches), so the kill waits for the line.
         run.wait_log("Triton serves")
-        encoders = [stub for stub in run.stubs() if f"/{model_name}-encoder/1/model.py" in " ".join(stub.cmdline())]
-        assert encoders, f"no stub of {model_name}-encoder among {[' '.join(s.cmdline())[:120] for s in run.stubs()]}"
+        encoder = step_name(model_name, "encoder")
+        encoders = [stub for stub in run.stubs() if f"/{encoder}/1/model.py" in " ".join(stub.cmdline())]
+        assert encoders, f"no stub of {encoder} among {[' '.join(s.cmdline())[:120] for s in run.stubs()]}"
         victim = encoders[0].pid
         os.kill(victim, signal.SIGKILL)
         code, exit_s = run.wait_exit()

@@ -1,8 +1,9 @@
 """The Triton Python-backend steps (export/steps/) run here without Triton, on the exported model (fast tier).
 
 Each step's source is loaded from export/steps/ the way Triton's Python backend loads a model.py (a module of its
-own, not a package), with a stand-in for `triton_python_backend_utils` in sys.modules, and is initialized with the
-args Triton would give it: the model directory in model_repository/ and its config.pbtxt as JSON. Its answers are
+own, not a package), with a stand-in for `triton_python_backend_utils` in sys.modules and repository_contract/ on
+sys.path for the tensor names (the export copies tensors.py next to each model.py instead), and is initialized with
+the args Triton would give it: the model directory in model_repository/ and its config.pbtxt as JSON. Its answers are
 checked against the tokenizers library, plain onnxruntime on the same ONNX (one row at a time, unpadded) and plain
 numpy, so a row gathered from, sorted into or scattered back to the wrong place, or padding that leaks in, fails.
 The same steps inside a real Triton: the *_e2e.py tests.
@@ -26,8 +27,26 @@ from tokenizers import Tokenizer
 from tritonclient.grpc import model_config_pb2
 
 from harness.servers import MODEL_REPOSITORY, ROOT
+from repository_contract import tensors
+from repository_contract.tensors import (
+    ATTENTION_MASK,
+    CONTROL_FACTORS,
+    CONTROL_LOG_ADDITIVE,
+    EMBEDDING,
+    HIDDEN_STATES,
+    ID_PADDING,
+    INPUT_IDS,
+    POOLED,
+    TEXT,
+    TOKEN_COUNT,
+    TOKEN_EMBEDDINGS,
+    TOKEN_IDS,
+    onnx_name,
+)
 
 STEPS = ROOT / "export" / "steps"
+# What each step imports from beside itself; modules it imports from anywhere else stay loaded.
+BESIDE_A_STEP = {"sentence_head", "tensors"}
 
 TEXTS = [
     "A man is playing a guitar.",
@@ -112,7 +131,7 @@ def output(response: InferenceResponse, name: str) -> np.ndarray:
     return tensor.as_numpy()
 
 
-def request(requested: list[str] | None = None, **inputs: np.ndarray) -> InferenceRequest:
+def request(inputs: dict[str, np.ndarray], requested: list[str] | None = None) -> InferenceRequest:
     return InferenceRequest([Tensor(name, value) for name, value in inputs.items()], requested)
 
 
@@ -138,12 +157,12 @@ def triton_args(model_dir: Path, **parameters: str) -> dict[str, str]:
 
 def load_step(source: str, model_dir: Path, lock_dir: Path | None = None, **parameters: str):
     """The TritonPythonModel of export/steps/<source>.py, initialized for model_dir. The stand-in, and whatever the
-    step adds to sys.path and sys.modules (the pooling step imports its head from next to itself), are gone after.
+    step adds to sys.path and sys.modules (the tensor names, and the pooling step's head), are gone after.
     lock_dir: the temporary directory for the encoder, which keeps a lock file per instance there."""
     modules_before = set(sys.modules)
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(sys.modules, "triton_python_backend_utils", stand_in())
-        patch.setattr(sys, "path", list(sys.path))
+        patch.setattr(sys, "path", [str(Path(tensors.__file__).parent), *sys.path])
         if lock_dir is not None:
             patch.setattr(tempfile, "tempdir", str(lock_dir))
         spec = importlib.util.spec_from_file_location(f"triton_step_{source}_{model_dir.name}", STEPS / f"{source}.py")
@@ -152,9 +171,8 @@ def load_step(source: str, model_dir: Path, lock_dir: Path | None = None, **para
         spec.loader.exec_module(module)
         model = module.TritonPythonModel()
         model.initialize(triton_args(model_dir, **parameters))
-    for name in set(sys.modules) - modules_before:
-        if name == "sentence_head":
-            del sys.modules[name]
+    for name in (set(sys.modules) - modules_before) & BESIDE_A_STEP:
+        del sys.modules[name]
     return model
 
 
@@ -187,10 +205,10 @@ def text_tensor(texts: Sequence[str | bytes]) -> np.ndarray:
 def test_the_tokenizer_step_pads_each_request_to_its_own_longest_text(steps, tokenizer, manifest):
     step = load_step("tokenizer", steps["tokenizer"])
     batches = [TEXTS[:3], TEXTS[3:4], TEXTS[4:]]
-    responses = step.execute([request(TEXT=text_tensor(texts)) for texts in batches])
+    responses = step.execute([request({TEXT: text_tensor(texts)}) for texts in batches])
     assert len(responses) == len(batches)
     for texts, response in zip(batches, responses):
-        ids, mask, counts = (output(response, name) for name in ("INPUT_IDS", "ATTENTION_MASK", "TOKEN_COUNT"))
+        ids, mask, counts = (output(response, name) for name in (INPUT_IDS, ATTENTION_MASK, TOKEN_COUNT))
         expected = [tokenizer.encode(text).ids for text in texts]
         width = max(len(e) for e in expected)
         assert ids.shape == mask.shape == (len(texts), width)
@@ -205,39 +223,43 @@ def test_an_overlong_text_is_cut_at_the_models_length_and_counted_whole(steps, t
     step = load_step("tokenizer", steps["tokenizer"])
     limit = manifest["max_sequence_length"]
     long_text = " ".join(TEXTS * 8)
-    (response,) = step.execute([request(TEXT=text_tensor([long_text, "short"]))])
+    (response,) = step.execute([request({TEXT: text_tensor([long_text, "short"])})])
     full = tokenizer.encode(long_text).ids
     assert len(full) > limit
     truncating = Tokenizer.from_str(tokenizer.to_str())
     truncating.enable_truncation(limit)
-    ids = output(response, "INPUT_IDS")
+    ids = output(response, INPUT_IDS)
     assert ids.shape == (2, limit)
     assert ids[0].tolist() == truncating.encode(long_text).ids
     assert ids[0, -1] == full[-1]  # still framed: the separator closes the cut text
-    assert output(response, "TOKEN_COUNT").reshape(-1).tolist() == [len(full), len(tokenizer.encode("short").ids)]
+    assert output(response, TOKEN_COUNT).reshape(-1).tolist() == [len(full), len(tokenizer.encode("short").ids)]
 
 
 def test_a_request_that_is_not_utf8_fails_alone(steps, tokenizer):
     step = load_step("tokenizer", steps["tokenizer"])
     responses = step.execute(
-        [request(TEXT=text_tensor(["fine"])), request(TEXT=text_tensor([b"\xff\xfe"])), request(TEXT=text_tensor(["also fine"]))]
+        [
+            request({TEXT: text_tensor(["fine"])}),
+            request({TEXT: text_tensor([b"\xff\xfe"])}),
+            request({TEXT: text_tensor(["also fine"])}),
+        ]
     )
     assert responses[1].has_error() and responses[1].error().message().startswith("tokenizer:")
-    assert output(responses[0], "INPUT_IDS")[0].tolist() == tokenizer.encode("fine").ids
-    assert output(responses[2], "INPUT_IDS")[0].tolist() == tokenizer.encode("also fine").ids
+    assert output(responses[0], INPUT_IDS)[0].tolist() == tokenizer.encode("fine").ids
+    assert output(responses[2], INPUT_IDS)[0].tolist() == tokenizer.encode("also fine").ids
 
 
 def test_length_buckets_pad_each_request_to_the_smallest_bucket_that_holds_it(steps, tokenizer):
     step = load_step("tokenizer", steps["tokenizer"], length_buckets="8,16,64")
-    responses = step.execute([request(TEXT=text_tensor([text])) for text in TEXTS])
+    responses = step.execute([request({TEXT: text_tensor([text])}) for text in TEXTS])
     for text, response in zip(TEXTS, responses):
         length = len(tokenizer.encode(text).ids)
-        assert output(response, "INPUT_IDS").shape[1] == next(b for b in (8, 16, 64) if b >= length)
-        assert output(response, "ATTENTION_MASK").sum() == length
+        assert output(response, INPUT_IDS).shape[1] == next(b for b in (8, 16, 64) if b >= length)
+        assert output(response, ATTENTION_MASK).sum() == length
 
 
-def id_rows(sequences: list[list[int]], fill: float = -1, dtype=np.int64) -> np.ndarray:
-    """Rows padded as the gateway pads them (with -1 for ids)."""
+def id_rows(sequences: list[list[int]], fill: float = ID_PADDING, dtype=np.int64) -> np.ndarray:
+    """Rows padded as the gateway pads them (with ID_PADDING for ids)."""
     rows = np.full((len(sequences), max(len(s) for s in sequences)), fill, dtype=dtype)
     for index, sequence in enumerate(sequences):
         rows[index, : len(sequence)] = sequence
@@ -249,10 +271,10 @@ def test_the_token_ids_step_frames_ids_as_the_tokenizer_frames_a_text(steps, tok
     limit = manifest["max_sequence_length"]
     overlong = list(range(2000, 2000 + limit + 20))
     bare = [tokenizer.encode(text, add_special_tokens=False).ids for text in TEXTS[:4]] + [overlong]
-    responses = step.execute([request(TOKEN_IDS=id_rows(bare[:2])), request(TOKEN_IDS=id_rows(bare[2:]))])
-    ids = [row for response in responses for row in output(response, "INPUT_IDS")]
-    masks = [row for response in responses for row in output(response, "ATTENTION_MASK")]
-    counts = [int(c) for response in responses for c in output(response, "TOKEN_COUNT").reshape(-1)]
+    responses = step.execute([request({TOKEN_IDS: id_rows(bare[:2])}), request({TOKEN_IDS: id_rows(bare[2:])})])
+    ids = [row for response in responses for row in output(response, INPUT_IDS)]
+    masks = [row for response in responses for row in output(response, ATTENTION_MASK)]
+    counts = [int(c) for response in responses for c in output(response, TOKEN_COUNT).reshape(-1)]
     for index, text in enumerate(TEXTS[:4]):
         framed = tokenizer.encode(text).ids  # the text's own framing, [CLS] ... [SEP]
         assert ids[index][: masks[index].sum()].tolist() == framed
@@ -266,8 +288,10 @@ def test_the_controlled_ids_step_frames_and_pads_the_factors_with_the_ids(steps,
     step = load_step("tokenizer", steps["controlled-ids"])
     bare = [tokenizer.encode(text, add_special_tokens=False).ids for text in TEXTS[:3]]
     factors = [[0.5 + i for i in range(len(ids))] for ids in bare]
-    (response,) = step.execute([request(TOKEN_IDS=id_rows(bare), CONTROL_FACTORS=id_rows(factors, fill=7.0, dtype=np.float32))])
-    ids, mask, framed_factors = (output(response, name) for name in ("INPUT_IDS", "ATTENTION_MASK", "CONTROL_FACTORS"))
+    (response,) = step.execute(
+        [request({TOKEN_IDS: id_rows(bare), CONTROL_FACTORS: id_rows(factors, fill=7.0, dtype=np.float32)})]
+    )
+    ids, mask, framed_factors = (output(response, name) for name in (INPUT_IDS, ATTENTION_MASK, CONTROL_FACTORS))
     assert framed_factors.shape == ids.shape and framed_factors.dtype == np.float32
     for row, (sequence, row_factors) in enumerate(zip(bare, factors)):
         length = int(mask[row].sum())
@@ -296,11 +320,14 @@ def ragged_requests(tokenizer, groups: list[list[str]], extra_width: list[int], 
     return made
 
 
-def alone(session: ort.InferenceSession, sequence: list[int], **extra: np.ndarray) -> dict[str, np.ndarray]:
-    """The ONNX's outputs for one unpadded row."""
-    feeds = {"input_ids": np.array([sequence], dtype=np.int64), "attention_mask": np.ones((1, len(sequence)), dtype=np.int64)}
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, (value[0] for value in session.run(names, feeds | extra))))
+def alone(
+    session: ort.InferenceSession, sequence: list[int], controls: dict[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
+    """The ONNX's outputs for one unpadded row (and its controls, for the controlled graph), by the steps' names."""
+    feeds = {INPUT_IDS: np.array([sequence], dtype=np.int64), ATTENTION_MASK: np.ones((1, len(sequence)), dtype=np.int64)}
+    names = [TOKEN_EMBEDDINGS, HIDDEN_STATES]
+    outputs = session.run([onnx_name(n) for n in names], {onnx_name(n): value for n, value in (feeds | (controls or {})).items()})
+    return {name: value[0] for name, value in zip(names, outputs)}
 
 
 GROUPS = [TEXTS[0:2], TEXTS[2:5], TEXTS[5:6], TEXTS[6:7]]
@@ -308,9 +335,9 @@ GROUPS = [TEXTS[0:2], TEXTS[2:5], TEXTS[5:6], TEXTS[6:7]]
 
 def test_the_encoder_answers_each_row_of_a_ragged_batch_as_if_it_ran_alone(encoder, reference_encoder, tokenizer):
     made = ragged_requests(tokenizer, GROUPS, [0, 3, 5, 1], np.random.default_rng(0))
-    wanted = [["TOKEN_EMBEDDINGS"], ["TOKEN_EMBEDDINGS"], ["HIDDEN_STATES"], ["TOKEN_EMBEDDINGS", "HIDDEN_STATES"]]
+    wanted = [[TOKEN_EMBEDDINGS], [TOKEN_EMBEDDINGS], [HIDDEN_STATES], [TOKEN_EMBEDDINGS, HIDDEN_STATES]]
     responses = encoder.execute(
-        [request(names, INPUT_IDS=ids, ATTENTION_MASK=mask) for (_, ids, mask), names in zip(made, wanted)]
+        [request({INPUT_IDS: ids, ATTENTION_MASK: mask}, names) for (_, ids, mask), names in zip(made, wanted)]
     )
     assert len(responses) == len(made)
     for (sequences, ids, _), names, response in zip(made, wanted, responses):
@@ -318,15 +345,15 @@ def test_the_encoder_answers_each_row_of_a_ragged_batch_as_if_it_ran_alone(encod
         for row, sequence in enumerate(sequences):
             expected = alone(reference_encoder, sequence)
             length = len(sequence)
-            if "TOKEN_EMBEDDINGS" in names:
-                tokens = output(response, "TOKEN_EMBEDDINGS")
+            if TOKEN_EMBEDDINGS in names:
+                tokens = output(response, TOKEN_EMBEDDINGS)
                 assert tokens.shape == (len(sequences), ids.shape[1], 384)
-                np.testing.assert_allclose(tokens[row, :length], expected["token_embeddings"], atol=2e-4, rtol=1e-3)
+                np.testing.assert_allclose(tokens[row, :length], expected[TOKEN_EMBEDDINGS], atol=2e-4, rtol=1e-3)
                 assert not tokens[row, length:].any()  # padded positions hold zeros
-            if "HIDDEN_STATES" in names:
-                hidden = output(response, "HIDDEN_STATES")
+            if HIDDEN_STATES in names:
+                hidden = output(response, HIDDEN_STATES)
                 assert hidden.shape == (len(sequences), 7, ids.shape[1], 384)
-                np.testing.assert_allclose(hidden[row, :, :length], expected["hidden_states"], atol=2e-4, rtol=1e-3)
+                np.testing.assert_allclose(hidden[row, :, :length], expected[HIDDEN_STATES], atol=2e-4, rtol=1e-3)
                 assert not hidden[row, :, length:].any()
 
 
@@ -342,24 +369,23 @@ def test_the_controlled_encoder_gathers_each_rows_factors_and_mode_with_its_ids(
         factors = np.where(mask == 1, rng.uniform(0.2, 3.0, size=ids.shape), 9.0).astype(np.float32)
         modes = np.array([[number == 0]] * len(sequences))  # log-additive in one request, multiplicative in the other
         requests.append(
-            request(["TOKEN_EMBEDDINGS"], INPUT_IDS=ids, ATTENTION_MASK=mask, CONTROL_FACTORS=factors, CONTROL_LOG_ADDITIVE=modes)
+            request(
+                {INPUT_IDS: ids, ATTENTION_MASK: mask, CONTROL_FACTORS: factors, CONTROL_LOG_ADDITIVE: modes}, [TOKEN_EMBEDDINGS]
+            )
         )
         for row, sequence in enumerate(sequences):
-            extra = {
-                "control_factors": factors[row : row + 1, : len(sequence)],
-                "control_log_additive": modes[row : row + 1],
-            }
-            expected_rows.append(alone(reference, sequence, **extra)["token_embeddings"])
-    answered = [row for response in step.execute(requests) for row in output(response, "TOKEN_EMBEDDINGS")]
+            controls = {CONTROL_FACTORS: factors[row : row + 1, : len(sequence)], CONTROL_LOG_ADDITIVE: modes[row : row + 1]}
+            expected_rows.append(alone(reference, sequence, controls)[TOKEN_EMBEDDINGS])
+    answered = [row for response in step.execute(requests) for row in output(response, TOKEN_EMBEDDINGS)]
     step.siblings.own.close()
     for row, expected in zip(answered, expected_rows):
         np.testing.assert_allclose(row[: len(expected)], expected, atol=2e-4, rtol=1e-3)
     # The controls matter: the same row without them is another vector.
     sequence = made[0][0][0]
     plain = alone(
-        reference, sequence, control_factors=np.ones((1, len(sequence)), np.float32), control_log_additive=np.array([[True]])
+        reference, sequence, {CONTROL_FACTORS: np.ones((1, len(sequence)), np.float32), CONTROL_LOG_ADDITIVE: np.array([[True]])}
     )
-    assert not np.allclose(plain["token_embeddings"], expected_rows[0], atol=1e-3)
+    assert not np.allclose(plain[TOKEN_EMBEDDINGS], expected_rows[0], atol=1e-3)
 
 
 # -- the steps after the encoder ------------------------------------------------------------------------------------
@@ -376,9 +402,9 @@ def test_the_pooling_step_mean_pools_real_tokens_and_normalizes(steps, manifest)
         lengths = rng.integers(1, width + 1, size=rows)
         mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
         made.append((tokens, lengths, mask))
-    responses = step.execute([request(TOKEN_EMBEDDINGS=tokens, ATTENTION_MASK=mask) for tokens, _, mask in made])
+    responses = step.execute([request({TOKEN_EMBEDDINGS: tokens, ATTENTION_MASK: mask}) for tokens, _, mask in made])
     for (tokens, lengths, _), response in zip(made, responses):
-        embeddings = output(response, "EMBEDDING")
+        embeddings = output(response, EMBEDDING)
         assert embeddings.shape == (len(lengths), 384) and embeddings.dtype == np.float32
         for row, length in enumerate(lengths):
             mean = tokens[row, :length].mean(axis=0)
@@ -391,8 +417,8 @@ def test_the_compression_step_projects_each_request_with_the_fitted_matrix(steps
     assert projection.shape == (manifest["compression"]["size"], manifest["dimensions"])
     rng = np.random.default_rng(3)
     inputs = [rng.normal(size=(rows, manifest["dimensions"])).astype(np.float32) for rows in (4, 1, 7)]
-    for embeddings, response in zip(inputs, step.execute([request(EMBEDDING=e) for e in inputs])):
-        np.testing.assert_allclose(output(response, "EMBEDDING"), embeddings @ projection.T, rtol=1e-4, atol=1e-5)
+    for embeddings, response in zip(inputs, step.execute([request({EMBEDDING: e}) for e in inputs])):
+        np.testing.assert_allclose(output(response, EMBEDDING), embeddings @ projection.T, rtol=1e-4, atol=1e-5)
 
 
 def test_the_layer_pooling_step_pools_every_layer_over_real_tokens_only(steps, manifest):
@@ -408,7 +434,7 @@ def test_the_layer_pooling_step_pools_every_layer_over_real_tokens_only(steps, m
         mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
         states[mask[:, None, :, None].repeat(layers, 1).repeat(8, 3) == 0] = 100.0  # padding that must not count
         made.append((states, lengths, mask))
-    responses = step.execute([request(HIDDEN_STATES=states, ATTENTION_MASK=mask) for states, _, mask in made])
+    responses = step.execute([request({HIDDEN_STATES: states, ATTENTION_MASK: mask}) for states, _, mask in made])
     reference = {
         "mean": lambda real: real.mean(axis=0),
         "weighted_mean": lambda real: (
@@ -419,7 +445,7 @@ def test_the_layer_pooling_step_pools_every_layer_over_real_tokens_only(steps, m
         "abs_max": lambda real: np.abs(real).max(axis=0),
     }
     for (states, lengths, _), response in zip(made, responses):
-        pooled = output(response, "POOLED")
+        pooled = output(response, POOLED)
         assert pooled.shape == (len(lengths), layers, len(poolings), 8)
         for row, length in enumerate(lengths):
             for layer in range(layers):
@@ -440,15 +466,15 @@ def test_the_encoder_answers_a_malformed_request_with_its_own_error_and_the_rest
     (sequences, ids, mask), (other_sequences, other_ids, other_mask) = ragged_requests(
         tokenizer, [TEXTS[0:2], TEXTS[2:4]], [2, 0], np.random.default_rng(5)
     )
-    mismatched = request(["TOKEN_EMBEDDINGS"], INPUT_IDS=ids, ATTENTION_MASK=mask[:, :-1])
-    outside = request(["TOKEN_EMBEDDINGS"], INPUT_IDS=np.full_like(ids, 10**7), ATTENTION_MASK=mask)
-    good = [request(["TOKEN_EMBEDDINGS"], INPUT_IDS=i, ATTENTION_MASK=m) for i, m in ((ids, mask), (other_ids, other_mask))]
+    mismatched = request({INPUT_IDS: ids, ATTENTION_MASK: mask[:, :-1]}, [TOKEN_EMBEDDINGS])
+    outside = request({INPUT_IDS: np.full_like(ids, 10**7), ATTENTION_MASK: mask}, [TOKEN_EMBEDDINGS])
+    good = [request({INPUT_IDS: i, ATTENTION_MASK: m}, [TOKEN_EMBEDDINGS]) for i, m in ((ids, mask), (other_ids, other_mask))]
     responses = encoder.execute([good[0], mismatched, outside, good[1]])
     assert error_of(responses[1]).startswith("encoder: ") and error_of(responses[2]).startswith("encoder: ")
     for response, texts in ((responses[0], sequences), (responses[3], other_sequences)):
-        tokens = output(response, "TOKEN_EMBEDDINGS")
+        tokens = output(response, TOKEN_EMBEDDINGS)
         for row, sequence in enumerate(texts):
-            expected = alone(reference_encoder, sequence)["token_embeddings"]
+            expected = alone(reference_encoder, sequence)[TOKEN_EMBEDDINGS]
             np.testing.assert_allclose(tokens[row, : len(sequence)], expected, atol=2e-4, rtol=1e-3)
 
 
@@ -457,16 +483,16 @@ def test_the_later_steps_answer_a_malformed_request_with_its_own_error(steps, ma
     dims, layers = manifest["dimensions"], manifest["num_layers"] + 1
     mask = np.ones((2, 5), dtype=np.int64)
     cases = {
-        "pooling": ("pooling", "pooling", "TOKEN_EMBEDDINGS", (2, 5, dims), (2, 4, dims), "EMBEDDING"),
-        "compression": ("compression", "compression", "EMBEDDING", (2, dims), (2, dims - 1), "EMBEDDING"),
-        "layer pooling": ("layer_pooling", "layer-pooling", "HIDDEN_STATES", (2, layers, 5, 8), (2, layers, 4, 8), "POOLED"),
+        "pooling": ("pooling", "pooling", TOKEN_EMBEDDINGS, (2, 5, dims), (2, 4, dims), EMBEDDING),
+        "compression": ("compression", "compression", EMBEDDING, (2, dims), (2, dims - 1), EMBEDDING),
+        "layer pooling": ("layer_pooling", "layer-pooling", HIDDEN_STATES, (2, layers, 5, 8), (2, layers, 4, 8), POOLED),
     }
     for label, (source, role, name, good_shape, bad_shape, output_name) in cases.items():
         step = load_step(source, steps[role])
-        extra = {} if name == "EMBEDDING" else {"ATTENTION_MASK": mask}
+        extra = {} if name == EMBEDDING else {ATTENTION_MASK: mask}
         good = {name: rng.normal(size=good_shape).astype(np.float32), **extra}
         bad = {name: rng.normal(size=bad_shape).astype(np.float32), **extra}
-        responses = step.execute([request(**good), request(**bad), request(**good)])
+        responses = step.execute([request(good), request(bad), request(good)])
         assert error_of(responses[1]).startswith(f"{label}: "), label
         np.testing.assert_array_equal(output(responses[0], output_name), output(responses[2], output_name))
         assert output(responses[0], output_name).shape[0] == 2
@@ -477,7 +503,7 @@ def test_the_later_steps_answer_a_malformed_request_with_its_own_error(steps, ma
 
 def forward(response: InferenceResponse, names: list[str], requested: list[str] | None = None) -> InferenceRequest:
     """The next step's request from a step's response, as the ensemble wires them."""
-    return request(requested, **{name: output(response, name) for name in names})
+    return request({name: output(response, name) for name in names}, requested)
 
 
 def test_the_text_pipeline_step_by_step_matches_onnxruntime_and_numpy_one_text_at_a_time(
@@ -488,19 +514,19 @@ def test_the_text_pipeline_step_by_step_matches_onnxruntime_and_numpy_one_text_a
     compress = load_step("compression", steps["compression"])
     projection = np.load(steps["compression"] / "1" / "projection.npy")
     groups = [TEXTS[:4], TEXTS[4:]]
-    tokenized = tokenize.execute([request(TEXT=text_tensor(texts)) for texts in groups])
-    encoded = encoder.execute([forward(r, ["INPUT_IDS", "ATTENTION_MASK"], ["TOKEN_EMBEDDINGS"]) for r in tokenized])
+    tokenized = tokenize.execute([request({TEXT: text_tensor(texts)}) for texts in groups])
+    encoded = encoder.execute([forward(r, [INPUT_IDS, ATTENTION_MASK], [TOKEN_EMBEDDINGS]) for r in tokenized])
     pooled = pool.execute(
         [
-            request(TOKEN_EMBEDDINGS=output(e, "TOKEN_EMBEDDINGS"), ATTENTION_MASK=output(t, "ATTENTION_MASK"))
+            request({TOKEN_EMBEDDINGS: output(e, TOKEN_EMBEDDINGS), ATTENTION_MASK: output(t, ATTENTION_MASK)})
             for e, t in zip(encoded, tokenized)
         ]
     )
-    compressed = compress.execute([forward(p, ["EMBEDDING"]) for p in pooled])
-    embeddings = np.concatenate([output(p, "EMBEDDING") for p in pooled])
-    small = np.concatenate([output(c, "EMBEDDING") for c in compressed])
+    compressed = compress.execute([forward(p, [EMBEDDING]) for p in pooled])
+    embeddings = np.concatenate([output(p, EMBEDDING) for p in pooled])
+    small = np.concatenate([output(c, EMBEDDING) for c in compressed])
     for index, text in enumerate(TEXTS):
-        mean = alone(reference_encoder, tokenizer.encode(text).ids)["token_embeddings"].mean(axis=0)
+        mean = alone(reference_encoder, tokenizer.encode(text).ids)[TOKEN_EMBEDDINGS].mean(axis=0)
         expected = mean / np.linalg.norm(mean)
         np.testing.assert_allclose(embeddings[index], expected, atol=1e-5)
         np.testing.assert_allclose(small[index], projection @ expected, atol=1e-5)
@@ -512,3 +538,11 @@ def test_every_step_source_is_covered_here():
     """A step added to export/steps/ gets its tests here too (sentence_head is the pooling step's, and the export's)."""
     sources = {path.stem for path in STEPS.glob("*.py")} - {"__init__", "sentence_head"}
     assert sources == {"tokenizer", "encoder", "pooling", "compression", "layer_pooling"}
+
+
+def test_the_export_puts_the_tensor_names_next_to_every_python_step(steps):
+    """Inside Triton each step imports tensors.py from beside its model.py; here the steps found it in repository_contract/."""
+    python_steps = {role: directory / "1" for role, directory in steps.items() if (directory / "1" / "model.py").exists()}
+    assert python_steps
+    for role, version_dir in python_steps.items():
+        assert (version_dir / "tensors.py").read_bytes() == Path(tensors.__file__).read_bytes(), role

@@ -22,6 +22,7 @@ from tritonclient.utils import InferenceServerException
 
 from gateway.triton.process import ADMIN_KEY_GRPC_METADATA, ADMIN_KEY_HEADER
 from harness.servers import start_service
+from repository_contract.tensors import EMBEDDING, TEXT
 
 pytestmark = pytest.mark.e2e
 
@@ -116,10 +117,10 @@ def test_inference_health_metadata_config_and_statistics_stay_open(running, trit
     assert triton_grpc.get_model_metadata(model_name).name == model_name
     assert triton_grpc.get_model_config(model_name).config.name == model_name
     assert triton_grpc.get_inference_statistics(model_name).model_stats[0].name == model_name
-    text = grpcclient.InferInput("TEXT", [1, 1], "BYTES")
+    text = grpcclient.InferInput(TEXT, [1, 1], "BYTES")
     text.set_data_from_numpy(np.array([[b"hello world"]], dtype=object))
-    assert triton_grpc.infer(model_name, [text]).as_numpy("EMBEDDING").shape[0] == 1
-    body = {"inputs": [{"name": "TEXT", "shape": [1, 1], "datatype": "BYTES", "data": ["hello world"]}]}
+    assert triton_grpc.infer(model_name, [text]).as_numpy(EMBEDDING).shape[0] == 1
+    body = {"inputs": [{"name": TEXT, "shape": [1, 1], "datatype": "BYTES", "data": ["hello world"]}]}
     assert requests.post(f"{base}/v2/models/{model_name}/infer", json=body, timeout=30).status_code == 200
 
 

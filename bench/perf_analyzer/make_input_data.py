@@ -28,11 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from export.datasets import sts_sentences
+from repository_contract.tensors import EMBEDDING, TEXT, TOKEN_COUNT
 
 OUTPUT = Path(__file__).resolve().parent / "sts_sentences.json"
 ROOT = Path(__file__).resolve().parent.parent.parent
-# The ensemble's tensors, as named in its config.pbtxt; shapes leave out the batch dimension.
-TEXT, TOKEN_COUNT, EMBEDDING = "TEXT", "TOKEN_COUNT", "EMBEDDING"
 
 
 def manifest_of(repository: Path) -> dict:
@@ -54,7 +53,8 @@ def _request_line(request: dict) -> str:
 
 
 def render(texts: list[str], counts: list[int], embeddings: list[np.ndarray]) -> str:
-    """The ensemble's input data, one request per line, so a change of the sentences reads as a small diff."""
+    """The ensemble's input data, one request per line, so a change of the sentences reads as a small diff. Shapes leave
+    out the batch dimension, as in the ensemble's config.pbtxt."""
     expected = []
     for count, embedding in zip(counts, embeddings, strict=True):
         vector = np.asarray(embedding, dtype="<f4")

@@ -35,6 +35,7 @@ from bench.raw_onnxruntime import RawEncoder
 from bench.throughput import run_load, served_model
 from export.datasets import sts_sentences
 from harness.servers import ROOT, RunningService, start_service
+from repository_contract.tensors import EMBEDDING, TEXT, TOKEN_COUNT
 
 RESULTS = ROOT / "bench" / "results"
 ROUTES = ["ensemble gRPC", "ensemble HTTP", "gateway /v1/embeddings"]
@@ -90,7 +91,7 @@ def triton_grpc_bodies(model: str, texts: list[str]) -> list[bytes]:
     for text in texts:
         data = text.encode()
         request = service_pb2.ModelInferRequest(model_name=model)
-        request.inputs.add(name="TEXT", datatype="BYTES", shape=[1, 1])
+        request.inputs.add(name=TEXT, datatype="BYTES", shape=[1, 1])
         request.raw_input_contents.append(struct.pack("<I", len(data)) + data)
         bodies.append(request.SerializeToString())
     return bodies
@@ -108,10 +109,8 @@ def triton_http_bodies(texts: list[str]) -> tuple[list[bytes], dict[str, str]]:
         tensor = struct.pack("<I", len(data)) + data
         header = json.dumps(
             {
-                "inputs": [
-                    {"name": "TEXT", "shape": [1, 1], "datatype": "BYTES", "parameters": {"binary_data_size": len(tensor)}}
-                ],
-                "outputs": [{"name": name, "parameters": {"binary_data": True}} for name in ("EMBEDDING", "TOKEN_COUNT")],
+                "inputs": [{"name": TEXT, "shape": [1, 1], "datatype": "BYTES", "parameters": {"binary_data_size": len(tensor)}}],
+                "outputs": [{"name": name, "parameters": {"binary_data": True}} for name in (EMBEDDING, TOKEN_COUNT)],
             }
         ).encode()
         bodies.append(header.ljust(HEADER_BYTES) + tensor)

@@ -5,10 +5,15 @@ calibration corpus, or for a Matryoshka model the identity's first rows, i.e. pl
 one step serves both.
 """
 
+import sys
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
+# The export copies repository_contract/tensors.py next to this file: Triton cannot import the repository's packages.
+sys.path.insert(0, str(Path(__file__).parent))
+from tensors import EMBEDDING  # type: ignore[import-not-found]
 
 
 class TritonPythonModel:
@@ -19,9 +24,9 @@ class TritonPythonModel:
     def execute(self, requests):
         responses = []
         for request in requests:
-            embeddings = pb_utils.get_input_tensor_by_name(request, "EMBEDDING").as_numpy()
+            embeddings = pb_utils.get_input_tensor_by_name(request, EMBEDDING).as_numpy()
             try:
-                projected = pb_utils.Tensor("EMBEDDING", embeddings @ self.components_t)
+                projected = pb_utils.Tensor(EMBEDDING, embeddings @ self.components_t)
             except ValueError as error:  # a request of another width fails alone, not its batch
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"compression: {error}")))
                 continue

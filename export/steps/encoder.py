@@ -16,6 +16,7 @@ import fcntl
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -23,7 +24,17 @@ import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
-ONNX_NAMES = {"TOKEN_EMBEDDINGS": "token_embeddings", "HIDDEN_STATES": "hidden_states"}
+# The export copies repository_contract/tensors.py next to this file: Triton cannot import the repository's packages.
+sys.path.insert(0, str(Path(__file__).parent))
+from tensors import (  # type: ignore[import-not-found]
+    ATTENTION_MASK,
+    CONTROL_FACTORS,
+    CONTROL_LOG_ADDITIVE,
+    HIDDEN_STATES,
+    INPUT_IDS,
+    TOKEN_EMBEDDINGS,
+    onnx_name,
+)
 
 
 class Siblings:
@@ -81,11 +92,13 @@ class TritonPythonModel:
         self.alone_session = _session(model_file, int(params["alone_intra_op_threads"]))
         self.siblings = Siblings(args["model_repository"], args["model_instance_name"])
         self.slice_rows = int(params["slice_rows"])
-        self.controlled = "control_factors" in {i.name for i in self.busy_session.get_inputs()}
+        self.controlled = onnx_name(CONTROL_FACTORS) in {i.name for i in self.busy_session.get_inputs()}
         # The exported outputs name their axes: [batch, sequence, hidden] and [batch, layers, sequence, hidden].
         self.output_axes = {o.name: o.shape for o in self.busy_session.get_outputs()}
         # Where the sequence axis is in one row of each output.
-        self.row_sequence_axis = {name: self.output_axes[onnx].index("sequence") - 1 for name, onnx in ONNX_NAMES.items()}
+        self.row_sequence_axis = {
+            name: self.output_axes[onnx_name(name)].index("sequence") - 1 for name in (TOKEN_EMBEDDINGS, HIDDEN_STATES)
+        }
 
     def execute(self, requests):
         # Requests that want the same outputs share onnxruntime runs (the layers pipeline wants HIDDEN_STATES).
@@ -114,12 +127,12 @@ class TritonPythonModel:
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
     def _encode(self, requests, wanted: tuple) -> list[list]:
-        ids = [self._input(r, "INPUT_IDS") for r in requests]
-        masks = [self._input(r, "ATTENTION_MASK") for r in requests]
+        ids = [self._input(r, INPUT_IDS) for r in requests]
+        masks = [self._input(r, ATTENTION_MASK) for r in requests]
         for request_ids, mask in zip(ids, masks):
             # The gather below reads each row's length from its mask: one that disagrees would be answered wrong.
             if request_ids.ndim != 2 or mask.shape != request_ids.shape:
-                raise ValueError(f"INPUT_IDS {request_ids.shape} and ATTENTION_MASK {mask.shape} must be [rows, width] alike")
+                raise ValueError(f"{INPUT_IDS} {request_ids.shape} and {ATTENTION_MASK} {mask.shape} must be [rows, width] alike")
         all_ids = np.concatenate([a.reshape(-1) for a in ids])
         # Row r of the pooled batch starts at starts[r] in the flattened inputs and has lengths[r] real tokens.
         widths = np.concatenate([np.full(a.shape[0], a.shape[1]) for a in ids])
@@ -127,8 +140,8 @@ class TritonPythonModel:
         lengths = np.concatenate([m.sum(axis=1) for m in masks])
         first_row = np.concatenate([[0], np.cumsum([a.shape[0] for a in ids])])
         if self.controlled:
-            all_factors = np.concatenate([self._input(r, "CONTROL_FACTORS").reshape(-1) for r in requests])
-            modes = np.concatenate([self._input(r, "CONTROL_LOG_ADDITIVE").reshape(-1) for r in requests])
+            all_factors = np.concatenate([self._input(r, CONTROL_FACTORS).reshape(-1) for r in requests])
+            modes = np.concatenate([self._input(r, CONTROL_LOG_ADDITIVE).reshape(-1) for r in requests])
 
         outputs = {name: [np.zeros(self._output_shape(name, *a.shape), dtype=np.float32) for a in ids] for name in wanted}
         request_of_row = np.repeat(np.arange(len(ids)), [a.shape[0] for a in ids])
@@ -139,14 +152,17 @@ class TritonPythonModel:
             columns = starts[rows, None] + np.arange(width)
             valid = np.arange(width) < lengths[rows, None]
             gathered = np.minimum(columns, len(all_ids) - 1)
-            feeds = {"input_ids": np.where(valid, all_ids[gathered], 0), "attention_mask": valid.astype(np.int64)}
+            feeds = {
+                onnx_name(INPUT_IDS): np.where(valid, all_ids[gathered], 0),
+                onnx_name(ATTENTION_MASK): valid.astype(np.int64),
+            }
             if self.controlled:
-                feeds["control_factors"] = np.where(valid, all_factors[gathered], 1.0).astype(np.float32)
-                feeds["control_log_additive"] = modes[rows, None]
+                feeds[onnx_name(CONTROL_FACTORS)] = np.where(valid, all_factors[gathered], 1.0).astype(np.float32)
+                feeds[onnx_name(CONTROL_LOG_ADDITIVE)] = modes[rows, None]
             # Chosen per slice, not per batch: a long batch started alone gives up the second core within
             # one slice of another instance starting.
             session = self.busy_session if self.siblings.others_busy() else self.alone_session
-            results = session.run([ONNX_NAMES[name] for name in wanted], feeds)
+            results = session.run([onnx_name(name) for name in wanted], feeds)
             for name, result in zip(wanted, results):
                 for slot, row in enumerate(rows):
                     request = request_of_row[row]
@@ -160,5 +176,5 @@ class TritonPythonModel:
         return pb_utils.get_input_tensor_by_name(request, name).as_numpy()
 
     def _output_shape(self, name: str, rows: int, width: int) -> tuple:
-        axes = self.output_axes[ONNX_NAMES[name]]
+        axes = self.output_axes[onnx_name(name)]
         return (rows, *(width if axis == "sequence" else axis for axis in axes[1:]))

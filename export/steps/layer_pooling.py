@@ -6,9 +6,15 @@ picks the layers and poolings a request asked for. A fixed output shape lets the
 """
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
+# The export copies repository_contract/tensors.py next to this file: Triton cannot import the repository's packages.
+sys.path.insert(0, str(Path(__file__).parent))
+from tensors import ATTENTION_MASK, HIDDEN_STATES, POOLED  # type: ignore[import-not-found]
 
 
 def mean(states, mask):
@@ -54,12 +60,12 @@ class TritonPythonModel:
         for request in requests:
             try:
                 pooled = pool_all(
-                    pb_utils.get_input_tensor_by_name(request, "HIDDEN_STATES").as_numpy(),
-                    pb_utils.get_input_tensor_by_name(request, "ATTENTION_MASK").as_numpy(),
+                    pb_utils.get_input_tensor_by_name(request, HIDDEN_STATES).as_numpy(),
+                    pb_utils.get_input_tensor_by_name(request, ATTENTION_MASK).as_numpy(),
                     self.poolings,
                 )
             except Exception as error:  # a malformed request (shapes that disagree) fails alone, not its batch
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"layer pooling: {error}")))
                 continue
-            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("POOLED", pooled)]))
+            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(POOLED, pooled)]))
         return responses

@@ -10,14 +10,24 @@ tokens and padding are never controlled).
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from tokenizers import Tokenizer
 
-# Pads rows of token ids of different lengths sent in one request; dropped before framing (ids are never negative).
-ID_PADDING = -1
+# The export copies repository_contract/tensors.py next to this file: Triton cannot import the repository's packages.
+sys.path.insert(0, str(Path(__file__).parent))
+from tensors import (  # type: ignore[import-not-found]
+    ATTENTION_MASK,
+    CONTROL_FACTORS,
+    ID_PADDING,
+    INPUT_IDS,
+    TEXT,
+    TOKEN_COUNT,
+)
+
 # Batches here are a few short texts; tokenizers' thread pool costs more than it saves on 2 shared cores.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -48,7 +58,7 @@ class TritonPythonModel:
         self.truncating.enable_truncation(self.max_length)
         self.prefix, self.suffix = _special_token_frame(self.tokenizer)
         self.input_name = config["input"][0]["name"]
-        self.controlled = any(i["name"] == "CONTROL_FACTORS" for i in config["input"])
+        self.controlled = any(i["name"] == CONTROL_FACTORS for i in config["input"])
 
     def _encode_texts(self, texts: list[str]) -> list[tuple[list[int], int]]:
         """(ids cut to max_length, untruncated count): the gateway rejects or accepts overlong texts."""
@@ -74,7 +84,7 @@ class TritonPythonModel:
             return sequences, None
         frame = [1.0] * len(self.prefix), [1.0] * len(self.suffix)
         factors = [
-            frame[0] + row[keep].tolist()[:room] + frame[1] for row, keep in zip(self._input(request, "CONTROL_FACTORS"), real)
+            frame[0] + row[keep].tolist()[:room] + frame[1] for row, keep in zip(self._input(request, CONTROL_FACTORS), real)
         ]
         return sequences, factors
 
@@ -90,19 +100,19 @@ class TritonPythonModel:
             attention_mask[row, : len(ids)] = 1
         counts = np.array([[count] for _, count in sequences], dtype=np.int32)
         tensors = [
-            pb_utils.Tensor("INPUT_IDS", input_ids),
-            pb_utils.Tensor("ATTENTION_MASK", attention_mask),
-            pb_utils.Tensor("TOKEN_COUNT", counts),
+            pb_utils.Tensor(INPUT_IDS, input_ids),
+            pb_utils.Tensor(ATTENTION_MASK, attention_mask),
+            pb_utils.Tensor(TOKEN_COUNT, counts),
         ]
         if factors is not None:
             padded = np.ones((len(sequences), width), dtype=np.float32)
             for row, values in enumerate(factors):
                 padded[row, : len(values)] = values
-            tensors.append(pb_utils.Tensor("CONTROL_FACTORS", padded))
+            tensors.append(pb_utils.Tensor(CONTROL_FACTORS, padded))
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
     def execute(self, requests):
-        if self.input_name != "TEXT":
+        if self.input_name != TEXT:
             return [self._answer(*self._frame_ids(r)) for r in requests]
         # One encode_batch for every text of every request: per call overhead is paid once per batch.
         texts, counts, responses = [], [], [None] * len(requests)

@@ -1,0 +1,38 @@
+"""The names of the tensors that the Triton models of an export take and answer.
+
+One vocabulary for everything that speaks to those models: the export, which writes the names into every
+config.pbtxt; the Triton Python steps, which read and answer them; the gateway, bench and the tests, which send
+and read them. A name spelt out in one of them could drift from the others unseen until Triton refuses a request.
+
+It imports nothing: the export copies this file next to every step's model.py, and Triton's Python backend runs the
+step where this repository is not importable.
+
+Shapes leave out the batch dimension, as Triton's configs do; -1 is the sequence (padded to a request's longest row).
+"""
+
+# The ensembles' inputs.
+TEXT = "TEXT"  # [1] BYTES: one UTF-8 text per row (text ensembles)
+TOKEN_IDS = "TOKEN_IDS"  # [-1] INT64: one prompt's token ids per row, right-padded with ID_PADDING (token-id ensembles)
+CONTROL_FACTORS = "CONTROL_FACTORS"  # [-1] FP32: an attention factor per token, 1 = uncontrolled (controlled ensembles)
+CONTROL_LOG_ADDITIVE = "CONTROL_LOG_ADDITIVE"  # [1] BOOL: per row, true: log-additive controls, false: multiplicative
+
+# What pads TOKEN_IDS rows of different lengths sent in one request: never a token id (the gateway refuses negative
+# ones), so the token-id steps drop it before framing.
+ID_PADDING = -1
+
+# Between the steps.
+INPUT_IDS = "INPUT_IDS"  # [-1] INT64: token ids framed by the special tokens, padded with the model's pad id
+ATTENTION_MASK = "ATTENTION_MASK"  # [-1] INT64: 1 at real tokens, 0 at padding
+TOKEN_EMBEDDINGS = "TOKEN_EMBEDDINGS"  # [-1, hidden] FP32: the last layer's output per token
+HIDDEN_STATES = "HIDDEN_STATES"  # [layers + 1, -1, hidden] FP32: the word embeddings and every layer's output per token
+
+# The ensembles' outputs.
+EMBEDDING = "EMBEDDING"  # [dimensions] FP32, or [compressed size] from the compression ensembles: the sentence vector
+POOLED = "POOLED"  # [layers + 1, poolings, hidden] FP32: every pooling of every layer (layers ensembles)
+TOKEN_COUNT = "TOKEN_COUNT"  # [1] INT32: the text's tokens with the special ones, counted before truncation
+
+
+def onnx_name(name: str) -> str:
+    """The encoder graph's name for one of the tensors above: the exported ONNX names its tensors in lower case, and
+    on GPU targets Triton's onnxruntime and TensorRT backends bind the encoder's inputs and outputs by those names."""
+    return name.lower()
