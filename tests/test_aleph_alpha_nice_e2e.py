@@ -4,6 +4,7 @@ import asyncio
 import statistics
 import time
 
+import aiohttp
 import pytest
 from aleph_alpha_client import (
     AsyncClient,
@@ -13,6 +14,8 @@ from aleph_alpha_client import (
 )
 
 from export.datasets import sts_sentences
+from harness.scrape import metric_sum
+from harness.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -23,6 +26,11 @@ LOAD_PROMPTS = 1800
 LOAD_CONCURRENCY = 12
 PROBES = 5
 SYMMETRIC = SemanticRepresentation.Symmetric
+
+
+async def pending_texts(session: aiohttp.ClientSession, url: str) -> float:
+    """Texts in the gateway's scheduler, waiting or in flight (its gauge, read from memory)."""
+    return await metric_sum(session, url, "embed_gateway_pending_texts")
 
 
 async def probe_latencies_under_load(service, model_name, load_is_nice: bool) -> tuple[list[float], float]:
@@ -39,6 +47,7 @@ async def probe_latencies_under_load(service, model_name, load_is_nice: bool) ->
     async with (
         AsyncClient(token="unused", host=service.http_url, nice=load_is_nice, total_retries=0) as load_client,
         AsyncClient(token="unused", host=service.http_url, total_retries=0) as probe_client,
+        aiohttp.ClientSession() as metrics_session,
     ):
 
         async def timed(probe) -> float:
@@ -51,7 +60,14 @@ async def probe_latencies_under_load(service, model_name, load_is_nice: bool) ->
             load, model=model_name, num_concurrent_requests=LOAD_CONCURRENCY, batch_size=100
         )
         load_task = asyncio.create_task(batches)
-        await asyncio.sleep(0.5)
+
+        async def load_queued() -> bool:
+            if load_task.done():
+                load_task.result()  # its error, if it failed
+                raise AssertionError("the load was served before the probes were sent")
+            return await pending_texts(metrics_session, service.http_url) >= LOAD_CONCURRENCY * 100
+
+        await eventually(load_queued, timeout_s=60, what=f"the load's {LOAD_CONCURRENCY} requests to be queued in the gateway")
         latencies = await asyncio.gather(*(timed(probe) for probe in probes))
         assert len((await load_task).embeddings) == LOAD_PROMPTS
         return latencies, time.monotonic() - started

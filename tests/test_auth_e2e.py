@@ -4,9 +4,11 @@ openai and gRPC clients, with users and tokens bootstrapped by the admin CLI int
 from __future__ import annotations
 
 import json
+import sqlite3
 import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 
 import grpc
 import openai
@@ -15,6 +17,7 @@ from aleph_alpha_client import Client, Prompt, SemanticEmbeddingRequest, Semanti
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from harness.servers import HttpApi, gateway_cli, start_service
+from harness.waiting import wait_until
 from proto.embedding.v1 import embedding_pb2 as pb
 from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
 
@@ -56,6 +59,26 @@ def bearer(token: str) -> dict[str, str]:
 
 def embed_body(model_name: str, texts=TEXTS) -> dict:
     return {"model": model_name, "input": texts}
+
+
+def stored_usage(service, token_id: int) -> dict[str, int]:
+    """The usage of a token (revoked or not) as the gateway has written it to its store, read beside the gateway."""
+    with closing(sqlite3.connect(f"file:{service.run_dir / 'auth.sqlite3'}?mode=ro", uri=True)) as store:
+        row = store.execute("SELECT requests, texts, prompt_tokens FROM tokens WHERE id = ?", (token_id,)).fetchone()
+    return dict(zip(("requests", "texts", "prompt_tokens"), row))
+
+
+def wait_until_usage_is_written(service, tokens, user: str, token_id: int) -> None:
+    """Until the gateway has written what it counted for the token to its store (it does every half second): the
+    listing, which adds what is counted and not yet written to what the store holds, then shows what the store holds.
+    Listed with the admin token, so that the listings are not counted on the token itself."""
+    with HttpApi(service.http_url, headers=bearer(tokens["admin"])) as admin:
+
+        def written() -> bool:
+            listed = [t["usage"] for t in admin.get(f"/users/{user}/tokens").json() if t["token_id"] == token_id]
+            return listed == [stored_usage(service, token_id)]
+
+        wait_until(written, timeout_s=30, interval_s=0.1, what=f"the usage of token {token_id} to be written to the store")
 
 
 def test_the_cli_prints_the_token_alone_and_it_has_256_bits(secured):
@@ -140,7 +163,13 @@ def test_tokens_are_created_listed_and_revoked_through_the_contract_routes_and_n
         assert again.status_code == 404 and again.json()["code"] == "NOT_FOUND"
         seen += [after.text, again.text]
 
-    time.sleep(1.0)  # usage is written every half second; the store must not hold the token either way
+    # Once its usage is written, the store must not hold the token either.
+    wait_until(
+        lambda: stored_usage(service, metadata["token_id"])["requests"] > 0,
+        timeout_s=30,
+        interval_s=0.1,
+        what="the revoked token's usage to be written to the store",
+    )
     assert all(new_token not in text for text in seen)
     stored = b"".join(path.read_bytes() for path in service.run_dir.glob("auth.sqlite3*"))
     assert stored and new_token.encode() not in stored and tokens["client"].encode() not in stored
@@ -211,7 +240,7 @@ def test_usage_counters_match_what_was_sent(secured, model_name):
         prompt_tokens += semantic.json()["num_tokens_prompt_total"]
         refused = http.post("/v1/embeddings", json={"model": model_name, "input": []}, headers=bearer(token))
         assert refused.status_code == 400
-        time.sleep(1.0)  # written to the store by now; the listing is read back from it
+        wait_until_usage_is_written(service, tokens, ADMIN, token_id)  # the listing is then read back from the store
         (usage,) = [t["usage"] for t in http.get("/users/me/tokens").json() if t["token_id"] == token_id]
     # The request refused with 400 is not one: only served requests count.
     assert usage == {"requests": 4, "texts": sum(map(len, batches)) + 1, "prompt_tokens": prompt_tokens}
@@ -254,7 +283,7 @@ def test_grpc_calls_are_counted_in_the_tokens_usage(secured, model_name):
                 stub.Embed(pb.EmbedRequest(model=model_name, inputs=texts), metadata=metadata, timeout=30)
                 for texts in (TEXTS, TEXTS[:1])
             ]
-        time.sleep(1.0)
+        wait_until_usage_is_written(service, tokens, CLIENT, created["metadata"]["token_id"])
         (usage,) = [t["usage"] for t in http.get("/users/me/tokens").json() if t["token_id"] == created["metadata"]["token_id"]]
     assert usage == {"requests": 2, "texts": 4, "prompt_tokens": sum(reply.usage.prompt_tokens for reply in replies)}
 
@@ -269,8 +298,15 @@ def test_request_ids_are_echoed_logged_and_in_error_bodies(secured, model_name):
         assert minted.json()["request_id"] == minted.headers["x-request-id"] and len(minted.headers["x-request-id"]) == 32
         hostile = http.post("/v1/embeddings", json=embed_body(model_name), headers={"X-Request-Id": "a b\tc"})
         assert hostile.headers["x-request-id"] != "a b\tc"
-    time.sleep(0.2)
-    lines = (service.run_dir / "gateway.log").read_text().splitlines()
+    log = service.run_dir / "gateway.log"
+    request_ids = ("trace-abc-123", minted.headers["x-request-id"], hostile.headers["x-request-id"])
+
+    def all_logged() -> bool:
+        text = log.read_text()
+        return all(f"gateway.access [{request_id}]" in text for request_id in request_ids)
+
+    wait_until(all_logged, timeout_s=30, what="the access lines of the three requests")
+    lines = log.read_text().splitlines()
     access = [line for line in lines if "trace-abc-123" in line]
     assert access and any("status=200" in line and "texts=3" in line and "route=/v1/embeddings" in line for line in access)
     assert all(TEXTS[0] not in line for line in lines)
@@ -297,22 +333,23 @@ def test_the_token_store_files_are_readable_by_the_gateways_user_only(secured):
     assert {path.name: stat.S_IMODE(path.stat().st_mode) for path in files} == {path.name: 0o600 for path in files}
 
 
-def admin_token(http: HttpApi, limits: dict, user: str = CLIENT) -> str:
+def admin_token(http: HttpApi, limits: dict, user: str = CLIENT) -> tuple[str, int]:
+    """A token of `user` with `limits`, created by the admin: the token, and its id."""
     created = http.post(f"/users/{user}/tokens", json={"description": f"limited {limits}", "limits": limits})
     assert created.status_code == 200, created.text
-    return created.json()["token"]
+    return created.json()["token"], created.json()["metadata"]["token_id"]
 
 
 def test_refused_requests_do_not_count_in_usage(secured, model_name):
     service, tokens = secured
     with HttpApi(service.http_url, headers=bearer(tokens["admin"])) as admin:
-        token = admin_token(admin, {"requests_per_second": 0.1}, user=ADMIN)  # one request per 10 s
+        token, token_id = admin_token(admin, {"requests_per_second": 0.1}, user=ADMIN)  # one request per 10 s
     with HttpApi(service.http_url, headers=bearer(token)) as http:
         assert http.post("/v1/embeddings", json=embed_body(model_name)).status_code == 200
         refused = [http.post("/v1/embeddings", json=embed_body(model_name)) for _ in range(3)]
         # Within the 10 s after the first; each would have counted before.
         assert [answer.status_code for answer in refused] == [429] * 3
-        time.sleep(1.0)  # usage is written every half second; the listing is read back from the store
+        wait_until_usage_is_written(service, tokens, ADMIN, token_id)  # the listing is then read back from the store
         listed = http.get("/users/me/tokens")
     assert listed.status_code == 200
     (usage,) = [t["usage"] for t in listed.json() if t["description"] == "limited {'requests_per_second': 0.1}"]
@@ -322,7 +359,7 @@ def test_refused_requests_do_not_count_in_usage(secured, model_name):
 def test_a_rate_limited_token_can_still_list_create_and_revoke_its_tokens(secured, model_name):
     service, tokens = secured
     with HttpApi(service.http_url, headers=bearer(tokens["admin"])) as admin:
-        token = admin_token(admin, {"requests_per_second": 0.1})
+        token, _ = admin_token(admin, {"requests_per_second": 0.1})
     with HttpApi(service.http_url, headers=bearer(token)) as http:
         assert http.post("/v1/embeddings", json=embed_body(model_name)).status_code == 200
         assert http.post("/v1/embeddings", json=embed_body(model_name)).status_code == 429
@@ -345,7 +382,7 @@ def triton_inferences(service, model_name: str) -> int:
 def test_tokens_per_minute_bound_a_burst_before_any_work_is_done(secured, model_name):
     service, tokens = secured
     with HttpApi(service.http_url, headers=bearer(tokens["admin"])) as admin:
-        token = admin_token(admin, {"tokens_per_minute": 3000})
+        token, token_id = admin_token(admin, {"tokens_per_minute": 3000})
     # The probe's request: 2048 texts of about 125 tokens each, on a token allowed 3,000 tokens a minute.
     probe = {"model": model_name, "input": [f"{TEXTS[i % 3]} " * 12 for i in range(2048)]}
     # 10 texts of "hello" 248 times: 250 tokens each with [CLS] and [SEP], 2,500 in all.
@@ -372,7 +409,7 @@ def test_tokens_per_minute_bound_a_burst_before_any_work_is_done(secured, model_
         # The 2,500 it needs minus what is left, refilled at 50 tokens a second.
         left = 3000 - used + 50 * elapsed_s
         assert (2500 - left) / 50 <= int(again.headers["retry-after"]) <= (2500 - (3000 - used)) / 50 + 1
-        time.sleep(1.0)
+        wait_until_usage_is_written(service, tokens, CLIENT, token_id)
         listed = http.get("/users/me/tokens")
     (usage,) = [t["usage"] for t in listed.json() if t["limits"]["tokens_per_minute"] == 3000]
     # Served within the minute's limit, and nothing for the refused requests.
@@ -382,7 +419,7 @@ def test_tokens_per_minute_bound_a_burst_before_any_work_is_done(secured, model_
 def test_tokens_per_minute_bound_a_grpc_burst_too(secured, model_name):
     service, tokens = secured
     with HttpApi(service.http_url, headers=bearer(tokens["admin"])) as admin:
-        token = admin_token(admin, {"tokens_per_minute": 3000})
+        token, _ = admin_token(admin, {"tokens_per_minute": 3000})
     metadata = (("authorization", f"Bearer {token}"),)
     with grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
         stub = pb_grpc.EmbeddingServiceStub(channel)

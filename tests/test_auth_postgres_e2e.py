@@ -6,12 +6,14 @@ from __future__ import annotations
 import time
 
 import grpc
+import psycopg
 import pytest
 import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from harness.postgres_server import PostgresServer
 from harness.servers import gateway_cli, start_service
+from harness.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -74,20 +76,38 @@ def test_a_token_created_on_one_replica_works_on_the_other_and_its_revocation_re
     assert embed(first, roaming, model_name).status_code == 401
 
 
+def listed_usage(service, headers: dict[str, str], token_id: int) -> dict:
+    (usage,) = [
+        t["usage"]
+        for t in requests.get(f"{service.http_url}/users/me/tokens", headers=headers).json()
+        if t["token_id"] == token_id
+    ]
+    return usage
+
+
+def stored_usage(postgres: PostgresServer, token_id: int) -> dict:
+    with psycopg.connect(postgres.url) as connection:
+        row = connection.execute("SELECT requests, texts, prompt_tokens FROM tokens WHERE id = %s", (token_id,)).fetchone()
+    return dict(zip(("requests", "texts", "prompt_tokens"), row))
+
+
 def test_usage_from_both_replicas_adds_up_in_the_shared_store(replicas, model_name):
-    _, first, second, token = replicas
+    postgres, first, second, token = replicas
     headers = {"Authorization": f"Bearer {token}"}
     created = requests.post(f"{first.http_url}/users/me/tokens", json={"description": "counted"}, headers=headers).json()
     counted, token_id = created["token"], created["metadata"]["token_id"]
     for service in (first, second, second):
         assert embed(service, counted, model_name).status_code == 200
-    time.sleep(1.2)  # each replica writes its counts every half second
+    # Each replica writes its counts every half second. A replica's listing adds what it has counted and not yet
+    # written to what the store holds: once both have written theirs, both listings show what the store holds.
+    wait_until(
+        lambda: all(listed_usage(service, headers, token_id) == stored_usage(postgres, token_id) for service in (first, second)),
+        timeout_s=30,
+        interval_s=0.1,
+        what="both replicas to write the token's usage to the store",
+    )
     for service in (first, second):
-        (usage,) = [
-            t["usage"]
-            for t in requests.get(f"{service.http_url}/users/me/tokens", headers=headers).json()
-            if t["token_id"] == token_id
-        ]
+        usage = listed_usage(service, headers, token_id)
         assert usage["requests"] == 3 and usage["texts"] == 3
 
 

@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench import resilience
 from harness.servers import start_service
+from harness.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -157,7 +158,7 @@ async def test_a_client_that_disconnects_has_its_work_cancelled(fresh):
     )
     curl.stdin.write(body)
     curl.stdin.close()
-    await asyncio.sleep(1.5)
+    await eventually(lambda: encoder_rows() > before, timeout_s=60, what="the encoder to compute the first rows of the request")
     curl.kill()
     curl.wait()
     left_at = time.monotonic()
@@ -202,7 +203,15 @@ async def test_an_external_triton_is_reconnected_when_it_comes_back(tmp_path):
         print(f"[faults] external Triton started: gateway healthy {await resilience.wait_healthy(gateway, 10):.2f} s after")
         latencies = await resilience.probe_latencies(gateway.http_url, seconds=0.5)
         await asyncio.to_thread(triton.stop, 0)
-        await asyncio.sleep(1.5)
+
+        def unhealthy() -> bool:
+            try:
+                urllib.request.urlopen(f"{gateway.http_url}/health", timeout=5).close()
+            except urllib.error.HTTPError as error:
+                return error.code == 503
+            return False
+
+        await eventually(unhealthy, timeout_s=30, interval_s=0.1, what="the gateway to notice that its Triton is away")
         with pytest.raises(urllib.error.HTTPError) as raised:
             urllib.request.urlopen(f"{gateway.http_url}/health", timeout=5)
         assert raised.value.code == 503

@@ -25,11 +25,13 @@ import psutil
 import pytest
 
 from harness.servers import ROOT, free_ports
+from harness.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 
 TIMEOUT_S = 1.0  # the header timeout of the servers under test
 MARGIN_S = 1.0  # how late past it a connection may still be closed (clock granularity, scheduling on 2 cores)
+SLOW_BEGUN = "slow request begun"  # what the server under test prints as a request to /slow starts
 
 
 class TinyServer:
@@ -296,7 +298,10 @@ def test_the_cap_keeps_the_newest_connections_and_normal_traffic_is_served(tmp_p
         idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(200)]
         for sock in idle[:100]:
             sock.sendall(b"GET / HTTP/1.1\r\n")  # half of them with a request begun, half with nothing
-        time.sleep(0.3)
+        # Once the server has taken all 200 in, the oldest 150 have made room for the newer ones.
+        wait_until(
+            lambda: sum(is_closed(sock) for sock in idle) >= 150, timeout_s=30, what="the server to take in the 200 connections"
+        )
         assert server.sockets() - baseline <= 50
         # A new client is served although 200 connections were opened before it.
         for _ in range(10):
@@ -327,7 +332,7 @@ def test_at_the_cap_with_every_connection_busy_a_new_one_is_closed_at_once(tmp_p
             sock = socket.create_connection(("127.0.0.1", server.port))
             sock.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")  # 1.5 s each
             busy.append(sock)
-        time.sleep(0.3)
+        wait_until(lambda: server.log_text().count(SLOW_BEGUN) == 20, timeout_s=30, what="the 20 slow requests to be under way")
         turned_away = socket.create_connection(("127.0.0.1", server.port))
         started = time.monotonic()
         response, closed = read_until_closed(turned_away, timeout=1)
@@ -394,6 +399,7 @@ def _serve() -> None:
         return PlainTextResponse("ok")
 
     async def slow(request):
+        print(SLOW_BEGUN, flush=True)
         await asyncio.sleep(1.5)
         return PlainTextResponse("ok")
 

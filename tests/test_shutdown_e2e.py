@@ -12,9 +12,9 @@ import time
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from bench import resilience
+from harness.scrape import metric_sum
 from harness.servers import start_service
 
 pytestmark = pytest.mark.e2e
@@ -42,14 +42,7 @@ def stalled(tmp_path):
 
 
 async def in_flight(session: aiohttp.ClientSession, url: str) -> float:
-    async with session.get(f"{url}/metrics") as response:
-        text = await response.text()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "embed_gateway_requests_in_flight" and sample.labels["contract"] != "ops"
-    )
+    return await metric_sum(session, url, "embed_gateway_requests_in_flight", lambda labels: labels["contract"] != "ops")
 
 
 async def test_requests_in_flight_at_the_end_of_the_grace_period_are_answered_503_in_their_shape(stalled):
