@@ -19,30 +19,30 @@ Faults come as gateway.triton.client would raise them for the matching Triton fa
 calls or every call failing UNAVAILABLE (a restart), an error for the calls that carry one marked text (one bad
 request), a stall (calls wait until released, or until their timeout like the real client), and a Triton down for good.
 
-InProcessGateway is tests.http_harness.Gateway's stack (the real app, middleware, protocol and core) over a FakeTriton.
+tests.http_harness.Gateway runs the gateway's real HTTP stack and core over it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import json
 from dataclasses import dataclass
 
 import numpy as np
 from tokenizers import Tokenizer
 from tritonclient.utils import InferenceServerException
 
-from gateway.core.catalog import Catalog, ServedModel
+from gateway.core.catalog import ServedModel
 from gateway.core.errors import ServiceError
 from gateway.core.scheduler import Lane
-from gateway.triton.client import ID_PADDING, backend_error
+from gateway.triton.client import backend_error
+from repository_contract import tensors
 from repository_contract.manifest import EnsembleNames
-from tests.http_harness import Gateway, Response
+from repository_contract.tensors import ID_PADDING
 
 # Features per token id before the projection to the output's size: enough that distinct inputs never collide.
 FEATURES = 32
-CONTROL_FIELDS = ("TOKEN_IDS", "CONTROL_FACTORS", "CONTROL_LOG_ADDITIVE")
+CONTROL_FIELDS = (tensors.TOKEN_IDS, tensors.CONTROL_FACTORS, tensors.CONTROL_LOG_ADDITIVE)
 
 
 def triton_error(status: str, message: str = "") -> ServiceError:
@@ -134,9 +134,9 @@ class FakeTriton:
         self.prefix, self.suffix = framed[:start], framed[start + len(bare) :]
         self._kinds: dict[str, _Kind] = {}
         for ensembles, output, size in (
-            (model.embedding, "EMBEDDING", model.dimensions),
-            (model.compressed, "EMBEDDING", model.compress_to_size),
-            (model.layers, "POOLED", model.dimensions),
+            (model.embedding, tensors.EMBEDDING, model.dimensions),
+            (model.compressed, tensors.EMBEDDING, model.compress_to_size),
+            (model.layers, tensors.POOLED, model.dimensions),
         ):
             for kind in ("text", "token_ids", "controlled"):
                 self._kinds[getattr(ensembles, kind)] = _Kind(kind, output, size)
@@ -166,6 +166,12 @@ class FakeTriton:
     def down_for_good(self, recovery_s: float) -> bool:
         return self._down
 
+    async def wait_ready(self, timeout_s: float) -> bool:
+        # Down is for good here: nothing brings the fake back, so a call waiting for it waits out its time.
+        if self._down:
+            await asyncio.sleep(timeout_s)
+        return not self._down
+
     # -- faults ----------------------------------------------------------------------------------------
 
     def fail(self, error: ServiceError, *, times: int | None = None, when_text_contains: str | None = None) -> None:
@@ -188,14 +194,14 @@ class FakeTriton:
     # -- the Send seam ---------------------------------------------------------------------------------
 
     async def send(self, lane: Lane, data: np.ndarray, timeout_s: float, request_id: str) -> tuple[np.ndarray, np.ndarray]:
-        kind = self._kinds.get(lane.ensemble)
+        kind = self._kinds.get(lane.model)
         problem = self._refusal(kind, lane, data)
         call = Call(lane, [] if kind is None or problem else self._read(kind, data), request_id, timeout_s)
         self.calls.append(call)
         self.called.set()
         if kind is None or problem is not None:
-            self.refused.append(problem or lane.ensemble)
-            raise triton_error("INVALID_ARGUMENT", problem or lane.ensemble)
+            self.refused.append(problem or lane.model)
+            raise triton_error("INVALID_ARGUMENT", problem or lane.model)
         try:
             if self.latency_s:
                 await asyncio.sleep(self.latency_s)
@@ -219,28 +225,29 @@ class FakeTriton:
     def _refusal(self, kind: _Kind | None, lane: Lane, data: np.ndarray) -> str | None:
         """Why Triton would refuse this call, or None."""
         if kind is None:
-            return f"unknown ensemble {lane.ensemble!r}"
+            return f"unknown ensemble {lane.model!r}"
         if lane.output != kind.output:
-            return f"{lane.ensemble} has no output {lane.output!r}"
+            return f"{lane.model} has no output {lane.output!r}"
         rows = len(data)
         if not 0 < rows <= min(lane.max_rows, self.model.max_batch_size):
             return f"{rows} rows for a lane of {lane.max_rows} and a model of {self.model.max_batch_size}"
         fields = data.dtype.names
         if kind.input == "text":
-            ok = lane.input_name == "TEXT" and data.dtype == object and data.shape[1:] == (1,)
+            ok = fields == (tensors.TEXT,) and data[tensors.TEXT].dtype == object and data[tensors.TEXT].shape[1:] == (1,)
         elif kind.input == "token_ids":
-            ok = lane.input_name == "TOKEN_IDS" and fields is None and data.dtype == np.int64 and data.ndim == 2
+            ids = data[tensors.TOKEN_IDS] if fields == (tensors.TOKEN_IDS,) else None
+            ok = ids is not None and ids.dtype == np.int64 and ids.ndim == 2
         else:
             ok = fields == CONTROL_FIELDS
-        return None if ok else f"{lane.ensemble} takes {kind.input}, not {lane.input_name} {data.dtype} {data.shape}"
+        return None if ok else f"{lane.model} takes {kind.input}, not {fields} {data.shape}"
 
     def _read(self, kind: _Kind, data: np.ndarray) -> list[Row]:
         if kind.input == "text":
-            return [value.decode("utf-8") for value in data.reshape(-1)]
+            return [value.decode("utf-8") for value in data[tensors.TEXT].reshape(-1)]
         if kind.input == "token_ids":
-            return [[int(i) for i in row if i != ID_PADDING] for row in data]
+            return [[int(i) for i in row if i != ID_PADDING] for row in data[tensors.TOKEN_IDS]]
         rows: list[Row] = []
-        for ids, factors, mode in zip(data["TOKEN_IDS"], data["CONTROL_FACTORS"], data["CONTROL_LOG_ADDITIVE"]):
+        for ids, factors, mode in zip(data[tensors.TOKEN_IDS], data[tensors.CONTROL_FACTORS], data[tensors.CONTROL_LOG_ADDITIVE]):
             real = ids != ID_PADDING
             rows.append(([int(i) for i in ids[real]], [float(f) for f in factors[real]], bool(mode[0])))
         return rows
@@ -286,7 +293,7 @@ class FakeTriton:
     def _answer(self, kind: _Kind, row: Row) -> tuple[np.ndarray, int]:
         ids, factors, log_additive, count = self._framed(row)
         vector = self._vector(ids, factors, log_additive, kind.size)
-        if kind.output == "POOLED":
+        if kind.output == tensors.POOLED:
             layers, poolings = self.model.num_layers + 1, len(self.model.layer_poolings)
             scale = (1 + np.arange(layers))[:, None, None] * (1 + np.arange(poolings) / 10)[None, :, None]
             vector = (vector[None, None, :] * scale).astype(np.float32)
@@ -302,50 +309,3 @@ class FakeTriton:
     def tokens(self, text: str) -> list[int]:
         """A text's token ids without the special tokens, as an input of token ids would carry them."""
         return self._tokenizer.encode(text, add_special_tokens=False).ids
-
-
-class InProcessGateway(Gateway):
-    """The real HTTP app, middleware, protocol and core (tests.http_harness.Gateway) over a FakeTriton, with a helper
-    to send one request and read its answer."""
-
-    def __init__(
-        self,
-        models: Catalog,
-        *,
-        timeout_s: float = 30.0,
-        max_calls_per_lane: int = 4,
-        max_rows_in_flight: int = 128,
-        max_body_bytes: int = 4 * 1024 * 1024,
-    ):
-        super().__init__(
-            models,
-            max_body_bytes,
-            timeout_s,
-            triton=FakeTriton,
-            max_calls_per_lane=max_calls_per_lane,
-            max_rows_in_flight=max_rows_in_flight,
-        )
-        self.triton: FakeTriton
-
-    @staticmethod
-    def message(method: str, path: str, body: object = None, headers: dict[str, str] | None = None) -> bytes:
-        data = b"" if body is None else json.dumps(body).encode()
-        head = [f"{method} {path} HTTP/1.1", "Host: x"]
-        if body is not None:
-            head += ["Content-Type: application/json", f"Content-Length: {len(data)}"]
-        head += [f"{name}: {value}" for name, value in (headers or {}).items()]
-        return ("\r\n".join(head) + "\r\n\r\n").encode() + data
-
-    async def request(
-        self, method: str, path: str, body: object = None, headers: dict[str, str] | None = None, timeout_s: float = 5.0
-    ) -> Response:
-        connection = self.connect()
-        try:
-            connection.send(self.message(method, path, body, headers))
-            return await connection.response(timeout_s=timeout_s)
-        finally:
-            connection.close()
-
-    async def post(self, path: str, body: dict, headers: dict[str, str] | None = None) -> Response:
-        """POSTs `body` as JSON, with the served model's name unless it names one."""
-        return await self.request("POST", path, {"model": self.model.name, **body}, headers)

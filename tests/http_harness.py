@@ -1,5 +1,5 @@
 """The gateway's HTTP stack in-process, for the fast tier: the real app (every route, the middleware, the real
-catalog and core) over a scheduler whose Triton is a fake, served by the real protocol of gateway.transports.http.server
+catalog and core) over a scheduler whose Triton is tests.fake_triton.FakeTriton, served by the real protocol of gateway.transports.http.server
 through a transport that records what it would send. No socket, no process, no Triton.
 """
 
@@ -7,57 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
-from typing import Any
 
-import numpy as np
-
-from gateway.core.catalog import Catalog, ServedModel
-from gateway.core.scheduler import Lane, Scheduler
+from gateway.core.catalog import Catalog
+from gateway.core.scheduler import Scheduler
 from gateway.core.service import EmbeddingService
 from gateway.ops.metrics import Metrics
 from gateway.transports.http.app import build_app, protocol_refusals
 from gateway.transports.http.server import ConnectionLimits, create_http_server
 from gateway.transports.policy import RequestPolicy
-
-
-class FakeTriton:
-    """Ready, and answering every row with constant vectors of the shape its ensemble gives (the compressed size for
-    the compressed ensembles, every layer and pooling for the layers one), or holding every call while `hold` is set
-    (a stalled Triton)."""
-
-    reason = ""
-    ready = True
-    ready_count = 1
-
-    def __init__(self, model: ServedModel):
-        self.model = model
-        self.hold = False
-        self.calls = 0
-        self.called = asyncio.Event()
-
-    def down_for_good(self, recovery_s: float) -> bool:
-        return False
-
-    def _row_shape(self, lane: Lane) -> tuple[int, ...]:
-        model = self.model
-        if lane.output == "POOLED":
-            return (model.num_layers + 1, len(model.layer_poolings), model.dimensions)
-        compressed = lane.ensemble in (model.compressed.text, model.compressed.token_ids, model.compressed.controlled)
-        return (model.compress_to_size if compressed else model.dimensions,)
-
-    async def send(self, lane: Lane, data: np.ndarray, timeout_s: float, request_id: str):
-        self.calls += 1
-        self.called.set()
-        if self.hold:
-            await asyncio.Event().wait()
-        shape = self._row_shape(lane)
-        values = np.full((len(data), *shape), 1 / np.sqrt(shape[-1]), dtype=np.float32)
-        return values, np.full(len(data), 5, dtype=np.int32)
+from tests.fake_triton import FakeTriton
 
 
 class Gateway:
-    """The app and its parts, for a test to drive and inspect."""
+    """The app and its parts, for a test to drive and inspect, and a helper to send one request and read its answer."""
 
     def __init__(
         self,
@@ -65,12 +27,11 @@ class Gateway:
         max_body_bytes: int = 4 * 1024 * 1024,
         timeout_s: float = 30.0,
         *,
-        triton: Callable[[ServedModel], Any] = FakeTriton,
         max_calls_per_lane: int = 4,
         max_rows_in_flight: int = 128,
     ):
         self.model = next(iter(models.models.values()))
-        self.triton = triton(self.model)
+        self.triton = FakeTriton(self.model)
         self.scheduler = Scheduler(
             self.triton,
             self.triton.send,
@@ -104,6 +65,29 @@ class Gateway:
                 ):
                     total += sample.value
         return total
+
+    @staticmethod
+    def message(method: str, path: str, body: object = None, headers: dict[str, str] | None = None) -> bytes:
+        data = b"" if body is None else json.dumps(body).encode()
+        head = [f"{method} {path} HTTP/1.1", "Host: x"]
+        if body is not None:
+            head += ["Content-Type: application/json", f"Content-Length: {len(data)}"]
+        head += [f"{name}: {value}" for name, value in (headers or {}).items()]
+        return ("\r\n".join(head) + "\r\n\r\n").encode() + data
+
+    async def request(
+        self, method: str, path: str, body: object = None, headers: dict[str, str] | None = None, timeout_s: float = 5.0
+    ) -> Response:
+        connection = self.connect()
+        try:
+            connection.send(self.message(method, path, body, headers))
+            return await connection.response(timeout_s=timeout_s)
+        finally:
+            connection.close()
+
+    async def post(self, path: str, body: dict, headers: dict[str, str] | None = None) -> Response:
+        """POSTs `body` as JSON, with the served model's name unless it names one."""
+        return await self.request("POST", path, {"model": self.model.name, **body}, headers)
 
 
 class Transport(asyncio.Transport):

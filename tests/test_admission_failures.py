@@ -13,7 +13,8 @@ from gateway.transports.grpc.server import create_server
 from gateway.transports.policy import RequestPolicy
 from proto.embedding.v1 import embedding_pb2 as pb
 from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
-from tests.fake_triton import FakeTriton, InProcessGateway
+from tests.fake_triton import FakeTriton
+from tests.http_harness import Gateway
 
 INSIDE = "relation tokens does not exist"
 
@@ -42,7 +43,7 @@ def admission_fails_once(monkeypatch):
     ],
 )
 async def test_over_http_it_is_a_500_in_the_contracts_shape(models, admission_fails_once, caplog, path, body, message_of):
-    gateway = InProcessGateway(models)
+    gateway = Gateway(models)
     failed = await gateway.post(path, body)
     assert failed.status == 500 and failed.headers["content-type"] == "application/json"
     assert message_of(failed.json()) == "internal error; it has been logged"

@@ -13,12 +13,13 @@ import time
 import numpy as np
 import pytest
 
+from gateway.core.chunking import text_chunks
 from gateway.core.deadline import Deadline
 from gateway.core.scheduler import PRIORITY_NICE, PRIORITY_NORMAL, Chunk, Lane
 from tests.http_harness import Gateway
 from tests.test_scheduler import RecordingTriton, scheduler_for
 
-LANE = Lane("model", "TEXT", "BYTES", "EMBEDDING", PRIORITY_NORMAL, 32, (1,))
+LANE = Lane("model", "EMBEDDING", PRIORITY_NORMAL, 32, (1,))
 
 
 def chunks(rows: int, lane: Lane = LANE) -> list[Chunk]:
@@ -36,7 +37,7 @@ async def test_rows_ahead_stays_in_step_with_the_queues_through_dispatch_and_dep
     triton = RecordingTriton()
     scheduler = scheduler_for(triton, calls_per_lane=2, rows_in_flight=64)
     rng = random.Random(7)
-    nice = Lane("model", "TEXT", "BYTES", "EMBEDDING", PRIORITY_NICE, 32, (1,))
+    nice = Lane("model", "EMBEDDING", PRIORITY_NICE, 32, (1,))
     running: list[asyncio.Task] = []
     for step in range(300):
         action = rng.random()
@@ -67,12 +68,13 @@ async def test_rows_ahead_stays_in_step_with_the_queues_through_dispatch_and_dep
 )
 async def test_a_request_the_backlog_cannot_serve_in_time_is_refused_before_its_body_is_read(models, path, body):
     gateway = Gateway(models)
-    gateway.triton.hold = True  # Triton busy: what is sent stays in flight, the rest queues
+    gateway.triton.stall()  # Triton busy: what is sent stays in flight, the rest queues
     scheduler = gateway.scheduler
     now = time.monotonic()
     scheduler.meter.busy_from(now - 1.0)
     scheduler.meter.completed(400, now)  # measured: 400 rows a second
-    backlog = [asyncio.create_task(scheduler.run(chunks(1), Deadline.within(60))) for _ in range(600)]
+    one_text = text_chunks(gateway.model.embedding.text, ["text"], [0], 32, PRIORITY_NORMAL, "EMBEDDING")
+    backlog = [asyncio.create_task(scheduler.run(one_text, Deadline.within(60))) for _ in range(600)]
     await asyncio.sleep(0)
     assert scheduler.pending_texts == 600
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import random
 import time
 from collections.abc import AsyncIterator
@@ -28,7 +29,8 @@ from gateway.core.service import EmbedCall, EmbedLayersCall, SemanticEmbedCall
 from gateway.transports.grpc.servicer import EmbeddingServicer, encoding_error
 from gateway.transports.grpc.stream import StreamBatcher, StreamReply
 from proto.embedding.v1 import embedding_pb2 as pb
-from tests.fake_triton import FakeTriton, InProcessGateway, triton_error
+from tests.fake_triton import FakeTriton, triton_error
+from tests.http_harness import Gateway
 
 WORDS = (
     "the quick brown fox jumps over a lazy dog while triton batches ragged requests of text into calls "
@@ -37,10 +39,11 @@ WORDS = (
 
 
 def mixed_texts(count: int, seed: int = 0, prefix: str = "") -> list[str]:
-    """Distinct texts from one word to a few hundred characters, in no order of length."""
+    """Distinct texts from one word to about two hundred characters, in no order of length: none can be over the
+    model's limit, so all go to the tokenizer step (for longer ones, see the test of texts that might be over it)."""
     rng = random.Random(seed)
     return [
-        f"{prefix}{index}: " + " ".join(rng.choice(WORDS) for _ in range(rng.choice([1, 2, 3, 5, 8, 13, 21, 40, 90])))
+        f"{prefix}{index}: " + " ".join(rng.choice(WORDS) for _ in range(rng.choice([1, 2, 3, 5, 8, 13, 21, 25])))
         for index in range(count)
     ]
 
@@ -68,7 +71,7 @@ async def settle() -> None:
 async def gw(models):
     """The in-process gateway over a fake Triton; afterwards nothing is left queued or in flight, and the gateway sent
     Triton nothing its ensembles would refuse."""
-    gateway = InProcessGateway(models)
+    gateway = Gateway(models)
     yield gateway
     await settle()
     assert gateway.triton.refused == []
@@ -77,7 +80,7 @@ async def gw(models):
 
 @pytest.fixture
 async def gw_one_call_per_lane(models):
-    gateway = InProcessGateway(models, max_calls_per_lane=1)
+    gateway = Gateway(models, max_calls_per_lane=1)
     yield gateway
     await settle()
     assert gateway.triton.refused == []
@@ -139,7 +142,7 @@ async def test_token_id_sequences_of_several_widths_are_reassembled_in_input_ord
     assert_rows(gw.triton, sequences, result.embeddings, result.token_counts)
     widths = {call.lane.row_shape[0] for call in gw.triton.calls}
     assert len(widths) >= 3 and all(width % 16 == 0 for width in widths)  # one lane per padded width
-    assert all(call.lane.ensemble == gw.model.embedding.token_ids for call in gw.triton.calls)
+    assert all(call.lane.model == gw.model.embedding.token_ids for call in gw.triton.calls)
 
 
 async def test_a_text_and_its_token_ids_embed_alike(gw):
@@ -173,7 +176,7 @@ async def test_semantic_embed_puts_texts_token_ids_and_controlled_prompts_back_i
     ]
     assert_rows(gw.triton, expected_inputs, result.embeddings, result.token_counts)
     model = gw.model
-    assert {call.lane.ensemble for call in gw.triton.calls} == {
+    assert {call.lane.model for call in gw.triton.calls} == {
         model.embedding.text,
         model.embedding.token_ids,
         model.embedding.controlled,
@@ -196,7 +199,7 @@ async def test_compressed_and_normalized_semantic_embeddings_of_many_prompts(gw)
     expected = [normalized(gw.triton.expected(text, compressed=True)[0]) for text in texts]
     np.testing.assert_allclose(result.embeddings, np.stack(expected), rtol=1e-5, atol=1e-7)
     assert result.model_version == gw.model.compressed_model_version
-    assert {call.lane.ensemble for call in gw.triton.calls} == {gw.model.compressed.text}
+    assert {call.lane.model for call in gw.triton.calls} == {gw.model.compressed.text}
 
 
 async def test_dimensions_keep_the_first_values_renormalized(gw):
@@ -234,10 +237,24 @@ async def test_an_overlong_text_is_refused_by_its_index_or_cut_when_truncating(g
         await gw.service.embed(EmbedCall(model=gw.model.name, texts=texts))
     assert refused.value.kind is ErrorKind.VALIDATION and refused.value.param == "input"
     assert f"'input[1]' has {full_count} tokens" in refused.value.message
+    assert gw.triton.calls == []  # refused before the encoder ran on any text of it
 
     result = await gw.service.embed(EmbedCall(model=gw.model.name, texts=texts, truncate=True))
     assert_rows(gw.triton, texts, result.embeddings)
     assert result.token_counts.tolist() == [3, gw.model.max_sequence_length, 4]
+
+
+async def test_texts_that_might_be_over_the_limit_are_tokenized_once_and_sent_as_their_token_ids(gw):
+    room = gw.model.max_sequence_length - gw.model.special_tokens
+    fitting = " ".join(WORDS * 3)[: 4 * room]  # more bytes than the model reads tokens, fewer tokens than it reads
+    assert len(fitting.encode()) > room and len(gw.triton.tokens(fitting)) <= room
+    texts = ["short", fitting, "short too", fitting.upper()]
+    result = await gw.service.embed(EmbedCall(model=gw.model.name, texts=texts))
+    assert_rows(gw.triton, texts, result.embeddings, result.token_counts)
+    # The short texts go to the tokenizer step; the long ones, tokenized here to know their length, as token ids.
+    sent = {call.lane.model: call.rows for call in gw.triton.calls}
+    assert sorted(sent[gw.model.embedding.text]) == ["short", "short too"]
+    assert sorted(sent[gw.model.embedding.token_ids]) == sorted(gw.triton.tokens(t) for t in (fitting, fitting.upper()))
 
 
 # -- EmbeddingService: faults ----------------------------------------------------------------------------------------
@@ -420,7 +437,8 @@ FAULTS = {
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))
 @pytest.mark.parametrize(("path", "body"), ROUTES, ids=[path for path, _ in ROUTES])
-async def test_a_failing_triton_is_answered_in_the_contracts_error_shape(gw, fault, path, body):
+async def test_a_failing_triton_is_answered_in_the_contracts_error_shape(gw, fault, path, body, caplog):
+    caplog.set_level(logging.INFO, logger="gateway.access")
     cause, timeout, status, kind, retry_after = FAULTS[fault]
     cause(gw.triton)
     response = await gw.post(path, body, {"X-Request-Timeout": timeout} if timeout else None)
@@ -444,6 +462,9 @@ async def test_a_failing_triton_is_answered_in_the_contracts_error_shape(gw, fau
     # The metrics count the error's kind, not a guess from its status (a missed deadline and a Triton down are both
     # 503); a failure of ours is no refusal of the caller's request.
     assert rejections(gw) == ({} if kind == "backend" else {kind: 1.0})
+    # So does the request's access-log line, which a status alone would leave to guesswork.
+    (line,) = [record for record in caplog.records if record.name == "gateway.access"]
+    assert (line.fields["status"], line.fields["error"]) == (str(status), kind)
 
 
 def rejections(gw) -> dict[str, float]:
@@ -511,7 +532,7 @@ async def run_stream(batcher: StreamBatcher, messages: list) -> dict[str, Stream
     return replies
 
 
-def batcher_for(gw: InProcessGateway, max_batch: int = 8) -> StreamBatcher:
+def batcher_for(gw: Gateway, max_batch: int = 8) -> StreamBatcher:
     return StreamBatcher(gw.service, max_batch, check=lambda item: encoding_error(item.encoding), batches_in_flight=2)
 
 

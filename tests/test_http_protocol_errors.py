@@ -130,7 +130,7 @@ async def test_a_body_whose_framing_breaks_is_answered_400_by_its_route(gateway,
         message = aleph_alpha_error(response.body)["error"]
     assert message.startswith("malformed request body: ")
     assert gateway.counted(path, 400) == 1  # counted once, as the route's answer
-    assert gateway.triton.calls == 0
+    assert gateway.triton.calls == []
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from gateway.auth.rate_limit import UNMETERED, LoginThrottle, RateLimiter, address_key, reserve_prompt_tokens
+from gateway.auth.rate_limit import LoginThrottle, RateLimiter, address_key
 from gateway.auth.store import Limits
 from gateway.core.errors import ErrorKind, ServiceError
+from gateway.core.metering import UNMETERED, reserve_prompt_tokens
 from gateway.core.prompts import Prompt
 from gateway.ops import request_context
 from gateway.ops.request_context import RequestContext
@@ -114,7 +115,7 @@ def test_changed_limits_take_effect_at_once():
 
 @pytest.fixture
 def model(tokenizer):
-    return SimpleNamespace(tokenizer=tokenizer, max_sequence_length=256)
+    return SimpleNamespace(tokenizer=tokenizer, max_sequence_length=256, special_tokens=2)  # [CLS] and [SEP]
 
 
 SENTENCE = "A man is playing a guitar on the corner of the street."  # 54 bytes, 15 tokens with [CLS] and [SEP]
@@ -156,7 +157,7 @@ async def test_a_request_that_cannot_fit_now_gets_429_with_the_wait_for_its_exac
     with pytest.raises(ServiceError) as raised:
         await reserve(model, [Prompt(text=SENTENCE)] * 2, budget, refused_request)  # 30 tokens, 20 left: 5 s short
     assert raised.value.kind is ErrorKind.RATE_LIMITED and http_status(raised.value) == 429
-    assert refused_request.rejection == "rate_limited"  # counted as such in the metrics, not as overload
+    assert raised.value.rejection == "rate_limited"  # counted as such in the metrics, not as overload
     assert raised.value.retry_after_s == 5 and "120 tokens per minute" in raised.value.message
     clock.now += 5.0
     _context, held = await reserve(model, [Prompt(text=SENTENCE)] * 2, budget)
@@ -170,7 +171,7 @@ async def test_a_request_over_a_whole_minutes_limit_gets_413_before_any_work_and
     refused_request = RequestContext("r", "openai", "/v1/embeddings", token_id=1, token_budget=budget)
     with pytest.raises(ServiceError) as raised:
         await reserve(model, [Prompt(text=SENTENCE * 9)] * 2048, budget, refused_request)
-    assert refused_request.rejection == "too_large"
+    assert raised.value.rejection == "too_large"
     error = raised.value
     assert (error.kind, http_status(error), error.param, error.retry_after_s) == (ErrorKind.PAYLOAD_TOO_LARGE, 413, "input", None)
     assert "3000 prompt tokens a minute" in error.message and "smaller requests" in error.message

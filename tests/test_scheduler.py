@@ -20,13 +20,13 @@ from gateway.triton.supervisor import TritonHealth
 
 
 def lane(priority: int = PRIORITY_NORMAL, width: int = 1, max_rows: int = 64, ensemble: str = "model-ids") -> Lane:
-    return Lane(ensemble, "TOKEN_IDS", "INT64", "EMBEDDING", priority, max_rows, (width,))
+    return Lane(ensemble, "EMBEDDING", priority, max_rows, (width,))
 
 
 def chunk(values: list[int], on: Lane | None = None, request_id: str = "") -> Chunk:
     on = on or lane()
     data = np.repeat(np.array(values, dtype=np.int64)[:, None], on.row_shape[0], axis=1)
-    return Chunk(on, data, request_id)
+    return Chunk(on, data, request_id=request_id)
 
 
 class RecordingTriton:
@@ -75,8 +75,9 @@ def scheduler_for(triton: RecordingTriton, calls_per_lane: int = 1, rows_in_flig
     )
 
 
-def values_of(results: list) -> list[float]:
-    return [float(v) for values, _ in results for v in values[:, 0]]
+def values_of(answer: tuple[np.ndarray, np.ndarray]) -> list[float]:
+    values, _ = answer
+    return [float(v) for v in values[:, 0]]
 
 
 async def settle() -> None:

@@ -22,7 +22,7 @@ from tests.http_harness import Gateway
 )
 async def test_a_request_cancelled_by_the_server_is_answered_503_in_its_contract_shape(models, caplog, path, body):
     gateway = Gateway(models)
-    gateway.triton.hold = True
+    gateway.triton.stall()
     body = json.dumps({"model": gateway.model.name, **body}).encode()
     connection = gateway.connect()
     connection.send(

@@ -17,7 +17,7 @@ from gateway.core.scheduler import Chunk, Lane, Scheduler
 from gateway.triton import pool as triton_pool
 from gateway.triton.pool import Target, TritonPool, parse_targets
 
-LANE = Lane("model", "TEXT", "BYTES", "EMBEDDING", 1, 32, (1,))
+LANE = Lane("model", "EMBEDDING", 1, 32, (1,))
 
 
 class StandInTriton:
@@ -132,25 +132,38 @@ async def test_the_scheduler_retries_a_call_that_met_a_dying_triton_on_another(t
     tritons["10.0.0.1:8001"].fail = True
     scheduler = Scheduler(pool, pool.infer, max_pending_texts=1000, max_rows_in_flight=128, max_calls_per_lane=4)
     for _ in range(6):
-        ((values, _),) = await scheduler.run([Chunk(LANE, np.zeros((3, 1)))], Deadline.within(2.0))
+        values, _ = await scheduler.run([Chunk(LANE, np.zeros((3, 1)))], Deadline.within(2.0))
         assert values[:, 0].tolist() == [2.0] * 3
 
 
+async def test_with_no_triton_ready_the_pool_answers_unavailable_at_once(tritons):
+    pool = await TritonPool.connect("10.0.0.1:8001")
+    tritons["10.0.0.1:8001"].ready = False
+    await pool.check()
+    with pytest.raises(ServiceError) as raised:
+        await pool.infer(LANE, np.zeros((1, 1)), 5.0, "r")
+    assert raised.value.kind is ErrorKind.UNAVAILABLE and "10.0.0.1:8001" in raised.value.message
+    assert tritons["10.0.0.1:8001"].timeouts == []
+
+
 async def test_with_no_triton_ready_a_call_waits_for_one_until_its_deadline(tritons):
+    """The scheduler's one retry policy: it waits for readiness instead of spinning, and is answered at its deadline."""
     pool = await TritonPool.connect("10.0.0.1:8001")
     triton = tritons["10.0.0.1:8001"]
     triton.ready = False
     await pool.check()
     assert not pool.ready and "10.0.0.1:8001" in pool.reason
+    scheduler = Scheduler(pool, pool.infer, max_pending_texts=1000, max_rows_in_flight=128, max_calls_per_lane=4)
     # None comes: the call is answered at its deadline, as a call to a stalled Triton is.
     started = time.monotonic()
     with pytest.raises(ServiceError) as raised:
-        await pool.infer(LANE, np.zeros((1, 1)), 0.2, "r")
-    assert raised.value.kind is ErrorKind.DEADLINE_EXCEEDED and 0.2 <= time.monotonic() - started < 0.5
+        await scheduler.run([Chunk(LANE, np.zeros((1, 1)))], Deadline.within(0.2))
+    assert raised.value.kind is ErrorKind.DEADLINE_EXCEEDED and 0.19 <= time.monotonic() - started < 0.5
+    assert triton.timeouts == []
     # One comes: the waiting call goes to it at once, with what is left of its time.
-    call = asyncio.create_task(pool.infer(LANE, np.zeros((1, 1)), 5.0, "r"))
+    call = asyncio.create_task(scheduler.run([Chunk(LANE, np.zeros((1, 1)))], Deadline.within(5.0)))
     await asyncio.sleep(0.1)
-    assert not call.done()
+    assert not call.done() and triton.timeouts == []
     triton.ready = True
     await pool.check()
     values, _ = await call

@@ -1,12 +1,9 @@
 """Per-token rate limits (requests per second, prompt tokens per minute) and the login throttle.
 
 Both limits of a token are token buckets. Requests per second is taken from as a request is admitted. Prompt tokens
-are counted exactly only by Triton's tokenizer step, after the work, so each inference first reserves its prompts'
-tokens from the tokens-per-minute bucket: an estimate from their UTF-8 length (at least the count of the WordPiece
-and byte-level BPE tokenizers served here, bar rare normalizations), or, when the estimate does not fit, the exact
-count from the model's own tokenizer. The tokens it really used are settled after it, and what a call that failed
-reserved is given back when its request ends. So no request takes more than the bucket holds: one that cannot fit now
-is refused with 429 and the seconds until it can, one that never can (more than a minute's limit) with 413.
+are reserved by each inference before its work (gateway.core.metering, through the request's TokenBudget) and
+settled with the tokens it really used after it; what a call that failed reserved is given back when its request
+ends. So no request takes more than the bucket holds.
 
 Failed logins are counted per email and per client address, each with a few free failures and then a wait that
 doubles with every further failure, so that guessing passwords online is slow whatever the caller spreads it over.
@@ -16,24 +13,14 @@ Both hold per gateway replica: the state lives in memory, where checking it cost
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
-import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-from tokenizers import Tokenizer
 
 from gateway.auth.store import Limits
-from gateway.core.errors import ErrorKind, ServiceError
-from gateway.core.prompts import Prompt, encode
-from gateway.ops import request_context
-
-if TYPE_CHECKING:
-    from gateway.core.catalog import ServedModel
+from gateway.core.errors import rate_limited
 
 
 @dataclass
@@ -65,33 +52,15 @@ class _TokenBuckets:
     tokens: TokenBucket | None
 
 
-def _refusal(message: str, wait_s: float) -> ServiceError:
-    """A 429 with Retry-After, noted on the request so that metrics count it as rate limited, not as overload."""
-    retry_after = max(1, math.ceil(wait_s))
-    context = request_context.current()
-    if context is not None:
-        context.rejection = "rate_limited"
-    return ServiceError(ErrorKind.RATE_LIMITED, f"{message}; retry in {retry_after} s", retry_after_s=retry_after)
-
-
-def _over_limit(what: str, wait_s: float) -> ServiceError:
-    return _refusal(f"rate limit of {what} exceeded", wait_s)
-
-
 class Reservation:
     """Prompt tokens one inference holds in its token's bucket until settle() says how many it used."""
 
-    def __init__(self, budget: TokenBudget | None, amount: int):
+    def __init__(self, budget: TokenBudget, amount: int):
         self._budget = budget
         self.amount = amount
 
     def settle(self, used: int) -> None:
-        if self._budget is not None:
-            self._budget.settle(self, used)
-
-
-# What an inference holds when its token has no limit on tokens.
-UNMETERED = Reservation(None, 0)
+        self._budget.settle(self, used)
 
 
 class TokenBudget:
@@ -161,83 +130,20 @@ class RateLimiter:
             buckets.tokens.refill(now)
             # Every request needs at least one token; refused here, it costs nothing more.
             if buckets.tokens.level < 1:
-                raise _over_limit(f"{limits.tokens_per_minute} tokens per minute", buckets.tokens.wait_s(1.0))
+                raise rate_limited(
+                    f"rate limit of {limits.tokens_per_minute} tokens per minute exceeded", buckets.tokens.wait_s(1.0)
+                )
         if buckets.requests is not None:
             buckets.requests.refill(now)
             if buckets.requests.level < 1:
-                raise _over_limit(f"{limits.requests_per_second:g} requests per second", buckets.requests.wait_s(1.0))
+                raise rate_limited(
+                    f"rate limit of {limits.requests_per_second:g} requests per second exceeded", buckets.requests.wait_s(1.0)
+                )
             buckets.requests.level -= 1
         if buckets.tokens is None:
             return None
         assert limits.tokens_per_minute is not None  # buckets.tokens exists only under that limit (_buckets_of)
         return TokenBudget(buckets.tokens, limits.tokens_per_minute, self._clock)
-
-
-def _special_tokens(tokenizer: Tokenizer) -> int:
-    """The tokens the model frames every input with ([CLS] and [SEP] for BERT)."""
-    processor = tokenizer.post_processor
-    return 0 if processor is None else processor.num_special_tokens_to_add(False)
-
-
-def _estimate(prompt: Prompt, specials: int, max_tokens: int) -> int:
-    """Exact for token ids. For a text its UTF-8 length: a token of the WordPiece and byte-level BPE tokenizers served
-    here spans at least a byte, bar rare normalizations, which the settlement after the inference makes up for."""
-    if prompt.token_ids is not None:
-        length = len(prompt.token_ids)
-    else:
-        assert prompt.text is not None  # a prompt without token ids has a text (see Prompt)
-        length = len(prompt.text.encode())
-    return min(max_tokens, length + specials)
-
-
-def _exact_count(
-    tokenizer: Tokenizer, prompts: list[Prompt], specials: int, max_tokens: int, max_chars: int, ceiling: int
-) -> int | None:
-    """The prompts' tokens as Triton's tokenizer step counts them (at most max_tokens each), or None as soon as they
-    pass `ceiling`: beyond it the exact number does not matter, and a huge request is not tokenized to the end."""
-    total = 0
-    for prompt in prompts:
-        if prompt.token_ids is not None:
-            count = len(prompt.token_ids) + specials
-        else:
-            assert prompt.text is not None  # a prompt without token ids has a text (see Prompt)
-            # Longer texts are cut to max_chars or refused before inference: tokenizing the rest would be wasted.
-            count = len(encode(tokenizer, prompt.text[:max_chars]).ids) + specials
-        total += min(max_tokens, count)
-        if total > ceiling:
-            return None
-    return total
-
-
-async def reserve_prompt_tokens(model: ServedModel, prompts: list[Prompt], field: str, max_chars: int) -> Reservation:
-    """Holds the prompts' tokens in the caller's tokens-per-minute bucket before any work is done for them; the
-    caller settles the reservation with the tokens the inference used. Raises RATE_LIMITED (429) when they do not fit
-    now, PAYLOAD_TOO_LARGE (413) when they never can."""
-    context = request_context.current()
-    if context is None or context.token_budget is None:
-        return UNMETERED
-    budget = context.token_budget
-    tokenizer, max_tokens = model.tokenizer, model.max_sequence_length
-    specials = _special_tokens(tokenizer)
-    reservation = budget.try_reserve(sum(_estimate(prompt, specials, max_tokens) for prompt in prompts))
-    if reservation is not None:
-        return reservation
-    # The estimate runs 3 to 5 times over for English; the exact count is worth its cost only when the estimate is
-    # refused, and counting in a thread keeps the event loop serving others meanwhile.
-    limit = budget.tokens_per_minute
-    exact = await asyncio.to_thread(_exact_count, tokenizer, prompts, specials, max_tokens, max_chars, limit)
-    if exact is None:
-        context.rejection = "too_large"  # a gRPC status (RESOURCE_EXHAUSTED) cannot tell it from overload
-        raise ServiceError(
-            ErrorKind.PAYLOAD_TOO_LARGE,
-            f"'{field}' holds more than the {limit} prompt tokens a minute that this token may use, "
-            "so it can never be served whole; send it in smaller requests",
-            field,
-        )
-    reservation = budget.try_reserve(exact)
-    if reservation is None:
-        raise _over_limit(f"{limit} tokens per minute", budget.wait_s(exact))
-    return reservation
 
 
 @dataclass(frozen=True)
@@ -374,7 +280,7 @@ class LoginThrottle:
         now = self.clock()
         wait_s = max(self.by_email.wait_s(email, now), self.by_address.wait_s(address, now))
         if wait_s > 0:
-            raise _refusal("too many failed logins for this email or from this address", wait_s)
+            raise rate_limited("too many failed logins for this email or from this address", wait_s)
         self.by_email.begin(email)
         self.by_address.begin(address)
         return LoginAttempt(self, email, address)

@@ -27,6 +27,7 @@ class ServedModel:
     default_prefix: str  # what sentence-transformers' encode() prepends without a prompt_name; the OpenAI contract's
     embedding: EnsembleNames
     tokenizer: Tokenizer
+    special_tokens: int  # how many the model frames a sequence with ([CLS] and [SEP]: 2)
     token_similarity: TokenSimilarity  # for contextual attention controls
     compress_to_size: int
     compressed_model_version: str
@@ -55,6 +56,7 @@ def _load(manifest_path: Path) -> ServedModel:
         default_prefix=manifest.prefixes["default"],
         embedding=manifest.ensembles,
         tokenizer=tokenizer,
+        special_tokens=0 if tokenizer.post_processor is None else tokenizer.post_processor.num_special_tokens_to_add(False),
         token_similarity=TokenSimilarity(repository / manifest.controls.token_embeddings),
         compress_to_size=manifest.compression.size,
         compressed_model_version=manifest.compressed_model_version,

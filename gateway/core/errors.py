@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 
 from gateway.ops import request_context
@@ -64,12 +65,21 @@ class ServiceError(Exception):
 
 
 def note_answered(error: ServiceError) -> None:
-    """Notes on the request being served what its error counts as in the metrics, unless something more specific was
-    noted already (a rate limiter knows a too-large request from overload); each transport calls it where it turns the
-    error into its status."""
+    """Notes on the request being served the kind of its error, for its access-log line, and what it counts as in the
+    metrics, unless something more specific was noted already (a rate limiter knows a too-large request from
+    overload); each transport calls it where it turns the error into its status."""
     context = request_context.current()
-    if context is not None and context.rejection is None:
+    if context is None:
+        return
+    context.error_kind = error.kind.value
+    if context.rejection is None:
         context.rejection = error.rejection
+
+
+def rate_limited(message: str, wait_s: float) -> ServiceError:
+    """A 429 with Retry-After: the whole seconds until the caller's limit lets it in (at least one)."""
+    retry_after = max(1, math.ceil(wait_s))
+    return ServiceError(ErrorKind.RATE_LIMITED, f"{message}; retry in {retry_after} s", retry_after_s=retry_after)
 
 
 def invalid(message: str, param: str | None = None) -> ServiceError:

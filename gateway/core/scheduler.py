@@ -1,6 +1,7 @@
 """Every request's life from admission to answer: admission by work, fair dispatch, coalescing, deadline, retry, cancellation.
 
-A request arrives as chunks (at most a few dozen rows each, see gateway.triton.client). Triton's queue is kept
+A request arrives as chunks (at most a few dozen rows each, see gateway.core.chunking), each knowing the positions
+of its rows in the request; the answer puts every chunk's rows back at those positions, in one place (Answer). Triton's queue is kept
 short: at most max_rows_in_flight rows per ready Triton are sent at once, and the next chunk comes from the request with the
 fewest rows left to send (normal traffic before `nice`; ties in arrival order). A one-text request therefore
 waits for the rows in flight, not behind another client's 2048 texts, and big requests finish one after the
@@ -19,8 +20,11 @@ with at most n rows left, so it is refused, with 429 and a Retry-After from the 
 those could not be served before its deadline. A one-text request is admitted behind any number of big
 ones. A hard limit on texts admitted and not yet answered bounds memory.
 
-A chunk that meets an unavailable Triton (down, restarting, a dead stub) is retried until its request's
-deadline: an embedding is idempotent, so a restart within the deadline costs the caller only time.
+This is also the one retry policy for a bad Triton. A call that meets no ready Triton waits for one; a call
+that meets an unavailable one (down, restarting, a dead stub) is sent again after a growing pause. Both go on until
+the request's deadline: an embedding is idempotent, so a restart within the deadline costs the caller only time.
+At the deadline the caller learns which it was: no Triton became ready (DEADLINE_EXCEEDED, as for one that stalled),
+or the Triton stayed unavailable (UNAVAILABLE).
 """
 
 from __future__ import annotations
@@ -64,12 +68,10 @@ MAX_CALL_ID_CHARS = 256
 
 @dataclass(frozen=True)
 class Lane:
-    """What a Triton call is made of; chunks of one lane can be concatenated into one call's input tensor, up to
-    max_rows rows."""
+    """What a backend call is made of: the model (an ensemble) asked for an output. Chunks of one lane can be
+    concatenated into one call's input, up to max_rows rows; what the rows hold is the backend's business."""
 
-    ensemble: str
-    input_name: str
-    datatype: str
+    model: str
     output: str
     priority: int
     max_rows: int
@@ -78,15 +80,41 @@ class Lane:
 
 @dataclass(frozen=True)
 class Chunk:
-    """Some of a request's input rows (`data`, shaped [rows, *lane.row_shape]) for one lane."""
+    """Some of a request's input rows (`data`, shaped [rows, *lane.row_shape]) for one lane, and where each of them
+    sits in the request (`positions`; None: after the rows of the chunks before it)."""
 
     lane: Lane
     data: np.ndarray
+    positions: np.ndarray | None = None
     request_id: str = ""
 
     @property
     def rows(self) -> int:
         return len(self.data)
+
+
+class Answer:
+    """A request's answer, row by row: (value, token count) at each position of the request. Each chunk's rows, and
+    any row answered without the backend (a cached vector), are put back here, and nowhere else."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.values: np.ndarray | None = None
+        self.counts = np.zeros(size, dtype=np.int64)
+
+    def put(self, positions: np.ndarray, values: np.ndarray, counts: np.ndarray) -> None:
+        if self.values is None:
+            if len(positions) == self.size and (self.size == 1 or np.array_equal(positions, np.arange(self.size))):
+                # Every row at once, in order, as a single-text request's are: nothing to copy.
+                self.values, self.counts = values, counts.astype(np.int64, copy=False)
+                return
+            self.values = np.empty((self.size, *values.shape[1:]), dtype=np.float32)
+        self.values[positions] = values
+        self.counts[positions] = counts
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        assert self.values is not None, "an answer is read once rows were put in it"
+        return self.values, self.counts
 
 
 class Backend(Protocol):
@@ -103,6 +131,8 @@ class Backend(Protocol):
 
     def down_for_good(self, recovery_s: float) -> bool: ...
 
+    async def wait_ready(self, timeout_s: float) -> bool: ...
+
 
 # Sends one call's rows to Triton within timeout_s under a request id; returns (values, token counts) per row.
 Send = Callable[[Lane, np.ndarray, float, str], Awaitable[tuple[np.ndarray, np.ndarray]]]
@@ -114,8 +144,8 @@ class _Job:
     deadline: Deadline
     texts: int
     done: asyncio.Future
+    answer: Answer
     next_chunk: int = 0
-    results: list = field(default_factory=list)
     unanswered: int = 0
     rows_unsent: int = 0
     arrival: int = 0
@@ -132,30 +162,43 @@ class _Job:
 
 @dataclass(eq=False)
 class _Call:
-    """One Triton call: chunks of one lane from one or more jobs, as parts (job, the chunk's index, chunk)."""
+    """One Triton call: chunks of one lane from one or more jobs, as parts (job, chunk)."""
 
     lane: Lane
-    parts: list[tuple[_Job, int, Chunk]] = field(default_factory=list)
+    parts: list[tuple[_Job, Chunk]] = field(default_factory=list)
     rows: int = 0
     task: asyncio.Task | None = None
 
-    def add(self, job: _Job, index: int, chunk: Chunk) -> None:
-        self.parts.append((job, index, chunk))
+    def add(self, job: _Job, chunk: Chunk) -> None:
+        self.parts.append((job, chunk))
         self.rows += chunk.rows
         job.calls.add(self)
 
     @property
     def waiting(self) -> bool:
-        return any(not job.done.done() for job, _, _ in self.parts)
+        return any(not job.done.done() for job, _ in self.parts)
 
     def deadline(self) -> Deadline:
         """The latest deadline of the requests it carries: each of them gives up at its own."""
-        return Deadline(max(job.deadline.expires_at for job, _, _ in self.parts))
+        return Deadline(max(job.deadline.expires_at for job, _ in self.parts))
 
     def request_id(self) -> str:
-        ids = list(dict.fromkeys(chunk.request_id for _, _, chunk in self.parts if chunk.request_id))
+        ids = list(dict.fromkeys(chunk.request_id for _, chunk in self.parts if chunk.request_id))
         joined = ",".join(ids)
         return joined if len(joined) <= MAX_CALL_ID_CHARS else f"{ids[0]},+{len(ids) - 1} more"
+
+
+def _positioned(chunks: list[Chunk]) -> list[Chunk]:
+    """The chunks, each with the positions of its rows: those given, or the next ones in chunk order."""
+    if all(chunk.positions is not None for chunk in chunks):
+        return chunks
+    placed, start = [], 0
+    for chunk in chunks:
+        if chunk.positions is None:
+            chunk = Chunk(chunk.lane, chunk.data, np.arange(start, start + chunk.rows), chunk.request_id)
+        placed.append(chunk)
+        start += chunk.rows
+    return placed
 
 
 def _timed(job: _Job) -> None:
@@ -266,12 +309,18 @@ class Scheduler:
 
     # -- a request's life -------------------------------------------------------------------------------
 
-    async def run(self, chunks: list[Chunk], deadline: Deadline, priority: int = PRIORITY_NORMAL) -> list:
-        """Each chunk's result, in chunk order, or the first error; gives up (and drops its work) at the deadline."""
+    async def run(
+        self, chunks: list[Chunk], deadline: Deadline, priority: int = PRIORITY_NORMAL, answer: Answer | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Every row's (value, token count) at its position, or the first error; gives up (and drops its work) at the
+        deadline. `answer` may already hold rows answered without the backend; the chunks' rows fill the rest."""
         texts = sum(c.rows for c in chunks)
         self.check_open()
         self._admit(texts, deadline)
-        job = _Job(chunks, deadline, texts, asyncio.get_running_loop().create_future(), results=[None] * len(chunks))
+        chunks = _positioned(chunks)
+        if answer is None:
+            answer = Answer(texts)
+        job = _Job(chunks, deadline, texts, asyncio.get_running_loop().create_future(), answer)
         job.context = request_context.current()
         job.submitted = time.monotonic()
         job.unanswered = len(chunks)
@@ -347,7 +396,7 @@ class Scheduler:
         self._launch(opened)
 
     def _place(self, job: _Job, chunk: Chunk, call: _Call) -> None:
-        call.add(job, job.next_chunk, chunk)
+        call.add(job, chunk)
         job.next_chunk += 1
         self._count_unsent(job.rows_unsent, job.rows_unsent - chunk.rows)
         job.rows_unsent -= chunk.rows
@@ -365,7 +414,7 @@ class Scheduler:
             call.task.add_done_callback(functools.partial(self._finished, call))
 
     def _finished(self, call: _Call, _task: asyncio.Task) -> None:
-        for job, _, _ in call.parts:
+        for job, _ in call.parts:
             job.calls.discard(call)
         self._lane_calls[call.lane] -= 1
         if not self._lane_calls[call.lane]:
@@ -376,25 +425,37 @@ class Scheduler:
     async def _execute(self, call: _Call) -> None:
         """Sends the call and hands each request its rows, or the error to every request in it."""
         try:
-            data = call.parts[0][2].data if len(call.parts) == 1 else np.concatenate([chunk.data for _, _, chunk in call.parts])
+            data = call.parts[0][1].data if len(call.parts) == 1 else np.concatenate([chunk.data for _, chunk in call.parts])
             values, counts = await self._send_with_retry(call.lane, data, call.deadline(), call.request_id())
         except Exception as error:
-            for job, _, _ in call.parts:
+            for job, _ in call.parts:
                 if not job.done.done():
                     job.done.set_exception(error)
         else:
             self.meter.completed(call.rows, time.monotonic())
             start = 0
-            for job, index, chunk in call.parts:
-                job.results[index] = (values[start : start + chunk.rows], counts[start : start + chunk.rows])
+            for job, chunk in call.parts:
+                rows = slice(start, start + chunk.rows)
                 start += chunk.rows
+                if job.done.done():
+                    continue  # gone (deadline, disconnect): nobody reads its answer
+                assert chunk.positions is not None  # run() positioned every chunk
+                job.answer.put(chunk.positions, values[rows], counts[rows])
                 job.unanswered -= 1
-                if job.unanswered == 0 and not job.done.done():
-                    job.done.set_result(job.results)
+                if job.unanswered == 0:
+                    job.done.set_result(job.answer.result())
 
     async def _send_with_retry(self, lane: Lane, data: np.ndarray, deadline: Deadline, request_id: str):
+        """The one retry policy for a bad Triton (see the module's docstring)."""
         backoff_s = 0.05
         while True:
+            if not self.health.ready and not await self.health.wait_ready(deadline.remaining()):
+                # As a call to a stalled Triton waits for it, a call with no Triton ready waits for one: past the
+                # deadline it is the deadline that was missed.
+                raise ServiceError(
+                    ErrorKind.DEADLINE_EXCEEDED,
+                    f"no inference server became ready within the request's deadline ({self.health.reason})",
+                )
             try:
                 return await self.send(lane, data, deadline.remaining(), request_id)
             except ServiceError as error:

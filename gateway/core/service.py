@@ -11,16 +11,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gateway.auth.rate_limit import reserve_prompt_tokens
 from gateway.core.cache import EmbeddingCache
 from gateway.core.catalog import Catalog, ServedModel
+from gateway.core.chunking import text_chunks, token_id_chunks
 from gateway.core.controls import ControlOptions, PositionControl, position_factors
 from gateway.core.deadline import Deadline
 from gateway.core.errors import invalid
+from gateway.core.metering import reserve_prompt_tokens
 from gateway.core.prompts import Prompt, PromptItem, check_length, decode, encode, resolve
-from gateway.core.scheduler import PRIORITY_NORMAL, Scheduler
+from gateway.core.scheduler import PRIORITY_NORMAL, Answer, Chunk, Scheduler
 from gateway.ops import request_context
-from gateway.triton.client import ChunkedInput, text_input, token_ids_input
+from repository_contract import tensors
 from repository_contract.manifest import EnsembleNames
 
 # No token of the models served here spans more characters (WordPiece gives up on words over 100), so a text
@@ -158,20 +159,6 @@ def _resize(embeddings: np.ndarray, dimensions: int | None, model: ServedModel) 
     return _normalized(embeddings[:, :dimensions])
 
 
-def _in_prompt_order(
-    size: int, hits: list[tuple[int, tuple[np.ndarray, int]]], rows: list[list[int]], results: list[tuple[np.ndarray, np.ndarray]]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Cached rows and each part's computed rows, put back at their prompts' positions."""
-    shape = results[0][0].shape[1:] if results else hits[0][1][0].shape
-    values = np.empty((size, *shape), dtype=np.float32)
-    counts = np.empty(size, dtype=np.int64)
-    for row, (vector, count) in hits:
-        values[row], counts[row] = vector, count
-    for part_rows, (part_values, part_counts) in zip(rows, results):
-        values[part_rows], counts[part_rows] = part_values, part_counts
-    return values, counts
-
-
 def _account(texts: int, tokens: int) -> None:
     """Adds what a request embedded to its usage (per-token counters, metrics, the access log)."""
     context = request_context.current()
@@ -220,18 +207,6 @@ class EmbeddingService:
         """A new request's deadline: the server's timeout, or sooner if the caller asks."""
         return Deadline.within(self.timeout_s, requested_s)
 
-    async def _run(
-        self, inputs: list[ChunkedInput], deadline: Deadline | None, priority: int
-    ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Every input's (values, token counts) from one scheduled job, so admission and fairness see the whole request."""
-        chunks = [chunk for chunked in inputs for chunk in chunked.chunks]
-        results = await self.scheduler.run(chunks, deadline or self.deadline(), priority)
-        assembled, start = [], 0
-        for chunked in inputs:
-            assembled.append(chunked.assemble(results[start : start + len(chunked.chunks)]))
-            start += len(chunked.chunks)
-        return assembled
-
     def _capped(self, texts: list[str], field: str, truncate: bool | None, model: ServedModel) -> list[str]:
         """The texts, each refused or (when truncating) cut if far longer than the model reads."""
         limit = model.max_sequence_length * MAX_CHARS_PER_TOKEN
@@ -270,18 +245,32 @@ class EmbeddingService:
                         call.input_field,
                     )
 
-    def _check_lengths(self, field: str, truncate: bool | None, model: ServedModel, counts: np.ndarray) -> None:
-        truncate = self.truncate_default if truncate is None else truncate
-        if truncate:
-            return
-        overlong = np.flatnonzero(counts > model.max_sequence_length)
-        if overlong.size:
-            index = int(overlong[0])
+    @staticmethod
+    def _refuse_overlong(field: str, model: ServedModel, rows: list[int], counts: list[int] | np.ndarray) -> None:
+        """Refuses, naming the first such prompt, a prompt of more tokens (special ones included) than the model reads."""
+        over = [(row, int(count)) for row, count in zip(rows, counts) if count > model.max_sequence_length]
+        if over:
+            row, count = min(over)
             raise invalid(
-                f"'{field}[{index}]' has {int(counts[index])} tokens, more than the {model.max_sequence_length} "
+                f"'{field}[{row}]' has {count} tokens, more than the {model.max_sequence_length} "
                 f"that {model.name} accepts; shorten it or ask for truncation",
                 field,
             )
+
+    @staticmethod
+    async def _tokenized_if_long(model: ServedModel, texts: list[str]) -> dict[int, list[int]]:
+        """The token ids (without special tokens) of each text that might be longer than the model reads, by index.
+
+        No tokenizer here makes more tokens of a text than it has UTF-8 bytes (byte-level BPE, at worst, one a byte),
+        so a shorter text is not tokenized: most texts are, and stay, the tokenizer step's work.
+        """
+        room = model.max_sequence_length - model.special_tokens
+        long = [i for i, text in enumerate(texts) if len(text) > room // 4 and len(text.encode("utf-8")) > room]
+        if not long:
+            return {}
+        # encode_batch releases the GIL while it tokenizes (see gateway.core.prompts).
+        encodings = await asyncio.to_thread(model.tokenizer.encode_batch, [texts[i] for i in long], add_special_tokens=False)
+        return {i: encoding.ids for i, encoding in zip(long, encodings)}
 
     async def embed(self, call: EmbedCall) -> EmbedResult:
         model = self.catalog.get(call.model)
@@ -294,7 +283,7 @@ class EmbeddingService:
             prompts = [Prompt(token_ids=ids) for ids in call.token_ids]
         cache_as = CacheAs(model.model_version, model.dimensions)
         embeddings, counts = await self._infer_prompts(
-            model, prompts, model.embedding, "EMBEDDING", call, call.input_field, cache_as, call.truncate
+            model, prompts, model.embedding, tensors.EMBEDDING, call, call.input_field, cache_as, call.truncate
         )
         _account(len(counts), int(counts.sum()))
         return EmbedResult(model, _resize(embeddings, call.dimensions, model), counts)
@@ -315,6 +304,7 @@ class EmbeddingService:
         Triton, and the texts computed are written to it."""
         # Before any work, so that a token's tokens-per-minute limit bounds a burst instead of charging it afterwards.
         reservation = await reserve_prompt_tokens(model, prompts, field, model.max_sequence_length * MAX_CHARS_PER_TOKEN)
+        truncating = self.truncate_default if truncate is None else truncate
         text_rows: list[int] = []
         texts: list[str] = []
         id_rows: list[int] = []
@@ -333,8 +323,9 @@ class EmbeddingService:
             else:
                 controlled_rows.append(row)
                 controlled.append((prompt.token_ids, prompt.controls))
-        parts: list[tuple[list[int], ChunkedInput]] = []
-        hits: list[tuple[int, tuple[np.ndarray, int]]] = []
+        answer = Answer(len(prompts))
+        chunks: list[Chunk] = []
+        computed_rows: list[int] = []
         computed_texts: list[str] = []
         if text_rows:
             computed_texts = self._capped(texts, field, truncate, model)
@@ -343,14 +334,30 @@ class EmbeddingService:
                 found = await self.cache.lookup(
                     cache_as.key(model), computed_texts, cache_as.dimensions, model.max_sequence_length
                 )
-                hits = [(row, entry) for row, entry in zip(text_rows, found) if entry is not None]
+                for row, entry in zip(text_rows, found):
+                    if entry is not None:
+                        answer.put(np.array([row]), entry[0][np.newaxis], np.array([entry[1]]))
                 computed_rows = [row for row, entry in zip(text_rows, found) if entry is None]
                 computed_texts = [text for text, entry in zip(computed_texts, found) if entry is None]
-            if computed_texts:
-                chunked = text_input(ensembles.text, computed_texts, model.max_batch_size, call.priority, output)
-                parts.append((computed_rows, chunked))
+            sent_texts, sent_rows = computed_texts, computed_rows
+            if not truncating:
+                # A text over the model's limit is refused before the encoder runs. Those that could be over are
+                # tokenized here to know, and then sent as the token ids they are, so that none is tokenized twice.
+                long = await self._tokenized_if_long(model, computed_texts)
+                moved = {i: tokens for i, tokens in long.items() if tokens}  # nothing to frame: left to the text step
+                for i, tokens in moved.items():
+                    id_rows.append(computed_rows[i])
+                    ids.append(tokens)
+                if moved:
+                    kept = [i for i in range(len(computed_texts)) if i not in moved]
+                    sent_texts, sent_rows = [computed_texts[i] for i in kept], [computed_rows[i] for i in kept]
+            if sent_texts:
+                chunks += text_chunks(ensembles.text, sent_texts, sent_rows, model.max_batch_size, call.priority, output)
+        if not truncating:
+            lengths = [len(tokens) for tokens in ids] + [len(tokens) for tokens, _ in controlled]
+            self._refuse_overlong(field, model, id_rows + controlled_rows, [n + model.special_tokens for n in lengths])
         if id_rows:
-            parts.append((id_rows, token_ids_input(ensembles.token_ids, ids, model.max_batch_size, call.priority, output)))
+            chunks += token_id_chunks(ensembles.token_ids, ids, id_rows, model.max_batch_size, call.priority, output)
         if controlled_rows:
             # Only prompts made of items carry controls, and an EmbedCall's are plain texts or token ids.
             assert not isinstance(call, EmbedCall)
@@ -363,17 +370,20 @@ class EmbeddingService:
             )
             controls = (factors, call.controls.log_additive)
             controlled_ids = [token_ids for token_ids, _ in controlled]
-            chunked = token_ids_input(ensembles.controlled, controlled_ids, model.max_batch_size, call.priority, output, controls)
-            parts.append((controlled_rows, chunked))
-        results = await self._run([chunked for _, chunked in parts], call.deadline, call.priority) if parts else []
-        if len(results) == 1 and not hits and len(parts[0][0]) == len(prompts):
-            values, counts = results[0]  # one kind of input, none of it cached: already in prompt order, as most requests are
+            chunks += token_id_chunks(
+                ensembles.controlled, controlled_ids, controlled_rows, model.max_batch_size, call.priority, output, controls
+            )
+        if chunks:
+            # One scheduled job for the whole request, so that admission and fairness see all of it.
+            values, counts = await self.scheduler.run(chunks, call.deadline or self.deadline(), call.priority, answer)
         else:
-            values, counts = _in_prompt_order(len(prompts), hits, [rows for rows, _ in parts], results)
+            values, counts = answer.result()  # every text was cached
         if computed_texts and cache_as is not None and self.cache is not None:
-            # parts[0] holds the computed texts, in the order of computed_texts.
-            self.cache.store(cache_as.key(model), computed_texts, results[0][0], results[0][1])
-        self._check_lengths(field, truncate, model, counts)
+            self.cache.store(cache_as.key(model), computed_texts, values[computed_rows], counts[computed_rows])
+        if not truncating:
+            # What the model counted, for the texts not tokenized above (a normalizer can make one character several, as
+            # NFKC does with U+FDFA) and for cached vectors, which a request that truncated may have stored.
+            self._refuse_overlong(field, model, list(range(len(counts))), counts)
         counts = np.minimum(counts, model.max_sequence_length)
         reservation.settle(int(counts.sum()))
         return values, counts
@@ -412,7 +422,9 @@ class EmbeddingService:
         else:
             ensembles, model_version, size = model.compressed, model.compressed_model_version, model.compress_to_size
         cache_as = CacheAs(model_version, size)
-        embeddings, counts = await self._infer_prompts(model, prompts, ensembles, "EMBEDDING", call, call.prompt_field, cache_as)
+        embeddings, counts = await self._infer_prompts(
+            model, prompts, ensembles, tensors.EMBEDDING, call, call.prompt_field, cache_as
+        )
         _account(len(prompts), int(counts.sum()))
         return SemanticEmbedResult(model_version, _normalized(embeddings) if call.normalize else embeddings, counts)
 
@@ -429,7 +441,7 @@ class EmbeddingService:
             raise invalid(f"'pooling' names {twice!r} twice; name each pooling once", "pooling")
         _refuse_invisible_prompts([call.prompt], "prompt")
         (prompt,) = await self._resolve(model, [call.prompt], "", "prompt")
-        pooled, counts = await self._infer_prompts(model, [prompt], model.layers, "POOLED", call, "prompt")
+        pooled, counts = await self._infer_prompts(model, [prompt], model.layers, tensors.POOLED, call, "prompt")
         pooled = _normalized(pooled[0]) if call.normalize else pooled[0]  # [layers + 1, poolings, hidden]
         column = {name: index for index, name in enumerate(model.layer_poolings)}
         layers = [(layer, {p: pooled[layer % depth, column[p]] for p in call.poolings}) for layer in call.layers]

@@ -147,6 +147,8 @@ def log_access(context: RequestContext, status: str, suppressed: int = 0) -> Non
         "ms": round(context.elapsed_s() * 1000, 1),
         "token_id": context.token_id,
     }
+    if context.error_kind is not None:
+        fields["error"] = context.error_kind
     if suppressed:
         fields["suppressed"] = suppressed
     ACCESS_LOG.info("request", extra={"request_id": context.request_id, "fields": fields})

@@ -12,10 +12,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from gateway.auth.rate_limit import TokenBudget
+from typing import Protocol
 
 # A caller's own id is kept when it is safe to echo in a header and to write in a log line.
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
@@ -26,6 +23,25 @@ def request_id_from(value: str | None) -> str:
     if value is not None and _SAFE_ID.fullmatch(value):
         return value
     return uuid.uuid4().hex
+
+
+class Settlement(Protocol):
+    """Prompt tokens one inference holds until it says how many it used."""
+
+    def settle(self, used: int) -> None: ...
+
+
+class TokenBudget(Protocol):
+    """A request's hold on its caller's prompt tokens a minute: given by gateway.auth, drawn on by gateway.core.metering.
+    Declared here, where both meet, so that neither imports the other."""
+
+    tokens_per_minute: int
+
+    def try_reserve(self, amount: int) -> Settlement | None: ...
+
+    def wait_s(self, amount: int) -> float: ...
+
+    def release(self) -> None: ...
 
 
 @dataclass
@@ -42,10 +58,12 @@ class RequestContext:
     queue_s: float = 0.0
     triton_s: float = 0.0
     # The caller's hold on its token's prompt tokens a minute, when the token has that limit: each inference reserves
-    # its tokens there before any work (gateway/auth/rate_limit.py).
+    # its tokens there before any work (gateway/core/metering.py).
     token_budget: TokenBudget | None = None
     # Why the request was refused, set where its status alone cannot tell (a 429 is a rate limit or overload).
     rejection: str | None = None
+    # The kind of the error it was answered with (gateway.core.errors.ErrorKind's value), for its access-log line.
+    error_kind: str | None = None
 
     def add_usage(self, texts: int, tokens: int) -> None:
         self.texts += texts

@@ -7,7 +7,8 @@ long-lived gRPC connection per address, rather than one to a load-balanced Servi
 gateway spread calls at all: a Service balances connections, and the gateway holds few.
 
 A call that finds its Triton unavailable marks it unready at once, so that the scheduler's retry goes to
-another; the health poll takes it back as soon as it answers ready again.
+another (or waits, through wait_ready, for one to be ready again); the health poll takes it back as soon as it
+answers ready again.
 """
 
 from __future__ import annotations
@@ -171,20 +172,13 @@ class TritonPool:
         return min(rotated, key=lambda e: e.rows_in_flight)
 
     async def infer(self, lane: Lane, data: np.ndarray, timeout_s: float, request_id: str) -> tuple[np.ndarray, np.ndarray]:
-        started = time.monotonic()
         endpoint = self._pick()
-        while endpoint is None:
-            # As a call to a stalled Triton waits for it, a call with no Triton ready waits for one: it costs the
-            # call its time, and past the deadline it is the deadline that was missed.
-            remaining_s = timeout_s - (time.monotonic() - started)
-            if remaining_s <= 0 or not await self.wait_ready(remaining_s):
-                raise ServiceError(
-                    ErrorKind.DEADLINE_EXCEEDED, f"no inference server became ready within the request's deadline ({self.reason})"
-                )
-            endpoint = self._pick()
+        if endpoint is None:
+            # Waiting for a Triton to become ready is the scheduler's retry policy, not a second one here.
+            raise ServiceError(ErrorKind.UNAVAILABLE, f"no inference server is ready ({self.reason})")
         endpoint.rows_in_flight += len(data)
         try:
-            return await endpoint.client.infer(lane, data, timeout_s - (time.monotonic() - started), request_id)
+            return await endpoint.client.infer(lane, data, timeout_s, request_id)
         except ServiceError as error:
             if error.kind is ErrorKind.UNAVAILABLE:
                 # The scheduler retries the call; marking the Triton unready now sends that retry elsewhere
