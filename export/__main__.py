@@ -24,9 +24,11 @@ from export.repository import (
     LAYER_POOLINGS,
     STEP_SOURCES,
     RepositoryOptions,
+    VisionFiles,
     model_directories,
     remove_model,
     step_names,
+    write_image_pipeline,
     write_repository,
 )
 from export.source_model import UnsupportedModel, default_model_path, load_source_model
@@ -35,16 +37,21 @@ from repository_contract.manifest import (
     Compression,
     Controls,
     EnsembleNames,
+    ImageEnsembles,
     Layers,
     Manifest,
+    Vision,
     manifest_path,
     owned_directories,
     recorded_fingerprint,
 )
-from repository_contract.naming import ensemble_names
+from repository_contract.naming import ensemble_names, image_ensembles
 
 # GPU encoders (Triton's onnxruntime and TensorRT backends) batch only equal shapes, so requests are padded to these.
 GPU_LENGTH_BUCKETS = "16,32,64,128,256"
+
+# 25 megapixels: a 6000x4000 photo is served; decoded as RGB it takes 75 MB, at most one per instance at a time.
+DEFAULT_MAX_IMAGE_PIXELS = 25_000_000
 
 FALLBACK_VALIDATION_TEXTS = [
     "A man is playing a guitar.",
@@ -203,6 +210,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_STS_PATH,
         help="STS file whose sentences the compression PCA is fitted on",
     )
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        help="models with a vision tower: width*height of a decoded image above which it is refused before decoding "
+        "(a decompression bomb)",
+    )
     parser.add_argument("--force", action="store_true", help="export again even when nothing changed")
     return parser.parse_args(argv)
 
@@ -234,7 +248,7 @@ def _sources(args: argparse.Namespace) -> list[tuple[Path, str | None]]:
 
 def _clashes(source, compress_to: int, repository: Path) -> str | None:
     """Another model in the repository that owns one of the Triton model names this one needs."""
-    wanted = set(model_directories(source.name, compress_to))
+    wanted = set(model_directories(source.name, compress_to, source.vision is not None))
     for name, directories in owned_directories(repository).items():
         taken = wanted & set(directories)
         if name != source.name and taken:
@@ -354,10 +368,13 @@ def _build(args: argparse.Namespace, source, model_dir: Path, fingerprint: str, 
             print(f"export: the attention-controlled graph of {source.name} differs from the plain one", file=sys.stderr)
             return 1
 
+    vision = _vision_files(args, source, build_dir, started) if source.vision else None
+    if vision is None and source.vision:
+        return 1
     projection = _fit_projection(source, head, args, onnx_path, tokenizer, started)
     onnx_digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()[:12]
     ensembles = ensemble_names(source.name, projection.size)
-    steps = step_names(source.name)
+    steps = step_names(source.name, vision is not None)
     manifest = Manifest(
         name=source.name,
         model_version=f"{source.name}-{args.precision}-{onnx_digest}",
@@ -377,12 +394,13 @@ def _build(args: argparse.Namespace, source, model_dir: Path, fingerprint: str, 
         pad_token_id=pad_token_id,
         tokenizer=f"{steps['tokenizer']}/1/tokenizer.json",
         steps=steps,
-        directories=tuple(model_directories(source.name, projection.size)),
+        directories=tuple(model_directories(source.name, projection.size, vision is not None)),
         ensembles=EnsembleNames(**ensembles["embedding"]),
         # Compressed vectors also depend on the fitted projection, so they carry its digest in model_version.
         compression=Compression(projection.size, projection.method, projection.digest, EnsembleNames(**ensembles["compression"])),
         layers=Layers(tuple(LAYER_POOLINGS), EnsembleNames(**ensembles["layers"])),
         controls=Controls(f"{steps['controlled-ids']}/1/token_embeddings.npy"),
+        vision=_vision_manifest(vision, source.name, projection.size) if vision else None,
     )
     options = RepositoryOptions(
         target=args.target,
@@ -399,6 +417,8 @@ def _build(args: argparse.Namespace, source, model_dir: Path, fingerprint: str, 
     )
     _progress(f"writing the model repository to {args.output_dir}", started)
     onnx_paths = {"encoder": onnx_path, "controlled-encoder": controlled_path}
+    if vision:
+        write_image_pipeline(manifest, vision, source.dimensions, projection.size, args.output_dir, options)
     write_repository(
         source, head, onnx_paths, token_embeddings.numpy(), tokenizer_json, args.output_dir, options, manifest, projection
     )
@@ -410,6 +430,52 @@ def _build(args: argparse.Namespace, source, model_dir: Path, fingerprint: str, 
         )
     _progress(f"done: {manifest.model_version}", started)
     return 0
+
+
+def _vision_files(args: argparse.Namespace, source, build_dir: Path, started: float) -> VisionFiles | None:
+    """The vision graph at the export's precision and the image processor, checked together against
+    sentence-transformers on real photographs; None (after saying why) when they do not match it."""
+    from export.onnx_export import convert_fp16, export_vision, quantize_int8
+    from export.photos import sample_files
+    from export.steps.image_processing import FORMATS, ImageProcessor
+    from export.validate import validate_images
+
+    try:
+        processor = ImageProcessor.from_processor_config(source.vision.processor, FORMATS, args.max_image_pixels)
+    except ValueError as error:
+        raise UnsupportedModel(f"{source.path}: {error}") from None
+    _progress(f"exporting the vision tower ({source.vision.image_size}px, {source.vision.image_tokens} image tokens)", started)
+    graph = build_dir / "vision.fp32.onnx"
+    export_vision(source, graph)
+    if args.precision == "int8":
+        graph = quantize_int8(graph, build_dir / "vision.int8.onnx")
+    elif args.precision == "fp16":
+        graph = convert_fp16(graph, build_dir / "vision.fp16.onnx")
+    files = VisionFiles(graph, processor, source.vision.image_tokens)
+    if args.precision == "fp16":
+        return files
+    photos = sample_files()
+    report = validate_images(source, graph, processor, photos)
+    _progress(
+        f"images: {len(photos)} photos through the serving preprocessing and the vision graph against sentence-transformers: "
+        f"max-abs-diff {report.max_abs_diff:.2e}, cosine min {report.min_cosine:.6f} mean {report.mean_cosine:.6f}",
+        started,
+    )
+    if not report.passes(args.precision):
+        print(f"export: the {args.precision} image pipeline of {source.name} does not match the original model", file=sys.stderr)
+        return None
+    return files
+
+
+def _vision_manifest(vision: VisionFiles, name: str, compressed: int) -> Vision:
+    processor = vision.processor
+    return Vision(
+        ensembles=ImageEnsembles(**image_ensembles(name, compressed)),
+        image_tokens=vision.image_tokens,
+        image_size=processor.crop_height,
+        max_image_pixels=processor.max_pixels,
+        formats=processor.formats,
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Exports the transformer to ONNX with named tensors, and derives the int8 and fp16 variants."""
+"""Exports the transformer to ONNX with named tensors, and derives the int8 and fp16 variants; for a dual encoder, its
+text tower so, and its vision tower as a graph of its own."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from transformers import AutoModel
+from transformers import AutoModel, CLIPModel
 
 from export.attention_controls import attention_controls
 from export.source_model import SourceModel
@@ -15,8 +16,10 @@ from repository_contract.tensors import (
     ATTENTION_MASK,
     CONTROL_FACTORS,
     CONTROL_LOG_ADDITIVE,
+    EMBEDDING,
     HIDDEN_STATES,
     INPUT_IDS,
+    PIXEL_VALUES,
     TOKEN_EMBEDDINGS,
     onnx_name,
 )
@@ -68,10 +71,59 @@ def _causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed, torch.finfo(torch.float32).min)
 
 
+class _ImageEncoder(torch.nn.Module):
+    """pixel_values -> what sentence-transformers' encode(image) gives: get_image_features, then the modules after
+    the CLIP module (Normalize, say), which act on images and texts alike."""
+
+    def __init__(self, model: CLIPModel, after: list[torch.nn.Module]):
+        super().__init__()
+        self.model = model
+        self.after = torch.nn.ModuleList(after)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        features = {"sentence_embedding": self.model.get_image_features(pixel_values=pixel_values)}
+        for module in self.after:
+            features = module(features)
+        return features["sentence_embedding"]
+
+
+def _text_model(source: SourceModel):
+    """The transformer whose token embeddings the text pipeline pools: a dual encoder's text tower alone."""
+    directory = str(source.path / source.transformer_path)
+    if source.vision is not None:
+        from transformers import CLIPTextModel
+
+        return CLIPTextModel.from_pretrained(directory, attn_implementation="eager").eval()
+    return AutoModel.from_pretrained(directory, attn_implementation="eager").eval()
+
+
+def export_vision(source: SourceModel, path: Path) -> None:
+    """Writes the vision graph: PIXEL_VALUES [batch, 3, size, size] -> EMBEDDING [batch, dimensions]."""
+    from sentence_transformers import SentenceTransformer
+
+    reference = SentenceTransformer(str(source.path), device="cpu")
+    model = reference[0].model.eval()
+    size = source.vision.image_size if source.vision else 0
+    sample = torch.randn(2, 3, size, size)
+    names = [onnx_name(PIXEL_VALUES)], [onnx_name(EMBEDDING)]
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            _ImageEncoder(model, list(reference)[1:]).eval(),
+            (sample,),
+            str(path),
+            input_names=names[0],
+            output_names=names[1],
+            dynamic_axes={names[0][0]: {0: "batch"}, names[1][0]: {0: "batch"}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+
+
 def export_fp32(source: SourceModel, plain_path: Path, controlled_path: Path) -> torch.Tensor:
     """Writes the plain encoder and the one with attention controls; returns the input token embedding matrix,
     which contextual controls compare tokens with."""
-    model = AutoModel.from_pretrained(str(source.path), attn_implementation="eager").eval()
+    model = _text_model(source)
     sample_ids = torch.ones(2, 8, dtype=torch.long)
     # One padded row in the sample, so that no shortcut a model takes for an all-ones mask is traced.
     sample_mask = torch.ones_like(sample_ids)

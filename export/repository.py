@@ -12,17 +12,21 @@ import numpy as np
 
 from export.compression import Projection
 from export.source_model import SourceModel
+from export.steps.image_processing import PROCESSOR_FILE, ImageProcessor
 from export.steps.sentence_head import SentenceHead
 from repository_contract.manifest import Manifest
 from repository_contract.manifest import write as write_manifest
-from repository_contract.naming import ensemble_names, step_name
+from repository_contract.naming import ensemble_names, image_ensembles, step_name
 from repository_contract.tensors import (
     ATTENTION_MASK,
     CONTROL_FACTORS,
     CONTROL_LOG_ADDITIVE,
     EMBEDDING,
     HIDDEN_STATES,
+    IMAGE,
+    IMAGE_CROP,
     INPUT_IDS,
+    PIXEL_VALUES,
     POOLED,
     TEXT,
     TOKEN_COUNT,
@@ -47,6 +51,8 @@ STEP_ROLES = {
     "compression": "compression.py",
     "layer-pooling": "layer_pooling.py",
 }
+# The steps only a model with a vision tower has: encoded image in, pixel values out; pixel values in, vector out.
+IMAGE_STEP_ROLES = {"image-preprocess": "image_preprocess.py", "vision-encoder": "vision_encoder.py"}
 # The order of the layer_pooling step's POOLED output; the manifest hands it to the gateway.
 LAYER_POOLINGS = ("mean", "weighted_mean", "max", "last_token", "abs_max")
 
@@ -131,14 +137,17 @@ def _ensemble_config(name: str, input_tensors: list, steps: list[dict], output_t
     )
 
 
-def step_names(model: str) -> dict[str, str]:
-    return {role: step_name(model, role) for role in STEP_ROLES}
+def step_names(model: str, vision: bool = False) -> dict[str, str]:
+    roles = {**STEP_ROLES, **IMAGE_STEP_ROLES} if vision else STEP_ROLES
+    return {role: step_name(model, role) for role in roles}
 
 
-def model_directories(model: str, compress_to: int) -> list[str]:
+def model_directories(model: str, compress_to: int, vision: bool = False) -> list[str]:
     """Every Triton model that serving `model` takes: what the gateway asks Triton to load and removal deletes."""
     ensembles = [name for pair in ensemble_names(model, compress_to).values() for name in pair.values()]
-    return sorted(ensembles + list(step_names(model).values()))
+    if vision:
+        ensembles += list(image_ensembles(model, compress_to).values())
+    return sorted(ensembles + list(step_names(model, vision).values()))
 
 
 def remove_model(out_dir: Path, directories: Iterable[str]) -> None:
@@ -337,18 +346,90 @@ def write_repository(
     write_manifest(manifest, out_dir)
 
 
+@dataclass(frozen=True)
+class VisionFiles:
+    """What the image pipeline of a model with a vision tower is written from."""
+
+    graph: Path  # the vision ONNX: PIXEL_VALUES -> EMBEDDING
+    processor: ImageProcessor
+    image_tokens: int
+
+
+def write_image_pipeline(
+    manifest: Manifest, vision: VisionFiles, dimensions: int, compressed: int, out_dir: Path, options: RepositoryOptions
+) -> None:
+    """The image-preprocess and vision-encoder steps and the image ensembles, which end in the model's own
+    compression step; written before write_repository, which writes the manifest last."""
+    steps, side = manifest.steps, vision.processor.crop_height
+    pixels = (PIXEL_VALUES, "TYPE_FP32", [3, side, vision.processor.crop_width])
+    image_inputs = [(IMAGE, "TYPE_STRING", [1]), (IMAGE_CROP, "TYPE_INT64", [3])]
+    preprocess_dir = _write_python_step(
+        steps,
+        "image-preprocess",
+        image_inputs,
+        [pixels, (TOKEN_COUNT, "TYPE_INT32", [1])],
+        out_dir,
+        options,
+        instances=options.encoder_instances,
+        image_tokens=str(vision.image_tokens),
+    )
+    (preprocess_dir / PROCESSOR_FILE).write_text(vision.processor.to_json() + "\n")
+    shutil.copy(STEP_SOURCES / "image_processing.py", preprocess_dir)
+    encoder_dir = _write_python_step(
+        steps,
+        "vision-encoder",
+        [pixels],
+        [(EMBEDDING, "TYPE_FP32", [dimensions])],
+        out_dir,
+        options,
+        instances=options.encoder_instances,
+        intra_op_threads=str(options.intra_op_threads),
+        slice_rows=str(options.slice_rows),
+    )
+    shutil.copy(vision.graph, encoder_dir / "model.onnx")
+    preprocess = {
+        "model": steps["image-preprocess"],
+        "input_map": {IMAGE: IMAGE, IMAGE_CROP: IMAGE_CROP},
+        "output_map": {PIXEL_VALUES: _carried(PIXEL_VALUES), TOKEN_COUNT: TOKEN_COUNT},
+    }
+    encode = {"model": steps["vision-encoder"], "input_map": {PIXEL_VALUES: _carried(PIXEL_VALUES)}}
+    compress = {
+        "model": steps["compression"],
+        "input_map": {EMBEDDING: _carried(EMBEDDING)},
+        "output_map": {EMBEDDING: EMBEDDING},
+    }
+    pipelines = {
+        "embedding": ([preprocess, {**encode, "output_map": {EMBEDDING: EMBEDDING}}], dimensions),
+        "compressed": ([preprocess, {**encode, "output_map": {EMBEDDING: _carried(EMBEDDING)}}, compress], compressed),
+    }
+    names = image_ensembles(manifest.name, compressed)
+    for pipeline, (ensemble_steps, size) in pipelines.items():
+        ensemble_dir = _fresh_model_dir(out_dir / names[pipeline])
+        (ensemble_dir.parent / "config.pbtxt").write_text(
+            _ensemble_config(names[pipeline], image_inputs, ensemble_steps, (EMBEDDING, "TYPE_FP32", [size]), options)
+        )
+
+
 def _write_python_step(
-    steps: Mapping[str, str], role: str, inputs, outputs, out_dir: Path, options: RepositoryOptions, **params: str
+    steps: Mapping[str, str],
+    role: str,
+    inputs,
+    outputs,
+    out_dir: Path,
+    options: RepositoryOptions,
+    instances: int = 1,
+    **params: str,
 ) -> Path:
     version_dir = _fresh_model_dir(out_dir / steps[role])
     _copy_step_source(role, version_dir)
-    config = _model_config(steps[role], 'backend: "python"', inputs, outputs, options, params=_python_params(options, **params))
+    python_params = _python_params(options, **params)
+    config = _model_config(steps[role], 'backend: "python"', inputs, outputs, options, params=python_params, instances=instances)
     (version_dir.parent / "config.pbtxt").write_text(config)
     return version_dir
 
 
 def _copy_step_source(role: str, version_dir: Path) -> None:
-    shutil.copy(STEP_SOURCES / STEP_ROLES[role], version_dir / "model.py")
+    shutil.copy(STEP_SOURCES / {**STEP_ROLES, **IMAGE_STEP_ROLES}[role], version_dir / "model.py")
     # Triton's Python backend cannot import the repository's packages, so each step imports the names from beside itself.
     shutil.copy(TENSOR_NAMES, version_dir / "tensors.py")
 

@@ -1,8 +1,14 @@
 """What the export needs to know about a sentence-transformers model directory, read from its own files.
 
 It reads the directory as sentence-transformers does: `modules.json` lists the modules in order, each with
-its config. What can be served is a Transformer, then a Pooling, then any Dense and Normalize modules;
-anything else is refused here, before any weights load, with the module it found and what is supported.
+its config. What can be served is a Transformer, then a Pooling, then any Dense and Normalize modules, or a CLIP-style
+dual encoder (a CLIPModel module, or a Transformer module around a CLIP model with its processor) followed by any Dense
+and Normalize modules; anything else is refused here, before any weights load, with the module it found and what is
+supported.
+
+A CLIP model's text vector is its text tower's final layer-normed hidden state at the end-of-text token (with right
+padding, the last real token) projected by text_projection: so its text side is served by the text pipeline as
+last-token pooling and a Dense head without bias. Its image side is the vision graph (see onnx_export).
 """
 
 from __future__ import annotations
@@ -13,7 +19,15 @@ from pathlib import Path
 
 from export.steps.sentence_head import ACTIVATIONS, POOLINGS, Dense, Normalize, SentenceHead
 
-SUPPORTED = "a Transformer, then a Pooling, then any number of Dense and Normalize modules"
+SUPPORTED = (
+    "a Transformer, then a Pooling, then any number of Dense and Normalize modules; or a CLIP model (a CLIPModel module, "
+    "or a Transformer module around one), then any number of Dense and Normalize modules"
+)
+# The sentence-transformers modules that can hold a CLIP model: the legacy one, and the multimodal Transformer.
+DUAL_ENCODER_MODULES = ("CLIPModel", "Transformer")
+DUAL_ENCODER_TYPES = ("clip",)
+# Patches plus the class token.
+CLASS_TOKENS = 1
 HEAD_MODULES = ("Dense", "Normalize")
 # The pooling flags of configs that sentence-transformers wrote before `pooling_mode` replaced them.
 LEGACY_POOLING_FLAGS = {
@@ -56,6 +70,20 @@ class HeadModule:
     path: str
     activation: str = "Identity"
     out_features: int = 0
+    weights: str = "linear"  # the layer's name in its weights file: a Dense module's, or CLIP's text_projection
+
+
+@dataclass(frozen=True)
+class VisionSource:
+    """A dual encoder's vision tower, as its configs describe it."""
+
+    image_size: int
+    patch_size: int
+    processor: dict  # the image processor's preprocessor_config.json
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + CLASS_TOKENS
 
 
 @dataclass(frozen=True)
@@ -70,6 +98,8 @@ class SourceModel:
     head: tuple[HeadModule, ...]
     prefixes: dict[str, str] = field(default_factory=dict)
     matryoshka_dims: tuple[int, ...] = ()
+    vision: VisionSource | None = None  # a dual encoder's; its text side is `transformer_path`'s text tower
+    transformer_path: str = ""  # the transformer module's directory, relative to `path`
 
     @property
     def decoder(self) -> bool:
@@ -99,7 +129,7 @@ def _head_weights(directory: Path, module: HeadModule):
         weights = {
             k: v.numpy() for k, v in torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True).items()
         }
-    return Dense(weights["linear.weight"], weights.get("linear.bias"), module.activation)
+    return Dense(weights[f"{module.weights}.weight"], weights.get(f"{module.weights}.bias"), module.activation)
 
 
 def default_model_path() -> Path:
@@ -174,21 +204,14 @@ def load_source_model(path: Path, name: str | None = None) -> SourceModel:
     if not (path / "modules.json").exists():
         raise UnsupportedModel(f"{path}: no modules.json; a sentence-transformers model directory is needed")
     modules = json.loads((path / "modules.json").read_text())
+    if modules and _kind(modules[0]) in DUAL_ENCODER_MODULES and _model_type(path / modules[0]["path"]) in DUAL_ENCODER_TYPES:
+        return _dual_encoder(path, modules, name)
     if len(modules) < 2 or _kind(modules[0]) != "Transformer" or _kind(modules[1]) != "Pooling":
         raise UnsupportedModel(f"{path}: the modules are {[m.get('type') for m in modules]}; supported: {SUPPORTED}")
     for module in modules[2:]:
         if _kind(module) not in HEAD_MODULES:
             raise _refuse(path, module, "is not supported after pooling")
-    if not (path / "tokenizer.json").exists():
-        raise UnsupportedModel(
-            f"{path}: no tokenizer.json; the tokenizer must be one that the `tokenizers` library loads (a fast tokenizer)"
-        )
-    try:
-        from tokenizers import Tokenizer
-
-        Tokenizer.from_file(str(path / "tokenizer.json"))
-    except Exception as error:
-        raise UnsupportedModel(f"{path}: tokenizer.json cannot be loaded with `tokenizers`: {error}") from None
+    _check_tokenizer_file(path)
     bert_config = _read_json(path / "sentence_bert_config.json")
     if bert_config.get("do_lower_case"):
         raise UnsupportedModel(
@@ -208,6 +231,55 @@ def load_source_model(path: Path, name: str | None = None) -> SourceModel:
         head=tuple(_head_module(path, m) for m in modules[2:]),
         prefixes=_prefixes(st_config, name),
         matryoshka_dims=tuple(st_config.get("matryoshka_dims", ())),
+    )
+
+
+def _model_type(directory: Path) -> str:
+    return _read_json(directory / "config.json").get("model_type", "")
+
+
+def _check_tokenizer_file(path: Path) -> None:
+    if not (path / "tokenizer.json").exists():
+        raise UnsupportedModel(
+            f"{path}: no tokenizer.json; the tokenizer must be one that the `tokenizers` library loads (a fast tokenizer)"
+        )
+    try:
+        from tokenizers import Tokenizer
+
+        Tokenizer.from_file(str(path / "tokenizer.json"))
+    except Exception as error:
+        raise UnsupportedModel(f"{path}: tokenizer.json cannot be loaded with `tokenizers`: {error}") from None
+
+
+def _dual_encoder(path: Path, modules: list[dict], name: str | None) -> SourceModel:
+    """A CLIP-style model: its text side as last-token pooling and text_projection, then the modules after it."""
+    for module in modules[1:]:
+        if _kind(module) not in HEAD_MODULES:
+            raise _refuse(path, module, "is not supported after a CLIP model")
+    _check_tokenizer_file(path)
+    transformer = modules[0]["path"]
+    config = json.loads((path / transformer / "config.json").read_text())
+    text, vision = config["text_config"], config["vision_config"]
+    processor = _read_json(path / transformer / "preprocessor_config.json")
+    if not processor:
+        raise UnsupportedModel(f"{path}: the CLIP model has no preprocessor_config.json, so how it sees images is unknown")
+    bert_config = _read_json(path / transformer / "sentence_bert_config.json")
+    name = name or _model_name(path)
+    st_config = _read_json(path / "config_sentence_transformers.json")
+    projection = HeadModule("Dense", transformer, "Identity", config["projection_dim"], weights="text_projection")
+    return SourceModel(
+        path=path,
+        name=name,
+        max_sequence_length=bert_config.get("max_seq_length") or text.get("max_position_embeddings", 77),
+        hidden_size=text["hidden_size"],
+        num_layers=text["num_hidden_layers"],
+        model_type=config["model_type"],
+        poolings=("lasttoken",),
+        head=(projection, *(_head_module(path, m) for m in modules[1:])),
+        prefixes=_prefixes(st_config, name),
+        matryoshka_dims=tuple(st_config.get("matryoshka_dims", ())),
+        vision=VisionSource(vision.get("image_size", 224), vision.get("patch_size", 32), processor),
+        transformer_path=transformer,
     )
 
 

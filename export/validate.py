@@ -1,4 +1,5 @@
-"""Checks the exported ONNX against the original sentence-transformers model on real sentences."""
+"""Checks the exported ONNX against the original sentence-transformers model on real sentences, and a dual encoder's
+vision graph, behind the serving image preprocessing, on real photographs."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from export.source_model import SourceModel, UnsupportedModel
+from export.steps.image_processing import ImageProcessor
 from export.steps.sentence_head import SentenceHead
 from repository_contract.tensors import (
     ATTENTION_MASK,
     CONTROL_FACTORS,
     CONTROL_LOG_ADDITIVE,
+    EMBEDDING,
     INPUT_IDS,
+    PIXEL_VALUES,
     TOKEN_EMBEDDINGS,
     onnx_name,
 )
@@ -101,6 +105,34 @@ def _check_tokenizer(reference, tokenizer: Tokenizer, texts: list[str]) -> None:
         )
 
 
+def _report(reference: np.ndarray, exported: np.ndarray) -> ValidationReport:
+    cosine = (reference * exported).sum(1) / (np.linalg.norm(reference, axis=1) * np.linalg.norm(exported, axis=1))
+    return ValidationReport(
+        sentences=len(reference),
+        max_abs_diff=float(np.abs(reference - exported).max()),
+        min_cosine=float(cosine.min()),
+        mean_cosine=float(cosine.mean()),
+    )
+
+
+def validate_images(
+    source: SourceModel, vision_path: Path, processor: ImageProcessor, files: dict[str, bytes]
+) -> ValidationReport:
+    """The image files through the serving preprocessing and the vision graph, against encode() of each image as PIL
+    opens it and turns it upright: what the image-preprocess and vision-encoder steps will answer."""
+    import io
+
+    from PIL import Image, ImageOps
+    from sentence_transformers import SentenceTransformer
+
+    images = [ImageOps.exif_transpose(Image.open(io.BytesIO(data))) for data in files.values()]
+    reference = SentenceTransformer(str(source.path), device="cpu").encode(images, batch_size=16, convert_to_numpy=True)
+    session = ort.InferenceSession(str(vision_path), providers=["CPUExecutionProvider"])
+    pixels = np.stack([processor(data) for data in files.values()])
+    (exported,) = session.run([onnx_name(EMBEDDING)], {onnx_name(PIXEL_VALUES): pixels})
+    return _report(reference, exported)
+
+
 def validate(
     source: SourceModel, onnx_path: Path, tokenizer: Tokenizer, texts: list[str], head: SentenceHead
 ) -> ValidationReport:
@@ -110,11 +142,4 @@ def validate(
     _check_tokenizer(model, tokenizer, texts)
     # prompt="": the bare texts, not the model's default prompt, which serving adds as a prefix of its own.
     reference = model.encode(texts, batch_size=32, convert_to_numpy=True, prompt="")
-    exported = onnx_sentence_embeddings(onnx_path, tokenizer, texts, head)
-    cosine = (reference * exported).sum(1) / (np.linalg.norm(reference, axis=1) * np.linalg.norm(exported, axis=1))
-    return ValidationReport(
-        sentences=len(texts),
-        max_abs_diff=float(np.abs(reference - exported).max()),
-        min_cosine=float(cosine.min()),
-        mean_cosine=float(cosine.mean()),
-    )
+    return _report(reference, onnx_sentence_embeddings(onnx_path, tokenizer, texts, head))

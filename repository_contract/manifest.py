@@ -60,6 +60,25 @@ class Controls:
 
 
 @dataclass(frozen=True)
+class ImageEnsembles:
+    """The entry points for encoded images (IMAGE, IMAGE_CROP): the image vector, and that vector compressed."""
+
+    embedding: str
+    compressed: str
+
+
+@dataclass(frozen=True)
+class Vision:
+    """A dual encoder's vision tower: images land in the text vectors' space."""
+
+    ensembles: ImageEnsembles
+    image_tokens: int  # patches plus the class token: what each image counts as
+    image_size: int  # the side of the square the model sees
+    max_image_pixels: int  # width * height of a decoded image above which it is refused unread (a decompression bomb)
+    formats: tuple[str, ...]  # the PIL format names accepted
+
+
+@dataclass(frozen=True)
 class Manifest:
     name: str
     model_version: str
@@ -84,6 +103,8 @@ class Manifest:
     compression: Compression
     layers: Layers
     controls: Controls
+    # Only for a model with a vision tower; absent from the JSON of text-only models, so their manifests read as before.
+    vision: Vision | None = None
     format_version: int = field(default=FORMAT_VERSION)
 
     @property
@@ -93,6 +114,8 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        if data["vision"] is None:
+            del data["vision"]
         return {"format_version": data.pop("format_version"), **data}
 
     @classmethod
@@ -137,6 +160,7 @@ class Manifest:
                 ),
                 layers=Layers(_strings(data["layers"]["poolings"]), _ensembles(data["layers"]["ensembles"])),
                 controls=Controls(_typed(data["controls"]["token_embeddings"], str)),
+                vision=_vision(data["vision"]) if "vision" in data else None,
             )
         except KeyError as error:
             raise ManifestError(f"{where} lacks {error}: export {data.get('name', 'the model')} again") from None
@@ -165,6 +189,17 @@ def _string_map(values: Any) -> dict[str, str]:
 
 def _ensembles(names: Any) -> EnsembleNames:
     return EnsembleNames(_typed(names["text"], str), _typed(names["token_ids"], str), _typed(names["controlled"], str))
+
+
+def _vision(data: Any) -> Vision:
+    ensembles = data["ensembles"]
+    return Vision(
+        ensembles=ImageEnsembles(_typed(ensembles["embedding"], str), _typed(ensembles["compressed"], str)),
+        image_tokens=_typed(data["image_tokens"], int),
+        image_size=_typed(data["image_size"], int),
+        max_image_pixels=_typed(data["max_image_pixels"], int),
+        formats=_strings(data["formats"]),
+    )
 
 
 def manifest_paths(repository: Path) -> list[Path]:

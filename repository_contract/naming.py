@@ -26,3 +26,10 @@ def ensemble_names(model: str, compress_to: int) -> dict[str, dict[str, str]]:
     entries = {"text": text_ensemble(model), "token_ids": f"{model}-ids", "controlled": f"{model}-ids-controlled"}
     pipelines = {"embedding": "", "compression": f"-c{compress_to}", "layers": "-layers"}
     return {pipeline: {kind: entry + suffix for kind, entry in entries.items()} for pipeline, suffix in pipelines.items()}
+
+
+def image_ensembles(model: str, compress_to: int) -> dict[str, str]:
+    """The entry points of a model with a vision tower for encoded images: its image vector, and that vector
+    compressed by the model's compression step. Their steps are step_name(model, "image-preprocess") and
+    step_name(model, "vision-encoder")."""
+    return {"embedding": f"{model}-image", "compressed": f"{model}-image-c{compress_to}"}

@@ -15,6 +15,11 @@ TEXT = "TEXT"  # [1] BYTES: one UTF-8 text per row (text ensembles)
 TOKEN_IDS = "TOKEN_IDS"  # [-1] INT64: one prompt's token ids per row, right-padded with ID_PADDING (token-id ensembles)
 CONTROL_FACTORS = "CONTROL_FACTORS"  # [-1] FP32: an attention factor per token, 1 = uncontrolled (controlled ensembles)
 CONTROL_LOG_ADDITIVE = "CONTROL_LOG_ADDITIVE"  # [1] BOOL: per row, true: log-additive controls, false: multiplicative
+IMAGE = "IMAGE"  # [1] BYTES: one encoded image file per row (image ensembles); decoded in the image-preprocess step
+# [3] INT64: per row x, y, size in pixels of a square crop of the image as decoded (after EXIF orientation), or
+# NO_CROP: the model's own resize and center crop only (image ensembles).
+IMAGE_CROP = "IMAGE_CROP"
+NO_CROP = (-1, -1, -1)
 
 # What pads TOKEN_IDS rows of different lengths sent in one request: never a token id (the gateway refuses negative
 # ones), so the token-id steps drop it before framing.
@@ -25,11 +30,13 @@ INPUT_IDS = "INPUT_IDS"  # [-1] INT64: token ids framed by the special tokens, p
 ATTENTION_MASK = "ATTENTION_MASK"  # [-1] INT64: 1 at real tokens, 0 at padding
 TOKEN_EMBEDDINGS = "TOKEN_EMBEDDINGS"  # [-1, hidden] FP32: the last layer's output per token
 HIDDEN_STATES = "HIDDEN_STATES"  # [layers + 1, -1, hidden] FP32: the word embeddings and every layer's output per token
+PIXEL_VALUES = "PIXEL_VALUES"  # [3, size, size] FP32: an image resized, cropped and normalized as the model's processor does
 
 # The ensembles' outputs.
 EMBEDDING = "EMBEDDING"  # [dimensions] FP32, or [compressed size] from the compression ensembles: the sentence vector
 POOLED = "POOLED"  # [layers + 1, poolings, hidden] FP32: every pooling of every layer (layers ensembles)
-TOKEN_COUNT = "TOKEN_COUNT"  # [1] INT32: the text's tokens with the special ones, counted before truncation
+# [1] INT32: the text's tokens with the special ones, counted before truncation; for an image, the model's image tokens
+TOKEN_COUNT = "TOKEN_COUNT"
 
 
 def onnx_name(name: str) -> str:

@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
+import io
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 from tokenizers import Tokenizer
 from tritonclient.utils import InferenceServerException
 
@@ -43,6 +46,18 @@ from repository_contract.tensors import ID_PADDING
 # Features per token id before the projection to the output's size: enough that distinct inputs never collide.
 FEATURES = 32
 CONTROL_FIELDS = (tensors.TOKEN_IDS, tensors.CONTROL_FACTORS, tensors.CONTROL_LOG_ADDITIVE)
+
+
+def _undecodable(rows: list) -> ServiceError | None:
+    """As the image step refuses an image whose pixels do not decode (a file cut short), after its header passed."""
+    for index, row in enumerate(rows):
+        if isinstance(row, ImageRow):
+            try:
+                with Image.open(io.BytesIO(row.data)) as image:
+                    image.load()
+            except OSError as error:
+                return triton_error("INVALID_ARGUMENT", f"image-preprocess: row {index}: the image cannot be decoded: {error}")
+    return None
 
 
 def triton_error(status: str, message: str = "") -> ServiceError:
@@ -76,9 +91,17 @@ def _tokenizers(model: ServedModel) -> tuple[Tokenizer, Tokenizer]:
     return _TOKENIZERS[key]
 
 
-# One input as the fake reads it: a text, token ids (without special tokens), or token ids with their controls
-# (one factor per id, and whether the factors are log-additive).
-Row = str | list[int] | tuple[list[int], list[float], bool]
+@dataclass(frozen=True)
+class ImageRow:
+    """An image as the image ensembles read it: the file's bytes and its crop ((-1, -1, -1): none)."""
+
+    data: bytes
+    crop: tuple[int, int, int]
+
+
+# One input as the fake reads it: a text, token ids (without special tokens), token ids with their controls
+# (one factor per id, and whether the factors are log-additive), or an image.
+Row = str | list[int] | tuple[list[int], list[float], bool] | ImageRow
 
 
 @dataclass
@@ -140,6 +163,9 @@ class FakeTriton:
         ):
             for kind in ("text", "token_ids", "controlled"):
                 self._kinds[getattr(ensembles, kind)] = _Kind(kind, output, size)
+        if model.vision is not None:
+            self._kinds[model.vision.ensembles.embedding] = _Kind("image", tensors.EMBEDDING, model.dimensions)
+            self._kinds[model.vision.ensembles.compressed] = _Kind("image", tensors.EMBEDDING, model.compress_to_size)
         # Health, as gateway.triton.pool.TritonPool reports it.
         self.reason = ""
         self._down = False
@@ -216,7 +242,7 @@ class FakeTriton:
             raise
         if self._down:
             raise triton_error("UNAVAILABLE", "failed to connect to all addresses")
-        error = self._fault(call)
+        error = self._fault(call) or _undecodable(call.rows)
         if error is not None:
             raise error
         answers = [self._answer(kind, row) for row in call.rows]
@@ -237,6 +263,8 @@ class FakeTriton:
         elif kind.input == "token_ids":
             ids = data[tensors.TOKEN_IDS] if fields == (tensors.TOKEN_IDS,) else None
             ok = ids is not None and ids.dtype == np.int64 and ids.ndim == 2
+        elif kind.input == "image":
+            ok = fields == (tensors.IMAGE, tensors.IMAGE_CROP) and data[tensors.IMAGE_CROP].shape[1:] == (3,)
         else:
             ok = fields == CONTROL_FIELDS
         return None if ok else f"{lane.model} takes {kind.input}, not {fields} {data.shape}"
@@ -246,6 +274,9 @@ class FakeTriton:
             return [value.decode("utf-8") for value in data[tensors.TEXT].reshape(-1)]
         if kind.input == "token_ids":
             return [[int(i) for i in row if i != ID_PADDING] for row in data[tensors.TOKEN_IDS]]
+        if kind.input == "image":
+            crops = data[tensors.IMAGE_CROP].tolist()
+            return [ImageRow(value, (x, y, size)) for value, (x, y, size) in zip(data[tensors.IMAGE].reshape(-1), crops)]
         rows: list[Row] = []
         for ids, factors, mode in zip(data[tensors.TOKEN_IDS], data[tensors.CONTROL_FACTORS], data[tensors.CONTROL_LOG_ADDITIVE]):
             real = ids != ID_PADDING
@@ -290,7 +321,16 @@ class FakeTriton:
             weights = weights * np.asarray(factors) ** (1 if log_additive else 2)
         return (weights @ self._table[np.asarray(ids)] @ _projection(size, self.seed)).astype(np.float32)
 
+    def _image_vector(self, row: ImageRow, size: int) -> np.ndarray:
+        """A function of the file's bytes and the crop alone: the same image and crop, the same vector."""
+        digest = hashlib.sha256(row.data + repr(row.crop).encode()).digest()
+        features = np.random.default_rng(list(digest)).standard_normal(FEATURES)
+        return (features @ _projection(size, self.seed)).astype(np.float32)
+
     def _answer(self, kind: _Kind, row: Row) -> tuple[np.ndarray, int]:
+        if isinstance(row, ImageRow):
+            assert self.model.vision is not None  # image ensembles exist only for a model that sees images
+            return self._image_vector(row, kind.size), self.model.vision.image_tokens
         ids, factors, log_additive, count = self._framed(row)
         vector = self._vector(ids, factors, log_additive, kind.size)
         if kind.output == tensors.POOLED:
@@ -303,6 +343,10 @@ class FakeTriton:
         """What the model's embedding ensemble (or its compressed or layers one) answers for this one input alone:
         its vector (or [layers + 1, poolings, dimensions] pooled vectors) and its untruncated token count."""
         ensembles: EnsembleNames = self.model.compressed if compressed else self.model.layers if layers else self.model.embedding
+        if isinstance(row, ImageRow):
+            assert self.model.vision is not None
+            vision = self.model.vision.ensembles
+            return self._answer(self._kinds[vision.compressed if compressed else vision.embedding], row)
         kind = "text" if isinstance(row, str) else "controlled" if isinstance(row, tuple) else "token_ids"
         return self._answer(self._kinds[getattr(ensembles, kind)], row)
 

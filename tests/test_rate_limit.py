@@ -10,6 +10,7 @@ import pytest
 from gateway.auth.rate_limit import LoginThrottle, RateLimiter, address_key
 from gateway.auth.store import Limits
 from gateway.core.errors import ErrorKind, ServiceError
+from gateway.core.images import ImageInput
 from gateway.core.metering import UNMETERED, reserve_prompt_tokens
 from gateway.core.prompts import Prompt
 from gateway.ops import request_context
@@ -115,7 +116,7 @@ def test_changed_limits_take_effect_at_once():
 
 @pytest.fixture
 def model(tokenizer):
-    return SimpleNamespace(tokenizer=tokenizer, max_sequence_length=256, special_tokens=2)  # [CLS] and [SEP]
+    return SimpleNamespace(tokenizer=tokenizer, max_sequence_length=256, special_tokens=2, vision=None)  # [CLS] and [SEP]
 
 
 SENTENCE = "A man is playing a guitar on the corner of the street."  # 54 bytes, 15 tokens with [CLS] and [SEP]
@@ -138,6 +139,19 @@ async def test_a_request_that_fits_reserves_its_estimate_and_settles_to_the_exac
     assert held.amount == 4 * (len(SENTENCE) + 2)  # from the bytes, with [CLS] and [SEP]: no tokenizing
     held.settle(4 * 15)
     assert budget.try_reserve(600 - 60) is not None and budget.try_reserve(1) is None
+
+
+async def test_an_image_reserves_the_models_image_tokens_exactly(model):
+    seeing = SimpleNamespace(**vars(model) | {"vision": SimpleNamespace(image_tokens=50)})
+    limiter = RateLimiter(Clock())
+    budget = limiter.admit(1, Limits(tokens_per_minute=600))
+    image = Prompt(image=ImageInput(b"an encoded image, never decoded to count it"))
+    _, held = await reserve(seeing, [image, image, Prompt(text=SENTENCE)], budget)
+    assert held.amount == 2 * 50 + len(SENTENCE) + 2
+    # Refused as an estimate, counted exactly: still 50 an image.
+    tight = limiter.admit(2, Limits(tokens_per_minute=100))  # 50 + 56 estimated does not fit; 50 + 15 does
+    _, held = await reserve(seeing, [image, Prompt(text=SENTENCE)], tight)
+    assert held.amount == 50 + 15
 
 
 async def test_a_request_whose_estimate_does_not_fit_is_counted_exactly(model):

@@ -94,3 +94,49 @@ def test_the_fingerprint_is_read_from_a_manifest_of_any_version_and_none_without
     written(tmp_path, {**exported, "format_version": 99})
     assert recorded_fingerprint(tmp_path, exported["name"]) == exported["fingerprint"]
     assert recorded_fingerprint(tmp_path, "never-exported") is None
+
+
+VISION = {
+    "ensembles": {"embedding": "tiny-clip-image", "compressed": "tiny-clip-image-c128"},
+    "image_tokens": 17,
+    "image_size": 32,
+    "max_image_pixels": 25_000_000,
+    "formats": ["PNG", "JPEG", "WEBP", "GIF"],
+}
+
+
+def test_a_text_only_manifest_has_no_vision_and_writes_none(exported, tmp_path):
+    assert "vision" not in exported
+    manifest = read(written(tmp_path / "a", exported))
+    assert manifest.vision is None
+    assert "vision" not in manifest.to_dict()
+
+
+def test_a_vision_section_round_trips(exported, tmp_path):
+    from repository_contract.manifest import ImageEnsembles, Vision
+    from repository_contract.naming import image_ensembles
+
+    assert image_ensembles("tiny-clip", 128) == VISION["ensembles"]
+    data = {**exported, "vision": VISION}
+    manifest = read(written(tmp_path / "a", data))
+    assert manifest.vision == Vision(
+        ImageEnsembles("tiny-clip-image", "tiny-clip-image-c128"), 17, 32, 25_000_000, tuple(VISION["formats"])
+    )
+    (tmp_path / "b" / manifest.ensembles.text).mkdir(parents=True)
+    assert json.loads(write(manifest, tmp_path / "b").read_text()) == {**data, "format_version": FORMAT_VERSION}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda v: v.pop("image_tokens"), "lacks 'image_tokens'"),
+        (lambda v: v["ensembles"].pop("compressed"), "lacks 'compressed'"),
+        (lambda v: v.update(max_image_pixels=2.5e7), "expected int, found 25000000.0"),
+        (lambda v: v.update(formats="PNG"), "expected a list of strings"),
+    ],
+)
+def test_a_broken_vision_section_is_refused_with_what_is_wrong(exported, tmp_path, change, message):
+    vision = json.loads(json.dumps(VISION))
+    change(vision)
+    with pytest.raises(ManifestError, match=message):
+        read(written(tmp_path, {**exported, "vision": vision}))

@@ -87,11 +87,19 @@ class InferenceRequest:
 
 
 class TritonError:
-    def __init__(self, message: str):
+    # Triton's codes that the steps use; a step's error without one is INTERNAL, as in Triton.
+    INTERNAL = 2
+    INVALID_ARG = 3
+
+    def __init__(self, message: str, code: int = INTERNAL):
         self._message = message
+        self._code = code
 
     def message(self) -> str:
         return self._message
+
+    def code(self) -> int:
+        return self._code
 
 
 class InferenceResponse:
@@ -535,9 +543,10 @@ def test_the_text_pipeline_step_by_step_matches_onnxruntime_and_numpy_one_text_a
 
 
 def test_every_step_source_is_covered_here():
-    """A step added to export/steps/ gets its tests here too (sentence_head is the pooling step's, and the export's)."""
-    sources = {path.stem for path in STEPS.glob("*.py")} - {"__init__", "sentence_head"}
-    assert sources == {"tokenizer", "encoder", "pooling", "compression", "layer_pooling"}
+    """A step added to export/steps/ gets its tests here too (sentence_head is the pooling step's, and the export's;
+    image_processing the image-preprocess step's). The image pipeline's steps are tested in tests/test_image_steps.py."""
+    sources = {path.stem for path in STEPS.glob("*.py")} - {"__init__", "sentence_head", "image_processing"}
+    assert sources == {"tokenizer", "encoder", "pooling", "compression", "layer_pooling", "image_preprocess", "vision_encoder"}
 
 
 def test_the_export_puts_the_tensor_names_next_to_every_python_step(steps):

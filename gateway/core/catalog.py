@@ -9,7 +9,7 @@ from tokenizers import Tokenizer
 
 from gateway.core.controls import TokenSimilarity
 from gateway.core.errors import ErrorKind, ServiceError
-from repository_contract.manifest import EnsembleNames, manifest_paths
+from repository_contract.manifest import EnsembleNames, Vision, manifest_paths
 from repository_contract.manifest import read as read_manifest
 
 REPRESENTATIONS = ("query", "document", "symmetric")
@@ -35,6 +35,7 @@ class ServedModel:
     layer_poolings: tuple[str, ...]
     layers: EnsembleNames
     triton_models: tuple[str, ...]  # every Triton model it takes: steps and ensembles
+    vision: Vision | None = None  # its image tower (a dual encoder such as CLIP); None: texts only
 
     @property
     def vocab_size(self) -> int:
@@ -64,6 +65,7 @@ def _load(manifest_path: Path) -> ServedModel:
         layer_poolings=manifest.layers.poolings,
         layers=manifest.layers.ensembles,
         triton_models=manifest.directories,
+        vision=manifest.vision,
     )
 
 

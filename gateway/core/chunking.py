@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from gateway.core.images import ImageInput
 from gateway.core.scheduler import Chunk, Lane
 from gateway.ops import request_context
 from repository_contract import tensors
@@ -84,3 +85,20 @@ def _right_padded(rows: list, width: int, fill, dtype) -> np.ndarray:
     for index, row in enumerate(rows):
         padded[index, : len(row)] = row
     return padded
+
+
+def image_chunks(
+    ensemble: str, inputs: list[ImageInput], positions: list[int], max_batch: int, priority: int, output: str
+) -> list[Chunk]:
+    """The image ensemble's chunks: each row an encoded image file and its crop, decoded by the ensemble's step."""
+    size = min(max_batch, SORTED_CHUNK)
+    lane = Lane(ensemble, output, priority, size, (1,))
+    request_id = request_context.current_request_id()
+    chunks = []
+    for start in range(0, len(inputs), size):
+        part = range(start, min(start + size, len(inputs)))
+        rows = np.empty(len(part), dtype=[(tensors.IMAGE, np.object_, (1,)), (tensors.IMAGE_CROP, np.int64, (3,))])
+        rows[tensors.IMAGE][:, 0] = [inputs[i].data for i in part]
+        rows[tensors.IMAGE_CROP] = [inputs[i].crop or tensors.NO_CROP for i in part]
+        chunks.append(Chunk(lane, rows, np.array([positions[i] for i in part]), request_id))
+    return chunks

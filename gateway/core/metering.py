@@ -31,9 +31,17 @@ class _Unmetered:
 UNMETERED = _Unmetered()
 
 
-def _estimate(prompt: Prompt, specials: int, max_tokens: int) -> int:
-    """Exact for token ids. For a text its UTF-8 length: a token of the WordPiece and byte-level BPE tokenizers served
-    here spans at least a byte, bar rare normalizations, which the settlement after the inference makes up for."""
+def _image_tokens(model: ServedModel) -> int:
+    """What an image counts as: the model's image tokens (patches and the class token)."""
+    return model.vision.image_tokens if model.vision is not None else 0
+
+
+def _estimate(prompt: Prompt, specials: int, max_tokens: int, image_tokens: int) -> int:
+    """Exact for token ids and images. For a text its UTF-8 length: a token of the WordPiece and byte-level BPE
+    tokenizers served here spans at least a byte, bar rare normalizations, which the settlement after the inference
+    makes up for."""
+    if prompt.image is not None:
+        return image_tokens
     if prompt.token_ids is not None:
         length = len(prompt.token_ids)
     else:
@@ -43,19 +51,20 @@ def _estimate(prompt: Prompt, specials: int, max_tokens: int) -> int:
 
 
 def _exact_count(
-    tokenizer: Tokenizer, prompts: list[Prompt], specials: int, max_tokens: int, max_chars: int, ceiling: int
+    tokenizer: Tokenizer, prompts: list[Prompt], specials: int, max_tokens: int, max_chars: int, ceiling: int, image_tokens: int
 ) -> int | None:
     """The prompts' tokens as Triton's tokenizer step counts them (at most max_tokens each), or None as soon as they
     pass `ceiling`: beyond it the exact number does not matter, and a huge request is not tokenized to the end."""
     total = 0
     for prompt in prompts:
-        if prompt.token_ids is not None:
-            count = len(prompt.token_ids) + specials
+        if prompt.image is not None:
+            total += image_tokens
+        elif prompt.token_ids is not None:
+            total += min(max_tokens, len(prompt.token_ids) + specials)
         else:
             assert prompt.text is not None  # a prompt without token ids has a text (see Prompt)
             # Longer texts are cut to max_chars or refused before inference: tokenizing the rest would be wasted.
-            count = len(encode(tokenizer, prompt.text[:max_chars]).ids) + specials
-        total += min(max_tokens, count)
+            total += min(max_tokens, len(encode(tokenizer, prompt.text[:max_chars]).ids) + specials)
         if total > ceiling:
             return None
     return total
@@ -70,13 +79,14 @@ async def reserve_prompt_tokens(model: ServedModel, prompts: list[Prompt], field
         return UNMETERED
     budget = context.token_budget
     tokenizer, max_tokens, specials = model.tokenizer, model.max_sequence_length, model.special_tokens
-    reservation = budget.try_reserve(sum(_estimate(prompt, specials, max_tokens) for prompt in prompts))
+    image_tokens = _image_tokens(model)
+    reservation = budget.try_reserve(sum(_estimate(prompt, specials, max_tokens, image_tokens) for prompt in prompts))
     if reservation is not None:
         return reservation
     # The estimate runs 3 to 5 times over for English; the exact count is worth its cost only when the estimate is
     # refused, and counting in a thread keeps the event loop serving others meanwhile.
     limit = budget.tokens_per_minute
-    exact = await asyncio.to_thread(_exact_count, tokenizer, prompts, specials, max_tokens, max_chars, limit)
+    exact = await asyncio.to_thread(_exact_count, tokenizer, prompts, specials, max_tokens, max_chars, limit, image_tokens)
     if exact is None:
         raise ServiceError(
             ErrorKind.PAYLOAD_TOO_LARGE,

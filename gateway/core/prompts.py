@@ -6,6 +6,10 @@ so it embeds exactly like the same text sent to /v1/embeddings; anything else is
 item by item, and concatenated in order into one token id sequence. A prompt with attention controls
 is always tokenized here, since its controls are resolved through the tokenizer's offsets.
 
+A prompt that is a single image goes to the model's image ensemble, for a model that sees images. An image cannot
+share a prompt with other items: a dual encoder (CLIP) embeds texts and images with two towers into one space, and
+has no sequence that holds both.
+
 Every tokenization on a request path goes through encode() and decode() below, never through the tokenizer's own
 encode/decode: those hold the GIL for as long as they run (seconds for a few megabytes), and a worker thread holding
 it stops the event loop and every other request with it.
@@ -17,18 +21,26 @@ from dataclasses import dataclass
 
 from tokenizers import Encoding, Tokenizer
 
+from gateway.core import images
 from gateway.core.controls import Control, PositionControl, TextControl, TokenControl, check, span_positions
 from gateway.core.errors import invalid
+from gateway.core.images import ImageInput
+from repository_contract.manifest import Vision
 
 
 @dataclass(frozen=True)
 class PromptItem:
     """One item of a prompt, as the transports build it: a "text" item holds a str and text controls, a "token_ids"
-    item a list of ids and token controls, an "image" item whatever came (it is refused)."""
+    item a list of ids and token controls, an "image" item an ImageInput."""
 
     kind: str  # "text", "token_ids" or "image"
-    data: str | list[int]
+    data: str | list[int] | ImageInput
     controls: tuple[Control, ...] = ()
+
+    def length(self) -> int:
+        """A text item's characters, a token_ids item's ids."""
+        assert not isinstance(self.data, ImageInput)  # image items are resolved apart (_image_prompt)
+        return len(self.data)
 
     def as_text(self) -> tuple[str, list[TextControl]]:
         """A "text" item's text and controls."""
@@ -45,7 +57,7 @@ class PromptItem:
 
 @dataclass(frozen=True)
 class Prompt:
-    """What the model is fed: exactly one of a text or a token id sequence (without special tokens).
+    """What the model is fed: exactly one of a text, a token id sequence (without special tokens) or an image.
 
     controls is None for an uncontrolled prompt; otherwise token_ids is set and the controls name its positions.
     """
@@ -53,6 +65,7 @@ class Prompt:
     text: str | None = None
     token_ids: list[int] | None = None
     controls: tuple[PositionControl, ...] | None = None
+    image: ImageInput | None = None
 
 
 def encode(tokenizer: Tokenizer, text: str) -> Encoding:
@@ -75,9 +88,15 @@ def check_length(length: int, max_chars: int, where: str, field: str) -> None:
 
 
 def resolve(
-    items: list[PromptItem], tokenizer: Tokenizer, prefix: str, field: str, index: int | None = None, max_chars: int | None = None
+    items: list[PromptItem],
+    tokenizer: Tokenizer,
+    prefix: str,
+    field: str,
+    index: int | None = None,
+    max_chars: int | None = None,
+    vision: Vision | None = None,
 ) -> Prompt:
-    """One Prompt from a prompt's items, with the representation's prefix in front.
+    """One Prompt from a prompt's items, with the representation's prefix in front (not in front of an image).
 
     Errors name `field` as the parameter and `field[index]` in the message when the prompt is one of many.
     A prompt tokenized here whose texts (prefix included) hold more than max_chars characters is refused first.
@@ -85,11 +104,11 @@ def resolve(
     where = field if index is None else f"{field}[{index}]"
     if not items:
         raise invalid(f"'{where}' must not be empty", field)
+    if any(item.kind == "image" for item in items):
+        return _image_prompt(items, vision, where, field)
     for item in items:
-        if item.kind == "image":
-            raise invalid(f"'{where}': this model does not accept images", field)
         for control in item.controls:
-            check(control, len(item.data), where, f"{field}.controls")
+            check(control, item.length(), where, f"{field}.controls")
     controlled = any(item.controls for item in items)
     single_text = len(items) == 1 and items[0].kind == "text"
     if single_text and not items[0].data:
@@ -100,7 +119,7 @@ def resolve(
     if max_chars is not None:
         # Tokenized here: refuse what no tokenizer should spend seconds on. The items are one model input, so their
         # texts count together (one by one, a prompt of many items could still hold megabytes).
-        check_length(len(prefix) + sum(len(item.data) for item in items if item.kind == "text"), max_chars, where, field)
+        check_length(len(prefix) + sum(item.length() for item in items if item.kind == "text"), max_chars, where, field)
     if single_text:
         # Tokenized with its prefix as one string, as the uncontrolled text is, so a factor of 1 changes nothing.
         text, text_controls = items[0].as_text()
@@ -127,3 +146,19 @@ def resolve(
     if not ids:
         raise invalid(f"'{where}' must not be empty", field)
     return Prompt(token_ids=ids, controls=tuple(controls) if controlled else None)
+
+
+def _image_prompt(items: list[PromptItem], vision: Vision | None, where: str, field: str) -> Prompt:
+    """The prompt of one image item, checked from its header; anything else with an image in it is refused."""
+    if vision is None:
+        raise invalid(f"'{where}': this model does not accept images", field)
+    if len(items) > 1:
+        raise invalid(
+            f"'{where}' mixes an image with other items; this model embeds a text or an image, each with its own "
+            "encoder, so a prompt is one image or text alone",
+            field,
+        )
+    (item,) = items
+    assert isinstance(item.data, ImageInput)  # the transports put an ImageInput in every image item
+    images.check(item.data, vision, where, field)
+    return Prompt(image=item.data)

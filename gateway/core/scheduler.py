@@ -182,10 +182,21 @@ class _Call:
         """The latest deadline of the requests it carries: each of them gives up at its own."""
         return Deadline(max(job.deadline.expires_at for job, _ in self.parts))
 
+    def of(self, job: _Job) -> _Call:
+        """The part of this call that one job's chunks make, as a call of its own (not counted in flight again)."""
+        parts = [(owner, chunk) for owner, chunk in self.parts if owner is job]
+        return _Call(self.lane, parts, sum(chunk.rows for _, chunk in parts))
+
     def request_id(self) -> str:
         ids = list(dict.fromkeys(chunk.request_id for _, chunk in self.parts if chunk.request_id))
         joined = ",".join(ids)
         return joined if len(joined) <= MAX_CALL_ID_CHARS else f"{ids[0]},+{len(ids) - 1} more"
+
+
+def _fail(call: _Call, error: Exception) -> None:
+    for job, _ in call.parts:
+        if not job.done.done():
+            job.done.set_exception(error)
 
 
 def _positioned(chunks: list[Chunk]) -> list[Chunk]:
@@ -423,14 +434,20 @@ class Scheduler:
         self._dispatch()
 
     async def _execute(self, call: _Call) -> None:
-        """Sends the call and hands each request its rows, or the error to every request in it."""
+        """Sends the call and hands each request its rows, or the error to every request in it. A call that the
+        backend refuses as a caller's mistake (an image that cannot be decoded) while it carries several requests is
+        sent again request by request, so that only the one at fault fails."""
         try:
             data = call.parts[0][1].data if len(call.parts) == 1 else np.concatenate([chunk.data for _, chunk in call.parts])
             values, counts = await self._send_with_retry(call.lane, data, call.deadline(), call.request_id())
+        except ServiceError as error:
+            jobs = list(dict.fromkeys(job for job, _ in call.parts))
+            if error.kind is ErrorKind.VALIDATION and len(jobs) > 1:
+                await asyncio.gather(*(self._execute(call.of(job)) for job in jobs))
+            else:
+                _fail(call, error)
         except Exception as error:
-            for job, _ in call.parts:
-                if not job.done.done():
-                    job.done.set_exception(error)
+            _fail(call, error)
         else:
             self.meter.completed(call.rows, time.monotonic())
             start = 0

@@ -11,12 +11,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gateway.core import images
 from gateway.core.cache import EmbeddingCache
 from gateway.core.catalog import Catalog, ServedModel
-from gateway.core.chunking import text_chunks, token_id_chunks
+from gateway.core.chunking import image_chunks, text_chunks, token_id_chunks
 from gateway.core.controls import ControlOptions, PositionControl, position_factors
 from gateway.core.deadline import Deadline
-from gateway.core.errors import invalid
+from gateway.core.errors import ErrorKind, ServiceError, invalid
+from gateway.core.images import ImageInput
 from gateway.core.metering import reserve_prompt_tokens
 from gateway.core.prompts import Prompt, PromptItem, check_length, decode, encode, resolve
 from gateway.core.scheduler import PRIORITY_NORMAL, Answer, Chunk, Scheduler
@@ -277,16 +279,28 @@ class EmbeddingService:
         self._validate(call, model)
         if call.texts is not None:
             # As sentence-transformers' encode() does with no prompt_name; token ids are taken as they are.
-            prompts = [Prompt(text=model.default_prefix + text) for text in call.texts]
+            prompts = [self._text_or_image(model, text, call.input_field, index) for index, text in enumerate(call.texts)]
         else:
             assert call.token_ids is not None  # _validate refused a call with neither texts nor token ids
             prompts = [Prompt(token_ids=ids) for ids in call.token_ids]
         cache_as = CacheAs(model.model_version, model.dimensions)
+        image_ensemble = model.vision.ensembles.embedding if model.vision is not None else None
         embeddings, counts = await self._infer_prompts(
-            model, prompts, model.embedding, tensors.EMBEDDING, call, call.input_field, cache_as, call.truncate
+            model, prompts, model.embedding, tensors.EMBEDDING, call, call.input_field, cache_as, call.truncate, image_ensemble
         )
         _account(len(counts), int(counts.sum()))
         return EmbedResult(model, _resize(embeddings, call.dimensions, model), counts)
+
+    @staticmethod
+    def _text_or_image(model: ServedModel, text: str, field: str, index: int) -> Prompt:
+        """An input of /v1/embeddings: a text, or for a model that sees images a data URI of one, as
+        sentence-transformers' encode() reads such a string (and then with no prefix: the prefix is for texts)."""
+        if model.vision is None or not text.startswith(images.DATA_URI_PREFIX):
+            return Prompt(text=model.default_prefix + text)
+        where = f"{field}[{index}]"
+        image = images.from_data_uri(text, where, field)
+        images.check(image, model.vision, where, field)
+        return Prompt(image=image)
 
     async def _infer_prompts(
         self,
@@ -298,10 +312,11 @@ class EmbeddingService:
         field: str,
         cache_as: CacheAs | None = None,
         truncate: bool | None = None,
+        image_ensemble: str | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Texts go through the ensemble's tokenizer step, resolved token ids through its token_ids step, and prompts
-        with attention controls through the controlled one, in prompt order. With a cache, texts found in it skip
-        Triton, and the texts computed are written to it."""
+        """Texts go through the ensemble's tokenizer step, resolved token ids through its token_ids step, prompts
+        with attention controls through the controlled one, and images through the image ensemble, in prompt order.
+        With a cache, texts found in it skip Triton, and the texts computed are written to it."""
         # Before any work, so that a token's tokens-per-minute limit bounds a burst instead of charging it afterwards.
         reservation = await reserve_prompt_tokens(model, prompts, field, model.max_sequence_length * MAX_CHARS_PER_TOKEN)
         truncating = self.truncate_default if truncate is None else truncate
@@ -311,7 +326,13 @@ class EmbeddingService:
         ids: list[list[int]] = []
         controlled_rows: list[int] = []
         controlled: list[tuple[list[int], tuple[PositionControl, ...]]] = []
+        image_rows: list[int] = []
+        image_inputs: list[ImageInput] = []
         for row, prompt in enumerate(prompts):
+            if prompt.image is not None:
+                image_rows.append(row)
+                image_inputs.append(prompt.image)
+                continue
             if prompt.text is not None:
                 text_rows.append(row)
                 texts.append(prompt.text)
@@ -373,29 +394,42 @@ class EmbeddingService:
             chunks += token_id_chunks(
                 ensembles.controlled, controlled_ids, controlled_rows, model.max_batch_size, call.priority, output, controls
             )
+        if image_rows:
+            assert image_ensemble is not None  # only a model that sees images resolves image prompts; its calls name one
+            chunks += image_chunks(image_ensemble, image_inputs, image_rows, model.max_batch_size, call.priority, output)
         if chunks:
             # One scheduled job for the whole request, so that admission and fairness see all of it.
-            values, counts = await self.scheduler.run(chunks, call.deadline or self.deadline(), call.priority, answer)
+            try:
+                values, counts = await self.scheduler.run(chunks, call.deadline or self.deadline(), call.priority, answer)
+            except ServiceError as error:
+                if error.kind is ErrorKind.VALIDATION and error.param is None:  # the backend refused an input of ours
+                    raise invalid(f"'{field}': {error.message}", field) from None
+                raise
         else:
             values, counts = answer.result()  # every text was cached
         if computed_texts and cache_as is not None and self.cache is not None:
             self.cache.store(cache_as.key(model), computed_texts, values[computed_rows], counts[computed_rows])
+        # An image counts as the model's image tokens, whatever the text limit.
+        sequences = [row for row in range(len(prompts)) if prompts[row].image is None]
         if not truncating:
             # What the model counted, for the texts not tokenized above (a normalizer can make one character several, as
             # NFKC does with U+FDFA) and for cached vectors, which a request that truncated may have stored.
-            self._refuse_overlong(field, model, list(range(len(counts))), counts)
-        counts = np.minimum(counts, model.max_sequence_length)
+            self._refuse_overlong(field, model, sequences, counts[sequences])
+        counts = counts.copy()
+        counts[sequences] = np.minimum(counts[sequences], model.max_sequence_length)
         reservation.settle(int(counts.sum()))
         return values, counts
 
     async def _resolve(self, model: ServedModel, prompts: list[list[PromptItem]], prefix: str, field: str) -> list[Prompt]:
-        """Prompts made of several items are tokenized here: in a thread, so that no request waits for another's."""
+        """Prompts made of several items are tokenized here, and images' headers read: in a thread, so that no request
+        waits for another's."""
         single = len(prompts) == 1
         limit = model.max_sequence_length * MAX_CHARS_PER_TOKEN
 
         def resolve_all() -> list[Prompt]:
             return [
-                resolve(items, model.tokenizer, prefix, field, None if single else i, limit) for i, items in enumerate(prompts)
+                resolve(items, model.tokenizer, prefix, field, None if single else i, limit, model.vision)
+                for i, items in enumerate(prompts)
             ]
 
         if all(len(items) == 1 and items[0].kind == "text" and not items[0].controls for items in prompts):
@@ -422,8 +456,12 @@ class EmbeddingService:
         else:
             ensembles, model_version, size = model.compressed, model.compressed_model_version, model.compress_to_size
         cache_as = CacheAs(model_version, size)
+        image_ensemble = None
+        if model.vision is not None:
+            vision = model.vision.ensembles
+            image_ensemble = vision.embedding if call.compress_to_size is None else vision.compressed
         embeddings, counts = await self._infer_prompts(
-            model, prompts, ensembles, tensors.EMBEDDING, call, call.prompt_field, cache_as
+            model, prompts, ensembles, tensors.EMBEDDING, call, call.prompt_field, cache_as, image_ensemble=image_ensemble
         )
         _account(len(prompts), int(counts.sum()))
         return SemanticEmbedResult(model_version, _normalized(embeddings) if call.normalize else embeddings, counts)
@@ -441,6 +479,8 @@ class EmbeddingService:
             raise invalid(f"'pooling' names {twice!r} twice; name each pooling once", "pooling")
         _refuse_invisible_prompts([call.prompt], "prompt")
         (prompt,) = await self._resolve(model, [call.prompt], "", "prompt")
+        if prompt.image is not None:
+            raise invalid(f"'prompt': the layers of {model.name}'s image encoder are not served yet; embed texts here", "prompt")
         pooled, counts = await self._infer_prompts(model, [prompt], model.layers, tensors.POOLED, call, "prompt")
         pooled = _normalized(pooled[0]) if call.normalize else pooled[0]  # [layers + 1, poolings, hidden]
         column = {name: index for index, name in enumerate(model.layer_poolings)}

@@ -7,6 +7,7 @@ scheduler retries; anything else unexpected is logged here and reaches the calle
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
@@ -23,9 +24,17 @@ log = logging.getLogger("gateway.triton")
 _TRANSIENT = ("stub process", "is not healthy", "unknown model", "is not ready", "request timeout expired", "failed to connect")
 
 
+# How the image step begins the message of an image it refuses after the gateway's header check passed it (a file cut
+# short, pixels that do not decode): the caller's mistake, answered as such.
+_IMAGE_REFUSED = re.compile(r"image-preprocess: (row \d+: )?")
+
+
 def backend_error(error: InferenceServerException) -> ServiceError:
     status = str(error.status() or "")
     message = str(error.message() or "")
+    refused = _IMAGE_REFUSED.search(message) if "INVALID_ARGUMENT" in status else None
+    if refused is not None:
+        return ServiceError(ErrorKind.VALIDATION, f"an image cannot be read: {message[refused.end() :]}")
     if "DEADLINE_EXCEEDED" in status:
         return ServiceError(ErrorKind.DEADLINE_EXCEEDED, "the inference server did not answer within the request's deadline")
     if "UNAVAILABLE" in status or any(marker in message.lower() for marker in _TRANSIENT):

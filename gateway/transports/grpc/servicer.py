@@ -13,6 +13,7 @@ import numpy as np
 
 from gateway.core.controls import ControlOptions, TextControl, TokenControl
 from gateway.core.errors import ServiceError, internal, invalid, note_answered
+from gateway.core.images import ImageInput
 from gateway.core.prompts import PromptItem
 from gateway.core.service import EmbedCall, EmbeddingService, EmbedLayersCall, SemanticEmbedCall, SemanticEmbedResult
 from gateway.transports.grpc.status import grpc_status
@@ -48,8 +49,13 @@ def _prompt_items(prompt: pb.Prompt, field: str) -> list[PromptItem]:
     for item in prompt.items:
         kind = item.WhichOneof("item")
         if kind is None:
-            raise invalid(f"'{field}' holds an item with neither text nor token_ids", field)
-        if kind == "text":
+            raise invalid(f"'{field}' holds an item with neither text, token_ids nor image", field)
+        if kind == "image":
+            if item.text_controls or item.token_controls:
+                raise invalid(f"'{field}': attention controls on images are not supported yet", f"{field}.controls")
+            crop = (item.image.crop.x, item.image.crop.y, item.image.crop.size) if item.image.HasField("crop") else None
+            items.append(PromptItem("image", ImageInput(item.image.data, crop)))
+        elif kind == "text":
             if item.token_controls:
                 raise invalid(f"'{field}': a text item takes text_controls, not token_controls", f"{field}.controls")
             text_controls = tuple(

@@ -15,6 +15,7 @@ from starlette.routing import Route
 
 from gateway.core.controls import ControlOptions, TextControl, TokenControl
 from gateway.core.errors import ServiceError, invalid
+from gateway.core.images import ImageInput, from_base64
 from gateway.core.prompts import PromptItem
 from gateway.core.scheduler import PRIORITY_NICE, PRIORITY_NORMAL
 from gateway.core.service import EmbeddingService, EmbedLayersCall, SemanticEmbedCall
@@ -74,10 +75,26 @@ class TokenIdsItem(_Item):
 
 
 class ImageItem(_Item):
-    # Accepted by the schema only so that the answer can say why images are refused.
+    """An image as the aleph-alpha-client's Image sends it: base64 of the file, and a square crop when it has one."""
+
     type: Literal["image"]
-    data: Any = None
+    data: StrictStr | None = None
+    x: StrictInt | None = None
+    y: StrictInt | None = None
+    size: StrictInt | None = None
+    # Accepted so that the answer can say why image controls are refused; the client sends [] without any.
     controls: list[Any] | None = None
+
+    def image(self, where: str, field: str) -> ImageInput:
+        if self.data is None:
+            raise invalid(f"'{where}': an image item needs its data (the file in base64)", field)
+        if self.controls:
+            raise invalid(f"'{where}': attention controls on images are not supported yet", f"{field}.controls")
+        cropping = (self.x, self.y, self.size)
+        if any(value is None for value in cropping) and any(value is not None for value in cropping):
+            raise invalid(f"'{where}': an image's crop takes x, y and size together", field)
+        crop = None if self.x is None or self.y is None or self.size is None else (self.x, self.y, self.size)
+        return ImageInput(from_base64(self.data, where, field), crop)
 
 
 PromptField = StrictStr | list[Annotated[TextItem | TokenIdsItem | ImageItem, Field(discriminator="type")]]
@@ -143,16 +160,16 @@ def render_error(error: ServiceError) -> Response:
     return json_response(body | request_id_field(), http_status(error))
 
 
-def _items(prompt) -> list[PromptItem]:
+def _items(prompt, field: str, index: int | None = None) -> list[PromptItem]:
     if isinstance(prompt, str):
         return [PromptItem("text", prompt)]
-    return [PromptItem(item.type, item.data, _controls(item)) for item in prompt]
-
-
-def _controls(item) -> tuple:
-    if isinstance(item, ImageItem):
-        return ()
-    return tuple(control.control() for control in item.controls or ())
+    where = field if index is None else f"{field}[{index}]"
+    return [
+        PromptItem("image", item.image(where, field))
+        if isinstance(item, ImageItem)
+        else PromptItem(item.type, item.data, tuple(control.control() for control in item.controls or ()))
+        for item in prompt
+    ]
 
 
 def _priority(request: Request) -> int:
@@ -180,7 +197,7 @@ def routes(service: EmbeddingService, max_body_bytes: int) -> list[Route]:
     async def semantic(request: Request, body, expires, prompts: list, field: str):
         call = SemanticEmbedCall(
             model=body.model,
-            prompts=[_items(p) for p in prompts],
+            prompts=[_items(p, field, None if len(prompts) == 1 else i) for i, p in enumerate(prompts)],
             representation=body.representation,
             compress_to_size=body.compress_to_size,
             normalize=body.normalize,
@@ -222,7 +239,7 @@ def routes(service: EmbeddingService, max_body_bytes: int) -> list[Route]:
             raise invalid(f"'type' {body.type!r} is not supported; use /semantic_embed for semantic embeddings", "type")
         call = EmbedLayersCall(
             model=body.model,
-            prompt=_items(body.prompt),
+            prompt=_items(body.prompt, "prompt"),
             layers=body.layers,
             poolings=body.pooling,
             tokens=bool(body.tokens),
@@ -272,6 +289,9 @@ def routes(service: EmbeddingService, max_body_bytes: int) -> list[Route]:
                     "semantic_embed_representations": sorted(model.prefixes),
                     "num_layers": model.num_layers,
                     "poolings": list(model.layer_poolings),
+                    # Whether prompts may be an image, and what one counts as in num_tokens_prompt_total.
+                    "image_support": model.vision is not None,
+                    "image_tokens": model.vision.image_tokens if model.vision is not None else None,
                 }
                 for model in service.models()
             ]

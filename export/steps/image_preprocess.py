@@ -1,0 +1,60 @@
+"""Image-preprocess step: encoded image files in, the vision encoder's PIXEL_VALUES out, one row per image.
+
+Each row is checked from its header (an image at all, a format the model accepts, no more pixels than its bound) before
+it is decoded, then decoded (a GIF's first frame), turned upright by its EXIF orientation, cut to the row's IMAGE_CROP
+square when it has one, and resized and normalized exactly as the model's own image processor does (the processor's
+parameters are in image_processor.json, the arithmetic is image_processing.py, next to this file,
+which the export checked against sentence-transformers). A request with a bad image fails alone, with an INVALID_ARG
+error that names the row and what is wrong; the other requests of the batch are answered.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+# The export copies repository_contract/tensors.py and image_processing.py next to this file: Triton cannot import
+# the repository's packages.
+sys.path.insert(0, str(Path(__file__).parent))
+from image_processing import PROCESSOR_FILE, ImageProcessor, ImageRefused  # type: ignore[import-not-found]
+from tensors import IMAGE, IMAGE_CROP, NO_CROP, PIXEL_VALUES, TOKEN_COUNT  # type: ignore[import-not-found]
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = {key: value["string_value"] for key, value in json.loads(args["model_config"])["parameters"].items()}
+        self.processor = ImageProcessor.from_json(
+            (Path(args["model_repository"]) / args["model_version"] / PROCESSOR_FILE).read_text()
+        )
+        self.image_tokens = int(params["image_tokens"])
+
+    def execute(self, requests):
+        return [self._answer(request) for request in requests]
+
+    def _answer(self, request):
+        try:
+            pixels = self._pixel_values(request)
+        except ImageRefused as error:
+            return pb_utils.InferenceResponse(
+                error=pb_utils.TritonError(f"image-preprocess: {error}", pb_utils.TritonError.INVALID_ARG)
+            )
+        counts = np.full((len(pixels), 1), self.image_tokens, dtype=np.int32)
+        return pb_utils.InferenceResponse(
+            output_tensors=[pb_utils.Tensor(PIXEL_VALUES, pixels), pb_utils.Tensor(TOKEN_COUNT, counts)]
+        )
+
+    def _pixel_values(self, request) -> np.ndarray:
+        images = pb_utils.get_input_tensor_by_name(request, IMAGE).as_numpy().reshape(-1)
+        crops = pb_utils.get_input_tensor_by_name(request, IMAGE_CROP).as_numpy().reshape(-1, 3)
+        if len(crops) != len(images):
+            raise ImageRefused(f"{len(images)} rows of {IMAGE} and {len(crops)} of {IMAGE_CROP}")
+        rows = []
+        for row, (data, crop) in enumerate(zip(images, crops)):
+            square = None if tuple(crop) == NO_CROP else tuple(int(v) for v in crop)
+            try:
+                rows.append(self.processor(bytes(data), square))
+            except ImageRefused as error:
+                raise ImageRefused(f"row {row}: {error}") from None
+        return np.stack(rows)

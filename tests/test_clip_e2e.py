@@ -1,0 +1,308 @@
+"""End to end: a tiny CLIP-style dual encoder, in both layouts sentence-transformers loads (a Transformer module with a
+processor, and the legacy CLIPModel module), exported next to all-MiniLM into one repository and served by one real
+Triton, answers plain tritonclient calls with sentence-transformers' own vectors, and so does the gateway over the
+unmodified aleph-alpha-client (Image items, cropped or not), OpenAI data URIs and gRPC image items.
+
+Images are real photographs (scikit-image's, export/photos.py) as PNG, JPEG, WebP and GIF files of several sizes,
+aspect ratios and modes (grayscale, palette, RGBA, an EXIF-turned JPEG): `<model>-image` gives encode(PIL image),
+`<model>-image-c128` that vector through the model's compression, a row with IMAGE_CROP gives encode() of the same
+crop made with PIL, and the model's text ensemble gives encode(text). Bad images are refused, alone, with INVALID_ARG.
+"""
+
+import base64
+import concurrent.futures
+import io
+
+import grpc
+import numpy as np
+import openai
+import pytest
+import requests
+import tritonclient.grpc as tritongrpc
+from aleph_alpha_client import (
+    BatchSemanticEmbeddingRequest,
+    Client,
+    Prompt,
+    SemanticEmbeddingRequest,
+    SemanticRepresentation,
+)
+from aleph_alpha_client import Image as AlephImage
+from aleph_alpha_client.prompt import Cropping
+from PIL import Image, ImageOps
+from tritonclient.utils import InferenceServerException
+
+from export.datasets import sts_sentences
+from export.photos import sample_files
+from harness.servers import MODEL_REPOSITORY, start_service
+from harness.tiny_models import build_tiny_clip
+from proto.embedding.v1 import embedding_pb2 as pb
+from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
+from repository_contract.manifest import read
+from repository_contract.naming import image_ensembles, step_name
+from repository_contract.tensors import EMBEDDING, IMAGE, IMAGE_CROP, NO_CROP, TEXT, TOKEN_COUNT
+from tests.test_export import export
+from tests.test_model_families_e2e import MINILM, copy_model
+
+pytestmark = pytest.mark.e2e
+
+# Served name -> the layout it is saved in.
+MODELS = {"tiny-clip": "transformer", "tiny-clip-legacy": "legacy"}
+MIN_COSINE = 0.9999
+IMAGE_TOKENS = 17  # (32 / 8) ** 2 patches and the class token
+FILES = sample_files()
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-clip")
+    return {name: build_tiny_clip(root / name, layout) for name, layout in MODELS.items()}
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory, model_dirs):
+    repository = tmp_path_factory.mktemp("repository")
+    copy_model(MODEL_REPOSITORY, repository, MINILM)
+    args = ["--output-dir", str(repository), "--encoder-instances", "1"]
+    for name, path in model_dirs.items():
+        args += ["--model-dir", str(path), "--name", name]
+    result = export(*args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("cosine min 1.000000") == 2 * len(MODELS), result.stdout  # texts and images, per model
+    return repository
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, repository):
+    running = start_service(tmp_path_factory.mktemp("clip"), repository)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def triton(service):
+    client = tritongrpc.InferenceServerClient(service.triton_grpc_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def st_models(model_dirs):
+    from sentence_transformers import SentenceTransformer
+
+    return {name: SentenceTransformer(str(path), device="cpu") for name, path in model_dirs.items()}
+
+
+def upright(data: bytes) -> Image.Image:
+    return ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+
+
+def infer_images(triton, model: str, files: list[bytes], crops=None) -> tuple[np.ndarray, np.ndarray]:
+    crops = crops or [NO_CROP] * len(files)
+    image = tritongrpc.InferInput(IMAGE, [len(files), 1], "BYTES")
+    image.set_data_from_numpy(np.array(files, dtype=np.object_).reshape(-1, 1))
+    crop = tritongrpc.InferInput(IMAGE_CROP, [len(files), 3], "INT64")
+    crop.set_data_from_numpy(np.array(crops, dtype=np.int64))
+    outputs = [tritongrpc.InferRequestedOutput(EMBEDDING), tritongrpc.InferRequestedOutput(TOKEN_COUNT)]
+    result = triton.infer(model, [image, crop], outputs=outputs, client_timeout=120)
+    return result.as_numpy(EMBEDDING), result.as_numpy(TOKEN_COUNT)
+
+
+def assert_matches(served: np.ndarray, expected: np.ndarray, names: list[str]) -> None:
+    cosine = (served * expected).sum(1) / (np.linalg.norm(served, axis=1) * np.linalg.norm(expected, axis=1))
+    worst = int(cosine.argmin())
+    assert cosine.min() >= MIN_COSINE, f"{names[worst]}: cosine {cosine[worst]:.6f}"
+
+
+def projection(repository, model: str) -> np.ndarray:
+    return np.load(repository / step_name(model, "compression") / "1" / "projection.npy")
+
+
+def test_the_manifest_names_the_image_pipeline(repository):
+    for model in MODELS:
+        vision = read(repository / model / "embedding_manifest.json").vision
+        assert vision is not None and vision.image_tokens == IMAGE_TOKENS and vision.image_size == 32
+        assert vision.formats == ("PNG", "JPEG", "WEBP", "GIF")
+        assert (vision.ensembles.embedding, vision.ensembles.compressed) == tuple(image_ensembles(model, 128).values())
+    assert read(repository / MINILM / "embedding_manifest.json").vision is None
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_image_vectors_match_encode_for_every_photo_and_format(triton, st_models, repository, model):
+    names = list(FILES)
+    expected = st_models[model].encode([upright(FILES[n]) for n in names])
+    vectors, counts = infer_images(triton, image_ensembles(model, 128)["embedding"], [FILES[n] for n in names])
+    assert vectors.shape == expected.shape and counts.tolist() == [[IMAGE_TOKENS]] * len(names)
+    assert_matches(vectors, expected, names)
+    compressed, _ = infer_images(triton, image_ensembles(model, 128)["compressed"], [FILES[n] for n in names])
+    assert compressed.shape == (len(names), 128)
+    assert_matches(compressed, expected @ projection(repository, model).T, names)
+
+
+def test_single_image_requests_sent_together_are_each_answered_with_their_own_vector(triton, st_models):
+    names = list(FILES)
+    expected = st_models["tiny-clip"].encode([upright(FILES[n]) for n in names])
+    with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
+        answers = list(pool.map(lambda n: infer_images(triton, "tiny-clip-image", [FILES[n]])[0][0], names))
+    assert_matches(np.stack(answers), expected, names)
+
+
+def test_cropped_rows_match_encode_of_the_same_crop_made_with_pil(triton, st_models):
+    rows = [
+        ("astronaut-RGB.png", (100, 20, 256)),
+        ("chelsea-RGB.jpeg", (0, 0, 300)),
+        ("coffee-RGB-480x120.jpeg", (300, 10, 100)),
+        ("camera-L.png", (0, 0, 512)),
+        ("coffee-RGB-300x200-exif6.jpeg", (50, 150, 150)),  # within the upright 200x300 image only
+        ("chelsea-P-200x133.gif", NO_CROP),
+    ]
+    crops = [crop for _, crop in rows]
+    images = []
+    for name, (x, y, size) in rows:
+        image = upright(FILES[name])
+        images.append(image if size < 0 else image.crop((x, y, x + size, y + size)))
+    expected = st_models["tiny-clip"].encode(images)
+    vectors, _ = infer_images(triton, "tiny-clip-image", [FILES[name] for name, _ in rows], crops)
+    assert_matches(vectors, expected, [name for name, _ in rows])
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_the_text_ensemble_matches_encode(triton, st_models, model):
+    texts = sts_sentences()[:192]
+    vectors = []
+    for begin in range(0, len(texts), 64):  # the ensembles' max_batch_size
+        chunk = texts[begin : begin + 64]
+        text = tritongrpc.InferInput(TEXT, [len(chunk), 1], "BYTES")
+        text.set_data_from_numpy(np.array([t.encode() for t in chunk], dtype=np.object_).reshape(-1, 1))
+        result = triton.infer(model, [text], outputs=[tritongrpc.InferRequestedOutput(EMBEDDING)], client_timeout=120)
+        vectors.append(result.as_numpy(EMBEDDING))
+    assert_matches(np.concatenate(vectors), st_models[model].encode(texts, prompt=""), texts)
+
+
+def _encoded(image: Image.Image, format: str) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=format)
+    return out.getvalue()
+
+
+BAD = {
+    "not an image": (b"%PDF-1.7 not an image", NO_CROP, "not an image in a supported format"),
+    "bmp": (_encoded(Image.new("RGB", (40, 40)), "BMP"), NO_CROP, "the image format BMP is not supported"),
+    "bomb": (_encoded(Image.new("L", (6000, 5000)), "PNG"), NO_CROP, "the image has 6000x5000 pixels, more than the 25000000"),
+    "crop outside": (FILES["chelsea-RGB.jpeg"], (400, 0, 100), "the crop x=400, y=0, size=100 is not within the 451x300 image"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD))
+def test_a_bad_image_is_refused_with_invalid_arg_while_others_are_answered(triton, st_models, kind):
+    data, crop, message = BAD[kind]
+    good = FILES["astronaut-RGB.png"]
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        bad = pool.submit(infer_images, triton, "tiny-clip-image", [good, data], [NO_CROP, crop])
+        goods = [pool.submit(infer_images, triton, "tiny-clip-image", [good]) for _ in range(2)]
+        with pytest.raises(InferenceServerException) as refused:
+            bad.result()
+        vectors = np.concatenate([g.result()[0] for g in goods])
+    assert f"image-preprocess: row 1: {message}" in refused.value.message()
+    assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert_matches(vectors, st_models["tiny-clip"].encode([upright(good)] * 2), ["astronaut"] * 2)
+
+
+# -- the contracts: the unmodified aleph-alpha-client, openai and gRPC, through the gateway ----------------------------
+
+CROPPED = [("astronaut-RGB.png", (100, 20, 256)), ("coffee-RGB-300x200-exif6.jpeg", (50, 150, 150)), ("camera-L.png", None)]
+
+
+def expected_crops(st_model, rows) -> np.ndarray:
+    images = []
+    for name, crop in rows:
+        image = upright(FILES[name])
+        images.append(image if crop is None else image.crop((crop[0], crop[1], crop[0] + crop[2], crop[1] + crop[2])))
+    return st_model.encode(images)
+
+
+def test_image_prompts_over_the_aleph_alpha_client_match_encode(service, st_models):
+    client = Client(token="unused", host=service.http_url, total_retries=0)
+    names = list(FILES)
+    vectors, totals = [], []
+    for name in names:
+        request = SemanticEmbeddingRequest(
+            prompt=Prompt([AlephImage.from_bytes(FILES[name])]), representation=SemanticRepresentation.Symmetric
+        )
+        response = client.semantic_embed(request, model="tiny-clip")
+        vectors.append(response.embedding)
+        totals.append(response.num_tokens_prompt_total)
+    assert totals == [IMAGE_TOKENS] * len(names)
+    assert_matches(np.array(vectors), st_models["tiny-clip"].encode([upright(FILES[n]) for n in names]), names)
+
+    prompts = [
+        Prompt([AlephImage.from_bytes(FILES[name], cropping=None if crop is None else Cropping(*crop))]) for name, crop in CROPPED
+    ]
+    batch = BatchSemanticEmbeddingRequest(prompts=prompts, representation=SemanticRepresentation.Document)
+    response = client.batch_semantic_embed(batch, model="tiny-clip-legacy")
+    assert response.num_tokens_prompt_total == IMAGE_TOKENS * len(CROPPED)
+    assert_matches(np.array(response.embeddings), expected_crops(st_models["tiny-clip-legacy"], CROPPED), [n for n, _ in CROPPED])
+
+
+def test_openai_data_uris_and_grpc_image_items_match_encode(service, st_models):
+    names = ["chelsea-RGB.jpeg", "astronaut-RGBA-300x300.png", "coffee-RGB-400x266.webp", "chelsea-P-200x133.gif"]
+    expected = st_models["tiny-clip"].encode([upright(FILES[n]) for n in names])
+    client = openai.OpenAI(base_url=f"{service.http_url}/v1", api_key="unused", max_retries=0)
+    uris = [f"data:image/{name.rsplit('.', 1)[1]};base64,{base64.b64encode(FILES[name]).decode()}" for name in names]
+    answer = client.embeddings.create(model="tiny-clip", input=[*uris, "a photo of a cat"])
+    vectors = np.array([item.embedding for item in answer.data])
+    assert_matches(vectors[:-1], expected, names)
+    assert_matches(vectors[-1:], st_models["tiny-clip"].encode(["a photo of a cat"]), ["text"])
+
+    with grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
+        stub = pb_grpc.EmbeddingServiceStub(channel)
+        for name, crop in CROPPED:
+            image = pb.Image(data=FILES[name], crop=None if crop is None else pb.Crop(x=crop[0], y=crop[1], size=crop[2]))
+            request = pb.SemanticEmbedRequest(model="tiny-clip", prompt=pb.Prompt(items=[pb.PromptItem(image=image)]))
+            reply = stub.SemanticEmbed(request, timeout=60)
+            assert reply.num_tokens_prompt_total == IMAGE_TOKENS
+            assert_matches(np.array([reply.embedding.values]), expected_crops(st_models["tiny-clip"], [(name, crop)]), [name])
+
+
+@pytest.mark.parametrize("kind", [*BAD, "mixed with text"])
+def test_a_bad_image_prompt_gets_a_400_naming_it_over_http_and_grpc(service, kind):
+    data, crop, _ = BAD.get(kind, (FILES["astronaut-RGB.png"], NO_CROP, ""))
+    item: dict = {"type": "image", "data": base64.b64encode(data).decode(), "controls": []}
+    if crop != NO_CROP:
+        item |= {"x": crop[0], "y": crop[1], "size": crop[2]}
+    prompt = [item, {"type": "text", "data": "and words"}] if kind == "mixed with text" else [item]
+    body = {"model": "tiny-clip", "prompts": ["fine", prompt], "representation": "symmetric"}
+    response = requests.post(f"{service.http_url}/batch_semantic_embed", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    assert response.json()["field"] == "prompts" and response.json()["error"].startswith("'prompts[1]'")
+
+    items = [
+        pb.PromptItem(image=pb.Image(data=data, crop=None if crop == NO_CROP else pb.Crop(x=crop[0], y=crop[1], size=crop[2])))
+    ]
+    if kind == "mixed with text":
+        items.append(pb.PromptItem(text="and words"))
+    with grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
+        request = pb.SemanticEmbedRequest(model="tiny-clip", prompt=pb.Prompt(items=items))
+        with pytest.raises(grpc.RpcError) as refused:
+            pb_grpc.EmbeddingServiceStub(channel).SemanticEmbed(request, timeout=60)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert dict(refused.value.trailing_metadata())["field"] == "prompt"
+
+
+def test_an_image_cut_short_gets_a_400_and_the_requests_beside_it_their_vectors(service, st_models):
+    """Its header passes the gateway's check; the image step refuses its pixels. Requests that shared a Triton call with
+    it are sent again on their own."""
+    good = FILES["astronaut-RGB.png"]
+    cut = FILES["chelsea-RGB.jpeg"][: len(FILES["chelsea-RGB.jpeg"]) // 3]
+
+    def embed(data: bytes) -> requests.Response:
+        prompt = [{"type": "image", "data": base64.b64encode(data).decode(), "controls": []}]
+        body = {"model": "tiny-clip", "prompt": prompt, "representation": "symmetric"}
+        return requests.post(f"{service.http_url}/semantic_embed", json=body, timeout=60)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(embed, [good, cut] * 4))
+    assert [answer.status_code for answer in answers] == [200, 400] * 4, [a.text for a in answers]
+    refused = answers[1].json()
+    assert refused["field"] == "prompt" and "an image cannot be read" in refused["error"], refused
+    vectors = np.array([answer.json()["embedding"] for answer in answers[::2]])
+    assert_matches(vectors, st_models["tiny-clip"].encode([upright(good)] * 4), ["astronaut"] * 4)
