@@ -433,25 +433,33 @@ def _build(args: argparse.Namespace, source, model_dir: Path, fingerprint: str, 
 
 
 def _vision_files(args: argparse.Namespace, source, build_dir: Path, started: float) -> VisionFiles | None:
-    """The vision graph at the export's precision and the image processor, checked together against
-    sentence-transformers on real photographs; None (after saying why) when they do not match it."""
+    """The vision graphs (the image vector's and the vision tower's hidden states') at the export's precision and the
+    image processor, checked together on real photographs: vectors against sentence-transformers' encode(image), every
+    layer pooled against transformers' CLIPVisionModel; None (after saying why) when they do not match."""
     from export.onnx_export import convert_fp16, export_vision, quantize_int8
     from export.photos import sample_files
     from export.steps.image_processing import FORMATS, ImageProcessor
-    from export.validate import validate_images
+    from export.validate import validate_image_layers, validate_images
 
     try:
         processor = ImageProcessor.from_processor_config(source.vision.processor, FORMATS, args.max_image_pixels)
     except ValueError as error:
         raise UnsupportedModel(f"{source.path}: {error}") from None
-    _progress(f"exporting the vision tower ({source.vision.image_size}px, {source.vision.image_tokens} image tokens)", started)
-    graph = build_dir / "vision.fp32.onnx"
-    export_vision(source, graph)
+    vision = source.vision
+    _progress(
+        f"exporting the vision tower ({vision.image_size}px, {vision.image_tokens} image tokens, {vision.num_layers} layers, "
+        f"{vision.hidden_size} hidden)",
+        started,
+    )
+    graph, layers_graph = build_dir / "vision.fp32.onnx", build_dir / "vision-layers.fp32.onnx"
+    export_vision(source, graph, layers_graph)
     if args.precision == "int8":
         graph = quantize_int8(graph, build_dir / "vision.int8.onnx")
+        layers_graph = quantize_int8(layers_graph, build_dir / "vision-layers.int8.onnx")
     elif args.precision == "fp16":
         graph = convert_fp16(graph, build_dir / "vision.fp16.onnx")
-    files = VisionFiles(graph, processor, source.vision.image_tokens)
+        layers_graph = convert_fp16(layers_graph, build_dir / "vision-layers.fp16.onnx")
+    files = VisionFiles(graph, layers_graph, processor, vision.image_tokens, vision.num_layers, vision.hidden_size)
     if args.precision == "fp16":
         return files
     photos = sample_files()
@@ -464,6 +472,16 @@ def _vision_files(args: argparse.Namespace, source, build_dir: Path, started: fl
     if not report.passes(args.precision):
         print(f"export: the {args.precision} image pipeline of {source.name} does not match the original model", file=sys.stderr)
         return None
+    layers = validate_image_layers(source, layers_graph, processor, photos, LAYER_POOLINGS)
+    _progress(
+        f"image layers: {len(photos)} photos, {vision.num_layers + 1} layers x {len(LAYER_POOLINGS)} poolings, through the "
+        "serving preprocessing and the vision hidden-states graph against transformers' CLIPVisionModel: "
+        f"max-abs-diff {layers.max_abs_diff:.2e}, cosine min {layers.min_cosine:.6f} mean {layers.mean_cosine:.6f}",
+        started,
+    )
+    if not layers.passes(args.precision):
+        print(f"export: the {args.precision} image layers of {source.name} do not match the original model", file=sys.stderr)
+        return None
     return files
 
 
@@ -475,6 +493,8 @@ def _vision_manifest(vision: VisionFiles, name: str, compressed: int) -> Vision:
         image_size=processor.crop_height,
         max_image_pixels=processor.max_pixels,
         formats=processor.formats,
+        num_layers=vision.num_layers,
+        hidden_size=vision.hidden_size,
     )
 
 

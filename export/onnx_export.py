@@ -87,6 +87,20 @@ class _ImageEncoder(torch.nn.Module):
         return features["sentence_embedding"]
 
 
+class _VisionHiddenStates(torch.nn.Module):
+    """pixel_values -> the vision tower's hidden states stacked [batch, layers + 1, image tokens, hidden], as
+    transformers' CLIPVisionTransformer returns them with output_hidden_states: index 0 is the class and patch
+    embeddings plus the position embeddings after the pre-layernorm (what the first layer takes), 1..N each layer's
+    output, the last before the post-layernorm (which CLIP applies to the class token only, for the image vector)."""
+
+    def __init__(self, model: CLIPModel):
+        super().__init__()
+        self.vision_model = model.vision_model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return torch.stack(self.vision_model(pixel_values=pixel_values, output_hidden_states=True).hidden_states, dim=1)
+
+
 def _text_model(source: SourceModel):
     """The transformer whose token embeddings the text pipeline pools: a dual encoder's text tower alone."""
     directory = str(source.path / source.transformer_path)
@@ -97,27 +111,35 @@ def _text_model(source: SourceModel):
     return AutoModel.from_pretrained(directory, attn_implementation="eager").eval()
 
 
-def export_vision(source: SourceModel, path: Path) -> None:
-    """Writes the vision graph: PIXEL_VALUES [batch, 3, size, size] -> EMBEDDING [batch, dimensions]."""
+def export_vision(source: SourceModel, path: Path, layers_path: Path) -> None:
+    """Writes the two vision graphs: PIXEL_VALUES [batch, 3, size, size] -> EMBEDDING [batch, dimensions] at `path`,
+    and -> HIDDEN_STATES [batch, layers + 1, image tokens, hidden] at `layers_path`.
+
+    Two graphs, not one with both outputs: onnxruntime runs every node of a graph whatever outputs are asked for,
+    so one graph would make every plain image vector pay for stacking all the layers' states."""
     from sentence_transformers import SentenceTransformer
 
     reference = SentenceTransformer(str(source.path), device="cpu")
     model = reference[0].model.eval()
     size = source.vision.image_size if source.vision else 0
     sample = torch.randn(2, 3, size, size)
-    names = [onnx_name(PIXEL_VALUES)], [onnx_name(EMBEDDING)]
+    pixels = onnx_name(PIXEL_VALUES)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            _ImageEncoder(model, list(reference)[1:]).eval(),
-            (sample,),
-            str(path),
-            input_names=names[0],
-            output_names=names[1],
-            dynamic_axes={names[0][0]: {0: "batch"}, names[1][0]: {0: "batch"}},
-            opset_version=OPSET,
-            dynamo=False,
-        )
+        for wrapper, output, graph in [
+            (_ImageEncoder(model, list(reference)[1:]), onnx_name(EMBEDDING), path),
+            (_VisionHiddenStates(model), onnx_name(HIDDEN_STATES), layers_path),
+        ]:
+            torch.onnx.export(
+                wrapper.eval(),
+                (sample,),
+                str(graph),
+                input_names=[pixels],
+                output_names=[output],
+                dynamic_axes={pixels: {0: "batch"}, output: {0: "batch"}},
+                opset_version=OPSET,
+                dynamo=False,
+            )
 
 
 def export_fp32(source: SourceModel, plain_path: Path, controlled_path: Path) -> torch.Tensor:

@@ -51,8 +51,16 @@ STEP_ROLES = {
     "compression": "compression.py",
     "layer-pooling": "layer_pooling.py",
 }
-# The steps only a model with a vision tower has: encoded image in, pixel values out; pixel values in, vector out.
-IMAGE_STEP_ROLES = {"image-preprocess": "image_preprocess.py", "vision-encoder": "vision_encoder.py"}
+# The steps only a model with a vision tower has: encoded image in, pixel values out; pixel values in, vector out;
+# pixel values in, the vision tower's hidden states out (a graph of its own, so that plain image vectors never compute
+# them); those states pooled per layer, as the text tower's are by layer-pooling (a step of its own, with the vision
+# tower's layers and width).
+IMAGE_STEP_ROLES = {
+    "image-preprocess": "image_preprocess.py",
+    "vision-encoder": "vision_encoder.py",
+    "vision-layers-encoder": "vision_encoder.py",
+    "vision-layer-pooling": "layer_pooling.py",
+}
 # The order of the layer_pooling step's POOLED output; the manifest hands it to the gateway.
 LAYER_POOLINGS = ("mean", "weighted_mean", "max", "last_token", "abs_max")
 
@@ -351,23 +359,29 @@ class VisionFiles:
     """What the image pipeline of a model with a vision tower is written from."""
 
     graph: Path  # the vision ONNX: PIXEL_VALUES -> EMBEDDING
+    layers_graph: Path  # PIXEL_VALUES -> HIDDEN_STATES [layers + 1, image tokens, hidden] of the vision tower
     processor: ImageProcessor
     image_tokens: int
+    num_layers: int  # the vision tower's transformer layers
+    hidden_size: int  # the vision tower's width
 
 
 def write_image_pipeline(
     manifest: Manifest, vision: VisionFiles, dimensions: int, compressed: int, out_dir: Path, options: RepositoryOptions
 ) -> None:
-    """The image-preprocess and vision-encoder steps and the image ensembles, which end in the model's own
-    compression step; written before write_repository, which writes the manifest last."""
+    """The image steps and the image ensembles: the image vector (`<model>-image`), that vector through the model's
+    own compression step (`<model>-image-c<size>`), and every layer of the vision tower pooled (`<model>-image-layers`,
+    POOLED [layers + 1, poolings, hidden] in the order of manifest.layers.poolings, as the text layers ensembles
+    answer). Written before write_repository, which writes the manifest last."""
     steps, side = manifest.steps, vision.processor.crop_height
     pixels = (PIXEL_VALUES, "TYPE_FP32", [3, side, vision.processor.crop_width])
     image_inputs = [(IMAGE, "TYPE_STRING", [1]), (IMAGE_CROP, "TYPE_INT64", [3])]
+    mask = (ATTENTION_MASK, "TYPE_INT64", [vision.image_tokens])
     preprocess_dir = _write_python_step(
         steps,
         "image-preprocess",
         image_inputs,
-        [pixels, (TOKEN_COUNT, "TYPE_INT32", [1])],
+        [pixels, (TOKEN_COUNT, "TYPE_INT32", [1]), mask],
         out_dir,
         options,
         instances=options.encoder_instances,
@@ -385,12 +399,34 @@ def write_image_pipeline(
         instances=options.encoder_instances,
         intra_op_threads=str(options.intra_op_threads),
         slice_rows=str(options.slice_rows),
+        output=EMBEDDING,
     )
     shutil.copy(vision.graph, encoder_dir / "model.onnx")
+    layers = vision.num_layers + 1
+    states = (HIDDEN_STATES, "TYPE_FP32", [layers, vision.image_tokens, vision.hidden_size])
+    # One instance, as for the attention-controlled text encoder: /embed's layers of an image are rare next to its
+    # vector, and each instance holds the vision tower's weights once more.
+    layers_encoder_dir = _write_python_step(
+        steps,
+        "vision-layers-encoder",
+        [pixels],
+        [states],
+        out_dir,
+        options,
+        intra_op_threads=str(options.intra_op_threads),
+        slice_rows=str(options.slice_rows),
+        output=HIDDEN_STATES,
+    )
+    shutil.copy(vision.layers_graph, layers_encoder_dir / "model.onnx")
+    pooled = (POOLED, "TYPE_FP32", [layers, len(manifest.layers.poolings), vision.hidden_size])
+    _write_python_step(
+        steps, "vision-layer-pooling", [states, mask], [pooled], out_dir, options, poolings=",".join(manifest.layers.poolings)
+    )
+    preprocess_outputs = {PIXEL_VALUES: _carried(PIXEL_VALUES), TOKEN_COUNT: TOKEN_COUNT}
     preprocess = {
         "model": steps["image-preprocess"],
         "input_map": {IMAGE: IMAGE, IMAGE_CROP: IMAGE_CROP},
-        "output_map": {PIXEL_VALUES: _carried(PIXEL_VALUES), TOKEN_COUNT: TOKEN_COUNT},
+        "output_map": preprocess_outputs,
     }
     encode = {"model": steps["vision-encoder"], "input_map": {PIXEL_VALUES: _carried(PIXEL_VALUES)}}
     compress = {
@@ -398,15 +434,33 @@ def write_image_pipeline(
         "input_map": {EMBEDDING: _carried(EMBEDDING)},
         "output_map": {EMBEDDING: EMBEDDING},
     }
+    layer_steps = [
+        # Only this ensemble takes the image's mask, for the layer pooling.
+        {**preprocess, "output_map": {**preprocess_outputs, ATTENTION_MASK: _carried(ATTENTION_MASK)}},
+        {
+            "model": steps["vision-layers-encoder"],
+            "input_map": {PIXEL_VALUES: _carried(PIXEL_VALUES)},
+            "output_map": {HIDDEN_STATES: _carried(HIDDEN_STATES)},
+        },
+        {
+            "model": steps["vision-layer-pooling"],
+            "input_map": {name: _carried(name) for name in (HIDDEN_STATES, ATTENTION_MASK)},
+            "output_map": {POOLED: POOLED},
+        },
+    ]
     pipelines = {
-        "embedding": ([preprocess, {**encode, "output_map": {EMBEDDING: EMBEDDING}}], dimensions),
-        "compressed": ([preprocess, {**encode, "output_map": {EMBEDDING: _carried(EMBEDDING)}}, compress], compressed),
+        "embedding": ([preprocess, {**encode, "output_map": {EMBEDDING: EMBEDDING}}], (EMBEDDING, "TYPE_FP32", [dimensions])),
+        "compressed": (
+            [preprocess, {**encode, "output_map": {EMBEDDING: _carried(EMBEDDING)}}, compress],
+            (EMBEDDING, "TYPE_FP32", [compressed]),
+        ),
+        "layers": (layer_steps, pooled),
     }
     names = image_ensembles(manifest.name, compressed)
-    for pipeline, (ensemble_steps, size) in pipelines.items():
+    for pipeline, (ensemble_steps, output_tensor) in pipelines.items():
         ensemble_dir = _fresh_model_dir(out_dir / names[pipeline])
         (ensemble_dir.parent / "config.pbtxt").write_text(
-            _ensemble_config(names[pipeline], image_inputs, ensemble_steps, (EMBEDDING, "TYPE_FP32", [size]), options)
+            _ensemble_config(names[pipeline], image_inputs, ensemble_steps, output_tensor, options)
         )
 
 

@@ -80,6 +80,8 @@ class VisionSource:
     image_size: int
     patch_size: int
     processor: dict  # the image processor's preprocessor_config.json
+    hidden_size: int = 768  # the vision tower's width and transformer layers (CLIPVisionConfig's defaults)
+    num_layers: int = 12
 
     @property
     def image_tokens(self) -> int:
@@ -278,7 +280,13 @@ def _dual_encoder(path: Path, modules: list[dict], name: str | None) -> SourceMo
         head=(projection, *(_head_module(path, m) for m in modules[1:])),
         prefixes=_prefixes(st_config, name),
         matryoshka_dims=tuple(st_config.get("matryoshka_dims", ())),
-        vision=VisionSource(vision.get("image_size", 224), vision.get("patch_size", 32), processor),
+        vision=VisionSource(
+            vision.get("image_size", 224),
+            vision.get("patch_size", 32),
+            processor,
+            hidden_size=vision.get("hidden_size", 768),
+            num_layers=vision.get("num_hidden_layers", 12),
+        ),
         transformer_path=transformer,
     )
 

@@ -18,6 +18,7 @@ from repository_contract.tensors import (
     CONTROL_FACTORS,
     CONTROL_LOG_ADDITIVE,
     EMBEDDING,
+    HIDDEN_STATES,
     INPUT_IDS,
     PIXEL_VALUES,
     TOKEN_EMBEDDINGS,
@@ -131,6 +132,58 @@ def validate_images(
     pixels = np.stack([processor(data) for data in files.values()])
     (exported,) = session.run([onnx_name(EMBEDDING)], {onnx_name(PIXEL_VALUES): pixels})
     return _report(reference, exported)
+
+
+def pooled_layers(states, poolings: tuple[str, ...]):
+    """torch: hidden states [batch, layers + 1, tokens, hidden] of sequences without padding (an image's tokens) ->
+    [batch, layers + 1, len(poolings), hidden], each pooling over all the tokens as the layer-pooling step defines it:
+    mean; weighted_mean, token i (1-based) weighing i; max; last_token; abs_max."""
+    import torch
+
+    states = torch.as_tensor(states, dtype=torch.float32)
+    weights = torch.arange(1, states.shape[2] + 1, dtype=torch.float32)[None, None, :, None]
+    pooled = {
+        "mean": lambda: states.mean(dim=2),
+        "weighted_mean": lambda: (states * weights).sum(dim=2) / weights.sum(),
+        "max": lambda: states.amax(dim=2),
+        "last_token": lambda: states[:, :, -1],
+        "abs_max": lambda: states.abs().amax(dim=2),
+    }
+    return torch.stack([pooled[name]() for name in poolings], dim=2)
+
+
+def vision_layers_reference(source: SourceModel, images: list, poolings: tuple[str, ...]) -> np.ndarray:
+    """What the image layers ensemble must answer for these PIL images, computed in torch from the model's own files:
+    its image processor (transformers' CLIPImageProcessor), its vision tower (CLIPVisionModel) with
+    output_hidden_states, pooled by pooled_layers: [images, layers + 1, len(poolings), hidden]."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    directory = str(source.path / source.transformer_path)
+    pixels = CLIPImageProcessor.from_pretrained(directory)(images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        states = CLIPVisionModel.from_pretrained(directory).eval()(pixel_values=pixels, output_hidden_states=True).hidden_states
+        return pooled_layers(torch.stack(states, dim=1), poolings).numpy()
+
+
+def validate_image_layers(
+    source: SourceModel, layers_path: Path, processor: ImageProcessor, files: dict[str, bytes], poolings: tuple[str, ...]
+) -> ValidationReport:
+    """The image files through the serving preprocessing and the vision hidden-states graph, every layer pooled,
+    against vision_layers_reference of each image as PIL opens it and turns it upright; one row per image, layer and
+    pooling."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    images = [ImageOps.exif_transpose(Image.open(io.BytesIO(data))) for data in files.values()]
+    reference = vision_layers_reference(source, images, poolings)
+    session = ort.InferenceSession(str(layers_path), providers=["CPUExecutionProvider"])
+    pixels = np.stack([processor(data) for data in files.values()])
+    (states,) = session.run([onnx_name(HIDDEN_STATES)], {onnx_name(PIXEL_VALUES): pixels})
+    exported = pooled_layers(states, poolings).numpy()
+    width = reference.shape[-1]
+    return _report(reference.reshape(-1, width), exported.reshape(-1, width))
 
 
 def validate(

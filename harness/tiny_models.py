@@ -21,6 +21,7 @@ INIT_RANGE = 0.3
 # More than 128 dimensions, so that compress_to_size=128 is a real projection.
 PROJECTION = 160
 IMAGE_SIZE, PATCH = 32, 8
+VISION_HIDDEN, VISION_LAYERS = 48, 3
 # CLIP's own: shortest edge resized to the square's side, bicubic (PIL's 3), then center-cropped; OpenAI's mean/std.
 PROCESSOR = {
     "do_resize": True,
@@ -86,10 +87,11 @@ def _clip_model(tokenizer):
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
+    # Another width and depth than the text tower's, so that a vision layer or width taken for a text one shows.
     vision = {
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
+        "hidden_size": VISION_HIDDEN,
+        "intermediate_size": 2 * VISION_HIDDEN,
+        "num_hidden_layers": VISION_LAYERS,
         "num_attention_heads": 4,
         "image_size": IMAGE_SIZE,
         "patch_size": PATCH,

@@ -61,10 +61,13 @@ class Controls:
 
 @dataclass(frozen=True)
 class ImageEnsembles:
-    """The entry points for encoded images (IMAGE, IMAGE_CROP): the image vector, and that vector compressed."""
+    """The entry points for encoded images (IMAGE, IMAGE_CROP): the image vector, that vector compressed, and every
+    layer of the vision tower pooled (POOLED [Vision.num_layers + 1, len(Layers.poolings), Vision.hidden_size], in
+    the order of the manifest's `layers.poolings`)."""
 
     embedding: str
     compressed: str
+    layers: str
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,11 @@ class Vision:
     image_size: int  # the side of the square the model sees
     max_image_pixels: int  # width * height of a decoded image above which it is refused unread (a decompression bomb)
     formats: tuple[str, ...]  # the PIL format names accepted
+    # The vision tower's transformer layers and width: the image layers ensemble's POOLED has num_layers + 1 layers
+    # (0: the patch and position embeddings after CLIP's pre-layernorm, 1..num_layers: each layer's output, the last
+    # before the post-layernorm), each hidden_size wide.
+    num_layers: int
+    hidden_size: int
 
 
 @dataclass(frozen=True)
@@ -194,11 +202,15 @@ def _ensembles(names: Any) -> EnsembleNames:
 def _vision(data: Any) -> Vision:
     ensembles = data["ensembles"]
     return Vision(
-        ensembles=ImageEnsembles(_typed(ensembles["embedding"], str), _typed(ensembles["compressed"], str)),
+        ensembles=ImageEnsembles(
+            _typed(ensembles["embedding"], str), _typed(ensembles["compressed"], str), _typed(ensembles["layers"], str)
+        ),
         image_tokens=_typed(data["image_tokens"], int),
         image_size=_typed(data["image_size"], int),
         max_image_pixels=_typed(data["max_image_pixels"], int),
         formats=_strings(data["formats"]),
+        num_layers=_typed(data["num_layers"], int),
+        hidden_size=_typed(data["hidden_size"], int),
     )
 
 

@@ -29,7 +29,7 @@ def ensemble_names(model: str, compress_to: int) -> dict[str, dict[str, str]]:
 
 
 def image_ensembles(model: str, compress_to: int) -> dict[str, str]:
-    """The entry points of a model with a vision tower for encoded images: its image vector, and that vector
-    compressed by the model's compression step. Their steps are step_name(model, "image-preprocess") and
-    step_name(model, "vision-encoder")."""
-    return {"embedding": f"{model}-image", "compressed": f"{model}-image-c{compress_to}"}
+    """The entry points of a model with a vision tower for encoded images: its image vector, that vector compressed by
+    the model's compression step, and every layer of the vision tower pooled. Their steps are step_name(model, role)
+    for the roles "image-preprocess", "vision-encoder", "vision-layers-encoder" and "vision-layer-pooling"."""
+    return {"embedding": f"{model}-image", "compressed": f"{model}-image-c{compress_to}", "layers": f"{model}-image-layers"}

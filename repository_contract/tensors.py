@@ -27,14 +27,19 @@ ID_PADDING = -1
 
 # Between the steps.
 INPUT_IDS = "INPUT_IDS"  # [-1] INT64: token ids framed by the special tokens, padded with the model's pad id
-ATTENTION_MASK = "ATTENTION_MASK"  # [-1] INT64: 1 at real tokens, 0 at padding
+# [-1] INT64: 1 at real tokens, 0 at padding; for an image, [image tokens] of 1 (the image-preprocess step's)
+ATTENTION_MASK = "ATTENTION_MASK"
 TOKEN_EMBEDDINGS = "TOKEN_EMBEDDINGS"  # [-1, hidden] FP32: the last layer's output per token
-HIDDEN_STATES = "HIDDEN_STATES"  # [layers + 1, -1, hidden] FP32: the word embeddings and every layer's output per token
+# [layers + 1, -1, hidden] FP32: the word embeddings and every layer's output per token; for an image, the vision
+# tower's [layers + 1, image tokens, hidden]: its embeddings after the pre-layernorm, then every layer's output
+HIDDEN_STATES = "HIDDEN_STATES"
 PIXEL_VALUES = "PIXEL_VALUES"  # [3, size, size] FP32: an image resized, cropped and normalized as the model's processor does
 
 # The ensembles' outputs.
 EMBEDDING = "EMBEDDING"  # [dimensions] FP32, or [compressed size] from the compression ensembles: the sentence vector
-POOLED = "POOLED"  # [layers + 1, poolings, hidden] FP32: every pooling of every layer (layers ensembles)
+# [layers + 1, poolings, hidden] FP32: every pooling of every layer (layers ensembles; the image layers ensemble's
+# with the vision tower's layers and width)
+POOLED = "POOLED"
 # [1] INT32: the text's tokens with the special ones, counted before truncation; for an image, the model's image tokens
 TOKEN_COUNT = "TOKEN_COUNT"
 

@@ -130,9 +130,10 @@ class Fault:
 class _Kind:
     """What one of the model's ensembles takes and answers."""
 
-    input: str  # "text", "token_ids" or "controlled"
+    input: str  # "text", "token_ids", "controlled" or "image"
     output: str  # "EMBEDDING" or "POOLED"
     size: int  # the vector size it answers
+    depth: int = 0  # POOLED: the layers it pools, embeddings included
 
 
 class FakeTriton:
@@ -162,10 +163,12 @@ class FakeTriton:
             (model.layers, tensors.POOLED, model.dimensions),
         ):
             for kind in ("text", "token_ids", "controlled"):
-                self._kinds[getattr(ensembles, kind)] = _Kind(kind, output, size)
+                self._kinds[getattr(ensembles, kind)] = _Kind(kind, output, size, model.num_layers + 1)
         if model.vision is not None:
-            self._kinds[model.vision.ensembles.embedding] = _Kind("image", tensors.EMBEDDING, model.dimensions)
-            self._kinds[model.vision.ensembles.compressed] = _Kind("image", tensors.EMBEDDING, model.compress_to_size)
+            vision = model.vision
+            self._kinds[vision.ensembles.embedding] = _Kind("image", tensors.EMBEDDING, model.dimensions)
+            self._kinds[vision.ensembles.compressed] = _Kind("image", tensors.EMBEDDING, model.compress_to_size)
+            self._kinds[vision.ensembles.layers] = _Kind("image", tensors.POOLED, vision.hidden_size, vision.num_layers + 1)
         # Health, as gateway.triton.pool.TritonPool reports it.
         self.reason = ""
         self._down = False
@@ -330,11 +333,12 @@ class FakeTriton:
     def _answer(self, kind: _Kind, row: Row) -> tuple[np.ndarray, int]:
         if isinstance(row, ImageRow):
             assert self.model.vision is not None  # image ensembles exist only for a model that sees images
-            return self._image_vector(row, kind.size), self.model.vision.image_tokens
-        ids, factors, log_additive, count = self._framed(row)
-        vector = self._vector(ids, factors, log_additive, kind.size)
+            vector, count = self._image_vector(row, kind.size), self.model.vision.image_tokens
+        else:
+            ids, factors, log_additive, count = self._framed(row)
+            vector = self._vector(ids, factors, log_additive, kind.size)
         if kind.output == tensors.POOLED:
-            layers, poolings = self.model.num_layers + 1, len(self.model.layer_poolings)
+            layers, poolings = kind.depth, len(self.model.layer_poolings)
             scale = (1 + np.arange(layers))[:, None, None] * (1 + np.arange(poolings) / 10)[None, :, None]
             vector = (vector[None, None, :] * scale).astype(np.float32)
         return vector, count
@@ -346,7 +350,8 @@ class FakeTriton:
         if isinstance(row, ImageRow):
             assert self.model.vision is not None
             vision = self.model.vision.ensembles
-            return self._answer(self._kinds[vision.compressed if compressed else vision.embedding], row)
+            image = vision.compressed if compressed else vision.layers if layers else vision.embedding
+            return self._answer(self._kinds[image], row)
         kind = "text" if isinstance(row, str) else "controlled" if isinstance(row, tuple) else "token_ids"
         return self._answer(self._kinds[getattr(ensembles, kind)], row)
 

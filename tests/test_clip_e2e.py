@@ -6,7 +6,9 @@ unmodified aleph-alpha-client (Image items, cropped or not), OpenAI data URIs an
 Images are real photographs (scikit-image's, export/photos.py) as PNG, JPEG, WebP and GIF files of several sizes,
 aspect ratios and modes (grayscale, palette, RGBA, an EXIF-turned JPEG): `<model>-image` gives encode(PIL image),
 `<model>-image-c128` that vector through the model's compression, a row with IMAGE_CROP gives encode() of the same
-crop made with PIL, and the model's text ensemble gives encode(text). Bad images are refused, alone, with INVALID_ARG.
+crop made with PIL, `<model>-image-layers` every layer of the vision tower pooled as transformers' own vision model
+and image processor give them, and the model's text ensemble gives encode(text). Bad images are refused, alone, with
+INVALID_ARG.
 """
 
 import base64
@@ -34,12 +36,12 @@ from tritonclient.utils import InferenceServerException
 from export.datasets import sts_sentences
 from export.photos import sample_files
 from harness.servers import MODEL_REPOSITORY, start_service
-from harness.tiny_models import build_tiny_clip
+from harness.tiny_models import VISION_HIDDEN, VISION_LAYERS, build_tiny_clip
 from proto.embedding.v1 import embedding_pb2 as pb
 from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
 from repository_contract.manifest import read
 from repository_contract.naming import image_ensembles, step_name
-from repository_contract.tensors import EMBEDDING, IMAGE, IMAGE_CROP, NO_CROP, TEXT, TOKEN_COUNT
+from repository_contract.tensors import EMBEDDING, IMAGE, IMAGE_CROP, NO_CROP, POOLED, TEXT, TOKEN_COUNT
 from tests.test_export import export
 from tests.test_model_families_e2e import MINILM, copy_model
 
@@ -67,7 +69,8 @@ def repository(tmp_path_factory, model_dirs):
         args += ["--model-dir", str(path), "--name", name]
     result = export(*args)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("cosine min 1.000000") == 2 * len(MODELS), result.stdout  # texts and images, per model
+    # Texts, images and the image layers, per model.
+    assert result.stdout.count("cosine min 1.000000") == 3 * len(MODELS), result.stdout
     return repository
 
 
@@ -96,15 +99,15 @@ def upright(data: bytes) -> Image.Image:
     return ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
 
 
-def infer_images(triton, model: str, files: list[bytes], crops=None) -> tuple[np.ndarray, np.ndarray]:
+def infer_images(triton, model: str, files: list[bytes], crops=None, output: str = EMBEDDING) -> tuple[np.ndarray, np.ndarray]:
     crops = crops or [NO_CROP] * len(files)
     image = tritongrpc.InferInput(IMAGE, [len(files), 1], "BYTES")
     image.set_data_from_numpy(np.array(files, dtype=np.object_).reshape(-1, 1))
     crop = tritongrpc.InferInput(IMAGE_CROP, [len(files), 3], "INT64")
     crop.set_data_from_numpy(np.array(crops, dtype=np.int64))
-    outputs = [tritongrpc.InferRequestedOutput(EMBEDDING), tritongrpc.InferRequestedOutput(TOKEN_COUNT)]
+    outputs = [tritongrpc.InferRequestedOutput(output), tritongrpc.InferRequestedOutput(TOKEN_COUNT)]
     result = triton.infer(model, [image, crop], outputs=outputs, client_timeout=120)
-    return result.as_numpy(EMBEDDING), result.as_numpy(TOKEN_COUNT)
+    return result.as_numpy(output), result.as_numpy(TOKEN_COUNT)
 
 
 def assert_matches(served: np.ndarray, expected: np.ndarray, names: list[str]) -> None:
@@ -122,7 +125,11 @@ def test_the_manifest_names_the_image_pipeline(repository):
         vision = read(repository / model / "embedding_manifest.json").vision
         assert vision is not None and vision.image_tokens == IMAGE_TOKENS and vision.image_size == 32
         assert vision.formats == ("PNG", "JPEG", "WEBP", "GIF")
-        assert (vision.ensembles.embedding, vision.ensembles.compressed) == tuple(image_ensembles(model, 128).values())
+        ensembles = vision.ensembles
+        assert (ensembles.embedding, ensembles.compressed, ensembles.layers) == tuple(image_ensembles(model, 128).values())
+        assert ensembles.layers == f"{model}-image-layers"
+        # The vision tower's own depth and width, not the text tower's (2 layers of 64).
+        assert (vision.num_layers, vision.hidden_size) == (VISION_LAYERS, VISION_HIDDEN) == (3, 48)
     assert read(repository / MINILM / "embedding_manifest.json").vision is None
 
 
@@ -163,6 +170,61 @@ def test_cropped_rows_match_encode_of_the_same_crop_made_with_pil(triton, st_mod
     expected = st_models["tiny-clip"].encode(images)
     vectors, _ = infer_images(triton, "tiny-clip-image", [FILES[name] for name, _ in rows], crops)
     assert_matches(vectors, expected, [name for name, _ in rows])
+
+
+def vision_layers_reference(model_dir, st_model, images: list[Image.Image], poolings: tuple[str, ...]) -> np.ndarray:
+    """[images, layers + 1, poolings, hidden] from transformers alone: the model's CLIPImageProcessor, the vision tower
+    of the loaded model with output_hidden_states (index 0: the embeddings after the pre-layernorm), each pooling over
+    all the image's tokens, written out here in numpy."""
+    import torch
+    from transformers import CLIPImageProcessor
+
+    pixels = CLIPImageProcessor.from_pretrained(str(model_dir))(images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        hidden = st_model[0].model.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states
+    states = np.stack([layer.numpy() for layer in hidden], axis=1)  # [images, layers + 1, tokens, hidden]
+    weights = np.arange(1, states.shape[2] + 1, dtype=np.float64)[:, None]  # token i (1-based) weighs i
+    pooling = {
+        "mean": lambda tokens: tokens.mean(axis=0),
+        "weighted_mean": lambda tokens: (tokens * weights).sum(axis=0) / weights.sum(),
+        "max": lambda tokens: tokens.max(axis=0),
+        "last_token": lambda tokens: tokens[-1],
+        "abs_max": lambda tokens: np.abs(tokens).max(axis=0),
+    }
+    return np.array([[[pooling[name](layer) for name in poolings] for layer in image] for image in states])
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_image_layers_match_the_vision_towers_hidden_states_pooled(triton, st_models, model_dirs, repository, model):
+    """Every layer (0: the embeddings, 1..3 the vision tower's layers) and every pooling of each photo, and of cropped
+    rows, against transformers: cosine >= 0.9999 for each (image, layer, pooling) vector."""
+    manifest = read(repository / model / "embedding_manifest.json")
+    assert manifest.vision is not None
+    poolings = manifest.layers.poolings
+    assert poolings == ("mean", "weighted_mean", "max", "last_token", "abs_max")
+    rows = [(name, NO_CROP) for name in FILES] + [
+        ("astronaut-RGB.png", (100, 20, 256)),
+        ("coffee-RGB-300x200-exif6.jpeg", (50, 150, 150)),
+    ]
+    images = []
+    for name, (x, y, size) in rows:
+        image = upright(FILES[name])
+        images.append(image if size < 0 else image.crop((x, y, x + size, y + size)))
+    expected = vision_layers_reference(model_dirs[model], st_models[model], images, poolings)
+    pooled, counts = infer_images(
+        triton, manifest.vision.ensembles.layers, [FILES[name] for name, _ in rows], [crop for _, crop in rows], POOLED
+    )
+    assert pooled.shape == expected.shape == (len(rows), VISION_LAYERS + 1, len(poolings), VISION_HIDDEN)
+    assert counts.tolist() == [[IMAGE_TOKENS]] * len(rows)
+    labels = [
+        f"{name}{'' if crop == NO_CROP else f' crop {crop}'} layer {layer} {pooling}"
+        for name, crop in rows
+        for layer in range(VISION_LAYERS + 1)
+        for pooling in poolings
+    ]
+    assert_matches(pooled.reshape(-1, VISION_HIDDEN), expected.reshape(-1, VISION_HIDDEN), labels)
+    # Layers apart: a layer answered for another would not pass the check above.
+    assert np.abs(pooled[:, 0] - pooled[:, -1]).max() > 0.1
 
 
 @pytest.mark.parametrize("model", list(MODELS))
@@ -306,3 +368,21 @@ def test_an_image_cut_short_gets_a_400_and_the_requests_beside_it_their_vectors(
     assert refused["field"] == "prompt" and "an image cannot be read" in refused["error"], refused
     vectors = np.array([answer.json()["embedding"] for answer in answers[::2]])
     assert_matches(vectors, st_models["tiny-clip"].encode([upright(good)] * 4), ["astronaut"] * 4)
+
+
+def test_embed_pools_the_vision_towers_layers_for_an_image_prompt(service, st_models, model_dirs, repository):
+    """/embed over the gateway answers an image prompt with its image encoder's layers: the reference above."""
+    manifest = read(repository / "tiny-clip" / "embedding_manifest.json")
+    poolings = manifest.layers.poolings
+    name, crop = "coffee-RGB-300x200-exif6.jpeg", (50, 150, 150)
+    item = {"type": "image", "data": base64.b64encode(FILES[name]).decode(), "x": crop[0], "y": crop[1], "size": crop[2]}
+    body = {"model": "tiny-clip", "prompt": [item], "layers": [0, -1], "pooling": list(poolings), "tokens": True}
+    answer = requests.post(f"{service.http_url}/embed", json=body, timeout=60)
+    assert answer.status_code == 200, answer.text
+    image = upright(FILES[name]).crop((crop[0], crop[1], crop[0] + crop[2], crop[1] + crop[2]))
+    (expected,) = vision_layers_reference(model_dirs["tiny-clip"], st_models["tiny-clip"], [image], poolings)
+    served = answer.json()
+    assert served["tokens"] is None and served["num_tokens_prompt_total"] == IMAGE_TOKENS
+    for layer in (0, -1):
+        vectors = np.array([served["embeddings"][f"layer_{layer}"][pooling] for pooling in poolings])
+        assert_matches(vectors, expected[layer], [f"layer {layer} {pooling}" for pooling in poolings])

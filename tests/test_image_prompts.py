@@ -17,6 +17,7 @@ from PIL import Image
 
 from gateway.core.catalog import Catalog
 from gateway.transports.grpc.servicer import EmbeddingServicer
+from harness.waiting import eventually
 from proto.embedding.v1 import embedding_pb2 as pb
 from repository_contract.manifest import ImageEnsembles, Vision
 from tests.fake_triton import ImageRow
@@ -25,6 +26,7 @@ from tests.test_fake_triton_service import Context, assert_rows, settle
 
 NO_CROP = (-1, -1, -1)
 IMAGE_TOKENS = 50
+VISION_LAYERS, VISION_HIDDEN = 4, 48  # unlike the text encoder's 6 and 384
 
 
 def picture(kind: str = "PNG", size: tuple[int, int] = (64, 48), mode: str = "RGB", seed: int = 0) -> bytes:
@@ -44,11 +46,17 @@ async def gw(models):
     """The in-process gateway over a fake Triton, serving the exported model as if it had an image tower."""
     (model,) = models.models.values()
     vision = Vision(
-        ensembles=ImageEnsembles(embedding=f"{model.name}-image", compressed=f"{model.name}-image-c{model.compress_to_size}"),
+        ensembles=ImageEnsembles(
+            embedding=f"{model.name}-image",
+            compressed=f"{model.name}-image-c{model.compress_to_size}",
+            layers=f"{model.name}-image-layers",
+        ),
         image_tokens=IMAGE_TOKENS,
         image_size=224,
         max_image_pixels=200 * 200,
         formats=("PNG", "JPEG", "WEBP", "GIF"),
+        num_layers=VISION_LAYERS,
+        hidden_size=VISION_HIDDEN,
     )
     gateway = Gateway(Catalog([dataclasses.replace(model, vision=vision)]))
     yield gateway
@@ -187,14 +195,40 @@ async def test_bad_images_are_refused_over_grpc_and_openai_too(gw):
     assert gw.triton.calls == []
 
 
-async def test_images_get_a_400_from_a_model_without_an_image_tower_and_from_embed_layers(models, gw):
+async def test_images_get_a_400_from_a_model_without_an_image_tower(models):
     gateway = Gateway(models)
     item = {"type": "image", "data": b64(picture()), "controls": []}
-    response = await gateway.post("/semantic_embed", {"prompt": [item], "representation": "symmetric"})
-    assert response.status == 400 and "does not accept images" in response.json()["error"]
-    response = await gw.post("/embed", {"prompt": [item], "layers": [-1], "pooling": ["mean"]})
-    assert response.status == 400 and "image encoder are not served yet" in response.json()["error"]
-    assert gateway.triton.calls == [] and gw.triton.calls == []
+    for path, body in [
+        ("/semantic_embed", {"prompt": [item], "representation": "symmetric"}),
+        ("/embed", {"prompt": [item], "layers": [-1], "pooling": ["mean"]}),
+    ]:
+        response = await gateway.post(path, body)
+        assert response.status == 400 and "does not accept images" in response.json()["error"]
+    assert gateway.triton.calls == []
+
+
+async def test_embed_pools_the_image_encoders_layers_for_an_image(gw):
+    data = picture("JPEG", (70, 50), seed=9)
+    body = {"prompt": [{"type": "image", "data": b64(data)}], "layers": [0, -1, 2], "pooling": ["max", "mean"], "tokens": True}
+    response = await gw.post("/embed", body)
+    assert response.status == 200, response.body
+    answer = response.json()
+    pooled, count = gw.triton.expected(ImageRow(data, NO_CROP), layers=True)
+    assert pooled.shape == (VISION_LAYERS + 1, len(gw.model.layer_poolings), VISION_HIDDEN)
+    column = {name: index for index, name in enumerate(gw.model.layer_poolings)}
+    for layer in (0, -1, 2):
+        for pooling in ("max", "mean"):
+            vector = answer["embeddings"][f"layer_{layer}"][pooling]
+            np.testing.assert_allclose(vector, pooled[layer % (VISION_LAYERS + 1), column[pooling]], rtol=1e-5)
+    assert answer["tokens"] is None and answer["num_tokens_prompt_total"] == count == IMAGE_TOKENS
+    assert [call.lane.model for call in gw.triton.calls] == [gw.model.vision.ensembles.layers]
+
+    # The image encoder's layers bound the request, not the text encoder's 6.
+    response = await gw.post("/embed", body | {"layers": [VISION_LAYERS + 1]})
+    assert (
+        response.status == 400 and "image encoder" in response.json()["error"] and "patch embeddings" in response.json()["error"]
+    )
+    assert len(gw.triton.calls) == 1
 
 
 async def test_the_model_listing_says_which_models_take_images(models, gw):
@@ -208,7 +242,8 @@ async def test_an_image_that_does_not_decode_fails_its_own_request_alone(models)
     """A file cut short passes the header check; the image step refuses it. Requests that shared its Triton call are
     sent again on their own and answered."""
     (model,) = models.models.values()
-    vision = Vision(ImageEnsembles(f"{model.name}-image", f"{model.name}-image-c128"), IMAGE_TOKENS, 224, 200 * 200, ("PNG",))
+    ensembles = ImageEnsembles(f"{model.name}-image", f"{model.name}-image-c128", f"{model.name}-image-layers")
+    vision = Vision(ensembles, IMAGE_TOKENS, 224, 200 * 200, ("PNG",), VISION_LAYERS, VISION_HIDDEN)
     gateway = Gateway(Catalog([dataclasses.replace(model, vision=vision)]), max_calls_per_lane=1)
     gateway.triton.stall()
     good = picture(seed=5)
@@ -220,7 +255,8 @@ async def test_an_image_that_does_not_decode_fails_its_own_request_alone(models)
     first = asyncio.create_task(gateway.post("/semantic_embed", body(picture(seed=4))))
     await settle()
     shared = [asyncio.create_task(gateway.post("/semantic_embed", body(data))) for data in (good, cut, good)]
-    await settle()
+    # Their headers are read in threads: all three queue behind the first call, to share the next one.
+    await eventually(lambda: gateway.scheduler.pending_texts == 4, 10, what="the three requests queued")
     gateway.triton.release()
     assert (await first).status == 200
     answers = [await task for task in shared]

@@ -97,11 +97,13 @@ def test_the_fingerprint_is_read_from_a_manifest_of_any_version_and_none_without
 
 
 VISION = {
-    "ensembles": {"embedding": "tiny-clip-image", "compressed": "tiny-clip-image-c128"},
+    "ensembles": {"embedding": "tiny-clip-image", "compressed": "tiny-clip-image-c128", "layers": "tiny-clip-image-layers"},
     "image_tokens": 17,
     "image_size": 32,
     "max_image_pixels": 25_000_000,
     "formats": ["PNG", "JPEG", "WEBP", "GIF"],
+    "num_layers": 3,
+    "hidden_size": 48,
 }
 
 
@@ -120,7 +122,13 @@ def test_a_vision_section_round_trips(exported, tmp_path):
     data = {**exported, "vision": VISION}
     manifest = read(written(tmp_path / "a", data))
     assert manifest.vision == Vision(
-        ImageEnsembles("tiny-clip-image", "tiny-clip-image-c128"), 17, 32, 25_000_000, tuple(VISION["formats"])
+        ImageEnsembles("tiny-clip-image", "tiny-clip-image-c128", "tiny-clip-image-layers"),
+        17,
+        32,
+        25_000_000,
+        tuple(VISION["formats"]),
+        num_layers=3,
+        hidden_size=48,
     )
     (tmp_path / "b" / manifest.ensembles.text).mkdir(parents=True)
     assert json.loads(write(manifest, tmp_path / "b").read_text()) == {**data, "format_version": FORMAT_VERSION}
@@ -131,6 +139,11 @@ def test_a_vision_section_round_trips(exported, tmp_path):
     [
         (lambda v: v.pop("image_tokens"), "lacks 'image_tokens'"),
         (lambda v: v["ensembles"].pop("compressed"), "lacks 'compressed'"),
+        # The image pipeline came with its layers: a vision section without them was never written.
+        (lambda v: v["ensembles"].pop("layers"), "lacks 'layers'"),
+        (lambda v: v.pop("num_layers"), "lacks 'num_layers'"),
+        (lambda v: v.pop("hidden_size"), "lacks 'hidden_size'"),
+        (lambda v: v.update(num_layers="3"), "expected int, found '3'"),
         (lambda v: v.update(max_image_pixels=2.5e7), "expected int, found 25000000.0"),
         (lambda v: v.update(formats="PNG"), "expected a list of strings"),
     ],

@@ -1,4 +1,6 @@
-"""Image-preprocess step: encoded image files in, the vision encoder's PIXEL_VALUES out, one row per image.
+"""Image-preprocess step: encoded image files in, the vision encoder's PIXEL_VALUES out, one row per image, with each
+image's TOKEN_COUNT and an ATTENTION_MASK of ones over its tokens (an image has no padding), which the image layers
+ensemble's layer-pooling step takes.
 
 Each row is checked from its header (an image at all, a format the model accepts, no more pixels than its bound) before
 it is decoded, then decoded (a GIF's first frame), turned upright by its EXIF orientation, cut to the row's IMAGE_CROP
@@ -19,7 +21,14 @@ import triton_python_backend_utils as pb_utils
 # the repository's packages.
 sys.path.insert(0, str(Path(__file__).parent))
 from image_processing import PROCESSOR_FILE, ImageProcessor, ImageRefused  # type: ignore[import-not-found]
-from tensors import IMAGE, IMAGE_CROP, NO_CROP, PIXEL_VALUES, TOKEN_COUNT  # type: ignore[import-not-found]
+from tensors import (  # type: ignore[import-not-found]
+    ATTENTION_MASK,
+    IMAGE,
+    IMAGE_CROP,
+    NO_CROP,
+    PIXEL_VALUES,
+    TOKEN_COUNT,
+)
 
 
 class TritonPythonModel:
@@ -41,8 +50,13 @@ class TritonPythonModel:
                 error=pb_utils.TritonError(f"image-preprocess: {error}", pb_utils.TritonError.INVALID_ARG)
             )
         counts = np.full((len(pixels), 1), self.image_tokens, dtype=np.int32)
+        mask = np.ones((len(pixels), self.image_tokens), dtype=np.int64)
         return pb_utils.InferenceResponse(
-            output_tensors=[pb_utils.Tensor(PIXEL_VALUES, pixels), pb_utils.Tensor(TOKEN_COUNT, counts)]
+            output_tensors=[
+                pb_utils.Tensor(PIXEL_VALUES, pixels),
+                pb_utils.Tensor(TOKEN_COUNT, counts),
+                pb_utils.Tensor(ATTENTION_MASK, mask),
+            ]
         )
 
     def _pixel_values(self, request) -> np.ndarray:

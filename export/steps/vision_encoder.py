@@ -1,9 +1,12 @@
-"""Vision-encoder step: onnxruntime on the exported vision graph, PIXEL_VALUES in, the image's EMBEDDING out.
+"""Vision-encoder step: onnxruntime on an exported vision graph, PIXEL_VALUES in, its one output (the `output`
+parameter) out.
 
-The graph is the model's get_image_features (the vision tower's class token, layer-normed and projected) followed by
-whatever modules the sentence-transformers model applies after it (Normalize, say), so its output is the vector
-sentence-transformers' encode(PIL image) gives. Every image has the same shape, so one execute runs all its requests'
-rows in slices of `slice_rows`; a request whose rows the graph refuses fails alone.
+Two models of one model's image pipeline run this file. vision-encoder's graph is the model's get_image_features (the
+vision tower's class token, layer-normed and projected) followed by whatever modules the sentence-transformers model
+applies after it (Normalize, say), so its EMBEDDING is the vector sentence-transformers' encode(PIL image) gives.
+vision-layers-encoder's graph answers the vision tower's HIDDEN_STATES [layers + 1, image tokens, hidden], which the
+image layers ensemble pools. Every image has the same shape, so one execute runs all its requests' rows in slices of
+`slice_rows`; a request whose rows the graph refuses fails alone.
 """
 
 import json
@@ -16,7 +19,7 @@ import triton_python_backend_utils as pb_utils
 
 # The export copies repository_contract/tensors.py next to this file: Triton cannot import the repository's packages.
 sys.path.insert(0, str(Path(__file__).parent))
-from tensors import EMBEDDING, PIXEL_VALUES, onnx_name  # type: ignore[import-not-found]
+from tensors import EMBEDDING, HIDDEN_STATES, PIXEL_VALUES, onnx_name  # type: ignore[import-not-found]
 
 
 class TritonPythonModel:
@@ -30,21 +33,24 @@ class TritonPythonModel:
         model_file = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
         self.session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
         self.slice_rows = int(params["slice_rows"])
+        self.output = params["output"]
+        if self.output not in (EMBEDDING, HIDDEN_STATES):
+            raise ValueError(f"vision-encoder: the output {self.output!r} is not {EMBEDDING} or {HIDDEN_STATES}")
 
     def execute(self, requests):
         pixels = [pb_utils.get_input_tensor_by_name(r, PIXEL_VALUES).as_numpy() for r in requests]
         try:
-            vectors = self._encode(np.concatenate(pixels))
+            answered = self._encode(np.concatenate(pixels))
         except Exception:
             # A malformed request (another image size) fails the whole batch's run; then each runs alone, so that
             # only it fails.
             return [self._answer_alone(p) for p in pixels]
         ends = np.cumsum([len(p) for p in pixels])
-        return [self._answer(rows) for rows in np.split(vectors, ends[:-1])]
+        return [self._answer(rows) for rows in np.split(answered, ends[:-1])]
 
     def _encode(self, pixels: np.ndarray) -> np.ndarray:
         runs = [
-            self.session.run([onnx_name(EMBEDDING)], {onnx_name(PIXEL_VALUES): pixels[begin : begin + self.slice_rows]})[0]
+            self.session.run([onnx_name(self.output)], {onnx_name(PIXEL_VALUES): pixels[begin : begin + self.slice_rows]})[0]
             for begin in range(0, len(pixels), self.slice_rows)
         ]
         return np.concatenate(runs).astype(np.float32)
@@ -55,6 +61,5 @@ class TritonPythonModel:
         except Exception as error:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"vision-encoder: {error}"))
 
-    @staticmethod
-    def _answer(vectors: np.ndarray):
-        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(EMBEDDING, vectors)])
+    def _answer(self, rows: np.ndarray):
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output, rows)])

@@ -24,7 +24,7 @@ from gateway.core.prompts import Prompt, PromptItem, check_length, decode, encod
 from gateway.core.scheduler import PRIORITY_NORMAL, Answer, Chunk, Scheduler
 from gateway.ops import request_context
 from repository_contract import tensors
-from repository_contract.manifest import EnsembleNames
+from repository_contract.manifest import EnsembleNames, Vision
 
 # No token of the models served here spans more characters (WordPiece gives up on words over 100), so a text
 # longer than this many characters per token of the model's limit is over it: refused, or cut when truncating,
@@ -159,6 +159,21 @@ def _resize(embeddings: np.ndarray, dimensions: int | None, model: ServedModel) 
     if not 0 < dimensions <= model.dimensions:
         raise invalid(f"dimensions must be between 1 and {model.dimensions} for {model.name}, got {dimensions}", "dimensions")
     return _normalized(embeddings[:, :dimensions])
+
+
+@dataclass(frozen=True)
+class _Tower:
+    """The encoder whose layers /embed pools: the model's text encoder, or its image encoder for an image."""
+
+    name: str
+    num_layers: int
+    embeddings: str  # what layer 0 is
+
+    @classmethod
+    def of(cls, model: ServedModel, vision: Vision | None) -> _Tower:
+        if vision is None:
+            return cls(model.name, model.num_layers, "word embeddings")
+        return cls(f"{model.name}'s image encoder", vision.num_layers, "patch embeddings")
 
 
 def _account(texts: int, tokens: int) -> None:
@@ -468,8 +483,11 @@ class EmbeddingService:
 
     async def embed_layers(self, call: EmbedLayersCall) -> EmbedLayersResult:
         model = self.catalog.get(call.model)
-        depth = model.num_layers + 1
-        self._check_layers(call.layers, model)
+        # An image's layers are its image encoder's: checked against that tower, pooled by its own steps.
+        vision = model.vision if any(item.kind == "image" for item in call.prompt) else None
+        tower = _Tower.of(model, vision)
+        depth = tower.num_layers + 1
+        self._check_layers(call.layers, tower)
         poolings = model.layer_poolings
         if not call.poolings or len(call.poolings) > len(poolings) or not set(call.poolings) <= set(poolings):
             shown = call.poolings if len(call.poolings) <= len(poolings) else f"{len(call.poolings)} poolings"
@@ -479,14 +497,15 @@ class EmbeddingService:
             raise invalid(f"'pooling' names {twice!r} twice; name each pooling once", "pooling")
         _refuse_invisible_prompts([call.prompt], "prompt")
         (prompt,) = await self._resolve(model, [call.prompt], "", "prompt")
-        if prompt.image is not None:
-            raise invalid(f"'prompt': the layers of {model.name}'s image encoder are not served yet; embed texts here", "prompt")
-        pooled, counts = await self._infer_prompts(model, [prompt], model.layers, tensors.POOLED, call, "prompt")
+        image_layers = vision.ensembles.layers if vision is not None else None
+        pooled, counts = await self._infer_prompts(
+            model, [prompt], model.layers, tensors.POOLED, call, "prompt", image_ensemble=image_layers
+        )
         pooled = _normalized(pooled[0]) if call.normalize else pooled[0]  # [layers + 1, poolings, hidden]
         column = {name: index for index, name in enumerate(model.layer_poolings)}
         layers = [(layer, {p: pooled[layer % depth, column[p]] for p in call.poolings}) for layer in call.layers]
         tokens = None
-        if call.tokens:
+        if call.tokens and prompt.image is None:  # an image has patches, not tokens with a text
             # The prompt's own tokens; num_tokens also counts the special tokens the model frames them with.
             if prompt.text is None:
                 assert prompt.token_ids is not None  # a prompt without a text has token ids (see Prompt)
@@ -500,18 +519,18 @@ class EmbeddingService:
         return EmbedLayersResult(model.model_version, layers, tokens, int(counts[0]))
 
     @staticmethod
-    def _check_layers(layers: list[int], model: ServedModel) -> None:
-        """One to all of the model's layers (word embeddings included), each named once: -1 and its positive index
+    def _check_layers(layers: list[int], tower: _Tower) -> None:
+        """One to all of the tower's layers (its embeddings included), each named once: -1 and its positive index
         name the same layer, which would be computed once and answered twice."""
-        depth = model.num_layers + 1
+        depth = tower.num_layers + 1
         if not layers or len(layers) > depth:
-            raise invalid(f"'layers' must name 1 to {depth} layers of {model.name}, each once; got {len(layers)}", "layers")
+            raise invalid(f"'layers' must name 1 to {depth} layers of {tower.name}, each once; got {len(layers)}", "layers")
         named: dict[int, int] = {}
         for layer in layers:
             if not -depth <= layer < depth:
                 raise invalid(
-                    f"layer {layer} is out of range for {model.name}: 0 is the word embeddings, "
-                    f"1..{model.num_layers} the layers, -1..-{depth} count from the last",
+                    f"layer {layer} is out of range for {tower.name}: 0 is the {tower.embeddings}, "
+                    f"1..{tower.num_layers} the layers, -1..-{depth} count from the last",
                     "layers",
                 )
             if layer % depth in named:
