@@ -1,6 +1,6 @@
 """Did a change cost the gateway throughput? This checkout's gateway against another revision's, on one pipeline ceiling.
 
-    python -m bench.ab_ceiling --base dd97667 --rounds 4
+    python -m bench.ab_ceiling --base dd97667 --rounds 4 [--corpus passages --out bench/results/ab_ceiling_passages.md]
 
 The base revision is checked out with `git worktree` under the work dir, with this checkout's generated gRPC stubs.
 Both gateways serve the same bench-only repository (bench/pipeline_ceiling.py: this checkout's export with an
@@ -23,6 +23,8 @@ from bench.throughput import ROOT, progress, run_load, served_model
 from harness.servers import start_service
 
 CONCURRENCIES = (1, 128)
+# One text per request: an STS sentence, or a passage of them (workload.passages, 600 characters or more).
+CORPORA = {"sentences": workload.sentences, "passages": workload.passages}
 
 
 def _checkout(base: str, work: Path) -> Path:
@@ -65,12 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", required=True, help="the git revision to compare with")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--duration-s", type=float, default=8.0)
+    parser.add_argument("--corpus", choices=sorted(CORPORA), default="sentences")
     args = parser.parse_args(argv)
     work = fresh_work_dir(args.work_dir, "ab-ceiling-")
     base = _checkout(args.base, work)
     try:
         repository = pipeline_ceiling.build(ROOT / "model_repository", work / "pipeline-ceiling-repository")
-        bodies = requests.openai_bodies(served_model(repository), workload.sentences(), 1, "float")
+        bodies = requests.openai_bodies(served_model(repository), CORPORA[args.corpus](), 1, "float")
         runs: dict[str, list[dict]] = {"base": [], "this checkout": []}
         for round_ in range(args.rounds):
             order = [("base", base), ("this checkout", ROOT)]
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"# Pipeline ceiling: this checkout's gateway against {args.base}'s",
         "",
-        f"`{command_line('python -m bench.ab_ceiling', argv)}`; single STS sentences over HTTP float, {args.duration_s:.0f} s per point.",
+        f"`{command_line('python -m bench.ab_ceiling', argv)}`; one text of the {args.corpus} corpus per request over HTTP float, {args.duration_s:.0f} s per point.",
         "",
         "| gateway | concurrency | requests/s per round | mean requests/s | mean p50 ms |",
         "|---|---|---|---|---|",

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+
 import orjson
 
 # The gRPC method the load generator calls; its request is EmbedRequest.
 GRPC_EMBED = "/embedding.v1.EmbeddingService/Embed"
 SEMANTIC_EMBED = "/semantic_embed"
+BATCH_SEMANTIC_EMBED = "/batch_semantic_embed"
 
 
 def _groups(texts: list[str], per_request: int) -> list[list[str]]:
@@ -49,3 +52,25 @@ def semantic_bodies(model: str, words: list, factor: float | None) -> list[bytes
         )
         bodies.append(orjson.dumps({"model": model, "prompt": prompt, "representation": "symmetric"}))
     return bodies
+
+
+def image_groups(files: list[bytes], per_request: int) -> list[list[bytes]]:
+    """One group of per_request files starting at each file in turn, wrapping around: with a number of files prime to
+    per_request, every file is sent equally often, so the images of every request size are the same mix."""
+    return [[files[(start * per_request + i) % len(files)] for i in range(per_request)] for start in range(len(files))]
+
+
+def _image_item(data: bytes) -> dict:
+    """An image item as the aleph-alpha-client's Image sends it, uncropped."""
+    return {"type": "image", "data": base64.b64encode(data).decode()}
+
+
+def image_bodies(model: str, files: list[bytes], per_request: int) -> list[bytes]:
+    """POST /semantic_embed bodies of one image each (per_request 1), else POST /batch_semantic_embed bodies of
+    per_request prompts of one image each, grouped as image_groups does."""
+    if per_request == 1:
+        return [orjson.dumps({"model": model, "prompt": [_image_item(f)], "representation": "symmetric"}) for f in files]
+    return [
+        orjson.dumps({"model": model, "prompts": [[_image_item(f)] for f in group], "representation": "symmetric"})
+        for group in image_groups(files, per_request)
+    ]

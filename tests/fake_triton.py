@@ -113,6 +113,7 @@ class Call:
     request_id: str
     timeout_s: float
     cancelled: bool = False
+    answered: bool = False  # whether it got vectors: a call a step refused, or that failed, never reached the encoder
 
     @property
     def request_ids(self) -> list[str]:
@@ -245,10 +246,11 @@ class FakeTriton:
             raise
         if self._down:
             raise triton_error("UNAVAILABLE", "failed to connect to all addresses")
-        error = self._fault(call) or _undecodable(call.rows)
+        error = self._fault(call) or _undecodable(call.rows) or self._overlong(lane, call.rows)
         if error is not None:
             raise error
         answers = [self._answer(kind, row) for row in call.rows]
+        call.answered = True
         return np.stack([values for values, _ in answers]), np.array([count for _, count in answers], dtype=np.int32)
 
     def _refusal(self, kind: _Kind | None, lane: Lane, data: np.ndarray) -> str | None:
@@ -285,6 +287,18 @@ class FakeTriton:
             real = ids != ID_PADDING
             rows.append(([int(i) for i in ids[real]], [float(f) for f in factors[real]], bool(mode[0])))
         return rows
+
+    def _overlong(self, lane: Lane, rows: list) -> ServiceError | None:
+        """As the tokenizer step refuses, in a call that asks not to truncate, a text over the model's limit."""
+        if dict(lane.parameters).get("truncate", True) is not False:
+            return None
+        limit = self.model.max_sequence_length
+        for index, row in enumerate(rows):
+            count = len(self._tokenizer.encode(row).ids) if isinstance(row, str) else 0
+            if count > limit:
+                message = f"tokenizer: row {index}: a text has {count} tokens, more than the {limit} the model reads"
+                return triton_error("INVALID_ARGUMENT", message)
+        return None
 
     def _fault(self, call: Call) -> ServiceError | None:
         texts = [row for row in call.rows if isinstance(row, str)]

@@ -1,4 +1,4 @@
-"""The benchmarks' smoke runs: every step of `bin/bench`, `bench.auth_overhead` and `bench.perf_analyzer.study` for a few seconds, so they cannot rot.
+"""The benchmarks' smoke runs: every step of `bin/bench`, `bench.auth_overhead`, `bench.perf_analyzer.study` and `bench.images` for a few seconds, so they cannot rot.
 
 Each starts its own gateway and Triton (bin/bench also the pipeline-ceiling, peer and int8 servers), measures raw onnxruntime, drives
 the load generator in its own process, and writes the report; the figures are too short-lived to judge, so
@@ -136,3 +136,42 @@ def test_perf_analyzer_study_smoke_run_measures_both_tools_on_every_route(tmp_pa
             if line.startswith("| ") and line[2].isdigit()
         ]
         assert [row.split("|")[1].strip() for row in rows] == [str(c) for c in results["plan"]["concurrencies"]], route
+
+
+def test_images_smoke_run_sets_every_service_point_against_raw_onnxruntime(tmp_path):
+    out = tmp_path / "results"
+    command = [sys.executable, "-m", "bench.images", "--smoke", "--out", str(out), "--work-dir", str(tmp_path / "work")]
+    subprocess.run(command, cwd=ROOT, check=True, timeout=600)
+
+    run = json.loads((out / "images.json").read_text())
+    assert run["least_cosine"] >= 0.9999  # the service answered raw onnxruntime's vectors before the load
+    for raw in [*run["raw"], run["raw_best_at_end"]]:
+        assert raw["images_per_s"] > 0 and 0 < raw["p50_ms"] <= raw["p99_ms"], raw
+        assert raw["preprocess_ms_per_image"] > 0 and raw["encode_ms_per_image"] > 0, raw
+    measurements = run["measurements"]
+    assert {(m["encoding"], m["texts_per_request"]) for m in measurements} == {
+        ("semantic_embed", 1),
+        ("batch_semantic_embed", 16),
+    }
+    for m in measurements:
+        assert m["errors"] == 0, m
+        assert m["texts_per_s"] > 0 and 0 < m["p50_ms"] <= m["p99_ms"], m
+        assert {"gateway", "tritonserver", "encoder"} <= set(m["cpu_share"]), m
+        assert m["encoder_batch"] >= 1, m
+
+    report = (out / "images.md").read_text()
+    result = report.split("## Result", 1)[1].split("\n## ", 1)[0]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in result.splitlines() if line.startswith("| ")]
+    assert rows[0][:5] == ["service point", "raw counterpart", "raw images/s", "service images/s", "ratio"], rows[0]
+    assert [row[0] for row in rows[1:]] == [
+        f"one image per /semantic_embed request, c{m['concurrency']}"
+        if m["texts_per_request"] == 1
+        else f"{m['texts_per_request']} images per /batch_semantic_embed request, c{m['concurrency']}"
+        for m in measurements
+    ]
+    assert rows[1][1] == "one image at a time"
+    for row in rows[1:]:
+        raw, served, ratio = float(row[2]), float(row[3]), float(row[4])
+        assert raw > 0 and served > 0, row
+        # The ratio is of the exact images/s, which are printed rounded to whole numbers (and it to two decimals).
+        assert (served - 0.5) / (raw + 0.5) - 0.005 <= ratio <= (served + 0.5) / (raw - 0.5) + 0.005, row

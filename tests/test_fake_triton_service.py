@@ -21,6 +21,7 @@ import grpc
 import numpy as np
 import pytest
 
+from gateway.core.chunking import STRICT
 from gateway.core.controls import TokenControl
 from gateway.core.deadline import Deadline
 from gateway.core.errors import ErrorKind, ServiceError
@@ -39,11 +40,10 @@ WORDS = (
 
 
 def mixed_texts(count: int, seed: int = 0, prefix: str = "") -> list[str]:
-    """Distinct texts from one word to about two hundred characters, in no order of length: none can be over the
-    model's limit, so all go to the tokenizer step (for longer ones, see the test of texts that might be over it)."""
+    """Distinct texts from one word to a few hundred characters, in no order of length."""
     rng = random.Random(seed)
     return [
-        f"{prefix}{index}: " + " ".join(rng.choice(WORDS) for _ in range(rng.choice([1, 2, 3, 5, 8, 13, 21, 25])))
+        f"{prefix}{index}: " + " ".join(rng.choice(WORDS) for _ in range(rng.choice([1, 2, 3, 5, 8, 13, 21, 40, 90])))
         for index in range(count)
     ]
 
@@ -237,24 +237,39 @@ async def test_an_overlong_text_is_refused_by_its_index_or_cut_when_truncating(g
         await gw.service.embed(EmbedCall(model=gw.model.name, texts=texts))
     assert refused.value.kind is ErrorKind.VALIDATION and refused.value.param == "input"
     assert f"'input[1]' has {full_count} tokens" in refused.value.message
-    assert gw.triton.calls == []  # refused before the encoder ran on any text of it
+    # Refused by the tokenizer step, in the one call that asked not to truncate: nothing of it was encoded.
+    assert [(call.lane.parameters, call.answered) for call in gw.triton.calls] == [(STRICT, False)]
+    gw.triton.calls.clear()
 
     result = await gw.service.embed(EmbedCall(model=gw.model.name, texts=texts, truncate=True))
     assert_rows(gw.triton, texts, result.embeddings)
     assert result.token_counts.tolist() == [3, gw.model.max_sequence_length, 4]
+    assert [call.lane.parameters for call in gw.triton.calls] == [()]  # truncating: the step cuts, as it always did
 
 
-async def test_texts_that_might_be_over_the_limit_are_tokenized_once_and_sent_as_their_token_ids(gw):
-    room = gw.model.max_sequence_length - gw.model.special_tokens
-    fitting = " ".join(WORDS * 3)[: 4 * room]  # more bytes than the model reads tokens, fewer tokens than it reads
-    assert len(fitting.encode()) > room and len(gw.triton.tokens(fitting)) <= room
-    texts = ["short", fitting, "short too", fitting.upper()]
-    result = await gw.service.embed(EmbedCall(model=gw.model.name, texts=texts))
-    assert_rows(gw.triton, texts, result.embeddings, result.token_counts)
-    # The short texts go to the tokenizer step; the long ones, tokenized here to know their length, as token ids.
-    sent = {call.lane.model: call.rows for call in gw.triton.calls}
-    assert sorted(sent[gw.model.embedding.text]) == ["short", "short too"]
-    assert sorted(sent[gw.model.embedding.token_ids]) == sorted(gw.triton.tokens(t) for t in (fitting, fitting.upper()))
+async def test_an_overlong_text_fails_its_own_request_alone_before_the_encoder(gw_one_call_per_lane):
+    """The tokenizer step refuses it in a call that does not truncate; the requests that shared that call are sent
+    again on their own and answered, and the gateway names the text by its index and count."""
+    gw = gw_one_call_per_lane
+    long_text = " ".join(WORDS * 10)
+    gw.triton.stall()
+    first = asyncio.create_task(gw.service.embed(EmbedCall(model=gw.model.name, texts=["first"])))
+    await settle()
+    calls = [["one", "two"], ["fine", long_text], ["three"]]
+    shared = [asyncio.create_task(gw.service.embed(EmbedCall(model=gw.model.name, texts=texts))) for texts in calls]
+    await settle()
+    gw.triton.release()
+    await first
+    done = await asyncio.gather(*shared, return_exceptions=True)
+    refused = done[1]
+    assert isinstance(refused, ServiceError) and refused.kind is ErrorKind.VALIDATION and refused.param == "input"
+    assert f"'input[1]' has {gw.triton.expected(long_text)[1]} tokens" in refused.message
+    for texts, result in ((calls[0], done[0]), (calls[2], done[2])):
+        assert not isinstance(result, BaseException)
+        assert_rows(gw.triton, texts, result.embeddings, result.token_counts)
+    shared_call = gw.triton.calls[1]
+    assert long_text in shared_call.rows and not shared_call.answered
+    assert not any(call.answered and long_text in call.rows for call in gw.triton.calls)  # never encoded
 
 
 # -- EmbeddingService: faults ----------------------------------------------------------------------------------------

@@ -262,7 +262,7 @@ async def test_an_image_that_does_not_decode_fails_its_own_request_alone(models)
     answers = [await task for task in shared]
     assert [answer.status for answer in answers] == [200, 400, 200]
     refused = answers[1].json()
-    assert refused["field"] == "prompt" and "an image cannot be read" in refused["error"] and "row" not in refused["error"]
+    assert refused["field"] == "prompt" and "image cannot be decoded" in refused["error"] and "row" not in refused["error"]
     assert_rows(gateway.triton, [ImageRow(good, NO_CROP)] * 2, [answers[0].json()["embedding"], answers[2].json()["embedding"]])
     assert len(gateway.triton.calls[1].rows) == 3  # the three shared one call, then went again one by one
     await settle()

@@ -67,11 +67,17 @@ def test_body_over_the_limit_is_413(http, model_name):
     assert "limit" in response.json()["error"]["message"]
 
 
-def test_text_over_the_token_limit_names_limit_and_count(http, model_name, manifest):
+def test_text_over_the_token_limit_names_limit_and_count(http, model_name, manifest, service):
+    def encoder_executions() -> int:
+        stats = requests.get(f"{service.triton_http_url}/v2/models/{model_name}-encoder/stats", timeout=10).json()
+        return stats["model_stats"][0]["execution_count"]
+
+    before = encoder_executions()
     response = post(http, {"model": model_name, "input": ["short", "word " * 300]})
     assert response.status_code == 400
     message = response.json()["error"]["message"]
     assert "input[1]" in message and "302 tokens" in message and str(manifest["max_sequence_length"]) in message
+    assert encoder_executions() == before  # the tokenizer step refused it: the encoder never ran on it
 
 
 def test_truncation_option_embeds_the_first_tokens(http, model_name, manifest):

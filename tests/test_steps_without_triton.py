@@ -75,9 +75,13 @@ class Tensor:
 
 
 class InferenceRequest:
-    def __init__(self, inputs: list[Tensor], requested_output_names: list[str] | None = None):
+    def __init__(self, inputs: list[Tensor], requested_output_names: list[str] | None = None, parameters: dict | None = None):
         self._inputs = inputs
         self._requested = requested_output_names or []
+        self._parameters = parameters or {}
+
+    def parameters(self) -> str:
+        return json.dumps(self._parameters)
 
     def inputs(self) -> list[Tensor]:
         return self._inputs
@@ -139,8 +143,10 @@ def output(response: InferenceResponse, name: str) -> np.ndarray:
     return tensor.as_numpy()
 
 
-def request(inputs: dict[str, np.ndarray], requested: list[str] | None = None) -> InferenceRequest:
-    return InferenceRequest([Tensor(name, value) for name, value in inputs.items()], requested)
+def request(
+    inputs: dict[str, np.ndarray], requested: list[str] | None = None, parameters: dict | None = None
+) -> InferenceRequest:
+    return InferenceRequest([Tensor(name, value) for name, value in inputs.items()], requested, parameters)
 
 
 # -- loading a step as Triton does ------------------------------------------------------------------------------------
@@ -241,6 +247,26 @@ def test_an_overlong_text_is_cut_at_the_models_length_and_counted_whole(steps, t
     assert ids[0].tolist() == truncating.encode(long_text).ids
     assert ids[0, -1] == full[-1]  # still framed: the separator closes the cut text
     assert output(response, TOKEN_COUNT).reshape(-1).tolist() == [len(full), len(tokenizer.encode("short").ids)]
+
+
+def test_a_request_that_does_not_truncate_has_an_overlong_text_refused_alone(steps, tokenizer, manifest):
+    step = load_step("tokenizer", steps["tokenizer"])
+    long_text = " ".join(TEXTS * 8)
+    count = len(tokenizer.encode(long_text).ids)
+    strict = {"truncate": False}
+    responses = step.execute(
+        [
+            request({TEXT: text_tensor(["short", long_text])}, parameters=strict),
+            request({TEXT: text_tensor(["short", long_text])}),  # no parameter: cut, as before
+            request({TEXT: text_tensor(["fits"])}, parameters=strict),
+        ]
+    )
+    error = responses[0].error()
+    assert error is not None and error.code() == TritonError.INVALID_ARG
+    limit = manifest["max_sequence_length"]
+    assert error.message() == f"tokenizer: row 1: a text has {count} tokens, more than the {limit} the model reads"
+    assert output(responses[1], TOKEN_COUNT).reshape(-1).tolist()[1] == count
+    assert output(responses[2], INPUT_IDS)[0].tolist() == tokenizer.encode("fits").ids
 
 
 def test_a_request_that_is_not_utf8_fails_alone(steps, tokenizer):

@@ -2,7 +2,8 @@
 
 Each request is padded to its longest sequence. Where length buckets are configured (GPU encoders,
 whose dynamic batcher merges only equal shapes) it is padded to the smallest bucket that holds it.
-The same file serves three models: `tokenizer` (input TEXT), `token-ids` (input TOKEN_IDS, used as
+A request with the parameter `truncate: false` has any text over the model's limit refused (INVALID_ARG, naming
+its row and count) instead of cut, so that the encoder never runs on it. The same file serves three models: `tokenizer` (input TEXT), `token-ids` (input TOKEN_IDS, used as
 they are without their -1 padding, and framed by the model's special tokens like a text would be) and
 `controlled-ids` (TOKEN_IDS with a CONTROL_FACTORS row each, framed and padded alongside with 1: special
 tokens and padding are never controlled).
@@ -39,6 +40,12 @@ def _special_token_frame(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
     bare = tokenizer.encode(probe, add_special_tokens=False).ids
     start = next(i for i in range(len(framed)) if framed[i : i + len(bare)] == bare)
     return framed[:start], framed[start + len(bare) :]
+
+
+def _strict(request) -> bool:
+    """Whether the request asks not to truncate (request parameter `truncate: false`, which an ensemble hands every
+    step): then an over-long text is refused. Without it, texts are cut at the model's limit and counted whole."""
+    return json.loads(request.parameters() or "{}").get("truncate", True) is False
 
 
 def _error(error: Exception):
@@ -128,9 +135,19 @@ class TritonPythonModel:
         start = 0
         for index, count in enumerate(counts):
             if responses[index] is None:
-                responses[index] = self._answer(sequences[start : start + count])
+                rows = sequences[start : start + count]
+                responses[index] = self._overlong(rows) if _strict(requests[index]) else None
+                responses[index] = responses[index] or self._answer(rows)
             start += count
         return responses
+
+    def _overlong(self, sequences):
+        """A request that does not truncate fails, before the encoder runs, when a text is over the model's limit."""
+        for row, (_, count) in enumerate(sequences):
+            if count > self.max_length:
+                message = f"tokenizer: row {row}: a text has {count} tokens, more than the {self.max_length} the model reads"
+                return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG))
+        return None
 
     def _answer(self, sequences, factors=None):
         """The response for one request; a request that cannot be padded (no rows) fails alone."""

@@ -22,15 +22,23 @@ ID_WIDTH_STEP = 16
 SORTED_CHUNK = 32
 
 
-def text_chunks(ensemble: str, texts: list[str], positions: list[int], max_batch: int, priority: int, output: str) -> list[Chunk]:
+# The request parameter by which a call tells the tokenizer step to refuse a text over the model's limit instead of
+# cutting it (Triton hands an ensemble's request parameters to every step). Calls with it and without it never share.
+STRICT = (("truncate", False),)
+
+
+def text_chunks(
+    ensemble: str, texts: list[str], positions: list[int], max_batch: int, priority: int, output: str, strict: bool = False
+) -> list[Chunk]:
     """The ensemble's chunks for `texts` (at `positions` of the request), sorted by length in chunks of SORTED_CHUNK.
 
     The tokenizer step pads each call to its longest text, so short texts sent apart from long ones
-    are not padded to their length; the encoder's batcher merges the chunks again.
+    are not padded to their length; the encoder's batcher merges the chunks again. `strict`: over-long texts are
+    refused by the tokenizer step, before the encoder runs, rather than cut.
     """
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     size = min(max_batch, SORTED_CHUNK)
-    lane = Lane(ensemble, output, priority, size, (1,))
+    lane = Lane(ensemble, output, priority, size, (1,), STRICT if strict else ())
     # Taken here, in the request's context: the call runs in a task of the scheduler's, and Triton's logs
     # and traces then name the gateway's request.
     request_id = request_context.current_request_id()

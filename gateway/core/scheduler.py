@@ -76,6 +76,8 @@ class Lane:
     priority: int
     max_rows: int
     row_shape: tuple[int, ...]
+    # What the call asks of the model besides its rows (request parameters, as (name, value) pairs).
+    parameters: tuple[tuple[str, bool | int | str], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -275,19 +275,12 @@ class EmbeddingService:
             )
 
     @staticmethod
-    async def _tokenized_if_long(model: ServedModel, texts: list[str]) -> dict[int, list[int]]:
-        """The token ids (without special tokens) of each text that might be longer than the model reads, by index.
-
-        No tokenizer here makes more tokens of a text than it has UTF-8 bytes (byte-level BPE, at worst, one a byte),
-        so a shorter text is not tokenized: most texts are, and stay, the tokenizer step's work.
-        """
-        room = model.max_sequence_length - model.special_tokens
-        long = [i for i, text in enumerate(texts) if len(text) > room // 4 and len(text.encode("utf-8")) > room]
-        if not long:
-            return {}
+    async def _text_counts(model: ServedModel, texts: list[str]) -> list[int]:
+        """Each text's tokens as the tokenizer step counts them (special ones included). Only on the path of a request
+        the step refused as over-long, to name the first such text: every other text is tokenized in Triton alone."""
         # encode_batch releases the GIL while it tokenizes (see gateway.core.prompts).
-        encodings = await asyncio.to_thread(model.tokenizer.encode_batch, [texts[i] for i in long], add_special_tokens=False)
-        return {i: encoding.ids for i, encoding in zip(long, encodings)}
+        encodings = await asyncio.to_thread(model.tokenizer.encode_batch, texts)
+        return [len(encoding.ids) for encoding in encodings]
 
     async def embed(self, call: EmbedCall) -> EmbedResult:
         model = self.catalog.get(call.model)
@@ -375,21 +368,13 @@ class EmbeddingService:
                         answer.put(np.array([row]), entry[0][np.newaxis], np.array([entry[1]]))
                 computed_rows = [row for row, entry in zip(text_rows, found) if entry is None]
                 computed_texts = [text for text, entry in zip(computed_texts, found) if entry is None]
-            sent_texts, sent_rows = computed_texts, computed_rows
-            if not truncating:
-                # A text over the model's limit is refused before the encoder runs. Those that could be over are
-                # tokenized here to know, and then sent as the token ids they are, so that none is tokenized twice.
-                long = await self._tokenized_if_long(model, computed_texts)
-                moved = {i: tokens for i, tokens in long.items() if tokens}  # nothing to frame: left to the text step
-                for i, tokens in moved.items():
-                    id_rows.append(computed_rows[i])
-                    ids.append(tokens)
-                if moved:
-                    kept = [i for i in range(len(computed_texts)) if i not in moved]
-                    sent_texts, sent_rows = [computed_texts[i] for i in kept], [computed_rows[i] for i in kept]
-            if sent_texts:
-                chunks += text_chunks(ensembles.text, sent_texts, sent_rows, model.max_batch_size, call.priority, output)
+            if computed_texts:
+                # Not truncating, the tokenizer step refuses a text over the model's limit, before the encoder runs.
+                chunks += text_chunks(
+                    ensembles.text, computed_texts, computed_rows, model.max_batch_size, call.priority, output, not truncating
+                )
         if not truncating:
+            # Token ids are counted here, exactly, before anything runs.
             lengths = [len(tokens) for tokens in ids] + [len(tokens) for tokens, _ in controlled]
             self._refuse_overlong(field, model, id_rows + controlled_rows, [n + model.special_tokens for n in lengths])
         if id_rows:
@@ -417,9 +402,14 @@ class EmbeddingService:
             try:
                 values, counts = await self.scheduler.run(chunks, call.deadline or self.deadline(), call.priority, answer)
             except ServiceError as error:
-                if error.kind is ErrorKind.VALIDATION and error.param is None:  # the backend refused an input of ours
-                    raise invalid(f"'{field}': {error.message}", field) from None
-                raise
+                if error.kind is not ErrorKind.VALIDATION or error.param is not None:
+                    raise
+                # The backend refused an input of this request: an image that does not decode, or a text over the limit,
+                # which is named by its index and count (the step knows neither which request nor which prompt it was).
+                if computed_texts and not truncating:
+                    counts_here = await self._text_counts(model, computed_texts)
+                    self._refuse_overlong(field, model, computed_rows, counts_here)
+                raise invalid(f"'{field}': {error.message}", field) from None
         else:
             values, counts = answer.result()  # every text was cached
         if computed_texts and cache_as is not None and self.cache is not None:
@@ -427,8 +417,7 @@ class EmbeddingService:
         # An image counts as the model's image tokens, whatever the text limit.
         sequences = [row for row in range(len(prompts)) if prompts[row].image is None]
         if not truncating:
-            # What the model counted, for the texts not tokenized above (a normalizer can make one character several, as
-            # NFKC does with U+FDFA) and for cached vectors, which a request that truncated may have stored.
+            # Cached vectors, which a request that truncated may have stored: their counts are the texts' own.
             self._refuse_overlong(field, model, sequences, counts[sequences])
         counts = counts.copy()
         counts[sequences] = np.minimum(counts[sequences], model.max_sequence_length)

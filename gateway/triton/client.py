@@ -24,17 +24,17 @@ log = logging.getLogger("gateway.triton")
 _TRANSIENT = ("stub process", "is not healthy", "unknown model", "is not ready", "request timeout expired", "failed to connect")
 
 
-# How the image step begins the message of an image it refuses after the gateway's header check passed it (a file cut
-# short, pixels that do not decode): the caller's mistake, answered as such.
-_IMAGE_REFUSED = re.compile(r"image-preprocess: (row \d+: )?")
+# How a step begins the message of an input it refuses as the caller's mistake (with INVALID_ARGUMENT): an image that
+# passed the gateway's header check but does not decode, a text over the model's limit in a call that does not truncate.
+_INPUT_REFUSED = re.compile(r"(image-preprocess|tokenizer): (row \d+: )?")
 
 
 def backend_error(error: InferenceServerException) -> ServiceError:
     status = str(error.status() or "")
     message = str(error.message() or "")
-    refused = _IMAGE_REFUSED.search(message) if "INVALID_ARGUMENT" in status else None
+    refused = _INPUT_REFUSED.search(message) if "INVALID_ARGUMENT" in status else None
     if refused is not None:
-        return ServiceError(ErrorKind.VALIDATION, f"an image cannot be read: {message[refused.end() :]}")
+        return ServiceError(ErrorKind.VALIDATION, message[refused.end() :])
     if "DEADLINE_EXCEEDED" in status:
         return ServiceError(ErrorKind.DEADLINE_EXCEEDED, "the inference server did not answer within the request's deadline")
     if "UNAVAILABLE" in status or any(marker in message.lower() for marker in _TRANSIENT):
@@ -84,6 +84,7 @@ class TritonClient:
                 outputs=outputs,
                 priority=lane.priority,
                 request_id=request_id,
+                parameters=dict(lane.parameters) or None,
                 timeout=max(int(timeout_s * 1e6), 1),
                 client_timeout=timeout_s,
             )
