@@ -53,9 +53,10 @@ from bench.report import markdown_table as table
 from bench.throughput import RESULTS, Plan, Runner, progress, service_pids, serving
 from export.photos import sample_files
 from export.steps.image_processing import PROCESSOR_FILE, ImageProcessor
+from harness.repositories import copy_model
 from harness.servers import MODEL_REPOSITORY, ROOT
 from harness.tiny_models import IMAGE_SIZE, PATCH, VISION_HIDDEN, VISION_LAYERS
-from repository_contract.manifest import MANIFEST_FILE, read
+from repository_contract.manifest import manifest_path, read
 from repository_contract.tensors import EMBEDDING, PIXEL_VALUES, onnx_name
 
 MODEL = "tiny-clip"
@@ -113,7 +114,7 @@ class RawImages:
     parameters: what a caller embedding images in-process would do."""
 
     def __init__(self, repository: Path, model: str):
-        steps = read(repository / model / MANIFEST_FILE).steps
+        steps = read(manifest_path(repository, model)).steps
         preprocess, encoder = steps["image-preprocess"], steps["vision-encoder"]
         self.processor = ImageProcessor.from_json((repository / preprocess / "1" / PROCESSOR_FILE).read_text())
         instances, params = _step_config(repository, encoder)
@@ -176,9 +177,7 @@ def build_repository(work: Path) -> Path:
     """The tiny CLIP built and exported next to all-MiniLM (as model_repository holds it) into work/repository."""
     model_dir, repository, log = work / MODEL, work / "repository", work / "export.log"
     progress(f"building the tiny CLIP and exporting it next to {MINILM} into {repository} (log: {log})")
-    manifest = json.loads((MODEL_REPOSITORY / MINILM / MANIFEST_FILE).read_text())
-    for directory in manifest["directories"]:
-        shutil.copytree(MODEL_REPOSITORY / directory, repository / directory, ignore=shutil.ignore_patterns("__pycache__"))
+    copy_model(MODEL_REPOSITORY, repository, MINILM)
     for command in (
         [sys.executable, "-m", "harness.tiny_models", str(model_dir)],
         [sys.executable, "-m", "export", "--output-dir", str(repository), "--model-dir", str(model_dir), "--name", MODEL],

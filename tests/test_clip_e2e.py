@@ -35,15 +35,14 @@ from tritonclient.utils import InferenceServerException
 
 from export.datasets import sts_sentences
 from export.photos import sample_files
-from harness.servers import MODEL_REPOSITORY, start_service
+from harness.servers import start_service
 from harness.tiny_models import VISION_HIDDEN, VISION_LAYERS, build_tiny_clip
 from proto.embedding.v1 import embedding_pb2 as pb
 from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
-from repository_contract.manifest import read
+from repository_contract.manifest import manifest_path, read
 from repository_contract.naming import image_ensembles, step_name
 from repository_contract.tensors import EMBEDDING, IMAGE, IMAGE_CROP, NO_CROP, POOLED, TEXT, TOKEN_COUNT
-from tests.test_export import export
-from tests.test_model_families_e2e import MINILM, copy_model
+from tests.test_model_families_e2e import MINILM, export_next_to_minilm
 
 pytestmark = pytest.mark.e2e
 
@@ -63,14 +62,9 @@ def model_dirs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory, model_dirs):
     repository = tmp_path_factory.mktemp("repository")
-    copy_model(MODEL_REPOSITORY, repository, MINILM)
-    args = ["--output-dir", str(repository), "--encoder-instances", "1"]
-    for name, path in model_dirs.items():
-        args += ["--model-dir", str(path), "--name", name]
-    result = export(*args)
-    assert result.returncode == 0, result.stdout + result.stderr
+    output = export_next_to_minilm(repository, model_dirs)
     # Texts, images and the image layers, per model.
-    assert result.stdout.count("cosine min 1.000000") == 3 * len(MODELS), result.stdout
+    assert output.count("cosine min 1.000000") == 3 * len(MODELS), output
     return repository
 
 
@@ -122,7 +116,7 @@ def projection(repository, model: str) -> np.ndarray:
 
 def test_the_manifest_names_the_image_pipeline(repository):
     for model in MODELS:
-        vision = read(repository / model / "embedding_manifest.json").vision
+        vision = read(manifest_path(repository, model)).vision
         assert vision is not None and vision.image_tokens == IMAGE_TOKENS and vision.image_size == 32
         assert vision.formats == ("PNG", "JPEG", "WEBP", "GIF")
         ensembles = vision.ensembles
@@ -130,7 +124,7 @@ def test_the_manifest_names_the_image_pipeline(repository):
         assert ensembles.layers == f"{model}-image-layers"
         # The vision tower's own depth and width, not the text tower's (2 layers of 64).
         assert (vision.num_layers, vision.hidden_size) == (VISION_LAYERS, VISION_HIDDEN) == (3, 48)
-    assert read(repository / MINILM / "embedding_manifest.json").vision is None
+    assert read(manifest_path(repository, MINILM)).vision is None
 
 
 @pytest.mark.parametrize("model", list(MODELS))
@@ -198,7 +192,7 @@ def vision_layers_reference(model_dir, st_model, images: list[Image.Image], pool
 def test_image_layers_match_the_vision_towers_hidden_states_pooled(triton, st_models, model_dirs, repository, model):
     """Every layer (0: the embeddings, 1..3 the vision tower's layers) and every pooling of each photo, and of cropped
     rows, against transformers: cosine >= 0.9999 for each (image, layer, pooling) vector."""
-    manifest = read(repository / model / "embedding_manifest.json")
+    manifest = read(manifest_path(repository, model))
     assert manifest.vision is not None
     poolings = manifest.layers.poolings
     assert poolings == ("mean", "weighted_mean", "max", "last_token", "abs_max")
@@ -372,7 +366,7 @@ def test_an_image_cut_short_gets_a_400_and_the_requests_beside_it_their_vectors(
 
 def test_embed_pools_the_vision_towers_layers_for_an_image_prompt(service, st_models, model_dirs, repository):
     """/embed over the gateway answers an image prompt with its image encoder's layers: the reference above."""
-    manifest = read(repository / "tiny-clip" / "embedding_manifest.json")
+    manifest = read(manifest_path(repository, "tiny-clip"))
     poolings = manifest.layers.poolings
     name, crop = "coffee-RGB-300x200-exif6.jpeg", (50, 150, 150)
     item = {"type": "image", "data": base64.b64encode(FILES[name]).decode(), "x": crop[0], "y": crop[1], "size": crop[2]}

@@ -12,6 +12,7 @@ import concurrent.futures
 import json
 import random
 import shutil
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -22,6 +23,7 @@ from aleph_alpha_client import BatchSemanticEmbeddingRequest, Client, Prompt, Se
 
 from export.datasets import sts_sentences
 from export.steps.sentence_head import SentenceHead
+from harness.repositories import copy_model
 from harness.servers import MODEL_REPOSITORY, start_service
 from proto.embedding.v1 import embedding_pb2 as pb
 from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
@@ -57,15 +59,16 @@ GRPC_REPRESENTATIONS = {
 MIN_COSINE = 0.9999
 
 
-def copy_model(source_repository, target_repository, name: str) -> None:
-    """One exported model's Triton models, as its manifest lists them."""
-    (manifest_path,) = [
-        p for p in source_repository.glob("*/embedding_manifest.json") if json.loads(p.read_text())["name"] == name
-    ]
-    for directory in json.loads(manifest_path.read_text())["directories"]:
-        shutil.copytree(
-            source_repository / directory, target_repository / directory, ignore=shutil.ignore_patterns("__pycache__")
-        )
+def export_next_to_minilm(repository: Path, model_dirs: dict[str, Path]) -> str:
+    """all-MiniLM as bin/setup exported it, and the models of `model_dirs` (served name: directory) exported into the
+    same repository by one command; the export's output."""
+    copy_model(MODEL_REPOSITORY, repository, MINILM)
+    args = ["--output-dir", str(repository), "--encoder-instances", "1"]
+    for served, path in model_dirs.items():
+        args += ["--model-dir", str(path), "--name", served]
+    result = export(*args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
 
 
 @pytest.fixture(scope="module")
@@ -78,13 +81,8 @@ def model_dirs(tmp_path_factory):
 def repository(tmp_path_factory, model_dirs):
     """all-MiniLM as bin/setup exported it, and the three tiny models exported into the same repository by one command."""
     repository = tmp_path_factory.mktemp("repository")
-    copy_model(MODEL_REPOSITORY, repository, MINILM)
-    args = ["--output-dir", str(repository), "--encoder-instances", "1"]
-    for served, path in model_dirs.items():
-        args += ["--model-dir", str(path), "--name", served]
-    result = export(*args)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("cosine min 1.000000") == len(MODELS), result.stdout
+    output = export_next_to_minilm(repository, model_dirs)
+    assert output.count("cosine min 1.000000") == len(MODELS), output
     return repository
 
 
