@@ -123,6 +123,20 @@ def _python_params(options: RepositoryOptions, **extra: str) -> dict[str, str]:
     return {"EXECUTION_ENV_PATH": str(options.execution_env), **extra}
 
 
+def _write_ensemble(
+    out_dir: Path, name: str, input_tensors: list, steps: list[dict], output_tensor, options: RepositoryOptions
+) -> None:
+    """An ensemble's model directory (with the empty version directory Triton wants) and its config."""
+    ensemble_dir = _fresh_model_dir(out_dir / name)
+    config = _ensemble_config(name, input_tensors, steps, output_tensor, options)
+    (ensemble_dir.parent / "config.pbtxt").write_text(config)
+
+
+def _compression_step(steps: Mapping[str, str]) -> dict:
+    """The model's compression step at the end of an ensemble: the vector before it in, the compressed one out."""
+    return {"model": steps["compression"], "input_map": {EMBEDDING: _carried(EMBEDDING)}, "output_map": {EMBEDDING: EMBEDDING}}
+
+
 def _ensemble_config(name: str, input_tensors: list, steps: list[dict], output_tensor, options: RepositoryOptions) -> str:
     rendered = []
     for step in steps:
@@ -304,11 +318,7 @@ def write_repository(
             TOKEN_EMBEDDINGS,
             [
                 {**pooled, "output_map": {EMBEDDING: _carried(EMBEDDING)}},
-                {
-                    "model": steps["compression"],
-                    "input_map": {EMBEDDING: _carried(EMBEDDING)},
-                    "output_map": {EMBEDDING: EMBEDDING},
-                },
+                _compression_step(steps),
             ],
             (EMBEDDING, "TYPE_FP32", [projection.size]),
         ),
@@ -346,11 +356,8 @@ def write_repository(
                 },
                 *tail,
             ]
-            ensemble_dir = _fresh_model_dir(out_dir / ensemble_name)
             ensemble_inputs = inputs + ([mode] if controlled else [])
-            (ensemble_dir.parent / "config.pbtxt").write_text(
-                _ensemble_config(ensemble_name, ensemble_inputs, ensemble_steps, output_tensor, options)
-            )
+            _write_ensemble(out_dir, ensemble_name, ensemble_inputs, ensemble_steps, output_tensor, options)
     write_manifest(manifest, out_dir)
 
 
@@ -429,11 +436,6 @@ def write_image_pipeline(
         "output_map": preprocess_outputs,
     }
     encode = {"model": steps["vision-encoder"], "input_map": {PIXEL_VALUES: _carried(PIXEL_VALUES)}}
-    compress = {
-        "model": steps["compression"],
-        "input_map": {EMBEDDING: _carried(EMBEDDING)},
-        "output_map": {EMBEDDING: EMBEDDING},
-    }
     layer_steps = [
         # Only this ensemble takes the image's mask, for the layer pooling.
         {**preprocess, "output_map": {**preprocess_outputs, ATTENTION_MASK: _carried(ATTENTION_MASK)}},
@@ -451,17 +453,14 @@ def write_image_pipeline(
     pipelines = {
         "embedding": ([preprocess, {**encode, "output_map": {EMBEDDING: EMBEDDING}}], (EMBEDDING, "TYPE_FP32", [dimensions])),
         "compressed": (
-            [preprocess, {**encode, "output_map": {EMBEDDING: _carried(EMBEDDING)}}, compress],
+            [preprocess, {**encode, "output_map": {EMBEDDING: _carried(EMBEDDING)}}, _compression_step(steps)],
             (EMBEDDING, "TYPE_FP32", [compressed]),
         ),
         "layers": (layer_steps, pooled),
     }
     names = image_ensembles(manifest.name, compressed)
     for pipeline, (ensemble_steps, output_tensor) in pipelines.items():
-        ensemble_dir = _fresh_model_dir(out_dir / names[pipeline])
-        (ensemble_dir.parent / "config.pbtxt").write_text(
-            _ensemble_config(names[pipeline], image_inputs, ensemble_steps, output_tensor, options)
-        )
+        _write_ensemble(out_dir, names[pipeline], image_inputs, ensemble_steps, output_tensor, options)
 
 
 def _write_python_step(
