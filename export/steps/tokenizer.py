@@ -136,8 +136,8 @@ class TritonPythonModel:
         for index, count in enumerate(counts):
             if responses[index] is None:
                 rows = sequences[start : start + count]
-                responses[index] = self._overlong(rows) if _strict(requests[index]) else None
-                responses[index] = responses[index] or self._answer(rows)
+                refusal = self._overlong(rows) if _strict(requests[index]) else None
+                responses[index] = refusal or self._answer(rows)
             start += count
         return responses
 

@@ -224,12 +224,12 @@ class EmbeddingService:
         """A new request's deadline: the server's timeout, or sooner if the caller asks."""
         return Deadline.within(self.timeout_s, requested_s)
 
-    def _capped(self, texts: list[str], field: str, truncate: bool | None, model: ServedModel) -> list[str]:
+    @staticmethod
+    def _capped(texts: list[str], field: str, truncating: bool, model: ServedModel) -> list[str]:
         """The texts, each refused or (when truncating) cut if far longer than the model reads."""
         limit = model.max_sequence_length * MAX_CHARS_PER_TOKEN
-        truncate = self.truncate_default if truncate is None else truncate
         for index, text in enumerate(texts):
-            if len(text) > limit and not truncate:
+            if len(text) > limit and not truncating:
                 raise invalid(
                     f"'{field}[{index}]' has {len(text)} characters, more than the {model.max_sequence_length} tokens "
                     f"{model.name} accepts can hold (at most {limit}); shorten it or ask for truncation",
@@ -357,7 +357,7 @@ class EmbeddingService:
         computed_rows: list[int] = []
         computed_texts: list[str] = []
         if text_rows:
-            computed_texts = self._capped(texts, field, truncate, model)
+            computed_texts = self._capped(texts, field, truncating, model)
             computed_rows = text_rows
             if cache_as is not None and self.cache is not None:
                 found = await self.cache.lookup(
