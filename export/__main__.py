@@ -439,7 +439,7 @@ def _vision_files(args: argparse.Namespace, source, build_dir: Path, started: fl
     from export.onnx_export import convert_fp16, export_vision, quantize_int8
     from export.photos import sample_files
     from export.steps.image_processing import FORMATS, ImageProcessor
-    from export.validate import validate_image_layers, validate_images
+    from export.validate import MIN_COSINE, uncontrolled_image_agreement, validate_image_layers, validate_images
 
     try:
         processor = ImageProcessor.from_processor_config(source.vision.processor, FORMATS, args.max_image_pixels)
@@ -451,15 +451,22 @@ def _vision_files(args: argparse.Namespace, source, build_dir: Path, started: fl
         f"{vision.hidden_size} hidden)",
         started,
     )
-    graph, layers_graph = build_dir / "vision.fp32.onnx", build_dir / "vision-layers.fp32.onnx"
-    export_vision(source, graph, layers_graph)
-    if args.precision == "int8":
-        graph = quantize_int8(graph, build_dir / "vision.int8.onnx")
-        layers_graph = quantize_int8(layers_graph, build_dir / "vision-layers.int8.onnx")
-    elif args.precision == "fp16":
-        graph = convert_fp16(graph, build_dir / "vision.fp16.onnx")
-        layers_graph = convert_fp16(layers_graph, build_dir / "vision-layers.fp16.onnx")
-    files = VisionFiles(graph, layers_graph, processor, vision.image_tokens, vision.num_layers, vision.hidden_size)
+    graphs = {role: build_dir / f"{role}.fp32.onnx" for role in ("vision", "vision-layers", "vision-controlled")}
+    export_vision(source, graphs["vision"], graphs["vision-layers"], graphs["vision-controlled"])
+    convert = {"int8": quantize_int8, "fp16": convert_fp16}.get(args.precision)
+    if convert is not None:
+        graphs = {role: convert(graph, build_dir / f"{role}.{args.precision}.onnx") for role, graph in graphs.items()}
+    graph, layers_graph = graphs["vision"], graphs["vision-layers"]
+    files = VisionFiles(
+        graph,
+        layers_graph,
+        graphs["vision-controlled"],
+        processor,
+        vision.image_tokens,
+        vision.patch_size,
+        vision.num_layers,
+        vision.hidden_size,
+    )
     if args.precision == "fp16":
         return files
     photos = sample_files()
@@ -482,6 +489,15 @@ def _vision_files(args: argparse.Namespace, source, build_dir: Path, started: fl
     if not layers.passes(args.precision):
         print(f"export: the {args.precision} image layers of {source.name} do not match the original model", file=sys.stderr)
         return None
+    difference, least = uncontrolled_image_agreement(graph, files.controlled_graph, processor, photos)
+    _progress(
+        f"attention-controlled vision graph with no image token controlled: max-abs-diff {difference:.2e}, min cosine "
+        f"{least:.6f} to the plain graph",
+        started,
+    )
+    if least < MIN_COSINE[args.precision][0]:
+        print(f"export: the attention-controlled vision graph of {source.name} differs from the plain one", file=sys.stderr)
+        return None
     return files
 
 
@@ -489,6 +505,7 @@ def _vision_manifest(vision: VisionFiles, name: str, compressed: int) -> Vision:
     processor = vision.processor
     return Vision(
         ensembles=ImageEnsembles(**image_ensembles(name, compressed)),
+        controlled=ImageEnsembles(**image_ensembles(name, compressed, controlled=True)),
         image_tokens=vision.image_tokens,
         image_size=processor.crop_height,
         max_image_pixels=processor.max_pixels,

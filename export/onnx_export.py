@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -101,6 +102,33 @@ class _VisionHiddenStates(torch.nn.Module):
         return torch.stack(self.vision_model(pixel_values=pixel_values, output_hidden_states=True).hidden_states, dim=1)
 
 
+class _ControlledImage(torch.nn.Module):
+    """pixel_values, control_factors [batch, image tokens], control_log_additive [batch, 1] -> the image vector and the
+    vision tower's stacked hidden states, every vision attention under the controls. One graph with both outputs: the
+    controlled path is the rare one, and a third copy of the tower's weights for the layers alone is not worth it."""
+
+    def __init__(self, model: CLIPModel, after: list[torch.nn.Module]):
+        super().__init__()
+        self.image = _ImageEncoder(model, after)
+        self.layers = _VisionHiddenStates(model)
+
+    def forward(self, pixel_values, control_factors, control_log_additive):
+        with attention_controls(control_factors, control_log_additive.reshape(-1)):
+            return self.image(pixel_values), self.layers(pixel_values)
+
+
+@contextmanager
+def _eager_attention(config):
+    """Traces the tower's attention as its eager softmax, which attention_controls rewrites (sdpa has no softmax to
+    rewrite); restores the implementation the model was loaded with."""
+    previous = config._attn_implementation_internal
+    config._attn_implementation_internal = "eager"
+    try:
+        yield
+    finally:
+        config._attn_implementation_internal = previous
+
+
 def _text_model(source: SourceModel):
     """The transformer whose token embeddings the text pipeline pools: a dual encoder's text tower alone."""
     directory = str(source.path / source.transformer_path)
@@ -111,35 +139,55 @@ def _text_model(source: SourceModel):
     return AutoModel.from_pretrained(directory, attn_implementation="eager").eval()
 
 
-def export_vision(source: SourceModel, path: Path, layers_path: Path) -> None:
-    """Writes the two vision graphs: PIXEL_VALUES [batch, 3, size, size] -> EMBEDDING [batch, dimensions] at `path`,
-    and -> HIDDEN_STATES [batch, layers + 1, image tokens, hidden] at `layers_path`.
+def export_vision(source: SourceModel, path: Path, layers_path: Path, controlled_path: Path) -> None:
+    """Writes the three vision graphs: PIXEL_VALUES [batch, 3, size, size] -> EMBEDDING [batch, dimensions] at `path`,
+    -> HIDDEN_STATES [batch, layers + 1, image tokens, hidden] at `layers_path`, and both under attention controls
+    (CONTROL_FACTORS [batch, image tokens], CONTROL_LOG_ADDITIVE [batch, 1]) at `controlled_path`.
 
-    Two graphs, not one with both outputs: onnxruntime runs every node of a graph whatever outputs are asked for,
+    Two plain graphs, not one with both outputs: onnxruntime runs every node of a graph whatever outputs are asked for,
     so one graph would make every plain image vector pay for stacking all the layers' states."""
     from sentence_transformers import SentenceTransformer
 
     reference = SentenceTransformer(str(source.path), device="cpu")
     model = reference[0].model.eval()
-    size = source.vision.image_size if source.vision else 0
+    after = list(reference)[1:]
+    vision = source.vision
+    size = vision.image_size if vision else 0
+    tokens = vision.image_tokens if vision else 0
     sample = torch.randn(2, 3, size, size)
-    pixels = onnx_name(PIXEL_VALUES)
+    # Both modes and a factor of 0 in the sample, so that no branch is folded away at trace time.
+    sample_factors = torch.ones(2, tokens)
+    sample_factors[:, 1] = 0.0
+    sample_factors[:, 2] = 2.0
+    sample_modes = torch.tensor([[True], [False]])
+    pixels, factors, modes = onnx_name(PIXEL_VALUES), onnx_name(CONTROL_FACTORS), onnx_name(CONTROL_LOG_ADDITIVE)
+    embedding, states = onnx_name(EMBEDDING), onnx_name(HIDDEN_STATES)
+    graphs = [
+        (_ImageEncoder(model, after), (sample,), [pixels], [embedding], path),
+        (_VisionHiddenStates(model), (sample,), [pixels], [states], layers_path),
+        (
+            _ControlledImage(model, after),
+            (sample, sample_factors, sample_modes),
+            [pixels, factors, modes],
+            [embedding, states],
+            controlled_path,
+        ),
+    ]
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        for wrapper, output, graph in [
-            (_ImageEncoder(model, list(reference)[1:]), onnx_name(EMBEDDING), path),
-            (_VisionHiddenStates(model), onnx_name(HIDDEN_STATES), layers_path),
-        ]:
-            torch.onnx.export(
-                wrapper.eval(),
-                (sample,),
-                str(graph),
-                input_names=[pixels],
-                output_names=[output],
-                dynamic_axes={pixels: {0: "batch"}, output: {0: "batch"}},
-                opset_version=OPSET,
-                dynamo=False,
-            )
+        for wrapper, inputs, input_names, output_names, graph in graphs:
+            controlled = graph == controlled_path
+            with _eager_attention(model.vision_model.config) if controlled else nullcontext():
+                torch.onnx.export(
+                    wrapper.eval(),
+                    inputs,
+                    str(graph),
+                    input_names=input_names,
+                    output_names=output_names,
+                    dynamic_axes={name: {0: "batch"} for name in input_names + output_names},
+                    opset_version=OPSET,
+                    dynamo=False,
+                )
 
 
 def export_fp32(source: SourceModel, plain_path: Path, controlled_path: Path) -> torch.Tensor:

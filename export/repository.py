@@ -24,6 +24,8 @@ from repository_contract.tensors import (
     EMBEDDING,
     HIDDEN_STATES,
     IMAGE,
+    IMAGE_CONTROL_FIELDS,
+    IMAGE_CONTROLS,
     IMAGE_CROP,
     INPUT_IDS,
     PIXEL_VALUES,
@@ -53,12 +55,14 @@ STEP_ROLES = {
 }
 # The steps only a model with a vision tower has: encoded image in, pixel values out; pixel values in, vector out;
 # pixel values in, the vision tower's hidden states out (a graph of its own, so that plain image vectors never compute
-# them); those states pooled per layer, as the text tower's are by layer-pooling (a step of its own, with the vision
+# them); both under attention controls; those states pooled per layer, as the text tower's are by layer-pooling (a step of its own, with the vision
 # tower's layers and width).
 IMAGE_STEP_ROLES = {
     "image-preprocess": "image_preprocess.py",
     "vision-encoder": "vision_encoder.py",
     "vision-layers-encoder": "vision_encoder.py",
+    # Both outputs of the vision tower under attention controls (a graph of its own, as for the text tower).
+    "vision-controlled-encoder": "vision_encoder.py",
     "vision-layer-pooling": "layer_pooling.py",
 }
 # The order of the layer_pooling step's POOLED output; the manifest hands it to the gateway.
@@ -80,14 +84,15 @@ class RepositoryOptions:
     execution_env: Path
 
 
-def _tensor(name: str, dtype: str, dims: list[int], ragged: bool = False) -> str:
+def _tensor(name: str, dtype: str, dims: list[int], ragged: bool = False, optional: bool = False) -> str:
     # A ragged input lets the dynamic batcher put requests of different lengths in one batch; the Python
-    # steps handle each request's tensors on their own, so they can take them.
-    flag = " allow_ragged_batch: true" if ragged else ""
-    return f'  {{ name: "{name}" data_type: {dtype} dims: {json.dumps(dims)}{flag} }}'
+    # steps handle each request's tensors on their own, so they can take them. An optional one may be left out by
+    # the ensembles that do not need it.
+    flags = (" allow_ragged_batch: true" if ragged else "") + (" optional: true" if optional else "")
+    return f'  {{ name: "{name}" data_type: {dtype} dims: {json.dumps(dims)}{flags} }}'
 
 
-def _tensors(kind: str, tensors: list[tuple[str, str, list[int]]]) -> str:
+def _tensors(kind: str, tensors: list[tuple]) -> str:
     return f"{kind} [\n" + ",\n".join(_tensor(*t) for t in tensors) + "\n]"
 
 
@@ -168,7 +173,7 @@ def model_directories(model: str, compress_to: int, vision: bool = False) -> lis
     """Every Triton model that serving `model` takes: what the gateway asks Triton to load and removal deletes."""
     ensembles = [name for pair in ensemble_names(model, compress_to).values() for name in pair.values()]
     if vision:
-        ensembles += list(image_ensembles(model, compress_to).values())
+        ensembles += [name for controlled in (False, True) for name in image_ensembles(model, compress_to, controlled).values()]
     return sorted(ensembles + list(step_names(model, vision).values()))
 
 
@@ -367,8 +372,10 @@ class VisionFiles:
 
     graph: Path  # the vision ONNX: PIXEL_VALUES -> EMBEDDING
     layers_graph: Path  # PIXEL_VALUES -> HIDDEN_STATES [layers + 1, image tokens, hidden] of the vision tower
+    controlled_graph: Path  # PIXEL_VALUES, CONTROL_FACTORS, CONTROL_LOG_ADDITIVE -> EMBEDDING and HIDDEN_STATES
     processor: ImageProcessor
     image_tokens: int
+    patch_size: int  # the side of the square of pixels (of the model's view) each image token embeds
     num_layers: int  # the vision tower's transformer layers
     hidden_size: int  # the vision tower's width
 
@@ -379,88 +386,85 @@ def write_image_pipeline(
     """The image steps and the image ensembles: the image vector (`<model>-image`), that vector through the model's
     own compression step (`<model>-image-c<size>`), and every layer of the vision tower pooled (`<model>-image-layers`,
     POOLED [layers + 1, poolings, hidden] in the order of manifest.layers.poolings, as the text layers ensembles
-    answer). Written before write_repository, which writes the manifest last."""
+    answer); and the same three under attention controls on the image (`<model>-image-controlled...`). Written before
+    write_repository, which writes the manifest last."""
     steps, side = manifest.steps, vision.processor.crop_height
     pixels = (PIXEL_VALUES, "TYPE_FP32", [3, side, vision.processor.crop_width])
     image_inputs = [(IMAGE, "TYPE_STRING", [1]), (IMAGE_CROP, "TYPE_INT64", [3])]
+    controls = (IMAGE_CONTROLS, "TYPE_FP32", [-1, len(IMAGE_CONTROL_FIELDS)])
+    mode = (CONTROL_LOG_ADDITIVE, "TYPE_BOOL", [1])
+    factors = (CONTROL_FACTORS, "TYPE_FP32", [vision.image_tokens])
     mask = (ATTENTION_MASK, "TYPE_INT64", [vision.image_tokens])
+    # One preprocess step for both kinds of ensemble: the controlled ones send the controls (an optional input) and
+    # take the factors, which only this step can work out, as it alone decodes the image.
     preprocess_dir = _write_python_step(
         steps,
         "image-preprocess",
-        image_inputs,
-        [pixels, (TOKEN_COUNT, "TYPE_INT32", [1]), mask],
+        [*image_inputs, (*controls, True, True)],
+        [pixels, (TOKEN_COUNT, "TYPE_INT32", [1]), mask, factors],
         out_dir,
         options,
         instances=options.encoder_instances,
         image_tokens=str(vision.image_tokens),
+        patch_size=str(vision.patch_size),
     )
     (preprocess_dir / PROCESSOR_FILE).write_text(vision.processor.to_json() + "\n")
     shutil.copy(STEP_SOURCES / "image_processing.py", preprocess_dir)
-    encoder_dir = _write_python_step(
-        steps,
-        "vision-encoder",
-        [pixels],
-        [(EMBEDDING, "TYPE_FP32", [dimensions])],
-        out_dir,
-        options,
-        instances=options.encoder_instances,
-        intra_op_threads=str(options.intra_op_threads),
-        slice_rows=str(options.slice_rows),
-        output=EMBEDDING,
-    )
-    shutil.copy(vision.graph, encoder_dir / "model.onnx")
     layers = vision.num_layers + 1
     states = (HIDDEN_STATES, "TYPE_FP32", [layers, vision.image_tokens, vision.hidden_size])
-    # One instance, as for the attention-controlled text encoder: /embed's layers of an image are rare next to its
-    # vector, and each instance holds the vision tower's weights once more.
-    layers_encoder_dir = _write_python_step(
-        steps,
-        "vision-layers-encoder",
-        [pixels],
-        [states],
-        out_dir,
-        options,
-        intra_op_threads=str(options.intra_op_threads),
-        slice_rows=str(options.slice_rows),
-        output=HIDDEN_STATES,
-    )
-    shutil.copy(vision.layers_graph, layers_encoder_dir / "model.onnx")
+    embedding = (EMBEDDING, "TYPE_FP32", [dimensions])
+    encoder_params = {"intra_op_threads": str(options.intra_op_threads), "slice_rows": str(options.slice_rows)}
+    # The layers and the controlled encoders have one instance, as the attention-controlled text encoder has: their
+    # requests are rare next to plain image vectors, and each instance holds the vision tower's weights once more.
+    for role, inputs, outputs, graph, instances in [
+        ("vision-encoder", [pixels], [embedding], vision.graph, options.encoder_instances),
+        ("vision-layers-encoder", [pixels], [states], vision.layers_graph, 1),
+        ("vision-controlled-encoder", [pixels, factors, mode], [embedding, states], vision.controlled_graph, 1),
+    ]:
+        encoder_dir = _write_python_step(steps, role, inputs, outputs, out_dir, options, instances=instances, **encoder_params)
+        shutil.copy(graph, encoder_dir / "model.onnx")
     pooled = (POOLED, "TYPE_FP32", [layers, len(manifest.layers.poolings), vision.hidden_size])
     _write_python_step(
         steps, "vision-layer-pooling", [states, mask], [pooled], out_dir, options, poolings=",".join(manifest.layers.poolings)
     )
-    preprocess_outputs = {PIXEL_VALUES: _carried(PIXEL_VALUES), TOKEN_COUNT: TOKEN_COUNT}
-    preprocess = {
-        "model": steps["image-preprocess"],
-        "input_map": {IMAGE: IMAGE, IMAGE_CROP: IMAGE_CROP},
-        "output_map": preprocess_outputs,
+    pool_layers = {
+        "model": steps["vision-layer-pooling"],
+        "input_map": {name: _carried(name) for name in (HIDDEN_STATES, ATTENTION_MASK)},
+        "output_map": {POOLED: POOLED},
     }
-    encode = {"model": steps["vision-encoder"], "input_map": {PIXEL_VALUES: _carried(PIXEL_VALUES)}}
-    layer_steps = [
-        # Only this ensemble takes the image's mask, for the layer pooling.
-        {**preprocess, "output_map": {**preprocess_outputs, ATTENTION_MASK: _carried(ATTENTION_MASK)}},
-        {
-            "model": steps["vision-layers-encoder"],
-            "input_map": {PIXEL_VALUES: _carried(PIXEL_VALUES)},
-            "output_map": {HIDDEN_STATES: _carried(HIDDEN_STATES)},
-        },
-        {
-            "model": steps["vision-layer-pooling"],
-            "input_map": {name: _carried(name) for name in (HIDDEN_STATES, ATTENTION_MASK)},
-            "output_map": {POOLED: POOLED},
-        },
-    ]
-    pipelines = {
-        "embedding": ([preprocess, {**encode, "output_map": {EMBEDDING: EMBEDDING}}], (EMBEDDING, "TYPE_FP32", [dimensions])),
-        "compressed": (
-            [preprocess, {**encode, "output_map": {EMBEDDING: _carried(EMBEDDING)}}, _compression_step(steps)],
-            (EMBEDDING, "TYPE_FP32", [compressed]),
-        ),
-        "layers": (layer_steps, pooled),
-    }
-    names = image_ensembles(manifest.name, compressed)
-    for pipeline, (ensemble_steps, output_tensor) in pipelines.items():
-        _write_ensemble(out_dir, names[pipeline], image_inputs, ensemble_steps, output_tensor, options)
+    for controlled in (False, True):
+        inputs = image_inputs + ([controls, mode] if controlled else [])
+        # What the preprocess step hands on: the pixels (and the factors), with the image's token count.
+        handed = [PIXEL_VALUES] + ([CONTROL_FACTORS] if controlled else [])
+        preprocess_outputs = {name: _carried(name) for name in handed} | {TOKEN_COUNT: TOKEN_COUNT}
+        preprocess = {
+            "model": steps["image-preprocess"],
+            "input_map": {name: name for name, *_ in inputs if name != CONTROL_LOG_ADDITIVE},
+            "output_map": preprocess_outputs,
+        }
+        encoder_inputs = {name: _carried(name) for name in handed} | (
+            {CONTROL_LOG_ADDITIVE: CONTROL_LOG_ADDITIVE} if controlled else {}
+        )
+        vector_encoder = steps["vision-controlled-encoder" if controlled else "vision-encoder"]
+        layers_encoder = steps["vision-controlled-encoder" if controlled else "vision-layers-encoder"]
+        encode = {"model": vector_encoder, "input_map": encoder_inputs}
+        layer_steps = [
+            # Only the layers ensembles take the image's mask, for the layer pooling.
+            {**preprocess, "output_map": {**preprocess_outputs, ATTENTION_MASK: _carried(ATTENTION_MASK)}},
+            {"model": layers_encoder, "input_map": encoder_inputs, "output_map": {HIDDEN_STATES: _carried(HIDDEN_STATES)}},
+            pool_layers,
+        ]
+        pipelines = {
+            "embedding": ([preprocess, {**encode, "output_map": {EMBEDDING: EMBEDDING}}], embedding),
+            "compressed": (
+                [preprocess, {**encode, "output_map": {EMBEDDING: _carried(EMBEDDING)}}, _compression_step(steps)],
+                (EMBEDDING, "TYPE_FP32", [compressed]),
+            ),
+            "layers": (layer_steps, pooled),
+        }
+        names = image_ensembles(manifest.name, compressed, controlled)
+        for pipeline, (ensemble_steps, output_tensor) in pipelines.items():
+            _write_ensemble(out_dir, names[pipeline], inputs, ensemble_steps, output_tensor, options)
 
 
 def _write_python_step(

@@ -134,6 +134,30 @@ def validate_images(
     return _report(reference, exported)
 
 
+def uncontrolled_image_agreement(
+    plain_path: Path, controlled_path: Path, processor: ImageProcessor, files: dict[str, bytes]
+) -> tuple[float, float]:
+    """(max abs difference, min cosine) of the image vectors of the plain and the attention-controlled vision graphs when
+    no image token is controlled, in both modes: what an image control of factor 1 gets against the plain path."""
+    pixels = np.stack([processor(data) for data in files.values()])
+    (plain,) = ort.InferenceSession(str(plain_path), providers=["CPUExecutionProvider"]).run(
+        [onnx_name(EMBEDDING)], {onnx_name(PIXEL_VALUES): pixels}
+    )
+    controlled = ort.InferenceSession(str(controlled_path), providers=["CPUExecutionProvider"])
+    tokens = next(i.shape[1] for i in controlled.get_inputs() if i.name == onnx_name(CONTROL_FACTORS))
+    difference, least = 0.0, 1.0
+    for mode in (True, False):
+        feeds = {
+            onnx_name(PIXEL_VALUES): pixels,
+            onnx_name(CONTROL_FACTORS): np.ones((len(pixels), tokens), dtype=np.float32),
+            onnx_name(CONTROL_LOG_ADDITIVE): np.full((len(pixels), 1), mode),
+        }
+        (vectors,) = controlled.run([onnx_name(EMBEDDING)], feeds)
+        report = _report(plain, vectors)
+        difference, least = max(difference, report.max_abs_diff), min(least, report.min_cosine)
+    return difference, least
+
+
 def pooled_layers(states, poolings: tuple[str, ...]):
     """torch: hidden states [batch, layers + 1, tokens, hidden] of sequences without padding (an image's tokens) ->
     [batch, layers + 1, len(poolings), hidden], each pooling over all the tokens as the layer-pooling step defines it:

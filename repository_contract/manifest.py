@@ -75,6 +75,8 @@ class Vision:
     """A dual encoder's vision tower: images land in the text vectors' space."""
 
     ensembles: ImageEnsembles
+    # The same entry points with attention controls on the image (IMAGE_CONTROLS and CONTROL_LOG_ADDITIVE besides).
+    controlled: ImageEnsembles
     image_tokens: int  # patches plus the class token: what each image counts as
     image_size: int  # the side of the square the model sees
     max_image_pixels: int  # width * height of a decoded image above which it is refused unread (a decompression bomb)
@@ -199,12 +201,14 @@ def _ensembles(names: Any) -> EnsembleNames:
     return EnsembleNames(_typed(names["text"], str), _typed(names["token_ids"], str), _typed(names["controlled"], str))
 
 
+def _image_ensembles(names: Any) -> ImageEnsembles:
+    return ImageEnsembles(_typed(names["embedding"], str), _typed(names["compressed"], str), _typed(names["layers"], str))
+
+
 def _vision(data: Any) -> Vision:
-    ensembles = data["ensembles"]
     return Vision(
-        ensembles=ImageEnsembles(
-            _typed(ensembles["embedding"], str), _typed(ensembles["compressed"], str), _typed(ensembles["layers"], str)
-        ),
+        ensembles=_image_ensembles(data["ensembles"]),
+        controlled=_image_ensembles(data["controlled"]),
         image_tokens=_typed(data["image_tokens"], int),
         image_size=_typed(data["image_size"], int),
         max_image_pixels=_typed(data["max_image_pixels"], int),

@@ -28,8 +28,10 @@ def ensemble_names(model: str, compress_to: int) -> dict[str, dict[str, str]]:
     return {pipeline: {kind: entry + suffix for kind, entry in entries.items()} for pipeline, suffix in pipelines.items()}
 
 
-def image_ensembles(model: str, compress_to: int) -> dict[str, str]:
+def image_ensembles(model: str, compress_to: int, controlled: bool = False) -> dict[str, str]:
     """The entry points of a model with a vision tower for encoded images: its image vector, that vector compressed by
-    the model's compression step, and every layer of the vision tower pooled. Their steps are step_name(model, role)
-    for the roles "image-preprocess", "vision-encoder", "vision-layers-encoder" and "vision-layer-pooling"."""
-    return {"embedding": f"{model}-image", "compressed": f"{model}-image-c{compress_to}", "layers": f"{model}-image-layers"}
+    the model's compression step, and every layer of the vision tower pooled; `controlled`: the same three with
+    attention controls on the image. Their steps are step_name(model, role) for the roles "image-preprocess",
+    "vision-encoder", "vision-layers-encoder", "vision-controlled-encoder" and "vision-layer-pooling"."""
+    entry = f"{model}-image-controlled" if controlled else f"{model}-image"
+    return {"embedding": entry, "compressed": f"{entry}-c{compress_to}", "layers": f"{entry}-layers"}

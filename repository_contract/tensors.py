@@ -13,13 +13,21 @@ Shapes leave out the batch dimension, as Triton's configs do; -1 is the sequence
 # The ensembles' inputs.
 TEXT = "TEXT"  # [1] BYTES: one UTF-8 text per row (text ensembles)
 TOKEN_IDS = "TOKEN_IDS"  # [-1] INT64: one prompt's token ids per row, right-padded with ID_PADDING (token-id ensembles)
-CONTROL_FACTORS = "CONTROL_FACTORS"  # [-1] FP32: an attention factor per token, 1 = uncontrolled (controlled ensembles)
+# [-1] FP32: an attention factor per token, 1 = uncontrolled (controlled ensembles); between the steps of a controlled
+# image ensemble, [image tokens]: the class token's (always 1), then each patch's in row-major order
+CONTROL_FACTORS = "CONTROL_FACTORS"
 CONTROL_LOG_ADDITIVE = "CONTROL_LOG_ADDITIVE"  # [1] BOOL: per row, true: log-additive controls, false: multiplicative
 IMAGE = "IMAGE"  # [1] BYTES: one encoded image file per row (image ensembles); decoded in the image-preprocess step
 # [3] INT64: per row x, y, size in pixels of a square crop of the image as decoded (after EXIF orientation), or
 # NO_CROP: the model's own resize and center crop only (image ensembles).
 IMAGE_CROP = "IMAGE_CROP"
 NO_CROP = (-1, -1, -1)
+# [-1, 6] FP32: per row the attention controls on its image (controlled image ensembles), one per line: the rectangle's
+# left, top, width and height as fractions of the whole image as decoded (after EXIF orientation, before any crop), the
+# factor, and 1 for token_overlap "complete" or 0 for "partial" (IMAGE_CONTROL_FIELDS). Rows with fewer controls than
+# others are padded with controls of factor 1, which change nothing.
+IMAGE_CONTROLS = "IMAGE_CONTROLS"
+IMAGE_CONTROL_FIELDS = ("left", "top", "width", "height", "factor", "complete")
 
 # What pads TOKEN_IDS rows of different lengths sent in one request: never a token id (the gateway refuses negative
 # ones), so the token-id steps drop it before framing.

@@ -7,28 +7,36 @@ The service is checked against these vectors, so this module follows the definit
 * `controlled_softmax` is the attention definition itself: the model's pre-softmax logits s[q, k], the keys A_q each
   query may attend and the per-key factors f_k give the attention weights.
 * `controlled_attention` is a context manager that, for one loaded model, routes every attention layer's
-  score -> softmax step through `controlled_softmax` (BERT, DistilBERT, Qwen3) and removes itself on exit.
+  score -> softmax step through `controlled_softmax` (BERT, DistilBERT, Qwen3, and the vision tower of a CLIP dual
+  encoder) and removes itself on exit.
 * `reference_embedding`, `reference_hidden_states` and `reference_attention_weights` run one prompt through the
   sentence-transformers pipeline (or its underlying transformer) under those controls.
+* `image_factors` turns an image item (the Aleph Alpha `Image` with its `ImageControl`s) into one factor per token of
+  the vision tower (class token, then the patches), from the share of each patch that each control's rectangle covers
+  as the model sees the image; `reference_image_embedding`, `reference_image_hidden_states` and
+  `reference_image_attention_weights` run that image through the pipeline under those controls.
 
 Only `export.source_model.default_model_path()` is used from the project, to find the packaged all-MiniLM-L6-v2.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import contextvars
 import functools
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps
 
-# Name under which the Qwen3 attention function is registered while a control context is open. Qwen3Attention looks
-# its attention function up by config._attn_implementation on every forward, so pointing the config at this name is
-# how the controlled attention reaches a decoder without touching the model's code.
+# Name under which the controlled attention function is registered while a control context is open. Qwen3Attention
+# and CLIPAttention look their attention function up by config._attn_implementation on every forward, so pointing the
+# config at this name is how the controlled attention reaches them without touching the model's code.
 _ATTENTION_NAME = "atman_reference"
 
 
@@ -305,13 +313,14 @@ def _distilbert_forward(self, query, key, value, mask, head_mask=None, output_at
     return (context, weights) if output_attentions else (context,)
 
 
-def _decoder_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, sliding_window=None, **kwargs):
-    """An attention function in transformers' ALL_ATTENTION_FUNCTIONS form (Qwen3's eager_attention_forward), with
-    the softmax replaced by the controlled one and computed in the model's dtype (float64 here)."""
+def _attention_function(module, query, key, value, attention_mask, scaling, dropout=0.0, sliding_window=None, **kwargs):
+    """An attention function in transformers' ALL_ATTENTION_FUNCTIONS form (the eager_attention_forward of Qwen3 and of
+    CLIP), with the softmax replaced by the controlled one and computed in the model's dtype (float64 here)."""
     if sliding_window is not None:
-        raise NotImplementedError("the reference covers full causal attention, not a sliding window")
-    # Grouped-query attention: each key/value head serves num_key_value_groups query heads.
-    groups = module.num_key_value_groups
+        raise NotImplementedError("the reference covers full attention, not a sliding window")
+    # Grouped-query attention (Qwen3): each key/value head serves num_key_value_groups query heads. CLIP has one
+    # key/value head per query head.
+    groups = getattr(module, "num_key_value_groups", 1)
     key = key.repeat_interleave(groups, dim=1)
     value = value.repeat_interleave(groups, dim=1)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
@@ -322,49 +331,58 @@ def _decoder_attention(module, query, key, value, attention_mask, scaling, dropo
 
 def _attention_classes() -> tuple[type, ...]:
     from transformers.models.bert.modeling_bert import BertSelfAttention
+    from transformers.models.clip.modeling_clip import CLIPAttention
     from transformers.models.distilbert.modeling_distilbert import MultiHeadSelfAttention
     from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
 
-    return BertSelfAttention, MultiHeadSelfAttention, Qwen3Attention
+    return BertSelfAttention, MultiHeadSelfAttention, Qwen3Attention, CLIPAttention
+
+
+def _controlled_part(hf_model):
+    """The modules the controls reach: of a CLIP dual encoder its vision tower only (what is controlled there is an
+    image prompt; its text tower stays as it is), of any other model all of it."""
+    from transformers import CLIPModel
+
+    return hf_model.vision_model if isinstance(hf_model, CLIPModel) else hf_model
 
 
 @contextlib.contextmanager
 def controlled_attention(st_model, factors, log_additive: bool, record: list | None = None):
-    """Within the block, every attention layer of `st_model` applies `factors` (one per position) in the given mode;
-    attention weights are appended to `record` ([heads, q, k] per layer) when it is a list. Everything is restored on
-    exit, also on an exception."""
+    """Within the block, every attention layer of `st_model` (of a CLIP dual encoder: of its vision tower) applies
+    `factors` (one per position) in the given mode; attention weights are appended to `record` ([heads, q, k] per
+    layer) when it is a list. Everything is restored on exit, also on an exception."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    BertSelfAttention, MultiHeadSelfAttention, Qwen3Attention = _attention_classes()
+    BertSelfAttention, MultiHeadSelfAttention, Qwen3Attention, CLIPAttention = _attention_classes()
     hf_model = st_model[0].auto_model
-    patched, decoder_configs = [], []
-    for module in hf_model.modules():
+    patched, function_configs = [], []
+    for module in _controlled_part(hf_model).modules():
         if isinstance(module, BertSelfAttention):
             patched.append(module)
             module.forward = _bert_forward.__get__(module)  # instance attribute: this model only, removed on exit
         elif isinstance(module, MultiHeadSelfAttention):
             patched.append(module)
             module.forward = _distilbert_forward.__get__(module)
-        elif isinstance(module, Qwen3Attention):
+        elif isinstance(module, (Qwen3Attention, CLIPAttention)):
             patched.append(module)
-            if all(c is not module.config for c in decoder_configs):
-                decoder_configs.append(module.config)
+            if all(c is not module.config for c in function_configs):
+                function_configs.append(module.config)
     if not patched:
         raise NotImplementedError(f"no supported attention module in {type(hf_model).__name__}")
-    previous = [c._attn_implementation for c in decoder_configs]
+    previous = [c._attn_implementation for c in function_configs]
     token = _ACTIVE.set(_Active(torch.as_tensor(factors, dtype=torch.float64), log_additive, record))
     try:
-        if decoder_configs:
-            ALL_ATTENTION_FUNCTIONS[_ATTENTION_NAME] = _decoder_attention
-            for config in decoder_configs:
+        if function_configs:
+            ALL_ATTENTION_FUNCTIONS[_ATTENTION_NAME] = _attention_function
+            for config in function_configs:
                 # Set the stored value directly: the public setter validates names against the built-in ones.
                 config._attn_implementation_internal = _ATTENTION_NAME
         yield
     finally:
         _ACTIVE.reset(token)
-        for config, name in zip(decoder_configs, previous):
+        for config, name in zip(function_configs, previous):
             config._attn_implementation_internal = name
-        if decoder_configs:
+        if function_configs:
             del ALL_ATTENTION_FUNCTIONS[_ATTENTION_NAME]
         for module in patched:
             module.__dict__.pop("forward", None)
@@ -441,3 +459,176 @@ def reference_attention_weights(
 def text(data: str, *controls: dict) -> dict:
     """A text item (a convenience for tests)."""
     return {"type": "text", "data": data, "controls": list(controls)}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Images: the vision tower of a CLIP-style dual encoder
+# --------------------------------------------------------------------------------------------------------------------
+
+# A patch whose covered share is below this is not reached by a `complete` control: a share that small is float32
+# rounding of the resampled coverage plane, not coverage.
+_NOISE = 1e-6
+# The product of several factors on one patch is capped here, so that it stays a finite float.
+_FACTOR_CAP = 1e30
+
+
+def image(data: bytes, *controls: dict, x: int | None = None, y: int | None = None, size: int | None = None) -> dict:
+    """An image item as the Aleph Alpha client sends it: the file base64-encoded, an optional square crop (x, y, size)
+    and its controls."""
+    return {
+        "type": "image",
+        "data": base64.b64encode(data).decode("ascii"),
+        "x": x,
+        "y": y,
+        "size": size,
+        "controls": list(controls),
+    }
+
+
+def image_control(left, top, width, height, factor, token_overlap=None) -> dict:
+    """A control of an image item: a rectangle in logical coordinates ([0, 1] of the whole upright image) and its
+    factor; token_overlap is left out when None (the default, partial)."""
+    control = {"rect": {"left": left, "top": top, "width": width, "height": height}, "factor": factor}
+    if token_overlap is not None:
+        control["token_overlap"] = token_overlap
+    return control
+
+
+def _upright(item: dict) -> Image.Image:
+    """The item's image as the definition decodes it: the first frame, turned upright by its EXIF orientation, in RGB."""
+    with Image.open(io.BytesIO(base64.b64decode(item["data"]))) as file:
+        file.seek(0)  # the first frame of an animated GIF or WebP
+        return ImageOps.exif_transpose(file).convert("RGB")
+
+
+def _crop_box(item: dict) -> tuple[int, int, int, int] | None:
+    """The square (x, y, x + size, y + size) of the upright image that the item keeps, or None for all of it."""
+    cut = (item.get("x"), item.get("y"), item.get("size"))
+    if cut == (None, None, None):
+        return None
+    if None in cut:
+        raise ValueError(f"x, y and size crop together, all three or none: got {cut}")
+    x, y, size = (int(v) for v in cut)
+    if size < 1:
+        raise ValueError(f"a crop of size {size}")
+    return x, y, x + size, y + size
+
+
+def _resized_size(width: int, height: int, shortest_edge: int) -> tuple[int, int]:
+    """(width, height) after CLIP's resize: the shortest edge to `shortest_edge`, the long edge
+    int(shortest_edge * long / short), as transformers' get_resize_output_image_size computes it."""
+    short, long = min(width, height), max(width, height)
+    resized_long = int(shortest_edge * long / short)
+    return (shortest_edge, resized_long) if width <= height else (resized_long, shortest_edge)
+
+
+def _coverage(width: int, height: int, rect: dict) -> np.ndarray:
+    """[height, width]: the share of each pixel of the upright image that the rectangle covers. Per axis the exact
+    length of [i, i + 1) inside [start, end), clip(min(i + 1, end) - max(i, start), 0, 1); the product of both axes is
+    the area share, so the rectangle's edges are anti-aliased rather than rounded to whole pixels."""
+
+    def axis(n: int, start: float, length: float) -> np.ndarray:
+        i = np.arange(n, dtype=np.float64)
+        return np.clip(np.minimum(i + 1, (start + length) * n) - np.maximum(i, start * n), 0, 1)
+
+    return np.outer(axis(height, rect["top"], rect["height"]), axis(width, rect["left"], rect["width"]))
+
+
+def _area_weights(n: int, m: int) -> np.ndarray:
+    """[m, n]: resizing an axis of n pixels to m, the share of resized pixel i ([i, i + 1) * n / m in source pixels)
+    that source pixel j ([j, j + 1)) covers; rows sum to 1. (PIL's BOX filter is not this: it weighs alike the source
+    pixels whose centres fall inside the resized pixel, so at a scale that is not whole it misses the area of a
+    rectangle's edge by up to a source pixel.)"""
+    scale = n / m
+    starts = np.arange(m, dtype=np.float64)[:, None] * scale
+    j = np.arange(n, dtype=np.float64)[None, :]
+    return np.clip(np.minimum(starts + scale, j + 1) - np.maximum(starts, j), 0, None) / scale
+
+
+def _as_seen(coverage: np.ndarray, box: tuple[int, int, int, int] | None, st_model) -> np.ndarray:
+    """A coverage plane of the upright image taken through the item's crop and the processor's geometry (CLIP: resize
+    of the shortest edge, then center crop), area-averaged: [crop height, crop width], what each pixel the model sees
+    holds of the rectangle."""
+    processor = st_model[0].processor.image_processor  # the CLIPProcessor's, which encode() uses
+    if not (processor.do_resize and processor.do_center_crop and "shortest_edge" in processor.size):
+        raise NotImplementedError("the reference covers CLIP's geometry: resize of the shortest edge, then center crop")
+    plane = Image.fromarray(coverage.astype(np.float32))  # mode "F"
+    if box is not None:
+        plane = plane.crop(box)  # PIL fills what lies outside the image with 0, as it does for the image itself
+    # The exact area average of the plane over each resized pixel: the share of that pixel the rectangle covers.
+    new_width, new_height = _resized_size(*plane.size, processor.size["shortest_edge"])
+    source = np.asarray(plane, dtype=np.float64)
+    values = _area_weights(source.shape[0], new_height) @ source @ _area_weights(source.shape[1], new_width).T
+    height, width = processor.crop_size["height"], processor.crop_size["width"]
+    if height > values.shape[0] or width > values.shape[1]:
+        raise NotImplementedError("the reference covers a center crop inside the resized image")
+    # transformers' center_crop: offsets (size - crop) // 2.
+    top, left = (values.shape[0] - height) // 2, (values.shape[1] - width) // 2
+    return values[top : top + height, left : left + width]
+
+
+def _image_factors(st_model, upright: Image.Image, box, controls: list[dict]) -> np.ndarray:
+    """One factor per vision token for the controls of an image whose upright form is `upright`, cut to `box`."""
+    config = st_model[0].auto_model.config.vision_config
+    grid, patch = config.image_size // config.patch_size, config.patch_size
+    factors = np.ones(grid * grid, dtype=np.float64)
+    for control in controls:
+        seen = _as_seen(_coverage(*upright.size, control["rect"]), box, st_model)
+        if seen.shape != (grid * patch, grid * patch):
+            raise ValueError(f"the processor gives {seen.shape} pixels, the vision tower takes {config.image_size}")
+        # The covered share of each patch, in the row-major order of CLIPVisionEmbeddings' patch sequence.
+        # Clipped: the sums of the area average can pass 1 (or 0) by a rounding step, and a fully covered patch under
+        # a factor 0 would then get a factor of -1e-15.
+        fraction = np.clip(seen.reshape(grid, patch, grid, patch).mean(axis=(1, 3)).reshape(-1), 0.0, 1.0)
+        factor = float(control["factor"])
+        overlap = control.get("token_overlap", "partial")
+        if overlap == "partial":
+            # In proportion to the share covered: half a patch under a factor 2 gets 1.5.
+            factors *= 1 + (factor - 1) * fraction
+        elif overlap == "complete":
+            # The full factor wherever the rectangle reaches the patch at all.
+            factors *= np.where(fraction >= _NOISE, factor, 1.0)
+        else:
+            raise ValueError(f"token_overlap must be 'partial' or 'complete', not {overlap!r}")
+    # The class token is never controlled.
+    return np.concatenate([[1.0], np.minimum(factors, _FACTOR_CAP)])
+
+
+def image_factors(model_dir, item: dict) -> np.ndarray:
+    """The attention factor of every token of the vision tower, [1 + patches] in float64, class token first."""
+    return _image_factors(_model(_key(model_dir)), _upright(item), _crop_box(item), item.get("controls") or [])
+
+
+def _run_image(model_dir, item: dict, log_additive: bool, what: str):
+    model = _model(_key(model_dir))
+    upright, box = _upright(item), _crop_box(item)
+    factors = _image_factors(model, upright, box, item.get("controls") or [])
+    # The model's own processor makes the pixel values, from the image as the item keeps it.
+    features = model[0].preprocess([upright if box is None else upright.crop(box)])
+    features["pixel_values"] = features["pixel_values"].to(torch.float64)
+    record: list | None = [] if what == "weights" else None
+    with torch.inference_mode(), controlled_attention(model, factors, log_additive, record):
+        if what == "embedding":
+            # The whole module pipeline: get_image_features, then any module after it (Normalize).
+            return model(features)["sentence_embedding"][0].numpy()
+        output = model[0].auto_model.vision_model(pixel_values=features["pixel_values"], output_hidden_states=True)
+        if what == "hidden":
+            return torch.stack([h[0] for h in output.hidden_states]).numpy()
+    return record
+
+
+def reference_image_embedding(model_dir, item: dict, log_additive: bool = True) -> np.ndarray:
+    """The sentence-transformers vector of one image item under its controls, in float64."""
+    return _run_image(model_dir, item, log_additive, "embedding")
+
+
+def reference_image_hidden_states(model_dir, item: dict, log_additive: bool = True) -> np.ndarray:
+    """The vision tower's hidden states [num_layers + 1, 1 + patches, hidden] (embedding output first), as
+    transformers returns them with output_hidden_states=True, under the item's controls, in float64."""
+    return _run_image(model_dir, item, log_additive, "hidden")
+
+
+def reference_image_attention_weights(model_dir, item: dict, log_additive: bool = True) -> list[np.ndarray]:
+    """The vision tower's attention weights [heads, tokens, tokens] of every layer, in order, under the item's
+    controls."""
+    return _run_image(model_dir, item, log_additive, "weights")

@@ -46,6 +46,9 @@ from repository_contract.tensors import ID_PADDING
 # Features per token id before the projection to the output's size: enough that distinct inputs never collide.
 FEATURES = 32
 CONTROL_FIELDS = (tensors.TOKEN_IDS, tensors.CONTROL_FACTORS, tensors.CONTROL_LOG_ADDITIVE)
+IMAGE_CONTROL_INPUTS = (tensors.IMAGE, tensors.IMAGE_CROP, tensors.IMAGE_CONTROLS, tensors.CONTROL_LOG_ADDITIVE)
+# What the gateway pads an image's controls with: a rect of no area with factor 1 (changes nothing).
+PADDING_CONTROL = [0.0, 0.0, 0.0, 0.0, 1.0, 0.0]
 
 
 def _undecodable(rows: list) -> ServiceError | None:
@@ -93,10 +96,13 @@ def _tokenizers(model: ServedModel) -> tuple[Tokenizer, Tokenizer]:
 
 @dataclass(frozen=True)
 class ImageRow:
-    """An image as the image ensembles read it: the file's bytes and its crop ((-1, -1, -1): none)."""
+    """An image as the image ensembles read it: the file's bytes and its crop ((-1, -1, -1): none); for the controlled
+    ones also its controls (rows of tensors.IMAGE_CONTROL_FIELDS, without the padding) and their mode."""
 
     data: bytes
     crop: tuple[int, int, int]
+    controls: tuple[tuple[float, ...], ...] = ()
+    log_additive: bool = True
 
 
 # One input as the fake reads it: a text, token ids (without special tokens), token ids with their controls
@@ -131,7 +137,7 @@ class Fault:
 class _Kind:
     """What one of the model's ensembles takes and answers."""
 
-    input: str  # "text", "token_ids", "controlled" or "image"
+    input: str  # "text", "token_ids", "controlled", "image" or "image_controlled"
     output: str  # "EMBEDDING" or "POOLED"
     size: int  # the vector size it answers
     depth: int = 0  # POOLED: the layers it pools, embeddings included
@@ -170,6 +176,10 @@ class FakeTriton:
             self._kinds[vision.ensembles.embedding] = _Kind("image", tensors.EMBEDDING, model.dimensions)
             self._kinds[vision.ensembles.compressed] = _Kind("image", tensors.EMBEDDING, model.compress_to_size)
             self._kinds[vision.ensembles.layers] = _Kind("image", tensors.POOLED, vision.hidden_size, vision.num_layers + 1)
+            controlled = vision.controlled
+            self._kinds[controlled.embedding] = _Kind("image_controlled", tensors.EMBEDDING, model.dimensions)
+            self._kinds[controlled.compressed] = _Kind("image_controlled", tensors.EMBEDDING, model.compress_to_size)
+            self._kinds[controlled.layers] = _Kind("image_controlled", tensors.POOLED, vision.hidden_size, vision.num_layers + 1)
         # Health, as gateway.triton.pool.TritonPool reports it.
         self.reason = ""
         self._down = False
@@ -270,6 +280,12 @@ class FakeTriton:
             ok = ids is not None and ids.dtype == np.int64 and ids.ndim == 2
         elif kind.input == "image":
             ok = fields == (tensors.IMAGE, tensors.IMAGE_CROP) and data[tensors.IMAGE_CROP].shape[1:] == (3,)
+        elif kind.input == "image_controlled":
+            ok = (
+                fields == IMAGE_CONTROL_INPUTS
+                and data[tensors.IMAGE_CONTROLS].dtype == np.float32
+                and data[tensors.IMAGE_CONTROLS].shape[2:] == (len(tensors.IMAGE_CONTROL_FIELDS),)
+            )
         else:
             ok = fields == CONTROL_FIELDS
         return None if ok else f"{lane.model} takes {kind.input}, not {fields} {data.shape}"
@@ -282,6 +298,13 @@ class FakeTriton:
         if kind.input == "image":
             crops = data[tensors.IMAGE_CROP].tolist()
             return [ImageRow(value, (x, y, size)) for value, (x, y, size) in zip(data[tensors.IMAGE].reshape(-1), crops)]
+        if kind.input == "image_controlled":
+            images = zip(data[tensors.IMAGE].reshape(-1), data[tensors.IMAGE_CROP].tolist(), data[tensors.IMAGE_CONTROLS])
+            modes = data[tensors.CONTROL_LOG_ADDITIVE].reshape(-1)
+            return [
+                ImageRow(value, (x, y, size), tuple(tuple(c) for c in controls.tolist() if c != PADDING_CONTROL), bool(mode))
+                for (value, (x, y, size), controls), mode in zip(images, modes)
+            ]
         rows: list[Row] = []
         for ids, factors, mode in zip(data[tensors.TOKEN_IDS], data[tensors.CONTROL_FACTORS], data[tensors.CONTROL_LOG_ADDITIVE]):
             real = ids != ID_PADDING
@@ -339,8 +362,10 @@ class FakeTriton:
         return (weights @ self._table[np.asarray(ids)] @ _projection(size, self.seed)).astype(np.float32)
 
     def _image_vector(self, row: ImageRow, size: int) -> np.ndarray:
-        """A function of the file's bytes and the crop alone: the same image and crop, the same vector."""
-        digest = hashlib.sha256(row.data + repr(row.crop).encode()).digest()
+        """A function of the file's bytes, the crop and the controls alone: the same image, crop and controls, the same
+        vector."""
+        controls = repr((row.controls, row.log_additive)).encode() if row.controls else b""
+        digest = hashlib.sha256(row.data + repr(row.crop).encode() + controls).digest()
         features = np.random.default_rng(list(digest)).standard_normal(FEATURES)
         return (features @ _projection(size, self.seed)).astype(np.float32)
 
@@ -363,7 +388,7 @@ class FakeTriton:
         ensembles: EnsembleNames = self.model.compressed if compressed else self.model.layers if layers else self.model.embedding
         if isinstance(row, ImageRow):
             assert self.model.vision is not None
-            vision = self.model.vision.ensembles
+            vision = self.model.vision.controlled if row.controls else self.model.vision.ensembles
             image = vision.compressed if compressed else vision.layers if layers else vision.embedding
             return self._answer(self._kinds[image], row)
         kind = "text" if isinstance(row, str) else "controlled" if isinstance(row, tuple) else "token_ids"

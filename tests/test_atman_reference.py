@@ -1,26 +1,38 @@
 """The attention-controls (AtMan) reference in tests/atman_reference.py, checked against its definition: without
 controls it is sentence-transformers itself, a factor 0 removes a key from every layer and head, a row with nothing
-left to attend stays uncontrolled, spans resolve to the right tokens, and the patch really reaches every
-architecture and never stays installed."""
+left to attend stays uncontrolled, spans resolve to the right tokens, image rectangles resolve to the right patches
+as the model sees the image, and the patch really reaches every architecture (the vision tower of a CLIP dual encoder
+included) and never stays installed."""
 
+import io
 import math
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageOps
 from sentence_transformers import SentenceTransformer
 
+from export.photos import sample_files
+from harness.tiny_models import IMAGE_SIZE, LAYOUTS, PATCH, VISION_HIDDEN, VISION_LAYERS, build_tiny_clip
 from tests.atman_reference import (
+    _ATTENTION_NAME,
     _key,
     _model,
     content_and_factors,
     controlled_attention,
     controlled_softmax,
+    image,
+    image_control,
+    image_factors,
     is_patched,
     minilm_path,
     reference_attention_weights,
     reference_embedding,
     reference_hidden_states,
+    reference_image_attention_weights,
+    reference_image_embedding,
+    reference_image_hidden_states,
     special_frame,
     text,
 )
@@ -238,3 +250,214 @@ def test_the_patch_is_scoped_to_its_block_even_on_an_error(model_dirs):
                 assert is_patched(model)
                 raise RuntimeError("inside")
         assert not is_patched(model)
+
+
+# --- images: the vision tower of a CLIP dual encoder ----------------------------------------------------------------
+
+# Patches per side of the tiny CLIP's vision tower; its sequence is the class token, then GRID * GRID patches.
+GRID = IMAGE_SIZE // PATCH
+TOKENS = 1 + GRID * GRID
+
+
+@pytest.fixture(scope="module")
+def clip_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("atman-tiny-clip")
+    return {layout: build_tiny_clip(root / layout, layout) for layout in LAYOUTS}
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return sample_files()
+
+
+def png(width: int, height: int) -> bytes:
+    """A PNG of random colours: something for the model to see (the factors depend on the image's size only)."""
+    pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def patch_grid(factors: np.ndarray) -> np.ndarray:
+    """The patches' factors as the GRID x GRID grid they tile, after checking the class token is uncontrolled."""
+    assert factors.shape == (TOKENS,) and factors.dtype == np.float64
+    assert factors[0] == 1
+    return factors[1:].reshape(GRID, GRID)
+
+
+def upright(data: bytes) -> Image.Image:
+    return ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_an_image_without_effective_controls_is_sentence_transformers(layout, clip_dirs, photos):
+    path = clip_dirs[layout]
+    plain = SentenceTransformer(str(path), device="cpu")
+    chelsea, turned = photos["chelsea-RGB.jpeg"], photos["coffee-RGB-300x200-exif6.jpeg"]
+    assert upright(chelsea).size == (451, 300) and upright(turned).size == (200, 300)
+    cases = [
+        (chelsea, {}, upright(chelsea)),  # wide: resized, then its sides cut by the center crop
+        (chelsea, {"x": 100, "y": 40, "size": 220}, upright(chelsea).crop((100, 40, 320, 260))),
+        (turned, {}, upright(turned)),  # stored on its side: the vector is the upright photo's
+    ]
+    neutral = [image_control(0.2, 0.1, 0.5, 0.6, 1.0), image_control(0, 0, 1, 1, 1.0, "complete")]
+    for data, crop, seen in cases:
+        expected = plain.encode(seen)
+        vector = reference_image_embedding(path, image(data, **crop))
+        assert vector.dtype == np.float64 and vector.shape == expected.shape
+        assert cosine(vector, expected) >= 0.99999, crop
+        for log_additive in (True, False):
+            # Controls of factor 1 are present but neutral, in both modes.
+            vector = reference_image_embedding(path, image(data, *neutral, **crop), log_additive=log_additive)
+            assert cosine(vector, expected) >= 0.99999, (crop, log_additive)
+    # The orientation matters: the photo as stored is another vector.
+    assert cosine(reference_image_embedding(path, image(turned)), plain.encode(Image.open(io.BytesIO(turned)))) < 0.9999
+    assert not is_patched(_model(_key(path)))
+
+
+def test_image_hidden_states_are_the_vision_towers_and_lead_to_the_vector(clip_dirs, photos):
+    path = clip_dirs["transformer"]
+    data = photos["chelsea-RGB.jpeg"]
+    item = image(data, image_control(0.3, 0.2, 0.4, 0.5, 0.2))
+    hidden, plain = reference_image_hidden_states(path, item), reference_image_hidden_states(path, image(data))
+    assert hidden.shape == (VISION_LAYERS + 1, TOKENS, VISION_HIDDEN)
+    # The embeddings (layer 0) come before any attention; every layer after it is controlled.
+    np.testing.assert_array_equal(hidden[0], plain[0])
+    assert all(not np.allclose(hidden[i], plain[i], rtol=0, atol=1e-6) for i in range(1, VISION_LAYERS + 1))
+    # The class token of the last layer, through CLIP's post-layernorm and projection, is the vector.
+    clip = _model(_key(path))[0].auto_model
+    with torch.inference_mode():
+        projected = clip.visual_projection(clip.vision_model.post_layernorm(torch.from_numpy(hidden[-1, 0])))
+    np.testing.assert_allclose(projected.numpy(), reference_image_embedding(path, item), rtol=0, atol=1e-12)
+
+
+def test_a_rect_over_the_whole_image_reaches_every_patch_but_never_the_class_token(clip_dirs, photos):
+    factors = image_factors(clip_dirs["transformer"], image(photos["chelsea-RGB.jpeg"], image_control(0, 0, 1, 1, 2.0)))
+    np.testing.assert_allclose(patch_grid(factors), 2.0, rtol=0, atol=1e-6)
+
+
+def test_rects_resolve_to_the_patches_they_cover_on_a_square_image(clip_dirs):
+    # 64 x 64 is resized to the model's 32 x 32, so each 8 x 8 patch is a 16 x 16 block of the image.
+    path, square = clip_dirs["transformer"], png(64, 64)
+    left_half = patch_grid(image_factors(path, image(square, image_control(0, 0, 0.5, 1, 3.0))))
+    np.testing.assert_allclose(left_half, [[3, 3, 1, 1]] * GRID, rtol=0, atol=1e-6)
+
+    # A quarter of the patch in row 1, column 2 (image pixels x 32..48, y 16..32): its top-left 8 x 8 pixels.
+    quarter = (32 / 64, 16 / 64, 8 / 64, 8 / 64)
+    expected = np.ones((GRID, GRID))
+    for overlap, there in ((None, 1 + (0.2 - 1) / 4), ("partial", 1 + (0.2 - 1) / 4), ("complete", 0.2)):
+        expected[1, 2] = there
+        factors = image_factors(path, image(square, image_control(*quarter, 0.2, overlap)))
+        np.testing.assert_allclose(patch_grid(factors), expected, rtol=0, atol=1e-6, err_msg=str(overlap))
+
+
+def test_only_what_the_center_crop_keeps_is_controlled(clip_dirs):
+    # 131 x 32 keeps its size through the resize (shortest edge 32); the center crop keeps x 49..81, (131 - 32) // 2
+    # being 49 (a crop that rounded the odd margin up would start at 50).
+    path, wide = clip_dirs["transformer"], png(131, 32)
+    for overlap in ("partial", "complete"):
+        strip = image_factors(path, image(wide, image_control(0, 0, 0.25, 1, 0.0, overlap)))  # x 0..33: cut away
+        np.testing.assert_array_equal(patch_grid(strip), np.ones((GRID, GRID)))
+    first_column = patch_grid(image_factors(path, image(wide, image_control(49 / 131, 0, 8 / 131, 1, 5.0))))
+    np.testing.assert_allclose(first_column, [[5, 1, 1, 1]] * GRID, rtol=0, atol=1e-6)
+    # x 45..53: only its part from 49 on is seen, half of the first column's patches.
+    straddling = patch_grid(image_factors(path, image(wide, image_control(45 / 131, 0, 8 / 131, 1, 5.0))))
+    np.testing.assert_allclose(straddling, [[3, 1, 1, 1]] * GRID, rtol=0, atol=1e-6)
+
+
+def test_overlapping_image_controls_multiply_up_to_the_cap(clip_dirs):
+    path, square = clip_dirs["transformer"], png(64, 64)
+    left, top = image_control(0, 0, 0.5, 1, 2.0), image_control(0, 0, 1, 0.5, 3.0)
+    expected = [[6, 6, 3, 3], [6, 6, 3, 3], [2, 2, 1, 1], [2, 2, 1, 1]]
+    np.testing.assert_allclose(patch_grid(image_factors(path, image(square, left, top))), expected, rtol=1e-6, atol=0)
+    huge = image_control(0, 0, 1, 1, 1e20, "complete")
+    np.testing.assert_array_equal(patch_grid(image_factors(path, image(square, huge, huge))), np.full((GRID, GRID), 1e30))
+
+
+def test_with_a_crop_the_rect_still_refers_to_the_whole_image(clip_dirs):
+    # 128 x 64; the crop keeps its right half, x 64..128, which the model sees as its whole square.
+    path, wide = clip_dirs["transformer"], png(128, 64)
+    crop = {"x": 64, "y": 0, "size": 64}
+    rect = image_control(0.5, 0, 0.25, 1, 4.0)  # x 64..96 of the whole image
+    np.testing.assert_allclose(patch_grid(image_factors(path, image(wide, rect, **crop))), [[4, 4, 1, 1]] * GRID, atol=1e-6)
+    # Uncropped, the model sees x 32..96 (resized to 64 x 32, center crop 16..48), so the same rect is its right half.
+    np.testing.assert_allclose(patch_grid(image_factors(path, image(wide, rect))), [[1, 1, 4, 4]] * GRID, atol=1e-6)
+    # A rect over the part the item's crop removes reaches nothing.
+    cut_away = image_control(0, 0, 0.5, 1, 0.0, "complete")
+    np.testing.assert_array_equal(patch_grid(image_factors(path, image(wide, cut_away, **crop))), np.ones((GRID, GRID)))
+
+
+def test_a_rect_refers_to_the_upright_image(clip_dirs, photos):
+    path, turned = clip_dirs["transformer"], photos["coffee-RGB-300x200-exif6.jpeg"]
+    as_stored = Image.open(io.BytesIO(turned)).convert("RGB")
+    assert as_stored.size == (300, 200)
+
+    def factors_of(img: Image.Image, control: dict) -> np.ndarray:
+        out = io.BytesIO()
+        img.save(out, format="PNG")
+        return image_factors(path, image(out.getvalue(), control))
+
+    control = image_control(0.1, 0.6, 0.3, 0.3, 0.5)
+    factors = image_factors(path, image(turned, control))
+    assert (factors != 1).any()
+    np.testing.assert_array_equal(factors, factors_of(upright(turned), control))
+    assert not np.allclose(factors, factors_of(as_stored, control))
+
+
+def test_image_items_are_refused_when_malformed(clip_dirs):
+    path, square = clip_dirs["transformer"], png(64, 64)
+    with pytest.raises(ValueError, match="all three or none"):
+        image_factors(path, image(square, x=0, y=0))
+    with pytest.raises(ValueError, match="token_overlap"):
+        image_factors(path, image(square, image_control(0, 0, 1, 1, 2.0, "most")))
+
+
+def test_factor_zero_removes_the_patches_it_covers_from_every_vision_layer_and_head(clip_dirs):
+    path, square = clip_dirs["transformer"], png(64, 64)
+    item = image(square, image_control(0, 0, 0.5, 0.5, 0.0))  # the top-left 2 x 2 patches
+    zeroed = np.flatnonzero(image_factors(path, item) == 0)
+    assert zeroed.tolist() == [1, 2, 5, 6]
+    others = [k for k in range(TOKENS) if k not in zeroed]
+    layers = reference_image_attention_weights(path, item)
+    heads = _model(_key(path))[0].auto_model.config.vision_config.num_attention_heads
+    assert len(layers) == VISION_LAYERS
+    for weights in layers:
+        assert weights.shape == (heads, TOKENS, TOKENS)
+        assert (weights[:, :, zeroed] == 0).all()
+        assert (weights[:, :, others] > 0).all()
+        np.testing.assert_allclose(weights.sum(axis=-1), 1.0, rtol=0, atol=1e-12)
+    uncontrolled = reference_image_embedding(path, image(square))
+    assert cosine(reference_image_embedding(path, item), uncontrolled) < 0.99999
+
+
+def test_both_modes_change_an_image_vector_and_differently(clip_dirs):
+    path, square = clip_dirs["transformer"], png(64, 64)
+    uncontrolled = reference_image_embedding(path, image(square))
+    for factor in (0.1, 3.0):
+        item = image(square, image_control(0.25, 0.25, 0.5, 0.5, factor))
+        additive = reference_image_embedding(path, item, log_additive=True)
+        multiplicative = reference_image_embedding(path, item, log_additive=False)
+        assert cosine(additive, uncontrolled) < 0.99999 and cosine(multiplicative, uncontrolled) < 0.99999, factor
+        assert cosine(additive, multiplicative) < 0.99999, factor
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_vision_patch_reaches_the_vision_tower_only_and_is_scoped_to_its_block(layout, clip_dirs):
+    path = clip_dirs[layout]
+    model = _model(_key(path))
+    clip = model[0].auto_model
+    reference_image_embedding(path, image(png(64, 64), image_control(0, 0, 0.5, 0.5, 0.0)))
+    assert not is_patched(model)
+    with pytest.raises(RuntimeError, match="inside"):
+        with controlled_attention(model, [1.0] * TOKENS, True):
+            assert is_patched(model)
+            assert clip.vision_model.config._attn_implementation == _ATTENTION_NAME
+            assert clip.text_model.config._attn_implementation == "eager"
+            raise RuntimeError("inside")
+    assert not is_patched(model)
+    # An error raised by the controlled attention itself (factors for another number of tokens) leaves nothing either.
+    pixels = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.float64)
+    with pytest.raises(ValueError, match="expected one prompt of 5 tokens"):
+        with torch.inference_mode(), controlled_attention(model, [1.0] * 5, True):
+            clip.vision_model(pixel_values=pixels)
+    assert not is_patched(model)

@@ -8,7 +8,8 @@ aspect ratios and modes (grayscale, palette, RGBA, an EXIF-turned JPEG): `<model
 `<model>-image-c128` that vector through the model's compression, a row with IMAGE_CROP gives encode() of the same
 crop made with PIL, `<model>-image-layers` every layer of the vision tower pooled as transformers' own vision model
 and image processor give them, and the model's text ensemble gives encode(text). Bad images are refused, alone, with
-INVALID_ARG.
+INVALID_ARG. Attention controls on images (the `-image-controlled` ensembles) match tests/atman_reference.py, an
+independent PyTorch reference, over the aleph-alpha-client, gRPC, /embed and tritonclient.
 """
 
 import base64
@@ -31,7 +32,7 @@ from aleph_alpha_client import (
 from aleph_alpha_client import Image as AlephImage
 from aleph_alpha_client.prompt import Cropping
 from PIL import Image, ImageOps
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from export.datasets import sts_sentences
 from export.photos import sample_files
@@ -41,7 +42,17 @@ from proto.embedding.v1 import embedding_pb2 as pb
 from proto.embedding.v1 import embedding_pb2_grpc as pb_grpc
 from repository_contract.manifest import manifest_path, read
 from repository_contract.naming import image_ensembles, step_name
-from repository_contract.tensors import EMBEDDING, IMAGE, IMAGE_CROP, NO_CROP, POOLED, TEXT, TOKEN_COUNT
+from repository_contract.tensors import (
+    CONTROL_LOG_ADDITIVE,
+    EMBEDDING,
+    IMAGE,
+    IMAGE_CONTROLS,
+    IMAGE_CROP,
+    NO_CROP,
+    POOLED,
+    TEXT,
+    TOKEN_COUNT,
+)
 from tests.test_model_families_e2e import MINILM, export_next_to_minilm
 
 pytestmark = pytest.mark.e2e
@@ -108,6 +119,12 @@ def assert_matches(served: np.ndarray, expected: np.ndarray, names: list[str]) -
     cosine = (served * expected).sum(1) / (np.linalg.norm(served, axis=1) * np.linalg.norm(expected, axis=1))
     worst = int(cosine.argmin())
     assert cosine.min() >= MIN_COSINE, f"{names[worst]}: cosine {cosine[worst]:.6f}"
+
+
+def cosine_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """1 - cosine of each row pair, in float64."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return 1 - (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
 def projection(repository, model: str) -> np.ndarray:
@@ -380,3 +397,142 @@ def test_embed_pools_the_vision_towers_layers_for_an_image_prompt(service, st_mo
     for layer in (0, -1):
         vectors = np.array([served["embeddings"][f"layer_{layer}"][pooling] for pooling in poolings])
         assert_matches(vectors, expected[layer], [f"layer {layer} {pooling}" for pooling in poolings])
+
+
+# -- attention controls on images: the service against tests/atman_reference.py -----------------------------------------
+# (photo, the item's crop or None, controls as (left, top, width, height, factor, token_overlap or None)). The rects are
+# fractions of the whole upright photo: some reach past what the center crop or the item's crop keeps, one is a factor 0
+# (a weight of exactly 0 in the log-additive mode), and the EXIF-turned photo's rect refers to it upright.
+CONTROLLED = [
+    ("chelsea-RGB.jpeg", None, [(0.3, 0.1, 0.4, 0.5, 0.0, None)]),
+    ("coffee-RGB-480x120.jpeg", None, [(0.0, 0.0, 0.6, 1.0, 4.0, "complete"), (0.45, 0.2, 0.1, 0.3, 0.25, "partial")]),
+    ("astronaut-RGBA-300x300.png", (60, 20, 200), [(0.5, 0.5, 0.5, 0.5, 8.0, None)]),
+    ("coffee-RGB-300x200-exif6.jpeg", (50, 150, 150), [(0.0, 0.6, 1.0, 0.4, 0.1, "complete")]),
+]
+
+
+def controlled_items(cases=CONTROLLED) -> list[dict]:
+    from tests import atman_reference
+
+    items = []
+    for name, crop, controls in cases:
+        cropping = {} if crop is None else {"x": crop[0], "y": crop[1], "size": crop[2]}
+        items.append(atman_reference.image(FILES[name], *[atman_reference.image_control(*c) for c in controls], **cropping))
+    return items
+
+
+def aleph_image(name: str, crop, controls) -> AlephImage:
+    from aleph_alpha_client import ControlTokenOverlap, ImageControl
+
+    overlaps = {None: None, "partial": ControlTokenOverlap.Partial, "complete": ControlTokenOverlap.Complete}
+    return AlephImage.from_bytes(
+        FILES[name],
+        cropping=None if crop is None else Cropping(*crop),
+        controls=[ImageControl(*c[:5], token_overlap=overlaps[c[5]]) for c in controls],
+    )
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("log_additive", [True, False], ids=["log-additive", "multiplicative"])
+def test_image_controls_over_the_aleph_alpha_client_match_the_independent_reference(service, model_dirs, model, log_additive):
+    from tests import atman_reference
+
+    client = Client(token="unused", host=service.http_url, total_retries=0)
+    prompts = [Prompt([aleph_image(*case)]) for case in CONTROLLED]
+    batch = BatchSemanticEmbeddingRequest(
+        prompts=prompts, representation=SemanticRepresentation.Symmetric, control_log_additive=log_additive
+    )
+    response = client.batch_semantic_embed(batch, model=model)
+    assert response.num_tokens_prompt_total == IMAGE_TOKENS * len(CONTROLLED)
+    items = controlled_items()
+    expected = np.array([atman_reference.reference_image_embedding(model_dirs[model], item, log_additive) for item in items])
+    names = [name for name, _, _ in CONTROLLED]
+    served = np.array(response.embeddings)
+    assert_matches(served, expected, names)
+    # The match tells the controls apart: the served vector is a hundred times closer to the reference than the photo's
+    # uncontrolled vector is (which a tiny random model moves little, the multiplicative mode least).
+    plain = np.array([atman_reference.reference_image_embedding(model_dirs[model], item | {"controls": []}) for item in items])
+    to_reference, to_plain = cosine_distance(served, expected), cosine_distance(plain, expected)
+    assert (to_reference < to_plain / 100).all(), (to_reference, to_plain)
+
+
+def test_image_controls_over_grpc_and_embed_match_the_independent_reference(service, model_dirs, repository):
+    from tests import atman_reference
+
+    (name, _, controls), item = CONTROLLED[1], controlled_items()[1]
+    overlaps = {None: pb.TOKEN_OVERLAP_UNSPECIFIED, "partial": pb.TOKEN_OVERLAP_PARTIAL, "complete": pb.TOKEN_OVERLAP_COMPLETE}
+    image_controls = [
+        pb.ImageControl(rect=pb.Rect(left=c[0], top=c[1], width=c[2], height=c[3]), factor=c[4], token_overlap=overlaps[c[5]])
+        for c in controls
+    ]
+    with grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
+        prompt = pb.Prompt(items=[pb.PromptItem(image=pb.Image(data=FILES[name]), image_controls=image_controls)])
+        request = pb.SemanticEmbedRequest(
+            model="tiny-clip", prompt=prompt, controls=pb.ControlOptions(log_additive=False), compress_to_size=128
+        )
+        reply = pb_grpc.EmbeddingServiceStub(channel).SemanticEmbed(request, timeout=60)
+    expected = atman_reference.reference_image_embedding(model_dirs["tiny-clip"], item, log_additive=False)
+    assert_matches(np.array([reply.embedding.values]), expected[None] @ projection(repository, "tiny-clip").T, [name])
+
+    # /embed: every layer of the controlled vision tower, mean-pooled over the image's tokens.
+    body = {"model": "tiny-clip", "prompt": [item], "layers": [0, 1, -1], "pooling": ["mean", "max"]}
+    answer = requests.post(f"{service.http_url}/embed", json=body, timeout=60)
+    assert answer.status_code == 200, answer.text
+    states = atman_reference.reference_image_hidden_states(model_dirs["tiny-clip"], item)
+    for layer in (0, 1, -1):
+        served = answer.json()["embeddings"][f"layer_{layer}"]
+        reference = np.array([states[layer].mean(axis=0), states[layer].max(axis=0)])
+        assert_matches(np.array([served["mean"], served["max"]]), reference, [f"layer {layer} mean", f"layer {layer} max"])
+
+
+def test_bad_image_controls_get_a_400_naming_the_field_over_http_and_grpc(service):
+    from tests import atman_reference
+
+    data = FILES["astronaut-RGB.png"]
+    cases = [
+        (atman_reference.image(data, atman_reference.image_control(0, 0, 1.5, 1, 2)), {}, "prompt.controls.rect.width"),
+        (atman_reference.image(data, atman_reference.image_control(0, 0, 1, 1, -2)), {}, "prompt.controls.factor"),
+        (
+            atman_reference.image(data, atman_reference.image_control(0, 0, 1, 1, 2)),
+            {"contextual_control_threshold": 0.5},
+            "contextual_control_threshold",
+        ),
+    ]
+    for item, options, field in cases:
+        body = {"model": "tiny-clip", "prompt": [item], "representation": "symmetric"} | options
+        response = requests.post(f"{service.http_url}/semantic_embed", json=body, timeout=60)
+        assert response.status_code == 400 and response.json()["field"] == field, response.text
+    with grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
+        control = pb.ImageControl(rect=pb.Rect(left=0, top=0, width=1.5, height=1), factor=2)
+        prompt = pb.Prompt(items=[pb.PromptItem(image=pb.Image(data=data), image_controls=[control])])
+        with pytest.raises(grpc.RpcError) as refused:
+            pb_grpc.EmbeddingServiceStub(channel).SemanticEmbed(
+                pb.SemanticEmbedRequest(model="tiny-clip", prompt=prompt), timeout=60
+            )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert dict(refused.value.trailing_metadata())["field"] == "prompt.controls.rect.width"
+
+
+def test_the_controlled_image_ensemble_is_callable_directly(triton, model_dirs):
+    """tritonclient and perf_analyzer reach `<model>-image-controlled` as they reach the plain image ensemble: the file,
+    its crop, its controls (rows of IMAGE_CONTROL_FIELDS) and the mode."""
+    from tests import atman_reference
+
+    name, crop, controls = CONTROLLED[2]
+    (item,) = controlled_items([CONTROLLED[2]])
+    inputs = []
+    for tensor, value in [
+        (IMAGE, np.array([[FILES[name]]], dtype=np.object_)),
+        (IMAGE_CROP, np.array([crop], dtype=np.int64)),
+        (IMAGE_CONTROLS, np.array([[[*c[:5], c[5] == "complete"] for c in controls]], dtype=np.float32)),
+        (CONTROL_LOG_ADDITIVE, np.array([[True]])),
+    ]:
+        infer_input = tritongrpc.InferInput(
+            tensor, list(value.shape), "BYTES" if value.dtype == object else np_to_triton_dtype(value.dtype)
+        )
+        infer_input.set_data_from_numpy(value)
+        inputs.append(infer_input)
+    result = triton.infer(image_ensembles("tiny-clip", 128, controlled=True)["embedding"], inputs, client_timeout=120)
+    expected = atman_reference.reference_image_embedding(model_dirs["tiny-clip"], item)
+    assert_matches(result.as_numpy(EMBEDDING), expected[None], [name])
+    assert result.as_numpy(TOKEN_COUNT).tolist() == [[IMAGE_TOKENS]]

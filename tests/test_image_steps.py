@@ -21,9 +21,12 @@ from export.steps.image_processing import FORMATS, PROCESSOR_FILE, ImageProcesso
 from harness.tiny_models import IMAGE_SIZE, PATCH, PROCESSOR
 from repository_contract.tensors import (
     ATTENTION_MASK,
+    CONTROL_FACTORS,
+    CONTROL_LOG_ADDITIVE,
     EMBEDDING,
     HIDDEN_STATES,
     IMAGE,
+    IMAGE_CONTROLS,
     IMAGE_CROP,
     NO_CROP,
     PIXEL_VALUES,
@@ -45,7 +48,8 @@ def step(tmp_path_factory):
     processor = ImageProcessor.from_processor_config(PROCESSOR, FORMATS, MAX_PIXELS)
     (model_dir / "1" / PROCESSOR_FILE).write_text(processor.to_json())
     (model_dir / "config.pbtxt").write_text(
-        f'name: "{model_dir.name}"\nbackend: "python"\nparameters [{{ key: "image_tokens" value: {{ string_value: "{IMAGE_TOKENS}" }} }}]\n'
+        f'name: "{model_dir.name}"\nbackend: "python"\nparameters [{{ key: "image_tokens" value: {{ string_value: "{IMAGE_TOKENS}" }} }}, '
+        f'{{ key: "patch_size" value: {{ string_value: "{PATCH}" }} }}]\n'
     )
     return load_step("image_preprocess", model_dir)
 
@@ -204,7 +208,7 @@ def vision_graph(tmp_path_factory):
     """A stand-in vision graph with the exported one's tensor names: pixel values flattened, times a matrix."""
     model_dir = tmp_path_factory.mktemp("vision") / "tiny-clip-vision-encoder"
     weight = _stand_in_graph(model_dir, "embedding", DIMENSIONS, ["batch", DIMENSIONS])
-    _python_config(model_dir, intra_op_threads=1, slice_rows=3, output=EMBEDDING)
+    _python_config(model_dir, intra_op_threads=1, slice_rows=3)
     return load_step("vision_encoder", model_dir), weight
 
 
@@ -213,7 +217,7 @@ def vision_layers_graph(tmp_path_factory):
     """The same step as the image layers ensemble's vision-layers-encoder: a stand-in graph answering hidden_states."""
     model_dir = tmp_path_factory.mktemp("vision-layers") / "tiny-clip-vision-layers-encoder"
     weight = _stand_in_graph(model_dir, "hidden_states", int(np.prod(STATES)), ["batch", *STATES])
-    _python_config(model_dir, intra_op_threads=1, slice_rows=3, output=HIDDEN_STATES)
+    _python_config(model_dir, intra_op_threads=1, slice_rows=3)
     return load_step("vision_encoder", model_dir), weight
 
 
@@ -237,14 +241,6 @@ def test_the_vision_layers_encoder_answers_each_request_its_hidden_states(vision
         expected = (sent.reshape(len(sent), -1) @ weight).reshape(len(sent), *STATES)
         np.testing.assert_allclose(states, expected, rtol=1e-5, atol=1e-5)
         assert not any(tensor.name() == EMBEDDING for tensor in answered.output_tensors())
-
-
-def test_the_vision_encoder_refuses_an_output_it_does_not_have(tmp_path):
-    model_dir = tmp_path / "tiny-clip-vision-encoder"
-    _stand_in_graph(model_dir, "embedding", DIMENSIONS, ["batch", DIMENSIONS])
-    _python_config(model_dir, intra_op_threads=1, slice_rows=3, output=POOLED)
-    with pytest.raises(ValueError, match="the output 'POOLED' is not EMBEDDING or HIDDEN_STATES"):
-        load_step("vision_encoder", model_dir)
 
 
 def test_a_request_the_vision_graph_refuses_fails_alone(vision_graph):
@@ -291,3 +287,222 @@ def test_the_vision_layer_pooling_pools_every_token_of_an_image_as_the_export_va
                 for column, name in enumerate(LAYER_POOLINGS):
                     expected = reference[name](states[row, layer])
                     np.testing.assert_allclose(pooled[row, layer, column], expected, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+# -- attention controls on images -------------------------------------------------------------------------------------
+# The tiny model sees 32x32 pixels in patches of 8: a 4x4 grid, row-major after the class token.
+GRID = IMAGE_SIZE // PATCH
+
+
+def control(left, top, width, height, factor, complete=False) -> list[float]:
+    return [left, top, width, height, factor, float(complete)]
+
+
+def patch_grid(factors: np.ndarray) -> np.ndarray:
+    """The patches' factors as the grid the model sees, after checking the class token's is 1."""
+    assert factors.shape == (IMAGE_TOKENS,) and factors.dtype == np.float32 and factors[0] == 1.0
+    return factors[1:].reshape(GRID, GRID)
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return ImageProcessor.from_processor_config(PROCESSOR, FORMATS, MAX_PIXELS)
+
+
+def factors_of(processor, width, height, crop, *controls) -> np.ndarray:
+    return patch_grid(processor.control_factors(width, height, crop, np.array(controls, dtype=np.float32), PATCH))
+
+
+def test_a_rect_over_the_whole_image_reaches_every_patch_and_never_the_class_token(processor):
+    np.testing.assert_array_equal(factors_of(processor, 64, 64, None, control(0, 0, 1, 1, 2.0)), np.full((GRID, GRID), 2.0))
+
+
+def test_a_rect_reaches_the_patches_it_covers_by_their_share_of_it(processor):
+    # The left half of a square image is the grid's two left columns.
+    left_half = factors_of(processor, 64, 64, None, control(0, 0, 0.5, 1, 3.0))
+    np.testing.assert_array_equal(left_half, np.array([[3, 3, 1, 1]] * GRID, dtype=np.float32))
+    # A quarter of the first patch (8x8 of its 16x16 pixels): "partial" gives it a quarter of the factor's effect,
+    # "complete" the whole factor, and no other patch is reached.
+    for complete, expected in ((False, 1 + (5.0 - 1) / 4), (True, 5.0)):
+        grid = factors_of(processor, 64, 64, None, control(0, 0, 0.125, 0.125, 5.0, complete))
+        assert grid[0, 0] == pytest.approx(expected) and (np.delete(grid.reshape(-1), 0) == 1).all()
+    # A factor of 0 over half a patch halves its weight in the partial sense.
+    assert factors_of(processor, 64, 64, None, control(0, 0, 0.125, 0.25, 0.0))[0, 0] == pytest.approx(0.5)
+
+
+def test_a_rect_that_only_touches_a_patch_does_not_reach_it(processor):
+    # Exactly the first column: its edge is the second column's edge, which "complete" must not take as overlap.
+    grid = factors_of(processor, 64, 64, None, control(0, 0, 0.25, 1, 4.0, complete=True))
+    np.testing.assert_array_equal(grid, np.array([[4, 1, 1, 1]] * GRID, dtype=np.float32))
+
+
+def test_rects_refer_to_the_whole_image_whatever_the_model_sees_of_it(processor):
+    # A 128x64 image: the center crop keeps x in [32, 96). A strip at its left edge is cut away and reaches nothing.
+    np.testing.assert_array_equal(factors_of(processor, 128, 64, None, control(0, 0, 0.2, 1, 9.0)), np.ones((GRID, GRID)))
+    # x in [32, 64) is the left half of what it sees.
+    np.testing.assert_array_equal(
+        factors_of(processor, 128, 64, None, control(0.25, 0, 0.25, 1, 2.0)), np.array([[2, 2, 1, 1]] * GRID, dtype=np.float32)
+    )
+    # With the item's crop (64, 0, 64), the model sees x in [64, 128): the same rect is then outside, and x in
+    # [64, 96) is the left half.
+    np.testing.assert_array_equal(
+        factors_of(processor, 128, 64, (64, 0, 64), control(0.25, 0, 0.25, 1, 2.0)), np.ones((GRID, GRID))
+    )
+    np.testing.assert_array_equal(
+        factors_of(processor, 128, 64, (64, 0, 64), control(0.5, 0, 0.25, 1, 2.0)),
+        np.array([[2, 2, 1, 1]] * GRID, dtype=np.float32),
+    )
+
+
+def test_controls_on_one_patch_multiply_and_the_product_is_capped(processor):
+    grid = factors_of(processor, 64, 64, None, control(0, 0, 1, 1, 2.0), control(0, 0, 0.5, 1, 3.0))
+    np.testing.assert_array_equal(grid, np.array([[6, 6, 2, 2]] * GRID, dtype=np.float32))
+    capped = factors_of(processor, 64, 64, None, control(0, 0, 1, 1, 1e30), control(0, 0, 1, 1, 1e30))
+    assert np.isfinite(capped).all() and (capped == np.float32(1e30)).all()
+
+
+def controls_request(files: list[bytes], crops: list, controls: np.ndarray):
+    sent = image_request(files, crops)
+    sent.inputs().append(request({IMAGE_CONTROLS: controls.astype(np.float32)}).inputs()[0])
+    return sent
+
+
+def test_the_preprocess_step_answers_each_images_factors_from_its_own_size_and_crop(step, processor):
+    names = ["coffee-RGB-400x266.webp", "coffee-RGB-300x200-exif6.jpeg"]
+    files = [FILES[n] for n in names]
+    crops = [NO_CROP, (0, 50, 200)]
+    # The second row has one control and a padding control of factor 1, which changes nothing.
+    controls = np.array(
+        [
+            [control(0.1, 0.2, 0.5, 0.5, 2.0), control(0.5, 0.5, 0.5, 0.5, 0.0, True)],
+            [control(0, 0, 1, 0.5, 3.0), control(0, 0, 0, 0, 1.0)],
+        ]
+    )
+    plain, controlled = step.execute([image_request(files, crops), controls_request(files, crops, controls)])
+    np.testing.assert_array_equal(output(controlled, PIXEL_VALUES), output(plain, PIXEL_VALUES))
+    assert all(tensor.name() != CONTROL_FACTORS for tensor in plain.output_tensors())
+    factors = output(controlled, CONTROL_FACTORS)
+    assert factors.shape == (2, IMAGE_TOKENS)
+    for row, (name, crop) in enumerate(zip(names, crops)):
+        # The rects are fractions of the image as shown: the EXIF-turned one is 200x300 upright.
+        width, height = upright(FILES[name]).size
+        expected = processor.control_factors(
+            width, height, None if crop == NO_CROP else crop, controls[row][: 1 + (row == 0)], PATCH
+        )
+        np.testing.assert_array_equal(factors[row], expected)
+    assert not (factors == 1).all(axis=1).any()  # every row's controls reached some patch
+
+
+def test_the_preprocess_step_refuses_controls_that_do_not_match_its_rows(step):
+    files = [FILES["coffee-RGB-400x266.webp"]] * 2
+    (response,) = step.execute([controls_request(files, [NO_CROP] * 2, np.ones((1, 1, 6)))])
+    assert response.has_error() and response.error().code() == TritonError.INVALID_ARG
+    assert "IMAGE_CONTROLS (1, 1, 6)" in response.error().message()
+
+
+def _controlled_stand_in(directory) -> dict[str, np.ndarray]:
+    """A stand-in of the controlled vision graph: embedding = flat pixels @ w + factors @ v + mode * u, and hidden_states
+    the same with other matrices, reshaped; the matrices returned."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(4)
+    columns = {"embedding": DIMENSIONS, "hidden_states": int(np.prod(STATES))}
+    weights = {}
+    nodes = [
+        helper.make_node("Flatten", ["pixel_values"], ["flat"]),
+        helper.make_node("Cast", ["control_log_additive"], ["mode"], to=TensorProto.FLOAT),
+    ]
+    for name, width in columns.items():
+        for part, rows in (("w", 3 * SIDE * SIDE), ("v", IMAGE_TOKENS), ("u", 1)):
+            weights[f"{name}.{part}"] = rng.standard_normal((rows, width)).astype(np.float32)
+        nodes += [
+            helper.make_node("MatMul", ["flat", f"{name}.w"], [f"{name}.a"]),
+            helper.make_node("MatMul", ["control_factors", f"{name}.v"], [f"{name}.b"]),
+            helper.make_node("MatMul", ["mode", f"{name}.u"], [f"{name}.c"]),
+            helper.make_node("Sum", [f"{name}.a", f"{name}.b", f"{name}.c"], [f"{name}.sum"]),
+        ]
+    nodes += [
+        helper.make_node("Identity", ["embedding.sum"], ["embedding"]),
+        helper.make_node("Reshape", ["hidden_states.sum", "shape"], ["hidden_states"]),
+    ]
+    initializers = [numpy_helper.from_array(value, key) for key, value in weights.items()]
+    initializers.append(numpy_helper.from_array(np.array([-1, *STATES], dtype=np.int64), "shape"))
+    graph = helper.make_graph(
+        nodes,
+        "vision-controlled",
+        [
+            helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["batch", 3, SIDE, SIDE]),
+            helper.make_tensor_value_info("control_factors", TensorProto.FLOAT, ["batch", IMAGE_TOKENS]),
+            helper.make_tensor_value_info("control_log_additive", TensorProto.BOOL, ["batch", 1]),
+        ],
+        [
+            helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", DIMENSIONS]),
+            helper.make_tensor_value_info("hidden_states", TensorProto.FLOAT, ["batch", *STATES]),
+        ],
+        initializers,
+    )
+    (directory / "1").mkdir(parents=True)
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(directory / "1" / "model.onnx")
+    )
+    return weights
+
+
+def test_the_controlled_vision_encoder_runs_each_request_with_its_own_controls_and_outputs(tmp_path):
+    model_dir = tmp_path / "tiny-clip-vision-controlled-encoder"
+    weights = _controlled_stand_in(model_dir)
+    _python_config(model_dir, intra_op_threads=1, slice_rows=2)
+    step = load_step("vision_encoder", model_dir)
+    rng = np.random.default_rng(5)
+    sent = []
+    for rows, mode in ((3, True), (1, False), (2, True)):
+        sent.append(
+            {
+                PIXEL_VALUES: rng.standard_normal((rows, 3, SIDE, SIDE)).astype(np.float32),
+                CONTROL_FACTORS: rng.uniform(0, 3, (rows, IMAGE_TOKENS)).astype(np.float32),
+                CONTROL_LOG_ADDITIVE: np.full((rows, 1), mode),
+            }
+        )
+    # The first two want the vector (a semantic embed), the last every layer (/embed): each gets only what it asked.
+    responses = step.execute([request(sent[0], [EMBEDDING]), request(sent[1], [EMBEDDING]), request(sent[2], [HIDDEN_STATES])])
+
+    def expected(name: str, feeds: dict) -> np.ndarray:
+        flat = feeds[PIXEL_VALUES].reshape(len(feeds[PIXEL_VALUES]), -1)
+        mode = feeds[CONTROL_LOG_ADDITIVE].astype(np.float32)
+        return flat @ weights[f"{name}.w"] + feeds[CONTROL_FACTORS] @ weights[f"{name}.v"] + mode @ weights[f"{name}.u"]
+
+    for response, feeds in zip(responses[:2], sent[:2]):
+        np.testing.assert_allclose(output(response, EMBEDDING), expected("embedding", feeds), rtol=1e-5, atol=1e-5)
+        assert [tensor.name() for tensor in response.output_tensors()] == [EMBEDDING]
+    states = output(responses[2], HIDDEN_STATES)
+    np.testing.assert_allclose(states, expected("hidden_states", sent[2]).reshape(2, *STATES), rtol=1e-5, atol=1e-5)
+    assert [tensor.name() for tensor in responses[2].output_tensors()] == [HIDDEN_STATES]
+
+
+def test_the_steps_factors_are_the_independent_references_on_real_photos(processor, tmp_path):
+    """ImageProcessor.control_factors (closed-form boxes) against tests/atman_reference.py (a coverage mask carried
+    through the crop, an exact area-average resize and the center crop), on photos of several aspect ratios, EXIF
+    orientation included, with and without the item's crop, for random rects in both overlap modes."""
+    from harness.tiny_models import build_tiny_clip
+    from tests import atman_reference
+
+    model_dir = build_tiny_clip(tmp_path / "clip")
+    rng = np.random.default_rng(7)
+    for name in ["chelsea-RGB.jpeg", "coffee-RGB-480x120.jpeg", "camera-L-90x240.webp", "coffee-RGB-300x200-exif6.jpeg"]:
+        width, height = upright(FILES[name]).size
+        side = min(width, height) // 2
+        for crop in (None, (width - side, 0, side)):
+            rects = [(*sorted(rng.uniform(0, 1, 2)), *sorted(rng.uniform(0, 1, 2))) for _ in range(3)]
+            controls = [
+                (left, top, right - left, bottom - top, float(rng.uniform(0, 4)), complete)
+                for (left, right, top, bottom), complete in zip(rects, (False, True, False))
+            ]
+            item = atman_reference.image(
+                FILES[name],
+                *[atman_reference.image_control(*c[:5], "complete" if c[5] else "partial") for c in controls],
+                **({} if crop is None else dict(zip("xy", crop[:2]), size=crop[2])),
+            )
+            expected = atman_reference.image_factors(model_dir, item)
+            served = processor.control_factors(width, height, crop, np.array(controls, dtype=np.float32), PATCH)
+            np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-6, err_msg=f"{name} {crop}")

@@ -98,6 +98,11 @@ def test_the_fingerprint_is_read_from_a_manifest_of_any_version_and_none_without
 
 VISION = {
     "ensembles": {"embedding": "tiny-clip-image", "compressed": "tiny-clip-image-c128", "layers": "tiny-clip-image-layers"},
+    "controlled": {
+        "embedding": "tiny-clip-image-controlled",
+        "compressed": "tiny-clip-image-controlled-c128",
+        "layers": "tiny-clip-image-controlled-layers",
+    },
     "image_tokens": 17,
     "image_size": 32,
     "max_image_pixels": 25_000_000,
@@ -119,10 +124,12 @@ def test_a_vision_section_round_trips(exported, tmp_path):
     from repository_contract.naming import image_ensembles
 
     assert image_ensembles("tiny-clip", 128) == VISION["ensembles"]
+    assert image_ensembles("tiny-clip", 128, controlled=True) == VISION["controlled"]
     data = {**exported, "vision": VISION}
     manifest = read(written(tmp_path / "a", data))
     assert manifest.vision == Vision(
         ImageEnsembles("tiny-clip-image", "tiny-clip-image-c128", "tiny-clip-image-layers"),
+        ImageEnsembles("tiny-clip-image-controlled", "tiny-clip-image-controlled-c128", "tiny-clip-image-controlled-layers"),
         17,
         32,
         25_000_000,
@@ -141,6 +148,8 @@ def test_a_vision_section_round_trips(exported, tmp_path):
         (lambda v: v["ensembles"].pop("compressed"), "lacks 'compressed'"),
         # The image pipeline came with its layers: a vision section without them was never written.
         (lambda v: v["ensembles"].pop("layers"), "lacks 'layers'"),
+        # Image controls came with the controlled ensembles.
+        (lambda v: v.pop("controlled"), "lacks 'controlled'"),
         (lambda v: v.pop("num_layers"), "lacks 'num_layers'"),
         (lambda v: v.pop("hidden_size"), "lacks 'hidden_size'"),
         (lambda v: v.update(num_layers="3"), "expected int, found '3'"),

@@ -8,6 +8,10 @@ square when it has one, and resized and normalized exactly as the model's own im
 parameters are in image_processor.json, the arithmetic is image_processing.py, next to this file,
 which the export checked against sentence-transformers). A request with a bad image fails alone, with an INVALID_ARG
 error that names the row and what is wrong; the other requests of the batch are answered.
+
+The controlled image ensembles also send IMAGE_CONTROLS (an optional input, which the plain ones leave out); the step
+then answers CONTROL_FACTORS, one per image token, from each image's own size and crop: only here is the image decoded,
+so only here is known what part of it the model sees.
 """
 
 import json
@@ -23,7 +27,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from image_processing import PROCESSOR_FILE, ImageProcessor, ImageRefused  # type: ignore[import-not-found]
 from tensors import (  # type: ignore[import-not-found]
     ATTENTION_MASK,
+    CONTROL_FACTORS,
     IMAGE,
+    IMAGE_CONTROLS,
     IMAGE_CROP,
     NO_CROP,
     PIXEL_VALUES,
@@ -38,37 +44,48 @@ class TritonPythonModel:
             (Path(args["model_repository"]) / args["model_version"] / PROCESSOR_FILE).read_text()
         )
         self.image_tokens = int(params["image_tokens"])
+        self.patch_size = int(params["patch_size"])
 
     def execute(self, requests):
         return [self._answer(request) for request in requests]
 
     def _answer(self, request):
         try:
-            pixels = self._pixel_values(request)
+            pixels, factors = self._pixel_values(request)
         except ImageRefused as error:
             return pb_utils.InferenceResponse(
                 error=pb_utils.TritonError(f"image-preprocess: {error}", pb_utils.TritonError.INVALID_ARG)
             )
         counts = np.full((len(pixels), 1), self.image_tokens, dtype=np.int32)
         mask = np.ones((len(pixels), self.image_tokens), dtype=np.int64)
-        return pb_utils.InferenceResponse(
-            output_tensors=[
-                pb_utils.Tensor(PIXEL_VALUES, pixels),
-                pb_utils.Tensor(TOKEN_COUNT, counts),
-                pb_utils.Tensor(ATTENTION_MASK, mask),
-            ]
-        )
+        outputs = [
+            pb_utils.Tensor(PIXEL_VALUES, pixels),
+            pb_utils.Tensor(TOKEN_COUNT, counts),
+            pb_utils.Tensor(ATTENTION_MASK, mask),
+        ]
+        if factors is not None:
+            outputs.append(pb_utils.Tensor(CONTROL_FACTORS, factors))
+        return pb_utils.InferenceResponse(output_tensors=outputs)
 
-    def _pixel_values(self, request) -> np.ndarray:
+    def _pixel_values(self, request) -> tuple[np.ndarray, np.ndarray | None]:
+        """Each row's pixel values, and with IMAGE_CONTROLS each row's factors (else None)."""
         images = pb_utils.get_input_tensor_by_name(request, IMAGE).as_numpy().reshape(-1)
         crops = pb_utils.get_input_tensor_by_name(request, IMAGE_CROP).as_numpy().reshape(-1, 3)
-        if len(crops) != len(images):
-            raise ImageRefused(f"{len(images)} rows of {IMAGE} and {len(crops)} of {IMAGE_CROP}")
-        rows = []
+        sent = pb_utils.get_input_tensor_by_name(request, IMAGE_CONTROLS)
+        controls = None if sent is None else sent.as_numpy()
+        if len(crops) != len(images) or (controls is not None and (controls.ndim != 3 or len(controls) != len(images))):
+            shown = "" if controls is None else f" and {IMAGE_CONTROLS} {controls.shape}"
+            raise ImageRefused(f"{len(images)} rows of {IMAGE}, {len(crops)} of {IMAGE_CROP}{shown}")
+        rows, factors = [], []
         for row, (data, crop) in enumerate(zip(images, crops)):
             square = None if tuple(crop) == NO_CROP else tuple(int(v) for v in crop)
             try:
-                rows.append(self.processor(bytes(data), square))
+                if controls is None:
+                    rows.append(self.processor(bytes(data), square))
+                else:
+                    pixels, row_factors = self.processor.with_controls(bytes(data), square, controls[row], self.patch_size)
+                    rows.append(pixels)
+                    factors.append(row_factors)
             except ImageRefused as error:
                 raise ImageRefused(f"row {row}: {error}") from None
-        return np.stack(rows)
+        return np.stack(rows), None if controls is None else np.stack(factors)

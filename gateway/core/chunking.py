@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from gateway.core.controls import ImageControl, image_control_rows
 from gateway.core.images import ImageInput
 from gateway.core.scheduler import Chunk, Lane
 from gateway.ops import request_context
@@ -16,6 +17,9 @@ from repository_contract import tensors
 # Token id rows are padded with ID_PADDING (never a token id: the gateway refuses negative ids) to a multiple of
 # ID_WIDTH_STEP; the token-ids steps drop it. Without it every distinct length would be a lane of its own.
 ID_WIDTH_STEP = 16
+
+# Image controls per row are padded to a multiple of this, for the same reason.
+CONTROLS_STEP = 4
 
 # Rows per chunk when a long list is split by length, and per call when chunks share one: small enough that one
 # long text pads few others, and the unit in which the scheduler lets a small request overtake a big one.
@@ -96,17 +100,50 @@ def _right_padded(rows: list, width: int, fill, dtype) -> np.ndarray:
 
 
 def image_chunks(
-    ensemble: str, inputs: list[ImageInput], positions: list[int], max_batch: int, priority: int, output: str
+    ensemble: str,
+    inputs: list[ImageInput],
+    positions: list[int],
+    max_batch: int,
+    priority: int,
+    output: str,
+    log_additive: bool | None = None,
 ) -> list[Chunk]:
-    """The image ensemble's chunks: each row an encoded image file and its crop, decoded by the ensemble's step."""
+    """The image ensemble's chunks: each row an encoded image file and its crop, decoded by the ensemble's step.
+
+    log_additive: the mode, for the controlled image ensemble, whose rows also carry their images' controls, padded
+    to a multiple of CONTROLS_STEP with controls of factor 1 (which change nothing), so that images with about as many
+    controls share a lane.
+    """
+    by_width: dict[int, list[int]] = {}
+    for index, image in enumerate(inputs):
+        width = 0 if log_additive is None else -(-len(image.controls) // CONTROLS_STEP) * CONTROLS_STEP
+        by_width.setdefault(width, []).append(index)
     size = min(max_batch, SORTED_CHUNK)
-    lane = Lane(ensemble, output, priority, size, (1,))
     request_id = request_context.current_request_id()
     chunks = []
-    for start in range(0, len(inputs), size):
-        part = range(start, min(start + size, len(inputs)))
-        rows = np.empty(len(part), dtype=[(tensors.IMAGE, np.object_, (1,)), (tensors.IMAGE_CROP, np.int64, (3,))])
-        rows[tensors.IMAGE][:, 0] = [inputs[i].data for i in part]
-        rows[tensors.IMAGE_CROP] = [inputs[i].crop or tensors.NO_CROP for i in part]
-        chunks.append(Chunk(lane, rows, np.array([positions[i] for i in part]), request_id))
+    for width, members in by_width.items():
+        lane = Lane(ensemble, output, priority, size, (width,) if log_additive is not None else (1,))
+        for start in range(0, len(members), size):
+            part = members[start : start + size]
+            fields: list[tuple[str, type, tuple[int, ...]]] = [
+                (tensors.IMAGE, np.object_, (1,)),
+                (tensors.IMAGE_CROP, np.int64, (3,)),
+            ]
+            if log_additive is not None:
+                controls_shape = (width, len(tensors.IMAGE_CONTROL_FIELDS))
+                fields += [(tensors.IMAGE_CONTROLS, np.float32, controls_shape), (tensors.CONTROL_LOG_ADDITIVE, np.bool_, (1,))]
+            rows = np.empty(len(part), dtype=fields)
+            rows[tensors.IMAGE][:, 0] = [inputs[i].data for i in part]
+            rows[tensors.IMAGE_CROP] = [inputs[i].crop or tensors.NO_CROP for i in part]
+            if log_additive is not None:
+                rows[tensors.IMAGE_CONTROLS] = [_padded_controls(inputs[i].controls, width) for i in part]
+                rows[tensors.CONTROL_LOG_ADDITIVE] = log_additive
+            chunks.append(Chunk(lane, rows, np.array([positions[i] for i in part]), request_id))
     return chunks
+
+
+def _padded_controls(controls: tuple[ImageControl, ...], width: int) -> np.ndarray:
+    padded = np.zeros((width, len(tensors.IMAGE_CONTROL_FIELDS)), dtype=np.float32)
+    padded[:, tensors.IMAGE_CONTROL_FIELDS.index("factor")] = 1.0
+    padded[: len(controls)] = image_control_rows(controls)
+    return padded

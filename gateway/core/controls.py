@@ -4,7 +4,8 @@ The encoder applies the factors (see export/attention_controls.py); this module 
 reach. Text controls are character spans resolved through the tokenizer's offsets, token-id controls are
 positions, a position controlled more than once gets the product of the factors, and with a contextual
 threshold a control also reaches every position whose input token embedding is at least that similar to one
-of its own. The README's "Attention controls" section is the definition.
+of its own. Image controls are rectangles of the image, which the image step resolves to its patches (only it
+decodes the image); here they are only checked. The README's "Attention controls" section is the definition.
 """
 
 from __future__ import annotations
@@ -40,43 +41,85 @@ class TokenControl:
     factor: float
 
 
-Control = TextControl | TokenControl
+@dataclass(frozen=True)
+class ImageControl:
+    """A rectangle of the whole image (after its EXIF orientation, before any crop), each side a fraction in [0, 1]."""
+
+    left: float
+    top: float
+    width: float
+    height: float
+    factor: float
+    token_overlap: str = "partial"
+
+
+Control = TextControl | TokenControl | ImageControl
 
 
 @dataclass(frozen=True)
 class ControlOptions:
     log_additive: bool = True
     contextual_threshold: float | None = None
+    threshold_field: str = "contextual_control_threshold"  # as the transport names it, for its errors
 
     @classmethod
     def checked(cls, log_additive: bool, threshold: float | None, field: str) -> ControlOptions:
         """The options as a transport received them; a threshold that is not a finite number is a 400 naming `field`."""
         if threshold is not None and not math.isfinite(threshold):
             raise invalid(f"'{field}' must be a finite number, got {threshold}", field)
-        return cls(log_additive, None if threshold is None else float(threshold))
+        return cls(log_additive, None if threshold is None else float(threshold), field)
 
 
 def check(control: Control, item_length: int, where: str, field: str) -> None:
-    """A 400 naming the field for a control that cannot apply to its item (of item_length characters or ids)."""
+    """A 400 naming the field for a control that cannot apply to its item (of item_length characters or ids; an
+    image's controls take any item_length)."""
     if not (isinstance(control.factor, (int, float)) and math.isfinite(control.factor) and control.factor >= 0):
         raise invalid(f"'{where}': a control's factor must be a finite number >= 0, got {control.factor}", f"{field}.factor")
+    if isinstance(control, ImageControl):
+        _check_rect(control, where, field)
+        return
     if isinstance(control, TokenControl):
         if not 0 <= control.index < item_length:
             raise invalid(
                 f"'{where}': a control's index {control.index} is outside its item of {item_length} token ids", f"{field}.index"
             )
         return
-    if control.token_overlap not in TOKEN_OVERLAPS:
-        raise invalid(
-            f"'{where}': token_overlap must be one of {list(TOKEN_OVERLAPS)}, got {control.token_overlap!r}",
-            f"{field}.token_overlap",
-        )
+    _check_overlap(control, where, field)
     if control.start < 0 or control.length < 0 or control.start + control.length > item_length:
         raise invalid(
             f"'{where}': a control's span [{control.start}, {control.start + control.length}) is outside its text "
             f"of {item_length} characters",
             f"{field}.start",
         )
+
+
+def _check_overlap(control: TextControl | ImageControl, where: str, field: str) -> None:
+    if control.token_overlap not in TOKEN_OVERLAPS:
+        raise invalid(
+            f"'{where}': token_overlap must be one of {list(TOKEN_OVERLAPS)}, got {control.token_overlap!r}",
+            f"{field}.token_overlap",
+        )
+
+
+def _check_rect(control: ImageControl, where: str, field: str) -> None:
+    """Each side a finite fraction in [0, 1] of the image; a rectangle reaching past the image's edge is allowed, as
+    one reaching past what the model sees is: that part reaches nothing."""
+    for side in ("left", "top", "width", "height"):
+        value = getattr(control, side)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= 1):
+            raise invalid(
+                f"'{where}': an image control's rect.{side} must be a fraction of the image in [0, 1], got {value}",
+                f"{field}.rect.{side}",
+            )
+    _check_overlap(control, where, field)
+
+
+def image_control_rows(controls: Sequence[ImageControl]) -> np.ndarray:
+    """[len(controls), 6] float32 in the order of repository_contract.tensors.IMAGE_CONTROL_FIELDS."""
+    return np.array(
+        [(c.left, c.top, c.width, c.height, min(c.factor, MAX_POSITION_FACTOR), c.token_overlap == "complete") for c in controls],
+        dtype=np.float32,
+    ).reshape(-1, 6)
 
 
 def span_positions(encoding: Encoding, control: TextControl, shift: int = 0) -> list[int]:

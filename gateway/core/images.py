@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
+from gateway.core.controls import ImageControl
 from gateway.core.errors import invalid
 from repository_contract.manifest import Vision
 
@@ -27,11 +28,12 @@ DATA_URI_PREFIX = "data:image/"
 
 @dataclass(frozen=True)
 class ImageInput:
-    """An encoded image file, and the square the caller cut out of it: (x, y, size) in pixels, or None for the
-    model's own center crop."""
+    """An encoded image file, the square the caller cut out of it: (x, y, size) in pixels, or None for the model's own
+    center crop, and its attention controls (checked: see gateway.core.prompts)."""
 
     data: bytes
     crop: tuple[int, int, int] | None = None
+    controls: tuple[ImageControl, ...] = ()
 
 
 def from_base64(data: str, where: str, field: str) -> bytes:

@@ -17,12 +17,12 @@ it stops the event loop and every other request with it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tokenizers import Encoding, Tokenizer
 
 from gateway.core import images
-from gateway.core.controls import Control, PositionControl, TextControl, TokenControl, check, span_positions
+from gateway.core.controls import Control, ImageControl, PositionControl, TextControl, TokenControl, check, span_positions
 from gateway.core.errors import invalid
 from gateway.core.images import ImageInput
 from repository_contract.manifest import Vision
@@ -31,7 +31,7 @@ from repository_contract.manifest import Vision
 @dataclass(frozen=True)
 class PromptItem:
     """One item of a prompt, as the transports build it: a "text" item holds a str and text controls, a "token_ids"
-    item a list of ids and token controls, an "image" item an ImageInput."""
+    item a list of ids and token controls, an "image" item an ImageInput and image controls."""
 
     kind: str  # "text", "token_ids" or "image"
     data: str | list[int] | ImageInput
@@ -161,4 +161,9 @@ def _image_prompt(items: list[PromptItem], vision: Vision | None, where: str, fi
     (item,) = items
     assert isinstance(item.data, ImageInput)  # the transports put an ImageInput in every image item
     images.check(item.data, vision, where, field)
-    return Prompt(image=item.data)
+    controls = tuple(c for c in item.controls if isinstance(c, ImageControl))
+    if len(controls) != len(item.controls):
+        raise invalid(f"'{where}': an image item takes image controls (a rect and a factor)", f"{field}.controls")
+    for control in controls:
+        check(control, 0, where, f"{field}.controls")
+    return Prompt(image=replace(item.data, controls=controls))

@@ -176,6 +176,20 @@ class _Tower:
         return cls(f"{model.name}'s image encoder", vision.num_layers, "patch embeddings")
 
 
+def _refuse_contextual_images(prompts: list[Prompt], call: EmbedCall | SemanticEmbedCall | EmbedLayersCall) -> None:
+    """A contextual threshold reaches tokens by their input embeddings' likeness, which an image's patches have none of
+    before the model runs: refused for a request with image controls rather than ignored."""
+    if isinstance(call, EmbedCall) or call.controls.contextual_threshold is None:
+        return
+    if any(prompt.image is not None and prompt.image.controls for prompt in prompts):
+        field = call.controls.threshold_field
+        raise invalid(
+            f"'{field}' applies to text and token controls; an image control reaches the patches its rectangle covers, "
+            "so send image controls without a contextual threshold",
+            field,
+        )
+
+
 def _account(texts: int, tokens: int) -> None:
     """Adds what a request embedded to its usage (per-token counters, metrics, the access log)."""
     context = request_context.current()
@@ -292,9 +306,8 @@ class EmbeddingService:
             assert call.token_ids is not None  # _validate refused a call with neither texts nor token ids
             prompts = [Prompt(token_ids=ids) for ids in call.token_ids]
         cache_as = CacheAs(model.model_version, model.dimensions)
-        image_ensemble = model.vision.ensembles.embedding if model.vision is not None else None
         embeddings, counts = await self._infer_prompts(
-            model, prompts, model.embedding, tensors.EMBEDDING, call, call.input_field, cache_as, call.truncate, image_ensemble
+            model, prompts, model.embedding, tensors.EMBEDDING, call, call.input_field, cache_as, call.truncate, "embedding"
         )
         _account(len(counts), int(counts.sum()))
         return EmbedResult(model, _resize(embeddings, call.dimensions, model), counts)
@@ -320,11 +333,14 @@ class EmbeddingService:
         field: str,
         cache_as: CacheAs | None = None,
         truncate: bool | None = None,
-        image_ensemble: str | None = None,
+        image_pipeline: str | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Texts go through the ensemble's tokenizer step, resolved token ids through its token_ids step, prompts
-        with attention controls through the controlled one, and images through the image ensemble, in prompt order.
-        With a cache, texts found in it skip Triton, and the texts computed are written to it."""
+        with attention controls through the controlled one, and images through the model's image ensemble of
+        `image_pipeline` (a field of ImageEnsembles: "embedding", "compressed" or "layers"), its controlled one for an
+        image with controls, in prompt order. With a cache, texts found in it skip Triton, and the texts computed are
+        written to it."""
+        _refuse_contextual_images(prompts, call)
         # Before any work, so that a token's tokens-per-minute limit bounds a burst instead of charging it afterwards.
         reservation = await reserve_prompt_tokens(model, prompts, field, model.max_sequence_length * MAX_CHARS_PER_TOKEN)
         truncating = self.truncate_default if truncate is None else truncate
@@ -334,12 +350,12 @@ class EmbeddingService:
         ids: list[list[int]] = []
         controlled_rows: list[int] = []
         controlled: list[tuple[list[int], tuple[PositionControl, ...]]] = []
-        image_rows: list[int] = []
-        image_inputs: list[ImageInput] = []
+        image_rows: dict[bool, list[int]] = {False: [], True: []}  # by whether the image has controls
+        image_inputs: dict[bool, list[ImageInput]] = {False: [], True: []}
         for row, prompt in enumerate(prompts):
             if prompt.image is not None:
-                image_rows.append(row)
-                image_inputs.append(prompt.image)
+                image_rows[bool(prompt.image.controls)].append(row)
+                image_inputs[bool(prompt.image.controls)].append(prompt.image)
                 continue
             if prompt.text is not None:
                 text_rows.append(row)
@@ -394,9 +410,8 @@ class EmbeddingService:
             chunks += token_id_chunks(
                 ensembles.controlled, controlled_ids, controlled_rows, model.max_batch_size, call.priority, output, controls
             )
-        if image_rows:
-            assert image_ensemble is not None  # only a model that sees images resolves image prompts; its calls name one
-            chunks += image_chunks(image_ensemble, image_inputs, image_rows, model.max_batch_size, call.priority, output)
+        if image_rows[False] or image_rows[True]:
+            chunks += self._image_chunks(model, image_pipeline, image_inputs, image_rows, call, output)
         if chunks:
             # One scheduled job for the whole request, so that admission and fairness see all of it.
             try:
@@ -423,6 +438,32 @@ class EmbeddingService:
         counts[sequences] = np.minimum(counts[sequences], model.max_sequence_length)
         reservation.settle(int(counts.sum()))
         return values, counts
+
+    @staticmethod
+    def _image_chunks(
+        model: ServedModel,
+        pipeline: str | None,
+        inputs: dict[bool, list[ImageInput]],
+        rows: dict[bool, list[int]],
+        call: EmbedCall | SemanticEmbedCall | EmbedLayersCall,
+        output: str,
+    ) -> list[Chunk]:
+        """The chunks of a request's images: those without controls to the pipeline's plain image ensemble, those with
+        controls to its controlled one."""
+        # Only a model that sees images resolves image prompts, and its calls name their pipeline.
+        assert model.vision is not None and pipeline is not None
+        chunks = []
+        if inputs[False]:
+            plain = getattr(model.vision.ensembles, pipeline)
+            chunks += image_chunks(plain, inputs[False], rows[False], model.max_batch_size, call.priority, output)
+        if inputs[True]:
+            # Only prompts made of items carry controls, and an EmbedCall's inputs are texts, data URIs or token ids.
+            assert not isinstance(call, EmbedCall)
+            controlled = getattr(model.vision.controlled, pipeline)
+            chunks += image_chunks(
+                controlled, inputs[True], rows[True], model.max_batch_size, call.priority, output, call.controls.log_additive
+            )
+        return chunks
 
     async def _resolve(self, model: ServedModel, prompts: list[list[PromptItem]], prefix: str, field: str) -> list[Prompt]:
         """Prompts made of several items are tokenized here, and images' headers read: in a thread, so that no request
@@ -460,12 +501,9 @@ class EmbeddingService:
         else:
             ensembles, model_version, size = model.compressed, model.compressed_model_version, model.compress_to_size
         cache_as = CacheAs(model_version, size)
-        image_ensemble = None
-        if model.vision is not None:
-            vision = model.vision.ensembles
-            image_ensemble = vision.embedding if call.compress_to_size is None else vision.compressed
+        image_pipeline = "embedding" if call.compress_to_size is None else "compressed"
         embeddings, counts = await self._infer_prompts(
-            model, prompts, ensembles, tensors.EMBEDDING, call, call.prompt_field, cache_as, image_ensemble=image_ensemble
+            model, prompts, ensembles, tensors.EMBEDDING, call, call.prompt_field, cache_as, image_pipeline=image_pipeline
         )
         _account(len(prompts), int(counts.sum()))
         return SemanticEmbedResult(model_version, _normalized(embeddings) if call.normalize else embeddings, counts)
@@ -486,9 +524,8 @@ class EmbeddingService:
             raise invalid(f"'pooling' names {twice!r} twice; name each pooling once", "pooling")
         _refuse_invisible_prompts([call.prompt], "prompt")
         (prompt,) = await self._resolve(model, [call.prompt], "", "prompt")
-        image_layers = vision.ensembles.layers if vision is not None else None
         pooled, counts = await self._infer_prompts(
-            model, [prompt], model.layers, tensors.POOLED, call, "prompt", image_ensemble=image_layers
+            model, [prompt], model.layers, tensors.POOLED, call, "prompt", image_pipeline="layers"
         )
         pooled = _normalized(pooled[0]) if call.normalize else pooled[0]  # [layers + 1, poolings, hidden]
         column = {name: index for index, name in enumerate(model.layer_poolings)}

@@ -11,7 +11,7 @@ import re
 import grpc
 import numpy as np
 
-from gateway.core.controls import ControlOptions, TextControl, TokenControl
+from gateway.core.controls import ControlOptions, ImageControl, TextControl, TokenControl
 from gateway.core.errors import ServiceError, internal, invalid, note_answered
 from gateway.core.images import ImageInput
 from gateway.core.prompts import PromptItem
@@ -44,6 +44,10 @@ def _representation(value: int) -> str:
     return "symmetric" if value == pb.REPRESENTATION_UNSPECIFIED else _enum_name(pb.Representation, value)
 
 
+def _overlap(value: int) -> str:
+    return _enum_name(pb.TokenOverlap, value or pb.TOKEN_OVERLAP_PARTIAL)
+
+
 def _prompt_items(prompt: pb.Prompt, field: str) -> list[PromptItem]:
     items = []
     for item in prompt.items:
@@ -52,16 +56,22 @@ def _prompt_items(prompt: pb.Prompt, field: str) -> list[PromptItem]:
             raise invalid(f"'{field}' holds an item with neither text, token_ids nor image", field)
         if kind == "image":
             if item.text_controls or item.token_controls:
-                raise invalid(f"'{field}': attention controls on images are not supported yet", f"{field}.controls")
+                raise invalid(f"'{field}': an image item takes image_controls", f"{field}.controls")
             crop = (item.image.crop.x, item.image.crop.y, item.image.crop.size) if item.image.HasField("crop") else None
-            items.append(PromptItem("image", ImageInput(item.image.data, crop)))
-        elif kind == "text":
+            if any(not c.HasField("rect") for c in item.image_controls):
+                raise invalid(f"'{field}': an image control needs its rect", f"{field}.controls.rect")
+            image_controls = tuple(
+                ImageControl(c.rect.left, c.rect.top, c.rect.width, c.rect.height, c.factor, _overlap(c.token_overlap))
+                for c in item.image_controls
+            )
+            items.append(PromptItem("image", ImageInput(item.image.data, crop), image_controls))
+            continue
+        if item.image_controls:
+            raise invalid(f"'{field}': image_controls apply to an image item", f"{field}.controls")
+        if kind == "text":
             if item.token_controls:
                 raise invalid(f"'{field}': a text item takes text_controls, not token_controls", f"{field}.controls")
-            text_controls = tuple(
-                TextControl(c.start, c.length, c.factor, _enum_name(pb.TokenOverlap, c.token_overlap or pb.TOKEN_OVERLAP_PARTIAL))
-                for c in item.text_controls
-            )
+            text_controls = tuple(TextControl(c.start, c.length, c.factor, _overlap(c.token_overlap)) for c in item.text_controls)
             items.append(PromptItem("text", item.text, text_controls))
         else:
             if item.text_controls:

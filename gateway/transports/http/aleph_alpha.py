@@ -6,14 +6,14 @@ Works with the unmodified aleph-alpha-client (sync and async); what it sends and
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, TypeAdapter
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from gateway.core.controls import ControlOptions, TextControl, TokenControl
+from gateway.core.controls import ControlOptions, ImageControl, TextControl, TokenControl
 from gateway.core.errors import ServiceError, invalid
 from gateway.core.images import ImageInput, from_base64
 from gateway.core.prompts import PromptItem
@@ -62,6 +62,27 @@ class TokenControlBody(BaseModel):
         return TokenControl(self.index, float(self.factor))
 
 
+class RectBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    left: Factor
+    top: Factor
+    width: Factor
+    height: Factor
+
+
+class ImageControlBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    rect: RectBody
+    factor: Factor
+    token_overlap: StrictStr | None = None
+
+    def control(self) -> ImageControl:
+        r = self.rect
+        return ImageControl(
+            float(r.left), float(r.top), float(r.width), float(r.height), float(self.factor), self.token_overlap or "partial"
+        )
+
+
 class TextItem(_Item):
     type: Literal["text"]
     data: StrictStr
@@ -82,14 +103,11 @@ class ImageItem(_Item):
     x: StrictInt | None = None
     y: StrictInt | None = None
     size: StrictInt | None = None
-    # Accepted so that the answer can say why image controls are refused; the client sends [] without any.
-    controls: list[Any] | None = None
+    controls: list[ImageControlBody] | None = None
 
     def image(self, where: str, field: str) -> ImageInput:
         if self.data is None:
             raise invalid(f"'{where}': an image item needs its data (the file in base64)", field)
-        if self.controls:
-            raise invalid(f"'{where}': attention controls on images are not supported yet", f"{field}.controls")
         cropping = (self.x, self.y, self.size)
         if any(value is None for value in cropping) and any(value is not None for value in cropping):
             raise invalid(f"'{where}': an image's crop takes x, y and size together", field)
@@ -165,9 +183,11 @@ def _items(prompt, field: str, index: int | None = None) -> list[PromptItem]:
         return [PromptItem("text", prompt)]
     where = field if index is None else f"{field}[{index}]"
     return [
-        PromptItem("image", item.image(where, field))
-        if isinstance(item, ImageItem)
-        else PromptItem(item.type, item.data, tuple(control.control() for control in item.controls or ()))
+        PromptItem(
+            item.type,
+            item.image(where, field) if isinstance(item, ImageItem) else item.data,
+            tuple(control.control() for control in item.controls or ()),
+        )
         for item in prompt
     ]
 

@@ -71,7 +71,9 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def _describe(error: ValidationError) -> ServiceError:
-    first = error.errors(include_url=False)[0]
+    # The deepest error is the one about what the caller meant: a prompt that is a list of items fails as a string
+    # too, at its top, and "should be a valid string" says nothing about the item that is wrong.
+    first = max(error.errors(include_url=False), key=lambda e: len(e["loc"]))
     location = [str(part) for part in first["loc"] if not str(part).startswith(("function-", "list[", "str", "int"))]
     param = location[0] if location else None
     where = ".".join(location) or "body"
