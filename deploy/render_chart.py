@@ -3,10 +3,12 @@ binary and no cluster. It runs in .venv-checks, where bin/setup installs the dep
 
   .venv-checks/bin/python deploy/render_chart.py -f deploy/helm/embedding-service/values-gpu.yaml > gpu.yaml
   .venv-checks/bin/python deploy/render_chart.py --set-json '{"triton": {"mode": "sidecar"}}' --lint
+  .venv-checks/bin/python deploy/render_chart.py --api-versions monitoring.coreos.com/v1 > with-prometheus-operator.yaml
 
 Prints every manifest as one YAML stream (NOTES.txt left out, as helm template does), or Helm's error and exits 1
 when a template fails, a `fail` or `required` included. --lint runs `helm lint` on the chart first and exits 1 on a
-warning or an error.
+warning or an error. As with helm template, the cluster is taken to serve Kubernetes' own APIs only, and those named
+by --api-versions (group/version, or group/version/Kind) besides.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import helm_python as helm
 import yaml
+from helm_python import _native
 
 CHART = Path(__file__).resolve().parent / "helm" / "embedding-service"
 # helm lint's severities: 1 info, 2 warning, 3 error.
@@ -41,9 +44,12 @@ def user_values(values_files: list[Path], set_json: list[str]) -> dict:
     return values
 
 
-def render(values: dict, release: str, namespace: str, chart: Path = CHART) -> str:
+def render(values: dict, release: str, namespace: str, api_versions: list[str], chart: Path = CHART) -> str:
+    options = {"name": release, "namespace": namespace, "is_install": True, "api_versions": api_versions}
     with helm.Chart.load(chart) as loaded:
-        manifests = loaded.render(values, name=release, namespace=namespace, is_install=True)
+        # Chart.render (helm-python-sdk 0.2.2) has no api_versions argument; the library's render call under it
+        # takes the option, as helm template's --api-versions.
+        manifests = json.loads(_native.call_string("helm_render", loaded._raw(), json.dumps(values), json.dumps(options)))
     documents = [
         f"# Source: {path}\n{text.strip()}\n"
         for path, text in sorted(manifests.items())
@@ -64,6 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--release", default="embedding", help="release name")
     parser.add_argument("--namespace", default="embedding", help="release namespace")
     parser.add_argument("--lint", action="store_true", help="helm lint the chart with these values first")
+    parser.add_argument(
+        "-a",
+        "--api-versions",
+        action="append",
+        default=[],
+        help="an API the cluster serves besides Kubernetes' own, e.g. monitoring.coreos.com/v1",
+    )
     args = parser.parse_args(argv)
     values = user_values(args.values, args.set_json)
     if args.lint:
@@ -72,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             print("helm lint:\n" + "\n".join(findings), file=sys.stderr)
             return 1
     try:
-        sys.stdout.write(render(values, args.release, args.namespace))
+        sys.stdout.write(render(values, args.release, args.namespace, args.api_versions))
     except helm.HelmError as error:
         print(f"helm: {error}", file=sys.stderr)
         return 1

@@ -38,14 +38,25 @@ INLINE_SECRETS = {
     "auth": {"existingSecret": "", "databaseUrl": "postgresql://embed:secret@postgres/embed"},
     "cache": {"enabled": True, "url": "redis://cache:6379/0"},
 }
+# A cluster with the Prometheus Operator, as helm install finds it there; without it, a cluster with Kubernetes' own
+# APIs alone.
+OPERATOR = ["--api-versions", "monitoring.coreos.com/v1"]
 PROFILES = {
-    "default": [],
-    "cpu": ["-f", str(CHART / "values-cpu.yaml")],
-    "gpu": ["-f", str(CHART / "values-gpu.yaml")],
-    "sidecar": ["--set-json", json.dumps({"triton": {"mode": "sidecar"}})],
-    "gpu-tensorrt": ["-f", str(CHART / "values-gpu.yaml"), "--set-json", json.dumps({"triton": {"target": "gpu-tensorrt"}})],
-    "inline-secrets": ["--set-json", json.dumps(INLINE_SECRETS)],
+    "default": OPERATOR,
+    "cpu": [*OPERATOR, "-f", str(CHART / "values-cpu.yaml")],
+    "gpu": [*OPERATOR, "-f", str(CHART / "values-gpu.yaml")],
+    "sidecar": [*OPERATOR, "--set-json", json.dumps({"triton": {"mode": "sidecar"}})],
+    "gpu-tensorrt": [
+        *OPERATOR,
+        "-f",
+        str(CHART / "values-gpu.yaml"),
+        "--set-json",
+        json.dumps({"triton": {"target": "gpu-tensorrt"}}),
+    ],
+    "inline-secrets": [*OPERATOR, "--set-json", json.dumps(INLINE_SECRETS)],
+    "gpu-plain-cluster": ["-f", str(CHART / "values-gpu.yaml")],
 }
+WITHOUT_AUTOSCALING = {"autoscaling": {"enabled": False}}
 
 
 def render(*args: str) -> subprocess.CompletedProcess:
@@ -105,6 +116,24 @@ def env(c: dict) -> dict:
 
 def pod_specs(objects: list[dict]) -> list[dict]:
     return [d["spec"]["template"]["spec"] for d in kinds(objects, "Deployment")]
+
+
+def rendered(*args: str) -> list[dict]:
+    result = render(*args)
+    assert result.returncode == 0, result.stderr
+    return [o for o in yaml.safe_load_all(result.stdout) if o]
+
+
+def fewest_replicas(objects: list[dict], deployment: dict) -> int:
+    """The replicas a Deployment runs at the fewest: its autoscaler's minimum, or its fixed count."""
+    name = deployment["metadata"]["name"]
+    scalers = [h for h in kinds(objects, "HorizontalPodAutoscaler") if h["spec"]["scaleTargetRef"]["name"] == name]
+    return scalers[0]["spec"]["minReplicas"] if scalers else deployment["spec"]["replicas"]
+
+
+def budgets_of(objects: list[dict], deployment: dict) -> list[dict]:
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    return [b for b in kinds(objects, "PodDisruptionBudget") if b["spec"]["selector"]["matchLabels"].items() <= labels.items()]
 
 
 def json_values(text: str) -> list[dict]:
@@ -331,18 +360,54 @@ def test_pods_run_unprivileged_with_bounded_resources(objects):
         assert account["automountServiceAccountToken"] is False
 
 
-def test_each_workload_has_a_disruption_budget_and_spreads_over_nodes(objects):
+def test_each_workload_spreads_over_nodes(objects):
     for profile in PROFILES:
-        budgets = kinds(objects[profile], "PodDisruptionBudget")
         for deployment in kinds(objects[profile], "Deployment"):
             labels = deployment["spec"]["template"]["metadata"]["labels"]
-            assert [b for b in budgets if b["spec"]["selector"]["matchLabels"].items() <= labels.items()]
             (term,) = deployment["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"][
                 "preferredDuringSchedulingIgnoredDuringExecution"
             ]
             assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
             assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= labels.items()
-        assert len(budgets) == len(kinds(objects[profile], "Deployment"))
+
+
+def test_disruption_budgets_let_drains_through_one_pod_at_a_time(objects):
+    """A workload of two replicas or more has one budget that evicts at most one pod at once; a single replica has
+    none, as any budget would either change nothing or block every drain of its node."""
+    fixed = {
+        replicas: rendered(
+            *PROFILES["default"],
+            "--set-json",
+            json.dumps({**WITHOUT_AUTOSCALING, "gateway": {"replicas": replicas}, "triton": {"replicas": replicas}}),
+        )
+        for replicas in (1, 3)
+    }
+    cases = {**objects, "fixed-1": fixed[1], "fixed-3": fixed[3]}
+    for case, found in cases.items():
+        for deployment in kinds(found, "Deployment"):
+            budgets = budgets_of(found, deployment)
+            replicas = fewest_replicas(found, deployment)
+            if replicas == 1:
+                assert not budgets, f"{case}: a budget for the single replica of {deployment['metadata']['name']}"
+            else:
+                (budget,) = budgets
+                assert budget["spec"] == {"maxUnavailable": 1, "selector": budget["spec"]["selector"]}, case
+    assert not kinds(fixed[1], "PodDisruptionBudget")
+    assert len(kinds(fixed[3], "PodDisruptionBudget")) == 2
+    # The GPU profile's one Triton pod has no budget, its two gateways have theirs.
+    gpu_budgets = {b["metadata"]["name"] for b in kinds(objects["gpu"], "PodDisruptionBudget")}
+    assert gpu_budgets == {GATEWAY}
+    assert {b["metadata"]["name"] for b in kinds(objects["default"], "PodDisruptionBudget")} == {GATEWAY, TRITON}
+
+
+def test_chart_refuses_a_budget_that_blocks_drains_or_allows_every_eviction():
+    for budget, replicas in ((0, 3), (3, 3), (2, 2)):
+        values = {**WITHOUT_AUTOSCALING, "triton": {"replicas": replicas, "pdb": {"maxUnavailable": budget}}}
+        refused = render("--set-json", json.dumps(values))
+        assert refused.returncode != 0, f"maxUnavailable {budget} of {replicas} replicas rendered"
+        assert f"triton.pdb.maxUnavailable is {budget} with {replicas} replicas" in refused.stderr
+    percentage = rendered("--set-json", json.dumps({"gateway": {"pdb": {"maxUnavailable": "25%"}}}))
+    assert find(percentage, "PodDisruptionBudget", GATEWAY)["spec"]["maxUnavailable"] == "25%"
 
 
 def test_triton_takes_calls_from_the_gateway_only(objects):
@@ -361,8 +426,7 @@ def test_gpu_profile_gives_triton_a_gpu_and_the_gateway_its_export(objects):
         pod = find(objects[profile], "Deployment", TRITON)["spec"]["template"]["spec"]
         triton = container(pod, "triton")
         assert triton["resources"]["limits"]["nvidia.com/gpu"] == 1
-        assert "args" not in triton, "the GPU image runs its own tritonserver command"
-        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+        assert triton["args"] == ["python", "-m", "deploy.images.run_triton"], "Triton under the stub supervisor"
         gateway_pod = find(objects[profile], "Deployment", GATEWAY)["spec"]["template"]["spec"]
         copy = container(gateway_pod, "copy-model-repository")
         assert copy["image"] == triton["image"] and "--exclude='*.onnx'" in copy["command"][-1]
@@ -383,8 +447,76 @@ def test_gpu_profile_gives_triton_a_gpu_and_the_gateway_its_export(objects):
     )
 
 
+def test_gpu_triton_schedules_on_any_gpu_node_without_discovery_labels(objects):
+    """The GPU request alone places the pod: no node label is required, which a cluster without the GPU Operator or
+    GPU feature discovery lacks, and the usual GPU taint is tolerated; a label selector is the user's choice."""
+    for profile in ("gpu", "gpu-tensorrt", "gpu-plain-cluster"):
+        pod = find(objects[profile], "Deployment", TRITON)["spec"]["template"]["spec"]
+        assert "nodeSelector" not in pod, f"{profile}: {pod.get('nodeSelector')}"
+        assert "nodeAffinity" not in pod["affinity"]
+        assert container(pod, "triton")["resources"]["requests"]["nvidia.com/gpu"] == 1
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    chosen = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    selected = rendered(*PROFILES["gpu"], "--set-json", json.dumps({"triton": {"nodeSelector": chosen}}))
+    assert find(selected, "Deployment", TRITON)["spec"]["template"]["spec"]["nodeSelector"] == chosen
+
+
+def test_gpu_image_runs_triton_under_the_stub_supervisor():
+    text = (IMAGES / "gpu.Dockerfile").read_text()
+    final_stage = text[text.rindex("\nFROM ") :]
+    assert "COPY deploy/images/run_triton.py deploy/images/run_triton.py" in final_stage
+    assert {"COPY gateway gateway", "COPY repository_contract repository_contract"} <= set(final_stage.splitlines())
+    # tini reaps the stubs a dying tritonserver leaves behind; NVIDIA's entrypoint still runs before the supervisor.
+    assert re.search(r'^ENTRYPOINT \["tini", "--", "/opt/nvidia/nvidia_entrypoint.sh"\]$', final_stage, re.MULTILINE)
+    assert re.search(r'^CMD \["python", "-m", "deploy.images.run_triton"\]$', final_stage, re.MULTILINE)
+
+
+def test_gpu_image_runs_nvidias_tritonserver_with_the_supervisors_flags(tmp_path):
+    """The script the GPU image writes over the wheel's tritonserver: NVIDIA's server gets every flag TritonProcess
+    passes but the wheel's backend and cache folders, so it loads its own onnxruntime and TensorRT backends."""
+    text = (IMAGES / "gpu.Dockerfile").read_text()
+    (printf,) = re.findall(
+        r"^RUN (printf .*?) \\\n +> /opt/venv/\S+/pytriton/tritonserver/bin/tritonserver$", text, re.MULTILINE | re.DOTALL
+    )
+    script = subprocess.run(["sh", "-c", printf.replace("\\\n", "")], check=True, capture_output=True, text=True).stdout
+    assert "exec /opt/tritonserver/bin/tritonserver " in script
+    calls = tmp_path / "calls"
+    server = tmp_path / "tritonserver"
+    server.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {calls}\n')
+    server.chmod(server.stat().st_mode | stat.S_IXUSR)
+    wrapper = tmp_path / "wrapper"
+    wrapper.write_text(script.replace("/opt/tritonserver/bin/tritonserver", str(server)))
+    flags = [
+        "--model-repository=/models",
+        "--load-model=all-minilm-l6-v2",
+        "--backend-directory=/run/triton/backends",
+        "--cache-directory=/opt/venv/pytriton/tritonserver/caches",
+        "--http-restricted-api=model-repository,trace:admin-key=a key",
+        "--exit-timeout-secs=5",
+    ]
+    subprocess.run(["sh", str(wrapper), *flags], check=True)
+    assert calls.read_text().splitlines() == [f for f in flags if not f.startswith(("--backend-directory", "--cache-directory"))]
+
+
+def test_service_monitors_only_where_the_prometheus_operator_api_is_served(objects):
+    """auto (the default) makes them where the cluster serves monitoring.coreos.com/v1 and leaves them out elsewhere,
+    so that the chart installs on a cluster without the operator; true and false decide alone."""
+    assert len(kinds(objects["gpu"], "ServiceMonitor")) == 2
+    assert not kinds(objects["gpu-plain-cluster"], "ServiceMonitor")
+    assert len(kinds(rendered("--set-json", json.dumps({"serviceMonitor": {"enabled": True}})), "ServiceMonitor")) == 2
+    off = rendered(*OPERATOR, "--set-json", json.dumps({"serviceMonitor": {"enabled": False}}))
+    assert not kinds(off, "ServiceMonitor")
+    refused = render("--set-json", json.dumps({"serviceMonitor": {"enabled": "yes"}}))
+    assert refused.returncode != 0 and "serviceMonitor.enabled must be auto, true or false" in refused.stderr
+    # A token for a scrape that is not made is not asked for.
+    metrics_auth = {"auth": {"metricsAuth": True}}
+    assert render("--set-json", json.dumps(metrics_auth)).returncode == 0
+    needs_token = render(*OPERATOR, "--set-json", json.dumps(metrics_auth))
+    assert needs_token.returncode != 0 and "serviceMonitor.gatewayTokenSecret" in needs_token.stderr
+
+
 def test_service_monitors_scrape_existing_service_ports(objects):
-    for profile in PROFILES:
+    for profile in [p for p in PROFILES if p != "gpu-plain-cluster"]:
         services = kinds(objects[profile], "Service")
         monitors = kinds(objects[profile], "ServiceMonitor")
         assert len(monitors) == 2

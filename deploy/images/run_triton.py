@@ -1,8 +1,9 @@
-"""Triton alone, in the foreground: the command of the CPU image's Triton pods (python -m deploy.images.run_triton).
+"""Triton alone, in the foreground: the command of the Triton pods of both images (python -m deploy.images.run_triton).
 
-Starts the Triton Inference Server of the nvidia-pytriton wheel on the model repository as the gateway does
-(gateway.triton.process.TritonProcess, with the gateway's EMBED_* settings for the repository, Triton's ports, the
-run directory and logging), listening on every address so that gateways in other pods can call it. It exits when
+Starts the Triton Inference Server of the nvidia-pytriton wheel (in the GPU image, NVIDIA's own in its place) on the
+model repository as the gateway does (gateway.triton.process.TritonProcess, with the gateway's EMBED_* settings for the
+repository, Triton's ports, the run directory and logging), listening on every address so that gateways in other pods
+can call it. It exits when
 Triton can no longer serve: tritonserver exited, or a Python-backend stub died, which Triton never notices (its ready
 endpoint stays green while every request routed to that stub fails) and so no probe can see. The container then
 restarts. SIGTERM or SIGINT stops Triton, letting the requests in flight finish, and exits 0.

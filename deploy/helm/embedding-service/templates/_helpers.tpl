@@ -101,7 +101,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- if and .Values.cache.enabled (not .Values.cache.existingSecret) (not .Values.cache.url) }}
 {{- fail "cache.enabled needs the Redis URL: cache.existingSecret (a Secret holding a redis:// URL under cache.urlKey) or cache.url." }}
 {{- end }}
-{{- if and .Values.serviceMonitor.enabled .Values.auth.metricsAuth (not .Values.serviceMonitor.gatewayTokenSecret) }}
+{{- if and (include "embedding-service.serviceMonitors" .) .Values.auth.metricsAuth (not .Values.serviceMonitor.gatewayTokenSecret) }}
 {{- fail "auth.metricsAuth puts /metrics behind a token: give the scrape one in serviceMonitor.gatewayTokenSecret ({name, key})" }}
 {{- end }}
 {{- if and (eq .Values.triton.mode "sidecar") (eq .Values.triton.target "gpu-tensorrt") }}
@@ -109,6 +109,45 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- if and .Values.modelRepository.fromTritonImage (eq .Values.triton.target "cpu") }}
 {{- fail "modelRepository.fromTritonImage copies a GPU export from the Triton image; the cpu target serves the gateway's own" }}
+{{- end }}
+{{- if not (has (toString .Values.serviceMonitor.enabled) (list "auto" "true" "false")) }}
+{{- fail (printf "serviceMonitor.enabled must be auto, true or false, not %q" (toString .Values.serviceMonitor.enabled)) }}
+{{- end }}
+{{- range $component := include "embedding-service.workloads" . | fromJsonArray }}
+{{- $budget := index $.Values $component "pdb" "maxUnavailable" }}
+{{- $replicas := include "embedding-service.minReplicas" (dict "root" $ "component" $component) | int }}
+{{- if and (gt $replicas 1) (not (kindIs "string" $budget)) (or (lt (int $budget) 1) (ge (int $budget) $replicas)) }}
+{{- fail (printf "%s.pdb.maxUnavailable is %v with %d replicas at the fewest: it must be at least 1 (0 blocks every node drain) and less than %d (else one drain may evict them all)" $component $budget $replicas $replicas) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Whether the chart makes its ServiceMonitors ("true" or empty). auto: only where the cluster serves the Prometheus
+Operator's API, which helm install and upgrade ask the cluster (helm template knows it from --api-versions), so that
+a cluster without the operator installs the rest; true makes them whatever Helm sees, for helm template without
+--api-versions.
+*/}}
+{{- define "embedding-service.serviceMonitors" -}}
+{{- $enabled := toString .Values.serviceMonitor.enabled }}
+{{- if or (eq $enabled "true") (and (eq $enabled "auto") (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1")) }}true{{ end }}
+{{- end }}
+
+{{/* The components that run as Deployments of their own, as a JSON list: Triton only outside sidecar mode. */}}
+{{- define "embedding-service.workloads" -}}
+{{- ternary (list "gateway" "triton") (list "gateway") (eq .Values.triton.mode "deployment") | toJson }}
+{{- end }}
+
+{{/*
+The fewest replicas a workload runs, which its disruption budget must fit: the autoscaler's minimum, or the fixed
+count without autoscaling; call with (dict "root" $ "component" "gateway").
+*/}}
+{{- define "embedding-service.minReplicas" -}}
+{{- $values := index .root.Values .component }}
+{{- if .root.Values.autoscaling.enabled }}
+{{- $values.autoscaling.minReplicas }}
+{{- else }}
+{{- $values.replicas }}
 {{- end }}
 {{- end }}
 
