@@ -1,5 +1,6 @@
 """CLI: python -m gateway. Starts Triton (unless --triton-url is given) and serves the HTTP and gRPC contracts.
 
+With --workers N, this process starts Triton and N gateway processes that serve on the same ports (gateway.workers).
 `python -m gateway users ...` and `python -m gateway tokens ...` manage users and API tokens (gateway.auth.cli).
 """
 
@@ -10,6 +11,7 @@ import ipaddress
 import logging
 import signal
 import sys
+from dataclasses import dataclass
 
 import uvloop
 
@@ -26,12 +28,13 @@ from gateway.ops.settings import Settings, parse_settings, redacted_setting
 from gateway.transports.grpc.connections import GrpcConnectionLimits, split_descriptors
 from gateway.transports.grpc.server import create_server
 from gateway.transports.http.app import build_app, protocol_refusals
-from gateway.transports.http.server import ConnectionLimits, create_http_server, derive_max_connections
+from gateway.transports.http.server import ConnectionLimits, create_http_server, derive_max_connections, resolved_limits
 from gateway.transports.policy import RequestPolicy
 from gateway.triton.client import TritonClient
 from gateway.triton.pool import TritonPool
 from gateway.triton.process import ADMIN_KEY_GRPC_METADATA, ADMIN_KEY_HEADER, TritonPorts, TritonProcess, TritonStartError
 from gateway.triton.supervisor import TritonHealth, TritonSupervisor
+from gateway.workers import WorkerRole, Workers, start_sharing_metrics
 
 log = logging.getLogger("gateway")
 
@@ -75,17 +78,39 @@ async def _triton_pool(settings: Settings, process: TritonProcess | None) -> Tri
     return pool
 
 
-async def serve(settings: Settings, catalog: Catalog, process: TritonProcess | None, authenticator) -> None:
+@dataclass(frozen=True)
+class _Listeners:
+    """Where the gateway serves, and how many connections each port takes at most (per process)."""
+
+    http_port: int
+    grpc_port: int
+    http_connections: int
+    grpc_connections: int
+
+
+def _connection_limits(settings: Settings) -> tuple[ConnectionLimits, GrpcConnectionLimits]:
+    # One budget of descriptors for both ports' connections, so that neither can take the other's.
+    budget = split_descriptors(derive_max_connections(), settings.max_connections, settings.grpc_max_connections)
+    limits = ConnectionLimits(settings.header_timeout_s, settings.max_header_bytes, settings.max_headers, budget.http_connections)
+    grpc_limits = GrpcConnectionLimits(budget.grpc_connections, budget.grpc_backlog, settings.grpc_handshake_timeout_s)
+    return resolved_limits(limits), grpc_limits
+
+
+async def serve(
+    settings: Settings, catalog: Catalog, process: TritonProcess | None, authenticator, role: WorkerRole | None = None
+) -> None:
+    """One gateway: the whole of it, or (role) one of a host's --workers, which serves on the parent's sockets, admits
+    its share of the host's pending texts and rows in flight, and says it serves in its role's file, not on stdout."""
     pool = await _triton_pool(settings, process)
-    metrics = Metrics()
+    metrics = Metrics(shared=role is not None)
     cache = None
     if settings.cache_url:
         cache = EmbeddingCache(settings.cache_url, metrics, ttl_s=settings.cache_ttl_s, max_bytes=settings.cache_max_bytes)
     scheduler = Scheduler(
         pool,
         pool.infer,
-        max_pending_texts=settings.max_pending_texts,
-        max_rows_in_flight=settings.max_rows_in_flight,
+        max_pending_texts=role.share(settings.max_pending_texts) if role else settings.max_pending_texts,
+        max_rows_in_flight=role.share(settings.max_rows_in_flight) if role else settings.max_rows_in_flight,
         max_calls_per_lane=settings.max_calls_per_lane,
     )
     service = EmbeddingService(
@@ -103,6 +128,8 @@ async def serve(settings: Settings, catalog: Catalog, process: TritonProcess | N
         background.append(asyncio.create_task(cache.run()))
     if authenticator is not None:
         background.append(asyncio.create_task(authenticator.run()))
+    if metrics.shared:
+        background.append(asyncio.create_task(metrics.keep_shared_gauges()))
     if process is not None:
         (health,) = (endpoint.health for endpoint in pool.endpoints.values())
         supervisor = TritonSupervisor(process, health, settings.triton_stall_restart_s, on_restart=metrics.triton_restarted)
@@ -113,10 +140,7 @@ async def serve(settings: Settings, catalog: Catalog, process: TritonProcess | N
         if cache is not None:
             await cache.close()
 
-    # One budget of descriptors for both ports' connections, so that neither can take the other's.
-    budget = split_descriptors(derive_max_connections(), settings.max_connections, settings.grpc_max_connections)
-    limits = ConnectionLimits(settings.header_timeout_s, settings.max_header_bytes, settings.max_headers, budget.http_connections)
-    grpc_limits = GrpcConnectionLimits(budget.grpc_connections, budget.grpc_backlog, settings.grpc_handshake_timeout_s)
+    limits, grpc_limits = _connection_limits(settings)
     policy = RequestPolicy(
         authenticator,
         metrics,
@@ -138,7 +162,10 @@ async def serve(settings: Settings, catalog: Catalog, process: TritonProcess | N
         timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
     try:
-        grpc_server, grpc_port = create_server(service, settings.host, settings.grpc_port, policy, limits=grpc_limits)
+        grpc_sockets = role.grpc_sockets() if role else None
+        grpc_server, grpc_port = create_server(
+            service, settings.host, settings.grpc_port, policy, limits=grpc_limits, sockets=grpc_sockets
+        )
     except RuntimeError as error:
         _cancel(background)
         await close_clients()
@@ -156,7 +183,7 @@ async def serve(settings: Settings, catalog: Catalog, process: TritonProcess | N
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop)
-    http_task = asyncio.create_task(server.serve())
+    http_task = asyncio.create_task(server.serve(role.http_sockets() if role else None))
     while not server.started and not http_task.done():  # noqa: ASYNC110 - uvicorn's `started` is a flag, not an event
         await asyncio.sleep(0.05)
     if http_task.done():
@@ -164,18 +191,37 @@ async def serve(settings: Settings, catalog: Catalog, process: TritonProcess | N
         await grpc_server.stop(0)
         await close_clients()
         raise SystemExit(f"gateway: could not listen on {settings.host}:{settings.http_port}")
+    if role is not None:
+        role.serving()
+    else:
+        listeners = _Listeners(settings.http_port, grpc_port, server.limits.max_connections, grpc_limits.max_connections)
+        _print_banner(settings, catalog, process, list(pool.endpoints), listeners)
+        print("ready; Ctrl-C stops", flush=True)
+    try:
+        await http_task
+    finally:
+        _cancel(background)
+        await grpc_server.stop(settings.shutdown_grace_s)
+        await close_clients()
+
+
+def _print_banner(
+    settings: Settings, catalog: Catalog, process: TritonProcess | None, triton_endpoints: list[str], listeners: _Listeners
+) -> None:
+    """Where everything listens, once the gateway serves (with --workers, once all of them do)."""
+    per = " per worker" if settings.workers > 1 else ""
     for model in catalog.models.values():
         print(f"model      {model.name} ({model.model_version}, {model.dimensions} dims)")
-    print(f"HTTP       http://{settings.host}:{settings.http_port}")
+    print(f"HTTP       http://{settings.host}:{listeners.http_port}")
     print("           OpenAI: POST /v1/embeddings, GET /v1/models")
     print(
         "           Aleph Alpha: POST /semantic_embed /batch_semantic_embed /embed /tokenize /detokenize, GET /models_available /version"
     )
-    print(f"gRPC       {settings.host}:{grpc_port}  (embedding.v1.EmbeddingService, grpc.health.v1.Health, reflection)")
-    print(f"           connections at most: HTTP {server.limits.max_connections}, gRPC {grpc_limits.max_connections}")
+    print(f"gRPC       {settings.host}:{listeners.grpc_port}  (embedding.v1.EmbeddingService, grpc.health.v1.Health, reflection)")
+    print(f"           connections at most{per}: HTTP {listeners.http_connections}, gRPC {listeners.grpc_connections}")
     print("           probes: GET /health/live /health/ready /health; Prometheus: GET /metrics")
     if process is None:  # --triton-url
-        print(f"Triton     {', '.join(pool.endpoints) or settings.triton_url} (gRPC, KServe v2)")
+        print(f"Triton     {', '.join(triton_endpoints) or settings.triton_url} (gRPC, KServe v2)")
     else:
         # The started Triton, whose ensembles tritonclient and perf_analyzer can call directly.
         print(
@@ -185,27 +231,35 @@ async def serve(settings: Settings, catalog: Catalog, process: TritonProcess | N
         print(
             f"           {process.admin_key_file}, as HTTP header {ADMIN_KEY_HEADER} or gRPC metadata {ADMIN_KEY_GRPC_METADATA}"
         )
-    if cache is not None:
+    if settings.cache_url:
         print(f"cache      {redacted_setting('cache_url', settings.cache_url)} (TTL {settings.cache_ttl_s} s)")
-    if authenticator is None:
+    if not settings.auth:
         print("auth       off (loopback only); turn on with --auth")
     else:
         store = redacted_setting("auth_database", settings.auth_store_location)
         print(f"auth       on; tokens in {store}; POST /get_token, /users/me/tokens")
-    print("ready; Ctrl-C stops", flush=True)
+
+
+async def _serve_host(settings: Settings, catalog: Catalog, process: TritonProcess | None, argv: list[str]) -> int:
+    """--workers N: this process supervises Triton and the N gateway processes that serve (gateway.workers)."""
     try:
-        await http_task
-    finally:
-        _cancel(background)
-        await grpc_server.stop(settings.shutdown_grace_s)
-        await close_clients()
+        workers = Workers(settings, argv, process)
+    except (OSError, RuntimeError) as error:
+        raise SystemExit(f"gateway: could not listen on {settings.host}: {error}") from None
+    http_limits, grpc_limits = _connection_limits(settings)
+
+    def banner(pool: TritonPool, http_port: int, grpc_port: int) -> None:
+        listeners = _Listeners(http_port, grpc_port, http_limits.max_connections, grpc_limits.max_connections)
+        _print_banner(settings, catalog, process, list(pool.endpoints), listeners)
+
+    return await workers.run(lambda: _triton_pool(settings, process), banner)
 
 
-def _authenticator(settings: Settings) -> Authenticator | None:
+def _authenticator(settings: Settings, role: WorkerRole | None = None) -> Authenticator | None:
     if not settings.auth:
         return None
     try:
-        return Authenticator(open_store(settings.auth_store_location))
+        return Authenticator(open_store(settings.auth_store_location), workers=role.workers if role else 1)
     except StoreUnavailable as error:
         raise SystemExit(
             f"gateway: the token store {redacted_setting('auth_database', settings.auth_store_location)} is unavailable: {error}"
@@ -222,11 +276,19 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"gateway: {error}", file=sys.stderr)
         return 2
+    if settings.workers < 1:
+        print(f"gateway: --workers must be 1 or more, got {settings.workers}", file=sys.stderr)
+        return 2
     refusal = refusal_to_listen(settings)
     if refusal is not None:
         print(f"gateway: {refusal}", file=sys.stderr)
         return 2
-    authenticator = _authenticator(settings)
+    role = WorkerRole.of_this_process()
+    host = settings.workers > 1 and role is None
+    if host:
+        # Before any metric exists, in this process and (through the environment) in the workers.
+        start_sharing_metrics(settings)
+    authenticator = None if host else _authenticator(settings, role)
     try:
         catalog = Catalog.from_repository(settings.model_repository)
     except ValueError as error:  # nothing exported yet, or a model exported by an older version
@@ -251,7 +313,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     try:
         # uvloop for the whole gateway: uvicorn's loop="uvloop" only applies when uvicorn creates the loop itself.
-        uvloop.run(serve(settings, catalog, triton, authenticator))
+        if host:
+            return uvloop.run(_serve_host(settings, catalog, triton, argv))
+        uvloop.run(serve(settings, catalog, triton, authenticator, role))
     finally:
         if triton is not None:
             triton.stop(timeout_s=3.0)

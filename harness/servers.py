@@ -76,6 +76,8 @@ class RunningService:
 
 
 MODEL_REPOSITORY = ROOT / "model_repository"
+# What the gateway prints once it serves (with --workers, once every worker does).
+READY_LINE = "ready; Ctrl-C stops"
 
 
 def raw_http(port: int, method: str, target: str, body: bytes | None = None, headers: dict | None = None, timeout_s: float = 120):
@@ -169,7 +171,8 @@ def _start_service(
             raise RuntimeError(f"gateway exited early:\n{logs[-4000:]}")
         try:
             with urllib.request.urlopen(f"{service.http_url}/health", timeout=2) as response:
-                if json.loads(response.read())["status"] == "ok":
+                # With --workers, /health answers once one worker serves; the parent says "ready" once all do.
+                if json.loads(response.read())["status"] == "ok" and READY_LINE in (run_dir / "gateway.log").read_text():
                     return service
         except urllib.error.HTTPError:
             if not wait_healthy:

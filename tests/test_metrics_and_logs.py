@@ -134,6 +134,46 @@ def test_scheduler_and_triton_are_read_at_each_scrape():
     assert value(found, "embed_gateway_triton_restarts_total") == 2
 
 
+# One --workers process: records into the shared directory, copies its gauges in, and (when asked) renders /metrics.
+_WORKER = """
+import sys
+from pathlib import Path
+from gateway.ops.metrics import Metrics, forget_process, share_between_processes
+
+share_between_processes(Path(sys.argv[1]))
+metrics = Metrics(shared=True)
+metrics.requests.labels("openai", "/v1/embeddings", "200").inc(int(sys.argv[2]))
+metrics.in_flight.labels("openai").inc(int(sys.argv[3]))
+metrics.watch_scheduler(lambda: 5, lambda: 7)
+metrics.watch_triton(lambda: 1, lambda: 1)
+metrics.refresh_shared_gauges()
+if len(sys.argv) > 4:
+    forget_process(int(sys.argv[4]))
+    sys.stdout.write(metrics.render(None)[0].decode())
+"""
+
+
+def test_the_metrics_of_a_hosts_workers_add_up_in_whichever_renders_them(tmp_path):
+    import subprocess
+    import sys
+
+    def worker(*args: str) -> subprocess.CompletedProcess:
+        done = subprocess.run([sys.executable, "-c", _WORKER, str(tmp_path), *args], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done
+
+    first = subprocess.Popen([sys.executable, "-c", _WORKER, str(tmp_path), "3", "2"])
+    assert first.wait(timeout=60) == 0
+    worker("4", "1")
+    # The third counts all three, bar the live gauges of the first, which its parent said has exited.
+    families = {f.name: f for f in text_string_to_metric_families(worker("5", "0", str(first.pid)).stdout)}
+    (requests,) = families["embed_gateway_requests"].samples[:1]
+    assert requests.value == 3 + 4 + 5
+    assert families["embed_gateway_requests_in_flight"].samples[0].value == 1 + 0  # livesum of the two still counted
+    assert families["embed_gateway_pending_texts"].samples[0].value == 7 * 2
+    assert families["embed_gateway_triton_up"].samples[0].value == 1  # livemax, not a sum
+
+
 @pytest.mark.parametrize(
     "status, rate_limited, reason",
     [

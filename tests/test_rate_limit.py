@@ -301,3 +301,17 @@ def test_the_throttle_remembers_a_bounded_number_of_keys():
     for email in ("b@example.com", "c@example.com", "d@example.com"):
         fail(throttle, email, "10.0.0.9")
     throttle.begin("a@example.com", "10.0.0.9").end(succeeded=True)  # the least recently failed went first
+
+
+def test_each_of_a_hosts_workers_grants_its_share_of_a_tokens_limits():
+    """--workers 4: each process grants a quarter of each limit, so that four of them together grant the limit."""
+    clock, limits = Clock(), Limits(requests_per_second=8, tokens_per_minute=600)
+    limiter = RateLimiter(clock, workers=4)
+    budgets = [limiter.admit(1, limits), limiter.admit(1, limits)]  # a burst of a quarter of 8 a second
+    error = refused(limiter, 1, limits)
+    assert error.retry_after_s == 1 and "8 requests per second (split over this host's 4 gateway workers)" in error.message
+    budget = budgets[0]
+    assert budget.tokens_per_minute == 150
+    assert budget.try_reserve(151) is None and budget.try_reserve(150) is not None
+    clock.now += 1.0  # 2.5 tokens a second: a quarter of 10
+    assert budget.try_reserve(3) is None and budget.try_reserve(2) is not None

@@ -122,3 +122,21 @@ def test_gateway_help_in_a_real_process_redacts_the_environment():
     assert done.returncode == 0, done.stderr
     assert "--auth-database" in done.stdout and "postgresql://app:***@db.internal" in done.stdout
     assert SECRET not in done.stdout + done.stderr
+
+
+def test_workers_must_be_at_least_one(capsys):
+    from gateway.__main__ import main
+
+    assert main(["--workers", "0"]) == 2
+    assert "--workers must be 1 or more, got 0" in capsys.readouterr().err
+
+
+def test_a_worker_learns_its_role_from_its_parent_and_admits_its_share_rounded_up(monkeypatch):
+    from gateway.workers import ROLE_ENV, WorkerRole
+
+    role = WorkerRole((3,), (4, 5), workers=3, ready_file="/nonexistent")
+    monkeypatch.delenv(ROLE_ENV, raising=False)
+    assert WorkerRole.of_this_process() is None  # a single gateway, or the parent
+    monkeypatch.setenv(ROLE_ENV, role.encoded())
+    assert WorkerRole.of_this_process() == role
+    assert [role.share(limit) for limit in (32768, 128, 2, 1)] == [10923, 43, 1, 1]

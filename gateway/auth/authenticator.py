@@ -72,9 +72,10 @@ class _Cached:
 
 
 class Authenticator:
-    def __init__(self, store: TokenStore):
+    def __init__(self, store: TokenStore, workers: int = 1):
+        """workers: the gateway processes of this host (--workers), which split each token's rate limits."""
         self.store = store
-        self.limiter = RateLimiter()
+        self.limiter = RateLimiter(workers=workers)
         self.store_ok = True
         self._cache: dict[bytes, _Cached] = {}
         self._lookups: dict[bytes, asyncio.Future] = {}

@@ -8,7 +8,9 @@ ends. So no request takes more than the bucket holds.
 Failed logins are counted per email and per client address, each with a few free failures and then a wait that
 doubles with every further failure, so that guessing passwords online is slow whatever the caller spreads it over.
 
-Both hold per gateway replica: the state lives in memory, where checking it costs nothing on the request path.
+Both hold per gateway process: the state lives in memory, where checking it costs nothing on the request path. With
+--workers N each of a host's N processes grants 1/N of every token's limits (its share), so that the host as a whole
+grants no more than the token's limits.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ class Reservation:
 
 
 class TokenBudget:
-    """One request's access to its token's tokens-per-minute bucket, with the reservations it has not settled."""
+    """One request's access to its token's tokens-per-minute bucket, with the reservations it has not settled.
+    tokens_per_minute: what this process grants of the token's limit (all of it, bar --workers)."""
 
     def __init__(self, bucket: TokenBucket, tokens_per_minute: int, clock: Callable[[], float]):
         self._bucket = bucket
@@ -101,19 +104,25 @@ class TokenBudget:
 
 
 class RateLimiter:
-    def __init__(self, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, clock: Callable[[], float] = time.monotonic, workers: int = 1):
+        """workers: the gateway processes of this host, each of which grants its share of every limit."""
         self._clock = clock
+        self._workers = workers
         self._buckets: dict[int, _TokenBuckets] = {}
+
+    def _share(self, limit: float) -> float:
+        return limit / self._workers
 
     def _buckets_of(self, token_id: int, limits: Limits, now: float) -> _TokenBuckets:
         buckets = self._buckets.get(token_id)
         if buckets is None or buckets.limits != limits:  # new, or an admin changed the limits
-            rps, tpm = limits.requests_per_second, limits.tokens_per_minute
+            rps = self._share(limits.requests_per_second or 0)
+            tpm = self._share(limits.tokens_per_minute or 0)
             buckets = _TokenBuckets(
                 limits,
                 # A burst of one second's worth of requests (at least one) is allowed, as most API gateways do.
                 TokenBucket.full(rps, max(1.0, rps), now) if rps else None,
-                TokenBucket.full(tpm / 60.0, float(tpm), now) if tpm else None,
+                TokenBucket.full(tpm / 60.0, tpm, now) if tpm else None,
             )
             self._buckets[token_id] = buckets
         return buckets
@@ -131,19 +140,24 @@ class RateLimiter:
             # Every request needs at least one token; refused here, it costs nothing more.
             if buckets.tokens.level < 1:
                 raise rate_limited(
-                    f"rate limit of {limits.tokens_per_minute} tokens per minute exceeded", buckets.tokens.wait_s(1.0)
+                    f"rate limit of {limits.tokens_per_minute} tokens per minute{self._shared()} exceeded",
+                    buckets.tokens.wait_s(1.0),
                 )
         if buckets.requests is not None:
             buckets.requests.refill(now)
             if buckets.requests.level < 1:
                 raise rate_limited(
-                    f"rate limit of {limits.requests_per_second:g} requests per second exceeded", buckets.requests.wait_s(1.0)
+                    f"rate limit of {limits.requests_per_second:g} requests per second{self._shared()} exceeded",
+                    buckets.requests.wait_s(1.0),
                 )
             buckets.requests.level -= 1
         if buckets.tokens is None:
             return None
         assert limits.tokens_per_minute is not None  # buckets.tokens exists only under that limit (_buckets_of)
-        return TokenBudget(buckets.tokens, limits.tokens_per_minute, self._clock)
+        return TokenBudget(buckets.tokens, int(self._share(limits.tokens_per_minute)), self._clock)
+
+    def _shared(self) -> str:
+        return f" (split over this host's {self._workers} gateway workers)" if self._workers > 1 else ""
 
 
 @dataclass(frozen=True)

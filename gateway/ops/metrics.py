@@ -3,14 +3,22 @@ and Triton are doing, exposed at GET /metrics.
 
 Each Metrics owns its own CollectorRegistry rather than prometheus_client's global one, so that several can live
 in one process (tests, or two gateways) without "Duplicated timeseries" errors, and /metrics shows only these.
+
+With --workers N the gateway's processes share one directory of metric files (prometheus_client's multiprocess mode,
+see share_between_processes): each records into its own file, and /metrics, whichever worker answers it, reads them
+all, so it reports the whole host. Counters and histograms add up; the gauges say how they combine (in flight:
+summed over the live workers; Triton up: the most any worker sees).
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, values
 from prometheus_client.exposition import choose_encoder
 
 from gateway.ops.request_context import RequestContext
@@ -60,6 +68,27 @@ CACHE_WRITE_RESULTS = ("stored", "failed", "skipped")
 OTHER_TOKENS = "other"
 
 
+# prometheus_client's own switch: set, every metric created after it records into a file in that directory.
+SHARED_DIRECTORY_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# How often a worker copies its scheduler's and Triton's state into its gauges' files, which a scrape then reads.
+SHARED_GAUGE_PERIOD_S = 1.0
+
+
+def share_between_processes(directory: Path) -> None:
+    """Makes every metric created from now on in this process (and in the processes it starts, through the
+    environment) record into `directory`, for a Metrics(shared=True) to report all of them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    os.environ[SHARED_DIRECTORY_ENV] = str(directory)
+    # prometheus_client picks its value class when first imported; a process that learns of the directory later
+    # switches it here, before it creates any metric.
+    values.ValueClass = values.MultiProcessValue()
+
+
+def forget_process(pid: int) -> None:
+    """A worker that exited: its live gauges stop counting (its counters and histograms stay in the totals)."""
+    multiprocess.mark_process_dead(pid)
+
+
 def reason_for_status(status: int, rate_limited: bool = False) -> str | None:
     """The rejection an HTTP status stands for, or None when it is no rejection (2xx, or an error of the gateway's own).
 
@@ -72,8 +101,13 @@ def reason_for_status(status: int, rate_limited: bool = False) -> str | None:
 
 
 class Metrics:
-    def __init__(self, max_token_labels: int = 100) -> None:
+    def __init__(self, max_token_labels: int = 100, shared: bool = False) -> None:
+        """shared: this process is one of several whose metrics share the directory share_between_processes set."""
         self.registry = CollectorRegistry()
+        self.shared = shared
+        # In shared mode a gauge cannot be read at scrape time from another process: each one's state is copied into
+        # its file every SHARED_GAUGE_PERIOD_S by refresh_shared_gauges instead.
+        self._watched: list[tuple[Gauge, Callable[[], float]]] = []
         self.requests = self._counter("requests_total", "Requests answered", "contract", "route", "status")
         self.request_duration = self._histogram("request_duration_seconds", "Time from arrival to answer", "contract", "route")
         # No contract label: the scheduler batches the texts of all contracts together, so their waits do not differ.
@@ -83,16 +117,18 @@ class Metrics:
         self.triton_duration = self._histogram("triton_duration_seconds", "Time a request spent in Triton calls")
         self.texts = self._counter("texts_total", "Texts embedded", "contract")
         self.prompt_tokens = self._counter("prompt_tokens_total", "Tokens of the texts embedded", "contract")
-        self.in_flight = self._gauge("requests_in_flight", "Requests being served", "contract")
-        self.rows_in_flight = self._gauge("rows_in_flight", "Rows sent to Triton and not answered yet")
-        self.pending_texts = self._gauge("pending_texts", "Texts waiting in the scheduler")
+        self.in_flight = self._gauge("requests_in_flight", "Requests being served", "contract", combine="livesum")
+        self.rows_in_flight = self._gauge("rows_in_flight", "Rows sent to Triton and not answered yet", combine="livesum")
+        self.pending_texts = self._gauge("pending_texts", "Texts waiting in the scheduler", combine="livesum")
         self.rejections = self._counter("rejections_total", "Requests refused, by reason", "reason")
         # Every reason is exported from the start, at 0: rate() and alerts over a series that appears only with
         # the first rejection would miss that first increase.
         for reason in REJECTION_REASONS:
             self.rejections.labels(reason)
-        self.triton_up = self._gauge("triton_up", "1 when a Triton is ready to serve, else 0")
-        self.triton_endpoints = self._gauge("triton_endpoints", "Tritons the gateway knows of, by readiness", "state")
+        self.triton_up = self._gauge("triton_up", "1 when a Triton is ready to serve, else 0", combine="livemax")
+        self.triton_endpoints = self._gauge(
+            "triton_endpoints", "Tritons the gateway knows of, by readiness", "state", combine="livemax"
+        )
         self.triton_restarts = self._counter("triton_restarts_total", "Times the gateway restarted Triton")
         self.token_requests = self._counter("token_requests_total", "Requests by API token", "token_id")
         self.token_texts = self._counter("token_texts_total", "Texts embedded by API token", "token_id")
@@ -112,35 +148,55 @@ class Metrics:
     def _counter(self, name: str, documentation: str, *labels: str) -> Counter:
         return Counter(name, documentation, labels, namespace=NAMESPACE, registry=self.registry)
 
-    def _gauge(self, name: str, documentation: str, *labels: str) -> Gauge:
-        return Gauge(name, documentation, labels, namespace=NAMESPACE, registry=self.registry)
+    def _gauge(self, name: str, documentation: str, *labels: str, combine: str) -> Gauge:
+        """combine: how the workers' values add up in shared mode (prometheus_client's multiprocess_mode)."""
+        return Gauge(name, documentation, labels, namespace=NAMESPACE, registry=self.registry, multiprocess_mode=combine)  # type: ignore[arg-type]
+
+    def _watch(self, gauge: Gauge, read: Callable[[], float]) -> None:
+        """The gauge shows read(): at each scrape, or in shared mode as of the last refresh."""
+        if self.shared:
+            self._watched.append((gauge, read))
+        else:
+            gauge.set_function(read)
+
+    def refresh_shared_gauges(self) -> None:
+        for gauge, read in self._watched:
+            gauge.set(read())
+
+    async def keep_shared_gauges(self) -> None:
+        """In shared mode, for as long as the worker serves."""
+        while True:
+            self.refresh_shared_gauges()
+            await asyncio.sleep(SHARED_GAUGE_PERIOD_S)
 
     def _histogram(self, name: str, documentation: str, *labels: str) -> Histogram:
         return Histogram(name, documentation, labels, namespace=NAMESPACE, registry=self.registry, buckets=DURATION_BUCKETS)
 
     def watch_scheduler(self, rows_in_flight: Callable[[], float], pending_texts: Callable[[], float]) -> None:
         """Read the scheduler's state at each scrape; the callbacks run on the scraping request, so must be cheap."""
-        self.rows_in_flight.set_function(rows_in_flight)
-        self.pending_texts.set_function(pending_texts)
+        self._watch(self.rows_in_flight, rows_in_flight)
+        self._watch(self.pending_texts, pending_texts)
 
     def watch_triton(self, ready: Callable[[], int], known: Callable[[], int]) -> None:
         """Read at each scrape: ready() counts the Tritons ready now, known() all of them. Both must be cached
         counts, not calls to Triton."""
-        self.triton_up.set_function(lambda: 1.0 if ready() else 0.0)
-        self.triton_endpoints.labels("ready").set_function(ready)
-        self.triton_endpoints.labels("unready").set_function(lambda: known() - ready())
+        self._watch(self.triton_up, lambda: 1.0 if ready() else 0.0)
+        self._watch(self.triton_endpoints.labels("ready"), ready)
+        self._watch(self.triton_endpoints.labels("unready"), lambda: known() - ready())
 
     def watch_cache(self, up: Callable[[], bool]) -> None:
         """The embedding cache's series, which exist only when there is a cache: a cache_up of 0 must mean it is down."""
         self.cache_texts = self._counter("cache_texts_total", "Texts looked up in the embedding cache, by result", "result")
         self.cache_tokens_saved = self._counter("cache_tokens_saved_total", "Tokens that cache hits spared the encoder")
         self.cache_writes = self._counter("cache_writes_total", "Embeddings written to the cache, by result", "result")
-        self.cache_up = self._gauge("cache_up", "1 while the embedding cache answers, else 0 (requests then skip it)")
+        self.cache_up = self._gauge(
+            "cache_up", "1 while the embedding cache answers, else 0 (requests then skip it)", combine="livemin"
+        )
         for result in CACHE_RESULTS:
             self.cache_texts.labels(result)
         for result in CACHE_WRITE_RESULTS:
             self.cache_writes.labels(result)
-        self.cache_up.set_function(lambda: 1.0 if up() else 0.0)
+        self._watch(self.cache_up, lambda: 1.0 if up() else 0.0)
 
     def cache_looked_up(self, result: str, texts: int, tokens_saved: int = 0) -> None:
         self.cache_texts.labels(result).inc(texts)
@@ -222,4 +278,9 @@ class Metrics:
     def render(self, accept_header: str | None) -> tuple[bytes, str]:
         """The exposition body and its content type, in the format the scraper asked for (OpenMetrics or text)."""
         encoder, content_type = choose_encoder(accept_header or "")
-        return encoder(self.registry), content_type
+        if not self.shared:
+            return encoder(self.registry), content_type
+        # Every process's files, this one's included: the whole host.
+        host = CollectorRegistry()
+        multiprocess.MultiProcessCollector(host)
+        return encoder(host), content_type

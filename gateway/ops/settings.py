@@ -19,6 +19,7 @@ class Settings:
     host: str = "127.0.0.1"
     http_port: int = 8080
     grpc_port: int = 50051
+    workers: int = 1
     model_repository: Path = ROOT / "model_repository"
     triton_url: str = ""
     triton_dns_refresh_s: float = 5.0
@@ -71,6 +72,9 @@ HELP = {
     "host": "address the HTTP and gRPC listeners bind to",
     "http_port": "HTTP port of the gateway",
     "grpc_port": "gRPC port of the gateway",
+    "workers": "gateway processes that share the HTTP and gRPC ports, so that the gateway uses more than one core; "
+    "one parent process starts and supervises Triton and them. --max-pending-texts, --max-rows-in-flight and each "
+    "token's rate limits are split evenly between the workers, so that the host as a whole keeps them",
     "model_repository": "Triton model repository written by `python -m export`",
     "triton_url": "host:grpc_port of running Tritons to use instead of starting one, comma-separated; a DNS name stands for "
     "every address it resolves to (a Kubernetes headless Service), and calls go to the least loaded ready one",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import socket
 
 import grpc
 from google.protobuf import message_factory
@@ -192,9 +193,11 @@ def create_server(
     policy: RequestPolicy,
     health_poll_s: float = 0.1,
     limits: GrpcConnectionLimits | None = None,
+    sockets: list[socket.socket] | None = None,
 ) -> tuple[GrpcServer, int]:
     """The server, not started yet, and the port it is bound to (port 0 picks a free one). Without limits, the
-    gRPC port gets its share of this process's descriptors (split_descriptors) and a 10 s handshake timeout."""
+    gRPC port gets its share of this process's descriptors (split_descriptors) and a 10 s handshake timeout.
+    sockets: bound ones to accept on instead of binding host:port (a --workers worker's, which its parent bound)."""
     if limits is None:
         budget = split_descriptors(derive_max_connections())
         limits = GrpcConnectionLimits(budget.grpc_connections, budget.grpc_backlog)
@@ -205,5 +208,5 @@ def create_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     server.add_insecure_port(grpc_address)
-    gate = ConnectionGate(listening_sockets(host, port), relay_address, limits)
+    gate = ConnectionGate(sockets or listening_sockets(host, port), relay_address, limits)
     return GrpcServer(server, gate, health_servicer, health_poll_s), gate.port

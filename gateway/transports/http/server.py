@@ -537,6 +537,23 @@ class _Server(uvicorn.Server):
             await asyncio.wait(self.server_state.tasks, timeout=ANSWER_CANCELLED_S)
 
 
+def resolved_limits(limits: ConnectionLimits, backlog: int = 2048) -> ConnectionLimits:
+    """The limits a server enforces: max_connections derived from the open-file limit when 0, and lowered to that
+    derived cap when set above it."""
+    derived = derive_max_connections(backlog)
+    if limits.max_connections <= 0:
+        return replace(limits, max_connections=derived)
+    if limits.max_connections > derived:
+        logger.warning(
+            "max_connections %d leaves too few of the %d open files for the rest of the process; using %d",
+            limits.max_connections,
+            resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+            derived,
+        )
+        return replace(limits, max_connections=derived)
+    return limits
+
+
 def create_http_server(
     app, host: str, port: int, limits: ConnectionLimits, refusals: Refusals = generic_refusal, **config_kwargs: Any
 ) -> _Server:
@@ -546,17 +563,7 @@ def create_http_server(
     the process's soft open-file limit to its hard one. The server's `limits` attribute holds the limits in force,
     with max_connections resolved (derived when 0, and lowered to the derived cap if set above it).
     """
-    derived = derive_max_connections(config_kwargs.get("backlog", 2048))
-    if limits.max_connections <= 0:
-        limits = replace(limits, max_connections=derived)
-    elif limits.max_connections > derived:
-        logger.warning(
-            "max_connections %d leaves too few of the %d open files for the rest of the process; using %d",
-            limits.max_connections,
-            resource.getrlimit(resource.RLIMIT_NOFILE)[0],
-            derived,
-        )
-        limits = replace(limits, max_connections=derived)
+    limits = resolved_limits(limits, config_kwargs.get("backlog", 2048))
     guard = _Guard(limits, refusals)
     protocol = type("LimitedHttpToolsProtocol", (_LimitedHttpToolsProtocol,), {"guard": guard})
     # No WebSocket: nothing here speaks it, and an upgrade request is served as plain HTTP (_reparse_without_upgrade).
