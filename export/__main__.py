@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -28,6 +29,7 @@ from export.repository import (
     model_directories,
     remove_model,
     step_names,
+    text_encoders,
     write_image_pipeline,
     write_repository,
 )
@@ -45,7 +47,7 @@ from repository_contract.manifest import (
     owned_directories,
     recorded_fingerprint,
 )
-from repository_contract.naming import ensemble_names, image_ensembles
+from repository_contract.naming import ensemble_names
 
 # GPU encoders (Triton's onnxruntime and TensorRT backends) batch only equal shapes, so requests are padded to these.
 GPU_LENGTH_BUCKETS = "16,32,64,128,256"
@@ -79,10 +81,23 @@ def _fingerprint(model_dir: Path, name: str, args: argparse.Namespace) -> str:
     return digest.hexdigest()[:16]
 
 
+def _compress_to(args: argparse.Namespace, source) -> int | None:
+    """The size compress_to_size serves; None for a model narrower than it, whose vectors are served uncompressed
+    only: it has no compression step or ensembles, and the gateway refuses compress_to_size for it."""
+    return args.compress_to if args.compress_to <= source.dimensions else None
+
+
 def _fit_projection(source, head, args: argparse.Namespace, onnx_path: Path, tokenizer, started: float):
     from export.compression import fit_pca, matryoshka
     from export.validate import onnx_sentence_embeddings
 
+    if _compress_to(args, source) is None:
+        _progress(
+            f"no compression: {source.dimensions} dimensions, fewer than --compress-to {args.compress_to}; "
+            "compress_to_size is refused for this model",
+            started,
+        )
+        return None
     if args.compress_to in source.matryoshka_dims or args.compress_to == source.dimensions:
         _progress(
             f"compression to {args.compress_to}: truncation, as the model declares Matryoshka dimensions or has as many", started
@@ -130,7 +145,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--precision",
         choices=["fp32", "int8", "fp16"],
         default="fp32",
-        help="fp32: exact; int8: dynamic quantization, ~2x faster on CPU; fp16: GPU targets only",
+        help="fp32: exact; int8: dynamic quantization, ~2x faster on CPU; fp16: half the weights, for GPUs (on a CPU it "
+        "runs, as fast as fp32)",
     )
     parser.add_argument(
         "--max-sequence-length",
@@ -202,7 +218,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--compress-to",
         type=int,
         default=128,
-        help="size that compress_to_size serves: Matryoshka truncation when the model declares it, else PCA",
+        help="size that compress_to_size serves: Matryoshka truncation when the model declares it, else PCA; a "
+        "model with fewer dimensions is served without compress_to_size",
     )
     parser.add_argument(
         "--calibration-texts",
@@ -246,9 +263,9 @@ def _sources(args: argparse.Namespace) -> list[tuple[Path, str | None]]:
     return list(zip(model_dirs, names))
 
 
-def _clashes(source, compress_to: int, repository: Path) -> str | None:
+def _clashes(source, compress_to: int | None, repository: Path, target: str = "cpu") -> str | None:
     """Another model in the repository that owns one of the Triton model names this one needs."""
-    wanted = set(model_directories(source.name, compress_to, source.vision is not None))
+    wanted = set(model_directories(source.name, compress_to, source.vision is not None, target))
     for name, directories in owned_directories(repository).items():
         taken = wanted & set(directories)
         if name != source.name and taken:
@@ -263,9 +280,6 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     if args.remove:
         return _remove(args)
-    if args.precision == "fp16" and args.target == "cpu":
-        print("export: fp16 is for GPU targets; use --precision int8 for a faster CPU model", file=sys.stderr)
-        return 2
     try:
         sources = [(model_dir, load_source_model(model_dir, name)) for model_dir, name in _sources(args)]
         names = [source.name for _, source in sources]
@@ -288,17 +302,13 @@ def _export(args: argparse.Namespace, model_dir: Path, source, started: float) -
     if not args.force and recorded_fingerprint(args.output_dir, source.name) == fingerprint:
         _progress(f"{manifest_path(args.output_dir, source.name)} is up to date, reusing it", started)
         return 0
-    clash = _clashes(source, args.compress_to, args.output_dir)
+    compress_to = _compress_to(args, source)
+    clash = _clashes(source, compress_to, args.output_dir, args.target)
     if clash:
         print(f"export: {source.name}: {clash}", file=sys.stderr)
         return 2
-    if args.compress_to > source.dimensions:
-        print(
-            f"export: {source.name} has {source.dimensions} dimensions, fewer than --compress-to {args.compress_to}",
-            file=sys.stderr,
-        )
-        return 2
-    if not args.calibration_texts.exists() and args.compress_to not in (*source.matryoshka_dims, source.dimensions):
+    pca = compress_to is not None and compress_to not in (*source.matryoshka_dims, source.dimensions)
+    if pca and not args.calibration_texts.exists():
         print(
             f"export: no calibration corpus for the {args.compress_to}-dim PCA at {args.calibration_texts}; "
             "pass --calibration-texts with an STS-format TSV",
@@ -313,7 +323,7 @@ def _export(args: argparse.Namespace, model_dir: Path, source, started: float) -
 def _build(args: argparse.Namespace, source, model_dir: Path, fingerprint: str, build_dir: Path, started: float) -> int:
     from tokenizers import Tokenizer
 
-    from export.onnx_export import convert_fp16, export_fp32, quantize_int8
+    from export.onnx_export import at_precision, export_fp32
     from export.validate import MIN_COSINE, uncontrolled_agreement, validate
 
     kind = "decoder" if source.decoder else "encoder"
@@ -323,17 +333,9 @@ def _build(args: argparse.Namespace, source, model_dir: Path, fingerprint: str, 
         started,
     )
     head = source.sentence_head()
-    onnx_path, controlled_path = build_dir / "model.fp32.onnx", build_dir / "controlled.fp32.onnx"
-    token_embeddings = export_fp32(source, onnx_path, controlled_path)
-    if args.precision == "int8":
-        _progress("quantizing to int8 (dynamic)", started)
-        onnx_path = quantize_int8(onnx_path, build_dir / "model.int8.onnx")
-        controlled_path = quantize_int8(controlled_path, build_dir / "controlled.int8.onnx")
-    elif args.precision == "fp16":
-        _progress("converting to fp16", started)
-        onnx_path = convert_fp16(onnx_path, build_dir / "model.fp16.onnx")
-        controlled_path = convert_fp16(controlled_path, build_dir / "controlled.fp16.onnx")
-
+    encoders = text_encoders(args.target)
+    fp32_paths = {role: build_dir / f"{role}.onnx" for role in encoders}
+    token_embeddings = export_fp32(source, {fp32_paths[role]: encoder for role, encoder in encoders.items()})
     # Serving pads to buckets itself, so the tokenizer file must not pad; it truncates at the model's limit.
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     pad_token_id = (tokenizer.padding or {}).get("pad_id", 0)
@@ -344,37 +346,40 @@ def _build(args: argparse.Namespace, source, model_dir: Path, fingerprint: str, 
     max_length = source.max_sequence_length
     tokenizer.enable_truncation(max_length)
 
+    if args.precision != "fp32":
+        _progress(f"converting to {args.precision}", started)
+    onnx_paths = {role: at_precision(path, args.precision) for role, path in fp32_paths.items()}
+    onnx_path, controlled_path = onnx_paths["encoder"], onnx_paths["controlled-encoder"]
+
     texts = sts_sentences(args.validation_texts) if args.validation_texts.exists() else FALLBACK_VALIDATION_TEXTS
     _progress(f"validating against sentence-transformers on {len(texts)} sentences", started)
-    if args.precision == "fp16":
-        _progress("fp16 runs on the GPU only: validation skipped here, run it on the deployment", started)
-    else:
-        report = validate(source, onnx_path, tokenizer, texts, head)
-        _progress(
-            f"max-abs-diff {report.max_abs_diff:.2e}, cosine min {report.min_cosine:.6f} mean {report.mean_cosine:.6f} "
-            "(required min, mean: {}, {})".format(*MIN_COSINE[args.precision]),
-            started,
-        )
-        if not report.passes(args.precision):
-            print(f"export: {args.precision} export of {source.name} does not match the original model", file=sys.stderr)
-            return 1
-        difference, least = uncontrolled_agreement(onnx_path, controlled_path, tokenizer, texts[:64], head)
-        _progress(
-            f"attention-controlled graph with no position controlled: max-abs-diff {difference:.2e}, min cosine {least:.6f} "
-            "to the plain graph",
-            started,
-        )
-        if least < MIN_COSINE[args.precision][0]:
-            print(f"export: the attention-controlled graph of {source.name} differs from the plain one", file=sys.stderr)
-            return 1
+    report = validate(source, onnx_path, tokenizer, texts, head)
+    _progress(
+        f"max-abs-diff {report.max_abs_diff:.2e}, cosine min {report.min_cosine:.6f} mean {report.mean_cosine:.6f} "
+        "(required min, mean: {}, {})".format(*MIN_COSINE[args.precision]),
+        started,
+    )
+    if not report.passes(args.precision):
+        print(f"export: {args.precision} export of {source.name} does not match the original model", file=sys.stderr)
+        return 1
+    difference, least = uncontrolled_agreement(onnx_path, controlled_path, tokenizer, texts[:64], head)
+    _progress(
+        f"attention-controlled graph with no position controlled: max-abs-diff {difference:.2e}, min cosine {least:.6f} "
+        "to the plain graph",
+        started,
+    )
+    if least < MIN_COSINE[args.precision][0]:
+        print(f"export: the attention-controlled graph of {source.name} differs from the plain one", file=sys.stderr)
+        return 1
 
     vision = _vision_files(args, source, build_dir, started) if source.vision else None
     if vision is None and source.vision:
         return 1
     projection = _fit_projection(source, head, args, onnx_path, tokenizer, started)
     onnx_digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()[:12]
-    ensembles = ensemble_names(source.name, projection.size)
-    steps = step_names(source.name, vision is not None)
+    compress_to = None if projection is None else projection.size
+    ensembles = ensemble_names(source.name, compress_to)
+    steps = step_names(source.name, vision is not None, args.target, projection is not None)
     manifest = Manifest(
         name=source.name,
         model_version=f"{source.name}-{args.precision}-{onnx_digest}",
@@ -394,13 +399,15 @@ def _build(args: argparse.Namespace, source, model_dir: Path, fingerprint: str, 
         pad_token_id=pad_token_id,
         tokenizer=f"{steps['tokenizer']}/1/tokenizer.json",
         steps=steps,
-        directories=tuple(model_directories(source.name, projection.size, vision is not None)),
+        directories=tuple(model_directories(source.name, compress_to, vision is not None, args.target)),
         ensembles=EnsembleNames(**ensembles["embedding"]),
         # Compressed vectors also depend on the fitted projection, so they carry its digest in model_version.
-        compression=Compression(projection.size, projection.method, projection.digest, EnsembleNames(**ensembles["compression"])),
+        compression=None
+        if projection is None
+        else Compression(projection.size, projection.method, projection.digest, EnsembleNames(**ensembles["compression"])),
         layers=Layers(tuple(LAYER_POOLINGS), EnsembleNames(**ensembles["layers"])),
         controls=Controls(f"{steps['controlled-ids']}/1/token_embeddings.npy"),
-        vision=_vision_manifest(vision, source.name, projection.size) if vision else None,
+        vision=_vision_manifest(vision, source.name, compress_to) if vision else None,
     )
     options = RepositoryOptions(
         target=args.target,
@@ -416,27 +423,38 @@ def _build(args: argparse.Namespace, source, model_dir: Path, fingerprint: str, 
         execution_env=Path(sys.prefix),
     )
     _progress(f"writing the model repository to {args.output_dir}", started)
-    onnx_paths = {"encoder": onnx_path, "controlled-encoder": controlled_path}
+    # Another target's export of this model may have had Triton models this one has not (a layers encoder, say).
+    earlier = owned_directories(args.output_dir).get(source.name, ())
     if vision:
-        write_image_pipeline(manifest, vision, source.dimensions, projection.size, args.output_dir, options)
+        write_image_pipeline(manifest, vision, source.dimensions, compress_to, args.output_dir, options)
     write_repository(
         source, head, onnx_paths, token_embeddings.numpy(), tokenizer_json, args.output_dir, options, manifest, projection
     )
+    remove_model(args.output_dir, set(earlier) - set(manifest.directories))
     if args.target == "gpu-tensorrt":
-        encoder = f"{steps['encoder']}/1/model"
+        commands = "\n  ".join(_tensorrt_commands(args.output_dir, manifest))
         _progress(
-            f"build the plan on the deployment GPU: trtexec --onnx={encoder}.onnx.for-trtexec --saveEngine={encoder}.plan",
+            "build the TensorRT plans on the deployment GPU (the chart's init container runs these, through "
+            f"deploy/images/build_tensorrt_plans.py):\n  {commands}",
             started,
         )
     _progress(f"done: {manifest.model_version}", started)
     return 0
 
 
+def _tensorrt_commands(repository: Path, manifest: Manifest) -> list[str]:
+    """The trtexec command that builds each plan the model's Triton models need, in place."""
+    from deploy.images.build_tensorrt_plans import PLAN_NAME, plan_models, trtexec_command
+
+    data = manifest.to_dict()
+    return [shlex.join(trtexec_command(model, data, model / "1" / PLAN_NAME)) for model in plan_models(repository, data)]
+
+
 def _vision_files(args: argparse.Namespace, source, build_dir: Path, started: float) -> VisionFiles | None:
     """The vision graphs (the image vector's and the vision tower's hidden states') at the export's precision and the
     image processor, checked together on real photographs: vectors against sentence-transformers' encode(image), every
     layer pooled against transformers' CLIPVisionModel; None (after saying why) when they do not match."""
-    from export.onnx_export import convert_fp16, export_vision, quantize_int8
+    from export.onnx_export import at_precision, export_vision
     from export.photos import sample_files
     from export.steps.image_processing import FORMATS, ImageProcessor
     from export.validate import MIN_COSINE, uncontrolled_image_agreement, validate_image_layers, validate_images
@@ -451,11 +469,9 @@ def _vision_files(args: argparse.Namespace, source, build_dir: Path, started: fl
         f"{vision.hidden_size} hidden)",
         started,
     )
-    graphs = {role: build_dir / f"{role}.fp32.onnx" for role in ("vision", "vision-layers", "vision-controlled")}
+    graphs = {role: build_dir / f"{role}.onnx" for role in ("vision", "vision-layers", "vision-controlled")}
     export_vision(source, graphs["vision"], graphs["vision-layers"], graphs["vision-controlled"])
-    convert = {"int8": quantize_int8, "fp16": convert_fp16}.get(args.precision)
-    if convert is not None:
-        graphs = {role: convert(graph, build_dir / f"{role}.{args.precision}.onnx") for role, graph in graphs.items()}
+    graphs = {role: at_precision(graph, args.precision) for role, graph in graphs.items()}
     graph, layers_graph = graphs["vision"], graphs["vision-layers"]
     files = VisionFiles(
         graph,
@@ -467,8 +483,6 @@ def _vision_files(args: argparse.Namespace, source, build_dir: Path, started: fl
         vision.num_layers,
         vision.hidden_size,
     )
-    if args.precision == "fp16":
-        return files
     photos = sample_files()
     report = validate_images(source, graph, processor, photos)
     _progress(
@@ -501,11 +515,11 @@ def _vision_files(args: argparse.Namespace, source, build_dir: Path, started: fl
     return files
 
 
-def _vision_manifest(vision: VisionFiles, name: str, compressed: int) -> Vision:
+def _vision_manifest(vision: VisionFiles, name: str, compressed: int | None) -> Vision:
     processor = vision.processor
     return Vision(
-        ensembles=ImageEnsembles(**image_ensembles(name, compressed)),
-        controlled=ImageEnsembles(**image_ensembles(name, compressed, controlled=True)),
+        ensembles=ImageEnsembles.named(name, compressed),
+        controlled=ImageEnsembles.named(name, compressed, controlled=True),
         image_tokens=vision.image_tokens,
         image_size=processor.crop_height,
         max_image_pixels=processor.max_pixels,

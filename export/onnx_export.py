@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from collections.abc import Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 from transformers import AutoModel, CLIPModel
 
 from export.attention_controls import attention_controls
+from export.repository import TextEncoder
 from export.source_model import SourceModel
 from repository_contract.tensors import (
     ATTENTION_MASK,
@@ -29,17 +31,18 @@ INPUT_NAMES = [onnx_name(INPUT_IDS), onnx_name(ATTENTION_MASK)]
 # The controlled graph's extra inputs: a factor per position ([batch, sequence], 1 = uncontrolled) and the mode
 # per row ([batch, 1], true = log-additive).
 CONTROL_NAMES = [onnx_name(CONTROL_FACTORS), onnx_name(CONTROL_LOG_ADDITIVE)]
-# token_embeddings is the last layer; hidden_states stacks the word embeddings (index 0) and every
-# layer's output (1..N) so that /embed can pool any layer from one encoder run.
-OUTPUT_NAMES = [onnx_name(TOKEN_EMBEDDINGS), onnx_name(HIDDEN_STATES)]
 OPSET = 17
 
 
-class _EncoderWithAllLayers(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module, decoder: bool):
+class _TextEncoder(torch.nn.Module):
+    """input_ids, attention_mask -> `outputs`, of TOKEN_EMBEDDINGS (the last layer) and HIDDEN_STATES (the word
+    embeddings at index 0 and every layer's output at 1..N, so that /embed can pool any layer from one run)."""
+
+    def __init__(self, model: torch.nn.Module, decoder: bool, outputs: tuple[str, ...]):
         super().__init__()
         self.model = model
         self.decoder = decoder
+        self.outputs = outputs
         # Single-segment inputs only, so token types are all zero, as sentence-transformers sends them for one
         # text; keeping them out of the graph keeps the tensor contract to input_ids and attention_mask.
         self.takes_token_types = "token_type_ids" in inspect.signature(model.forward).parameters
@@ -49,11 +52,15 @@ class _EncoderWithAllLayers(torch.nn.Module):
         if self.decoder:
             attention_mask = _causal_mask(attention_mask)
             extra["use_cache"] = False
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **extra)
-        return out.last_hidden_state, torch.stack(out.hidden_states, dim=1)
+        layers = HIDDEN_STATES in self.outputs
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=layers, **extra)
+        answers = {TOKEN_EMBEDDINGS: out.last_hidden_state}
+        if layers:
+            answers[HIDDEN_STATES] = torch.stack(out.hidden_states, dim=1)
+        return tuple(answers[name] for name in self.outputs)
 
 
-class _ControlledEncoder(_EncoderWithAllLayers):
+class _ControlledEncoder(_TextEncoder):
     def forward(self, input_ids, attention_mask, control_factors, control_log_additive):
         with attention_controls(control_factors, control_log_additive.reshape(-1)):
             return super().forward(input_ids, attention_mask)
@@ -190,9 +197,9 @@ def export_vision(source: SourceModel, path: Path, layers_path: Path, controlled
                 )
 
 
-def export_fp32(source: SourceModel, plain_path: Path, controlled_path: Path) -> torch.Tensor:
-    """Writes the plain encoder and the one with attention controls; returns the input token embedding matrix,
-    which contextual controls compare tokens with."""
+def export_fp32(source: SourceModel, graphs: Mapping[Path, TextEncoder]) -> torch.Tensor:
+    """Writes each text encoder graph at its path; returns the input token embedding matrix, which contextual controls
+    compare tokens with."""
     model = _text_model(source)
     sample_ids = torch.ones(2, 8, dtype=torch.long)
     # One padded row in the sample, so that no shortcut a model takes for an all-ones mask is traced.
@@ -212,22 +219,18 @@ def export_fp32(source: SourceModel, plain_path: Path, controlled_path: Path) ->
     }
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        for wrapper, inputs, names, path in [
-            (_EncoderWithAllLayers, (sample_ids, sample_mask), INPUT_NAMES, plain_path),
-            (
-                _ControlledEncoder,
-                (sample_ids, sample_mask, sample_factors, sample_modes),
-                INPUT_NAMES + CONTROL_NAMES,
-                controlled_path,
-            ),
-        ]:
+        for path, graph in graphs.items():
+            wrapper = (_ControlledEncoder if graph.controlled else _TextEncoder)(model, source.decoder, graph.outputs)
+            inputs = (sample_ids, sample_mask, sample_factors, sample_modes) if graph.controlled else (sample_ids, sample_mask)
+            input_names = INPUT_NAMES + CONTROL_NAMES if graph.controlled else INPUT_NAMES
+            output_names = [onnx_name(name) for name in graph.outputs]
             torch.onnx.export(
-                wrapper(model, source.decoder).eval(),
+                wrapper.eval(),
                 inputs,
                 str(path),
-                input_names=names,
-                output_names=OUTPUT_NAMES,
-                dynamic_axes={name: axes[name] for name in names + OUTPUT_NAMES},
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes={name: axes[name] for name in input_names + output_names},
                 opset_version=OPSET,
                 dynamo=False,
             )
@@ -247,10 +250,19 @@ def quantize_int8(fp32_path: Path, out_path: Path) -> Path:
 
 
 def convert_fp16(fp32_path: Path, out_path: Path) -> Path:
-    """fp16 weights and math for GPU deployments; inputs and outputs keep their types so the contract holds."""
+    """fp16 weights and math, for GPU deployments (onnxruntime runs them on a CPU too); inputs and outputs keep their
+    types, so the contract holds and the steps around the encoder feed and read it as the fp32 one."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
     onnx.save(model, str(out_path))
     return out_path
+
+
+def at_precision(fp32_path: Path, precision: str) -> Path:
+    """The graph at `precision`: the fp32 one itself, or its int8 or fp16 variant, written beside it."""
+    if precision == "fp32":
+        return fp32_path
+    convert = {"int8": quantize_int8, "fp16": convert_fp16}[precision]
+    return convert(fp32_path, fp32_path.with_suffix(f".{precision}.onnx"))

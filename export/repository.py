@@ -41,7 +41,8 @@ DEFAULT_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 STEP_SOURCES = Path(__file__).resolve().parent / "steps"
 # The tensor names, which every step imports from beside its model.py.
 TENSOR_NAMES = Path(__file__).resolve().parent.parent / "repository_contract" / "tensors.py"
-# Each step's source file; every model gets its own copy of each step (see repository_contract.naming).
+# Each step's source file; every model gets its own copy of each step (see repository_contract.naming). Which text
+# encoders a target has is text_encoders'; only the CPU target's run this source, GPU targets' run in Triton's backends.
 STEP_ROLES = {
     "tokenizer": "tokenizer.py",
     "token-ids": "tokenizer.py",
@@ -67,6 +68,39 @@ IMAGE_STEP_ROLES = {
 }
 # The order of the layer_pooling step's POOLED output; the manifest hands it to the gateway.
 LAYER_POOLINGS = ("mean", "weighted_mean", "max", "last_token", "abs_max")
+
+
+@dataclass(frozen=True)
+class TextEncoder:
+    """What the graph of one text encoder step takes and answers."""
+
+    controlled: bool  # takes CONTROL_FACTORS and CONTROL_LOG_ADDITIVE besides the ids and mask
+    outputs: tuple[str, ...]  # of TOKEN_EMBEDDINGS and HIDDEN_STATES, in that order
+
+
+def text_encoders(target: str) -> dict[str, TextEncoder]:
+    """The text encoder steps of a target, by role. Triton's onnxruntime and TensorRT backends compute every output of
+    a graph on every run, so on GPU targets the plain ensembles' encoder has no hidden states and the layers ensembles
+    get an encoder of their own. On the CPU the hidden states cost nothing measurable (all-MiniLM in onnxruntime, 1
+    thread, batches of 32: 160 sentences/s from a graph without them, 163 asking one with them for both), so one step
+    serves both and the weights are held once. The controlled encoder answers both on every target: its path is the
+    rare one, and another copy of the weights for it is not worth it."""
+    both = (TOKEN_EMBEDDINGS, HIDDEN_STATES)
+    controlled = TextEncoder(True, both)
+    if target == "cpu":
+        return {"encoder": TextEncoder(False, both), "controlled-encoder": controlled}
+    return {
+        "encoder": TextEncoder(False, (TOKEN_EMBEDDINGS,)),
+        "layers-encoder": TextEncoder(False, (HIDDEN_STATES,)),
+        "controlled-encoder": controlled,
+    }
+
+
+def _encoder_for(encoders: Mapping[str, TextEncoder], controlled: bool, output: str) -> str:
+    """The encoder step of an ensemble: of those taking its inputs that answer `output`, the one computing the fewest
+    other outputs."""
+    fitting = [role for role, encoder in encoders.items() if encoder.controlled == controlled and output in encoder.outputs]
+    return min(fitting, key=lambda role: len(encoders[role].outputs))
 
 
 @dataclass(frozen=True)
@@ -164,17 +198,19 @@ def _ensemble_config(name: str, input_tensors: list, steps: list[dict], output_t
     )
 
 
-def step_names(model: str, vision: bool = False) -> dict[str, str]:
-    roles = {**STEP_ROLES, **IMAGE_STEP_ROLES} if vision else STEP_ROLES
-    return {role: step_name(model, role) for role in roles}
+def step_names(model: str, vision: bool = False, target: str = "cpu", compressed: bool = True) -> dict[str, str]:
+    """`compressed` False: a model narrower than the compression size, which has no compression step."""
+    roles = [*STEP_ROLES, *text_encoders(target), *(IMAGE_STEP_ROLES if vision else ())]
+    return {role: step_name(model, role) for role in dict.fromkeys(roles) if compressed or role != "compression"}
 
 
-def model_directories(model: str, compress_to: int, vision: bool = False) -> list[str]:
-    """Every Triton model that serving `model` takes: what the gateway asks Triton to load and removal deletes."""
+def model_directories(model: str, compress_to: int | None, vision: bool = False, target: str = "cpu") -> list[str]:
+    """Every Triton model that serving `model` takes: what the gateway asks Triton to load and removal deletes.
+    `compress_to` None: a model narrower than the compression size, without compression."""
     ensembles = [name for pair in ensemble_names(model, compress_to).values() for name in pair.values()]
     if vision:
         ensembles += [name for controlled in (False, True) for name in image_ensembles(model, compress_to, controlled).values()]
-    return sorted(ensembles + list(step_names(model, vision).values()))
+    return sorted(ensembles + list(step_names(model, vision, target, compress_to is not None).values()))
 
 
 def remove_model(out_dir: Path, directories: Iterable[str]) -> None:
@@ -182,15 +218,13 @@ def remove_model(out_dir: Path, directories: Iterable[str]) -> None:
         shutil.rmtree(out_dir / directory, ignore_errors=True)
 
 
-def _encoder_config(name: str, source: SourceModel, options: RepositoryOptions, controlled: bool) -> str:
+def _encoder_config(name: str, source: SourceModel, options: RepositoryOptions, encoder: TextEncoder) -> str:
     ragged = options.target == "cpu"
     inputs = [(INPUT_IDS, "TYPE_INT64", [-1], ragged), (ATTENTION_MASK, "TYPE_INT64", [-1], ragged)]
-    if controlled:
+    if encoder.controlled:
         inputs += [(CONTROL_FACTORS, "TYPE_FP32", [-1], ragged), (CONTROL_LOG_ADDITIVE, "TYPE_BOOL", [1], False)]
-    outputs = [
-        (TOKEN_EMBEDDINGS, "TYPE_FP32", [-1, source.hidden_size]),
-        (HIDDEN_STATES, "TYPE_FP32", [source.num_layers + 1, -1, source.hidden_size]),
-    ]
+    dims = {TOKEN_EMBEDDINGS: [-1, source.hidden_size], HIDDEN_STATES: [source.num_layers + 1, -1, source.hidden_size]}
+    outputs = [(output, "TYPE_FP32", dims[output]) for output in encoder.outputs]
     if options.target == "cpu":
         params = _python_params(
             options,
@@ -198,7 +232,7 @@ def _encoder_config(name: str, source: SourceModel, options: RepositoryOptions, 
             alone_intra_op_threads=str(options.alone_intra_op_threads),
             slice_rows=str(options.slice_rows),
         )
-        instances = options.controlled_encoder_instances if controlled else options.encoder_instances
+        instances = options.controlled_encoder_instances if encoder.controlled else options.encoder_instances
         return _model_config(name, 'backend: "python"', inputs, outputs, options, params=params, instances=instances)
     # Triton's ONNX and TensorRT backends bind tensors by name, so the config speaks the ONNX names.
     onnx_inputs = [(onnx_name(n), t, d) for n, t, d, _ in inputs]
@@ -225,24 +259,26 @@ def write_repository(
     out_dir: Path,
     options: RepositoryOptions,
     manifest: Manifest,
-    projection: Projection,
+    projection: Projection | None,
 ) -> None:
     """Writes every Triton model of `source` into out_dir, the manifest last: the gateway serves a model only
-    once its manifest is there, and by then all its steps are.
+    once its manifest is there, and by then all its steps are. `projection` None: a model narrower than the compression
+    size, written without its compression step and ensembles.
 
-    onnx_paths: the graph of each encoder role, plain and with attention controls. token_embeddings: the input
-    embedding matrix, which the gateway reads for contextual controls (at manifest.controls.token_embeddings).
+    onnx_paths: the graph of each of text_encoders(options.target), by role. token_embeddings: the input embedding
+    matrix, which the gateway reads for contextual controls (at manifest.controls.token_embeddings).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     steps = manifest.steps
+    encoders = text_encoders(options.target)
     token_ids = (TOKEN_IDS, "TYPE_INT64", [-1])
     factors = (CONTROL_FACTORS, "TYPE_FP32", [-1])
-    # Per entry step: which ensemble of a pipeline it starts, the encoder behind it, its inputs and the mode,
-    # which goes from the ensemble's input straight to the encoder.
+    # Per entry step: which ensemble of a pipeline it starts and its inputs; the mode goes from the ensemble's
+    # input straight to the encoder.
     token_step = {
-        "tokenizer": ("text", "encoder", [(TEXT, "TYPE_STRING", [1])]),
-        "token-ids": ("token_ids", "encoder", [token_ids]),
-        "controlled-ids": ("controlled", "controlled-encoder", [token_ids, factors]),
+        "tokenizer": ("text", [(TEXT, "TYPE_STRING", [1])]),
+        "token-ids": ("token_ids", [token_ids]),
+        "controlled-ids": ("controlled", [token_ids, factors]),
     }
     mode = (CONTROL_LOG_ADDITIVE, "TYPE_BOOL", [1])
     tokenizer_outputs = [
@@ -256,7 +292,7 @@ def write_repository(
         max_sequence_length=str(source.max_sequence_length),
         pad_token_id=str(manifest.pad_token_id),
     )
-    for role, (kind, _, inputs) in token_step.items():
+    for role, (kind, inputs) in token_step.items():
         version_dir = _fresh_model_dir(out_dir / steps[role])
         _copy_step_source(role, version_dir)
         shutil.copy(tokenizer_json, version_dir / "tokenizer.json")
@@ -272,9 +308,7 @@ def write_repository(
             _copy_step_source(role, encoder_dir)
         plan_name = "model.onnx" if options.target != "gpu-tensorrt" else "model.onnx.for-trtexec"
         shutil.copy(onnx_path, encoder_dir / plan_name)
-        (encoder_dir.parent / "config.pbtxt").write_text(
-            _encoder_config(steps[role], source, options, role == "controlled-encoder")
-        )
+        (encoder_dir.parent / "config.pbtxt").write_text(_encoder_config(steps[role], source, options, encoders[role]))
 
     hidden, dims = source.hidden_size, source.dimensions
     pooling_dir = _write_python_step(
@@ -288,15 +322,16 @@ def write_repository(
     # The pooling step imports the head from next to itself.
     shutil.copy(STEP_SOURCES / "sentence_head.py", pooling_dir)
     head.save(pooling_dir)
-    compression_dir = _write_python_step(
-        steps,
-        "compression",
-        [(EMBEDDING, "TYPE_FP32", [dims])],
-        [(EMBEDDING, "TYPE_FP32", [projection.size])],
-        out_dir,
-        options,
-    )
-    projection.save(compression_dir / "projection.npy")
+    if projection is not None:
+        compression_dir = _write_python_step(
+            steps,
+            "compression",
+            [(EMBEDDING, "TYPE_FP32", [dims])],
+            [(EMBEDDING, "TYPE_FP32", [projection.size])],
+            out_dir,
+            options,
+        )
+        projection.save(compression_dir / "projection.npy")
     layers_shape = [source.num_layers + 1, len(LAYER_POOLINGS), hidden]
     _write_python_step(
         steps,
@@ -319,14 +354,6 @@ def write_repository(
             [{**pooled, "output_map": {EMBEDDING: EMBEDDING}}],
             (EMBEDDING, "TYPE_FP32", [dims]),
         ),
-        "compression": (
-            TOKEN_EMBEDDINGS,
-            [
-                {**pooled, "output_map": {EMBEDDING: _carried(EMBEDDING)}},
-                _compression_step(steps),
-            ],
-            (EMBEDDING, "TYPE_FP32", [projection.size]),
-        ),
         "layers": (
             HIDDEN_STATES,
             [
@@ -339,8 +366,17 @@ def write_repository(
             (POOLED, "TYPE_FP32", layers_shape),
         ),
     }
-    ensembles = ensemble_names(source.name, projection.size)
-    for role, (kind, encoder, inputs) in token_step.items():
+    if projection is not None:
+        pipelines["compression"] = (
+            TOKEN_EMBEDDINGS,
+            [
+                {**pooled, "output_map": {EMBEDDING: _carried(EMBEDDING)}},
+                _compression_step(steps),
+            ],
+            (EMBEDDING, "TYPE_FP32", [projection.size]),
+        )
+    ensembles = ensemble_names(source.name, None if projection is None else projection.size)
+    for role, (kind, inputs) in token_step.items():
         controlled = kind == "controlled"
         entry_outputs = [INPUT_IDS, ATTENTION_MASK] + ([CONTROL_FACTORS] if controlled else [])
         encoder_inputs = {_encoder_tensor(name, options): _carried(name) for name in entry_outputs}
@@ -355,7 +391,7 @@ def write_repository(
                     "output_map": {name: _carried(name) for name in entry_outputs} | {TOKEN_COUNT: TOKEN_COUNT},
                 },
                 {
-                    "model": steps[encoder],
+                    "model": steps[_encoder_for(encoders, controlled, encoder_output)],
                     "input_map": encoder_inputs,
                     "output_map": {_encoder_tensor(encoder_output, options): _carried(encoder_output)},
                 },
@@ -381,10 +417,11 @@ class VisionFiles:
 
 
 def write_image_pipeline(
-    manifest: Manifest, vision: VisionFiles, dimensions: int, compressed: int, out_dir: Path, options: RepositoryOptions
+    manifest: Manifest, vision: VisionFiles, dimensions: int, compressed: int | None, out_dir: Path, options: RepositoryOptions
 ) -> None:
     """The image steps and the image ensembles: the image vector (`<model>-image`), that vector through the model's
-    own compression step (`<model>-image-c<size>`), and every layer of the vision tower pooled (`<model>-image-layers`,
+    own compression step (`<model>-image-c<size>`; none when `compressed` is None, as the model then has no such
+    step), and every layer of the vision tower pooled (`<model>-image-layers`,
     POOLED [layers + 1, poolings, hidden] in the order of manifest.layers.poolings, as the text layers ensembles
     answer); and the same three under attention controls on the image (`<model>-image-controlled...`). Written before
     write_repository, which writes the manifest last."""
@@ -456,12 +493,13 @@ def write_image_pipeline(
         ]
         pipelines = {
             "embedding": ([preprocess, {**encode, "output_map": {EMBEDDING: EMBEDDING}}], embedding),
-            "compressed": (
-                [preprocess, {**encode, "output_map": {EMBEDDING: _carried(EMBEDDING)}}, _compression_step(steps)],
-                (EMBEDDING, "TYPE_FP32", [compressed]),
-            ),
             "layers": (layer_steps, pooled),
         }
+        if compressed is not None:
+            pipelines["compressed"] = (
+                [preprocess, {**encode, "output_map": {EMBEDDING: _carried(EMBEDDING)}}, _compression_step(steps)],
+                (EMBEDDING, "TYPE_FP32", [compressed]),
+            )
         names = image_ensembles(manifest.name, compressed, controlled)
         for pipeline, (ensemble_steps, output_tensor) in pipelines.items():
             _write_ensemble(out_dir, names[pipeline], inputs, ensemble_steps, output_tensor, options)

@@ -27,7 +27,13 @@ from repository_contract.tensors import (
 
 # Cosine to the original model that each precision must reach: (on every sentence, on average).
 # fp32 must be exact up to float rounding; int8 trades a little accuracy for ~2x CPU speed.
-MIN_COSINE = {"fp32": (0.9999, 0.9999), "fp16": (0.999, 0.9995), "int8": (0.95, 0.98)}
+# fp16, measured in onnxruntime on the CPU against sentence-transformers in fp32 on the 1030 STS sentences: all-MiniLM
+# min 0.999998, mean 0.999999; the tiny random models of tests/tiny_models.py and harness/tiny_models.py, whose large
+# initializer range makes them far touchier than trained ones, down to min 0.99953 (BERT, CLS pooling and a tanh
+# Dense head), mean 0.999986; the tiny CLIP's 11 photos and their pooled vision layers 1.000000 to six places. The bound
+# leaves twice the worst of those on every sentence and seven times it on average, for GPU kernels that round otherwise;
+# an overflow (inf, then NaN) or a broken conversion fails it by far.
+MIN_COSINE = {"fp32": (0.9999, 0.9999), "fp16": (0.999, 0.9999), "int8": (0.95, 0.98)}
 # The exported graph's names for what is fed to it and read from it here.
 IDS, MASK, TOKENS = onnx_name(INPUT_IDS), onnx_name(ATTENTION_MASK), onnx_name(TOKEN_EMBEDDINGS)
 

@@ -15,11 +15,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from repository_contract.naming import text_ensemble
+from repository_contract.naming import image_ensembles, text_ensemble
 
 MANIFEST_FILE = "embedding_manifest.json"
 # 1: the layout since attention controls. Manifests written before the version was recorded are of this layout too,
-# so a missing version reads as 1; those from before attention controls lack "controls" and are refused.
+# so a missing version reads as 1; those from before attention controls lack "controls" and are refused. A null
+# "compression" (a model narrower than the compression size) kept the version: every manifest written before it reads
+# as it did, and older code refuses such a manifest as broken rather than misreading it.
 FORMAT_VERSION = 1
 
 
@@ -45,6 +47,10 @@ class Compression:
     digest: str  # of the projection: compressed vectors depend on it, so their model version carries it
     ensembles: EnsembleNames
 
+    def model_version(self, uncompressed: str) -> str:
+        """The model version of the compressed vectors of the model whose own vectors are of `uncompressed`."""
+        return f"{uncompressed}-{self.method}{self.size}-{self.digest}"
+
 
 @dataclass(frozen=True)
 class Layers:
@@ -66,8 +72,14 @@ class ImageEnsembles:
     the order of the manifest's `layers.poolings`)."""
 
     embedding: str
-    compressed: str
+    compressed: str | None  # None for a model without compression
     layers: str
+
+    @classmethod
+    def named(cls, model: str, compress_to: int | None, controlled: bool = False) -> ImageEnsembles:
+        """The entry points repository_contract.naming.image_ensembles names."""
+        names = image_ensembles(model, compress_to, controlled)
+        return cls(names["embedding"], names.get("compressed"), names["layers"])
 
 
 @dataclass(frozen=True)
@@ -110,17 +122,13 @@ class Manifest:
     steps: Mapping[str, str]  # step role -> Triton model name
     directories: tuple[str, ...]  # every Triton model directory of this model: steps and ensembles
     ensembles: EnsembleNames
-    compression: Compression
+    # None (null in the JSON) for a model narrower than the export's --compress-to: it serves no compress_to_size.
+    compression: Compression | None
     layers: Layers
     controls: Controls
     # Only for a model with a vision tower; absent from the JSON of text-only models, so their manifests read as before.
     vision: Vision | None = None
     format_version: int = field(default=FORMAT_VERSION)
-
-    @property
-    def compressed_model_version(self) -> str:
-        compression = self.compression
-        return f"{self.model_version}-{compression.method}{compression.size}-{compression.digest}"
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -162,15 +170,10 @@ class Manifest:
                 steps=_string_map(data["steps"]),
                 directories=_strings(data["directories"]),
                 ensembles=_ensembles(data["ensembles"]),
-                compression=Compression(
-                    size=_typed(data["compression"]["size"], int),
-                    method=_typed(data["compression"]["method"], str),
-                    digest=_typed(data["compression"]["digest"], str),
-                    ensembles=_ensembles(data["compression"]["ensembles"]),
-                ),
+                compression=_compression(data["compression"]),
                 layers=Layers(_strings(data["layers"]["poolings"]), _ensembles(data["layers"]["ensembles"])),
                 controls=Controls(_typed(data["controls"]["token_embeddings"], str)),
-                vision=_vision(data["vision"]) if "vision" in data else None,
+                vision=_vision(data["vision"], data["compression"] is not None) if "vision" in data else None,
             )
         except KeyError as error:
             raise ManifestError(f"{where} lacks {error}: export {data.get('name', 'the model')} again") from None
@@ -201,14 +204,33 @@ def _ensembles(names: Any) -> EnsembleNames:
     return EnsembleNames(_typed(names["text"], str), _typed(names["token_ids"], str), _typed(names["controlled"], str))
 
 
-def _image_ensembles(names: Any) -> ImageEnsembles:
-    return ImageEnsembles(_typed(names["embedding"], str), _typed(names["compressed"], str), _typed(names["layers"], str))
+def _compression(data: Any) -> Compression | None:
+    if data is None:
+        return None
+    return Compression(
+        size=_typed(data["size"], int),
+        method=_typed(data["method"], str),
+        digest=_typed(data["digest"], str),
+        ensembles=_ensembles(data["ensembles"]),
+    )
 
 
-def _vision(data: Any) -> Vision:
+def _image_ensembles(names: Any, compression: bool) -> ImageEnsembles:
+    # The compressed image ensemble ends in the model's compression step: there is one exactly when that step is.
+    compressed = names["compressed"]
+    if (compressed is not None) != compression:
+        raise ValueError(
+            f"compressed image ensemble {compressed!r} for a model {'with' if compression else 'without'} compression"
+        )
+    return ImageEnsembles(
+        _typed(names["embedding"], str), _typed(compressed, str) if compression else None, _typed(names["layers"], str)
+    )
+
+
+def _vision(data: Any, compression: bool) -> Vision:
     return Vision(
-        ensembles=_image_ensembles(data["ensembles"]),
-        controlled=_image_ensembles(data["controlled"]),
+        ensembles=_image_ensembles(data["ensembles"], compression),
+        controlled=_image_ensembles(data["controlled"], compression),
         image_tokens=_typed(data["image_tokens"], int),
         image_size=_typed(data["image_size"], int),
         max_image_pixels=_typed(data["max_image_pixels"], int),

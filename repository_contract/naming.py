@@ -20,18 +20,22 @@ def text_ensemble(model: str) -> str:
     return model
 
 
-def ensemble_names(model: str, compress_to: int) -> dict[str, dict[str, str]]:
+def ensemble_names(model: str, compress_to: int | None) -> dict[str, dict[str, str]]:
     """Per pipeline (embedding, compression, layers), its entry points: raw text, token ids, and token ids with
-    attention controls."""
+    attention controls. No compression pipeline when `compress_to` is None: a model narrower than the compression
+    size."""
     entries = {"text": text_ensemble(model), "token_ids": f"{model}-ids", "controlled": f"{model}-ids-controlled"}
-    pipelines = {"embedding": "", "compression": f"-c{compress_to}", "layers": "-layers"}
+    compression = {} if compress_to is None else {"compression": f"-c{compress_to}"}
+    pipelines = {"embedding": "", **compression, "layers": "-layers"}
     return {pipeline: {kind: entry + suffix for kind, entry in entries.items()} for pipeline, suffix in pipelines.items()}
 
 
-def image_ensembles(model: str, compress_to: int, controlled: bool = False) -> dict[str, str]:
+def image_ensembles(model: str, compress_to: int | None, controlled: bool = False) -> dict[str, str]:
     """The entry points of a model with a vision tower for encoded images: its image vector, that vector compressed by
-    the model's compression step, and every layer of the vision tower pooled; `controlled`: the same three with
-    attention controls on the image. Their steps are step_name(model, role) for the roles "image-preprocess",
-    "vision-encoder", "vision-layers-encoder", "vision-controlled-encoder" and "vision-layer-pooling"."""
+    the model's compression step (none when `compress_to` is None), and every layer of the vision tower pooled;
+    `controlled`: the same with attention controls on the image. Their steps are step_name(model, role) for the roles
+    "image-preprocess", "vision-encoder", "vision-layers-encoder", "vision-controlled-encoder" and
+    "vision-layer-pooling"."""
     entry = f"{model}-image-controlled" if controlled else f"{model}-image"
-    return {"embedding": entry, "compressed": f"{entry}-c{compress_to}", "layers": f"{entry}-layers"}
+    compressed = {} if compress_to is None else {"compressed": f"{entry}-c{compress_to}"}
+    return {"embedding": entry, **compressed, "layers": f"{entry}-layers"}

@@ -12,8 +12,9 @@ wrong input, or in the wrong place, is a different vector.
 What it answers follows the ensemble a call names: the model's dimensions for the embedding ensembles, the
 compressed size for the compressed ones, and [layers + 1, poolings, dimensions] for the layers ones, with the
 untruncated token count per row as the tokenizer step reports it. A call the real ensembles would refuse (an
-unknown ensemble, the wrong input for it, more rows than the lane or the model's batch allows) is recorded in
-`refused` and fails as Triton's INVALID_ARGUMENT would; tests check that list stays empty.
+unknown ensemble, such as a compressed one of a model without compression, the wrong input for it, more rows than
+the lane or the model's batch allows) is recorded in `refused` and fails as Triton's INVALID_ARGUMENT would; tests
+check that list stays empty.
 
 Faults come as gateway.triton.client would raise them for the matching Triton failure (triton_error): a number of
 calls or every call failing UNAVAILABLE (a restart), an error for the calls that carry one marked text (one bad
@@ -164,22 +165,19 @@ class FakeTriton:
         start = framed.index(bare[0])
         self.prefix, self.suffix = framed[:start], framed[start + len(bare) :]
         self._kinds: dict[str, _Kind] = {}
-        for ensembles, output, size in (
-            (model.embedding, tensors.EMBEDDING, model.dimensions),
-            (model.compressed, tensors.EMBEDDING, model.compress_to_size),
-            (model.layers, tensors.POOLED, model.dimensions),
-        ):
+        pipelines = [(model.embedding, tensors.EMBEDDING, model.dimensions), (model.layers, tensors.POOLED, model.dimensions)]
+        if model.compression is not None:
+            pipelines.append((model.compression.ensembles, tensors.EMBEDDING, model.compression.size))
+        for ensembles, output, size in pipelines:
             for kind in ("text", "token_ids", "controlled"):
                 self._kinds[getattr(ensembles, kind)] = _Kind(kind, output, size, model.num_layers + 1)
         if model.vision is not None:
             vision = model.vision
-            self._kinds[vision.ensembles.embedding] = _Kind("image", tensors.EMBEDDING, model.dimensions)
-            self._kinds[vision.ensembles.compressed] = _Kind("image", tensors.EMBEDDING, model.compress_to_size)
-            self._kinds[vision.ensembles.layers] = _Kind("image", tensors.POOLED, vision.hidden_size, vision.num_layers + 1)
-            controlled = vision.controlled
-            self._kinds[controlled.embedding] = _Kind("image_controlled", tensors.EMBEDDING, model.dimensions)
-            self._kinds[controlled.compressed] = _Kind("image_controlled", tensors.EMBEDDING, model.compress_to_size)
-            self._kinds[controlled.layers] = _Kind("image_controlled", tensors.POOLED, vision.hidden_size, vision.num_layers + 1)
+            for images, kind in ((vision.ensembles, "image"), (vision.controlled, "image_controlled")):
+                self._kinds[images.embedding] = _Kind(kind, tensors.EMBEDDING, model.dimensions)
+                self._kinds[images.layers] = _Kind(kind, tensors.POOLED, vision.hidden_size, vision.num_layers + 1)
+                if model.compression is not None:
+                    self._kinds[images.compressed] = _Kind(kind, tensors.EMBEDDING, model.compression.size)
         # Health, as gateway.triton.pool.TritonPool reports it.
         self.reason = ""
         self._down = False
@@ -385,7 +383,11 @@ class FakeTriton:
     def expected(self, row: Row, *, compressed: bool = False, layers: bool = False) -> tuple[np.ndarray, int]:
         """What the model's embedding ensemble (or its compressed or layers one) answers for this one input alone:
         its vector (or [layers + 1, poolings, dimensions] pooled vectors) and its untruncated token count."""
-        ensembles: EnsembleNames = self.model.compressed if compressed else self.model.layers if layers else self.model.embedding
+        if compressed:
+            assert self.model.compression is not None, "a model without compression has no compressed ensembles"
+            ensembles: EnsembleNames = self.model.compression.ensembles
+        else:
+            ensembles = self.model.layers if layers else self.model.embedding
         if isinstance(row, ImageRow):
             assert self.model.vision is not None
             vision = self.model.vision.controlled if row.controls else self.model.vision.ensembles

@@ -17,6 +17,7 @@ from repository_contract.tensors import (
     TOKEN_EMBEDDINGS,
     onnx_name,
 )
+from tests.test_export_gpu import trtexec_commands
 
 
 def export(*args: str) -> subprocess.CompletedProcess:
@@ -29,11 +30,16 @@ def manifest(repository) -> dict:
 
 
 @pytest.fixture(scope="module")
-def gpu_repository(tmp_path_factory):
+def gpu_export(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu")
     result = export("--precision", "fp16", "--target", "gpu-onnxruntime", "--output-dir", str(out))
     assert result.returncode == 0, result.stderr
-    return out
+    return out, result.stdout
+
+
+@pytest.fixture(scope="module")
+def gpu_repository(gpu_export):
+    return gpu_export[0]
 
 
 @pytest.mark.e2e  # a whole export, tens of seconds
@@ -51,13 +57,24 @@ def test_int8_export_passes_validation_and_is_smaller(tmp_path):
 
 
 @pytest.mark.e2e  # a whole export, tens of seconds
+def test_fp16_export_of_all_minilm_is_validated(gpu_export):
+    """Checked against sentence-transformers on the STS sentences, and its figures printed, as fp32 and int8 are."""
+    _, stdout = gpu_export
+    assert "validating against sentence-transformers on 1030 sentences" in stdout
+    assert "(required min, mean: 0.999, 0.9999)" in stdout
+    assert "attention-controlled graph with no position controlled" in stdout
+
+
+@pytest.mark.e2e  # a whole export, tens of seconds
 def test_gpu_target_uses_tritons_onnxruntime_backend_on_the_gpu(gpu_repository):
     steps = manifest(gpu_repository)["steps"]
-    config = (gpu_repository / steps["encoder"] / "config.pbtxt").read_text()
-    assert 'backend: "onnxruntime"' in config and "KIND_GPU" in config
-    # Triton binds ONNX tensors by name, so the config must speak the exported names.
-    for name in (INPUT_IDS, ATTENTION_MASK, TOKEN_EMBEDDINGS, HIDDEN_STATES):
-        assert f'name: "{onnx_name(name)}"' in config
+    # Triton binds ONNX tensors by name, so the configs must speak the exported names; only the layers ensembles'
+    # encoder computes the hidden states.
+    for role, outputs in (("encoder", (TOKEN_EMBEDDINGS,)), ("layers-encoder", (HIDDEN_STATES,))):
+        config = (gpu_repository / steps[role] / "config.pbtxt").read_text()
+        assert 'backend: "onnxruntime"' in config and "KIND_GPU" in config
+        for name in (INPUT_IDS, ATTENTION_MASK, *outputs):
+            assert f'name: "{onnx_name(name)}"' in config
     assert not (gpu_repository / steps["encoder"] / "1" / "model.py").exists()
     assert "KIND_CPU" in (gpu_repository / steps["tokenizer"] / "config.pbtxt").read_text()
     # The attention-controlled encoder gets the same backend, with its control tensors by their ONNX names.
@@ -81,13 +98,8 @@ def test_tensorrt_target_writes_a_plan_config(tmp_path):
     result = export("--target", "gpu-tensorrt", "--output-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert 'platform: "tensorrt_plan"' in (tmp_path / manifest(tmp_path)["steps"]["encoder"] / "config.pbtxt").read_text()
-    assert "trtexec" in result.stdout
-
-
-def test_fp16_for_the_cpu_target_is_refused():
-    result = export("--precision", "fp16")
-    assert result.returncode == 2
-    assert "GPU" in result.stderr
+    commands = trtexec_commands(result.stdout)
+    assert len(commands) == 3 and not any("--fp16" in options for options in commands.values())
 
 
 @pytest.mark.e2e  # a whole export, tens of seconds

@@ -187,19 +187,20 @@ async def test_semantic_embed_puts_texts_token_ids_and_controlled_prompts_back_i
 
 async def test_compressed_and_normalized_semantic_embeddings_of_many_prompts(gw):
     texts = mixed_texts(45, seed=7)
+    compression = gw.model.compression
     call = SemanticEmbedCall(
         model=gw.model.name,
         prompts=[[PromptItem("text", text)] for text in texts],
         representation="query",
-        compress_to_size=gw.model.compress_to_size,
+        compress_to_size=compression.size,
         normalize=True,
     )
     result = await gw.service.semantic_embed(call)
-    assert result.embeddings.shape == (45, gw.model.compress_to_size)
+    assert result.embeddings.shape == (45, compression.size)
     expected = [normalized(gw.triton.expected(text, compressed=True)[0]) for text in texts]
     np.testing.assert_allclose(result.embeddings, np.stack(expected), rtol=1e-5, atol=1e-7)
-    assert result.model_version == gw.model.compressed_model_version
-    assert {call.lane.model for call in gw.triton.calls} == {gw.model.compressed.text}
+    assert result.model_version == compression.model_version(gw.model.model_version)
+    assert {call.lane.model for call in gw.triton.calls} == {compression.ensembles.text}
 
 
 async def test_dimensions_keep_the_first_values_renormalized(gw):
@@ -362,15 +363,16 @@ async def test_openai_embeddings_of_token_ids(gw, shape):
 async def test_semantic_embed(gw, compress, normalize):
     text = "one prompt, as Aleph Alpha's client sends it"
     body = {"prompt": text, "representation": "symmetric", "normalize": normalize}
+    compression = gw.model.compression
     if compress:
-        body["compress_to_size"] = gw.model.compress_to_size
+        body["compress_to_size"] = compression.size
     response = await gw.post("/semantic_embed", body)
     assert response.status == 200, response.body
     answer = response.json()
     vector, count = gw.triton.expected(text, compressed=compress)
     np.testing.assert_allclose(answer["embedding"], normalized(vector) if normalize else vector, rtol=1e-5, atol=1e-7)
     assert answer["num_tokens_prompt_total"] == count
-    assert answer["model_version"] == (gw.model.compressed_model_version if compress else gw.model.model_version)
+    assert answer["model_version"] == (compression.model_version(gw.model.model_version) if compress else gw.model.model_version)
 
 
 async def test_batch_semantic_embed_of_a_hundred_prompts_in_order(gw):
@@ -421,7 +423,7 @@ async def test_the_model_listings_describe_the_served_model(gw):
     (listed,) = response.json()
     assert (listed["name"], listed["model_version"]) == (model.name, model.model_version)
     assert listed["embedding_dimensions"] == model.dimensions
-    assert listed["compress_to_sizes"] == [model.compress_to_size]
+    assert listed["compress_to_sizes"] == [model.compression.size] == [128]
     assert listed["max_context_size"] == model.max_sequence_length
     assert listed["poolings"] == list(model.layer_poolings)
     assert listed["semantic_embed_representations"] == ["document", "query", "symmetric"]

@@ -20,7 +20,6 @@ from gateway.transports.grpc.servicer import EmbeddingServicer
 from harness.waiting import eventually
 from proto.embedding.v1 import embedding_pb2 as pb
 from repository_contract.manifest import ImageEnsembles, Vision
-from repository_contract.naming import image_ensembles
 from tests.fake_triton import ImageRow
 from tests.http_harness import Gateway
 from tests.test_fake_triton_service import Context, assert_rows, settle
@@ -44,11 +43,12 @@ def b64(data: bytes) -> str:
 
 def seeing(model: ServedModel, formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF")) -> ServedModel:
     """The model as if it had an image tower, with the image ensembles the export names."""
+    size = None if model.compression is None else model.compression.size
     return dataclasses.replace(
         model,
         vision=Vision(
-            ensembles=ImageEnsembles(**image_ensembles(model.name, model.compress_to_size)),
-            controlled=ImageEnsembles(**image_ensembles(model.name, model.compress_to_size, controlled=True)),
+            ensembles=ImageEnsembles.named(model.name, size),
+            controlled=ImageEnsembles.named(model.name, size, controlled=True),
             image_tokens=IMAGE_TOKENS,
             image_size=224,
             max_image_pixels=200 * 200,
@@ -101,7 +101,10 @@ async def test_a_batch_mixing_text_and_image_prompts_answers_each_in_its_place(g
     assert_rows(gw.triton, rows, answer["embeddings"], compressed=True)
     text_tokens = sum(gw.triton.expected(row)[1] for row in (rows[0], rows[3]))
     assert answer["num_tokens_prompt_total"] == text_tokens + 2 * IMAGE_TOKENS
-    assert {call.lane.model for call in gw.triton.calls} >= {gw.model.vision.ensembles.compressed, gw.model.compressed.text}
+    assert {call.lane.model for call in gw.triton.calls} >= {
+        gw.model.vision.ensembles.compressed,
+        gw.model.compression.ensembles.text,
+    }
 
 
 async def test_an_openai_data_uri_is_an_image_for_a_model_that_sees_images(gw):

@@ -162,3 +162,60 @@ def test_a_broken_vision_section_is_refused_with_what_is_wrong(exported, tmp_pat
     change(vision)
     with pytest.raises(ManifestError, match=message):
         read(written(tmp_path, {**exported, "vision": vision}))
+
+
+def test_a_model_without_compression_round_trips_with_null_compression(exported, tmp_path):
+    """A model narrower than the compression size: "compression" is null, and written back as null."""
+    data = {**exported, "compression": None}
+    manifest = read(written(tmp_path / "a", data))
+    assert manifest.compression is None
+    (tmp_path / "b" / manifest.ensembles.text).mkdir(parents=True)
+    assert json.loads(write(manifest, tmp_path / "b").read_text()) == {**data, "format_version": FORMAT_VERSION}
+
+
+def test_a_missing_compression_is_refused_not_read_as_none(exported, tmp_path):
+    exported.pop("compression")
+    with pytest.raises(ManifestError, match="lacks 'compression'"):
+        read(written(tmp_path, exported))
+
+
+def test_names_without_compression_have_no_compressed_ensembles():
+    from repository_contract.manifest import ImageEnsembles
+    from repository_contract.naming import ensemble_names, image_ensembles
+
+    assert set(ensemble_names("narrow", None)) == {"embedding", "layers"}
+    assert ensemble_names("narrow", None)["layers"] == ensemble_names("narrow", 128)["layers"]
+    assert image_ensembles("narrow", None) == {"embedding": "narrow-image", "layers": "narrow-image-layers"}
+    assert ImageEnsembles.named("narrow", None, controlled=True) == ImageEnsembles(
+        "narrow-image-controlled", None, "narrow-image-controlled-layers"
+    )
+
+
+def test_a_vision_section_without_compression_round_trips(exported, tmp_path):
+    vision = json.loads(json.dumps(VISION))
+    for names in (vision["ensembles"], vision["controlled"]):
+        names["compressed"] = None
+    data = {**exported, "compression": None, "vision": vision}
+    manifest = read(written(tmp_path / "a", data))
+    assert manifest.vision is not None and manifest.vision.ensembles.compressed is None
+    (tmp_path / "b" / manifest.ensembles.text).mkdir(parents=True)
+    assert json.loads(write(manifest, tmp_path / "b").read_text()) == {**data, "format_version": FORMAT_VERSION}
+
+
+@pytest.mark.parametrize(
+    "without_compression, compressed, message",
+    [
+        # The compressed image ensembles end in the model's compression step: one cannot be without the other.
+        (True, "tiny-clip-image-c128", "compressed image ensemble 'tiny-clip-image-c128' for a model without compression"),
+        (False, None, "compressed image ensemble None for a model with compression"),
+    ],
+)
+def test_compressed_image_ensembles_without_compression_or_the_reverse_are_refused(
+    exported, tmp_path, without_compression, compressed, message
+):
+    vision = json.loads(json.dumps(VISION))
+    vision["ensembles"]["compressed"] = compressed
+    if without_compression:
+        exported["compression"] = None
+    with pytest.raises(ManifestError, match=message):
+        read(written(tmp_path, {**exported, "vision": vision}))

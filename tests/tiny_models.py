@@ -20,6 +20,8 @@ from export.source_model import default_model_path
 INIT_RANGE = 0.3
 # More than 128 dimensions everywhere, so that compress_to_size=128 is a real projection for each.
 HIDDEN = 192
+# Fewer than 128: a model served without compress_to_size.
+NARROW = 64
 
 QWEN_QUERY_INSTRUCTION = "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery:"
 
@@ -72,6 +74,27 @@ def bert_cls_dense(out: Path) -> Path:
     pooling = models.Pooling(HIDDEN, pooling_mode="cls")
     dense = models.Dense(HIDDEN, 160, activation_function=nn.Tanh())
     return _save([transformer, pooling, dense, models.Normalize()], out, {"query": "query: ", "document": "passage: "})
+
+
+def bert_narrow_mean(out: Path) -> Path:
+    """A BERT of NARROW dimensions with mean pooling and no head: fewer than compress_to_size's 128, so it is
+    served without compression. Not in BUILDERS, which are the families served with every option."""
+    from sentence_transformers.sentence_transformer import modules as models
+    from transformers import BertConfig
+
+    out.mkdir(parents=True, exist_ok=True)
+    _minilm_tokenizer(out, ["input_ids", "token_type_ids", "attention_mask"])
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=NARROW,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=2 * NARROW,
+        max_position_embeddings=512,
+        initializer_range=INIT_RANGE,
+    )
+    transformer = _transformer(out, config, max_seq_length=256)
+    return _save([transformer, models.Pooling(NARROW, pooling_mode="mean"), models.Normalize()], out, {})
 
 
 def distilbert_max_two_dense(out: Path) -> Path:

@@ -33,6 +33,7 @@ RUN python3.11 -m venv /opt/venv \
  && /opt/venv/bin/pip install -r requirements.lock -r requirements-export.lock
 COPY repository_contract repository_contract
 COPY export export
+COPY deploy/images/build_tensorrt_plans.py deploy/images/build_tensorrt_plans.py
 ARG TARGET=gpu-onnxruntime
 ARG EXPORT_ARGS=""
 # The configs name /opt/venv as the Python steps' environment (EXECUTION_ENV_PATH): the image below has one there.

@@ -8,8 +8,8 @@ arrived. Outputs go back to each request at the width it was sent with; padded p
 The same file serves the encoder with attention controls, whose graph also takes a factor per position
 (CONTROL_FACTORS, gathered like the ids, 1 at padding) and a mode per row (CONTROL_LOG_ADDITIVE).
 
-GPU deployments replace this model with Triton's onnxruntime or tensorrt backend on the same ONNX and
-the same tensor names.
+GPU deployments replace this model with Triton's onnxruntime or tensorrt backend on the same tensor
+names, where the layers ensembles get a graph of their own (export.repository.text_encoders says why).
 """
 
 import fcntl

@@ -9,7 +9,7 @@ from tokenizers import Tokenizer
 
 from gateway.core.controls import TokenSimilarity
 from gateway.core.errors import ErrorKind, ServiceError
-from repository_contract.manifest import EnsembleNames, Vision, manifest_paths
+from repository_contract.manifest import Compression, EnsembleNames, Vision, manifest_paths
 from repository_contract.manifest import read as read_manifest
 
 REPRESENTATIONS = ("query", "document", "symmetric")
@@ -29,9 +29,9 @@ class ServedModel:
     tokenizer: Tokenizer
     special_tokens: int  # how many the model frames a sequence with ([CLS] and [SEP]: 2)
     token_similarity: TokenSimilarity  # for contextual attention controls
-    compress_to_size: int
-    compressed_model_version: str
-    compressed: EnsembleNames
+    # The projection compress_to_size serves, and its ensembles; None for a model narrower than the export's
+    # --compress-to, which refuses compress_to_size.
+    compression: Compression | None
     layer_poolings: tuple[str, ...]
     layers: EnsembleNames
     triton_models: tuple[str, ...]  # every Triton model it takes: steps and ensembles
@@ -40,6 +40,11 @@ class ServedModel:
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size()
+
+    @property
+    def compress_to_sizes(self) -> tuple[int, ...]:
+        """The sizes compress_to_size takes for this model, as the model listings say them."""
+        return () if self.compression is None else (self.compression.size,)
 
 
 def _load(manifest_path: Path) -> ServedModel:
@@ -59,9 +64,7 @@ def _load(manifest_path: Path) -> ServedModel:
         tokenizer=tokenizer,
         special_tokens=0 if tokenizer.post_processor is None else tokenizer.post_processor.num_special_tokens_to_add(False),
         token_similarity=TokenSimilarity(repository / manifest.controls.token_embeddings),
-        compress_to_size=manifest.compression.size,
-        compressed_model_version=manifest.compressed_model_version,
-        compressed=manifest.compression.ensembles,
+        compression=manifest.compression,
         layer_poolings=manifest.layers.poolings,
         layers=manifest.layers.ensembles,
         triton_models=manifest.directories,

@@ -486,22 +486,27 @@ class EmbeddingService:
         if call.representation not in model.prefixes:
             choices = sorted(model.prefixes)
             raise invalid(f"representation must be one of {choices}, got {call.representation!r}", "representation")
-        if call.compress_to_size not in (None, model.compress_to_size):
+        if call.compress_to_size is not None and call.compress_to_size not in model.compress_to_sizes:
             raise invalid(
-                f"compress_to_size {call.compress_to_size} is not supported by {model.name}; "
-                f"supported: [{model.compress_to_size}] or null",
+                f"compress_to_size {call.compress_to_size} is not supported by {model.name} ({model.dimensions} "
+                f"dimensions); supported: {list(model.compress_to_sizes)} or null",
                 "compress_to_size",
             )
         if not call.prompts or len(call.prompts) > self.max_inputs:
             raise invalid(f"'{call.prompt_field}' must hold 1 to {self.max_inputs} prompts", call.prompt_field)
         _refuse_invisible_prompts(call.prompts, call.prompt_field)
         prompts = await self._resolve(model, call.prompts, model.prefixes[call.representation], call.prompt_field)
-        if call.compress_to_size is None:
+        compression = None if call.compress_to_size is None else model.compression
+        if compression is None:
             ensembles, model_version, size = model.embedding, model.model_version, model.dimensions
         else:
-            ensembles, model_version, size = model.compressed, model.compressed_model_version, model.compress_to_size
+            ensembles, model_version, size = (
+                compression.ensembles,
+                compression.model_version(model.model_version),
+                compression.size,
+            )
         cache_as = CacheAs(model_version, size)
-        image_pipeline = "embedding" if call.compress_to_size is None else "compressed"
+        image_pipeline = "embedding" if compression is None else "compressed"
         embeddings, counts = await self._infer_prompts(
             model, prompts, ensembles, tensors.EMBEDDING, call, call.prompt_field, cache_as, image_pipeline=image_pipeline
         )

@@ -295,6 +295,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 dimensions=m.dimensions,
                 max_sequence_length_tokens=m.max_sequence_length,
                 num_layers=m.num_layers,
+                compress_to_sizes=m.compress_to_sizes,
             )
             for m in self.service.models()
         ]

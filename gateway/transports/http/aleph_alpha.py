@@ -305,7 +305,7 @@ def routes(service: EmbeddingService, max_body_bytes: int) -> list[Route]:
                     "max_context_size": model.max_sequence_length,
                     "hostings": ["aleph-alpha"],
                     "embedding_dimensions": model.dimensions,
-                    "compress_to_sizes": [model.compress_to_size],
+                    "compress_to_sizes": list(model.compress_to_sizes),
                     "semantic_embed_representations": sorted(model.prefixes),
                     "num_layers": model.num_layers,
                     "poolings": list(model.layer_poolings),
