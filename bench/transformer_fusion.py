@@ -19,22 +19,12 @@ from tokenizers import Tokenizer
 from bench.cli import command_line, fresh_work_dir, table_parser
 from bench.throughput import ROOT, progress
 from bench.workload import sentences
+from export.validate import padded_batch
 from repository_contract.manifest import manifest_paths, read
-from repository_contract.tensors import ATTENTION_MASK, INPUT_IDS, TOKEN_EMBEDDINGS, onnx_name
+from repository_contract.tensors import TOKEN_EMBEDDINGS, onnx_name
 
 BATCH = 32
 MEASURED_S = 2.0
-
-
-def _feeds(tokenizer: Tokenizer, texts: list[str]) -> dict[str, np.ndarray]:
-    encodings = tokenizer.encode_batch(texts)
-    width = max(len(e.ids) for e in encodings)
-    ids = np.zeros((len(encodings), width), dtype=np.int64)
-    mask = np.zeros_like(ids)
-    for row, encoding in enumerate(encodings):
-        ids[row, : len(encoding.ids)] = encoding.ids
-        mask[row, : len(encoding.ids)] = 1
-    return {onnx_name(INPUT_IDS): ids, onnx_name(ATTENTION_MASK): mask}
 
 
 def _session(graph: Path, threads: int) -> ort.InferenceSession:
@@ -72,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     fusions = {name: count for name, count in optimized.get_fused_operator_statistics().items() if count}
     tokenizer = Tokenizer.from_file(str(ROOT / "model_repository" / manifest.tokenizer))
     texts = sentences()
-    batch, one = _feeds(tokenizer, texts[:BATCH]), _feeds(tokenizer, texts[:1])
-    check = _feeds(tokenizer, texts[:64])
+    batch, one = padded_batch(tokenizer, texts[:BATCH]), padded_batch(tokenizer, texts[:1])
+    check = padded_batch(tokenizer, texts[:64])
     (reference,) = _session(exported, 1).run([onnx_name(TOKEN_EMBEDDINGS)], check)
     (candidate,) = _session(fused, 1).run([onnx_name(TOKEN_EMBEDDINGS)], check)
     difference = float(np.abs(reference - candidate).max())

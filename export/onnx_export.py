@@ -146,6 +146,23 @@ def _text_model(source: SourceModel):
     return AutoModel.from_pretrained(directory, attn_implementation="eager").eval()
 
 
+def _trace(
+    wrapper: torch.nn.Module, inputs: tuple, path: Path, input_names: list[str], output_names: list[str], axes: dict
+) -> None:
+    """One graph traced to ONNX the one way the export traces every graph: TorchScript tracing at OPSET, the named
+    tensors' `axes` dynamic."""
+    torch.onnx.export(
+        wrapper.eval(),
+        inputs,
+        str(path),
+        input_names=input_names,
+        output_names=output_names,
+        dynamic_axes=axes,
+        opset_version=OPSET,
+        dynamo=False,
+    )
+
+
 def export_vision(source: SourceModel, path: Path, layers_path: Path, controlled_path: Path) -> None:
     """Writes the three vision graphs: PIXEL_VALUES [batch, 3, size, size] -> EMBEDDING [batch, dimensions] at `path`,
     -> HIDDEN_STATES [batch, layers + 1, image tokens, hidden] at `layers_path`, and both under attention controls
@@ -185,16 +202,8 @@ def export_vision(source: SourceModel, path: Path, layers_path: Path, controlled
         for wrapper, inputs, input_names, output_names, graph in graphs:
             controlled = graph == controlled_path
             with _eager_attention(model.vision_model.config) if controlled else nullcontext():
-                torch.onnx.export(
-                    wrapper.eval(),
-                    inputs,
-                    str(graph),
-                    input_names=input_names,
-                    output_names=output_names,
-                    dynamic_axes={name: {0: "batch"} for name in input_names + output_names},
-                    opset_version=OPSET,
-                    dynamo=False,
-                )
+                axes = {name: {0: "batch"} for name in input_names + output_names}
+                _trace(wrapper, inputs, graph, input_names, output_names, axes)
 
 
 def export_fp32(source: SourceModel, graphs: Mapping[Path, TextEncoder]) -> torch.Tensor:
@@ -224,16 +233,7 @@ def export_fp32(source: SourceModel, graphs: Mapping[Path, TextEncoder]) -> torc
             inputs = (sample_ids, sample_mask, sample_factors, sample_modes) if graph.controlled else (sample_ids, sample_mask)
             input_names = INPUT_NAMES + CONTROL_NAMES if graph.controlled else INPUT_NAMES
             output_names = [onnx_name(name) for name in graph.outputs]
-            torch.onnx.export(
-                wrapper.eval(),
-                inputs,
-                str(path),
-                input_names=input_names,
-                output_names=output_names,
-                dynamic_axes={name: axes[name] for name in input_names + output_names},
-                opset_version=OPSET,
-                dynamo=False,
-            )
+            _trace(wrapper, inputs, path, input_names, output_names, {name: axes[name] for name in input_names + output_names})
     return model.get_input_embeddings().weight.detach().float()
 
 

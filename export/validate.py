@@ -50,7 +50,7 @@ class ValidationReport:
         return self.min_cosine >= least and self.mean_cosine >= mean
 
 
-def _padded_batch(tokenizer: Tokenizer, texts: list[str]) -> dict[str, np.ndarray]:
+def padded_batch(tokenizer: Tokenizer, texts: list[str]) -> dict[str, np.ndarray]:
     """The texts tokenized as one batch right-padded to its longest, as serving pads."""
     encodings = tokenizer.encode_batch(texts)
     width = max(len(e.ids) for e in encodings)
@@ -63,7 +63,7 @@ def _padded_batch(tokenizer: Tokenizer, texts: list[str]) -> dict[str, np.ndarra
 
 
 def head_embeddings(session: ort.InferenceSession, tokenizer: Tokenizer, texts: list[str], head: SentenceHead) -> np.ndarray:
-    feeds = _padded_batch(tokenizer, texts)
+    feeds = padded_batch(tokenizer, texts)
     (tokens,) = session.run([TOKENS], feeds)
     return head(tokens, feeds[MASK])
 
@@ -74,7 +74,7 @@ def uncontrolled_agreement(
     """(max abs difference, min cosine) of the sentence vectors of the two graphs when no position is controlled, in
     both modes: what a controlled request with factors of 1 gets against the fast path. int8 graphs quantize their
     activations per batch, so a rounding step that the other mode's shift flips shows here as int8's usual noise."""
-    feeds = _padded_batch(tokenizer, texts)
+    feeds = padded_batch(tokenizer, texts)
     (tokens,) = ort.InferenceSession(str(plain_path), providers=["CPUExecutionProvider"]).run([TOKENS], feeds)
     plain = head(tokens, feeds[MASK])
     controlled = ort.InferenceSession(str(controlled_path), providers=["CPUExecutionProvider"])

@@ -37,6 +37,8 @@ from gateway.triton.supervisor import TritonHealth, TritonSupervisor
 from gateway.workers import WorkerRole, Workers, start_sharing_metrics
 
 log = logging.getLogger("gateway")
+# The banner's last line: printed once the gateway serves (with --workers, once every worker does).
+READY_LINE = "ready; Ctrl-C stops"
 
 
 def _cancel(tasks: list[asyncio.Task]) -> None:
@@ -196,7 +198,7 @@ async def serve(
     else:
         listeners = _Listeners(settings.http_port, grpc_port, server.limits.max_connections, grpc_limits.max_connections)
         _print_banner(settings, catalog, process, list(pool.endpoints), listeners)
-        print("ready; Ctrl-C stops", flush=True)
+        print(READY_LINE, flush=True)
     try:
         await http_task
     finally:
@@ -248,9 +250,11 @@ async def _serve_host(settings: Settings, catalog: Catalog, process: TritonProce
         raise SystemExit(f"gateway: could not listen on {settings.host}: {error}") from None
     http_limits, grpc_limits = _connection_limits(settings)
 
-    def banner(pool: TritonPool, http_port: int, grpc_port: int) -> None:
+    def banner(pool: TritonPool, http_port: int, grpc_port: int, pids: str) -> None:
         listeners = _Listeners(http_port, grpc_port, http_limits.max_connections, grpc_limits.max_connections)
         _print_banner(settings, catalog, process, list(pool.endpoints), listeners)
+        print(f"workers    {settings.workers} gateway processes, pids {pids}")
+        print(READY_LINE, flush=True)
 
     return await workers.run(lambda: _triton_pool(settings, process), banner)
 

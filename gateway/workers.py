@@ -212,9 +212,9 @@ class Workers:
                     worker.kill()
             await asyncio.gather(*(worker.wait() for worker in self.running.values()))
 
-    async def run(self, connect: Callable[[], Awaitable[TritonPool]], banner: Callable[[TritonPool, int, int], None]) -> int:
+    async def run(self, connect: Callable[[], Awaitable[TritonPool]], banner: Callable[[TritonPool, int, int, str], None]) -> int:
         """Supervises Triton (when this host started it) and the workers until a stop signal; banner(pool, http_port,
-        grpc_port) is printed once every worker serves. Returns the exit status."""
+        grpc_port, worker pids) is printed once every worker serves. Returns the exit status."""
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, self._stop)
@@ -232,9 +232,7 @@ class Workers:
         status = 0
         try:
             if await self._all_serving(kept):
-                banner(pool, self.http_port, self.grpc_port)
-                print(f"workers    {self.settings.workers} gateway processes, pids {self._pids()}")
-                print("ready; Ctrl-C stops", flush=True)
+                banner(pool, self.http_port, self.grpc_port, self._pids())
             elif not self.stopping.is_set():
                 print("gateway: a worker exited before it served; see its error above", file=sys.stderr)
                 status = 1

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import requests
 
+from gateway.__main__ import READY_LINE
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -76,8 +78,6 @@ class RunningService:
 
 
 MODEL_REPOSITORY = ROOT / "model_repository"
-# What the gateway prints once it serves (with --workers, once every worker does).
-READY_LINE = "ready; Ctrl-C stops"
 
 
 def raw_http(port: int, method: str, target: str, body: bytes | None = None, headers: dict | None = None, timeout_s: float = 120):

@@ -25,9 +25,10 @@ NO_CROP = (-1, -1, -1)
 # [-1, 6] FP32: per row the attention controls on its image (controlled image ensembles), one per line: the rectangle's
 # left, top, width and height as fractions of the whole image as decoded (after EXIF orientation, before any crop), the
 # factor, and 1 for token_overlap "complete" or 0 for "partial" (IMAGE_CONTROL_FIELDS). Rows with fewer controls than
-# others are padded with controls of factor 1, which change nothing.
+# others are padded with NO_CONTROL: a rectangle of no area with factor 1, which changes nothing.
 IMAGE_CONTROLS = "IMAGE_CONTROLS"
 IMAGE_CONTROL_FIELDS = ("left", "top", "width", "height", "factor", "complete")
+NO_CONTROL = (0.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
 # What pads TOKEN_IDS rows of different lengths sent in one request: never a token id (the gateway refuses negative
 # ones), so the token-id steps drop it before framing.

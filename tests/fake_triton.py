@@ -48,8 +48,6 @@ from repository_contract.tensors import ID_PADDING
 FEATURES = 32
 CONTROL_FIELDS = (tensors.TOKEN_IDS, tensors.CONTROL_FACTORS, tensors.CONTROL_LOG_ADDITIVE)
 IMAGE_CONTROL_INPUTS = (tensors.IMAGE, tensors.IMAGE_CROP, tensors.IMAGE_CONTROLS, tensors.CONTROL_LOG_ADDITIVE)
-# What the gateway pads an image's controls with: a rect of no area with factor 1 (changes nothing).
-PADDING_CONTROL = [0.0, 0.0, 0.0, 0.0, 1.0, 0.0]
 
 
 def _undecodable(rows: list) -> ServiceError | None:
@@ -300,7 +298,9 @@ class FakeTriton:
             images = zip(data[tensors.IMAGE].reshape(-1), data[tensors.IMAGE_CROP].tolist(), data[tensors.IMAGE_CONTROLS])
             modes = data[tensors.CONTROL_LOG_ADDITIVE].reshape(-1)
             return [
-                ImageRow(value, (x, y, size), tuple(tuple(c) for c in controls.tolist() if c != PADDING_CONTROL), bool(mode))
+                ImageRow(
+                    value, (x, y, size), tuple(tuple(c) for c in controls.tolist() if tuple(c) != tensors.NO_CONTROL), bool(mode)
+                )
                 for (value, (x, y, size), controls), mode in zip(images, modes)
             ]
         rows: list[Row] = []

@@ -26,6 +26,7 @@ import requests
 
 from export.datasets import sts_sentences
 from export.source_model import default_model_path
+from gateway.__main__ import READY_LINE
 from harness.servers import ROOT, free_ports
 
 pytestmark = pytest.mark.e2e
@@ -71,7 +72,7 @@ def served(clone):
         )
     try:
         deadline = time.monotonic() + SETUP_TIMEOUT_S
-        while "ready; Ctrl-C stops" not in log.read_text(errors="replace"):
+        while READY_LINE not in log.read_text(errors="replace"):
             assert process.poll() is None, f"bin/serve exited {process.returncode}:\n{log.read_text(errors='replace')[-4000:]}"
             assert time.monotonic() < deadline, (
                 f"bin/serve not ready after {SETUP_TIMEOUT_S} s:\n{log.read_text(errors='replace')[-4000:]}"

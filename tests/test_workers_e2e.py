@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import re
 import signal
 import time
 from pathlib import Path
@@ -16,8 +15,10 @@ import grpc
 import pytest
 import requests
 from prometheus_client import multiprocess
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.workload import sentences
+from harness.scrape import sample_sum
 from harness.servers import RunningService, start_service, starts_servers
 from harness.waiting import wait_until
 from proto.embedding.v1 import embedding_pb2 as pb
@@ -61,22 +62,14 @@ def requests_by_worker(service: RunningService) -> dict[int, float]:
     counts = {}
     for pid in worker_pids(service):
         files = [str(path) for path in (service.run_dir / "metrics").glob(f"counter_{pid}.db")]
-        answered = 0.0
-        for metric in multiprocess.MultiProcessCollector.merge(files, accumulate=False):
-            answered += sum(
-                sample.value
-                for sample in metric.samples
-                if sample.name == "embed_gateway_requests_total" and sample.labels.get("route") == "/v1/embeddings"
-            )
-        counts[pid] = answered
+        families = multiprocess.MultiProcessCollector.merge(files, accumulate=False)
+        counts[pid] = sample_sum(families, "embed_gateway_requests_total", lambda labels: labels.get("route") == "/v1/embeddings")
     return counts
 
 
 def host_metric(service: RunningService, name: str, **labels: str) -> float:
     text = requests.get(f"{service.http_url}/metrics", timeout=10).text
-    wanted = ",".join(f'{key}="{value}"' for key, value in labels.items())
-    pattern = rf"^{re.escape(name)}\{{{re.escape(wanted)}\}} (\S+)$" if labels else rf"^{re.escape(name)} (\S+)$"
-    return sum(float(value) for value in re.findall(pattern, text, re.MULTILINE))
+    return sample_sum(text_string_to_metric_families(text), name, lambda sample: labels.items() <= sample.items())
 
 
 def test_both_workers_take_connections_and_metrics_report_the_host(host):

@@ -143,7 +143,6 @@ def image_chunks(
 
 
 def _padded_controls(controls: tuple[ImageControl, ...], width: int) -> np.ndarray:
-    padded = np.zeros((width, len(tensors.IMAGE_CONTROL_FIELDS)), dtype=np.float32)
-    padded[:, tensors.IMAGE_CONTROL_FIELDS.index("factor")] = 1.0
+    padded = np.tile(np.array(tensors.NO_CONTROL, dtype=np.float32), (width, 1))
     padded[: len(controls)] = image_control_rows(controls)
     return padded
