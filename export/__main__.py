@@ -52,6 +52,11 @@ from repository_contract.naming import ensemble_names
 # GPU encoders (Triton's onnxruntime and TensorRT backends) batch only equal shapes, so requests are padded to these.
 GPU_LENGTH_BUCKETS = "16,32,64,128,256"
 
+# Rows per run of the CPU encoder. Dynamic int8 scales a run's activations by their largest value, so one row per run
+# keeps each text's vector its own whatever it is batched with; on 2 cores it costs 766 against 839 texts/s at best
+# (bench/results/throughput.md, raw int8 sentences at batch 1 against 64).
+SLICE_ROWS = {"fp32": 8, "fp16": 8, "int8": 1}
+
 # 25 megapixels: a 6000x4000 photo is served; decoded as RGB it takes 75 MB, at most one per instance at a time.
 DEFAULT_MAX_IMAGE_PIXELS = 25_000_000
 
@@ -107,7 +112,7 @@ def _fit_projection(source, head, args: argparse.Namespace, onnx_path: Path, tok
     _progress(
         f"compression to {args.compress_to}: fitting PCA on {len(texts)} sentences of {args.calibration_texts.name}", started
     )
-    return fit_pca(onnx_sentence_embeddings(onnx_path, tokenizer, texts, head), args.compress_to)
+    return fit_pca(onnx_sentence_embeddings(onnx_path, tokenizer, texts, head, args.slice_rows), args.compress_to)
 
 
 def _length_buckets(args: argparse.Namespace, max_length: int) -> tuple[int, ...]:
@@ -208,8 +213,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--slice-rows",
         type=int,
-        default=8,
-        help="rows per onnxruntime run of the CPU encoder, which sorts a batch's rows by length first",
+        default=None,
+        help="rows per onnxruntime run of the CPU encoder, which sorts a batch's rows by length first (default: 8; 1 for "
+        "int8, whose dynamic quantization scales a run's activations together, so that a text's vector never depends "
+        "on the texts it is batched with)",
     )
     parser.add_argument(
         "--validation-texts", type=Path, default=DEFAULT_STS_PATH, help="STS file whose sentences check the export"
@@ -235,7 +242,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(a decompression bomb)",
     )
     parser.add_argument("--force", action="store_true", help="export again even when nothing changed")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.slice_rows is None:
+        args.slice_rows = SLICE_ROWS[args.precision]
+    return args
 
 
 def _remove(args: argparse.Namespace) -> int:
@@ -353,7 +363,7 @@ def _build(args: argparse.Namespace, source, model_dir: Path, fingerprint: str, 
 
     texts = sts_sentences(args.validation_texts) if args.validation_texts.exists() else FALLBACK_VALIDATION_TEXTS
     _progress(f"validating against sentence-transformers on {len(texts)} sentences", started)
-    report = validate(source, onnx_path, tokenizer, texts, head)
+    report = validate(source, onnx_path, tokenizer, texts, head, rows_per_run=args.slice_rows)
     _progress(
         f"max-abs-diff {report.max_abs_diff:.2e}, cosine min {report.min_cosine:.6f} mean {report.mean_cosine:.6f} "
         "(required min, mean: {}, {})".format(*MIN_COSINE[args.precision]),

@@ -91,10 +91,12 @@ def uncontrolled_agreement(
     return difference, least
 
 
-def onnx_sentence_embeddings(onnx_path: Path, tokenizer: Tokenizer, texts: list[str], head: SentenceHead, batch_size=32):
+def onnx_sentence_embeddings(onnx_path: Path, tokenizer: Tokenizer, texts: list[str], head: SentenceHead, rows_per_run: int):
+    """The texts' vectors from the graph, run `rows_per_run` rows at a time as the encoder step runs them: int8 scales
+    each run's activations together, so its figures hold only for the runs it will be served in."""
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     return np.concatenate(
-        [head_embeddings(session, tokenizer, texts[s : s + batch_size], head) for s in range(0, len(texts), batch_size)]
+        [head_embeddings(session, tokenizer, texts[s : s + rows_per_run], head) for s in range(0, len(texts), rows_per_run)]
     )
 
 
@@ -217,7 +219,7 @@ def validate_image_layers(
 
 
 def validate(
-    source: SourceModel, onnx_path: Path, tokenizer: Tokenizer, texts: list[str], head: SentenceHead
+    source: SourceModel, onnx_path: Path, tokenizer: Tokenizer, texts: list[str], head: SentenceHead, rows_per_run: int
 ) -> ValidationReport:
     from sentence_transformers import SentenceTransformer
 
@@ -225,4 +227,4 @@ def validate(
     _check_tokenizer(model, tokenizer, texts)
     # prompt="": the bare texts, not the model's default prompt, which serving adds as a prefix of its own.
     reference = model.encode(texts, batch_size=32, convert_to_numpy=True, prompt="")
-    return _report(reference, onnx_sentence_embeddings(onnx_path, tokenizer, texts, head))
+    return _report(reference, onnx_sentence_embeddings(onnx_path, tokenizer, texts, head, rows_per_run))

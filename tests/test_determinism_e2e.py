@@ -1,7 +1,9 @@
-"""End to end: a text's vector does not depend on what it is batched with. The same text embedded alone, in a request
-with 64 long passages, in one with 64 other sentences, and as one of 200 concurrent requests, gets the same vector
-(max abs difference <= 1e-6): the encoder step cuts every row to its own length whatever its batch, and fp32 has no
-per-batch scale. A service that caches vectors (--cache-url) and answers repeated queries relies on it."""
+"""End to end: a text's vector does not depend on what it is batched with, at every precision the CPU serves. The same
+text embedded alone, in a request with 64 long passages, in one with 64 other sentences, and as one of 200 concurrent
+requests, gets the same vector (max abs difference <= 1e-6): the encoder step cuts every row to its own length whatever
+its batch; fp32 has no per-batch scale, and int8, whose dynamic quantization scales a run's activations together, runs
+each row alone (the export's --slice-rows 1 for int8). A service that caches vectors (--cache-url) and answers repeated
+queries relies on it."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import pytest
 import requests
 
 from bench.workload import passages, sentences
+from harness.servers import start_service, starts_servers
+from tests.test_export import export
 
 pytestmark = pytest.mark.e2e
 
@@ -25,17 +29,33 @@ def embed(service, model_name: str, texts: list[str]) -> np.ndarray:
     return np.array([item["embedding"] for item in response.json()["data"]], dtype=np.float32)
 
 
+@pytest.fixture(scope="module")
+@starts_servers
+def int8_service(tmp_path_factory):
+    repository = tmp_path_factory.mktemp("int8-repository")
+    result = export("--precision", "int8", "--output-dir", str(repository), "--encoder-instances", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    running = start_service(tmp_path_factory.mktemp("int8"), repository)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(params=["fp32", "int8"])
+def served(request):
+    return request.getfixturevalue("service" if request.param == "fp32" else "int8_service")
+
+
 @pytest.mark.parametrize("index", [7, 311])
-def test_a_text_gets_the_same_vector_whatever_it_is_batched_with(service, model_name, index):
+def test_a_text_gets_the_same_vector_whatever_it_is_batched_with(served, model_name, index):
     texts = sentences()
     target = texts[index]
-    (alone,) = embed(service, model_name, [target])
+    (alone,) = embed(served, model_name, [target])
     others = passages()[:64]
-    with_passages = embed(service, model_name, [*others[:32], target, *others[32:]])[32]
-    with_sentences = embed(service, model_name, [*texts[500:564], target])[-1]
+    with_passages = embed(served, model_name, [*others[:32], target, *others[32:]])[32]
+    with_sentences = embed(served, model_name, [*texts[500:564], target])[-1]
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        crowd = [pool.submit(embed, service, model_name, [text]) for text in texts[600:800]]
-        (under_load,) = pool.submit(embed, service, model_name, [target]).result()
+        crowd = [pool.submit(embed, served, model_name, [text]) for text in texts[600:800]]
+        (under_load,) = pool.submit(embed, served, model_name, [target]).result()
         assert all(len(future.result()) == 1 for future in crowd)
     for where, vector in [("with 64 passages", with_passages), ("with 64 sentences", with_sentences), ("under load", under_load)]:
         assert np.abs(vector - alone).max() <= TOLERANCE, where
