@@ -15,7 +15,9 @@ Order of a run, each step printed as it starts:
    no cost (bench/pipeline_ceiling.py), single texts over HTTP float at c1, c32 and c128 and gRPC at c128:
    the most the rest of the pipeline can carry;
 4. infinity-emb (torch engine, CPU, same model) under the same load;
-5. the int8 export: raw onnxruntime, the service, and STS quality next to fp32.
+5. the int8 export: raw onnxruntime, the service (single texts at c1 and c32, 100-text requests).
+STS Spearman is measured beside each: raw onnxruntime, each service and infinity-emb, and the report puts them in one
+ladder (raw fp32, the yardstick; raw int8; the services; infinity-emb) with issue 26's targets.
 Memory (RSS of the gateway, and of Triton with its stubs) is sampled idle and under load.
 """
 
@@ -33,6 +35,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import infinity_peer, pipeline_ceiling, requests, workload
@@ -42,6 +45,8 @@ from bench.machine import describe
 from bench.process_stats import PeakSampler, cpu_seconds, machine_ticks, rss_mib
 from bench.raw_onnxruntime import RawEncoder
 from bench.report import CACHE_LABEL, write_report
+from bench.sts_quality import pair_cosines, served, spearman
+from export.datasets import read_sts_pairs
 from export.source_model import default_model_path
 from harness.redis_server import RedisServer
 from harness.servers import ROOT, RunningService, free_ports, start_service
@@ -255,7 +260,8 @@ def run_service(runner: Runner, label: str, repository: Path, texts: list[str], 
         for protocol, encoding in plan.protocols if full_matrix else plan.protocols[:1]:
             port, build = endpoint(service, protocol)
             singles, hundreds = build(model, texts, 1, encoding), build(model, texts, 100, encoding)
-            for concurrency in plan.concurrencies if full_matrix else [plan.headline_concurrency]:
+            # c1 too: issue 26 judges the best CPU configuration's (int8's) lone-text latency.
+            for concurrency in plan.concurrencies if full_matrix else sorted({1, plan.headline_concurrency}):
                 runner.measure(label, port, protocol, encoding, "sentences", singles, 1, concurrency, pids, service)
             runner.measure(label, port, protocol, encoding, "sentences", hundreds, 100, plan.batch_concurrency, pids, service)
         if full_matrix:
@@ -385,16 +391,22 @@ def run_pipeline_ceiling(runner: Runner, repository: Path, texts: list[str]) -> 
 
 
 def _sts_quality(service: RunningService, model: str) -> float:
-    import numpy as np
     from aleph_alpha_client import Client
 
-    from bench.sts_quality import pair_cosines, served, spearman
-    from export.datasets import read_sts_pairs
-
-    pairs = read_sts_pairs()
-    texts = [t for p in pairs for t in (p.first, p.second)]
+    texts, gold = _sts_pairs()
     vectors, _ = served(Client(token="unused", host=service.http_url), model, texts, None)
-    return spearman(pair_cosines(vectors), np.array([p.score for p in pairs]))
+    return spearman(pair_cosines(vectors), gold)
+
+
+def _peer_sts_quality(url: str) -> float:
+    texts, gold = _sts_pairs()
+    vectors = []
+    for start in range(0, len(texts), 100):
+        body = json.dumps({"model": infinity_peer.SERVED_NAME, "input": texts[start : start + 100]}).encode()
+        call = urllib.request.Request(url + infinity_peer.PATH, body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(call, timeout=120) as response:
+            vectors += [item["embedding"] for item in json.load(response)["data"]]
+    return spearman(pair_cosines(np.array(vectors, dtype=np.float32)), gold)
 
 
 def run_peer(runner: Runner, model_dir: Path, texts: list[str]) -> dict:
@@ -425,7 +437,9 @@ def run_peer(runner: Runner, model_dir: Path, texts: list[str]) -> dict:
             pids,
             target=infinity_peer.PATH,
         )
-        return {"idle_memory_mib": idle, "version": infinity_peer.VERSION}
+        quality = _peer_sts_quality(f"http://127.0.0.1:{port}")
+        progress(f"infinity-emb STS Spearman {quality:.4f}")
+        return {"idle_memory_mib": idle, "version": infinity_peer.VERSION, "sts_spearman": quality}
     finally:
         infinity_peer.stop(process)
 
@@ -436,12 +450,27 @@ def raw_baseline(repository: Path, texts: list[str], passages: list[str], plan: 
     passage_runs = encoder.best_throughput(passages, [s for s in plan.raw_batch_sizes if 8 <= s <= 32] or [8], progress)
     single = encoder.single_latency_ms(texts, min(200, len(texts)))
     progress(f"raw onnxruntime {encoder.precision} single text p50 {single:.2f} ms")
+    quality = _raw_sts_quality(encoder)
+    progress(f"raw onnxruntime {encoder.precision} STS Spearman {quality:.4f}")
     return {
         "precision": encoder.precision,
         "sentences": {r.batch_size: r.texts_per_s for r in sentence_runs},
         "passages": {r.batch_size: r.texts_per_s for r in passage_runs},
         "single_p50_ms": single,
+        "sts_spearman": quality,
     }
+
+
+def _sts_pairs() -> tuple[list[str], np.ndarray]:
+    """The STS pairs' texts (first, second, first, ...) and gold scores."""
+    pairs = read_sts_pairs()
+    return [t for p in pairs for t in (p.first, p.second)], np.array([p.score for p in pairs])
+
+
+def _raw_sts_quality(encoder: RawEncoder) -> float:
+    # Each text alone, as the service embeds int8 (one row per run): batched, int8 would score its batch mates' scales.
+    texts, gold = _sts_pairs()
+    return spearman(pair_cosines(np.concatenate([encoder.embed([text]) for text in texts])), gold)
 
 
 def export_int8(work: Path) -> Path:

@@ -52,11 +52,6 @@ from repository_contract.naming import ensemble_names
 # GPU encoders (Triton's onnxruntime and TensorRT backends) batch only equal shapes, so requests are padded to these.
 GPU_LENGTH_BUCKETS = "16,32,64,128,256"
 
-# Rows per run of the CPU encoder. Dynamic int8 scales a run's activations by their largest value, so one row per run
-# keeps each text's vector its own whatever it is batched with; on 2 cores it costs 766 against 839 texts/s at best
-# (bench/results/throughput.md, raw int8 sentences at batch 1 against 64).
-SLICE_ROWS = {"fp32": 8, "fp16": 8, "int8": 1}
-
 # 25 megapixels: a 6000x4000 photo is served; decoded as RGB it takes 75 MB, at most one per instance at a time.
 DEFAULT_MAX_IMAGE_PIXELS = 25_000_000
 
@@ -213,10 +208,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--slice-rows",
         type=int,
-        default=None,
-        help="rows per onnxruntime run of the CPU encoder, which sorts a batch's rows by length first (default: 8; 1 for "
-        "int8, whose dynamic quantization scales a run's activations together, so that a text's vector never depends "
-        "on the texts it is batched with)",
+        default=8,
+        help="rows per onnxruntime run of the CPU encoder, which sorts a batch's rows by length first",
     )
     parser.add_argument(
         "--validation-texts", type=Path, default=DEFAULT_STS_PATH, help="STS file whose sentences check the export"
@@ -242,10 +235,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(a decompression bomb)",
     )
     parser.add_argument("--force", action="store_true", help="export again even when nothing changed")
-    args = parser.parse_args(argv)
-    if args.slice_rows is None:
-        args.slice_rows = SLICE_ROWS[args.precision]
-    return args
+    return parser.parse_args(argv)
 
 
 def _remove(args: argparse.Namespace) -> int:

@@ -73,11 +73,20 @@ def test_smoke_run_writes_every_part_of_the_report(tmp_path):
         real = find_measurement(results, "service", m["protocol"], m["encoding"], "sentences", 1, m["concurrency"])
         assert m["cpu_share"]["encoder"] < real["cpu_share"]["encoder"] / 2, (m, real)
 
-    for quality in results["service"].values():
+    for quality in [*results["service"].values(), *raw.values(), results["peer"]]:
         assert 0.7 < quality["sts_spearman"] < 0.8
+    # The ladder: raw fp32 (the yardstick, ratio 1.00, no drop), raw int8, both services and the peer, each with
+    # its STS Spearman beside it.
+    rungs = ("raw onnxruntime fp32", "raw onnxruntime int8", "service", "service int8", "infinity-emb")
+    ladder = {row: _cells(report, f"{rung}. {row}") for rung, row in enumerate(rungs, 1)}
+    assert ladder["raw onnxruntime fp32"][1] == "1.00" and ladder["raw onnxruntime fp32"][-1] == "0.00%", ladder
+    for row, cells in ladder.items():
+        assert 0.7 < float(cells[-2]) < 0.8, (row, cells)
     # Every target has a verdict in the table, met or missed by how much.
     target_rows = report.split("## Targets", 1)[1].strip().splitlines()[2:]
     assert len(target_rows) >= 6
+    # Issue 26's: the best CPU configuration (int8) against raw fp32, on batches, single texts and one text's latency.
+    assert sum(row.startswith("| service int8, ") for row in target_rows) == 3, target_rows
     assert all(row.rstrip(" |").endswith("met") or "missed by" in row for row in target_rows)
     assert sum(row.startswith(f"| {CEILING}, ") for row in target_rows) == 2  # requests/s at its top concurrency, c1 p50
     # Its rows in the service and CPU tables.

@@ -1,9 +1,9 @@
 """End to end: a text's vector does not depend on what it is batched with, at every precision the CPU serves. The same
 text embedded alone, in a request with 64 long passages, in one with 64 other sentences, and as one of 200 concurrent
 requests, gets the same vector (max abs difference <= 1e-6): the encoder step cuts every row to its own length whatever
-its batch; fp32 has no per-batch scale, and int8, whose dynamic quantization scales a run's activations together, runs
-each row alone (the export's --slice-rows 1 for int8). A service that caches vectors (--cache-url) and answers repeated
-queries relies on it."""
+its batch; fp32 has no per-batch scale, and int8 scales each token's activations on their own (export.per_token_int8)
+where onnxruntime's dynamic quantization scales a whole run's together. A service that caches vectors (--cache-url) and
+answers repeated queries relies on it."""
 
 from __future__ import annotations
 

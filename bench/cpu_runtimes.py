@@ -1,0 +1,221 @@
+"""Levers of the CPU encoder's runtime and precision (issue 26), raw and in-process, in one run: onnxruntime fp32 (the
+graph as exported, the yardstick); onnxruntime's dynamic int8 with one scale per run (quantize_dynamic as it comes,
+served before), in slices of 8 rows and one row per run; the served int8, with a scale per token
+(export.per_token_int8); and OpenVINO at f32 and bf16 (this machine's AVX-512 BF16), bf16 once as it comes and once
+with every slice padded to a multiple of 16 tokens.
+
+Each is run as the encoder step runs a batch: the texts sorted by length, in slices padded to the slice's longest.
+Quality is the STS Spearman over the shipped pairs and the vectors' cosine to fp32's; determinism is the largest
+difference between 64 texts' vectors embedded alone and among all the others. Rounds alternate the configurations, so
+a machine that slows down slows every one; each figure is the best of the rounds.
+
+    python -m bench.cpu_runtimes [--rounds 2] [--out bench/results/cpu_runtimes.md]
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from bench.cli import command_line, fresh_work_dir, table_parser
+from bench.report import markdown_table
+from bench.sts_quality import pair_cosines, spearman
+from bench.throughput import ROOT, progress
+from export.datasets import read_sts_pairs
+from export.onnx_export import quantize_int8
+from export.validate import padded_batch
+from repository_contract.manifest import manifest_paths, read
+from repository_contract.tensors import ATTENTION_MASK, TOKEN_EMBEDDINGS, onnx_name
+
+Run = Callable[[dict[str, np.ndarray]], np.ndarray]  # padded feeds -> token embeddings
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    runtime: Callable[[int], Run]  # threads -> a runner
+    slice_rows: int
+    width_multiple: int = 1  # slices padded to a multiple of this many tokens
+
+
+def _onnxruntime(graph: Path) -> Callable[[int], Run]:
+    def build(threads: int) -> Run:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # The encoder step's setting (export/steps/encoder.py).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+        return lambda feeds: session.run([onnx_name(TOKEN_EMBEDDINGS)], feeds)[0]
+
+    return build
+
+
+def _openvino(graph: Path, precision: str) -> Callable[[int], Run]:
+    import openvino
+
+    def build(threads: int) -> Run:
+        core = openvino.Core()
+        settings = {
+            "INFERENCE_NUM_THREADS": threads,
+            "INFERENCE_PRECISION_HINT": precision,
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": 1,
+        }
+        compiled = core.compile_model(core.read_model(str(graph)), "CPU", settings)
+        request, output = compiled.create_infer_request(), compiled.output(onnx_name(TOKEN_EMBEDDINGS))
+        return lambda feeds: request.infer(feeds)[output].copy()
+
+    return build
+
+
+def _per_run_scales(fp32: Path, out: Path) -> Path:
+    """quantize_dynamic as the export called it before per-token scales: every quantizable op, one scale per run."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, per_channel=True)
+    return out
+
+
+def _feeds(tokenizer: Tokenizer, texts: list[str], multiple: int) -> dict[str, np.ndarray]:
+    feeds = padded_batch(tokenizer, texts)
+    width = feeds[onnx_name(ATTENTION_MASK)].shape[1]
+    extra = -width % multiple
+    return {name: np.pad(array, ((0, 0), (0, extra))) for name, array in feeds.items()}
+
+
+def embed(run: Run, tokenizer: Tokenizer, texts: list[str], config: Config) -> np.ndarray:
+    """Mean-pooled, normalized vectors of `texts` (in their order), run as the encoder step runs them."""
+    order = sorted(range(len(texts)), key=lambda i: len(tokenizer.encode(texts[i]).ids))
+    vectors = np.zeros((len(texts), 0), dtype=np.float32)
+    for begin in range(0, len(order), config.slice_rows):
+        rows = order[begin : begin + config.slice_rows]
+        feeds = _feeds(tokenizer, [texts[i] for i in rows], config.width_multiple)
+        mask = feeds[onnx_name(ATTENTION_MASK)][..., None]
+        pooled = (run(feeds) * mask).sum(1) / mask.sum(1)
+        if not vectors.shape[1]:
+            vectors = np.zeros((len(texts), pooled.shape[1]), dtype=np.float32)
+        vectors[rows] = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+    return vectors
+
+
+def one_text_p50_ms(run: Run, tokenizer: Tokenizer, texts: list[str], config: Config) -> float:
+    feeds = [_feeds(tokenizer, [text], config.width_multiple) for text in texts]
+    run(feeds[0])
+    timings = []
+    for one in feeds:
+        started = time.perf_counter()
+        run(one)
+        timings.append(time.perf_counter() - started)
+    return 1000 * statistics.median(timings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = table_parser("bench.cpu_runtimes", __doc__, "cpu_runtimes.md")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating measurements of each configuration")
+    args = parser.parse_args(argv)
+    work = fresh_work_dir(args.work_dir, "cpu-runtimes-")
+    manifest = read(manifest_paths(ROOT / "model_repository")[0])
+    if manifest.precision != "fp32":
+        sys.exit("bench.cpu_runtimes: needs the fp32 export in model_repository (bin/setup makes it)")
+    fp32 = ROOT / "model_repository" / manifest.steps["encoder"] / "1" / "model.onnx"
+    progress("quantizing the encoder to int8, as `python -m export --precision int8` does, and without per-token scales")
+    int8 = quantize_int8(fp32, work / "int8.onnx")
+    per_run = _per_run_scales(fp32, work / "int8-per-run.onnx")
+    tokenizer = Tokenizer.from_file(str(ROOT / "model_repository" / manifest.tokenizer))
+    pairs = read_sts_pairs()
+    texts = [t for p in pairs for t in (p.first, p.second)]
+    gold = np.array([p.score for p in pairs])
+    configs = [
+        Config("onnxruntime fp32, slices of 8 (served fp32)", _onnxruntime(fp32), 8),
+        Config("onnxruntime int8, a scale per run, slices of 8 (served int8 before)", _onnxruntime(per_run), 8),
+        Config("onnxruntime int8, a scale per run, one row per run", _onnxruntime(per_run), 1),
+        Config("onnxruntime int8, a scale per token, slices of 8 (served int8)", _onnxruntime(int8), 8),
+        Config("OpenVINO f32, slices of 8", _openvino(fp32, "f32"), 8),
+        Config("OpenVINO bf16, slices of 8", _openvino(fp32, "bf16"), 8),
+        Config("OpenVINO bf16, slices of 8 padded to multiples of 16", _openvino(fp32, "bf16"), 8, 16),
+    ]
+    cores = len(os.sched_getaffinity(0))
+    quality: dict[str, tuple[float, float, float]] = {}
+    reference = embed(configs[0].runtime(1), tokenizer, texts, configs[0])
+    for config in configs:
+        run = config.runtime(1)
+        vectors = embed(run, tokenizer, texts, config)
+        alone = np.concatenate([embed(run, tokenizer, [text], config) for text in texts[:64]])
+        quality[config.name] = (
+            spearman(pair_cosines(vectors), gold),
+            float((vectors * reference).sum(1).min()),
+            float(np.abs(alone - vectors[:64]).max()),
+        )
+        progress(f"{config.name}: Spearman, min cosine to fp32, alone against batched: {quality[config.name]}")
+    speed: dict[tuple[str, str], list[float]] = {}
+    for round_ in range(args.rounds):
+        for config in configs:
+            for threads in sorted({1, cores}):
+                run = config.runtime(threads)
+                embed(run, tokenizer, texts[:64], config)
+                started = time.perf_counter()
+                embed(run, tokenizer, texts, config)
+                speed.setdefault((config.name, f"{threads} threads"), []).append(len(texts) / (time.perf_counter() - started))
+            run = config.runtime(cores)
+            speed.setdefault((config.name, "one text"), []).append(one_text_p50_ms(run, tokenizer, texts[:200], config))
+        progress(f"round {round_ + 1} of {args.rounds}")
+    yardstick = max(speed[(configs[0].name, f"{cores} threads")])
+    rows = []
+    for config in configs:
+        rates = [max(speed[(config.name, f"{t} threads")]) for t in sorted({1, cores})]
+        spearman_, cosine, drift = quality[config.name]
+        rows.append(
+            [
+                config.name,
+                *(f"{rate:.0f}" for rate in rates),
+                f"{rates[-1] / yardstick:.2f}",
+                f"{min(speed[(config.name, 'one text')]):.2f}",
+                f"{spearman_:.4f}",
+                f"{100 * (1 - spearman_ / quality[configs[0].name][0]):.2f}%",
+                f"{cosine:.6f}",
+                f"{drift:.1e}",
+            ]
+        )
+    lines = [
+        "# The CPU encoder's runtime and precision",
+        "",
+        f"Made by `{command_line('python -m bench.cpu_runtimes', argv)}` on {time.strftime('%Y-%m-%d')}, {cores} cores; "
+        f"the best of {args.rounds} alternating rounds. Raw and in-process: no Triton, no gateway. Texts/s over the "
+        f"{len(texts)} STS sentences sorted by length, run in slices as the encoder step runs them; one text: the p50 of "
+        f"200 sentences each run alone on {cores} threads; ratio: to onnxruntime fp32 on {cores} threads. Spearman over "
+        f"the {len(pairs)} pairs (mean pooling, the model's own head); its drop, the least cosine of a vector to fp32's, and "
+        "the largest difference between 64 texts' vectors embedded alone and batched are measured on 1 thread.",
+        "",
+        *markdown_table(
+            [
+                "configuration",
+                "texts/s, 1 thread",
+                f"texts/s, {cores} threads",
+                "ratio",
+                "one text p50 ms",
+                "STS Spearman",
+                "drop",
+                "min cosine to fp32",
+                "alone against batched",
+            ],
+            rows,
+        ),
+    ]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
