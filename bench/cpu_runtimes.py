@@ -1,8 +1,10 @@
 """Levers of the CPU encoder's runtime and precision (issue 26), raw and in-process, in one run: onnxruntime fp32 (the
 graph as exported, the yardstick); onnxruntime's dynamic int8 with one scale per run (quantize_dynamic as it comes,
 served before), in slices of 8 rows and one row per run; the served int8, with a scale per token
-(export.per_token_int8); and OpenVINO at f32 and bf16 (this machine's AVX-512 BF16), bf16 once as it comes and once
-with every slice padded to a multiple of 16 tokens.
+(export.per_token_int8); onnxruntime's static int8 (QDQ, per-channel weights, activations calibrated on the first
+STS sentences after onnxruntime's pre-processing: its Spearman is measured partly on its calibration texts, which
+flatters it); and OpenVINO at f32 and bf16 (this machine's AVX-512 BF16), bf16 once as it comes and once with every
+slice padded to a multiple of 16 tokens.
 
 Each is run as the encoder step runs a batch: the texts sorted by length, in slices padded to the slice's longest.
 Quality is the STS Spearman over the shipped pairs and the vectors' cosine to fp32's; determinism is the largest
@@ -35,6 +37,9 @@ from export.onnx_export import quantize_int8
 from export.validate import padded_batch
 from repository_contract.manifest import manifest_paths, read
 from repository_contract.tensors import ATTENTION_MASK, TOKEN_EMBEDDINGS, onnx_name
+
+# Min-max calibration keeps every intermediate tensor of every batch: 256 sentences hold it to a few GB.
+CALIBRATION_TEXTS = 256
 
 Run = Callable[[dict[str, np.ndarray]], np.ndarray]  # padded feeds -> token embeddings
 
@@ -86,6 +91,28 @@ def _per_run_scales(fp32: Path, out: Path) -> Path:
     return out
 
 
+def _static_int8(fp32: Path, work: Path, calibration: list[dict[str, np.ndarray]]) -> Path:
+    """onnxruntime's static quantization as its documentation gives it for CPUs: the graph pre-processed (shape
+    inference and optimization), QDQ format, per-channel int8 weights, uint8 activations whose ranges are calibrated
+    (min-max) on `calibration`'s batches; MatMuls only, as the served int8."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Batches(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(calibration)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+
+    prepared, out = work / "int8-static-prepared.onnx", work / "int8-static.onnx"
+    quant_pre_process(str(fp32), str(prepared))
+    quantize_static(
+        str(prepared), str(out), Batches(), quant_format=QuantFormat.QDQ, per_channel=True, op_types_to_quantize=["MatMul"]
+    )
+    return out
+
+
 def _feeds(tokenizer: Tokenizer, texts: list[str], multiple: int) -> dict[str, np.ndarray]:
     feeds = padded_batch(tokenizer, texts)
     width = feeds[onnx_name(ATTENTION_MASK)].shape[1]
@@ -122,6 +149,7 @@ def one_text_p50_ms(run: Run, tokenizer: Tokenizer, texts: list[str], config: Co
 def main(argv: list[str] | None = None) -> int:
     parser = table_parser("bench.cpu_runtimes", __doc__, "cpu_runtimes.md")
     parser.add_argument("--rounds", type=int, default=2, help="alternating measurements of each configuration")
+    parser.add_argument("--pairs", type=int, default=None, help="the first this many STS pairs only (a smoke run)")
     args = parser.parse_args(argv)
     work = fresh_work_dir(args.work_dir, "cpu-runtimes-")
     manifest = read(manifest_paths(ROOT / "model_repository")[0])
@@ -132,14 +160,18 @@ def main(argv: list[str] | None = None) -> int:
     int8 = quantize_int8(fp32, work / "int8.onnx")
     per_run = _per_run_scales(fp32, work / "int8-per-run.onnx")
     tokenizer = Tokenizer.from_file(str(ROOT / "model_repository" / manifest.tokenizer))
-    pairs = read_sts_pairs()
+    pairs = read_sts_pairs()[: args.pairs]
     texts = [t for p in pairs for t in (p.first, p.second)]
+    progress(f"calibrating static int8 on {CALIBRATION_TEXTS} STS sentences")
+    calibration = [_feeds(tokenizer, texts[i : i + 8], 1) for i in range(0, min(len(texts), CALIBRATION_TEXTS), 8)]
+    static = _static_int8(fp32, work, calibration)
     gold = np.array([p.score for p in pairs])
     configs = [
         Config("onnxruntime fp32, slices of 8 (served fp32)", _onnxruntime(fp32), 8),
         Config("onnxruntime int8, a scale per run, slices of 8 (served int8 before)", _onnxruntime(per_run), 8),
         Config("onnxruntime int8, a scale per run, one row per run", _onnxruntime(per_run), 1),
         Config("onnxruntime int8, a scale per token, slices of 8 (served int8)", _onnxruntime(int8), 8),
+        Config(f"onnxruntime int8, static QDQ calibrated on {CALIBRATION_TEXTS} sentences, slices of 8", _onnxruntime(static), 8),
         Config("OpenVINO f32, slices of 8", _openvino(fp32, "f32"), 8),
         Config("OpenVINO bf16, slices of 8", _openvino(fp32, "bf16"), 8),
         Config("OpenVINO bf16, slices of 8 padded to multiples of 16", _openvino(fp32, "bf16"), 8, 16),

@@ -242,16 +242,29 @@ def quantize_int8(fp32_path: Path, out_path: Path) -> Path:
     (export.per_token_int8): the CPU speed-up with no calibration data, and vectors that do not depend on the batch.
 
     Per-channel weight scales matter here: per-tensor scales dropped the mean cosine to the fp32 model on the STS
-    sentences from 0.990 to 0.946 (min 0.79), at the same ~2.2x speed. MatMuls and the embedding tables (Gather, whose
-    int8 weights are dequantized as they are, with no activation scale), not convolutions: a quantized one (CLIP's patch
-    embedding) would scale a whole batch of images together.
+    sentences from 0.990 to 0.946 (min 0.79), at the same ~2.2x speed. Only MatMuls: the embedding tables (Gather)
+    are a lookup that int8 does not speed up, and quantizing them cost 0.0004 STS Spearman (0.7364 to 0.7360,
+    `python -m bench.cpu_runtimes` against bin/bench of 2026-12-03); a quantized convolution (CLIP's patch embedding)
+    would scale a whole batch of images together.
+
+    Weights use 7 of their 8 bits (reduce_range), as onnxruntime advises for x86 CPUs without VNNI: there its u8s8
+    kernel sums pairs of products in int16 (VPMADDUBSW), and a pair of 255 * 127 saturates. On such a CPU (AVX2)
+    full-range weights moved the vectors with the machine: min cosine to fp32 0.9741 against 0.9818 on an AVX-512 VNNI
+    one, whose kernel does not saturate. With 7-bit weights the integer products are exact on both, so every CPU serves
+    the same vectors, at full u8s8 speed; uint8 weights (u8u8, also exact) ran 15% slower on AVX2
+    (AVX2 machine: Spearman 0.7396 reduce_range, 0.7389 uint8 weights, 0.7371 full range; fp32 0.7435).
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from export.per_token_int8 import rewrite
 
     quantize_dynamic(
-        str(fp32_path), str(out_path), weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul", "Gather"]
+        str(fp32_path),
+        str(out_path),
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        reduce_range=True,
+        op_types_to_quantize=["MatMul"],
     )
     return rewrite(out_path)
 

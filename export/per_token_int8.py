@@ -36,7 +36,9 @@ _LEVELS, _NEG_LEVELS, _SHIFT, _ZERO_POINT, _TINY, _LAST_AXIS = (
 )
 
 
-def _constants() -> list[onnx.TensorProto]:
+def _constants(opset: int) -> list[onnx.TensorProto]:
+    """The constants the new nodes read; the axes input of ReduceMax only where it is an input (opset 18 on), since
+    onnxruntime warns of an initializer that nothing reads."""
     return [
         numpy_helper.from_array(np.array(value, dtype=dtype), name)
         for name, value, dtype in [
@@ -47,6 +49,7 @@ def _constants() -> list[onnx.TensorProto]:
             (_TINY, TINY, np.float32),
             (_LAST_AXIS, [-1], np.int64),
         ]
+        if name != _LAST_AXIS or opset >= 18
     ]
 
 
@@ -116,7 +119,7 @@ def per_token_scales(model: onnx.ModelProto) -> onnx.ModelProto:
             nodes += [*replaced.get(id(node), []), node]
     del graph.node[:]
     graph.node.extend(nodes)
-    graph.initializer.extend(_constants())
+    graph.initializer.extend(_constants(opset))
     return model
 
 

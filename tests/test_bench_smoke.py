@@ -184,3 +184,33 @@ def test_images_smoke_run_sets_every_service_point_against_raw_onnxruntime(tmp_p
         assert raw > 0 and served > 0, row
         # The ratio is of the exact images/s, which are printed rounded to whole numbers (and it to two decimals).
         assert (served - 0.5) / (raw + 0.5) - 0.005 <= ratio <= (served + 0.5) / (raw - 0.5) + 0.005, row
+
+
+def test_cpu_runtimes_smoke_run_reports_every_configuration(tmp_path):
+    from bench.cpu_runtimes import main
+
+    out = tmp_path / "cpu_runtimes.md"
+    assert main(["--rounds", "1", "--pairs", "40", "--out", str(out), "--work-dir", str(tmp_path / "work")]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "configuration" not in line]
+    assert len(rows) == 8, rows
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert float(cells[1]) > 0 and float(cells[2]) > 0 and float(cells[4]) > 0, cells
+        # Every configuration but the per-run int8 in slices gives a text the same vector alone and batched.
+        assert (float(cells[8]) > 1e-3) == ("a scale per run, slices of 8" in cells[0]), cells
+    assert rows[0].split("|")[4].strip() == "1.00"  # fp32 is the yardstick
+
+
+def test_single_text_path_smoke_run_splits_the_time_by_step(tmp_path):
+    from bench.single_text_path import PATHS, main
+
+    out = tmp_path / "single_text_path.md"
+    assert main(["--requests", "20", "--no-int8", "--out", str(out), "--work-dir", str(tmp_path / "work")]) == 0
+    report = out.read_text()
+    assert all(float(cell.removesuffix(" ms")) > 0 for cell in _cells(report, "fp32")[: len(PATHS)])
+    steps = {
+        row[1]: row for row in ([c.strip() for c in line.strip("|").split("|")] for line in report.splitlines()) if len(row) == 8
+    }
+    for step in ("ensemble", "tokenizer", "encoder", "pooling"):
+        # 20 texts and the one untimed first call, each its own execution of every step.
+        assert steps[step][2] == "21" and float(steps[step][7]) > 0, steps[step]
