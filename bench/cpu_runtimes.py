@@ -1,10 +1,11 @@
 """Levers of the CPU encoder's runtime and precision (issue 26), raw and in-process, in one run: onnxruntime fp32 (the
 graph as exported, the yardstick); onnxruntime's dynamic int8 with one scale per run (quantize_dynamic as it comes,
 served before), in slices of 8 rows and one row per run; the served int8, with a scale per token
-(export.per_token_int8); onnxruntime's static int8 (QDQ, per-channel weights, activations calibrated on the first
-STS sentences after onnxruntime's pre-processing: its Spearman is measured partly on its calibration texts, which
-flatters it); and OpenVINO at f32 and bf16 (this machine's AVX-512 BF16), bf16 once as it comes and once with every
-slice padded to a multiple of 16 tokens.
+(export.per_token_int8), with 7-bit weights and with 8-bit ones; onnxruntime's static int8 (QDQ, per-channel
+weights, activations calibrated on the first STS sentences after onnxruntime's pre-processing: its Spearman is measured
+partly on its calibration texts, which flatters it); and OpenVINO at f32 and bf16 (in hardware where the CPU has
+AVX-512 BF16), bf16 once as it comes and once with every slice padded to a multiple of 16 tokens. The report names the
+CPU's vector instructions, which decide the int8 and bf16 figures.
 
 Each is run as the encoder step runs a batch: the texts sorted by length, in slices padded to the slice's longest.
 Quality is the STS Spearman over the shipped pairs and the vectors' cosine to fp32's; determinism is the largest
@@ -29,6 +30,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from bench.cli import command_line, fresh_work_dir, table_parser
+from bench.machine import describe
 from bench.report import markdown_table
 from bench.sts_quality import pair_cosines, spearman
 from bench.throughput import ROOT, progress
@@ -89,6 +91,17 @@ def _per_run_scales(fp32: Path, out: Path) -> Path:
 
     quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, per_channel=True)
     return out
+
+
+def _full_range_per_token(fp32: Path, out: Path) -> Path:
+    """The served int8 but with 8-bit weights, as exported before reduce_range (export.onnx_export.quantize_int8 says
+    why: on a CPU without VNNI its products saturate)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from export.per_token_int8 import rewrite
+
+    quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"])
+    return rewrite(out)
 
 
 def _static_int8(fp32: Path, work: Path, calibration: list[dict[str, np.ndarray]]) -> Path:
@@ -159,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     progress("quantizing the encoder to int8, as `python -m export --precision int8` does, and without per-token scales")
     int8 = quantize_int8(fp32, work / "int8.onnx")
     per_run = _per_run_scales(fp32, work / "int8-per-run.onnx")
+    full_range = _full_range_per_token(fp32, work / "int8-full-range.onnx")
     tokenizer = Tokenizer.from_file(str(ROOT / "model_repository" / manifest.tokenizer))
     pairs = read_sts_pairs()[: args.pairs]
     texts = [t for p in pairs for t in (p.first, p.second)]
@@ -170,13 +184,15 @@ def main(argv: list[str] | None = None) -> int:
         Config("onnxruntime fp32, slices of 8 (served fp32)", _onnxruntime(fp32), 8),
         Config("onnxruntime int8, a scale per run, slices of 8 (served int8 before)", _onnxruntime(per_run), 8),
         Config("onnxruntime int8, a scale per run, one row per run", _onnxruntime(per_run), 1),
-        Config("onnxruntime int8, a scale per token, slices of 8 (served int8)", _onnxruntime(int8), 8),
+        Config("onnxruntime int8, a scale per token, 8-bit weights, slices of 8", _onnxruntime(full_range), 8),
+        Config("onnxruntime int8, a scale per token, 7-bit weights, slices of 8 (served int8)", _onnxruntime(int8), 8),
         Config(f"onnxruntime int8, static QDQ calibrated on {CALIBRATION_TEXTS} sentences, slices of 8", _onnxruntime(static), 8),
         Config("OpenVINO f32, slices of 8", _openvino(fp32, "f32"), 8),
         Config("OpenVINO bf16, slices of 8", _openvino(fp32, "bf16"), 8),
         Config("OpenVINO bf16, slices of 8 padded to multiples of 16", _openvino(fp32, "bf16"), 8, 16),
     ]
     cores = len(os.sched_getaffinity(0))
+    machine = describe()
     quality: dict[str, tuple[float, float, float]] = {}
     reference = embed(configs[0].runtime(1), tokenizer, texts, configs[0])
     for config in configs:
@@ -221,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# The CPU encoder's runtime and precision",
         "",
-        f"Made by `{command_line('python -m bench.cpu_runtimes', argv)}` on {time.strftime('%Y-%m-%d')}, {cores} cores; "
+        f"Made by `{command_line('python -m bench.cpu_runtimes', argv)}` on {time.strftime('%Y-%m-%d')}, {cores} cores of "
+        f"{machine['CPU']} ({machine['vector instructions']}), onnxruntime {machine['onnxruntime']}; "
         f"the best of {args.rounds} alternating rounds. Raw and in-process: no Triton, no gateway. Texts/s over the "
         f"{len(texts)} STS sentences sorted by length, run in slices as the encoder step runs them; one text: the p50 of "
         f"200 sentences each run alone on {cores} threads; ratio: to onnxruntime fp32 on {cores} threads. Spearman over "

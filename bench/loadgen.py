@@ -12,7 +12,9 @@ The spec is a pickled dict:
     bodies       list of bytes, sent round-robin
     concurrency  callers, each with one request in flight at a time
     warmup_s     run, but not measured
-    duration_s   measured window
+    duration_s   measured window; it runs on past its end, by up to EXTENSION_CAP_S, until one request that started
+                 in it has ended: a window shorter than the slowest request (a 100-text request to infinity-emb in a
+                 smoke run on a slow machine) would otherwise measure nothing
     max_requests upper bound on requests sent, warm-up included
     headers      optional dict of extra headers sent with every request (e.g. Authorization); gRPC sends them
                  as call metadata, names lower-cased as gRPC requires
@@ -83,6 +85,9 @@ class GrpcCaller:
         pass
 
 
+EXTENSION_CAP_S = 60.0
+
+
 def _percentile(sorted_values: list[float], fraction: float) -> float:
     if not sorted_values:
         return float("nan")
@@ -105,7 +110,8 @@ async def run(spec: dict) -> dict:
     budget = [spec["max_requests"]]
     start = time.perf_counter()
     measure_from = start + spec["warmup_s"]
-    measure_until = measure_from + spec["duration_s"]
+    measure_until = [measure_from + spec["duration_s"]]  # moved on while no request has been measured
+    give_up = measure_until[0] + EXTENSION_CAP_S
     latencies: list[float] = []
     errors: list[str] = []
     cpu_at: list[os.times_result] = []
@@ -113,7 +119,7 @@ async def run(spec: dict) -> dict:
     async def caller_loop(caller) -> None:
         while budget[0] > 0:
             now = time.perf_counter()
-            if now >= measure_until:
+            if (now >= measure_until[0] and latencies) or now >= give_up:
                 return
             budget[0] -= 1
             try:
@@ -122,13 +128,14 @@ async def run(spec: dict) -> dict:
                 errors.append(str(error))
                 return
             done = time.perf_counter()
-            if now >= measure_from and done <= measure_until:
+            if now >= measure_from and (done <= measure_until[0] or not latencies):
                 latencies.append(done - now)
+                measure_until[0] = max(measure_until[0], done)
 
     async def cpu_marks() -> None:
         await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
         cpu_at.append(os.times())
-        await asyncio.sleep(max(0.0, measure_until - time.perf_counter()))
+        await asyncio.sleep(max(0.0, measure_until[0] - time.perf_counter()))
 
     marks = asyncio.create_task(cpu_marks())
     await asyncio.gather(*(caller_loop(c) for c in callers))
@@ -140,7 +147,7 @@ async def run(spec: dict) -> dict:
     if channel is not None:
         await channel.close()
 
-    window = min(ended, measure_until) - measure_from
+    window = min(ended, measure_until[0]) - measure_from
     cpu_start = cpu_at[0] if cpu_at else cpu_end
     cpu_s = (cpu_end.user + cpu_end.system) - (cpu_start.user + cpu_start.system)
     latencies.sort()

@@ -89,7 +89,8 @@ class Plan:
     @staticmethod
     def smoke() -> Plan:
         # Only requests that start and end inside the window count, so the window must hold a few of the
-        # slowest (a 5-passage request on a cold server); a 1 s warm-up takes the cold start.
+        # slowest (a 5-passage request on a cold server); a 1 s warm-up takes the cold start. Where one request
+        # takes longer than the window, the load generator waits for it (bench.loadgen).
         return Plan(
             1.0,
             2.5,
