@@ -46,9 +46,17 @@ def _rate(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> float:
     return runs / (time.perf_counter() - started)
 
 
-def main(argv: list[str] | None = None) -> int:
+def fuse(exported: Path, fused: Path) -> dict[str, int]:
+    """onnxruntime's transformer optimizer on the exported encoder, saved to `fused`; the count of each fusion made."""
     from onnxruntime.transformers.optimizer import optimize_model
 
+    # Heads and width 0: the optimizer reads them from the graph.
+    optimized = optimize_model(str(exported), model_type="bert", num_heads=0, hidden_size=0)
+    optimized.save_model_to_file(str(fused))
+    return {name: count for name, count in optimized.get_fused_operator_statistics().items() if count}
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = table_parser("bench.transformer_fusion", __doc__, "transformer_fusion.md")
     parser.add_argument("--rounds", type=int, default=3, help="alternating measurements of each graph")
     args = parser.parse_args(argv)
@@ -56,10 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest = read(manifest_paths(ROOT / "model_repository")[0])
     exported = ROOT / "model_repository" / manifest.steps["encoder"] / "1" / "model.onnx"
     fused = work / "fused.onnx"
-    # Heads and width 0: the optimizer reads them from the graph.
-    optimized = optimize_model(str(exported), model_type="bert", num_heads=0, hidden_size=0)
-    optimized.save_model_to_file(str(fused))
-    fusions = {name: count for name, count in optimized.get_fused_operator_statistics().items() if count}
+    fusions = fuse(exported, fused)
     tokenizer = Tokenizer.from_file(str(ROOT / "model_repository" / manifest.tokenizer))
     texts = sentences()
     batch, one = padded_batch(tokenizer, texts[:BATCH]), padded_batch(tokenizer, texts[:1])

@@ -138,8 +138,7 @@ async def test_a_client_that_disconnects_has_its_work_cancelled(fresh):
     body = json.dumps({"model": resilience.MODEL, "input": texts}).encode()
 
     def encoder_rows() -> int:
-        with urllib.request.urlopen(f"{service.triton_http_url}/v2/models/{resilience.MODEL}-encoder/stats") as response:
-            return json.loads(response.read())["model_stats"][0]["inference_count"]
+        return int(_encoder_stats(service)["inference_count"])
 
     before = encoder_rows()
     curl = subprocess.Popen(
@@ -176,10 +175,25 @@ async def test_a_client_that_disconnects_has_its_work_cancelled(fresh):
     assert resilience.p99(latencies) < 0.5
 
 
+def _encoder_stats(service) -> dict:
+    with urllib.request.urlopen(f"{service.triton_http_url}/v2/models/{resilience.MODEL}-encoder/stats") as response:
+        return json.loads(response.read())["model_stats"][0]
+
+
 async def test_big_batches_do_not_hold_up_one_text_requests(fresh):
+    before = _encoder_stats(fresh.service)
     figures = await resilience.big_batches(fresh.service, bulk_clients=16, seconds=15)
     figures.print()
-    assert figures.probe_p99_s <= 1.0
+    after = _encoder_stats(fresh.service)
+    executions = int(after["execution_count"]) - int(before["execution_count"])
+    computing = int(after["inference_stats"]["compute_infer"]["ns"]) - int(before["inference_stats"]["compute_infer"]["ns"])
+    execution_s = computing / 1e9 / executions
+    # A probe is not queued behind the 16 clients' 32,768 texts (minutes of work here); it waits for the bulk
+    # executions running when it comes, then runs in one: about two executions. At least 1 s, the bound this test had
+    # when every machine here had AVX-512; on an AVX2 one an execution took 0.745 s on average and the p99 1.63 s.
+    bound = max(1.0, 2 * execution_s + 0.5)
+    print(f"[faults] big batches: encoder executions {execution_s:.3f} s on average, probe p99 {figures.probe_p99_s} s")
+    assert figures.probe_p99_s <= bound, (figures.probe_p99_s, execution_s)
     assert figures.succeeded > 0
     assert set(figures.failed) <= {"503"}, figures.failed
 

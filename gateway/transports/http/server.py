@@ -460,6 +460,10 @@ class _AcceptFailures:
     """
 
     MESSAGE = "socket.accept() out of system resource"
+    # asyncio schedules its retry once per failed accept(), up to `backlog` (2048) of them a wake-up. Those that come
+    # due after the server closed its socket at shutdown find no descriptor (ValueError): nothing is lost then, and a
+    # traceback each kept a slow machine past its shutdown grace.
+    RETRY = "_start_serving"
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
@@ -478,6 +482,8 @@ class _AcceptFailures:
             if self.flush_handle is None:
                 delay = max(0.0, self.last_logged + ACCEPT_FAILURE_LOG_INTERVAL_S - loop.time())
                 self.flush_handle = loop.call_later(delay, self.flush)
+            return
+        if isinstance(exception, ValueError) and self.RETRY in str(context.get("message", "")):
             return
         if self.previous is not None:
             self.previous(loop, context)
