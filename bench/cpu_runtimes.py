@@ -94,17 +94,6 @@ def _per_run_scales(fp32: Path, out: Path) -> Path:
     return out
 
 
-def _full_range_per_token(fp32: Path, out: Path) -> Path:
-    """The served int8 but with 8-bit weights, as exported before reduce_range (export.onnx_export.quantize_int8 says
-    why: on a CPU without VNNI its products saturate)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    from export.per_token_int8 import rewrite
-
-    quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"])
-    return rewrite(out)
-
-
 def _static_int8(fp32: Path, work: Path, calibration: list[dict[str, np.ndarray]]) -> Path:
     """onnxruntime's static quantization as its documentation gives it for CPUs: the graph pre-processed (shape
     inference and optimization), QDQ format, per-channel int8 weights, uint8 activations whose ranges are calibrated
@@ -175,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     progress("quantizing the encoder to int8, as `python -m export --precision int8` does, and without per-token scales")
     int8 = quantize_int8(fp32, work / "int8.onnx")
     per_run = _per_run_scales(fp32, work / "int8-per-run.onnx")
-    full_range = _full_range_per_token(fp32, work / "int8-full-range.onnx")
+    full_range = quantize_int8(fp32, work / "int8-full-range.onnx", full_range_weights=True)
     tokenizer = Tokenizer.from_file(str(ROOT / "model_repository" / manifest.tokenizer))
     pairs = read_sts_pairs()[: args.pairs]
     texts = [t for p in pairs for t in (p.first, p.second)]

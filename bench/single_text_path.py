@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
 import sys
 import time
 import urllib.request
@@ -28,7 +27,7 @@ from tokenizers import Tokenizer
 
 from bench.cli import command_line, fresh_work_dir, table_parser
 from bench.report import markdown_table
-from bench.throughput import ROOT, progress
+from bench.throughput import ROOT, export_int8, progress
 from bench.workload import sentences
 from export.validate import padded_batch
 from harness.servers import RunningService, start_service
@@ -118,13 +117,6 @@ def measure(repository: Path, texts: list[str], work: Path) -> dict:
     return figures
 
 
-def _int8_repository(work: Path) -> Path:
-    target = work / "int8-repository"
-    progress("exporting the int8 model")
-    subprocess.run([sys.executable, "-m", "export", "--precision", "int8", "--output-dir", str(target)], cwd=ROOT, check=True)
-    return target
-
-
 PATHS = ("raw, spinning off", "raw, spinning on", "triton ensemble, client p50", "gateway, client p50")
 
 
@@ -158,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     work = fresh_work_dir(args.work_dir, "single-text-")
     texts = sentences()[: args.requests]
-    repositories = [ROOT / "model_repository"] + ([] if args.no_int8 else [_int8_repository(work)])
+    repositories = [ROOT / "model_repository"] + ([] if args.no_int8 else [export_int8(work)])
     results = [measure(repository, texts, work) for repository in repositories]
     report = markdown(results, command_line("python -m bench.single_text_path", argv), len(texts))
     args.out.parent.mkdir(parents=True, exist_ok=True)

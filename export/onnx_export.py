@@ -237,7 +237,7 @@ def export_fp32(source: SourceModel, graphs: Mapping[Path, TextEncoder]) -> torc
     return model.get_input_embeddings().weight.detach().float()
 
 
-def quantize_int8(fp32_path: Path, out_path: Path) -> Path:
+def quantize_int8(fp32_path: Path, out_path: Path, full_range_weights: bool = False) -> Path:
     """Dynamic int8 quantization of the MatMuls' weights, with each token's activations scaled on their own
     (export.per_token_int8): the CPU speed-up with no calibration data, and vectors that do not depend on the batch.
 
@@ -253,6 +253,7 @@ def quantize_int8(fp32_path: Path, out_path: Path) -> Path:
     one, whose kernel does not saturate. With 7-bit weights the integer products are exact on both, so every CPU serves
     the same vectors, at full u8s8 speed; uint8 weights (u8u8, also exact) ran 15% slower on AVX2
     (AVX2 machine: Spearman 0.7396 reduce_range, 0.7389 uint8 weights, 0.7371 full range; fp32 0.7435).
+    `full_range_weights` gives the 8-bit weights exported before, for bench.cpu_runtimes to set beside them.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -263,7 +264,7 @@ def quantize_int8(fp32_path: Path, out_path: Path) -> Path:
         str(out_path),
         weight_type=QuantType.QInt8,
         per_channel=True,
-        reduce_range=True,
+        reduce_range=not full_range_weights,
         op_types_to_quantize=["MatMul"],
     )
     return rewrite(out_path)
