@@ -48,9 +48,13 @@ from repository_contract.manifest import (
     recorded_fingerprint,
 )
 from repository_contract.naming import ensemble_names
+from repository_contract.targets import TARGETS
 
-# GPU encoders (Triton's onnxruntime and TensorRT backends) batch only equal shapes, so requests are padded to these.
+# Triton's own onnxruntime and TensorRT backends (the NGC targets) batch only equal shapes, so requests are padded to these.
 GPU_LENGTH_BUCKETS = "16,32,64,128,256"
+CPU_MAX_BATCH, GPU_MAX_BATCH = 64, 256
+CPU_SLICE_ROWS = 8
+GPU_ENCODER_INSTANCES = 2
 
 # 25 megapixels: a 6000x4000 photo is served; decoded as RGB it takes 75 MB, at most one per instance at a time.
 DEFAULT_MAX_IMAGE_PIXELS = 25_000_000
@@ -112,7 +116,8 @@ def _fit_projection(source, head, args: argparse.Namespace, onnx_path: Path, tok
 
 def _length_buckets(args: argparse.Namespace, max_length: int) -> tuple[int, ...]:
     """() means each request is padded to its own longest sequence."""
-    spec = args.length_buckets if args.length_buckets is not None else ("" if args.target == "cpu" else GPU_LENGTH_BUCKETS)
+    ragged = TARGETS[args.target].python_encoder
+    spec = args.length_buckets if args.length_buckets is not None else ("" if ragged else GPU_LENGTH_BUCKETS)
     buckets = [int(b) for b in spec.split(",") if b.strip()]
     return (*(b for b in buckets if b < max_length), max_length) if buckets else ()
 
@@ -159,21 +164,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--target",
-        choices=["cpu", "gpu-onnxruntime", "gpu-tensorrt"],
+        choices=list(TARGETS),
         default="cpu",
-        help="cpu: Python-backend onnxruntime encoder; gpu-*: Triton's onnxruntime or tensorrt_plan backend",
+        help="where the encoder runs. cpu: onnxruntime in the Python-backend step; gpu-cuda and gpu-tensorrt-ep: the same "
+        "step on onnxruntime-gpu's CUDA or TensorRT provider (the pip route: bin/setup --gpu); gpu-onnxruntime and "
+        "gpu-tensorrt: Triton's own onnxruntime or tensorrt_plan backend (NGC images only)",
     )
     parser.add_argument(
         "--length-buckets",
         default=None,
         help="padding lengths, comma-separated, for encoders that batch equal shapes only "
-        f"(default: {GPU_LENGTH_BUCKETS} on gpu targets; none on cpu, whose encoder takes ragged batches)",
+        f"(default: {GPU_LENGTH_BUCKETS} for Triton's own backends; none for the Python-backend step, which takes ragged "
+        "batches)",
     )
     parser.add_argument(
         "--max-batch-size",
         type=int,
-        default=64,
-        help="largest batch a model takes, in rows; the gateway splits bigger requests. It bounds one encoder execution, and so how long a newly queued request (a `nice=false` one behind a nice load, say) can wait for an instance",
+        default=None,
+        help=f"default {CPU_MAX_BATCH} on cpu, {GPU_MAX_BATCH} on gpu targets: largest batch a model takes, in rows; the gateway splits bigger requests. It bounds one encoder execution, and so how long a newly queued request (a `nice=false` one behind a nice load, say) can wait for an instance",
     )
     parser.add_argument(
         "--queue-delay-us",
@@ -184,8 +192,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--encoder-instances",
         type=int,
-        default=len(os.sched_getaffinity(0)),
-        help="CPU encoder instances (default: one per core)",
+        default=None,
+        help=f"encoder instances (default: one per core on cpu; {GPU_ENCODER_INSTANCES} on gpu targets, so that one gathers a "
+        "batch while the other runs)",
     )
     parser.add_argument(
         "--controlled-encoder-instances",
@@ -208,8 +217,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--slice-rows",
         type=int,
-        default=8,
-        help="rows per onnxruntime run of the CPU encoder, which sorts a batch's rows by length first",
+        default=None,
+        help="rows per onnxruntime run of the Python-backend encoder, which sorts a batch's rows by length first "
+        f"(default: {CPU_SLICE_ROWS} on cpu; the whole batch on gpu targets)",
     )
     parser.add_argument(
         "--validation-texts", type=Path, default=DEFAULT_STS_PATH, help="STS file whose sentences check the export"
@@ -235,7 +245,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(a decompression bomb)",
     )
     parser.add_argument("--force", action="store_true", help="export again even when nothing changed")
-    return parser.parse_args(argv)
+    return _target_defaults(parser.parse_args(argv))
+
+
+def _target_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Batches and instances sized for where the encoder runs: a core per instance and short slices on a CPU; on a
+    GPU, two instances (one gathers and copies while the other runs) and batches run whole, as a GPU is fastest on
+    many rows at once."""
+    gpu = TARGETS[args.target].gpu
+    if args.max_batch_size is None:
+        args.max_batch_size = GPU_MAX_BATCH if gpu else CPU_MAX_BATCH
+    if args.encoder_instances is None:
+        args.encoder_instances = GPU_ENCODER_INSTANCES if gpu else len(os.sched_getaffinity(0))
+    if args.slice_rows is None:
+        args.slice_rows = args.max_batch_size if gpu else CPU_SLICE_ROWS
+    return args
 
 
 def _remove(args: argparse.Namespace) -> int:
@@ -408,6 +432,7 @@ def _build(args: argparse.Namespace, source, model_dir: Path, fingerprint: str, 
         layers=Layers(tuple(LAYER_POOLINGS), EnsembleNames(**ensembles["layers"])),
         controls=Controls(f"{steps['controlled-ids']}/1/token_embeddings.npy"),
         vision=_vision_manifest(vision, source.name, compress_to) if vision else None,
+        execution_providers=TARGETS[args.target].execution_providers,
     )
     options = RepositoryOptions(
         target=args.target,

@@ -14,6 +14,7 @@ from export.compression import Projection
 from export.source_model import SourceModel
 from export.steps.image_processing import PROCESSOR_FILE, ImageProcessor
 from export.steps.sentence_head import SentenceHead
+from repository_contract import targets
 from repository_contract.manifest import Manifest
 from repository_contract.manifest import write as write_manifest
 from repository_contract.naming import ensemble_names, image_ensembles, step_name
@@ -42,7 +43,7 @@ STEP_SOURCES = Path(__file__).resolve().parent / "steps"
 # The tensor names, which every step imports from beside its model.py.
 TENSOR_NAMES = Path(__file__).resolve().parent.parent / "repository_contract" / "tensors.py"
 # Each step's source file; every model gets its own copy of each step (see repository_contract.naming). Which text
-# encoders a target has is text_encoders'; only the CPU target's run this source, GPU targets' run in Triton's backends.
+# encoders a target has is text_encoders'; the NGC targets' run in Triton's own backends instead of this source.
 STEP_ROLES = {
     "tokenizer": "tokenizer.py",
     "token-ids": "tokenizer.py",
@@ -87,7 +88,7 @@ def text_encoders(target: str) -> dict[str, TextEncoder]:
     rare one, and another copy of the weights for it is not worth it."""
     both = (TOKEN_EMBEDDINGS, HIDDEN_STATES)
     controlled = TextEncoder(True, both)
-    if target == "cpu":
+    if not targets.target(target).gpu:
         return {"encoder": TextEncoder(False, both), "controlled-encoder": controlled}
     return {
         "encoder": TextEncoder(False, (TOKEN_EMBEDDINGS,)),
@@ -105,7 +106,7 @@ def _encoder_for(encoders: Mapping[str, TextEncoder], controlled: bool, output: 
 
 @dataclass(frozen=True)
 class RepositoryOptions:
-    target: str  # "cpu", "gpu-onnxruntime" or "gpu-tensorrt"
+    target: str  # a name of repository_contract.targets.TARGETS
     precision: str
     max_batch_size: int
     length_buckets: tuple[int, ...]  # empty: each request padded to its own longest sequence
@@ -219,18 +220,23 @@ def remove_model(out_dir: Path, directories: Iterable[str]) -> None:
 
 
 def _encoder_config(name: str, source: SourceModel, options: RepositoryOptions, encoder: TextEncoder) -> str:
-    ragged = options.target == "cpu"
+    target = targets.target(options.target)
+    ragged = target.python_encoder
     inputs = [(INPUT_IDS, "TYPE_INT64", [-1], ragged), (ATTENTION_MASK, "TYPE_INT64", [-1], ragged)]
     if encoder.controlled:
         inputs += [(CONTROL_FACTORS, "TYPE_FP32", [-1], ragged), (CONTROL_LOG_ADDITIVE, "TYPE_BOOL", [1], False)]
     dims = {TOKEN_EMBEDDINGS: [-1, source.hidden_size], HIDDEN_STATES: [source.num_layers + 1, -1, source.hidden_size]}
     outputs = [(output, "TYPE_FP32", dims[output]) for output in encoder.outputs]
-    if options.target == "cpu":
+    if target.python_encoder:
         params = _python_params(
             options,
+            execution_providers=",".join(target.execution_providers),
             intra_op_threads=str(options.intra_op_threads),
             alone_intra_op_threads=str(options.alone_intra_op_threads),
             slice_rows=str(options.slice_rows),
+            # What TensorRT's provider builds its engine's shape profile and precision from.
+            max_sequence_length=str(source.max_sequence_length),
+            precision=options.precision,
         )
         instances = options.controlled_encoder_instances if encoder.controlled else options.encoder_instances
         return _model_config(name, 'backend: "python"', inputs, outputs, options, params=params, instances=instances)
@@ -242,7 +248,7 @@ def _encoder_config(name: str, source: SourceModel, options: RepositoryOptions, 
 
 
 def _encoder_tensor(name: str, options: RepositoryOptions) -> str:
-    return name if options.target == "cpu" else onnx_name(name)
+    return name if targets.target(options.target).python_encoder else onnx_name(name)
 
 
 def _carried(name: str) -> str:
@@ -304,7 +310,7 @@ def write_repository(
 
     for role, onnx_path in onnx_paths.items():
         encoder_dir = _fresh_model_dir(out_dir / steps[role])
-        if options.target == "cpu":
+        if targets.target(options.target).python_encoder:
             _copy_step_source(role, encoder_dir)
         plan_name = "model.onnx" if options.target != "gpu-tensorrt" else "model.onnx.for-trtexec"
         shutil.copy(onnx_path, encoder_dir / plan_name)
@@ -524,7 +530,9 @@ def _write_python_step(
 
 
 def _copy_step_source(role: str, version_dir: Path) -> None:
-    shutil.copy(STEP_SOURCES / {**STEP_ROLES, **IMAGE_STEP_ROLES}[role], version_dir / "model.py")
+    # GPU targets' "layers-encoder" (text_encoders) is the encoder step on the graph with every layer's hidden states.
+    sources = {**STEP_ROLES, "layers-encoder": "encoder.py", **IMAGE_STEP_ROLES}
+    shutil.copy(STEP_SOURCES / sources[role], version_dir / "model.py")
     # Triton's Python backend cannot import the repository's packages, so each step imports the names from beside itself.
     shutil.copy(TENSOR_NAMES, version_dir / "tensors.py")
 

@@ -214,6 +214,7 @@ def _print_banner(
     per = " per worker" if settings.workers > 1 else ""
     for model in catalog.models.values():
         print(f"model      {model.name} ({model.model_version}, {model.dimensions} dims)")
+        print(f"           {model.precision} on {model.target}: {', '.join(model.execution_providers) or 'TensorRT plans'}")
     print(f"HTTP       http://{settings.host}:{listeners.http_port}")
     print("           OpenAI: POST /v1/embeddings, GET /v1/models")
     print(

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from repository_contract import targets
 from repository_contract.naming import image_ensembles, text_ensemble
 
 MANIFEST_FILE = "embedding_manifest.json"
@@ -128,6 +129,9 @@ class Manifest:
     controls: Controls
     # Only for a model with a vision tower; absent from the JSON of text-only models, so their manifests read as before.
     vision: Vision | None = None
+    # onnxruntime's providers the text encoder asks for, most wanted first (repository_contract.targets); manifests
+    # written before GPU targets of the Python-backend step lack it and read as their target's.
+    execution_providers: tuple[str, ...] = ()
     format_version: int = field(default=FORMAT_VERSION)
 
     def to_dict(self) -> dict[str, Any]:
@@ -174,6 +178,9 @@ class Manifest:
                 layers=Layers(_strings(data["layers"]["poolings"]), _ensembles(data["layers"]["ensembles"])),
                 controls=Controls(_typed(data["controls"]["token_embeddings"], str)),
                 vision=_vision(data["vision"], data["compression"] is not None) if "vision" in data else None,
+                execution_providers=_strings(data["execution_providers"])
+                if "execution_providers" in data
+                else targets.target(data["target"]).execution_providers,
             )
         except KeyError as error:
             raise ManifestError(f"{where} lacks {error}: export {data.get('name', 'the model')} again") from None

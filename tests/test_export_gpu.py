@@ -116,7 +116,7 @@ def test_the_cpu_encoder_step_serves_an_fp16_graph(tiny_model, tmp_path):
     tokenizer = Tokenizer.from_file(str(tmp_path / "repository" / manifest.tokenizer))
     ((sequences, ids, mask),) = ragged_requests(tokenizer, [TEXTS], [2], np.random.default_rng(0))
     (response,) = step.execute([request({INPUT_IDS: ids, ATTENTION_MASK: mask}, [TOKEN_EMBEDDINGS, HIDDEN_STATES])])
-    step.siblings.own.close()
+    step.sessions.siblings.own.close()
     session = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
     for name in (TOKEN_EMBEDDINGS, HIDDEN_STATES):
         answered = output(response, name)

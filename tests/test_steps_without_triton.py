@@ -11,11 +11,6 @@ The same steps inside a real Triton: the *_e2e.py tests.
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import sys
-import tempfile
-import types
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,7 +21,16 @@ from google.protobuf import json_format, text_format
 from tokenizers import Tokenizer
 from tritonclient.grpc import model_config_pb2
 
-from harness.servers import MODEL_REPOSITORY, ROOT
+from harness import python_backend
+from harness.python_backend import (
+    STEPS,
+    InferenceRequest,
+    InferenceResponse,
+    TritonError,
+    output,
+    request,
+)
+from harness.servers import MODEL_REPOSITORY
 from repository_contract import tensors
 from repository_contract.tensors import (
     ATTENTION_MASK,
@@ -44,10 +48,6 @@ from repository_contract.tensors import (
     onnx_name,
 )
 
-STEPS = ROOT / "export" / "steps"
-# What each step imports from beside itself; modules it imports from anywhere else stay loaded.
-BESIDE_A_STEP = {"sentence_head", "tensors"}
-
 TEXTS = [
     "A man is playing a guitar.",
     "Triton batches requests of equal shape together, and the encoder takes ragged ones.",
@@ -59,135 +59,23 @@ TEXTS = [
 ]
 
 
-# -- a stand-in for triton_python_backend_utils -----------------------------------------------------------------------
-
-
-class Tensor:
-    def __init__(self, name: str, array: np.ndarray):
-        self._name = name
-        self._array = np.asarray(array)
-
-    def name(self) -> str:
-        return self._name
-
-    def as_numpy(self) -> np.ndarray:
-        return self._array
-
-
-class InferenceRequest:
-    def __init__(self, inputs: list[Tensor], requested_output_names: list[str] | None = None, parameters: dict | None = None):
-        self._inputs = inputs
-        self._requested = requested_output_names or []
-        self._parameters = parameters or {}
-
-    def parameters(self) -> str:
-        return json.dumps(self._parameters)
-
-    def inputs(self) -> list[Tensor]:
-        return self._inputs
-
-    def requested_output_names(self) -> list[str]:
-        return self._requested
-
-
-class TritonError:
-    # Triton's codes that the steps use; a step's error without one is INTERNAL, as in Triton.
-    INTERNAL = 2
-    INVALID_ARG = 3
-
-    def __init__(self, message: str, code: int = INTERNAL):
-        self._message = message
-        self._code = code
-
-    def message(self) -> str:
-        return self._message
-
-    def code(self) -> int:
-        return self._code
-
-
-class InferenceResponse:
-    def __init__(self, output_tensors: list[Tensor] | None = None, error: TritonError | None = None):
-        self._outputs = output_tensors or []
-        self._error = error
-
-    def output_tensors(self) -> list[Tensor]:
-        return self._outputs
-
-    def has_error(self) -> bool:
-        return self._error is not None
-
-    def error(self) -> TritonError | None:
-        return self._error
-
-
-def get_input_tensor_by_name(request: InferenceRequest, name: str) -> Tensor | None:
-    return next((tensor for tensor in request.inputs() if tensor.name() == name), None)
-
-
-def get_output_tensor_by_name(response: InferenceResponse, name: str) -> Tensor | None:
-    return next((tensor for tensor in response.output_tensors() if tensor.name() == name), None)
-
-
-def stand_in() -> types.ModuleType:
-    module = types.ModuleType("triton_python_backend_utils")
-    for value in (Tensor, InferenceRequest, InferenceResponse, TritonError, get_input_tensor_by_name, get_output_tensor_by_name):
-        setattr(module, value.__name__, value)
-    return module
-
-
-def output(response: InferenceResponse, name: str) -> np.ndarray:
-    assert not response.has_error(), response.error().message()  # type: ignore[union-attr]
-    tensor = get_output_tensor_by_name(response, name)
-    assert tensor is not None, f"no output {name}"
-    return tensor.as_numpy()
-
-
-def request(
-    inputs: dict[str, np.ndarray], requested: list[str] | None = None, parameters: dict | None = None
-) -> InferenceRequest:
-    return InferenceRequest([Tensor(name, value) for name, value in inputs.items()], requested, parameters)
-
-
-# -- loading a step as Triton does ------------------------------------------------------------------------------------
+# -- loading a step as Triton does (harness.python_backend) -----------------------------------------------------------
 
 
 def triton_args(model_dir: Path, **parameters: str) -> dict[str, str]:
-    """What Triton passes to initialize(): the model's config.pbtxt as JSON (with `parameters` overriding its own),
-    the model's directory and version, and an instance name."""
+    """What Triton passes to initialize() for model_dir: its config.pbtxt as JSON, with `parameters` overriding its own."""
     config = text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     # Triton's JSON holds every field, empty ones too (an empty length_buckets is a string_value of "").
     as_json = json_format.MessageToDict(config, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
     for key, value in parameters.items():
         as_json.setdefault("parameters", {})[key] = {"string_value": value}
-    return {
-        "model_config": json.dumps(as_json),
-        "model_repository": str(model_dir),
-        "model_version": "1",
-        "model_name": model_dir.name,
-        "model_instance_name": f"{model_dir.name}_0",
-    }
+    return python_backend.triton_args(model_dir, as_json)
 
 
 def load_step(source: str, model_dir: Path, lock_dir: Path | None = None, **parameters: str):
-    """The TritonPythonModel of export/steps/<source>.py, initialized for model_dir. The stand-in, and whatever the
-    step adds to sys.path and sys.modules (the tensor names, and the pooling step's head), are gone after.
+    """The TritonPythonModel of export/steps/<source>.py, initialized for model_dir (see harness.python_backend).
     lock_dir: the temporary directory for the encoder, which keeps a lock file per instance there."""
-    modules_before = set(sys.modules)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(sys.modules, "triton_python_backend_utils", stand_in())
-        patch.setattr(sys, "path", [str(Path(tensors.__file__).parent), *sys.path])
-        if lock_dir is not None:
-            patch.setattr(tempfile, "tempdir", str(lock_dir))
-        spec = importlib.util.spec_from_file_location(f"triton_step_{source}_{model_dir.name}", STEPS / f"{source}.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        model = module.TritonPythonModel()
-        model.initialize(triton_args(model_dir, **parameters))
-    for name in (set(sys.modules) - modules_before) & BESIDE_A_STEP:
-        del sys.modules[name]
-    return model
+    return python_backend.load_step(source, triton_args(model_dir, **parameters), lock_dir)
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +94,7 @@ def encoder(steps, tmp_path_factory):
     locks = tmp_path_factory.mktemp("encoder-locks")
     step = load_step("encoder", steps["encoder"], locks, slice_rows="3", intra_op_threads="1", alone_intra_op_threads="1")
     yield step
-    step.siblings.own.close()  # the lock file the instance holds open for its life
+    step.sessions.siblings.own.close()  # the lock file the instance holds open for its life
 
 
 def text_tensor(texts: Sequence[str | bytes]) -> np.ndarray:
@@ -411,7 +299,7 @@ def test_the_controlled_encoder_gathers_each_rows_factors_and_mode_with_its_ids(
             controls = {CONTROL_FACTORS: factors[row : row + 1, : len(sequence)], CONTROL_LOG_ADDITIVE: modes[row : row + 1]}
             expected_rows.append(alone(reference, sequence, controls)[TOKEN_EMBEDDINGS])
     answered = [row for response in step.execute(requests) for row in output(response, TOKEN_EMBEDDINGS)]
-    step.siblings.own.close()
+    step.sessions.siblings.own.close()
     for row, expected in zip(answered, expected_rows):
         np.testing.assert_allclose(row[: len(expected)], expected, atol=2e-4, rtol=1e-3)
     # The controls matter: the same row without them is another vector.

@@ -8,10 +8,13 @@ arrived. Outputs go back to each request at the width it was sent with; padded p
 The same file serves the encoder with attention controls, whose graph also takes a factor per position
 (CONTROL_FACTORS, gathered like the ids, 1 at padding) and a mode per row (CONTROL_LOG_ADDITIVE).
 
-GPU deployments replace this model with Triton's onnxruntime or tensorrt backend on the same tensor
-names, where the layers ensembles get a graph of their own (export.repository.text_encoders says why).
+On a GPU (targets gpu-cuda and gpu-tensorrt-ep, repository_contract.targets) the same step runs one onnxruntime-gpu
+session on the execution providers its config names, in slices as long as a batch. The NGC targets replace this model
+with Triton's onnxruntime or tensorrt backend on the same tensor names. On every GPU target the layers ensembles get a
+graph of their own (export.repository.text_encoders says why), so a graph may answer TOKEN_EMBEDDINGS alone.
 """
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -71,33 +74,121 @@ class Siblings:
         return False
 
 
-def _session(model_file: Path, threads: int) -> ort.InferenceSession:
+CPU = "CPUExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
+
+
+def _parameters(config: dict) -> dict[str, str]:
+    return {key: value["string_value"] for key, value in config["parameters"].items()}
+
+
+def _cpu_session(model_file: Path, threads: int) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     # Spinning threads would take CPU from the other instance and the other steps between runs.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(model_file), options, providers=[CPU])
+
+
+class CpuSessions:
+    """Under load every instance runs one-threaded (no thread contention); alone, one request's runs use every core,
+    which cuts the latency of a lone request."""
+
+    def __init__(self, model_file: Path, config: dict, args: dict):
+        params = _parameters(config)
+        self.busy = _cpu_session(model_file, int(params["intra_op_threads"]))
+        self.alone = _cpu_session(model_file, int(params["alone_intra_op_threads"]))
+        self.siblings = Siblings(args["model_repository"], args["model_instance_name"])
+
+    def executing(self) -> Siblings:
+        return self.siblings
+
+    def session(self) -> ort.InferenceSession:
+        # Chosen per slice, not per batch: a long batch started alone gives up the second core within one slice of
+        # another instance starting.
+        return self.busy if self.siblings.others_busy() else self.alone
+
+
+def _gpu_provider_options(name: str, params: dict[str, str], inputs: dict[str, list[int]]) -> dict:
+    """inputs: each graph input's dims after the batch axis, as the config gives them (-1: the tokens)."""
+    options: dict = {"device_id": int(params.get("device_id", "0"))}
+    if name == TENSORRT:
+        # One engine for every shape a batch can have (rows up to a slice, tokens up to the longest input), built once
+        # and cached, so that no new batch shape stops the step for an engine build.
+        rows, length = int(params["slice_rows"]), int(params["max_sequence_length"])
+
+        def shapes(batch: int, tokens: int) -> str:
+            return ",".join(f"{n}:{batch}x{'x'.join(str(tokens if d == -1 else d) for d in dims)}" for n, dims in inputs.items())
+
+        cache = os.environ.get("EMBED_TENSORRT_CACHE") or str(Path(tempfile.gettempdir()) / "embed-tensorrt-engines")
+        Path(cache).mkdir(parents=True, exist_ok=True)
+        options |= {
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": cache,
+            "trt_timing_cache_enable": True,
+            "trt_timing_cache_path": cache,
+            "trt_fp16_enable": params.get("precision") == "fp16",
+            "trt_profile_min_shapes": shapes(1, 1),
+            "trt_profile_opt_shapes": shapes(rows, min(length, 128)),
+            "trt_profile_max_shapes": shapes(rows, length),
+        }
+    return options
+
+
+class GpuSession:
+    """One session on the GPU for every run: a GPU runs one batch at a time whichever thread asks, so the CPU's
+    busy/alone pair would only hold the weights twice. The device is the first one CUDA shows (CUDA_VISIBLE_DEVICES
+    picks it): the instances are KIND_CPU to Triton, so that Triton itself never needs CUDA."""
+
+    def __init__(self, model_file: Path, config: dict, args: dict):
+        params = _parameters(config)
+        wanted = params["execution_providers"].split(",")
+        inputs = {onnx_name(i["name"]): [int(d) for d in i["dims"]] for i in config["input"]}
+        providers = [(name, _gpu_provider_options(name, params, inputs)) for name in wanted]
+        # onnxruntime-gpu finds CUDA's and cuDNN's libraries in the nvidia-* wheels bin/setup --gpu installs only
+        # once they are loaded; a system-wide CUDA needs nothing.
+        if hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self._session = ort.InferenceSession(str(model_file), options, providers=providers)
+        running = [name for name in self._session.get_providers() if name != CPU]
+        if not running:
+            raise RuntimeError(
+                f"this export's target runs the encoder on {', '.join(wanted)}, which this onnxruntime "
+                f"({ort.__version__}, {ort.get_device()}) cannot start; it offers {ort.get_available_providers()}. "
+                "Install onnxruntime-gpu with `bin/setup --gpu` on a machine with an NVIDIA GPU and driver, or export with --target cpu"
+            )
+        if running[0] != wanted[0]:
+            pb_utils.Logger.log_warn(f"{args['model_name']}: {wanted[0]} could not start; running on {running[0]}")
+
+    def executing(self) -> contextlib.nullcontext:
+        return contextlib.nullcontext()
+
+    def session(self) -> ort.InferenceSession:
+        return self._session
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        params = {key: value["string_value"] for key, value in config["parameters"].items()}
+        params = _parameters(config)
         model_file = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
-        # Under load every instance runs one-threaded (no thread contention); alone, one request's runs
-        # use every core, which cuts the latency of a lone request.
-        self.busy_session = _session(model_file, int(params["intra_op_threads"]))
-        self.alone_session = _session(model_file, int(params["alone_intra_op_threads"]))
-        self.siblings = Siblings(args["model_repository"], args["model_instance_name"])
+        # Configs written before GPU targets name no providers: they are CPU ones.
+        on_cpu = params.get("execution_providers", CPU) == CPU
+        self.sessions = CpuSessions(model_file, config, args) if on_cpu else GpuSession(model_file, config, args)
         self.slice_rows = int(params["slice_rows"])
-        self.controlled = onnx_name(CONTROL_FACTORS) in {i.name for i in self.busy_session.get_inputs()}
+        graph = self.sessions.session()
+        self.controlled = onnx_name(CONTROL_FACTORS) in {i.name for i in graph.get_inputs()}
         # The exported outputs name their axes: [batch, sequence, hidden] and [batch, layers, sequence, hidden].
-        self.output_axes = {o.name: o.shape for o in self.busy_session.get_outputs()}
-        # Where the sequence axis is in one row of each output.
+        self.output_axes = {o.name: o.shape for o in graph.get_outputs()}
+        # Where the sequence axis is in one row of each output the graph has.
         self.row_sequence_axis = {
-            name: self.output_axes[onnx_name(name)].index("sequence") - 1 for name in (TOKEN_EMBEDDINGS, HIDDEN_STATES)
+            name: self.output_axes[onnx_name(name)].index("sequence") - 1
+            for name in (TOKEN_EMBEDDINGS, HIDDEN_STATES)
+            if onnx_name(name) in self.output_axes
         }
 
     def execute(self, requests):
@@ -106,7 +197,7 @@ class TritonPythonModel:
         for index, request in enumerate(requests):
             by_outputs.setdefault(tuple(sorted(request.requested_output_names())), []).append(index)
         responses = [None] * len(requests)
-        with self.siblings:
+        with self.sessions.executing():
             for wanted, members in by_outputs.items():
                 group = [requests[i] for i in members]
                 try:
@@ -159,10 +250,7 @@ class TritonPythonModel:
             if self.controlled:
                 feeds[onnx_name(CONTROL_FACTORS)] = np.where(valid, all_factors[gathered], 1.0).astype(np.float32)
                 feeds[onnx_name(CONTROL_LOG_ADDITIVE)] = modes[rows, None]
-            # Chosen per slice, not per batch: a long batch started alone gives up the second core within
-            # one slice of another instance starting.
-            session = self.busy_session if self.siblings.others_busy() else self.alone_session
-            results = session.run([onnx_name(name) for name in wanted], feeds)
+            results = self.sessions.session().run([onnx_name(name) for name in wanted], feeds)
             for name, result in zip(wanted, results):
                 for slot, row in enumerate(rows):
                     request = request_of_row[row]

@@ -36,6 +36,11 @@ class ServedModel:
     layers: EnsembleNames
     triton_models: tuple[str, ...]  # every Triton model it takes: steps and ensembles
     vision: Vision | None = None  # its image tower (a dual encoder such as CLIP); None: texts only
+    # How the export built it: fp32, fp16 or int8, the target (repository_contract.targets) and the onnxruntime
+    # providers its text encoder asks for, most wanted first.
+    precision: str = "fp32"
+    target: str = "cpu"
+    execution_providers: tuple[str, ...] = ()
 
     @property
     def vocab_size(self) -> int:
@@ -69,6 +74,9 @@ def _load(manifest_path: Path) -> ServedModel:
         layers=manifest.layers.ensembles,
         triton_models=manifest.directories,
         vision=manifest.vision,
+        precision=manifest.precision,
+        target=manifest.target,
+        execution_providers=manifest.execution_providers,
     )
 
 

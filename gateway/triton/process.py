@@ -76,11 +76,13 @@ def prepare_backends(work_dir: Path) -> Path:
     return backends
 
 
-def _environment() -> dict[str, str]:
+def _environment(work_dir: Path) -> dict[str, str]:
     # The stub links libpython; pointing at this interpreter's own libdir keeps it from loading another one.
     libs = [str(_pytriton_root().parent / "nvidia_pytriton.libs"), sysconfig.get_config_var("LIBDIR")]
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = ":".join(libs + [p for p in env.get("LD_LIBRARY_PATH", "").split(":") if p])
+    # The gpu-tensorrt-ep encoder caches its engines here: built once per run directory, not on every start.
+    env.setdefault("EMBED_TENSORRT_CACHE", str(work_dir.resolve() / "tensorrt-engines"))
     return env
 
 
@@ -170,7 +172,7 @@ class TritonProcess:
             # A session (and process group) of its own: Ctrl-C in a terminal reaches the gateway first, which
             # then stops Triton, and the stubs Triton forks stay in the group, so one killpg ends them all.
             self.process = subprocess.Popen(
-                command, stdout=log_file, stderr=subprocess.STDOUT, env=_environment(), start_new_session=True
+                command, stdout=log_file, stderr=subprocess.STDOUT, env=_environment(self.work_dir), start_new_session=True
             )
         # Whoever supervises the gateway can still end the group by PID if the gateway dies without cleaning up.
         self.pid_file.write_text(str(self.process.pid))

@@ -312,6 +312,10 @@ def routes(service: EmbeddingService, max_body_bytes: int) -> list[Route]:
                     # Whether prompts may be an image, and what one counts as in num_tokens_prompt_total.
                     "image_support": model.vision is not None,
                     "image_tokens": model.vision.image_tokens if model.vision is not None else None,
+                    # Where its encoder runs: the export's precision and target, and onnxruntime's providers for it.
+                    "precision": model.precision,
+                    "target": model.target,
+                    "execution_providers": list(model.execution_providers),
                 }
                 for model in service.models()
             ]
