@@ -33,16 +33,25 @@ def _is_gateway(label: str) -> bool:
     return label in ("gateway", "python")
 
 
-def _load(service: RunningService, workers: int, bodies: list[bytes], concurrency: int, duration_s: float, work: Path) -> dict:
-    """Runs the load generators on the service's HTTP port at once; returns the totals and the CPU they cost."""
+def load(
+    service: RunningService,
+    workers: int,
+    bodies: list[bytes],
+    concurrency: int,
+    duration_s: float,
+    work: Path,
+    generators: int = LOAD_GENERATORS,
+) -> dict:
+    """Runs `generators` load generators on the service's HTTP port at once, splitting the callers; returns the totals
+    and the CPU they cost."""
     spawned = []
-    for index in range(LOAD_GENERATORS):
+    for index in range(generators):
         spec = {
             "protocol": "http",
             "port": service.http_port,
             "target": "/v1/embeddings",
             "bodies": bodies,
-            "concurrency": concurrency // LOAD_GENERATORS,
+            "concurrency": concurrency // generators,
             "warmup_s": 2.0,
             "duration_s": duration_s,
             "max_requests": 10**8,
@@ -120,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         progress(f"starting the gateway with --workers {workers}")
         service = start_service(work / f"workers-{workers}", ceiling, ["--workers", str(workers)])
         try:
-            rows.append(_load(service, workers, bodies, args.concurrency, args.duration_s, work))
+            rows.append(load(service, workers, bodies, args.concurrency, args.duration_s, work))
             progress(f"--workers {workers}: {rows[-1]['requests_per_s']:.0f} requests/s")
         finally:
             service.stop()

@@ -1,6 +1,7 @@
 """The GPU check: the encoder step on onnxruntime-gpu against the CPU export, and raw onnxruntime-gpu's speed.
 
-    python -m bench.gpu_check [--repository DIR] [--fp16-repository DIR] [--service] [--smoke] [--out FILE]
+    python -m bench.gpu_check [--repository DIR] [--fp16-repository DIR] [--service DIR [--workers N ...]] [--smoke]
+                              [--out FILE]
 
 1. Parity. Every STS sentence's vector from the encoder step (export/steps/encoder.py, loaded as Triton's Python
    backend loads it, through harness.python_backend) on each GPU provider this onnxruntime offers (CUDA, and
@@ -9,8 +10,9 @@
    precision (export.validate.MIN_COSINE). The requests are ragged, several to an execute, as Triton batches them.
 2. Raw onnxruntime on the same provider at batch sizes 1 to 256 (texts/s, p50 ms per batch): tokenized, encoded and
    pooled in this process, as bench.raw_onnxruntime does on the CPU.
-3. With --service: the service on --repository (single texts at a concurrency sweep, and 100-text requests) beside raw's
-   best batch, in the same run.
+3. With --service DIR: the service on that export (single texts at a concurrency sweep, and 100-text requests) beside
+   raw's best batch, in the same run; with --workers, single texts at WORKER_CONCURRENCY from several load generators
+   with each `--workers N` given, and the gateway's and Triton's CPU per request: what one GPU host carries.
 
 Without a GPU (no CUDA provider, or no device) it says so and checks the CPU path the same way: the suite's smoke test
 runs it, so that the check cannot rot. It needs only the packages installed (bin/setup --gpu on a GPU host) and
@@ -46,6 +48,9 @@ ROOT = Path(__file__).resolve().parent.parent
 FULL_BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 SMOKE_BATCHES = [1, 8]
 TEXTS_PER_REQUEST = 16  # rows of one request in the parity check; several requests make one execute
+# The gateway-workers rows: callers in all, split over load generator processes (one Python process alone tops out
+# near one gateway worker's ceiling), and the measured window.
+WORKER_CONCURRENCY, WORKER_GENERATORS, WORKER_WINDOW_S = 256, 4, 8.0
 
 
 def progress(message: str) -> None:
@@ -144,11 +149,16 @@ def step_vectors(repository: Repository, providers: list[str], texts: list[str],
     groups = [texts[i : i + TEXTS_PER_REQUEST] for i in range(0, len(texts), TEXTS_PER_REQUEST)]
     step = python_backend.load_step("encoder", _step_args(repository, providers, 8 * TEXTS_PER_REQUEST), lock_dir)
     vectors = []
-    for first in range(0, len(groups), 8):
-        batches = [repository.batch(group) for group in groups[first : first + 8]]
-        requests = [python_backend.request({INPUT_IDS: ids, ATTENTION_MASK: mask}, [TOKEN_EMBEDDINGS]) for ids, mask in batches]
-        for (_, mask), response in zip(batches, step.execute(requests)):
-            vectors.append(repository.head(python_backend.output(response, TOKEN_EMBEDDINGS), mask))
+    try:
+        for first in range(0, len(groups), 8):
+            batches = [repository.batch(group) for group in groups[first : first + 8]]
+            requests = [
+                python_backend.request({INPUT_IDS: ids, ATTENTION_MASK: mask}, [TOKEN_EMBEDDINGS]) for ids, mask in batches
+            ]
+            for (_, mask), response in zip(batches, step.execute(requests)):
+                vectors.append(repository.head(python_backend.output(response, TOKEN_EMBEDDINGS), mask))
+    finally:
+        step.finalize()
     return np.concatenate(vectors)
 
 
@@ -258,6 +268,34 @@ def service_speeds(repository: Path, texts: list[str], smoke: bool, work: Path) 
     ]
 
 
+def worker_speeds(repository: Path, texts: list[str], workers: list[int], work: Path) -> list[Speed]:
+    """Single texts at WORKER_CONCURRENCY on the service with each `--workers N`."""
+    from bench import gateway_processes
+    from bench.requests import openai_bodies
+    from bench.throughput import served_model
+    from harness.servers import start_service
+
+    bodies = openai_bodies(served_model(repository), texts, 1, "float")
+    speeds = []
+    for count in workers:
+        progress(f"the service with --workers {count}: single texts, {WORKER_CONCURRENCY} callers")
+        service = start_service(work / f"workers-{count}", repository, ["--workers", str(count)])
+        try:
+            row = gateway_processes.load(
+                service, count, bodies, WORKER_CONCURRENCY, WORKER_WINDOW_S, work, generators=WORKER_GENERATORS
+            )
+        finally:
+            service.stop()
+        label = (
+            f"service --workers {count}, 1 text a request, c{WORKER_CONCURRENCY} (CPU per request: gateway "
+            f"{row['gateway_ms_per_request']:.2f} ms, Triton {row['triton_ms_per_request']:.2f} ms; machine idle "
+            f"{100 * row['machine_idle']:.0f}%)"
+        )
+        speeds.append(Speed(label, row["requests_per_s"], row["p50_ms"], row["errors"]))
+        progress(f"{label}: {row['requests_per_s']:.0f} texts/s")
+    return speeds
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(row) + " |" for row in rows)]
 
@@ -270,8 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp16-repository", type=Path, default=None, help="an fp16 export of the same model, checked too")
     parser.add_argument("--texts", type=Path, default=DEFAULT_STS_PATH, help="STS file whose sentences are embedded")
     parser.add_argument("--smoke", action="store_true", help="128 sentences and batch sizes 1 and 8 (the suite's run)")
-    parser.add_argument("--service", action="store_true", help="also measure the service on --repository")
+    parser.add_argument("--service", type=Path, default=None, help="also measure the service on this export")
+    parser.add_argument(
+        "--workers", type=int, nargs="*", default=[], help="with --service: also single texts with each --workers N"
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the tables here as Markdown")
+    parser.add_argument("--work-dir", type=Path, default=ROOT / ".bench", help="where this run's lock files and logs go")
     args = parser.parse_args(argv)
     texts = sts_sentences(args.texts)[: 128 if args.smoke else None]
     batch_sizes = SMOKE_BATCHES if args.smoke else FULL_BATCHES
@@ -289,7 +331,9 @@ def main(argv: list[str] | None = None) -> int:
             "starts here; checking the CPU path instead (the step on the CPU provider against onnxruntime itself)"
         )
     checked = gpus or [CPU]
-    work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    # Kept, as every bench run's is: the service's logs are there.
+    work = Path(tempfile.mkdtemp(prefix="gpu-check-", dir=args.work_dir))
     progress(f"parity: {len(texts)} sentences through the encoder step, the CPU provider's fp32 vectors the reference")
     reference = step_vectors(fp32, [CPU], texts, work)
     results: list[Parity] = []
@@ -313,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     best = max(s.texts_per_s for s in speeds if s.label.startswith("raw onnxruntime fp32"))
     if args.service:
-        speeds += service_speeds(args.repository, texts, args.smoke, work)
+        speeds += service_speeds(args.service, texts, args.smoke, work)
+        speeds += worker_speeds(args.service, texts, args.workers, work)
     lines = [
         "# GPU check",
         "",

@@ -82,7 +82,8 @@ class TextEncoder:
 def text_encoders(target: str) -> dict[str, TextEncoder]:
     """The text encoder steps of a target, by role. Triton's onnxruntime and TensorRT backends compute every output of
     a graph on every run, so on GPU targets the plain ensembles' encoder has no hidden states and the layers ensembles
-    get an encoder of their own. On the CPU the hidden states cost nothing measurable (all-MiniLM in onnxruntime, 1
+    get an encoder of their own; the Python-backend step on a GPU (gpu-cuda, gpu-tensorrt-ep) keeps the same layout,
+    so that a long-context model's all-layers tensor is never built, nor held in GPU memory, for a plain batch. On the CPU the hidden states cost nothing measurable (all-MiniLM in onnxruntime, 1
     thread, batches of 32: 160 sentences/s from a graph without them, 163 asking one with them for both), so one step
     serves both and the weights are held once. The controlled encoder answers both on every target: its path is the
     rare one, and another copy of the weights for it is not worth it."""

@@ -153,7 +153,8 @@ def _start_service(
     process = subprocess.Popen(
         command,
         cwd=root,
-        env={**os.environ, "PYTHONPATH": str(root)},
+        # The checkout first; a PYTHONPATH already set (packages installed with --target, say) stays behind it.
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])])},
         stdout=log,
         stderr=subprocess.STDOUT,
         # A limit must be lowered before exec (the gateway sizes its connection caps from it at start); the callers

@@ -427,6 +427,9 @@ async def test_the_model_listings_describe_the_served_model(gw):
     assert listed["max_context_size"] == model.max_sequence_length
     assert listed["poolings"] == list(model.layer_poolings)
     assert listed["semantic_embed_representations"] == ["document", "query", "symmetric"]
+    # Where its encoder runs, as the export's manifest says.
+    assert (listed["precision"], listed["target"]) == (model.precision, model.target)
+    assert listed["execution_providers"] == list(model.execution_providers)
 
     response = await gw.request("GET", "/v1/models")
     assert [item["id"] for item in response.json()["data"]] == [model.name]

@@ -104,6 +104,10 @@ def test_compress_to_size_is_refused_for_it_alone(served, texts):
 def test_the_listings_say_which_sizes_each_model_compresses_to(served):
     available = requests.get(f"{served.http_url}/models_available", timeout=10).json()
     assert {m["name"]: m["compress_to_sizes"] for m in available} == {MINILM: [128], NAME: []}
+    # Both exported for the CPU here: the listing says where each one's encoder runs.
+    assert {(m["precision"], m["target"], tuple(m["execution_providers"])) for m in available} == {
+        ("fp32", "cpu", ("CPUExecutionProvider",))
+    }
     with grpc.insecure_channel(f"127.0.0.1:{served.grpc_port}") as channel:
         listed = pb_grpc.EmbeddingServiceStub(channel).ListModels(pb.ListModelsRequest(), timeout=30)
     assert {m.name: (m.dimensions, list(m.compress_to_sizes)) for m in listed.models} == {

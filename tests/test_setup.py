@@ -3,7 +3,8 @@ before it changes anything. `dpkg-query` and `id` are stand-ins on PATH, so the 
 
 The dependency locks: each package pinned once, each lock complete with those below it (serving's alone included), the
 images installing serving's and the export's only; which locks bin/setup installs in each mode, and when again (in a
-copy of it, with stand-ins for Python and pip); and .ci/run making the pre-commit hooks' checks before the tests."""
+copy of it, with stand-ins for Python and pip), --gpu's requirements-gpu.lock in place of onnxruntime included; and
+.ci/run making the pre-commit hooks' checks before the tests."""
 
 from __future__ import annotations
 
@@ -57,12 +58,14 @@ def test_setup_asks_only_for_what_its_mode_needs(tmp_path):
 
 @pytest.mark.e2e  # runs bin/setup
 def test_setup_refuses_an_unknown_option():
-    done = subprocess.run([str(ROOT / "bin" / "setup"), "--gpu"], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and "usage: bin/setup [--bench] [--checks]" in done.stderr
+    done = subprocess.run([str(ROOT / "bin" / "setup"), "--tpu"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "usage: bin/setup [--bench] [--checks] [--gpu | --cpu]" in done.stderr
 
 
 # The dependency locks: serving's alone, the export's, the tests' and the checks' each on top of those before it.
 LOCKS = ("requirements.lock", "requirements-export.lock", "requirements-test.lock", "requirements-dev.lock")
+# The GPU route's (bin/setup --gpu): onnxruntime-gpu and its CUDA libraries, instead of requirements.lock's onnxruntime.
+GPU_LOCK = "requirements-gpu.lock"
 
 
 def _pins(lock: str) -> dict[str, str]:
@@ -180,7 +183,7 @@ def _sandbox(tmp_path: Path) -> tuple[Path, dict[str, str], Path]:
     """A copy of bin/setup and the locks, with stand-ins for Python, pip and everything past the .venv step: each pip
     run is a line of the log."""
     repo, stubs, log = tmp_path / "repo", tmp_path / "stubs", tmp_path / "pip.log"
-    for path in ("bin/setup", *LOCKS, "bench/perf_analyzer/requirements.lock", "deploy/requirements-checks.lock"):
+    for path in ("bin/setup", *LOCKS, GPU_LOCK, "bench/perf_analyzer/requirements.lock", "deploy/requirements-checks.lock"):
         (repo / path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / path, repo / path)
     stubs.mkdir()
@@ -190,7 +193,8 @@ def _sandbox(tmp_path: Path) -> tuple[Path, dict[str, str], Path]:
         '[ "$1" = -m ] && [ "$2" = venv ] || exit 0\n'
         'mkdir -p "$3/bin"\n'
         f"printf '%s' '{tool.format(log=log)}' > \"$3/bin/pip\"\n"
-        "printf '#!/bin/sh\\n' > \"$3/bin/python\"\n"
+        # .venv/bin/python: each run (proto.generate, the export) is a `python ...` line of the log.
+        f"printf '%s' '#!/bin/sh\necho \"python $*\" >> {log}\n' > \"$3/bin/python\"\n"
         'chmod 755 "$3/bin/pip" "$3/bin/python"\n'
     )
     (stubs / "dpkg-query").write_text("#!/bin/sh\nprintf 'install ok installed'\n")
@@ -226,3 +230,74 @@ def test_setup_installs_the_locks_of_its_mode_and_again_only_when_one_changed(tm
     with (repo / "requirements-test.lock").open("a") as lock:
         lock.write("# changed\n")
     assert setup() == first
+
+
+def test_the_gpu_lock_pins_only_what_no_other_lock_does_and_onnxruntime_gpu_at_onnxruntimes_version():
+    """requirements-gpu.lock goes on top of the everyday locks (with requirements.lock's onnxruntime line taken out):
+    a package pinned in both would be pinned twice, and onnxruntime-gpu at another version would be another
+    onnxruntime than the one the CPU route is tested on."""
+    gpu = _pins(GPU_LOCK)
+    everyday = {name: version for lock in LOCKS for name, version in _pins(lock).items()}
+    assert sorted(set(gpu) & set(everyday)) == []
+    assert gpu["onnxruntime-gpu"] == everyday["onnxruntime"]
+    assert "onnxruntime" not in gpu
+
+
+@pytest.mark.e2e  # runs bin/setup
+def test_setup_gpu_installs_onnxruntime_gpu_instead_of_onnxruntime_and_stays_on_it_until_cpu(tmp_path):
+    repo, env, log = _sandbox(tmp_path)
+    site_packages = repo / ".venv" / "lib" / "python3.11" / "site-packages"
+
+    def installed(distribution: str) -> None:
+        """The onnxruntime pip would have left in .venv: the stand-in pip installs and removes nothing."""
+        for each in site_packages.glob("onnxruntime*.dist-info"):
+            each.rmdir()
+        (site_packages / f"{distribution}-1.31.1.dist-info").mkdir(parents=True)
+
+    def setup(*mode: str) -> tuple[list[str], list[str]]:
+        """bin/setup's pip runs in .venv, and its .venv/bin/python runs."""
+        log.write_text("")
+        done = subprocess.run([str(repo / "bin" / "setup"), *mode], env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+        lines = log.read_text().splitlines()
+        return [line for line in lines if line.startswith(".venv ")], [line for line in lines if line.startswith("python ")]
+
+    torch = f".venv install --quiet --progress-bar off torch=={_pins('requirements-export.lock')['torch']}"
+    everyday = (
+        ".venv install --quiet --progress-bar off -r requirements.lock -r requirements-export.lock -r requirements-test.lock"
+    )
+    # requirements.lock's own onnxruntime would reinstall the module onnxruntime-gpu provides: a copy without it.
+    serving = "-r .venv/requirements-serving-gpu.lock -r requirements-export.lock -r requirements-test.lock"
+    gpu = f".venv install --quiet --progress-bar off {serving} -r {GPU_LOCK}"
+
+    pip, python = setup()
+    assert pip == [torch, everyday] and python[-1] == "python -m export"
+    installed("onnxruntime")
+    pip, python = setup("--gpu")
+    # The CPU package goes first: removed after onnxruntime-gpu, it would take the module's files with it.
+    assert pip == [torch, ".venv uninstall --quiet --yes onnxruntime", gpu]
+    assert python[-1] == "python -m export --target gpu-cuda"
+    serving_lines = (ROOT / "requirements.lock").read_text().splitlines()
+    assert (repo / ".venv" / "requirements-serving-gpu.lock").read_text().splitlines() == [
+        line for line in serving_lines if not line.startswith("onnxruntime==")
+    ]
+    # Exactly one line taken out: onnxruntime's pin, which onnxruntime-gpu's takes the place of.
+    assert [line for line in serving_lines if line.startswith("onnxruntime")] == [
+        f"onnxruntime=={_pins('requirements.lock')['onnxruntime']}"
+    ]
+    assert (repo / ".venv" / ".onnxruntime").read_text() == "gpu\n"
+    installed("onnxruntime_gpu")
+
+    # Sticky: bin/serve and bin/test run bin/setup without a mode, and must keep a GPU host's onnxruntime and export.
+    pip, python = setup()
+    assert pip == [] and python[-1] == "python -m export --target gpu-cuda"
+    pip, _ = setup("--checks")
+    assert pip == [torch, f"{gpu} -r requirements-dev.lock"]
+    assert setup("--gpu")[0] == []
+
+    pip, python = setup("--cpu")
+    assert pip == [torch, ".venv uninstall --quiet --yes onnxruntime-gpu", everyday]
+    assert python[-1] == "python -m export"
+    assert (repo / ".venv" / ".onnxruntime").read_text() == "cpu\n"
+    installed("onnxruntime")
+    assert setup() == ([], ["python -m proto.generate", "python -m export"])

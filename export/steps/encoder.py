@@ -110,6 +110,9 @@ class CpuSessions:
         # another instance starting.
         return self.busy if self.siblings.others_busy() else self.alone
 
+    def close(self) -> None:
+        self.siblings.own.close()
+
 
 def _gpu_provider_options(name: str, params: dict[str, str], inputs: dict[str, list[int]]) -> dict:
     """inputs: each graph input's dims after the batch axis, as the config gives them (-1: the tokens)."""
@@ -154,7 +157,7 @@ class GpuSession:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self._session = ort.InferenceSession(str(model_file), options, providers=providers)
-        running = [name for name in self._session.get_providers() if name != CPU]
+        running = [name for name in self._session.get_providers() if name in wanted]
         if not running:
             raise RuntimeError(
                 f"this export's target runs the encoder on {', '.join(wanted)}, which this onnxruntime "
@@ -169,6 +172,9 @@ class GpuSession:
 
     def session(self) -> ort.InferenceSession:
         return self._session
+
+    def close(self) -> None:
+        pass
 
 
 class TritonPythonModel:
@@ -190,6 +196,10 @@ class TritonPythonModel:
             for name in (TOKEN_EMBEDDINGS, HIDDEN_STATES)
             if onnx_name(name) in self.output_axes
         }
+
+    def finalize(self):
+        # Triton calls this when it unloads the model; a caller without Triton (bench.gpu_check) does too.
+        self.sessions.close()
 
     def execute(self, requests):
         # Requests that want the same outputs share onnxruntime runs (the layers pipeline wants HIDDEN_STATES).
