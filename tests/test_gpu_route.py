@@ -29,9 +29,8 @@ from bench import gpu_check
 from export.__main__ import CPU_MAX_BATCH, CPU_SLICE_ROWS, GPU_ENCODER_INSTANCES, GPU_MAX_BATCH, parse_args
 from harness import python_backend
 from harness.python_backend import STEPS, output, request
-from harness.servers import MODEL_REPOSITORY
 from repository_contract import targets
-from repository_contract.manifest import MANIFEST_FILE, ManifestError, manifest_paths, read
+from repository_contract.manifest import MANIFEST_FILE
 from repository_contract.targets import CPU, CUDA, TARGETS, TENSORRT
 from repository_contract.tensors import (
     ATTENTION_MASK,
@@ -314,28 +313,3 @@ def test_the_python_step_targets_are_the_cpu_one_and_the_pip_gpu_route():
     assert {name for name, t in TARGETS.items() if t.gpu} == {"gpu-cuda", "gpu-tensorrt-ep", "gpu-onnxruntime", "gpu-tensorrt"}
     # The step picks its CPU sessions by the provider list being exactly the CPU's (export/steps/encoder.py).
     assert [name for name, t in TARGETS.items() if t.execution_providers == (CPU,)] == ["cpu"]
-
-
-@pytest.fixture
-def manifest_data() -> dict:
-    (path,) = manifest_paths(MODEL_REPOSITORY)
-    return json.loads(path.read_text())
-
-
-def written(repository: Path, data: dict) -> Path:
-    path = repository / data["ensembles"]["text"] / MANIFEST_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data))
-    return path
-
-
-def test_a_manifest_without_execution_providers_reads_as_its_targets(manifest_data, tmp_path):
-    """Manifests written before the GPU route name no providers: they read as their target's."""
-    manifest_data.pop("execution_providers", None)
-    for name, target in TARGETS.items():
-        assert read(written(tmp_path / name, {**manifest_data, "target": name})).execution_providers == target.execution_providers
-    # One that names them reads as written, whatever its target.
-    named = {**manifest_data, "target": "gpu-tensorrt-ep", "execution_providers": [CUDA]}
-    assert read(written(tmp_path / "named", named)).execution_providers == (CUDA,)
-    with pytest.raises(ManifestError, match="unknown target 'nope'"):
-        read(written(tmp_path / "unknown", {**manifest_data, "target": "nope"}))

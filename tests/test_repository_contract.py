@@ -19,6 +19,7 @@ from repository_contract.manifest import (
     recorded_fingerprint,
     write,
 )
+from repository_contract.targets import CUDA, TARGETS
 
 
 @pytest.fixture
@@ -219,3 +220,15 @@ def test_compressed_image_ensembles_without_compression_or_the_reverse_are_refus
         exported["compression"] = None
     with pytest.raises(ManifestError, match=message):
         read(written(tmp_path, {**exported, "vision": vision}))
+
+
+def test_a_manifest_without_execution_providers_reads_as_its_targets(exported, tmp_path):
+    """Manifests written before the GPU route name no providers: they read as their target's."""
+    exported.pop("execution_providers", None)
+    for name, target in TARGETS.items():
+        assert read(written(tmp_path / name, {**exported, "target": name})).execution_providers == target.execution_providers
+    # One that names them reads as written, whatever its target.
+    named = {**exported, "target": "gpu-tensorrt-ep", "execution_providers": [CUDA]}
+    assert read(written(tmp_path / "named", named)).execution_providers == (CUDA,)
+    with pytest.raises(ManifestError, match="unknown target 'nope'"):
+        read(written(tmp_path / "unknown", {**exported, "target": "nope"}))
