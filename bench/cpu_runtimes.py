@@ -35,7 +35,7 @@ from bench.report import markdown_table
 from bench.sts_quality import pair_cosines, spearman
 from bench.throughput import ROOT, progress
 from bench.transformer_fusion import fuse
-from export.datasets import read_sts_pairs
+from export.datasets import StsPair, read_sts_pairs
 from export.onnx_export import quantize_int8
 from export.validate import padded_batch
 from repository_contract.manifest import manifest_paths, read
@@ -55,7 +55,7 @@ class Config:
     width_multiple: int = 1  # slices padded to a multiple of this many tokens
 
 
-def _onnxruntime(graph: Path) -> Callable[[int], Run]:
+def onnxruntime_runner(graph: Path) -> Callable[[int], Run]:
     def build(threads: int) -> Run:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
@@ -151,6 +151,80 @@ def one_text_p50_ms(run: Run, tokenizer: Tokenizer, texts: list[str], config: Co
     return 1000 * statistics.median(timings)
 
 
+def compare(configs: list[Config], tokenizer: Tokenizer, pairs: list[StsPair], rounds: int, command: str) -> list[str]:
+    """Every configuration measured as the module says, configs[0] the yardstick; the report's lines from the
+    paragraph saying how it was made to the table."""
+    texts = [t for p in pairs for t in (p.first, p.second)]
+    gold = np.array([p.score for p in pairs])
+    cores = len(os.sched_getaffinity(0))
+    machine = describe()
+    quality: dict[str, tuple[float, float, float]] = {}
+    reference = embed(configs[0].runtime(1), tokenizer, texts, configs[0])
+    for config in configs:
+        run = config.runtime(1)
+        vectors = embed(run, tokenizer, texts, config)
+        alone = np.concatenate([embed(run, tokenizer, [text], config) for text in texts[:64]])
+        quality[config.name] = (
+            spearman(pair_cosines(vectors), gold),
+            float((vectors * reference).sum(1).min()),
+            float(np.abs(alone - vectors[:64]).max()),
+        )
+        progress(f"{config.name}: Spearman, min cosine to fp32, alone against batched: {quality[config.name]}")
+    speed: dict[tuple[str, str], list[float]] = {}
+    for round_ in range(rounds):
+        for config in configs:
+            for threads in sorted({1, cores}):
+                run = config.runtime(threads)
+                embed(run, tokenizer, texts[:64], config)
+                started = time.perf_counter()
+                embed(run, tokenizer, texts, config)
+                speed.setdefault((config.name, f"{threads} threads"), []).append(len(texts) / (time.perf_counter() - started))
+            run = config.runtime(cores)
+            speed.setdefault((config.name, "one text"), []).append(one_text_p50_ms(run, tokenizer, texts[:200], config))
+        progress(f"round {round_ + 1} of {rounds}")
+    yardstick = max(speed[(configs[0].name, f"{cores} threads")])
+    rows = []
+    for config in configs:
+        rates = [max(speed[(config.name, f"{t} threads")]) for t in sorted({1, cores})]
+        spearman_, cosine, drift = quality[config.name]
+        rows.append(
+            [
+                config.name,
+                *(f"{rate:.0f}" for rate in rates),
+                f"{rates[-1] / yardstick:.2f}",
+                f"{min(speed[(config.name, 'one text')]):.2f}",
+                f"{spearman_:.4f}",
+                f"{100 * (1 - spearman_ / quality[configs[0].name][0]):.2f}%",
+                f"{cosine:.6f}",
+                f"{drift:.1e}",
+            ]
+        )
+    return [
+        f"Made by `{command}` on {time.strftime('%Y-%m-%d')}, {cores} cores of "
+        f"{machine['CPU']} ({machine['vector instructions']}), onnxruntime {machine['onnxruntime']}; "
+        f"the best of {rounds} alternating rounds. Raw and in-process: no Triton, no gateway. Texts/s over the "
+        f"{len(texts)} STS sentences sorted by length, run in slices as the encoder step runs them; one text: the p50 of "
+        f"200 sentences each run alone on {cores} threads; ratio: to onnxruntime fp32 on {cores} threads. Spearman over "
+        f"the {len(pairs)} pairs (mean pooling, the model's own head); its drop, the least cosine of a vector to fp32's, and "
+        "the largest difference between 64 texts' vectors embedded alone and batched are measured on 1 thread.",
+        "",
+        *markdown_table(
+            [
+                "configuration",
+                "texts/s, 1 thread",
+                f"texts/s, {cores} threads",
+                "ratio",
+                "one text p50 ms",
+                "STS Spearman",
+                "drop",
+                "min cosine to fp32",
+                "alone against batched",
+            ],
+            rows,
+        ),
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = table_parser("bench.cpu_runtimes", __doc__, "cpu_runtimes.md")
     parser.add_argument("--rounds", type=int, default=2, help="alternating measurements of each configuration")
@@ -174,87 +248,22 @@ def main(argv: list[str] | None = None) -> int:
     static = _static_int8(fp32, work, calibration)
     fused = work / "fused.onnx"
     fuse(fp32, fused)
-    gold = np.array([p.score for p in pairs])
     configs = [
-        Config("onnxruntime fp32, slices of 8 (served fp32)", _onnxruntime(fp32), 8),
-        Config("onnxruntime fp32 with transformer fusions, slices of 8", _onnxruntime(fused), 8),
-        Config("onnxruntime int8, a scale per run, slices of 8 (served int8 before)", _onnxruntime(per_run), 8),
-        Config("onnxruntime int8, a scale per run, one row per run", _onnxruntime(per_run), 1),
-        Config("onnxruntime int8, a scale per token, 8-bit weights, slices of 8", _onnxruntime(full_range), 8),
-        Config("onnxruntime int8, a scale per token, 7-bit weights, slices of 8 (served int8)", _onnxruntime(int8), 8),
-        Config(f"onnxruntime int8, static QDQ calibrated on {calibrated} sentences, slices of 8", _onnxruntime(static), 8),
+        Config("onnxruntime fp32, slices of 8 (served fp32)", onnxruntime_runner(fp32), 8),
+        Config("onnxruntime fp32 with transformer fusions, slices of 8", onnxruntime_runner(fused), 8),
+        Config("onnxruntime int8, a scale per run, slices of 8 (served int8 before)", onnxruntime_runner(per_run), 8),
+        Config("onnxruntime int8, a scale per run, one row per run", onnxruntime_runner(per_run), 1),
+        Config("onnxruntime int8, a scale per token, 8-bit weights, slices of 8", onnxruntime_runner(full_range), 8),
+        Config("onnxruntime int8, a scale per token, 7-bit weights, slices of 8 (served int8)", onnxruntime_runner(int8), 8),
+        Config(f"onnxruntime int8, static QDQ calibrated on {calibrated} sentences, slices of 8", onnxruntime_runner(static), 8),
         Config("OpenVINO f32, slices of 8", _openvino(fp32, "f32"), 8),
         Config("OpenVINO bf16, slices of 8", _openvino(fp32, "bf16"), 8),
         Config("OpenVINO bf16, slices of 8 padded to multiples of 16", _openvino(fp32, "bf16"), 8, 16),
     ]
-    cores = len(os.sched_getaffinity(0))
-    machine = describe()
-    quality: dict[str, tuple[float, float, float]] = {}
-    reference = embed(configs[0].runtime(1), tokenizer, texts, configs[0])
-    for config in configs:
-        run = config.runtime(1)
-        vectors = embed(run, tokenizer, texts, config)
-        alone = np.concatenate([embed(run, tokenizer, [text], config) for text in texts[:64]])
-        quality[config.name] = (
-            spearman(pair_cosines(vectors), gold),
-            float((vectors * reference).sum(1).min()),
-            float(np.abs(alone - vectors[:64]).max()),
-        )
-        progress(f"{config.name}: Spearman, min cosine to fp32, alone against batched: {quality[config.name]}")
-    speed: dict[tuple[str, str], list[float]] = {}
-    for round_ in range(args.rounds):
-        for config in configs:
-            for threads in sorted({1, cores}):
-                run = config.runtime(threads)
-                embed(run, tokenizer, texts[:64], config)
-                started = time.perf_counter()
-                embed(run, tokenizer, texts, config)
-                speed.setdefault((config.name, f"{threads} threads"), []).append(len(texts) / (time.perf_counter() - started))
-            run = config.runtime(cores)
-            speed.setdefault((config.name, "one text"), []).append(one_text_p50_ms(run, tokenizer, texts[:200], config))
-        progress(f"round {round_ + 1} of {args.rounds}")
-    yardstick = max(speed[(configs[0].name, f"{cores} threads")])
-    rows = []
-    for config in configs:
-        rates = [max(speed[(config.name, f"{t} threads")]) for t in sorted({1, cores})]
-        spearman_, cosine, drift = quality[config.name]
-        rows.append(
-            [
-                config.name,
-                *(f"{rate:.0f}" for rate in rates),
-                f"{rates[-1] / yardstick:.2f}",
-                f"{min(speed[(config.name, 'one text')]):.2f}",
-                f"{spearman_:.4f}",
-                f"{100 * (1 - spearman_ / quality[configs[0].name][0]):.2f}%",
-                f"{cosine:.6f}",
-                f"{drift:.1e}",
-            ]
-        )
     lines = [
         "# The CPU encoder's runtime and precision",
         "",
-        f"Made by `{command_line('python -m bench.cpu_runtimes', argv)}` on {time.strftime('%Y-%m-%d')}, {cores} cores of "
-        f"{machine['CPU']} ({machine['vector instructions']}), onnxruntime {machine['onnxruntime']}; "
-        f"the best of {args.rounds} alternating rounds. Raw and in-process: no Triton, no gateway. Texts/s over the "
-        f"{len(texts)} STS sentences sorted by length, run in slices as the encoder step runs them; one text: the p50 of "
-        f"200 sentences each run alone on {cores} threads; ratio: to onnxruntime fp32 on {cores} threads. Spearman over "
-        f"the {len(pairs)} pairs (mean pooling, the model's own head); its drop, the least cosine of a vector to fp32's, and "
-        "the largest difference between 64 texts' vectors embedded alone and batched are measured on 1 thread.",
-        "",
-        *markdown_table(
-            [
-                "configuration",
-                "texts/s, 1 thread",
-                f"texts/s, {cores} threads",
-                "ratio",
-                "one text p50 ms",
-                "STS Spearman",
-                "drop",
-                "min cosine to fp32",
-                "alone against batched",
-            ],
-            rows,
-        ),
+        *compare(configs, tokenizer, pairs, args.rounds, command_line("python -m bench.cpu_runtimes", argv)),
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
