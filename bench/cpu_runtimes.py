@@ -17,6 +17,7 @@ a machine that slows down slows every one; each figure is the best of the rounds
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import sys
@@ -38,7 +39,7 @@ from bench.transformer_fusion import fuse
 from export.datasets import StsPair, read_sts_pairs
 from export.onnx_export import quantize_int8
 from export.validate import padded_batch
-from repository_contract.manifest import manifest_paths, read
+from repository_contract.manifest import Manifest, manifest_paths, read
 from repository_contract.tensors import ATTENTION_MASK, TOKEN_EMBEDDINGS, onnx_name
 
 # Min-max calibration keeps every intermediate tensor of every batch: 256 sentences hold it to a few GB.
@@ -225,16 +226,42 @@ def compare(configs: list[Config], tokenizer: Tokenizer, pairs: list[StsPair], r
     ]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = table_parser("bench.cpu_runtimes", __doc__, "cpu_runtimes.md")
+def lever_parser(module: str, doc: str | None, table: str) -> argparse.ArgumentParser:
+    """The arguments of a command that compares levers: table_parser's, --rounds and --pairs."""
+    parser = table_parser(f"bench.{module}", doc or "", table)
     parser.add_argument("--rounds", type=int, default=2, help="alternating measurements of each configuration")
     parser.add_argument("--pairs", type=int, default=None, help="the first this many STS pairs only (a smoke run)")
-    args = parser.parse_args(argv)
-    work = fresh_work_dir(args.work_dir, "cpu-runtimes-")
+    return parser
+
+
+def exported_fp32(module: str) -> tuple[Manifest, Path]:
+    """model_repository's manifest and its fp32 encoder graph, the yardstick every lever is measured against."""
     manifest = read(manifest_paths(ROOT / "model_repository")[0])
     if manifest.precision != "fp32":
-        sys.exit("bench.cpu_runtimes: needs the fp32 export in model_repository (bin/setup makes it)")
-    fp32 = ROOT / "model_repository" / manifest.steps["encoder"] / "1" / "model.onnx"
+        sys.exit(f"bench.{module}: needs the fp32 export in model_repository (bin/setup makes it)")
+    return manifest, ROOT / "model_repository" / manifest.steps["encoder"] / "1" / "model.onnx"
+
+
+def write_comparison(
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    module: str,
+    title: str,
+    configs: list[Config],
+    tokenizer: Tokenizer,
+    pairs: list[StsPair],
+) -> None:
+    """compare() over `pairs` and args.rounds, printed and written to args.out under `title`."""
+    lines = [f"# {title}", "", *compare(configs, tokenizer, pairs, args.rounds, command_line(f"python -m bench.{module}", argv))]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = lever_parser("cpu_runtimes", __doc__, "cpu_runtimes.md").parse_args(argv)
+    work = fresh_work_dir(args.work_dir, "cpu-runtimes-")
+    manifest, fp32 = exported_fp32("cpu_runtimes")
     progress("quantizing the encoder to int8, as `python -m export --precision int8` does, and without per-token scales")
     int8 = quantize_int8(fp32, work / "int8.onnx")
     per_run = _per_run_scales(fp32, work / "int8-per-run.onnx")
@@ -260,14 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         Config("OpenVINO bf16, slices of 8", _openvino(fp32, "bf16"), 8),
         Config("OpenVINO bf16, slices of 8 padded to multiples of 16", _openvino(fp32, "bf16"), 8, 16),
     ]
-    lines = [
-        "# The CPU encoder's runtime and precision",
-        "",
-        *compare(configs, tokenizer, pairs, args.rounds, command_line("python -m bench.cpu_runtimes", argv)),
-    ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_comparison(args, argv, "cpu_runtimes", "The CPU encoder's runtime and precision", configs, tokenizer, pairs)
     return 0
 
 

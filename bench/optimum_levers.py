@@ -23,12 +23,11 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from bench.cli import command_line, fresh_work_dir, table_parser
-from bench.cpu_runtimes import Config, compare, onnxruntime_runner
+from bench.cli import fresh_work_dir
+from bench.cpu_runtimes import Config, exported_fp32, lever_parser, onnxruntime_runner, write_comparison
 from bench.throughput import ROOT, progress
 from export.datasets import read_sts_pairs
 from export.onnx_export import quantize_int8
-from repository_contract.manifest import manifest_paths, read
 
 LOCK = ROOT / "bench" / "optimum" / "requirements.lock"
 VARIANTS = {
@@ -59,16 +58,9 @@ def ensure_installed() -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = table_parser("bench.optimum_levers", __doc__, "optimum_levers.md")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating measurements of each configuration")
-    parser.add_argument("--pairs", type=int, default=None, help="the first this many STS pairs only (a smoke run)")
-    args = parser.parse_args(argv)
+    args = lever_parser("optimum_levers", __doc__, "optimum_levers.md").parse_args(argv)
     work = fresh_work_dir(args.work_dir, "optimum-levers-")
-    repository = ROOT / "model_repository"
-    manifest = read(manifest_paths(repository)[0])
-    if manifest.precision != "fp32":
-        sys.exit("bench.optimum_levers: needs the fp32 export in model_repository (bin/setup makes it)")
-    fp32 = repository / manifest.steps["encoder"] / "1" / "model.onnx"
+    manifest, fp32 = exported_fp32("optimum_levers")
     source = work / "source"
     source.mkdir()
     shutil.copy(fp32, source / "model.onnx")
@@ -85,16 +77,9 @@ def main(argv: list[str] | None = None) -> int:
             "onnxruntime int8, a scale per token, 7-bit weights, slices of 8 (served int8)", onnxruntime_runner(served_int8), 8
         ),
     ]
-    tokenizer = Tokenizer.from_file(str(repository / manifest.tokenizer))
+    tokenizer = Tokenizer.from_file(str(ROOT / "model_repository" / manifest.tokenizer))
     pairs = read_sts_pairs()[: args.pairs]
-    lines = [
-        "# optimum against the export",
-        "",
-        *compare(configs, tokenizer, pairs, args.rounds, command_line("python -m bench.optimum_levers", argv)),
-    ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_comparison(args, argv, "optimum_levers", "optimum against the export", configs, tokenizer, pairs)
     return 0
 
 
