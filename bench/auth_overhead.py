@@ -77,10 +77,11 @@ class Interrupts:
 
 
 @contextlib.contextmanager
-def running(run_dir: Path, repository: Path, extra_args: list[str], interrupts: Interrupts):
-    """A started service, stopped on the way out whatever happens, including an interrupted start."""
+def running(run_dir: Path, repository: Path, extra_args: list[str], interrupts: Interrupts, root: Path = ROOT):
+    """A started service (the gateway of checkout `root`), stopped on the way out whatever happens, including an
+    interrupted start."""
     try:
-        service = start_service(run_dir, repository, extra_args)
+        service = start_service(run_dir, repository, extra_args, root=root)
     except BaseException:
         with interrupts.deferred():
             _stop_unreturned(run_dir)

@@ -1,4 +1,5 @@
-"""The benchmarks' smoke runs: every step of `bin/bench`, `bench.auth_overhead`, `bench.perf_analyzer.study` and `bench.images` for a few seconds, so they cannot rot.
+"""The benchmarks' smoke runs: every step of `bin/bench`, `bench.auth_overhead`, `bench.perf_analyzer.study`, `bench.images`,
+`bench.cpu_runtimes`, `bench.single_text_path` and `bench.idle_cost` for a few seconds, so they cannot rot.
 
 Each starts its own gateway and Triton (bin/bench also the pipeline-ceiling, peer and int8 servers), measures raw onnxruntime, drives
 the load generator in its own process, and writes the report; the figures are too short-lived to judge, so
@@ -217,3 +218,17 @@ def test_single_text_path_smoke_run_splits_the_time_by_step(tmp_path):
     for step in ("ensemble", "tokenizer", "encoder", "pooling"):
         # 20 texts and the one untimed first call, each its own execution of every step.
         assert steps[step][2] == "21" and float(steps[step][7]) > 0, steps[step]
+
+
+def test_idle_cost_smoke_run_measures_both_checkouts_while_idle_and_per_request(tmp_path):
+    from bench.idle_cost import main
+
+    out = tmp_path / "idle_cost.md"
+    # This checkout as its own baseline: both rows' code path, in two services started one after the other.
+    arguments = ["--baseline-root", str(ROOT), "--rounds", "1", "--requests", "10", "--idle-s", "1"]
+    assert main([*arguments, "--out", str(out), "--work-dir", str(tmp_path / "work")]) == 0
+    report = out.read_text()
+    for checkout in (f"baseline ({ROOT.name})", "this checkout"):
+        p50, gateway, _triton, _tokenizer, encoder, *_ = (float(cell) for cell in _cells(report, checkout))
+        # Ten requests cannot take no time, nor pass the gateway and the encoder without their CPU.
+        assert p50 > 0 and gateway > 0 and encoder > 0, report

@@ -1,8 +1,14 @@
-"""Start-up checks of the Triton launcher that need no server."""
+"""Start-up checks of the Triton launcher that need no server, and its watch over the stubs' exits."""
 
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
 import pytest
 
-from gateway.triton.process import TritonPorts, TritonProcess, TritonStartError
+from gateway.triton.process import ExitWatch, TritonPorts, TritonProcess, TritonStartError
 from harness.servers import ROOT
 
 
@@ -21,3 +27,39 @@ def test_an_admin_key_that_triton_cannot_take_is_refused_before_triton_starts(tm
         triton.start(timeout_s=1)
     assert triton.process is None
     assert not triton.admin_key_file.exists()
+
+
+def _sleeper() -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+
+def test_the_exit_watch_names_a_process_once_it_exits_even_unreaped():
+    first, second = _sleeper(), _sleeper()
+    watch = ExitWatch([psutil.Process(first.pid), psutil.Process(second.pid)])
+    try:
+        assert watch.exited() == []
+        second.send_signal(signal.SIGKILL)
+        # Not reaped: a stub Triton has not waited for yet is a zombie, and lost all the same.
+        deadline = time.monotonic() + 10
+        while psutil.Process(second.pid).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert watch.exited() == [second.pid]
+        second.wait()
+        assert watch.exited() == [second.pid]
+    finally:
+        watch.close()
+        for process in (first, second):
+            process.kill()
+            process.wait()
+
+
+def test_the_exit_watch_names_a_process_gone_before_it_was_watched():
+    gone = _sleeper()
+    process = psutil.Process(gone.pid)
+    gone.kill()
+    gone.wait()
+    watch = ExitWatch([process])
+    try:
+        assert watch.exited() == [gone.pid]
+    finally:
+        watch.close()

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import secrets
+import select
 import shutil
 import signal
 import subprocess
@@ -93,6 +94,42 @@ def _alive(process: psutil.Process) -> bool:
         return False
 
 
+class ExitWatch:
+    """Which of some processes have exited, in one poll(2) over their pidfds.
+
+    The supervisor asks ten times a second. Asking psutil instead read two /proc files per stub each time: with a
+    stub per step instance that held the gateway's event loop for milliseconds ten times a second, and took about 3%
+    of a core from the encoder while idle (bench/results/levers.md, "The supervisor's stub watch"). A pidfd
+    becomes readable when its process exits, zombie or reaped, and names that process only, so a PID reused
+    since cannot pass for a lost stub.
+    """
+
+    def __init__(self, processes: list[psutil.Process]):
+        self._poll = select.poll()
+        self._pids: dict[int, int] = {}
+        self._gone: list[int] = []
+        for process in processes:
+            try:
+                descriptor = os.pidfd_open(process.pid)
+            except ProcessLookupError:
+                self._gone.append(process.pid)
+                continue
+            self._pids[descriptor] = process.pid
+            self._poll.register(descriptor, select.POLLIN)
+            # Opened after psutil saw it: the PID may already name another process (psutil compares start times).
+            if not _alive(process):
+                self._gone.append(process.pid)
+
+    def exited(self) -> list[int]:
+        """The PIDs of the watched processes that have exited."""
+        return self._gone + [self._pids[descriptor] for descriptor, _ in self._poll.poll(0)]
+
+    def close(self) -> None:
+        for descriptor in self._pids:
+            os.close(descriptor)
+        self._pids = {}
+
+
 class TritonProcess:
     def __init__(
         self,
@@ -116,7 +153,7 @@ class TritonProcess:
         self.address = address
         self.process: subprocess.Popen | None = None
         self._stubs: list[psutil.Process] = []
-        self._serving: list[psutil.Process] = []
+        self._serving = ExitWatch([])
         self._shm_regions: set[str] = set()
 
     @property
@@ -176,11 +213,11 @@ class TritonProcess:
             )
         # Whoever supervises the gateway can still end the group by PID if the gateway dies without cleaning up.
         self.pid_file.write_text(str(self.process.pid))
-        self._stubs, self._serving, self._shm_regions = [], [], set()
+        self._stubs, self._shm_regions = [], set()
         self._wait_ready(self.process, timeout_s)
         self._record_stubs(self.process.pid)
         # Watched from now on: the stubs serving the ready models (one a loading step started and ended is not lost).
-        self._serving = [stub for stub in self._stubs if _alive(stub)]
+        self._serving = ExitWatch([stub for stub in self._stubs if _alive(stub)])
 
     def _write_admin_key(self) -> None:
         # Created afresh with mode 0600: a file left by someone else, or with wider permissions, is not reused.
@@ -234,9 +271,9 @@ class TritonProcess:
             return "not started"
         if self.process.poll() is not None:
             return f"tritonserver exited with {self.process.returncode}"
-        lost = [stub for stub in self._serving if not _alive(stub)]
+        lost = self._serving.exited()
         if lost:
-            return f"{len(lost)} Python-backend stub(s) died (pid {', '.join(str(s.pid) for s in lost)})"
+            return f"{len(lost)} Python-backend stub(s) died (pid {', '.join(str(pid) for pid in lost)})"
         return None
 
     def stop(self, timeout_s: float = 10.0) -> None:
@@ -271,6 +308,7 @@ class TritonProcess:
                 pass
         for region in self._shm_regions:
             (SHM_DIR / region).unlink(missing_ok=True)
-        self._stubs, self._serving, self._shm_regions = [], [], set()
+        self._serving.close()
+        self._stubs, self._serving, self._shm_regions = [], ExitWatch([]), set()
         self.pid_file.unlink(missing_ok=True)
         self.admin_key_file.unlink(missing_ok=True)
