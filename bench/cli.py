@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -28,4 +29,4 @@ def fresh_work_dir(base: Path, prefix: str) -> Path:
 
 def command_line(program: str, argv: list[str] | None) -> str:
     """How this run was started, for the results it writes: `program` and its arguments (argv, else the process's)."""
-    return " ".join([program, *(argv if argv is not None else sys.argv[1:])])
+    return " ".join([program, shlex.join(argv if argv is not None else sys.argv[1:])]).rstrip()

@@ -1,6 +1,7 @@
 """What each serving lever gives: the same load against repositories exported with one option changed.
 
     .venv/bin/python -m bench.levers            # about 15 minutes; writes bench/results/levers_export.md
+    .venv/bin/python -m bench.levers --variants default "thread spinning" "default, again" --out FILE   # some
 
 bench/results/levers.md is the record of every lever, these and the gateway's (bench.gateway_levers).
 
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 from bench import requests, workload
-from bench.cli import fresh_work_dir, table_parser
+from bench.cli import command_line, fresh_work_dir, table_parser
 from bench.raw_onnxruntime import RawEncoder
 from bench.throughput import ROOT, Plan, Runner, progress, service_pids
 from harness.servers import start_service
@@ -40,6 +41,7 @@ VARIANTS = [
     ("batches of <= 32 rows", ["--max-batch-size=32"], "fewer rows sorted together"),
     ("batches of <= 128 rows", ["--max-batch-size=128"], "more rows sorted together, longer executions"),
     ("slices of 32 rows", ["--slice-rows=32"], "fewer onnxruntime runs, more padding in each"),
+    ("thread spinning", ["--thread-spinning"], "onnxruntime's threads spin between a run's operators, and stop when it ends"),
     ("default, again", [], "the first row repeated last: how far two runs of one setting differ on this machine"),
 ]
 CONCURRENCIES = [1, 32, 128]
@@ -79,6 +81,7 @@ def markdown(rows: list[dict], raw_before: float, raw_after: float, command: str
 
 def main(argv: list[str] | None = None) -> int:
     parser = table_parser("bench.levers", __doc__, "levers_export.md")
+    parser.add_argument("--variants", nargs="+", choices=[name for name, _, _ in VARIANTS], help="these only (default: all)")
     args = parser.parse_args(argv)
     work = fresh_work_dir(args.work_dir, "levers-")
     plan = Plan.full()
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     raw_before = raw.throughput(texts, 32).texts_per_s
     progress(f"raw onnxruntime batch 32: {raw_before:.0f} texts/s")
     rows = []
-    for name, flags, about in VARIANTS:
+    for name, flags, about in [v for v in VARIANTS if not args.variants or v[0] in args.variants]:
         # Named by its flags, so a repeated setting reuses its export; no "=" in it, because the Python
         # backend starts its stubs through `env`, which would read such a path as a variable assignment.
         repository = args.work_dir / "levers" / ("".join(flags).replace("--", "_").replace("=", "-").strip("_") or "default")
@@ -121,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             service.stop()
     raw_after = raw.throughput(texts, 32).texts_per_s
     progress(f"raw onnxruntime batch 32: {raw_after:.0f} texts/s")
-    args.out.write_text(markdown(rows, raw_before, raw_after, "python -m bench.levers"))
+    args.out.write_text(markdown(rows, raw_before, raw_after, command_line("python -m bench.levers", argv)))
     progress(f"wrote {args.out}")
     return 0
 

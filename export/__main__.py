@@ -215,6 +215,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="onnxruntime threads of a CPU encoder instance that runs alone (default: one per core)",
     )
     parser.add_argument(
+        "--thread-spinning",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="a CPU encoder's onnxruntime threads spin between a run's operators, and stop when it ends: a lone text "
+        "sooner, load slower (default: off)",
+    )
+    parser.add_argument(
         "--slice-rows",
         type=int,
         default=None,
@@ -444,6 +451,7 @@ def _build(args: argparse.Namespace, source, model_dir: Path, fingerprint: str, 
         controlled_encoder_instances=args.controlled_encoder_instances,
         intra_op_threads=args.intra_op_threads,
         alone_intra_op_threads=args.alone_intra_op_threads,
+        thread_spinning=args.thread_spinning,
         slice_rows=args.slice_rows,
         execution_env=Path(sys.prefix),
     )

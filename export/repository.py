@@ -116,6 +116,7 @@ class RepositoryOptions:
     controlled_encoder_instances: int
     intra_op_threads: int
     alone_intra_op_threads: int
+    thread_spinning: bool
     slice_rows: int
     execution_env: Path
 
@@ -234,6 +235,7 @@ def _encoder_config(name: str, source: SourceModel, options: RepositoryOptions, 
             execution_providers=",".join(target.execution_providers),
             intra_op_threads=str(options.intra_op_threads),
             alone_intra_op_threads=str(options.alone_intra_op_threads),
+            thread_spinning="1" if options.thread_spinning else "0",
             slice_rows=str(options.slice_rows),
             # What TensorRT's provider builds its engine's shape profile and precision from.
             max_sequence_length=str(source.max_sequence_length),

@@ -279,6 +279,21 @@ def test_the_encoder_answers_each_row_of_a_ragged_batch_as_if_it_ran_alone(encod
                 assert not hidden[row, :, length:].any()
 
 
+def test_thread_spinning_is_off_unless_exported_on_and_always_stops_when_a_run_ends(steps, tmp_path):
+    # The export's default, then spinning asked for: each of the step's two sessions gets what its config says.
+    for setting, spinning in [({}, "0"), ({"thread_spinning": "1"}, "1")]:
+        locks = tmp_path / spinning
+        locks.mkdir()
+        step = load_step("encoder", steps["encoder"], locks, **setting)
+        try:
+            for session in (step.sessions.busy, step.sessions.alone):
+                options = session.get_session_options()
+                assert options.get_session_config_entry("session.intra_op.allow_spinning") == spinning
+                assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+        finally:
+            step.sessions.siblings.own.close()
+
+
 def test_the_controlled_encoder_gathers_each_rows_factors_and_mode_with_its_ids(steps, tokenizer, tmp_path):
     step = load_step(
         "encoder", steps["controlled-encoder"], tmp_path, slice_rows="2", intra_op_threads="1", alone_intra_op_threads="1"

@@ -82,12 +82,15 @@ def _parameters(config: dict) -> dict[str, str]:
     return {key: value["string_value"] for key, value in config["parameters"].items()}
 
 
-def _cpu_session(model_file: Path, threads: int) -> ort.InferenceSession:
+def _cpu_session(model_file: Path, threads: int, spinning: bool) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    # Spinning threads would take CPU from the other instance and the other steps between runs.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Threads that spin between a run's operators wake sooner than sleeping ones (a lone text sooner), but keep the
+    # second core from the other instance when it starts during a run, which costs more under load: off by default
+    # (bench/results/levers.md, "Spinning within a run"). When on, they stop at the run's end, not spin on idle.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(str(model_file), options, providers=[CPU])
 
@@ -98,8 +101,9 @@ class CpuSessions:
 
     def __init__(self, model_file: Path, config: dict, args: dict):
         params = _parameters(config)
-        self.busy = _cpu_session(model_file, int(params["intra_op_threads"]))
-        self.alone = _cpu_session(model_file, int(params["alone_intra_op_threads"]))
+        spinning = params["thread_spinning"] == "1"
+        self.busy = _cpu_session(model_file, int(params["intra_op_threads"]), spinning)
+        self.alone = _cpu_session(model_file, int(params["alone_intra_op_threads"]), spinning)
         self.siblings = Siblings(args["model_repository"], args["model_instance_name"])
 
     def executing(self) -> Siblings:
