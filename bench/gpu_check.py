@@ -131,7 +131,7 @@ def _step_args(repository: Repository, providers: list[str], rows: int) -> dict[
         "execution_providers": ",".join(providers),
         "intra_op_threads": "1",
         "alone_intra_op_threads": "1",
-        "thread_spinning": "1",
+        "thread_spinning": "0",
         # On the CPU in slices of 8, as its export does; on a GPU one slice per execute, as a gpu-* export does.
         "slice_rows": "8" if providers == [CPU] else str(rows),
         "max_sequence_length": str(repository.max_sequence_length),
