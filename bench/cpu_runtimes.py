@@ -5,7 +5,8 @@ run; the served int8, with a scale per token (export.per_token_int8), with 7-bit
 onnxruntime's static int8 (QDQ, per-channel weights, activations calibrated on the first STS sentences after
 onnxruntime's pre-processing: its Spearman is measured partly on its calibration texts, which flatters it); and
 OpenVINO at f32 and bf16 (in hardware where the CPU has AVX-512 BF16), bf16 once as it comes and once with every row
-padded to its own length rounded up to a multiple of 16 tokens, a slice holding rows of one padded width. The report names the CPU's vector instructions, which decide the int8 and bf16 figures.
+padded to its own length rounded up to a multiple of 16 tokens, a slice holding rows of one padded width. The report
+names the CPU's vector instructions, which decide the int8 and bf16 figures.
 
 Each is run as the encoder step runs a batch: the texts sorted by length, in slices padded to the slice's longest.
 Quality is the STS Spearman over the shipped pairs and the vectors' cosine to fp32's; determinism is the largest

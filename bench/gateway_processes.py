@@ -20,7 +20,7 @@ from pathlib import Path
 
 from bench import pipeline_ceiling, requests, workload
 from bench.cli import command_line, fresh_work_dir, table_parser
-from bench.process_stats import cpu_seconds, machine_ticks
+from bench.process_stats import cpu_seconds, cpu_spent, machine_ticks
 from bench.throughput import ROOT, progress, served_model
 from harness.servers import RunningService, start_service
 
@@ -73,7 +73,7 @@ def load(
     for process, _ in spawned:
         process.wait(timeout=duration_s + 120)
     results = [json.loads(path.read_text()) for _, path in spawned]
-    spent = {label: cpu_after[label] - cpu_before.get(label, 0.0) for label in cpu_after}
+    spent = cpu_spent(cpu_before, cpu_after)
     gateway = sum(seconds for label, seconds in spent.items() if _is_gateway(label))
     triton = sum(seconds for label, seconds in spent.items() if not _is_gateway(label))
     requests_per_s = sum(r["requests_per_s"] for r in results)

@@ -25,7 +25,7 @@ import requests
 from bench.auth_overhead import Interrupts, running
 from bench.cli import command_line, fresh_work_dir, table_parser
 from bench.machine import describe
-from bench.process_stats import cpu_seconds
+from bench.process_stats import cpu_seconds, cpu_spent
 from bench.report import markdown_table
 from bench.throughput import progress
 from bench.workload import sentences
@@ -38,8 +38,7 @@ COMPONENTS = ("gateway", "tritonserver", "tokenizer", "encoder", "pooling")
 def _cpu_between(pid: int, work) -> dict[str, float]:
     before = cpu_seconds(pid)
     work()
-    after = cpu_seconds(pid)
-    return {label: after[label] - before.get(label, 0.0) for label in after}
+    return cpu_spent(before, cpu_seconds(pid))
 
 
 def measure(root: Path, work: Path, texts: list[str], idle_s: float, interrupts: Interrupts) -> dict:

@@ -101,3 +101,8 @@ class PeakSampler:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def cpu_spent(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """CPU seconds per component between two cpu_seconds() reads; a component started in between counts from zero."""
+    return {label: after[label] - before.get(label, 0.0) for label in after}

@@ -53,6 +53,21 @@ def test_the_exit_watch_names_a_process_once_it_exits_even_unreaped():
             process.wait()
 
 
+def test_the_exit_watch_names_a_process_that_was_a_zombie_when_watched_once():
+    zombie = _sleeper()
+    process = psutil.Process(zombie.pid)
+    zombie.kill()
+    deadline = time.monotonic() + 10
+    while process.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+        time.sleep(0.02)
+    watch = ExitWatch([process])
+    try:
+        assert watch.exited() == [zombie.pid]
+    finally:
+        watch.close()
+        zombie.wait()
+
+
 def test_the_exit_watch_names_a_process_gone_before_it_was_watched():
     gone = _sleeper()
     process = psutil.Process(gone.pid)

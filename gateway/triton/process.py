@@ -97,9 +97,9 @@ def _alive(process: psutil.Process) -> bool:
 class ExitWatch:
     """Which of some processes have exited, in one poll(2) over their pidfds.
 
-    The supervisor asks ten times a second. Asking psutil instead read two /proc files per stub each time: with a
-    stub per step instance that held the gateway's event loop for milliseconds ten times a second, and took about 3%
-    of a core from the encoder while idle (bench/results/levers.md, "The supervisor's stub watch"). A pidfd
+    The supervisor asks ten times a second. Asking psutil instead read two /proc files per stub each time, on the
+    gateway's event loop: the gateway idled at 14 ms of CPU a second with it and 9 with this (bench/results/levers.md,
+    "The supervisor's stub watch"). A pidfd
     becomes readable when its process exits, zombie or reaped, and names that process only, so a PID reused
     since cannot pass for a lost stub.
     """
@@ -114,11 +114,14 @@ class ExitWatch:
             except ProcessLookupError:
                 self._gone.append(process.pid)
                 continue
+            # Opened after psutil saw it: the process may have ended since, or the PID name another one (psutil
+            # compares start times). Either way it is lost now, and counted once, not again when its pidfd polls.
+            if not _alive(process):
+                os.close(descriptor)
+                self._gone.append(process.pid)
+                continue
             self._pids[descriptor] = process.pid
             self._poll.register(descriptor, select.POLLIN)
-            # Opened after psutil saw it: the PID may already name another process (psutil compares start times).
-            if not _alive(process):
-                self._gone.append(process.pid)
 
     def exited(self) -> list[int]:
         """The PIDs of the watched processes that have exited."""
