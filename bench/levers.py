@@ -24,7 +24,11 @@ from harness.servers import start_service
 
 # (name, export flags, what it tests). The first is the shipped default.
 VARIANTS = [
-    ("default", [], "ragged batches of <= 64 rows, slices of 8, 2 instances (2 threads alone, 1 when both busy), no queue delay"),
+    (
+        "default",
+        [],
+        "ragged batches of <= 64 rows, slices of 8, 2 instances (2 threads alone, 1 when both busy), no queue delay, one shared copy of the packed weights",
+    ),
     ("always 1 thread", ["--alone-intra-op-threads=1"], "an instance running alone does not take the second core"),
     (
         "1 instance x 2 threads",
@@ -42,6 +46,11 @@ VARIANTS = [
     ("batches of <= 128 rows", ["--max-batch-size=128"], "more rows sorted together, longer executions"),
     ("slices of 32 rows", ["--slice-rows=32"], "fewer onnxruntime runs, more padding in each"),
     ("thread spinning", ["--thread-spinning"], "onnxruntime's threads spin between a run's operators, and stop when it ends"),
+    (
+        "weights per session",
+        ["--no-shared-weights"],
+        "each onnxruntime session packs its own copy of the weights, as before shared ones (4 copies, not 1)",
+    ),
     ("default, again", [], "the first row repeated last: how far two runs of one setting differ on this machine"),
 ]
 CONCURRENCIES = [1, 32, 128]

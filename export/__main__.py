@@ -222,6 +222,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "sooner, load slower (default: off)",
     )
     parser.add_argument(
+        "--shared-weights",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="every session of a CPU encoder maps one copy of its packed weights, written when Triton loads it, instead "
+        "of packing its own: a lone text sooner, and one copy in memory (default: on)",
+    )
+    parser.add_argument(
         "--slice-rows",
         type=int,
         default=None,
@@ -452,6 +459,7 @@ def _build(args: argparse.Namespace, source, model_dir: Path, fingerprint: str, 
         intra_op_threads=args.intra_op_threads,
         alone_intra_op_threads=args.alone_intra_op_threads,
         thread_spinning=args.thread_spinning,
+        shared_weights=args.shared_weights,
         slice_rows=args.slice_rows,
         execution_env=Path(sys.prefix),
     )

@@ -177,16 +177,26 @@ def _as_triton_loads(lock_dir: Path | None) -> Iterator[None]:
             del sys.modules["triton_python_backend_utils"]
 
 
+def _import_step(source: str, module_name: str) -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location(module_name, STEPS / f"{source}.py")
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {STEPS / source}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def step_module(source: str) -> types.ModuleType:
+    """export/steps/<source>.py as Triton imports it, for its functions; no model is initialized."""
+    with _as_triton_loads(None):
+        return _import_step(source, f"triton_step_{source}")
+
+
 def load_step(source: str, args: dict[str, str], lock_dir: Path | None = None):
     """The TritonPythonModel of export/steps/<source>.py, initialized with `args` (triton_args). The stand-in, and
     whatever the step adds to sys.path and sys.modules (the tensor names, and the pooling step's head), are gone after.
     lock_dir: the temporary directory for the CPU encoder, which keeps a lock file per instance there."""
     with _as_triton_loads(lock_dir):
-        spec = importlib.util.spec_from_file_location(f"triton_step_{source}_{args['model_name']}", STEPS / f"{source}.py")
-        if spec is None or spec.loader is None:
-            raise ImportError(f"cannot load {STEPS / source}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        model = module.TritonPythonModel()
+        model = _import_step(source, f"triton_step_{source}_{args['model_name']}").TritonPythonModel()
         model.initialize(args)
     return model

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -237,6 +238,25 @@ def test_it_serves_on_all_addresses_and_sigterm_stops_triton_and_exits_0(tmp_pat
         )
         assert code == 0, run.log_tail()
         assert left == [], f"left after run_triton exited: {left}"
+
+
+def test_the_instances_of_each_encoder_map_one_copy_of_its_packed_weights(tmp_path, manifest):
+    """Every session of every CPU encoder instance maps the one graph with packed weights written into the run
+    directory, where each used to pack a private copy (bench/results/levers.md, "Weights shared by every session")."""
+    with running_triton(tmp_path) as run:
+        mapped: dict[Path, set[int]] = {}
+        for stub in run.stubs():
+            for region in stub.memory_maps():
+                if region.path.endswith("/model.data"):
+                    mapped.setdefault(Path(region.path).resolve(), set()).add(stub.pid)
+        for role in ("encoder", "controlled-encoder"):
+            name = manifest["steps"][role]
+            (written,) = [p for p in (run.run_dir / "packed-graphs" / name).iterdir() if p.name != ".lock"]
+            config = (MODEL_REPOSITORY / name / "config.pbtxt").read_text()
+            instances = int(re.search(r"instance_group \[\{ count: (\d+)", config).group(1))
+            stubs = mapped.get((written / "model.data").resolve(), set())
+            print(f"[run_triton] {name}: {len(stubs)} stubs map {written.name}/model.data")
+            assert len(stubs) == instances, f"{name}: {instances} instances, mapped by {stubs}; all mapped: {mapped}"
 
 
 def test_a_dead_stub_makes_it_exit_1(tmp_path, model_name):

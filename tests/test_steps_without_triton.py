@@ -15,6 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnx.helper
+import onnx.numpy_helper
 import onnxruntime as ort
 import pytest
 from google.protobuf import json_format, text_format
@@ -292,6 +295,77 @@ def test_thread_spinning_is_off_unless_exported_on_and_always_stops_when_a_run_e
                 assert options.get_session_config_entry("session.force_spinning_stop") == "1"
         finally:
             step.sessions.siblings.own.close()
+
+
+def test_every_session_of_every_instance_maps_one_packed_graph_written_once(steps, tokenizer, tmp_path, monkeypatch):
+    cache = tmp_path / "packed"
+    monkeypatch.setenv("EMBED_PACKED_GRAPHS", str(cache))
+    for instance in ("plain", "first", "second"):
+        (tmp_path / instance).mkdir()
+    plain = load_step("encoder", steps["encoder"], tmp_path / "plain", shared_weights="0")
+    first = load_step("encoder", steps["encoder"], tmp_path / "first", shared_weights="1")
+    written = sorted(p for p in (cache / steps["encoder"].name).iterdir() if p.name != ".lock")
+    assert len(written) == 1, written
+    graph, data = written[0] / "model.onnx", written[0] / "model.data"
+    mtime = data.stat().st_mtime_ns
+    second = load_step("encoder", steps["encoder"], tmp_path / "second", shared_weights="1")
+    try:
+        # The second instance maps what the first wrote, and so does each one's busy and alone session.
+        assert data.stat().st_mtime_ns == mtime
+        for step in (first, second):
+            assert {step.sessions.busy._model_path, step.sessions.alone._model_path} == {str(graph)}
+        assert plain.sessions.alone._model_path == str(steps["encoder"] / "1" / "model.onnx")
+        # The weights packed ahead are the ones each session would pack for itself: the same vectors, bit for bit.
+        made = ragged_requests(tokenizer, GROUPS, [0, 2, 1, 4], np.random.default_rng(2))
+        batch = [request({INPUT_IDS: ids, ATTENTION_MASK: mask}, [TOKEN_EMBEDDINGS]) for _, ids, mask in made]
+        for shared, own in zip(second.execute(batch), plain.execute(batch)):
+            np.testing.assert_array_equal(output(shared, TOKEN_EMBEDDINGS), output(own, TOKEN_EMBEDDINGS))
+    finally:
+        for step in (plain, first, second):
+            step.finalize()
+
+
+def _tiny_graph(path: Path, scale: float) -> Path:
+    """A MatMul on a constant weight large enough to be written to the external data file."""
+    weight = onnx.numpy_helper.from_array(np.full((64, 64), scale, dtype=np.float32), "weight")
+    node = onnx.helper.make_node("MatMul", ["x", "weight"], ["y"])
+    graph = onnx.helper.make_graph(
+        [node],
+        "tiny",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 64])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, 64])],
+        [weight],
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8), str(path))
+    return path
+
+
+def test_a_new_graph_of_a_model_replaces_its_older_one_and_what_a_killed_writer_left(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMBED_PACKED_GRAPHS", str(tmp_path / "packed"))
+    encoder = python_backend.step_module("encoder")
+    older = encoder.packed_graph(_tiny_graph(tmp_path / "a" / "model.onnx", 1.0), "tiny-encoder")
+    left = tmp_path / "packed" / "tiny-encoder" / ".writing-killed"
+    left.mkdir()
+    newer = encoder.packed_graph(_tiny_graph(tmp_path / "b" / "model.onnx", 2.0), "tiny-encoder")
+    assert newer != older
+    assert sorted(p.name for p in newer.parent.parent.iterdir()) == sorted([".lock", newer.parent.name])
+    x = np.ones((1, 64), dtype=np.float32)
+    (y,) = ort.InferenceSession(str(newer), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_array_equal(y, np.full((1, 64), 128.0, dtype=np.float32))
+
+
+def test_an_encoder_that_cannot_write_its_packed_graph_serves_the_exported_one_and_says_why(steps, tmp_path, monkeypatch, caplog):
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    monkeypatch.setenv("EMBED_PACKED_GRAPHS", str(blocked))
+    (tmp_path / "locks").mkdir()
+    step = load_step("encoder", steps["encoder"], tmp_path / "locks", shared_weights="1")
+    try:
+        assert step.sessions.alone._model_path == str(steps["encoder"] / "1" / "model.onnx")
+        assert any("weights per session" in r.getMessage() and str(blocked) in r.getMessage() for r in caplog.records)
+    finally:
+        step.finalize()
 
 
 def test_the_controlled_encoder_gathers_each_rows_factors_and_mode_with_its_ids(steps, tokenizer, tmp_path):

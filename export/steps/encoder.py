@@ -19,6 +19,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -82,7 +83,7 @@ def _parameters(config: dict) -> dict[str, str]:
     return {key: value["string_value"] for key, value in config["parameters"].items()}
 
 
-def _cpu_session(model_file: Path, threads: int, spinning: bool) -> ort.InferenceSession:
+def _cpu_options(threads: int, spinning: bool) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -92,7 +93,59 @@ def _cpu_session(model_file: Path, threads: int, spinning: bool) -> ort.Inferenc
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     options.add_session_config_entry("session.force_spinning_stop", "1")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(model_file), options, providers=[CPU])
+    return options
+
+
+def _cpu_session(model_file: Path, threads: int, spinning: bool) -> ort.InferenceSession:
+    return ort.InferenceSession(str(model_file), _cpu_options(threads, spinning), providers=[CPU])
+
+
+def _this_cpu() -> str:
+    """The processor's model and instruction sets: onnxruntime packs weights for the kernels this CPU runs."""
+    with open("/proc/cpuinfo") as cpuinfo:
+        return "".join(sorted({line for line in cpuinfo if line.startswith(("model name", "flags"))}))
+
+
+def _packed_key(model_file: Path) -> str:
+    digest = hashlib.sha256(f"{ort.__version__}\n{_this_cpu()}".encode())
+    with open(model_file, "rb") as graph:
+        digest.update(hashlib.file_digest(graph, "sha256").digest())
+    return digest.hexdigest()[:24]
+
+
+def packed_graph(model_file: Path, model_name: str) -> Path:
+    """The graph as onnxruntime optimizes it for this CPU, its weights packed for its kernels, in an external data file
+    that every session of every instance maps rather than copies.
+
+    Each session otherwise packs a private copy of the weights, and an instance keeps two sessions: with two instances
+    taking turns, a lone text found its instance's weights cold in the cache, which cost about 1 ms a text
+    (bench/results/levers.md, "Weights shared by every session"). Written once per model file, onnxruntime version and
+    CPU, into EMBED_PACKED_GRAPHS (TritonProcess: the run directory's packed-graphs) under the model's name; another
+    file of that name's is removed then (a process that maps it keeps its pages until it closes them).
+    """
+    root = os.environ.get("EMBED_PACKED_GRAPHS") or str(Path(tempfile.gettempdir()) / "embed-packed-graphs")
+    cache = Path(root) / model_name
+    cache.mkdir(parents=True, exist_ok=True)
+    key = _packed_key(model_file)
+    with open(cache / ".lock", "w") as lock:
+        # The instances of a model start together: one writes, the others wait for it and map what it wrote.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (cache / key / "model.onnx").exists():
+            staging = Path(tempfile.mkdtemp(prefix=".writing-", dir=cache))
+            options = _cpu_options(threads=1, spinning=False)
+            # Not onnxruntime's warning that the graph suits this CPU alone: the key holds the CPU for that reason.
+            options.log_severity_level = 3
+            options.optimized_model_filepath = str(staging / "model.onnx")
+            options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "model.data")
+            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+            options.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
+            ort.InferenceSession(str(model_file), options, providers=[CPU])
+            staging.rename(cache / key)
+        for other in cache.iterdir():
+            # Older graphs of this name, and what a writer killed midway left.
+            if other.name not in (key, ".lock"):
+                shutil.rmtree(other)
+    return cache / key / "model.onnx"
 
 
 class CpuSessions:
@@ -102,9 +155,19 @@ class CpuSessions:
     def __init__(self, model_file: Path, config: dict, args: dict):
         params = _parameters(config)
         spinning = params["thread_spinning"] == "1"
-        self.busy = _cpu_session(model_file, int(params["intra_op_threads"]), spinning)
-        self.alone = _cpu_session(model_file, int(params["alone_intra_op_threads"]), spinning)
+        graph = self._shared_graph(model_file, args["model_name"]) if params.get("shared_weights") == "1" else model_file
+        self.busy = _cpu_session(graph, int(params["intra_op_threads"]), spinning)
+        self.alone = _cpu_session(graph, int(params["alone_intra_op_threads"]), spinning)
         self.siblings = Siblings(args["model_repository"], args["model_instance_name"])
+
+    @staticmethod
+    def _shared_graph(model_file: Path, model_name: str) -> Path:
+        try:
+            return packed_graph(model_file, model_name)
+        except Exception as error:
+            # The same vectors come from the exported graph, a little slower for a lone text: not worth refusing to start.
+            pb_utils.Logger.log_warn(f"{model_name}: serving {model_file} with weights per session: {error}")
+            return model_file
 
     def executing(self) -> Siblings:
         return self.siblings

@@ -84,6 +84,8 @@ def _environment(work_dir: Path) -> dict[str, str]:
     env["LD_LIBRARY_PATH"] = ":".join(libs + [p for p in env.get("LD_LIBRARY_PATH", "").split(":") if p])
     # The gpu-tensorrt-ep encoder caches its engines here: built once per run directory, not on every start.
     env.setdefault("EMBED_TENSORRT_CACHE", str(work_dir.resolve() / "tensorrt-engines"))
+    # The CPU encoders write the graphs whose packed weights their sessions share here, once per run directory.
+    env.setdefault("EMBED_PACKED_GRAPHS", str(work_dir.resolve() / "packed-graphs"))
     return env
 
 
