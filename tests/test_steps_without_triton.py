@@ -81,6 +81,15 @@ def load_step(source: str, model_dir: Path, lock_dir: Path | None = None, **para
     return python_backend.load_step(source, triton_args(model_dir, **parameters), lock_dir)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def packed_graphs(tmp_path_factory):
+    """One cache of packed graphs for this module's encoder loads, which would otherwise each write their own into
+    their lock directory; its entries are keyed by the model file, so sharing it changes no answer."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EMBED_PACKED_GRAPHS", str(tmp_path_factory.mktemp("packed-graphs")))
+        yield
+
+
 @pytest.fixture(scope="module")
 def steps(manifest) -> dict[str, Path]:
     return {role: MODEL_REPOSITORY / name for role, name in manifest["steps"].items()}
