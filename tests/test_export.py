@@ -56,7 +56,7 @@ def test_int8_export_passes_validation_and_is_smaller(tmp_path):
         # Every layer's six weight MatMuls run in int8 (the embedding tables stay float: a lookup int8 does not speed
         # up), with no activation scale shared by a run.
         ops = [node.op_type for node in graph.node]
-        assert ops.count("MatMulInteger") == 6 * 6 and "DynamicQuantizeLinear" not in ops
+        assert ops.count("MatMulIntegerToFloat") == 6 * 6 and "DynamicQuantizeLinear" not in ops
         fp32_size = (ROOT / "model_repository" / encoder / "1" / "model.onnx").stat().st_size
         assert (tmp_path / encoder / "1" / "model.onnx").stat().st_size < fp32_size * 0.7
 

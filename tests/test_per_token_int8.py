@@ -67,7 +67,7 @@ def test_it_stays_close_to_the_float_graph(graphs):
 def test_no_activation_is_quantized_per_run(graphs):
     _, int8 = graphs
     ops = [node.op_type for node in onnx.load(str(int8)).graph.node]
-    assert "DynamicQuantizeLinear" not in ops and ops.count("MatMulInteger") == 2
+    assert "DynamicQuantizeLinear" not in ops and ops.count("MatMulIntegerToFloat") == 2
 
 
 def test_a_graph_with_nothing_quantized_is_refused(graphs):
