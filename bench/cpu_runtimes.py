@@ -59,14 +59,16 @@ class Config:
     width_multiple: int = 1
 
 
-def onnxruntime_runner(graph: Path) -> Callable[[int], Run]:
+def onnxruntime_runner(graph: Path, fuse_skip_layer_norm: bool = False) -> Callable[[int], Run]:
     def build(threads: int) -> Run:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        # The encoder step's setting (export/steps/encoder.py).
+        # The encoder step's settings (export/steps/encoder.py): threads that sleep, and unless asked for, no
+        # SkipLayerNormalization (export's --fuse-skip-layer-norm).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+        disabled = [] if fuse_skip_layer_norm else ["SkipLayerNormFusion"]
+        session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
         return lambda feeds: session.run([onnx_name(TOKEN_EMBEDDINGS)], feeds)[0]
 
     return build
@@ -292,6 +294,11 @@ def main(argv: list[str] | None = None) -> int:
         Config("onnxruntime int8, a scale per run, one row per run", onnxruntime_runner(per_run), 1),
         Config("onnxruntime int8, a scale per token, 8-bit weights, slices of 8", onnxruntime_runner(full_range), 8),
         Config("onnxruntime int8, a scale per token, 7-bit weights, slices of 8 (served int8)", onnxruntime_runner(int8), 8),
+        Config(
+            "the same with SkipLayerNormalization fused (served until 2026-12-06)",
+            onnxruntime_runner(int8, fuse_skip_layer_norm=True),
+            8,
+        ),
         Config(f"onnxruntime int8, static QDQ calibrated on {calibrated} sentences, slices of 8", onnxruntime_runner(static), 8),
         Config("OpenVINO f32, slices of 8", _openvino(fp32, "f32"), 8),
         Config("OpenVINO bf16, slices of 8", _openvino(fp32, "bf16"), 8),

@@ -51,6 +51,13 @@ VARIANTS = [
         ["--no-shared-weights"],
         "each onnxruntime session packs its own copy of the weights, as before shared ones (4 copies, not 1)",
     ),
+    ("int8", ["--precision=int8"], "the int8 export (a scale per token), its defaults"),
+    (
+        "int8, SkipLayerNorm fused",
+        ["--precision=int8", "--fuse-skip-layer-norm"],
+        "onnxruntime fuses each residual Add and LayerNormalization into one SkipLayerNormalization",
+    ),
+    ("int8, again", ["--precision=int8"], "the int8 row repeated: how far two runs of one setting differ"),
     ("default, again", [], "the first row repeated last: how far two runs of one setting differ on this machine"),
 ]
 CONCURRENCIES = [1, 32, 128]

@@ -229,6 +229,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "of packing its own: a lone text sooner, and one copy in memory (default: on)",
     )
     parser.add_argument(
+        "--fuse-skip-layer-norm",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="a CPU encoder lets onnxruntime fuse each residual Add and LayerNormalization into a SkipLayerNormalization, "
+        "whose kernel is slower than the two on one thread (default: off)",
+    )
+    parser.add_argument(
         "--slice-rows",
         type=int,
         default=None,
@@ -460,6 +467,7 @@ def _build(args: argparse.Namespace, source, model_dir: Path, fingerprint: str, 
         alone_intra_op_threads=args.alone_intra_op_threads,
         thread_spinning=args.thread_spinning,
         shared_weights=args.shared_weights,
+        fuse_skip_layer_norm=args.fuse_skip_layer_norm,
         slice_rows=args.slice_rows,
         execution_env=Path(sys.prefix),
     )

@@ -118,6 +118,7 @@ class RepositoryOptions:
     alone_intra_op_threads: int
     thread_spinning: bool
     shared_weights: bool
+    fuse_skip_layer_norm: bool
     slice_rows: int
     execution_env: Path
 
@@ -238,6 +239,7 @@ def _encoder_config(name: str, source: SourceModel, options: RepositoryOptions, 
             alone_intra_op_threads=str(options.alone_intra_op_threads),
             thread_spinning="1" if options.thread_spinning else "0",
             shared_weights="1" if options.shared_weights else "0",
+            fuse_skip_layer_norm="1" if options.fuse_skip_layer_norm else "0",
             slice_rows=str(options.slice_rows),
             # What TensorRT's provider builds its engine's shape profile and precision from.
             max_sequence_length=str(source.max_sequence_length),

@@ -196,7 +196,7 @@ def test_cpu_runtimes_smoke_run_reports_every_configuration(tmp_path):
     out = tmp_path / "cpu_runtimes.md"
     assert main(["--rounds", "1", "--pairs", "40", "--out", str(out), "--work-dir", str(tmp_path / "work")]) == 0
     rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "configuration" not in line]
-    assert len(rows) == 10, rows
+    assert len(rows) == 11, rows
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert float(cells[1]) > 0 and float(cells[2]) > 0 and float(cells[4]) > 0, cells

@@ -334,34 +334,70 @@ def test_every_session_of_every_instance_maps_one_packed_graph_written_once(step
             step.finalize()
 
 
-def _tiny_graph(path: Path, scale: float) -> Path:
-    """A MatMul on a constant weight large enough to be written to the external data file."""
-    weight = onnx.numpy_helper.from_array(np.full((64, 64), scale, dtype=np.float32), "weight")
-    node = onnx.helper.make_node("MatMul", ["x", "weight"], ["y"])
-    graph = onnx.helper.make_graph(
-        [node],
-        "tiny",
-        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 64])],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, 64])],
-        [weight],
-    )
+def _save_graph(path: Path, nodes: list, inputs: list, outputs: list, initializers: list) -> Path:
+    """A float graph at opset 17, saved to `path`; inputs and outputs: (name, shape)."""
+
+    def values(named: list) -> list:
+        return [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape) for name, shape in named]
+
+    graph = onnx.helper.make_graph(nodes, path.stem, values(inputs), values(outputs), initializers)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8), str(path))
     return path
 
 
+def _tiny_graph(path: Path, scale: float) -> Path:
+    """A MatMul on a constant weight large enough to be written to the external data file."""
+    weight = onnx.numpy_helper.from_array(np.full((64, 64), scale, dtype=np.float32), "weight")
+    node = onnx.helper.make_node("MatMul", ["x", "weight"], ["y"])
+    return _save_graph(path, [node], [("x", [None, 64])], [("y", [None, 64])], [weight])
+
+
 def test_a_new_graph_of_a_model_replaces_its_older_one_and_what_a_killed_writer_left(tmp_path, monkeypatch):
     monkeypatch.setenv("EMBED_PACKED_GRAPHS", str(tmp_path / "packed"))
     encoder = python_backend.step_module("encoder")
-    older = encoder.packed_graph(_tiny_graph(tmp_path / "a" / "model.onnx", 1.0), "tiny-encoder")
+    older = encoder.packed_graph(_tiny_graph(tmp_path / "a" / "model.onnx", 1.0), "tiny-encoder", fuse_skip_layer_norm=False)
     left = tmp_path / "packed" / "tiny-encoder" / ".writing-killed"
     left.mkdir()
-    newer = encoder.packed_graph(_tiny_graph(tmp_path / "b" / "model.onnx", 2.0), "tiny-encoder")
+    newer = encoder.packed_graph(_tiny_graph(tmp_path / "b" / "model.onnx", 2.0), "tiny-encoder", fuse_skip_layer_norm=False)
     assert newer != older
     assert sorted(p.name for p in newer.parent.parent.iterdir()) == sorted([".lock", newer.parent.name])
     x = np.ones((1, 64), dtype=np.float32)
     (y,) = ort.InferenceSession(str(newer), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     np.testing.assert_array_equal(y, np.full((1, 64), 128.0, dtype=np.float32))
+
+
+def _residual_layer_norm(path: Path) -> Path:
+    """Add(x, skip) then LayerNormalization: the pattern onnxruntime fuses into one SkipLayerNormalization."""
+    shape = ["rows", "tokens", 64]
+    nodes = [
+        onnx.helper.make_node("Add", ["x", "skip"], ["sum"]),
+        onnx.helper.make_node("LayerNormalization", ["sum", "gamma", "beta"], ["y"], axis=-1, epsilon=1e-12),
+    ]
+    scale_and_shift = [
+        onnx.numpy_helper.from_array(np.linspace(0.5, 2.0, 64, dtype=np.float32), "gamma"),
+        onnx.numpy_helper.from_array(np.linspace(-1.0, 1.0, 64, dtype=np.float32), "beta"),
+    ]
+    return _save_graph(path, nodes, [("x", shape), ("skip", shape)], [("y", shape)], scale_and_shift)
+
+
+def test_a_packed_graph_keeps_a_residual_add_and_its_layer_norm_apart_unless_the_export_fuses_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMBED_PACKED_GRAPHS", str(tmp_path / "packed"))
+    encoder = python_backend.step_module("encoder")
+    source = _residual_layer_norm(tmp_path / "model.onnx")
+    rng = np.random.default_rng(3)
+    x, skip = (rng.normal(size=(2, 5, 64)).astype(np.float32) for _ in range(2))
+    total = x + skip
+    expected = (total - total.mean(-1, keepdims=True)) / np.sqrt(total.var(-1, keepdims=True) + 1e-12)
+    expected = expected * np.linspace(0.5, 2.0, 64) + np.linspace(-1.0, 1.0, 64)
+    graphs = {}
+    for fuse, operators in [(False, ["Add", "LayerNormalization"]), (True, ["SkipLayerNormalization"])]:
+        graphs[fuse] = encoder.packed_graph(source, "residual", fuse_skip_layer_norm=fuse)
+        assert [node.op_type for node in onnx.load(str(graphs[fuse]), load_external_data=False).graph.node] == operators
+        (y,) = ort.InferenceSession(str(graphs[fuse]), providers=["CPUExecutionProvider"]).run(None, {"x": x, "skip": skip})
+        np.testing.assert_allclose(y, expected, atol=1e-5)
+    # Each setting is a graph of its own: a cache written with one is not served for the other.
+    assert graphs[False].parent != graphs[True].parent
 
 
 def test_an_encoder_that_cannot_write_its_packed_graph_serves_the_exported_one_and_says_why(steps, tmp_path, monkeypatch, caplog):

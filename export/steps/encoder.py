@@ -96,8 +96,22 @@ def _cpu_options(threads: int, spinning: bool) -> ort.SessionOptions:
     return options
 
 
-def _cpu_session(model_file: Path, threads: int, spinning: bool) -> ort.InferenceSession:
-    return ort.InferenceSession(str(model_file), _cpu_options(threads, spinning), providers=[CPU])
+def _disabled_optimizers(fuse_skip_layer_norm: bool) -> list[str]:
+    """onnxruntime's fusion of a residual Add and the LayerNormalization after it into one SkipLayerNormalization is
+    off unless asked for: in the int8 graph that kernel took 12% of a one-threaded run, and the LayerNormalization
+    left without it about a quarter as long, so the encoder ran 4-18% faster on one thread (how each instance runs
+    under load), with the same STS Spearman (bench/results/levers.md, "SkipLayerNormalization unfused"). It does not
+    fire on the fp32 graph."""
+    return [] if fuse_skip_layer_norm else ["SkipLayerNormFusion"]
+
+
+def _cpu_session(model_file: Path, threads: int, spinning: bool, fuse_skip_layer_norm: bool) -> ort.InferenceSession:
+    return ort.InferenceSession(
+        str(model_file),
+        _cpu_options(threads, spinning),
+        providers=[CPU],
+        disabled_optimizers=_disabled_optimizers(fuse_skip_layer_norm),
+    )
 
 
 def _this_cpu() -> str:
@@ -106,14 +120,16 @@ def _this_cpu() -> str:
         return "".join(sorted({line for line in cpuinfo if line.startswith(("model name", "flags"))}))
 
 
-def _packed_key(model_file: Path) -> str:
-    digest = hashlib.sha256(f"{ort.__version__}\n{_this_cpu()}".encode())
+def _packed_key(model_file: Path, fuse_skip_layer_norm: bool) -> str:
+    # The optimizers that ran shape the graph as much as the model file does.
+    disabled = ",".join(_disabled_optimizers(fuse_skip_layer_norm))
+    digest = hashlib.sha256(f"{ort.__version__}\n{_this_cpu()}\n{disabled}".encode())
     with open(model_file, "rb") as graph:
         digest.update(hashlib.file_digest(graph, "sha256").digest())
     return digest.hexdigest()[:24]
 
 
-def packed_graph(model_file: Path, model_name: str) -> Path:
+def packed_graph(model_file: Path, model_name: str, fuse_skip_layer_norm: bool) -> Path:
     """The graph as onnxruntime optimizes it for this CPU, its weights packed for its kernels, in an external data file
     that every session of every instance maps rather than copies.
 
@@ -126,7 +142,7 @@ def packed_graph(model_file: Path, model_name: str) -> Path:
     root = os.environ.get("EMBED_PACKED_GRAPHS") or str(Path(tempfile.gettempdir()) / "embed-packed-graphs")
     cache = Path(root) / model_name
     cache.mkdir(parents=True, exist_ok=True)
-    key = _packed_key(model_file)
+    key = _packed_key(model_file, fuse_skip_layer_norm)
     with open(cache / ".lock", "w") as lock:
         # The instances of a model start together: one writes, the others wait for it and map what it wrote.
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -139,7 +155,9 @@ def packed_graph(model_file: Path, model_name: str) -> Path:
             options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "model.data")
             options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
             options.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
-            ort.InferenceSession(str(model_file), options, providers=[CPU])
+            ort.InferenceSession(
+                str(model_file), options, providers=[CPU], disabled_optimizers=_disabled_optimizers(fuse_skip_layer_norm)
+            )
             staging.rename(cache / key)
         for other in cache.iterdir():
             # Older graphs of this name, and what a writer killed midway left.
@@ -155,15 +173,17 @@ class CpuSessions:
     def __init__(self, model_file: Path, config: dict, args: dict):
         params = _parameters(config)
         spinning = params["thread_spinning"] == "1"
-        graph = self._shared_graph(model_file, args["model_name"]) if params.get("shared_weights") == "1" else model_file
-        self.busy = _cpu_session(graph, int(params["intra_op_threads"]), spinning)
-        self.alone = _cpu_session(graph, int(params["alone_intra_op_threads"]), spinning)
+        fuse = params.get("fuse_skip_layer_norm") == "1"
+        shared = params.get("shared_weights") == "1"
+        graph = self._shared_graph(model_file, args["model_name"], fuse) if shared else model_file
+        self.busy = _cpu_session(graph, int(params["intra_op_threads"]), spinning, fuse)
+        self.alone = _cpu_session(graph, int(params["alone_intra_op_threads"]), spinning, fuse)
         self.siblings = Siblings(args["model_repository"], args["model_instance_name"])
 
     @staticmethod
-    def _shared_graph(model_file: Path, model_name: str) -> Path:
+    def _shared_graph(model_file: Path, model_name: str, fuse_skip_layer_norm: bool) -> Path:
         try:
-            return packed_graph(model_file, model_name)
+            return packed_graph(model_file, model_name, fuse_skip_layer_norm)
         except Exception as error:
             # The same vectors come from the exported graph, a little slower for a lone text: not worth refusing to start.
             pb_utils.Logger.log_warn(f"{model_name}: serving {model_file} with weights per session: {error}")
