@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from bench.cli import command_line, fresh_work_dir, table_parser
@@ -40,6 +39,7 @@ from bench.transformer_fusion import fuse
 from export.datasets import StsPair, read_sts_pairs
 from export.onnx_export import quantize_int8
 from export.validate import padded_batch
+from harness.python_backend import step_module
 from repository_contract.manifest import Manifest, manifest_paths, read
 from repository_contract.tensors import ATTENTION_MASK, TOKEN_EMBEDDINGS, onnx_name
 
@@ -60,15 +60,12 @@ class Config:
 
 
 def onnxruntime_runner(graph: Path, fuse_skip_layer_norm: bool = False) -> Callable[[int], Run]:
+    # The encoder step's own sessions (export/steps/encoder.py), as the export configures them by default: threads that
+    # sleep between runs, and no SkipLayerNormalization unless asked for (export's --fuse-skip-layer-norm).
+    step = step_module("encoder")
+
     def build(threads: int) -> Run:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        # The encoder step's settings (export/steps/encoder.py): threads that sleep, and unless asked for, no
-        # SkipLayerNormalization (export's --fuse-skip-layer-norm).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        disabled = [] if fuse_skip_layer_norm else ["SkipLayerNormFusion"]
-        session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+        session = step.cpu_session(graph, step.cpu_options(threads, spinning=False), fuse_skip_layer_norm)
         return lambda feeds: session.run([onnx_name(TOKEN_EMBEDDINGS)], feeds)[0]
 
     return build

@@ -83,7 +83,7 @@ def _parameters(config: dict) -> dict[str, str]:
     return {key: value["string_value"] for key, value in config["parameters"].items()}
 
 
-def _cpu_options(threads: int, spinning: bool) -> ort.SessionOptions:
+def cpu_options(threads: int, spinning: bool) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -105,12 +105,11 @@ def _disabled_optimizers(fuse_skip_layer_norm: bool) -> list[str]:
     return [] if fuse_skip_layer_norm else ["SkipLayerNormFusion"]
 
 
-def _cpu_session(model_file: Path, threads: int, spinning: bool, fuse_skip_layer_norm: bool) -> ort.InferenceSession:
+def cpu_session(model_file: Path, options: ort.SessionOptions, fuse_skip_layer_norm: bool) -> ort.InferenceSession:
+    """A CPU session as the step makes each of its own and the one that writes the packed graph (bench.cpu_runtimes
+    runs its graphs through it too), so that the optimizers that run are chosen in one place."""
     return ort.InferenceSession(
-        str(model_file),
-        _cpu_options(threads, spinning),
-        providers=[CPU],
-        disabled_optimizers=_disabled_optimizers(fuse_skip_layer_norm),
+        str(model_file), options, providers=[CPU], disabled_optimizers=_disabled_optimizers(fuse_skip_layer_norm)
     )
 
 
@@ -148,16 +147,14 @@ def packed_graph(model_file: Path, model_name: str, fuse_skip_layer_norm: bool) 
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (cache / key / "model.onnx").exists():
             staging = Path(tempfile.mkdtemp(prefix=".writing-", dir=cache))
-            options = _cpu_options(threads=1, spinning=False)
+            options = cpu_options(threads=1, spinning=False)
             # Not onnxruntime's warning that the graph suits this CPU alone: the key holds the CPU for that reason.
             options.log_severity_level = 3
             options.optimized_model_filepath = str(staging / "model.onnx")
             options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "model.data")
             options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
             options.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
-            ort.InferenceSession(
-                str(model_file), options, providers=[CPU], disabled_optimizers=_disabled_optimizers(fuse_skip_layer_norm)
-            )
+            cpu_session(model_file, options, fuse_skip_layer_norm)
             staging.rename(cache / key)
         for other in cache.iterdir():
             # Older graphs of this name, and what a writer killed midway left.
@@ -176,8 +173,8 @@ class CpuSessions:
         fuse = params.get("fuse_skip_layer_norm") == "1"
         shared = params.get("shared_weights") == "1"
         graph = self._shared_graph(model_file, args["model_name"], fuse) if shared else model_file
-        self.busy = _cpu_session(graph, int(params["intra_op_threads"]), spinning, fuse)
-        self.alone = _cpu_session(graph, int(params["alone_intra_op_threads"]), spinning, fuse)
+        self.busy = cpu_session(graph, cpu_options(int(params["intra_op_threads"]), spinning), fuse)
+        self.alone = cpu_session(graph, cpu_options(int(params["alone_intra_op_threads"]), spinning), fuse)
         self.siblings = Siblings(args["model_repository"], args["model_instance_name"])
 
     @staticmethod
